@@ -1,0 +1,5 @@
+import sys
+
+from epserve.cli import main
+
+sys.exit(main())

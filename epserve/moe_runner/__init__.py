@@ -1,0 +1,12 @@
+"""MoE runners: compute routed experts over the physical slots an expert side holds.
+
+Legend: T tokens, D hidden size, I MoE intermediate size, S local slots, K top-k.
+
+A runner is picked once at start-up by ``--moe-runner-backend`` (``make_moe_runner``).
+Every backend implements ``MoERunner``; ``torch`` is the reference every other backend is
+tested against.
+"""
+
+from epserve.moe_runner.base import MoERunner, make_moe_runner, available_backends
+
+__all__ = ["MoERunner", "make_moe_runner", "available_backends"]
