@@ -1,0 +1,71 @@
+"""One way to start a gRPC server in every epserve process: health + reflection included.
+
+``serve_grpc`` binds (port 0 picks a free port), registers the given servicers, the standard
+``grpc.health.v1`` service and server reflection, starts, and returns a ``GrpcServer``
+whose ``set_serving`` flips health between SERVING and NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# Generous message limits: expert maps and load reports of big models are a few MB.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+
+    def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set("", status)
+        for name in self.service_names:
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait(grace_s + 1.0)
+
+
+def serve_grpc(registrations: Sequence[tuple[Callable[[object, grpc.Server], None], object, str]],
+               host: str, port: int, *, max_workers: int = 64, serving: bool = True,
+               interceptors: Sequence[grpc.ServerInterceptor] = ()) -> GrpcServer:
+    """registrations: (add_XServicer_to_server, servicer, full service name) triples."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+                         interceptors=list(interceptors))
+    for add, servicer, _ in registrations:
+        add(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(name for _, _, name in registrations)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port} (port in use?)")
+    server.start()
+    result = GrpcServer(server, bound, health_servicer, names)
+    result.set_serving(serving)
+    return result
+
+
+def wait_for_channel(address: str, timeout_s: float) -> grpc.Channel:
+    """A channel to ``address`` that is ready, or grpc.FutureTimeoutError after ``timeout_s``."""
+    channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    return channel
