@@ -1,0 +1,91 @@
+"""Tuned kernel configurations for the fused MoE, per (S, D, I, device), chosen by token count.
+
+Legend: S local slots, D hidden, I intermediate, T tokens.
+
+Like SGLang's ``fused_moe_triton/configs``: one JSON file per shape and device in
+``kernels/configs/``, mapping a token count to a config; the entry with the nearest token
+count is used. A missing file falls back to a heuristic by rows per slot. Files are written
+by ``bench/gpu/tune_moe.py`` on the device and copied here.
+
+An entry is either ``{"variant": "gemv", ...GemvConfig fields}`` or
+``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kernels.moe_gate_up import GemmConfig
+from kernels.moe_gemv import GemvConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class AlignedConfig:
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def __post_init__(self) -> None:
+        assert self.gate_up.block_m % self.down.block_m == 0, "down BLOCK_M must divide gate_up's"
+
+
+MoEConfig = GemvConfig | AlignedConfig
+
+
+def config_to_dict(config: MoEConfig) -> dict:
+    if isinstance(config, GemvConfig):
+        return {"variant": "gemv", **asdict(config)}
+    return {"variant": "aligned", "gate_up": asdict(config.gate_up), "down": asdict(config.down)}
+
+
+def config_from_dict(entry: dict) -> MoEConfig:
+    entry = dict(entry)
+    variant = entry.pop("variant")
+    if variant == "gemv":
+        return GemvConfig(**entry)
+    if variant == "aligned":
+        return AlignedConfig(GemmConfig(**entry["gate_up"]), GemmConfig(**entry["down"]))
+    raise ValueError(f"unknown fused-MoE config variant {variant!r}")
+
+
+def config_file_name(num_slots: int, dim: int, inter: int, device_name: str) -> str:
+    return f"S={num_slots},D={dim},I={inter},device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def load_config_table(num_slots: int, dim: int, inter: int, device_name: str) -> dict[int, MoEConfig] | None:
+    path = CONFIG_DIR / config_file_name(num_slots, dim, inter, device_name)
+    if not path.exists():
+        return None
+    return {int(t): config_from_dict(e) for t, e in json.loads(path.read_text()).items()}
+
+
+def default_config(num_tokens: int, top_k: int, num_slots: int) -> MoEConfig:
+    """Heuristic for shapes without a tuned table (rows per slot if every choice were local)."""
+    if num_tokens <= 4:
+        return GemvConfig(block_n=8, block_k=512, num_warps=4)
+    rows_per_slot = num_tokens * top_k / max(num_slots, 1)
+    if rows_per_slot <= 16:
+        gemm = GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+        return AlignedConfig(gemm, gemm)
+    if rows_per_slot <= 64:
+        gemm = GemmConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=4)
+        return AlignedConfig(gemm, gemm)
+    if rows_per_slot <= 256:
+        gemm = GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+        return AlignedConfig(gemm, gemm)
+    return AlignedConfig(GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3),
+                         GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4))
+
+
+def get_config(num_tokens: int, top_k: int, num_slots: int, dim: int, inter: int,
+               device_name: str) -> MoEConfig:
+    table = load_config_table(num_slots, dim, inter, device_name)
+    if not table:
+        return default_config(num_tokens, top_k, num_slots)
+    nearest = min(table, key=lambda t: (abs(t - num_tokens), t))
+    return table[nearest]

@@ -1,0 +1,125 @@
+"""Grouped GEMM for down with the top-k weights applied, and the combine (gather-sum).
+
+Legend: T tokens, K top-k, A = T*K assignments, D hidden, I intermediate, S local slots.
+
+``down_weighted``: for every real padded position p of slot s (assignment a),
+``rows[a] = weights[a] * (act[p] @ w2[s].T)``, written to row a of ``rows [A, D]``.
+Rows of assignments served elsewhere (-1) are never written.
+
+``combine``: ``out[t] = Σ_k rows[t*K + k]`` over the k with ``slot_ids[t, k] >= 0``, summed
+in float32 in k order (deterministic, no atomics); tokens with no local choice get zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.moe_align import SlotAlignment
+from kernels.moe_gate_up import GemmConfig, _block_slot, _grouped_pid
+
+
+@triton.jit
+def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
+                 num_slots, D, I, num_pid_m,
+                 stride_ap, stride_ws, stride_wn, stride_ra,
+                 S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    m_start = pid_m * BM
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    rows = m_start + tl.arange(0, BM)
+    real = (rows - seg_start) < seg_count
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < D
+    a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_ap + offs_k[None, :]
+    b_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn
+              + offs_k[:, None])
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < I - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
+    scale = tl.load(topk_w_ptr + aid, mask=real, other=0.0).to(tl.float32)
+    acc = acc * scale[:, None]
+    out_ptrs = rows_ptr + aid[:, None].to(tl.int64) * stride_ra + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(rows_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(rows_ptr, slot_ids_ptr, out_ptr, top_k, D, stride_ra, stride_ot,
+                    BD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = offs < D
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for k in range(top_k):
+        s = tl.load(slot_ids_ptr + t * top_k + k)
+        keep = d_ok & ((offs * 0 + s) >= 0)
+        v = tl.load(rows_ptr + (t * top_k + k) * stride_ra + offs, mask=keep, other=0.0)
+        acc += v.to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
+    """act [cap, I] (slot-sorted), w2 [S, D, I], weights [T, K] → rows [A, D] (assignment order)."""
+    assert act.dim() == 2 and w2.dim() == 3, "act [cap, I], w2 [S, D, I]"
+    num_slots, dim, inter = w2.shape
+    assert act.shape == (align.sorted_ids.numel(), inter), f"act shape {tuple(act.shape)}"
+    assert act.dtype == w2.dtype, f"dtype mismatch {act.dtype} vs {w2.dtype}"
+    assert align.block_m % config.block_m == 0, "down BLOCK_M must divide the alignment's"
+    assert act.stride(1) == 1 and w2.stride(2) == 1, "inner dimension must be contiguous"
+    weights = weights.contiguous()
+    rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device)
+    num_pid_m = act.shape[0] // config.block_m
+    grid = (num_pid_m * triton.cdiv(dim, config.block_n),)
+    _down_kernel[grid](
+        act, w2, rows, weights, align.sorted_ids, align.slot_offsets, align.slot_counts,
+        num_slots, dim, inter, num_pid_m,
+        act.stride(0), w2.stride(0), w2.stride(1), rows.stride(0),
+        S_P2=triton.next_power_of_2(num_slots), BM=config.block_m, BN=config.block_n,
+        BK=config.block_k, GROUP_M=config.group_m, EVEN_K=inter % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return rows
+
+
+def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> torch.Tensor:
+    """rows [T*K, D], slot_ids [T, K] → out [T, D] = Σ_k rows of local choices."""
+    num_tokens, top_k = slot_ids.shape
+    assert rows.dim() == 2 and rows.shape[0] == num_tokens * top_k, f"rows shape {tuple(rows.shape)}"
+    dim = rows.shape[1]
+    slot_ids = slot_ids.contiguous()
+    out = torch.empty(num_tokens, dim, dtype=rows.dtype, device=rows.device)
+    if num_tokens == 0:
+        return out
+    block_d = min(block_d, triton.next_power_of_2(dim))
+    _combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](
+        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4)
+    return out
+
+
+def down_weighted_reference(act: torch.Tensor, w2_slot: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+    """act [n, I], w2_slot [D, I], weights [n] → weights[:, None] * (act @ w2_slot.T), float32."""
+    return weights.float()[:, None] * (act.float() @ w2_slot.float().T)
+
+
+def combine_reference(rows: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """rows [T*K, D] (rows of -1 choices may hold garbage), slot_ids [T, K] → [T, D]."""
+    num_tokens, top_k = slot_ids.shape
+    keep = (slot_ids >= 0).reshape(num_tokens, top_k, 1)
+    summed = torch.where(keep, rows.float().reshape(num_tokens, top_k, -1), 0.0).sum(1)
+    return summed.to(rows.dtype)

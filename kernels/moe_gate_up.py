@@ -1,0 +1,133 @@
+"""Grouped GEMM for gate_up with SiLU·mul fused, over slot-aligned row blocks.
+
+Legend: T tokens, K top-k, D hidden, I intermediate, S local slots, BM/BN/BK tile sizes.
+
+``act[p] = silu(x[t] @ w13[s, :I].T) * (x[t] @ w13[s, I:].T)`` for every padded position
+``p`` of slot ``s`` whose assignment ``a = sorted_ids[p]`` is real (``t = a // K``); padding
+rows are written as zeros (their A rows load as zeros), so ``act`` can be read whole by
+the down GEMM. Each program computes one [BM, BN] tile of gate and the matching tile of
+up (rows n and I + n of w13), so the [*, 2I] intermediate never reaches memory.
+The grid covers the worst-case number of blocks; blocks past the padded total exit at once
+(no host sync: CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.moe_align import SlotAlignment
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2: tl.constexpr):
+    """Slot owning the block that starts at m_start, its segment start and count (-1 if past the end)."""
+    s = tl.arange(0, S_P2)
+    ends = tl.load(offsets_ptr + 1 + s, mask=s < num_slots, other=2147483647)
+    slot = tl.sum((ends <= m_start).to(tl.int32), axis=0)
+    total = tl.load(offsets_ptr + num_slots)
+    slot = tl.where(m_start < total, slot, -1)
+    safe = tl.maximum(slot, 0)
+    return slot, tl.load(offsets_ptr + safe), tl.load(counts_ptr + safe)
+
+
+@triton.jit
+def _grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_pid_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
+                    num_slots, top_k, D, I, num_pid_m,
+                    stride_xt, stride_ws, stride_wn, stride_ap,
+                    S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    m_start = pid_m * BM
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    rows = m_start + tl.arange(0, BM)                                  # padded positions
+    real = (rows - seg_start) < seg_count
+    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
+    tok = (aid // top_k).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < I
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    w_base = w_ptr + slot.to(tl.int64) * stride_ws
+    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < D - k0
+            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+        a_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_ap + offs_n[None, :]
+    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+def gate_up_silu(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, top_k: int,
+                 config: GemmConfig) -> torch.Tensor:
+    """hidden [T, D], w13 [S, 2I, D] → act [cap, I] in slot-sorted, padded row order."""
+    assert hidden.dim() == 2 and w13.dim() == 3, "hidden [T, D], w13 [S, 2I, D]"
+    num_slots, two_i, dim = w13.shape
+    assert hidden.shape[1] == dim, f"hidden size {hidden.shape[1]} != w13's {dim}"
+    assert two_i % 2 == 0, "w13 rows must be gate rows then up rows (2I)"
+    assert hidden.dtype == w13.dtype, f"dtype mismatch {hidden.dtype} vs {w13.dtype}"
+    assert align.block_m == config.block_m, "alignment and config disagree on BLOCK_M"
+    assert hidden.stride(1) == 1 and w13.stride(2) == 1, "inner dimension must be contiguous"
+    inter = two_i // 2
+    cap = align.sorted_ids.numel()
+    act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device)
+    num_pid_m = align.num_blocks
+    grid = (num_pid_m * triton.cdiv(inter, config.block_n),)
+    _gate_up_kernel[grid](
+        hidden, w13, act, align.sorted_ids, align.slot_offsets, align.slot_counts,
+        num_slots, top_k, dim, inter, num_pid_m,
+        hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        S_P2=triton.next_power_of_2(num_slots), BM=config.block_m, BN=config.block_n,
+        BK=config.block_k, GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return act
+
+
+def gate_up_silu_reference(x: torch.Tensor, w13_slot: torch.Tensor) -> torch.Tensor:
+    """x [n, D], w13_slot [2I, D] → silu(gate) * up [n, I], computed in float32."""
+    inter = w13_slot.shape[0] // 2
+    gate_up = x.float() @ w13_slot.float().T
+    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]

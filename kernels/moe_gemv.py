@@ -1,0 +1,165 @@
+"""Decode kernels: MoE as GEMVs per assignment, with no alignment step.
+
+Legend: T tokens, K top-k, A = T*K assignments (a = t*K + k), D hidden, I intermediate,
+S local slots, BN rows of weights per program, BK columns per step.
+
+At a handful of tokens every assignment reads a different expert, so sorting by slot buys
+nothing and costs a launch. Weight rows are the long dimension here (the swap-AB view):
+each program streams BN rows of one expert's weights against one token's vector.
+
+``gate_up_silu_gemv``: grid (I / BN, A); ``act[a] = silu(x[t] @ gate.T) * (x[t] @ up.T)``
+for the expert in slot ``slot_ids[a]``; programs of -1 assignments exit at once.
+``down_combine_gemv``: grid (D / BN, T); each program walks its token's K choices in order,
+``out[t] = Σ_k weights[t, k] · act[a] @ w2[s].T`` over local choices, so the weighting and
+the combine are fused and deterministic. Two launches, no host sync, graph capturable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    down_block_n: int = 0       # 0: same as block_n
+    down_block_k: int = 0       # 0: same as block_k
+
+
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
+                         stride_xt, stride_ws, stride_wn, stride_aa,
+                         BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    a = tl.program_id(1)
+    s = tl.load(slot_ids_ptr + a)
+    if s < 0:
+        return
+    t = a // top_k
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < I
+    g_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_n[:, None].to(tl.int64) * stride_wn
+              + offs_k[None, :])
+    u_ptrs = g_ptrs + I * stride_wn
+    x_ptrs = x_ptr + t.to(tl.int64) * stride_xt + offs_k
+    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k_ok = offs_k < D - k0
+        x = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
+        wg = tl.load(g_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wu = tl.load(u_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_g += wg.to(tl.float32) * x[None, :]
+        acc_u += wu.to(tl.float32) * x[None, :]
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + a.to(tl.int64) * stride_aa + offs_n, act.to(act_ptr.dtype.element_ty),
+             mask=n_ok)
+
+
+@triton.jit
+def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr, top_k, D, I,
+                              stride_aa, stride_ws, stride_wn, stride_ot,
+                              BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < D
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k in range(top_k):
+        a = t * top_k + k
+        s = tl.load(slot_ids_ptr + a)
+        if s >= 0:
+            wk = tl.load(topk_w_ptr + a).to(tl.float32)
+            w_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_n[:, None].to(tl.int64) * stride_wn
+                      + offs_k[None, :])
+            for i0 in range(0, I, BK):
+                k_ok = offs_k < I - i0
+                av = tl.load(act_ptr + a * stride_aa + i0 + offs_k, mask=k_ok, other=0.0)
+                wv = tl.load(w_ptrs + i0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += wv.to(tl.float32) * (av.to(tl.float32) * wk)[None, :]
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _check(hidden: torch.Tensor, slot_ids: torch.Tensor, w: torch.Tensor) -> None:
+    assert hidden.dim() == 2 and slot_ids.dim() == 2 and w.dim() == 3, "hidden [T, D], slot_ids [T, K], w [S, *, *]"
+    assert hidden.shape[0] == slot_ids.shape[0], "hidden and slot_ids disagree on T"
+    assert not slot_ids.dtype.is_floating_point, "slot_ids must be integers"
+    assert hidden.dtype == w.dtype, f"dtype mismatch {hidden.dtype} vs {w.dtype}"
+    assert hidden.stride(1) == 1 and w.stride(2) == 1, "inner dimension must be contiguous"
+    assert slot_ids.numel() < 65536, "the GEMV path is for decode batches"
+
+
+def gate_up_silu_gemv(hidden: torch.Tensor, w13: torch.Tensor, slot_ids: torch.Tensor,
+                      config: GemvConfig) -> torch.Tensor:
+    """hidden [T, D], w13 [S, 2I, D], slot_ids [T, K] → act [T*K, I] (rows of -1 unwritten)."""
+    _check(hidden, slot_ids, w13)
+    _, two_i, dim = w13.shape
+    assert hidden.shape[1] == dim, f"hidden size {hidden.shape[1]} != w13's {dim}"
+    inter = two_i // 2
+    slot_ids = slot_ids.contiguous()
+    act = torch.empty(slot_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
+    if slot_ids.numel() == 0:
+        return act
+    grid = (triton.cdiv(inter, config.block_n), slot_ids.numel())
+    _gate_up_gemv_kernel[grid](hidden, w13, act, slot_ids, slot_ids.shape[1], dim, inter,
+                               hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+                               BN=config.block_n, BK=config.block_k, num_warps=config.num_warps)
+    return act
+
+
+def down_combine_gemv(act: torch.Tensor, w2: torch.Tensor, slot_ids: torch.Tensor,
+                      weights: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+    """act [T*K, I], w2 [S, D, I], slot_ids [T, K], weights [T, K] → out [T, D]."""
+    num_tokens, top_k = slot_ids.shape
+    _, dim, inter = w2.shape
+    assert act.shape == (num_tokens * top_k, inter), f"act shape {tuple(act.shape)}"
+    assert act.dtype == w2.dtype and act.stride(1) == 1 and w2.stride(2) == 1
+    assert weights.shape == slot_ids.shape, "weights and slot_ids must both be [T, K]"
+    slot_ids, weights = slot_ids.contiguous(), weights.contiguous()
+    out = torch.empty(num_tokens, dim, dtype=act.dtype, device=act.device)
+    if num_tokens == 0:
+        return out
+    bn = config.down_block_n or config.block_n
+    bk = config.down_block_k or config.block_k
+    grid = (triton.cdiv(dim, bn), num_tokens)
+    _down_combine_gemv_kernel[grid](act, w2, out, slot_ids, weights, top_k, dim, inter,
+                                    act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+                                    BN=bn, BK=bk, num_warps=config.num_warps)
+    return out
+
+
+def gate_up_silu_gemv_reference(hidden: torch.Tensor, w13: torch.Tensor,
+                                slot_ids: torch.Tensor) -> torch.Tensor:
+    """float32 act [T*K, I]; rows of -1 assignments are zero."""
+    inter = w13.shape[1] // 2
+    flat = slot_ids.reshape(-1).long()
+    act = torch.zeros(flat.numel(), inter, dtype=torch.float32, device=hidden.device)
+    for a, s in enumerate(flat.tolist()):
+        if s >= 0:
+            gu = hidden[a // slot_ids.shape[1]].float() @ w13[s].float().T
+            act[a] = F.silu(gu[:inter]) * gu[inter:]
+    return act
+
+
+def down_combine_gemv_reference(act: torch.Tensor, w2: torch.Tensor, slot_ids: torch.Tensor,
+                                weights: torch.Tensor) -> torch.Tensor:
+    """float32 out [T, D] = Σ_k weights[t, k] · act[t*K + k] @ w2[s].T over local choices."""
+    num_tokens, top_k = slot_ids.shape
+    out = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32, device=act.device)
+    for a, s in enumerate(slot_ids.reshape(-1).tolist()):
+        if s >= 0:
+            t = a // top_k
+            out[t] += weights.reshape(-1)[a].float() * (act[a].float() @ w2[s].float().T)
+    return out
