@@ -1,0 +1,43 @@
+"""Colocated mode (``--moe-a2a-backend local``): attention and all experts in one process.
+
+Used by ``epserve generate --model-path`` on a single device, and as the parity reference
+for every disaggregated path. The expert map is the trivial one with no redundancy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attention_worker.engine import Engine, EngineLimits
+from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from attention_worker.moe_executor import InProcessExperts
+from epserve.expert_map import ExpertMap
+from epserve.model_config import load_model_spec
+from epserve.models.expert_side import load_expert_slots
+from epserve.models.qwen3_moe import load_attention_side
+from epserve.moe_runner import make_moe_runner
+from epserve.weights import CheckpointReader
+
+
+def build_colocated_engine(model_path: str, dtype: torch.dtype, device: str = "cpu",
+                           moe_runner_backend: str = "auto", limits: EngineLimits = EngineLimits(),
+                           max_context: int | None = None) -> Engine:
+    spec = load_model_spec(model_path)
+    reader = CheckpointReader(model_path)
+    model = load_attention_side(spec, reader, dtype, device)
+    expert_map = ExpertMap.trivial(spec.num_moe_layers, spec.num_experts, 0, ("local",))
+    slots = load_expert_slots(spec, reader, expert_map.phy2log, dtype, device)
+    executor = InProcessExperts(slots, make_moe_runner(moe_runner_backend, device),
+                                ExpertRouter(DispatchAlgorithm.STATIC, rank=0))
+    return Engine(model, executor, expert_map, limits, max_context or spec.max_position_embeddings)
+
+
+def generate_tokens(engine: Engine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Run prompts to completion on the calling thread; returns generated ids per prompt."""
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    while engine.has_work:
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+    return [outputs[str(i)] for i in range(len(prompts))]

@@ -1,0 +1,225 @@
+"""The attention worker's engine: scheduler + model + KV cache + MoE executor + sampler.
+
+Threads: ``step()`` runs on one engine thread only (the worker's loop, or the caller in the
+colocated ``epserve generate``). ``add_request``/``abort`` may be called from any thread:
+they only enqueue; the engine thread applies them at the next step boundary, which is also
+where a new expert map is picked up (``set_expert_map``), so a step never mixes versions.
+
+Flow of a step: apply queued adds/aborts → ``Scheduler.schedule`` → build one ``ForwardBatch``
+per micro-batch → drive the model's ``forward_steps`` generators through the MoE executor
+(ping-pong) → sample for sequences whose chunk reached their end → emit ``StepOutput``s and
+free finished sequences' KV blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from attention_worker.kv_cache import PagedKVCache
+from attention_worker.moe_executor import MoEExecutor, run_micro_batches
+from attention_worker.sampler import SamplingParams, sample_one
+from attention_worker.scheduler import ScheduledChunk, Scheduler
+from attention_worker.sequence import FinishReason, Sequence
+from epserve.expert_map import ExpertMap
+from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    num_kv_blocks: int = 512
+    kv_block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    num_micro_batches: int = 2
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_generated: int
+    matched_stop_token: int | None = None
+
+
+class RequestRejected(ValueError):
+    """The request cannot be served by this engine (too long for the KV cache, duplicate id)."""
+
+
+class Engine:
+    def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, expert_map: ExpertMap,
+                 limits: EngineLimits, max_context: int) -> None:
+        spec = model.spec
+        self.model, self.executor, self.limits, self.max_context = model, executor, limits, max_context
+        self.kv_cache = PagedKVCache(spec.num_hidden_layers, limits.num_kv_blocks, limits.kv_block_size,
+                                     spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
+        self.scheduler = Scheduler(self.kv_cache.allocator, limits.max_num_batched_tokens, limits.max_num_seqs)
+        self.eos_token_ids = set(spec.eos_token_ids)
+        self._expert_map = expert_map
+        self._pending_map: ExpertMap | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sequences: dict[str, Sequence] = {}
+        self._lock = threading.Lock()
+        self.num_steps = 0
+
+    # -- any thread --------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    num_generated_before: int = 0) -> None:
+        """prompt_ids: the prompt, plus on a retry the ``num_generated_before`` tokens already
+        streamed; ``params.max_new_tokens`` is then what is left to generate."""
+        if not prompt_ids:
+            raise RequestRejected("prompt_ids is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestRejected(f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_context}")
+        blocks = self.kv_cache.allocator.blocks_needed(min(len(prompt_ids) + params.max_new_tokens,
+                                                           self.max_context), 0)
+        if blocks > self.limits.num_kv_blocks:
+            raise RequestRejected(f"request needs {blocks} KV blocks, the cache has {self.limits.num_kv_blocks}; "
+                                  "lower max_new_tokens or raise --num-kv-blocks")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids) - num_generated_before, params,
+                       torch.Generator().manual_seed(seed))
+        with self._lock:
+            if request_id in self._sequences:
+                raise RequestRejected(f"request_id {request_id!r} is already running")
+            self._sequences[request_id] = seq
+        self._inbox.put(("add", seq))
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            found = request_id in self._sequences
+        if found:
+            self._inbox.put(("abort", request_id))
+        return found
+
+    def set_expert_map(self, expert_map: ExpertMap) -> None:
+        """Switch maps at the next step boundary."""
+        self._pending_map = expert_map
+
+    @property
+    def expert_map(self) -> ExpertMap:
+        return self._expert_map
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or not self._inbox.empty()
+
+    def load(self) -> dict[str, int]:
+        outstanding = 0
+        with self._lock:
+            for seq in self._sequences.values():
+                outstanding += seq.num_uncached + seq.params.max_new_tokens - seq.num_generated
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "outstanding_tokens": max(outstanding, 0), "kv_blocks_free": self.kv_cache.allocator.num_free,
+                "kv_blocks_total": self.limits.num_kv_blocks}
+
+    # -- engine thread -----------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs = self._apply_inbox()
+        if self._pending_map is not None:
+            self._expert_map, self._pending_map = self._pending_map, None
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        logits = self._forward(chunks)
+        row = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            completes = chunk.completes
+            seq.num_cached += chunk.num_tokens
+            if not completes:
+                continue
+            token = sample_one(logits[row], seq.params, torch.as_tensor(seq.token_ids), seq.generator)
+            row += 1
+            seq.token_ids.append(token)
+            seq.num_generated += 1
+            self._check_finished(seq, token)
+            outputs.append(self._output(seq, [token]))
+            if seq.finished:
+                self._retire(seq)
+        self.num_steps += 1
+        return outputs
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [sampling sequences, V] in chunk order."""
+        groups = self._split(chunks)
+        generators = [self.model.forward_steps(self._batch(group), self.kv_cache) for group in groups]
+        return torch.cat(run_micro_batches(generators, self.executor, self._expert_map))
+
+    def _split(self, chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+        n = min(self.limits.num_micro_batches, len(chunks))
+        if n <= 1:
+            return [chunks]
+        total = sum(c.num_tokens for c in chunks)
+        groups: list[list[ScheduledChunk]] = [[]]
+        acc = 0
+        for chunk in chunks:          # contiguous split by token count keeps logits in chunk order
+            if acc >= total * len(groups) / n and len(groups) < n and groups[-1]:
+                groups.append([])
+            groups[-1].append(chunk)
+            acc += chunk.num_tokens
+        return groups
+
+    def _batch(self, chunks: list[ScheduledChunk]) -> ForwardBatch:
+        device = self.model.embed.device
+        block_size = self.kv_cache.block_size
+        ids, positions, slots, logits_rows = [], [], [], []
+        for chunk in chunks:
+            seq = chunk.seq
+            start, end = seq.num_cached, seq.num_cached + chunk.num_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            if chunk.completes:
+                logits_rows.append(len(ids) - 1)
+        as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        return ForwardBatch(
+            input_ids=as_long(ids), positions=as_long(positions),
+            seq_lens=[c.num_tokens for c in chunks],
+            context_lens=[c.seq.num_cached + c.num_tokens for c in chunks],
+            block_tables=[c.seq.block_table for c in chunks], slot_mapping=as_long(slots),
+            logits_rows=as_long(logits_rows))
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            seq.finish_reason, seq.matched_stop_token = FinishReason.STOP, token
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason, seq.matched_stop_token = FinishReason.STOP, token
+        elif seq.num_generated >= params.max_new_tokens or seq.num_tokens >= self.max_context:
+            seq.finish_reason = FinishReason.LENGTH
+
+    def _apply_inbox(self) -> list[StepOutput]:
+        outputs = []
+        while not self._inbox.empty():
+            kind, item = self._inbox.get()
+            if kind == "add":
+                self.scheduler.add(item)
+                continue
+            with self._lock:
+                seq = self._sequences.get(item)
+            if seq is not None and not seq.finished:
+                seq.finish_reason = FinishReason.ABORT
+                outputs.append(self._output(seq, []))
+                self._retire(seq)
+        return outputs
+
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        with self._lock:
+            self._sequences.pop(seq.request_id, None)
+
+    @staticmethod
+    def _output(seq: Sequence, tokens: list[int]) -> StepOutput:
+        return StepOutput(seq.request_id, tokens, seq.finished, seq.finish_reason, seq.num_prompt_tokens,
+                          seq.num_generated, seq.matched_stop_token)

@@ -1,0 +1,107 @@
+"""``epserve generate``: print a completion to stdout (logs go to stderr).
+
+Two modes: ``--model-path DIR`` runs the colocated engine in this process
+(``--moe-a2a-backend local``); ``--gateway HOST:PORT`` streams from a running deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate", help="generate a completion (colocated with --model-path, or through --gateway)",
+        description="Generate a completion for --prompt and print only the completion text to stdout.")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model-path", help="HF model directory: run attention and experts in this process")
+    where.add_argument("--gateway", metavar="HOST:PORT", help="address of a running epserve gateway")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible output")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable; gateway mode)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float64", "float32", "bfloat16", "float16"],
+                        help="weights/activations dtype in colocated mode (default bfloat16)")
+    parser.add_argument("--device", default="cpu", help="torch device in colocated mode (default cpu)")
+    parser.add_argument("--moe-runner-backend", default="auto", help="expert kernels in colocated mode")
+    parser.add_argument("--num-threads", type=int, default=1,
+                        help="torch CPU threads in colocated mode (default 1: small models are latency-bound "
+                             "and extra OpenMP threads only contend)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait in gateway mode")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.gateway:
+        return _run_client(args)
+    return _run_colocated(args)
+
+
+def _run_colocated(args: argparse.Namespace) -> int:
+    from attention_worker.colocated import build_colocated_engine
+    from attention_worker.sampler import SamplingParams
+    from epserve.model_config import ModelConfigError
+    from epserve.tokenizer import TextTokenizer
+    from epserve.weights import parse_dtype
+
+    import torch
+
+    torch.set_num_threads(args.num_threads)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+        tokenizer = TextTokenizer(args.model_path)
+        engine = build_colocated_engine(args.model_path, parse_dtype(args.dtype), args.device,
+                                        args.moe_runner_backend)
+        prompt_ids = tokenizer.encode(args.prompt)
+        if not prompt_ids:
+            raise ValueError("--prompt encodes to no tokens")
+        engine.add_request("0", prompt_ids, params)
+    except (ValueError, ModelConfigError) as exc:
+        print(f"epserve generate: {exc}", file=sys.stderr)
+        return 2
+    generated: list[int] = []
+    printed = ""
+    while engine.has_work:
+        for out in engine.step():
+            generated.extend(out.new_token_ids)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd") and text.startswith(printed):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    final = tokenizer.decode(generated)
+    sys.stdout.write(final[len(printed):] if final.startswith(printed) else "")
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    return 0
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from gateway.client import stream_generate
+
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                    stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    try:
+        for response in stream_generate(args.gateway, prompt=args.prompt, timeout=args.timeout, **sampling):
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+    except grpc.RpcError as exc:
+        print(f"\nepserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    return 0

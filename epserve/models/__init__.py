@@ -1,0 +1,1 @@
+"""Model definitions, split into an attention side and an expert side."""
