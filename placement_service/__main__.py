@@ -1,0 +1,92 @@
+"""``python -m placement_service``: parse flags, build PlacementConfig, serve until SIGTERM/SIGINT.
+
+Prints one line ``PLACEMENT_PORT=<port>`` on stdout once the gRPC server listens (so a
+launcher can read the port when ``--port 0``); logs go to stderr. Exits 0 after a graceful
+shutdown, 2 for bad flags or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from placement_service.config import MOE_A2A_BACKENDS, PlacementConfig
+from placement_service.server import start_placement_server
+
+logger = logging.getLogger("placement_service")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m placement_service",
+        description="The placement service: registers attention and expert workers, assigns data-plane "
+                    "ranks, owns the versioned expert map and pushes it to workers, tracks worker health.")
+    parser.add_argument("--model-path", required=True,
+                        help="model directory; only its config.json is read (MoE layers, experts, fingerprint)")
+    parser.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="gRPC port; 0 picks a free one (default: 0). The bound port is printed as "
+                             "PLACEMENT_PORT=<port> on stdout")
+    parser.add_argument("--dp-size", type=int, default=1, help="number of attention (DP) workers expected (default: 1)")
+    parser.add_argument("--ep-size", type=int, default=1, help="number of expert workers expected (default: 1)")
+    parser.add_argument("--ep-num-redundant-experts", type=int, default=0,
+                        help="redundant physical expert slots R per MoE layer; (experts + R) must divide "
+                             "evenly by --ep-size (default: 0)")
+    parser.add_argument("--init-expert-location", default="trivial",
+                        help="initial placement: 'trivial' (slot p holds expert p %% E) or a snapshot file "
+                             "(.json / .pt) (default: trivial)")
+    parser.add_argument("--moe-a2a-backend", default="torch", choices=MOE_A2A_BACKENDS,
+                        help="data-plane backend, passed on to workers (default: torch)")
+    parser.add_argument("--dist-port", type=int, default=0,
+                        help="port of the torch.distributed rendezvous store hosted here; 0 picks one "
+                             "(reused across restarts with --state-db) (default: 0)")
+    parser.add_argument("--advertise-host", default=None,
+                        help="host workers use to reach the rendezvous store (default: --host, or "
+                             "127.0.0.1 when --host is a wildcard)")
+    parser.add_argument("--heartbeat-interval-ms", type=int, default=1000,
+                        help="how often workers heartbeat (default: 1000)")
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=5000,
+                        help="a worker is SUSPECT after 2 missed heartbeats and DEAD after this long "
+                             "without one (default: 5000)")
+    parser.add_argument("--state-db", default=None,
+                        help="SQLite file for map versions, settings and the worker registry; a restart "
+                             "with the same file resumes at the same version and ranks (default: none, in memory)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus metrics port (reserved: metrics are not built yet)")
+    parser.add_argument("--log-level", default=None,
+                        help="stderr log level (default: $EPSERVE_LOG_LEVEL or INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=(args.log_level or os.environ.get("EPSERVE_LOG_LEVEL", "INFO")).upper(),
+                        stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = PlacementConfig(
+            model_path=args.model_path, host=args.host, port=args.port, dp_size=args.dp_size,
+            ep_size=args.ep_size, ep_num_redundant_experts=args.ep_num_redundant_experts,
+            init_expert_location=args.init_expert_location, moe_a2a_backend=args.moe_a2a_backend,
+            dist_port=args.dist_port, advertise_host=args.advertise_host,
+            heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+            state_db=args.state_db, metrics_port=args.metrics_port)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: stop.set())
+        server = start_placement_server(config)
+    except (ValueError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(f"PLACEMENT_PORT={server.port}", flush=True)
+    stop.wait()
+    logger.info("signal received; shutting down")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""What the placement service needs to know about the model: its MoE layers and experts.
+
+Read from the HuggingFace ``config.json`` in ``--model-path``; no weights are opened. The
+fingerprint is the one workers compute too (``epserve.placement_client.model_fingerprint``),
+so a worker started on another model is refused at registration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from epserve.placement_client import model_fingerprint
+
+# model_type values whose MoE layers follow Qwen's rule (decoder_sparse_step, mlp_only_layers).
+QWEN_STYLE = ("qwen2_moe", "qwen3_moe")
+# model_type values whose MoE layers follow DeepSeek's rule (first_k_dense_replace, moe_layer_freq).
+DEEPSEEK_STYLE = ("deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = (*QWEN_STYLE, *DEEPSEEK_STYLE)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """moe_layers: indices of the decoder layers that hold routed experts (L = len(moe_layers))."""
+
+    model_type: str
+    num_hidden_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int  # E, routed (logical) experts per MoE layer
+    fingerprint: str
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @classmethod
+    def read(cls, model_path: str | Path) -> ModelInfo:
+        config_path = Path(model_path) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--model-path {model_path}: no config.json there; point it at a "
+                             "HuggingFace model directory")
+        config = json.loads(config_path.read_text())
+        return cls.from_config(config, model_fingerprint(model_path))
+
+    @classmethod
+    def from_config(cls, config: dict, fingerprint: str) -> ModelInfo:
+        model_type = config.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.json model_type {model_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        num_hidden_layers = _positive(config, "num_hidden_layers")
+        if model_type in QWEN_STYLE:
+            num_experts = _positive(config, "num_experts")
+            step = int(config.get("decoder_sparse_step", 1))
+            if step < 1:
+                raise ValueError(f"config.json decoder_sparse_step must be >= 1, got {step}")
+            mlp_only = set(config.get("mlp_only_layers") or [])
+            moe_layers = tuple(i for i in range(num_hidden_layers)
+                               if i not in mlp_only and (i + 1) % step == 0)
+        else:
+            num_experts = _positive(config, "n_routed_experts")
+            first_dense = int(config.get("first_k_dense_replace", 0))
+            freq = int(config.get("moe_layer_freq", 1))
+            if freq < 1:
+                raise ValueError(f"config.json moe_layer_freq must be >= 1, got {freq}")
+            moe_layers = tuple(i for i in range(num_hidden_layers) if i >= first_dense and i % freq == 0)
+        if not moe_layers:
+            raise ValueError("config.json describes no MoE layers (check decoder_sparse_step, "
+                             "mlp_only_layers / first_k_dense_replace); placement needs at least one")
+        return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint)
+
+
+def _positive(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.json field {key} must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,173 @@
+"""The worker registry: who is in the deployment, with which data-plane rank, and how alive.
+
+Ranks: attention workers get [0, D), expert workers [D, D + N), lowest free rank first (so
+arrival order for a fresh deployment). A known worker id always gets its old rank back; a
+new id may claim ``previous_rank`` (a worker re-registering with a placement that forgot
+it) when that rank is free.
+
+Health: ``heartbeat`` marks a worker ALIVE; ``check_health`` (called periodically by the
+monitor thread) marks it SUSPECT after ``suspect_after_s`` without a heartbeat and DEAD
+after ``dead_after_s``. Nothing else reacts yet (elastic failover is a later step).
+
+Not thread-safe: ``PlacementController`` calls it under its lock. Times come from the
+injected clocks so tests can drive them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
+from placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    role: WorkerRole
+    rank: int
+    address: str
+    capacity: float = 1.0
+    device: str = ""
+    state: WorkerState = WorkerState.ALIVE
+    last_seen_s: float = 0.0  # monotonic clock, for timeouts
+    last_heartbeat_unix_ms: int = 0  # wall clock, for people
+    map_version: int = 0  # last version the worker acked or reported in a heartbeat
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, self.role, self.address, self.rank, self.state, self.capacity,
+                          self.device, self.last_heartbeat_unix_ms, self.map_version)
+
+
+class WorkerRegistry:
+    def __init__(self, dp_size: int, ep_size: int, suspect_after_s: float, dead_after_s: float,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+        assert 0 < suspect_after_s < dead_after_s
+        self.dp_size, self.ep_size = dp_size, ep_size
+        self.suspect_after_s, self.dead_after_s = suspect_after_s, dead_after_s
+        self._clock, self._wall_clock = clock, wall_clock
+        self._by_id: dict[str, WorkerRecord] = {}
+        self._by_rank: dict[int, WorkerRecord] = {}
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size + self.ep_size
+
+    def rank_range(self, role: WorkerRole) -> range:
+        return range(0, self.dp_size) if role == WorkerRole.ATTENTION else range(self.dp_size, self.world_size)
+
+    # -- membership ------------------------------------------------------------------------
+    def register(self, worker_id: str, role: int, address: str, capacity: float, device: str,
+                 previous_rank: int) -> tuple[WorkerRecord, bool]:
+        """Returns (record, is_new). Raises InvalidArgument / FailedPrecondition / ResourceExhausted."""
+        if not worker_id:
+            raise InvalidArgument("worker_id is empty; every worker needs a stable id")
+        if role not in (WorkerRole.ATTENTION, WorkerRole.EXPERT):
+            raise InvalidArgument(f"role {role} is not WORKER_ROLE_ATTENTION or WORKER_ROLE_EXPERT")
+        role = WorkerRole(role)
+        if capacity < 0:
+            raise InvalidArgument(f"capacity must be >= 0 (0 = default 1.0), got {capacity}")
+        if previous_rank < -1:
+            raise InvalidArgument(f"previous_rank must be -1 (none) or a rank, got {previous_rank}")
+        record = self._by_id.get(worker_id)
+        if record is not None:
+            if record.role != role:
+                raise FailedPrecondition(f"worker {worker_id} is registered as {record.role.name}; "
+                                         f"it cannot re-register as {role.name}")
+            if previous_rank not in (-1, record.rank):
+                logger.warning("worker %s asked for rank %d but holds rank %d; keeping %d",
+                               worker_id, previous_rank, record.rank, record.rank)
+            record.address, record.capacity, record.device = address, capacity or 1.0, device
+            self._touch(record)
+            return record, False
+        rank = self._choose_rank(worker_id, role, previous_rank)
+        record = WorkerRecord(worker_id, role, rank, address, capacity or 1.0, device)
+        self._touch(record)
+        self._by_id[worker_id] = record
+        self._by_rank[rank] = record
+        return record, True
+
+    def _choose_rank(self, worker_id: str, role: WorkerRole, previous_rank: int) -> int:
+        ranks = self.rank_range(role)
+        if previous_rank >= 0:
+            if previous_rank not in ranks:
+                raise InvalidArgument(f"previous_rank {previous_rank} is outside the {role.name} ranks "
+                                      f"[{ranks.start}, {ranks.stop})")
+            holder = self._by_rank.get(previous_rank)
+            if holder is not None:
+                raise FailedPrecondition(f"previous_rank {previous_rank} is held by worker {holder.worker_id}")
+            return previous_rank
+        free = [rank for rank in ranks if rank not in self._by_rank]
+        if not free:
+            flag = "--dp-size" if role == WorkerRole.ATTENTION else "--ep-size"
+            raise ResourceExhausted(f"all {len(ranks)} {role.name} ranks are taken ({flag} {len(ranks)}); "
+                                    f"worker {worker_id} is one too many")
+        return free[0]
+
+    def restore(self, records: Iterable[WorkerRecord]) -> None:
+        """Workers loaded from the state db: SUSPECT until they heartbeat, DEAD after the timeout."""
+        for record in records:
+            assert record.rank in self.rank_range(record.role), f"stored rank {record.rank} of {record.worker_id} is out of range"
+            record.state = WorkerState.SUSPECT
+            record.last_seen_s = self._clock()
+            self._by_id[record.worker_id] = record
+            self._by_rank[record.rank] = record
+
+    def get(self, worker_id: str) -> WorkerRecord:
+        record = self._by_id.get(worker_id)
+        if record is None:
+            raise NotFound(f"worker {worker_id!r} is not registered; call Register first")
+        return record
+
+    def workers(self) -> list[WorkerRecord]:
+        """Every registered worker, by rank (attention ranks first)."""
+        return [self._by_rank[rank] for rank in sorted(self._by_rank)]
+
+    def count(self, role: WorkerRole) -> int:
+        return sum(1 for record in self._by_id.values() if record.role == role)
+
+    def is_complete(self, role: WorkerRole | None = None) -> bool:
+        roles = (role,) if role is not None else (WorkerRole.ATTENTION, WorkerRole.EXPERT)
+        return all(self.count(r) == len(self.rank_range(r)) for r in roles)
+
+    def expert_ids(self) -> tuple[str, ...]:
+        """Expert worker ids in rank order: the slot owners of a new map."""
+        return tuple(r.worker_id for r in self.workers() if r.role == WorkerRole.EXPERT)
+
+    # -- health ----------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, map_version: int) -> WorkerRecord:
+        record = self.get(worker_id)
+        if map_version:
+            record.map_version = map_version
+        self._touch(record)
+        return record
+
+    def _touch(self, record: WorkerRecord) -> None:
+        if record.state in (WorkerState.SUSPECT, WorkerState.DEAD):
+            logger.info("worker %s (rank %d) is alive again (was %s)", record.worker_id, record.rank, record.state.name)
+        if record.state != WorkerState.DRAINING:
+            record.state = WorkerState.ALIVE
+        record.last_seen_s = self._clock()
+        record.last_heartbeat_unix_ms = int(self._wall_clock() * 1000)
+
+    def check_health(self) -> list[tuple[WorkerRecord, WorkerState]]:
+        """Downgrade silent workers. Returns (record, previous state) for each change."""
+        now = self._clock()
+        changes = []
+        for record in self._by_id.values():
+            silent_s = now - record.last_seen_s
+            if silent_s > self.dead_after_s:
+                new_state = WorkerState.DEAD
+            elif silent_s > self.suspect_after_s and record.state == WorkerState.ALIVE:
+                new_state = WorkerState.SUSPECT
+            else:
+                continue
+            if new_state != record.state:
+                changes.append((record, record.state))
+                record.state = new_state
+        return changes

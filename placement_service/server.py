@@ -1,0 +1,142 @@
+"""Builds and stops a running placement service: the one function tests and ``main`` call.
+
+``start_placement_server(config)`` opens the state db (if any) and checks it belongs to
+this deployment, starts the rendezvous store, reads the initial placement, builds the
+controller, serves Placement + PlacementAdmin (+ health, reflection) and starts the health
+monitor thread. ``PlacementServer.stop()`` undoes it in order: refuse new requests and end
+watch streams, stop the gRPC server (in-flight unary RPCs get the grace period), stop the
+monitor, drop the store, close the db.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch.distributed as dist
+
+from epserve.grpc_server import GrpcServer, serve_grpc
+from placement_service.config import PlacementConfig
+from placement_service.controller import PlacementController
+from placement_service.initial_placement import initial_phy2log
+from placement_service.rendezvous import start_rendezvous_store
+from placement_service.service import PlacementAdminServicer, PlacementServicer
+from placement_service.state_db import StateDB
+from placement_service.threads import start_daemon_thread
+from protos import placement_pb2, placement_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class PlacementServer:
+    def __init__(self, config: PlacementConfig, controller: PlacementController, grpc_server: GrpcServer,
+                 store: dist.TCPStore, db: StateDB | None) -> None:
+        self.config, self.controller, self.grpc_server = config, controller, grpc_server
+        self._store, self._db = store, db
+        self._stop_monitor = threading.Event()
+        self._stopped = False
+        tick_s = min(config.heartbeat_interval_ms / 4, 500) / 1000
+        self._monitor = start_daemon_thread(lambda: self._monitor_loop(tick_s), "placement-health-monitor")
+
+    @property
+    def port(self) -> int:
+        return self.grpc_server.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.advertise_host}:{self.port}"
+
+    @property
+    def dist_init_addr(self) -> str:
+        return self.controller.dist_init_addr
+
+    def _monitor_loop(self, tick_s: float) -> None:
+        while not self._stop_monitor.wait(tick_s):
+            self.controller.check_health()
+
+    def stop(self) -> None:
+        """Idempotent; returns within about ``config.shutdown_grace_s`` + 1 s."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.controller.close()
+        self.grpc_server.stop(self.config.shutdown_grace_s)
+        self._stop_monitor.set()
+        self._monitor.join(timeout=2.0)
+        self._store = None  # the TCPStore server stops with its last reference
+        if self._db is not None:
+            self._db.close()
+        logger.info("placement service stopped")
+
+
+def start_placement_server(config: PlacementConfig) -> PlacementServer:
+    phy2log = initial_phy2log(config)
+    db = _open_state_db(config) if config.state_db else None
+    store = None
+    try:
+        store, dist_port = _start_store(config, db)
+        dist_init_addr = f"{config.advertise_host}:{dist_port}"
+        controller = PlacementController(config, dist_init_addr, phy2log, db)
+        grpc_server = serve_grpc(
+            [(placement_pb2_grpc.add_PlacementServicer_to_server, PlacementServicer(controller),
+              placement_pb2.DESCRIPTOR.services_by_name["Placement"].full_name),
+             (placement_pb2_grpc.add_PlacementAdminServicer_to_server, PlacementAdminServicer(controller),
+              placement_pb2.DESCRIPTOR.services_by_name["PlacementAdmin"].full_name)],
+            config.host, config.port,
+            max_workers=2 * config.world_size + 16)  # each watch stream holds a thread
+    except BaseException:
+        store = None
+        if db is not None:
+            db.close()
+        raise
+    start_metrics(config, controller)
+    logger.info("placement service on %s:%d (D=%d attention, N=%d expert workers, %d MoE layers, "
+                "%d experts + %d redundant, rendezvous %s, backend %s)", config.host, grpc_server.port,
+                config.dp_size, config.ep_size, config.model.num_moe_layers, config.model.num_experts,
+                config.ep_num_redundant_experts, dist_init_addr, config.moe_a2a_backend)
+    return PlacementServer(config, controller, grpc_server, store, db)
+
+
+def start_metrics(config: PlacementConfig, controller: PlacementController) -> None:
+    """Hook for Prometheus metrics on --metrics-port (built in a later change)."""
+    if config.metrics_port is not None:
+        logger.warning("--metrics-port %d: metrics are not built yet; ignoring", config.metrics_port)
+
+
+def _open_state_db(config: PlacementConfig) -> StateDB:
+    """Open --state-db and refuse it when it was written for another model or sizes."""
+    db = StateDB(config.state_db)
+    settings = {
+        "model_fingerprint": config.model.fingerprint,
+        "num_moe_layers": str(config.model.num_moe_layers),
+        "num_experts": str(config.model.num_experts),
+        "dp_size": str(config.dp_size),
+        "ep_size": str(config.ep_size),
+        "ep_num_redundant_experts": str(config.ep_num_redundant_experts),
+    }
+    stored = db.settings()
+    mismatched = [f"{key} was {stored[key]}, now {value}" for key, value in settings.items()
+                  if key in stored and stored[key] != value]
+    if mismatched:
+        db.close()
+        raise ValueError(f"--state-db {config.state_db} belongs to another deployment ({'; '.join(mismatched)}); "
+                         "start with the flags it was made with or point --state-db at a fresh file")
+    db.save_settings(settings)
+    return db
+
+
+def _start_store(config: PlacementConfig, db: StateDB | None) -> tuple[dist.TCPStore, int]:
+    """--dist-port, else the port a previous run used (so workers' dist_init_addr stays valid), else any."""
+    previous = int(db.settings().get("dist_port", 0)) if db is not None else 0
+    port = config.dist_port or previous
+    try:
+        store, bound = start_rendezvous_store(config.host, port)
+    except RuntimeError as exc:
+        if config.dist_port or not previous:
+            raise OSError(f"cannot host the rendezvous store on {config.host}:{port}: {exc}; "
+                          "choose another --dist-port (0 = pick)") from exc
+        logger.warning("previous rendezvous port %d is taken (%s); picking a new one", previous, exc)
+        store, bound = start_rendezvous_store(config.host, 0)
+    if db is not None:
+        db.save_settings({"dist_port": str(bound)})
+    return store, bound
