@@ -1,0 +1,121 @@
+"""The gateway's one config object, its command-line flags, and their validation."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+def check_address(flag: str, address: str) -> str:
+    """``host:port`` (IPv6 as ``[::1]:port``) with a port in 1..65535, else ValueError naming ``flag``."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{flag}: {address!r} is not HOST:PORT with a port in 1..65535")
+    return address.strip()
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 0                                   # 0 = pick a free port (printed as GATEWAY_PORT=)
+    placement: str | None = None                    # placement service HOST:PORT (worker discovery)
+    attention_workers: tuple[str, ...] = ()         # static HOST:PORT list
+    max_new_tokens_limit: int = 4096
+    request_timeout_s: float = 600.0                # whole-request deadline
+    rpc_timeout_s: float = 5.0                      # deadline of every unary RPC (Abort, GetLoad, ListWorkers)
+    refresh_interval_s: float = 1.0                 # placement re-listing and worker probes
+    max_retries: int = 3                            # re-submissions after losing a worker, per request
+    max_concurrent_requests: int = 256
+    shutdown_grace_s: float = 10.0
+    metrics_port: int | None = None                 # hook only: nothing served yet
+
+    def __post_init__(self) -> None:
+        path = Path(self.model_path)
+        for name in ("config.json", "tokenizer.json"):
+            if not (path / name).is_file():
+                raise ValueError(f"--model-path {self.model_path}: {name} not found there")
+        if not self.host:
+            raise ValueError("--host must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535 (0 = pick a free one), got {self.port}")
+        if self.placement is None and not self.attention_workers:
+            raise ValueError("give --placement HOST:PORT and/or --attention-workers HOST:PORT[,HOST:PORT...]")
+        if self.placement is not None:
+            check_address("--placement", self.placement)
+        for address in self.attention_workers:
+            check_address("--attention-workers", address)
+        if len(set(self.attention_workers)) != len(self.attention_workers):
+            raise ValueError(f"--attention-workers lists an address twice: {','.join(self.attention_workers)}")
+        if self.max_new_tokens_limit < 1:
+            raise ValueError(f"--max-new-tokens-limit must be >= 1, got {self.max_new_tokens_limit}")
+        for flag, value in (("--request-timeout-s", self.request_timeout_s), ("--rpc-timeout-s", self.rpc_timeout_s),
+                            ("--refresh-interval-s", self.refresh_interval_s)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"--shutdown-grace-s must be >= 0, got {self.shutdown_grace_s}")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = {f.name: f.default for f in fields(GatewayConfig)}
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="epserve gateway: serves the public epserve.v1.Generation gRPC API (plus grpc.health.v1 "
+                    "and reflection), tokenizes, routes each request to the attention worker with the fewest "
+                    "outstanding tokens, streams text back, and re-submits a request elsewhere when its "
+                    "worker is lost. Prints GATEWAY_PORT=<port> on stdout once serving; logs go to stderr.")
+    parser.add_argument("--model-path", required=True, metavar="DIR",
+                        help="model directory: tokenizer.json, tokenizer_config.json (add_bos_token), config.json "
+                             "(max_position_embeddings = context limit, vocab_size), generation_config.json (EOS ids)")
+    parser.add_argument("--host", default=defaults["host"], help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=defaults["port"],
+                        help="port to bind; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--placement", metavar="HOST:PORT", default=None,
+                        help="placement service to discover attention workers from (PlacementAdmin.ListWorkers: "
+                             "role ATTENTION, state ALIVE), re-listed every --refresh-interval-s")
+    parser.add_argument("--attention-workers", metavar="HOST:PORT[,HOST:PORT...]", default="",
+                        help="static attention workers (used together with --placement when both are given)")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=defaults["max_new_tokens_limit"],
+                        help="largest max_new_tokens a request may ask for (default: %(default)s; a request's "
+                             "default is 128; generation also stops when the context is full)")
+    parser.add_argument("--request-timeout-s", type=float, default=defaults["request_timeout_s"],
+                        help="deadline of a whole request, prompt to last token; the client's own deadline "
+                             "applies when shorter (default: %(default)s)")
+    parser.add_argument("--rpc-timeout-s", type=float, default=defaults["rpc_timeout_s"],
+                        help="deadline of each unary RPC to workers and placement: Abort, GetLoad, ListWorkers "
+                             "(default: %(default)s)")
+    parser.add_argument("--refresh-interval-s", type=float, default=defaults["refresh_interval_s"],
+                        help="how often to re-list workers from placement and probe each worker with GetLoad "
+                             "(health is SERVING while at least one answers) (default: %(default)s)")
+    parser.add_argument("--max-retries", type=int, default=defaults["max_retries"],
+                        help="how many times one request may be re-submitted after losing its worker "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-concurrent-requests", type=int, default=defaults["max_concurrent_requests"],
+                        help="streams served at once; more are refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=defaults["shutdown_grace_s"],
+                        help="on SIGTERM/SIGINT: how long in-flight streams may run to completion before they "
+                             "are aborted (finish_reason ABORT) (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="reserved for Prometheus metrics (not served yet)")
+    parser.add_argument("--log-level", default="INFO", help="stderr logging level (default: %(default)s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The config from ``build_parser().parse_args(...)``; ValueError when a value is bad."""
+    workers = tuple(a.strip() for a in args.attention_workers.split(",") if a.strip())
+    return GatewayConfig(
+        model_path=args.model_path, host=args.host, port=args.port, placement=args.placement,
+        attention_workers=workers, max_new_tokens_limit=args.max_new_tokens_limit,
+        request_timeout_s=args.request_timeout_s, rpc_timeout_s=args.rpc_timeout_s,
+        refresh_interval_s=args.refresh_interval_s, max_retries=args.max_retries,
+        max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace_s,
+        metrics_port=args.metrics_port)

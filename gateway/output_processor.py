@@ -1,0 +1,37 @@
+"""Turns one request's streamed completion token ids into the text to send: incremental
+detokenization (detokenizer.py), then stop strings (stop_strings.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.detokenizer import Decoder, IncrementalDetokenizer
+from gateway.stop_strings import StopStringMatcher
+
+
+@dataclass(frozen=True)
+class ProcessedText:
+    text: str
+    matched_stop: str | None = None   # a stop string appeared: the request is done
+
+
+class OutputProcessor:
+    def __init__(self, decoder: Decoder, stops: Sequence[str]) -> None:
+        self._detokenizer = IncrementalDetokenizer(decoder)
+        self._stops = StopStringMatcher(stops)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self._detokenizer.ids
+
+    def add(self, token_ids: Sequence[int]) -> ProcessedText:
+        text, matched = self._stops.add(self._detokenizer.add(token_ids))
+        return ProcessedText(text, matched)
+
+    def finish(self) -> ProcessedText:
+        """The rest of the text once the worker finished (a stop string may still appear in it)."""
+        text, matched = self._stops.add(self._detokenizer.flush())
+        if matched is None:
+            text += self._stops.flush()
+        return ProcessedText(text, matched)

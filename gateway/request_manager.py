@@ -1,0 +1,323 @@
+"""Runs generation requests: the gateway's logic, without gRPC.
+
+Threads: each request's stream runs in the thread of the RPC that iterates
+``RequestHandle.outputs()``; ``abort``/``cancel`` come from other threads (the Abort RPC, gRPC's
+termination callback when a client goes away, shutdown) and interrupt it by cancelling the
+worker stream it is blocked on. One lock guards the table of running requests; each request
+has its own lock for its abort state and current worker stream.
+
+Flow of a request:
+  submit:   tokenize (text) or take token ids, validate (INVALID_ARGUMENT naming the field),
+            lower max_new_tokens to what fits in the context, register the id (ALREADY_EXISTS
+            while another request runs under it; a uuid when empty)
+  outputs:  route to the reachable worker with the fewest outstanding tokens, stream its token
+            ids through an OutputProcessor (UTF-8-safe text, stop strings held back), yield one
+            GenerateOutput per worker step and a final one with finish_reason and usage.
+            A stop string ends the request here and aborts it at the worker.
+            Worker lost (UNAVAILABLE, stream cut): mark it lost, re-submit prompt + tokens
+            streamed so far to another worker (num_generated_before, max_new_tokens reduced);
+            no worker left -> UNAVAILABLE. Deadline -> DEADLINE_EXCEEDED (aborted at the worker).
+  abort:    aborts at the worker, cancels the stream; the stream ends with finish_reason ABORT.
+  cancel:   the client went away: the same, with nothing more sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+
+from gateway.config import GatewayConfig
+from gateway.errors import ErrorCode, GatewayError, ValidationError
+from gateway.model_info import ModelInfo
+from gateway.observer import NullObserver, RequestObserver
+from gateway.output_processor import OutputProcessor
+from gateway.request_types import FinishReason, GenerateInput, GenerateOutput, SamplingParams, Usage
+from gateway.router import Router
+from gateway.tokenizer import Tokenizer
+from gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
+from gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDirectory, WorkerFailed, WorkerLost,
+                                WorkerRequest, WorkerStream, WorkerTimeout)
+
+logger = logging.getLogger(__name__)
+
+ABORTED = "aborted"        # Abort RPC
+CANCELLED = "cancelled"    # the client went away
+SHUTDOWN = "shutdown"      # the gateway is stopping
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deadline: float) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.deadline = deadline           # time.monotonic()
+        self.lock = threading.Lock()
+        self.stop_reason: str | None = None
+        self.started = False
+        self.done = False
+        self.worker: WorkerClient | None = None
+        self.stream: WorkerStream | None = None
+
+    def attach(self, worker: WorkerClient, stream: WorkerStream) -> bool:
+        """Records the current worker stream; False when the request was stopped meanwhile."""
+        with self.lock:
+            if self.stop_reason is not None:
+                return False
+            self.worker, self.stream = worker, stream
+            return True
+
+    def detach(self) -> None:
+        with self.lock:
+            self.worker = self.stream = None
+
+
+class RequestHandle:
+    """One submitted request: iterate ``outputs()`` once; ``cancel()`` when the client is gone."""
+
+    def __init__(self, manager: RequestManager, request: _Request) -> None:
+        self._manager = manager
+        self._request = request
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    def outputs(self) -> Iterator[GenerateOutput]:
+        return self._manager._run(self._request)
+
+    def cancel(self) -> None:
+        self._manager._stop(self._request, CANCELLED, wait=False)
+
+
+class RequestManager:
+    def __init__(self, config: GatewayConfig, tokenizer: Tokenizer, model_info: ModelInfo,
+                 workers: WorkerDirectory, router: Router, observer: RequestObserver | None = None) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._workers = workers
+        self._router = router
+        self._observer = observer or NullObserver()
+        self.limits = Limits(vocab_size=model_info.vocab_size, max_context_length=model_info.max_context_length,
+                             max_new_tokens_limit=config.max_new_tokens_limit)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._requests: dict[str, _Request] = {}
+        self._accepting = True
+
+    @property
+    def num_running(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    def submit(self, inp: GenerateInput, timeout_s: float | None = None) -> RequestHandle:
+        """Validates and registers a request; raises GatewayError. ``timeout_s``: the client's
+        deadline, if any (the request's deadline is the sooner of it and --request-timeout-s)."""
+        prompt_ids = self._prompt_ids(inp)
+        params = validate_sampling(inp.sampling, self.limits)
+        params = replace(params, max_new_tokens=effective_max_new_tokens(
+            len(prompt_ids), params.max_new_tokens, self.limits))
+        timeout = self._config.request_timeout_s if timeout_s is None else min(timeout_s,
+                                                                               self._config.request_timeout_s)
+        request_id = inp.request_id or self.new_request_id()
+        request = _Request(request_id, prompt_ids, params, time.monotonic() + timeout)
+        with self._lock:
+            if not self._accepting:
+                raise GatewayError(ErrorCode.UNAVAILABLE, "the gateway is shutting down")
+            if request_id in self._requests:
+                raise GatewayError(ErrorCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running")
+            if len(self._requests) >= self._config.max_concurrent_requests:
+                raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"{len(self._requests)} requests are running, the gateway's limit "
+                                   f"(--max-concurrent-requests); retry later")
+            self._requests[request_id] = request
+        self._observer.on_start(request_id, len(prompt_ids))
+        return RequestHandle(self, request)
+
+    def _prompt_ids(self, inp: GenerateInput) -> list[int]:
+        if (inp.text is None) == (inp.token_ids is None):
+            raise ValidationError("input", "set exactly one of text and token_ids")
+        if inp.text is not None:
+            if not inp.text:
+                raise ValidationError("text", "the prompt is empty")
+            ids = self._tokenizer.encode(inp.text)
+            validate_prompt("text", ids, self.limits)
+        else:
+            ids = list(inp.token_ids or ())
+            validate_prompt("token_ids", ids, self.limits)
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Aborts a running request (at its worker too); False when no such request runs."""
+        with self._lock:
+            request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._stop(request, ABORTED, wait=True)
+        return True
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until no request runs; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._requests, timeout=timeout_s)
+
+    def abort_all(self) -> int:
+        """Aborts every running request (shutdown); returns how many."""
+        with self._lock:
+            requests = list(self._requests.values())
+        for request in requests:
+            self._stop(request, SHUTDOWN, wait=False)
+        return len(requests)
+
+    def _stop(self, request: _Request, reason: str, wait: bool) -> None:
+        with request.lock:
+            if request.done or request.stop_reason is not None:
+                return
+            request.stop_reason = reason
+            worker, stream, started = request.worker, request.stream, request.started
+            if not started and reason == CANCELLED:
+                request.done = True          # outputs() will never run
+        if not started and reason == CANCELLED:
+            self._unregister(request)
+            return
+        if worker is not None and stream is not None:
+            if wait:
+                worker.abort(request.request_id)
+            else:
+                worker.abort_nowait(request.request_id)
+            stream.cancel()
+
+    def _unregister(self, request: _Request) -> None:
+        self._router.release(request.request_id)
+        with self._idle:
+            if self._requests.get(request.request_id) is request:
+                del self._requests[request.request_id]
+            self._idle.notify_all()
+
+    def _run(self, request: _Request) -> Iterator[GenerateOutput]:
+        with request.lock:
+            if request.done or request.started:
+                return
+            request.started = True
+        finish: FinishReason | None = None
+        error: str | None = None
+        processor = OutputProcessor(self._tokenizer, request.params.stop)
+        try:
+            for output in self._stream(request, processor):
+                finish = output.finish_reason
+                yield output
+        except GatewayError as exc:
+            error = exc.message
+            raise
+        finally:
+            with request.lock:
+                request.done = True
+            self._unregister(request)
+            if finish is None and error is None:
+                finish = FinishReason.ABORT
+            self._observer.on_finish(request.request_id, finish,
+                                     Usage(len(request.prompt_ids), len(processor.completion_ids)), error)
+
+    def _final(self, request: _Request, processor: OutputProcessor, text: str, token_ids: tuple[int, ...],
+               reason: FinishReason, matched_stop: str = "") -> GenerateOutput:
+        return GenerateOutput(request.request_id, text, token_ids, finished=True, finish_reason=reason,
+                              usage=Usage(len(request.prompt_ids), len(processor.completion_ids)),
+                              matched_stop=matched_stop)
+
+    def _stream(self, request: _Request, processor: OutputProcessor) -> Iterator[GenerateOutput]:
+        request_id, params = request.request_id, request.params
+        lost: list[str] = []
+        while True:
+            if request.stop_reason is not None:
+                if request.stop_reason != CANCELLED:
+                    yield self._final(request, processor, processor.finish().text, (), FinishReason.ABORT)
+                return
+            remaining_s = request.deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"request {request_id} passed its deadline")
+            generated = processor.completion_ids
+            worker_request = WorkerRequest(
+                request_id, tuple(request.prompt_ids + generated),
+                replace(params, max_new_tokens=params.max_new_tokens - len(generated)), len(generated))
+            candidates = [a for a in self._workers.reachable() if a not in lost]
+            address = self._router.route(request_id, candidates, len(worker_request.prompt_ids)
+                                         + worker_request.sampling.max_new_tokens)
+            if address is None:
+                detail = f"; lost during this request: {', '.join(lost)}" if lost else ""
+                raise GatewayError(ErrorCode.UNAVAILABLE, f"no attention worker is available{detail}")
+            worker = self._workers.client(address)
+            try:
+                stream = worker.generate(worker_request, timeout_s=remaining_s)
+                if not request.attach(worker, stream):
+                    worker.abort_nowait(request_id)
+                    stream.cancel()
+                    continue  # the loop's top sends the ABORT message
+                yield from self._relay(request, processor, worker, stream)
+                return
+            except StreamCancelled:
+                if request.stop_reason is None:  # not ours after all: treat as a lost worker
+                    raise GatewayError(ErrorCode.INTERNAL, f"stream from {address} cancelled unexpectedly")
+                continue
+            except WorkerLost as exc:
+                request.detach()
+                worker.abort_nowait(request_id)  # in case it still runs there
+                self._workers.mark_lost(address, str(exc))
+                lost.append(address)
+                if len(lost) > self._config.max_retries:
+                    raise GatewayError(ErrorCode.UNAVAILABLE, f"request {request_id} lost its attention worker "
+                                       f"{len(lost)} times ({', '.join(lost)}); giving up") from exc
+                logger.warning("request %s: attention worker %s lost after %d tokens (%s); re-submitting",
+                               request_id, address, len(processor.completion_ids), exc)
+                self._observer.on_retry(request_id, address)
+            except WorkerTimeout as exc:
+                worker.abort_nowait(request_id)
+                raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
+                                   f"request {request_id} passed its deadline waiting on {address}") from exc
+            except WorkerFailed as exc:
+                code = ErrorCode.RESOURCE_EXHAUSTED if exc.code == "RESOURCE_EXHAUSTED" else ErrorCode.INTERNAL
+                raise GatewayError(code, f"attention worker {address} failed the request: {exc}") from exc
+
+    def _relay(self, request: _Request, processor: OutputProcessor, worker: WorkerClient,
+               stream: WorkerStream) -> Iterator[GenerateOutput]:
+        """Streams one worker's steps to the client until the request finishes. Raises what the
+        worker stream raises; ending without a finished step means the worker was lost."""
+        request_id = request.request_id
+        for step in stream:
+            if step.token_ids:
+                self._router.consume(request_id, len(step.token_ids))
+                self._observer.on_tokens(request_id, len(step.token_ids))
+            processed = processor.add(step.token_ids)
+            if processed.matched_stop is not None:
+                worker.abort_nowait(request_id)
+                stream.cancel()
+                yield self._final(request, processor, processed.text, step.token_ids, FinishReason.STOP,
+                                  processed.matched_stop)
+                return
+            overran = len(processor.completion_ids) >= request.params.max_new_tokens and not step.finished
+            if step.finished or overran:
+                if overran:  # the worker should have finished: do it here
+                    worker.abort_nowait(request_id)
+                    stream.cancel()
+                tail = processor.finish()
+                if tail.matched_stop is not None:
+                    reason, matched = FinishReason.STOP, tail.matched_stop
+                elif overran:
+                    reason, matched = FinishReason.LENGTH, ""
+                else:
+                    reason, matched = step.finish_reason or FinishReason.STOP, step.matched_stop
+                yield self._final(request, processor, processed.text + tail.text, step.token_ids, reason, matched)
+                return
+            if processed.text or step.token_ids:
+                yield GenerateOutput(request_id, processed.text, step.token_ids)
+        raise WorkerLost(f"the stream from {worker.address} ended without a final message")

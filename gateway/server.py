@@ -1,0 +1,82 @@
+"""Builds the gateway from a GatewayConfig, serves it, and shuts it down gracefully.
+
+Threads: gRPC's pool serves the RPCs (one thread per open Generate stream); one
+"gateway-refresh" thread re-lists and probes the workers and flips health between SERVING
+(at least one attention worker answers) and NOT_SERVING.
+
+Shutdown: health NOT_SERVING, new requests refused (UNAVAILABLE), in-flight streams get
+--shutdown-grace-s to finish, then the rest are aborted (at their workers too; their streams
+end with finish_reason ABORT), then the server stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from epserve.grpc_server import GrpcServer, serve_grpc
+from gateway.config import GatewayConfig
+from gateway.discovery import PlacementDiscovery
+from gateway.model_info import load_model_info
+from gateway.observer import RequestObserver
+from gateway.request_manager import RequestManager
+from gateway.router import Router
+from gateway.servicer import GenerationServicer
+from gateway.tokenizer import Tokenizer
+from gateway.worker_pool import WorkerPool
+from protos import generation_pb2, generation_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+EXTRA_RPC_THREADS = 16   # Abort, GetModelInfo, health and reflection beside the Generate streams
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, observer: RequestObserver | None = None) -> None:
+        self.config = config
+        self.model_info = load_model_info(config.model_path)
+        self.tokenizer = Tokenizer.from_dir(config.model_path)
+        self.router = Router()
+        discovery = PlacementDiscovery(config.placement, config.rpc_timeout_s) if config.placement else None
+        self.pool = WorkerPool(config, self.router, discovery, on_health=self._set_health)
+        self.manager = RequestManager(config, self.tokenizer, self.model_info, self.pool, self.router, observer)
+        self._server: GrpcServer | None = None
+        self._stopping = threading.Event()
+        self._stop_refresh = threading.Event()
+        self._refresh_thread = threading.Thread(target=self.pool.run_refresh_loop, args=(self._stop_refresh,),
+                                                name="gateway-refresh", daemon=True)
+
+    def start(self) -> int:
+        """Serves (health NOT_SERVING until a worker answers); returns the bound port."""
+        servicer = GenerationServicer(self.manager, self.model_info, self.pool)
+        self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)],
+                                  self.config.host, self.config.port, serving=False,
+                                  max_workers=self.config.max_concurrent_requests + EXTRA_RPC_THREADS)
+        self._refresh_thread.start()
+        logger.info("gateway serving %s on %s:%d (model %s, context %d tokens)", SERVICE_NAME, self.config.host,
+                    self._server.port, self.model_info.architecture, self.model_info.max_context_length)
+        return self._server.port
+
+    def _set_health(self, healthy: bool) -> None:
+        if self._server is not None and not self._stopping.is_set():
+            self._server.set_serving(healthy)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        assert self._server is not None, "shutdown() before start()"
+        self._server.set_serving(False)
+        self.manager.stop_accepting()
+        num_running = self.manager.num_running
+        if num_running:
+            logger.info("shutting down: waiting up to %.1f s for %d streams", self.config.shutdown_grace_s,
+                        num_running)
+        if not self.manager.wait_idle(self.config.shutdown_grace_s):
+            logger.warning("shutting down: aborting %d streams still running", self.manager.abort_all())
+            if not self.manager.wait_idle(self.config.rpc_timeout_s + 1.0):
+                logger.warning("shutting down: %d streams did not end", self.manager.num_running)
+        self._stop_refresh.set()
+        self._refresh_thread.join(timeout=self.config.rpc_timeout_s + 1.0)
+        self._server.stop(grace_s=1.0)
+        self.pool.close()
+        logger.info("gateway stopped")

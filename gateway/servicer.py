@@ -1,0 +1,82 @@
+"""The public ``epserve.v1.Generation`` servicer: proto <-> gateway dataclasses, errors -> status
+codes; all logic is in RequestManager. A Generate stream is cancelled at the worker when the
+client goes away (gRPC's termination callback)."""
+
+from __future__ import annotations
+
+import grpc
+
+from gateway.errors import ErrorCode, GatewayError
+from gateway.model_info import ModelInfo
+from gateway.request_manager import RequestManager
+from gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
+from gateway.worker_pool import WorkerPool
+from protos import generation_pb2, generation_pb2_grpc
+
+
+def status_code(code: ErrorCode) -> grpc.StatusCode:
+    return grpc.StatusCode[code.value]
+
+
+def sampling_from_proto(proto: generation_pb2.SamplingParams) -> SamplingRequest:
+    def get(name: str):
+        return getattr(proto, name) if proto.HasField(name) else None
+
+    return SamplingRequest(
+        temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"), min_p=get("min_p"),
+        repetition_penalty=get("repetition_penalty"), seed=get("seed"), max_new_tokens=get("max_new_tokens"),
+        stop=tuple(proto.stop), stop_token_ids=tuple(proto.stop_token_ids), ignore_eos=proto.ignore_eos)
+
+
+def input_from_proto(request: generation_pb2.GenerateRequest, request_id: str) -> GenerateInput:
+    which = request.WhichOneof("input")
+    return GenerateInput(
+        request_id=request_id,
+        text=request.text if which == "text" else None,
+        token_ids=tuple(request.token_ids.ids) if which == "token_ids" else None,
+        sampling=sampling_from_proto(request.sampling))
+
+
+def output_to_proto(output: GenerateOutput) -> generation_pb2.GenerateResponse:
+    response = generation_pb2.GenerateResponse(
+        request_id=output.request_id, text=output.text, token_ids=list(output.token_ids),
+        finished=output.finished, matched_stop=output.matched_stop)
+    if output.finish_reason is not None:
+        response.finish_reason = int(output.finish_reason)
+    if output.usage is not None:
+        response.usage.prompt_tokens = output.usage.prompt_tokens
+        response.usage.completion_tokens = output.usage.completion_tokens
+    return response
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, manager: RequestManager, model_info: ModelInfo, pool: WorkerPool) -> None:
+        self._manager = manager
+        self._model_info = model_info
+        self._pool = pool
+
+    def Generate(self, request, context):
+        request_id = request.request_id or self._manager.new_request_id()
+        try:
+            handle = self._manager.submit(input_from_proto(request, request_id), timeout_s=context.time_remaining())
+        except GatewayError as exc:
+            context.abort(status_code(exc.code), exc.message)
+        context.add_callback(handle.cancel)
+        try:
+            for output in handle.outputs():
+                yield output_to_proto(output)
+        except GatewayError as exc:
+            context.abort(status_code(exc.code), exc.message)
+
+    def Abort(self, request, context):
+        return generation_pb2.AbortResponse(found=self._manager.abort(request.request_id))
+
+    def GetModelInfo(self, request, context):
+        info = self._model_info
+        return generation_pb2.ModelInfo(
+            model_path=info.model_path, architecture=info.architecture, vocab_size=info.vocab_size,
+            max_context_length=info.max_context_length, num_moe_layers=info.num_moe_layers,
+            num_experts=info.num_experts, num_experts_per_tok=info.num_experts_per_tok,
+            num_attention_workers=len(self._pool.known()),
+            num_expert_workers=self._pool.num_expert_workers or 0,
+            eos_token_ids=list(info.eos_token_ids))

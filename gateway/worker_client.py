@@ -1,0 +1,124 @@
+"""The gRPC side of worker_api: one channel and AttentionWorker stub per attention worker.
+
+Every call has a deadline: Generate the request's, Abort and GetLoad ``rpc_timeout_s``. Errors
+become worker_api's exceptions: UNAVAILABLE, a stream cancelled by the worker's side, or a
+reset HTTP/2 stream -> WorkerLost (the request may run elsewhere); DEADLINE_EXCEEDED ->
+WorkerTimeout; a stream this client cancelled -> StreamCancelled; anything else -> WorkerFailed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from epserve.grpc_server import GRPC_OPTIONS
+from gateway.request_types import FinishReason, SamplingParams
+from gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerStep,
+                                WorkerTimeout)
+from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# Reconnect quickly to a worker that comes back (the default backoff grows to 120 s).
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingParams:
+    proto = generation_pb2.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty, max_new_tokens=params.max_new_tokens,
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        proto.seed = params.seed
+    return proto  # stop strings stay in the gateway
+
+
+def request_to_proto(request: WorkerRequest) -> worker_pb2.WorkerGenerateRequest:
+    return worker_pb2.WorkerGenerateRequest(
+        request_id=request.request_id, prompt_ids=list(request.prompt_ids),
+        sampling=sampling_to_proto(request.sampling), num_generated_before=request.num_generated_before)
+
+
+def step_from_proto(message: worker_pb2.WorkerGenerateResponse) -> WorkerStep:
+    reason = FinishReason(message.finish_reason) if message.finish_reason else None
+    return WorkerStep(tuple(message.token_ids), message.finished, reason, message.matched_stop)
+
+
+def _is_lost(error: grpc.RpcError) -> bool:
+    code = error.code()
+    return (code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            or (code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.details() or "")))
+
+
+class GrpcWorkerStream:
+    def __init__(self, address: str, call: grpc.Call) -> None:
+        self._address = address
+        self._call = call
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[WorkerStep]:
+        try:
+            for message in self._call:
+                yield step_from_proto(message)
+        except grpc.RpcError as exc:
+            if self._cancelled.is_set():
+                raise StreamCancelled() from exc
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise WorkerTimeout(f"{self._address}: deadline exceeded") from exc
+            if _is_lost(exc):
+                raise WorkerLost(f"{self._address}: {exc.code().name}: {exc.details()}") from exc
+            raise WorkerFailed(exc.code().name, exc.details() or "") from exc
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._call.cancel()
+
+
+class GrpcWorkerClient:
+    def __init__(self, address: str, rpc_timeout_s: float) -> None:
+        self.address = address
+        self._rpc_timeout_s = rpc_timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = worker_pb2_grpc.AttentionWorkerStub(self._channel)
+
+    def generate(self, request: WorkerRequest, timeout_s: float) -> GrpcWorkerStream:
+        return GrpcWorkerStream(self.address, self._stub.Generate(request_to_proto(request), timeout=timeout_s))
+
+    def abort(self, request_id: str) -> bool:
+        try:
+            return self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id),
+                                    timeout=self._rpc_timeout_s).found
+        except grpc.RpcError as exc:
+            logger.warning("abort of %s at %s failed: %s", request_id, self.address, exc.code().name)
+            return False
+
+    def abort_nowait(self, request_id: str) -> None:
+        try:
+            future = self._stub.Abort.future(generation_pb2.AbortRequest(request_id=request_id),
+                                             timeout=self._rpc_timeout_s)
+        except ValueError:  # channel closed: the gateway is shutting down
+            return
+
+        def log_failure(done: grpc.Future) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                logger.info("abort of %s at %s failed: %s", request_id, self.address, done.exception())
+
+        future.add_done_callback(log_failure)
+
+    def get_load(self) -> WorkerLoad:
+        """Raises WorkerLost when the worker does not answer; a worker without GetLoad counts as
+        reachable with unknown load."""
+        try:
+            load = self._stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self._rpc_timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return WorkerLoad(0, 0, None)
+            raise WorkerLost(f"{self.address}: {exc.code().name}: {exc.details()}") from exc
+        return WorkerLoad(load.num_running, load.num_waiting, load.outstanding_tokens)
+
+    def close(self) -> None:
+        self._channel.close()
