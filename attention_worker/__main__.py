@@ -1,0 +1,91 @@
+"""``python -m attention_worker``: one attention/data-parallel worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from attention_worker.config import DTYPES, AttentionWorkerConfig
+from attention_worker.engine import EngineLimits
+from attention_worker.expert_routing import DispatchAlgorithm
+
+logger = logging.getLogger("attention_worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m attention_worker",
+        description="Attention/data-parallel worker: embeddings, attention with a paged KV cache, router, "
+                    "sampling and continuous batching; routed experts run on expert workers reached through "
+                    "the data plane. Registers with the placement service and serves epserve.v1.AttentionWorker.")
+    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
+    p.add_argument("--placement", required=True, metavar="HOST:PORT", help="placement service address")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default 0)")
+    p.add_argument("--advertise-host", default="", help="host others use to reach this worker (default: --host)")
+    p.add_argument("--worker-id", default=os.environ.get("EPSERVE_WORKER_ID", ""),
+                   help="stable worker id (default: generated; env EPSERVE_WORKER_ID)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model dtype (default bfloat16)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--num-kv-blocks", type=int, default=EngineLimits.num_kv_blocks, help="KV cache blocks")
+    p.add_argument("--kv-block-size", type=int, default=EngineLimits.kv_block_size, help="tokens per KV block")
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineLimits.max_num_batched_tokens,
+                   help="token budget of one step (prefill chunks beyond it are split)")
+    p.add_argument("--max-running-requests", type=int, default=EngineLimits.max_num_seqs,
+                   help="sequences in flight at most")
+    p.add_argument("--num-micro-batches", type=int, default=EngineLimits.num_micro_batches, choices=[1, 2],
+                   help="2 overlaps one micro-batch's expert exchange with the other's attention (default 2)")
+    p.add_argument("--context-length", type=int, default=0, help="context limit; 0 = the model's")
+    p.add_argument("--ep-dispatch-algorithm", default="static", choices=[a.value for a in DispatchAlgorithm],
+                   help="how a logical expert's replica is chosen (default static)")
+    p.add_argument("--dataplane-timeout-s", type=float, default=30.0, help="deadline of one expert exchange")
+    p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 = off")
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                   help="OTLP gRPC trace endpoint HOST:PORT; empty = no tracing")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from epserve.process import announce, configure_logging, shutdown_event
+
+    configure_logging(args.log_level)
+    try:
+        kwargs = {"worker_id": args.worker_id} if args.worker_id else {}
+        config = AttentionWorkerConfig(
+            model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
+            advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
+            limits=EngineLimits(args.num_kv_blocks, args.kv_block_size, args.max_num_batched_tokens,
+                                args.max_running_requests, args.num_micro_batches),
+            max_context=args.context_length, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
+            dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
+            metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, **kwargs)
+    except ValueError as exc:
+        print(f"attention_worker: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from attention_worker.worker import AttentionWorker
+
+    torch.set_num_threads(config.num_threads)
+    stop = shutdown_event()
+    worker = AttentionWorker(config)
+    announce("ATTENTION_WORKER_PORT", worker.server.port)
+    try:
+        worker.start()
+    except Exception as exc:  # registration refused or timed out
+        logger.error("cannot join the deployment: %s", exc)
+        worker.stop()
+        return 1
+    stop.wait()
+    logger.info("signal received; shutting down")
+    worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

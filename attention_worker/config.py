@@ -1,0 +1,51 @@
+"""The attention worker's one config dataclass, built from flags in ``main()``."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from attention_worker.engine import EngineLimits
+from attention_worker.expert_routing import DispatchAlgorithm
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class AttentionWorkerConfig:
+    model_path: str
+    placement: str                          # host:port of the placement service
+    host: str = "127.0.0.1"
+    port: int = 0                           # 0 = pick a free port
+    advertise_host: str = ""                # how others reach this worker; default: host
+    worker_id: str = field(default_factory=lambda: f"attn-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    max_context: int = 0                    # 0 = the model's max_position_embeddings
+    ep_dispatch_algorithm: str = "static"
+    dataplane_timeout_s: float = 30.0
+    rpc_timeout_s: float = 10.0
+    num_threads: int = 1
+    metrics_port: int = 0                   # 0 = no metrics endpoint
+    otlp_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if ":" not in self.placement:
+            raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
+        try:
+            DispatchAlgorithm(self.ep_dispatch_algorithm)
+        except ValueError:
+            raise ValueError(f"--ep-dispatch-algorithm must be one of "
+                             f"{[a.value for a in DispatchAlgorithm]}, got {self.ep_dispatch_algorithm!r}") from None
+        if self.dataplane_timeout_s <= 0 or self.rpc_timeout_s <= 0:
+            raise ValueError("--dataplane-timeout-s and --rpc-timeout-s must be > 0")
+        if self.limits.kv_block_size < 1 or self.limits.num_kv_blocks < 1:
+            raise ValueError("--kv-block-size and --num-kv-blocks must be >= 1")
+        if self.limits.num_micro_batches not in (1, 2):
+            raise ValueError(f"--num-micro-batches must be 1 or 2, got {self.limits.num_micro_batches}")
+        if not self.advertise_host:
+            self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host

@@ -1,0 +1,81 @@
+"""Runs an ``Engine`` on its own thread and fans its outputs out to per-request queues.
+
+Threads: gRPC handler threads call ``submit``/``abort`` (they enqueue and wake the loop) and
+read their request's queue; the loop thread calls ``Engine.step`` while there is work and
+sleeps on a condition variable otherwise — an idle worker uses no CPU. An exception on the
+loop thread is fatal: it is logged and the process exits, rather than living on half-dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+
+from attention_worker.engine import Engine, StepOutput
+from attention_worker.sampler import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._streams: dict[str, queue.SimpleQueue[StepOutput]] = {}
+        self._streams_lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify_all()
+        self._thread.join(timeout_s)
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               num_generated_before: int = 0) -> queue.SimpleQueue[StepOutput]:
+        """Raises RequestRejected / ValueError for requests that cannot be served."""
+        stream: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
+        with self._streams_lock:
+            self._streams[request_id] = stream
+        try:
+            self.engine.add_request(request_id, prompt_ids, params, num_generated_before)
+        except Exception:
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+            raise
+        self._notify()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        found = self.engine.abort(request_id)
+        self._notify()
+        return found
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopped and not self.engine.has_work:
+                        self._wake.wait()
+                    if self._stopped:
+                        return
+                for output in self.engine.step():
+                    with self._streams_lock:
+                        stream = (self._streams.pop(output.request_id, None) if output.finished
+                                  else self._streams.get(output.request_id))
+                    if stream is not None:
+                        stream.put(output)
+        except BaseException:
+            logger.exception("engine loop crashed; exiting")
+            logging.shutdown()
+            os._exit(1)

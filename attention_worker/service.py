@@ -1,0 +1,103 @@
+"""gRPC servicer of ``epserve.v1.AttentionWorker``: proto ↔ engine requests at the edge.
+
+A Generate call submits to the ``EngineLoop`` and streams that request's outputs; when the
+call ends for any reason (client cancel, deadline, gateway gone) the request is aborted so
+its KV blocks are freed. Bad fields → INVALID_ARGUMENT naming the field; a request the
+engine cannot hold → RESOURCE_EXHAUSTED; not ready → UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from attention_worker.engine import RequestRejected, StepOutput
+from attention_worker.engine_loop import EngineLoop
+from attention_worker.sampler import SamplingParams
+from attention_worker.sequence import FinishReason
+from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: generation_pb2.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(message: generation_pb2.SamplingParams) -> SamplingParams:
+    """Raises ValueError naming the field."""
+    get = lambda name, default: getattr(message, name) if message.HasField(name) else default  # noqa: E731
+    return SamplingParams(
+        temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0),
+        min_p=get("min_p", 0.0), repetition_penalty=get("repetition_penalty", 1.0),
+        seed=get("seed", None), max_new_tokens=get("max_new_tokens", 128),
+        stop_token_ids=tuple(message.stop_token_ids), ignore_eos=message.ignore_eos)
+
+
+class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
+    def __init__(self, worker_id: str, vocab_size: int, loop_provider: Callable[[], EngineLoop | None]) -> None:
+        self.worker_id = worker_id
+        self.vocab_size = vocab_size
+        self._loop = loop_provider
+
+    def _ready_loop(self, context: grpc.ServicerContext) -> EngineLoop:
+        loop = self._loop()
+        if loop is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "attention worker is not ready (waiting for the expert map)")
+        return loop
+
+    def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.ServicerContext
+                 ) -> Iterator[worker_pb2.WorkerGenerateResponse]:
+        loop = self._ready_loop(context)
+        if not request.request_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt_ids holds ids outside [0, {self.vocab_size}): {bad[:5]}")
+        try:
+            params = sampling_from_proto(request.sampling)
+            stream = loop.submit(request.request_id, list(request.prompt_ids), params,
+                                 request.num_generated_before)
+        except RequestRejected as exc:
+            code = (grpc.StatusCode.ALREADY_EXISTS if "already running" in str(exc)
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.abort(code, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        context.add_callback(lambda: loop.abort(request.request_id))
+        while True:
+            try:
+                output = stream.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            yield self._response(output)
+            if output.finished:
+                return
+
+    @staticmethod
+    def _response(output: StepOutput) -> worker_pb2.WorkerGenerateResponse:
+        return worker_pb2.WorkerGenerateResponse(
+            token_ids=output.new_token_ids, finished=output.finished,
+            finish_reason=FINISH_REASONS.get(output.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED),
+            prompt_tokens=output.num_prompt_tokens, completion_tokens=output.num_generated,
+            matched_stop=str(output.matched_stop_token) if output.matched_stop_token is not None else "")
+
+    def Abort(self, request: generation_pb2.AbortRequest, context: grpc.ServicerContext
+              ) -> generation_pb2.AbortResponse:
+        loop = self._ready_loop(context)
+        return generation_pb2.AbortResponse(found=loop.abort(request.request_id))
+
+    def GetLoad(self, request: worker_pb2.GetLoadRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
+        loop = self._loop()
+        if loop is None:
+            return worker_pb2.WorkerLoad(worker_id=self.worker_id)
+        load = loop.engine.load()
+        return worker_pb2.WorkerLoad(worker_id=self.worker_id, map_version=loop.engine.expert_map.version, **load)

@@ -1,0 +1,98 @@
+"""The attention worker process: wiring of model, engine, data plane, placement and gRPC.
+
+Start-up: load the attention side's weights (no routed experts) → serve gRPC (health
+NOT_SERVING) → register with placement (rank, world size, rendezvous address, backend) →
+watch placement. The first committed map (which comes once every worker has registered)
+joins the data-plane group, builds the engine and its loop, and flips health to SERVING.
+Later maps are handed to the engine, which switches at its next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from attention_worker.config import AttentionWorkerConfig
+from attention_worker.engine import Engine
+from attention_worker.engine_loop import EngineLoop
+from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from attention_worker.moe_executor import RemoteExperts
+from attention_worker.service import AttentionWorkerService
+from epserve.expert_map import ExpertMap
+from epserve.grpc_server import GrpcServer, serve_grpc
+from epserve.model_config import load_model_spec
+from epserve.models.qwen3_moe import load_attention_side
+from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
+from epserve.weights import CheckpointReader, parse_dtype
+from protos import worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionWorker:
+    def __init__(self, config: AttentionWorkerConfig) -> None:
+        self.config = config
+        self.spec = load_model_spec(config.model_path)
+        self.model = load_attention_side(self.spec, CheckpointReader(config.model_path), parse_dtype(config.dtype),
+                                         config.device)
+        self.loop: EngineLoop | None = None
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._dispatcher = None
+        service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop)
+        self.server: GrpcServer = serve_grpc(
+            [(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, service, "epserve.v1.AttentionWorker")],
+            config.host, config.port, serving=False)
+        self.address = f"{config.advertise_host}:{self.server.port}"
+        self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.ATTENTION, self.address,
+                                         device=config.device, model_fingerprint=model_fingerprint(config.model_path),
+                                         timeout_s=config.rpc_timeout_s)
+
+    def start(self, register_deadline_s: float = 120.0) -> None:
+        self.registration = self.placement.register(register_deadline_s)
+        logger.info("registered as rank %d of %d", self.registration.rank, self.registration.world_size)
+        self.placement.watch(self._on_update)
+
+    def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
+        if phase is not UpdatePhase.COMMIT:
+            return
+        with self._lock:
+            if self.loop is None:
+                self._start_engine(expert_map, data_plane)
+            else:
+                self.loop.engine.set_expert_map(expert_map)
+        self.placement.ack(expert_map.version, UpdatePhase.COMMIT)
+
+    def _start_engine(self, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
+        from epserve import dataplane
+
+        config = self.config
+        rank = self.registration.rank
+        self._dispatcher = dataplane.make_dispatcher(
+            data_plane.backend, rank=rank, world_size=data_plane.world_size,
+            dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
+            timeout_s=config.dataplane_timeout_s)
+        router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
+        executor = RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s)
+        engine = Engine(self.model, executor, expert_map, config.limits,
+                        config.max_context or self.spec.max_position_embeddings)
+        self.loop = EngineLoop(engine)
+        self.loop.start()
+        self.server.set_serving(True)
+        self.ready.set()
+        logger.info("serving on %s with expert map version %d", self.address, expert_map.version)
+
+    def stop(self) -> None:
+        self.server.set_serving(False)
+        self.server.stop(grace_s=2.0)
+        if self.loop is not None:
+            self.loop.stop()
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+        self.placement.close()
+
+
+def _expert_ranks(data_plane: DataPlaneInfo) -> list[int]:
+    return sorted(w.rank for w in data_plane.workers if w.role == WorkerRole.EXPERT)

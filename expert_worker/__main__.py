@@ -1,0 +1,78 @@
+"""``python -m expert_worker``: one expert-parallel worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from expert_worker.config import DTYPES, ExpertWorkerConfig
+
+logger = logging.getLogger("expert_worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m expert_worker",
+        description="Expert-parallel worker: holds the physical expert slots the placement service assigns "
+                    "it (every MoE layer), loads only those experts, and serves batches dispatched by "
+                    "attention workers on the data plane through the MoE runner.")
+    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
+    p.add_argument("--placement", required=True, metavar="HOST:PORT", help="placement service address")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC (health) bind address")
+    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
+    p.add_argument("--advertise-host", default="", help="host others use to reach this worker (default: --host)")
+    p.add_argument("--worker-id", default=os.environ.get("EPSERVE_WORKER_ID", ""),
+                   help="stable worker id (default: generated; env EPSERVE_WORKER_ID)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="expert weights dtype (default bfloat16)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--moe-runner-backend", default="auto",
+                   help="expert kernels: auto|torch|triton|deep_gemm|flashinfer_cutlass (default auto)")
+    p.add_argument("--capacity", type=float, default=1.0,
+                   help="relative expert throughput, so placement can mix CPU and GPU workers (default 1)")
+    p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 = off")
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                   help="OTLP gRPC trace endpoint HOST:PORT; empty = no tracing")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from epserve.process import announce, configure_logging, shutdown_event
+
+    configure_logging(args.log_level)
+    try:
+        kwargs = {"worker_id": args.worker_id} if args.worker_id else {}
+        config = ExpertWorkerConfig(
+            model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
+            advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
+            moe_runner_backend=args.moe_runner_backend, capacity=args.capacity, num_threads=args.num_threads,
+            metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, **kwargs)
+    except ValueError as exc:
+        print(f"expert_worker: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from expert_worker.worker import ExpertWorker
+
+    torch.set_num_threads(config.num_threads)
+    stop = shutdown_event()
+    worker = ExpertWorker(config)
+    announce("EXPERT_WORKER_PORT", worker.server.port)
+    try:
+        worker.start()
+    except Exception as exc:
+        logger.error("cannot join the deployment: %s", exc)
+        worker.stop()
+        return 1
+    stop.wait()
+    logger.info("signal received; shutting down")
+    worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

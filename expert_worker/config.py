@@ -1,0 +1,39 @@
+"""The expert worker's one config dataclass, built from flags in ``main()``."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExpertWorkerConfig:
+    model_path: str
+    placement: str                          # host:port of the placement service
+    host: str = "127.0.0.1"
+    port: int = 0                           # gRPC (health) port; 0 = pick a free one
+    advertise_host: str = ""
+    worker_id: str = field(default_factory=lambda: f"expert-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    moe_runner_backend: str = "auto"
+    capacity: float = 1.0                   # relative expert throughput, for placement
+    rpc_timeout_s: float = 10.0
+    num_threads: int = 1
+    metrics_port: int = 0
+    otlp_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if ":" not in self.placement:
+            raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
+        if self.capacity <= 0:
+            raise ValueError(f"--capacity must be > 0, got {self.capacity}")
+        if self.rpc_timeout_s <= 0:
+            raise ValueError("--rpc-timeout-s must be > 0")
+        if not self.advertise_host:
+            self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host

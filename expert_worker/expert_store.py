@@ -1,0 +1,85 @@
+"""Expert weights this worker holds, per expert-map version.
+
+Legend: L MoE layers, S slots per worker, n tokens, K top-k, D hidden.
+
+``install(map)`` makes the map's slots for this worker resident: for each MoE layer whose
+slot→expert row equals one already held, the tensors are shared (a routing-only change
+costs nothing); other layers are read from the checkpoint — only those experts. Several
+versions can be held at once (make-before-break: v serves while v+1 is prepared);
+``retire_below(v)`` drops older ones. ``compute`` is the data plane's ``ExpertCompute``: it
+serves a batch routed with ``header.map_version`` or raises ``StaleMapVersion``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from epserve.expert_map import ExpertMap
+from epserve.model_config import ModelSpec
+from epserve.models.expert_side import ExpertSlots, load_expert_slots
+from epserve.moe_runner import MoERunner
+from epserve.weights import CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertStore:
+    def __init__(self, spec: ModelSpec, reader: CheckpointReader, worker_id: str, runner: MoERunner,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.spec, self.reader, self.worker_id, self.runner = spec, reader, worker_id, runner
+        self.dtype, self.device = dtype, device
+        self._versions: dict[int, ExpertSlots] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def install(self, expert_map: ExpertMap) -> ExpertSlots:
+        """Make ``expert_map``'s slots for this worker resident (idempotent per version)."""
+        with self._lock:
+            if expert_map.version in self._versions:
+                return self._versions[expert_map.version]
+            held = list(self._versions.values())
+        slots = expert_map.slots_of_worker(self.worker_id)
+        wanted = expert_map.phy2log[:, slots.start:slots.stop]                       # [L, S]
+        reuse = {}
+        for layer in range(wanted.shape[0]):
+            for old in held:
+                if torch.equal(old.slot_experts[layer], wanted[layer]):
+                    reuse[layer] = (old.w13[layer], old.w2[layer])
+                    break
+        missing = [layer for layer in range(wanted.shape[0]) if layer not in reuse]
+        if missing:
+            to_load = wanted.clone()
+            to_load[list(reuse)] = -1                                                # skip reused layers
+            loaded = load_expert_slots(self.spec, self.reader, to_load, self.dtype, self.device)
+        w13 = [reuse[l][0] if l in reuse else loaded.w13[l] for l in range(wanted.shape[0])]
+        w2 = [reuse[l][1] if l in reuse else loaded.w2[l] for l in range(wanted.shape[0])]
+        installed = ExpertSlots(wanted.clone(), w13, w2)
+        with self._lock:
+            self._versions[expert_map.version] = installed
+        logger.info("map version %d resident: %d layers loaded, %d shared with held versions",
+                    expert_map.version, len(missing), len(reuse))
+        return installed
+
+    def retire_below(self, version: int) -> None:
+        with self._lock:
+            for v in [v for v in self._versions if v < version]:
+                del self._versions[v]
+
+    def compute(self, header, hidden: torch.Tensor, local_slot_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """hidden [n, D], local_slot_ids [n, K] in [-1, S), weights [n, K] → [n, D]."""
+        with self._lock:
+            slots = self._versions.get(header.map_version)
+        if slots is None:
+            from epserve.dataplane import StaleMapVersion
+
+            raise StaleMapVersion(f"expert worker {self.worker_id} holds map versions {self.versions}, "
+                                  f"not {header.map_version}")
+        return slots.compute(self.runner, header.layer, hidden.to(self.dtype), local_slot_ids, weights)

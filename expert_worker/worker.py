@@ -1,0 +1,82 @@
+"""The expert worker process: wiring of expert store, data plane, placement and gRPC.
+
+Start-up: serve gRPC health (NOT_SERVING) → register with placement (EXPERT role) → watch.
+Each committed map: load this worker's slots of it (only those experts' tensors), ack; the
+first one also joins the data-plane group and starts the expert server thread, which serves
+batches from every attention worker until shutdown. Health turns SERVING once it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from epserve.expert_map import ExpertMap
+from epserve.grpc_server import GrpcServer, serve_grpc
+from epserve.model_config import load_model_spec
+from epserve.moe_runner import make_moe_runner
+from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
+from epserve.process import start_daemon_thread
+from epserve.weights import CheckpointReader, parse_dtype
+from expert_worker.config import ExpertWorkerConfig
+from expert_worker.expert_store import ExpertStore
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertWorker:
+    def __init__(self, config: ExpertWorkerConfig) -> None:
+        self.config = config
+        self.spec = load_model_spec(config.model_path)
+        self.store = ExpertStore(self.spec, CheckpointReader(config.model_path), config.worker_id,
+                                 make_moe_runner(config.moe_runner_backend, config.device),
+                                 parse_dtype(config.dtype), config.device)
+        self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False)
+        self.address = f"{config.advertise_host}:{self.server.port}"
+        self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.EXPERT, self.address,
+                                         capacity=config.capacity, device=config.device,
+                                         model_fingerprint=model_fingerprint(config.model_path),
+                                         timeout_s=config.rpc_timeout_s)
+        self.expert_server = None
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self, register_deadline_s: float = 120.0) -> None:
+        self.registration = self.placement.register(register_deadline_s)
+        logger.info("registered as rank %d of %d", self.registration.rank, self.registration.world_size)
+        self.placement.watch(self._on_update)
+
+    def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
+        if phase in (UpdatePhase.COMMIT, UpdatePhase.PREPARE):
+            try:
+                self.store.install(expert_map)
+            except Exception as exc:  # a failed prepare is reported, never half-applied
+                logger.exception("cannot load map version %d", expert_map.version)
+                self.placement.ack(expert_map.version, phase, ok=False, error=str(exc))
+                return
+        elif phase is UpdatePhase.RETIRE:
+            self.store.retire_below(expert_map.version)
+        with self._lock:
+            if phase is UpdatePhase.COMMIT and self.expert_server is None:
+                self._start_serving(data_plane)
+        self.placement.ack(expert_map.version, phase)
+
+    def _start_serving(self, data_plane: DataPlaneInfo) -> None:
+        from epserve import dataplane
+
+        self.expert_server = dataplane.make_expert_server(
+            data_plane.backend, rank=self.registration.rank, world_size=data_plane.world_size,
+            dist_init_addr=data_plane.dist_init_addr,
+            attention_ranks=sorted(w.rank for w in data_plane.workers if w.role == WorkerRole.ATTENTION),
+            timeout_s=self.config.rpc_timeout_s * 6)
+        start_daemon_thread(lambda: self.expert_server.serve(self.store.compute), "expert-server")
+        self.server.set_serving(True)
+        self.ready.set()
+        logger.info("serving experts for map version(s) %s", self.store.versions)
+
+    def stop(self) -> None:
+        self.server.set_serving(False)
+        if self.expert_server is not None:
+            self.expert_server.stop()
+        self.server.stop(grace_s=1.0)
+        self.placement.close()
