@@ -1,0 +1,77 @@
+"""``epserve up``: start a whole deployment as local processes and wait for Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "up", help="start placement, expert workers, attention workers and a gateway as local processes",
+        description="Start a whole epserve deployment as local processes: the placement service, "
+                    "--expert-workers expert workers, --attention-workers attention workers and the gateway. "
+                    "Waits until all are healthy, prints the endpoints, and stops every process it started "
+                    "on Ctrl-C or SIGTERM. Without --model-path an embedded tiny model is made once into "
+                    "the cache directory ($EPSERVE_CACHE_DIR or ~/.cache/epserve).")
+    p.add_argument("--model-path", default=None, help="Hugging Face model directory (default: embedded tiny model)")
+    p.add_argument("--attention-workers", "--dp-size", dest="attention_workers", type=int, default=2,
+                   help="attention/data-parallel workers (default 2)")
+    p.add_argument("--expert-workers", "--ep-size", dest="expert_workers", type=int, default=2,
+                   help="expert-parallel workers (default 2)")
+    p.add_argument("--ep-num-redundant-experts", type=int, default=0,
+                   help="redundant expert slots per MoE layer; experts + R must divide by --expert-workers")
+    p.add_argument("--dtype", default="bfloat16", choices=["float64", "float32", "bfloat16", "float16"],
+                   help="model dtype (default bfloat16; float64 for exact parity checks)")
+    p.add_argument("--device", default="cpu", help="torch device for workers (default cpu)")
+    p.add_argument("--host", default="127.0.0.1", help="address every process binds (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50050, help="gateway port (default 50050; 0 picks one)")
+    p.add_argument("--placement-port", type=int, default=0, help="placement service port (default: pick one)")
+    p.add_argument("--moe-a2a-backend", default="torch", choices=["torch", "local", "cuda_ipc", "mooncake", "deepep"],
+                   help="data plane between attention and expert workers (default torch: gloo on CPU)")
+    p.add_argument("--moe-runner-backend", default="auto", help="expert kernels (default auto)")
+    p.add_argument("--ep-dispatch-algorithm", default="static", choices=["static", "dynamic", "fake"],
+                   help="replica choice per token (default static)")
+    p.add_argument("--init-expert-location", default="trivial", help="'trivial' or a snapshot file (.json/.pt)")
+    p.add_argument("--state-db", default="", help="SQLite file for the placement service's state")
+    p.add_argument("--otlp-endpoint", default="", help="OTLP gRPC endpoint for traces (HOST:PORT)")
+    p.add_argument("--log-dir", default="", help="write each process's log to DIR/<name>.log instead of stderr")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from epserve.deployment import DeploymentConfig, LocalDeployment
+    from epserve.process import shutdown_event
+
+    model_path = args.model_path
+    if model_path is None:
+        from epserve.tiny_model import default_model_dir
+
+        model_path = str(default_model_dir())
+        print(f"epserve up: using the embedded tiny model at {model_path}", file=sys.stderr)
+    try:
+        config = DeploymentConfig(
+            model_path=model_path, num_attention_workers=args.attention_workers,
+            num_expert_workers=args.expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
+            dtype=args.dtype, device=args.device, host=args.host, gateway_port=args.port,
+            placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
+            moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
+            init_expert_location=args.init_expert_location, state_db=args.state_db,
+            otlp_endpoint=args.otlp_endpoint, log_dir=args.log_dir)
+    except ValueError as exc:
+        print(f"epserve up: {exc}", file=sys.stderr)
+        return 2
+    stop = shutdown_event()
+    deployment = LocalDeployment(config)
+    try:
+        deployment.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"epserve up: {exc}", file=sys.stderr)
+        return 1
+    print(f"gateway    {args.host}:{deployment.gateway_port}   (epserve.v1.Generation)", flush=True)
+    print(f"placement  {args.host}:{deployment.placement_port}   (epserve.v1.Placement, PlacementAdmin)",
+          flush=True)
+    print(f"try: epserve generate --gateway {args.host}:{deployment.gateway_port} --prompt 'Hello'", flush=True)
+    code = deployment.wait(stop)
+    deployment.stop()
+    return code

@@ -1,0 +1,224 @@
+"""A whole deployment as local processes: what ``epserve up`` (and end-to-end tests) start.
+
+Order: placement service → expert workers → attention workers → gateway. Each child prints
+``NAME_PORT=<port>`` on stdout when bound; its stderr goes to our stderr (or a log file).
+Readiness = placement lists every worker ALIVE and the gateway's health says SERVING.
+Children are placed in their own process group and asked to die with this process
+(PR_SET_PDEATHSIG), so neither Ctrl-C nor a crash of the launcher leaves one behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import placement_pb2, placement_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeploymentConfig:
+    model_path: str
+    num_attention_workers: int = 1
+    num_expert_workers: int = 1
+    num_redundant_experts: int = 0
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    gateway_port: int = 0
+    placement_port: int = 0
+    moe_a2a_backend: str = "torch"
+    moe_runner_backend: str = "auto"
+    ep_dispatch_algorithm: str = "static"
+    init_expert_location: str = "trivial"
+    state_db: str = ""
+    otlp_endpoint: str = ""
+    metrics: bool = False
+    log_dir: str = ""                       # per-process log files; empty = inherit stderr
+    extra_placement_args: list[str] = field(default_factory=list)
+    extra_attention_args: list[str] = field(default_factory=list)
+    extra_expert_args: list[str] = field(default_factory=list)
+    extra_gateway_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.num_attention_workers < 1 or self.num_expert_workers < 1:
+            raise ValueError("--attention-workers and --expert-workers must be >= 1")
+        if self.num_redundant_experts < 0:
+            raise ValueError("--ep-num-redundant-experts must be >= 0")
+
+
+def _die_with_parent() -> None:
+    os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    port: int = 0
+
+
+class LocalDeployment:
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self.placement_port = 0
+        self.gateway_port = 0
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self) -> None:
+        c = self.config
+        try:
+            placement_args = ["--dp-size", str(c.num_attention_workers), "--ep-size", str(c.num_expert_workers),
+                              "--ep-num-redundant-experts", str(c.num_redundant_experts),
+                              "--moe-a2a-backend", c.moe_a2a_backend,
+                              "--init-expert-location", c.init_expert_location, "--port", str(c.placement_port)]
+            if c.state_db:
+                placement_args += ["--state-db", c.state_db]
+            placement = self._spawn("placement", "placement_service", placement_args + c.extra_placement_args,
+                                    "PLACEMENT_PORT")
+            self.placement_port = placement.port
+            address = f"{c.host}:{self.placement_port}"
+            common = ["--placement", address, "--dtype", c.dtype, "--device", c.device]
+            for i in range(c.num_expert_workers):
+                self._spawn(f"expert-{i}", "expert_worker",
+                            common + ["--worker-id", f"expert-{i}", "--moe-runner-backend", c.moe_runner_backend]
+                            + c.extra_expert_args, "EXPERT_WORKER_PORT")
+            for i in range(c.num_attention_workers):
+                self._spawn(f"attention-{i}", "attention_worker",
+                            common + ["--worker-id", f"attention-{i}",
+                                      "--ep-dispatch-algorithm", c.ep_dispatch_algorithm] + c.extra_attention_args,
+                            "ATTENTION_WORKER_PORT")
+            gateway = self._spawn("gateway", "gateway", ["--placement", address, "--port", str(c.gateway_port)]
+                                  + c.extra_gateway_args, "GATEWAY_PORT", with_device=False)
+            self.gateway_port = gateway.port
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, module: str, args: list[str], port_key: str, with_device: bool = True) -> Child:
+        c = self.config
+        cmd = [sys.executable, "-m", module, "--model-path", c.model_path, "--host", c.host, *args]
+        if c.otlp_endpoint:
+            cmd += ["--otlp-endpoint", c.otlp_endpoint]
+        stderr = None
+        if c.log_dir:
+            Path(c.log_dir).mkdir(parents=True, exist_ok=True)
+            stderr = open(Path(c.log_dir) / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
+                                   preexec_fn=_die_with_parent)
+        child = Child(name, process)
+        self.children.append(child)
+        child.port = self._read_port(child, port_key)
+        threading.Thread(target=self._drain, args=(child,), daemon=True).start()
+        logger.info("started %s (pid %d) on port %d", name, process.pid, child.port)
+        return child
+
+    def _read_port(self, child: Child, key: str, timeout_s: float = 120.0) -> int:
+        result: list[int] = []
+
+        def read() -> None:
+            for line in child.process.stdout:
+                if line.startswith(f"{key}="):
+                    result.append(int(line.strip().split("=", 1)[1]))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if not result:
+            code = child.process.poll()
+            raise RuntimeError(f"{child.name} did not report its port within {timeout_s:.0f}s"
+                               + (f" (exited with {code}; see its log)" if code is not None else ""))
+        return result[0]
+
+    @staticmethod
+    def _drain(child: Child) -> None:
+        for _ in child.process.stdout:
+            pass
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        channel = grpc.insecure_channel(f"{self.config.host}:{self.placement_port}")
+        admin = placement_pb2_grpc.PlacementAdminStub(channel)
+        expected = self.config.num_attention_workers + self.config.num_expert_workers
+        gateway = grpc.insecure_channel(f"{self.config.host}:{self.gateway_port}")
+        health = health_pb2_grpc.HealthStub(gateway)
+        try:
+            while True:
+                self._check_alive()
+                try:
+                    workers = admin.ListWorkers(placement_pb2.ListWorkersRequest(), timeout=2).workers
+                    alive = sum(w.state == placement_pb2.WORKER_STATE_ALIVE for w in workers)
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    if alive == expected and status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"deployment not ready after {self.config.startup_timeout_s:.0f}s")
+                time.sleep(0.2)
+        finally:
+            channel.close()
+            gateway.close()
+
+    def _check_alive(self) -> None:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                raise RuntimeError(f"{child.name} exited with code {code} during start-up")
+
+    # -- run / stop ----------------------------------------------------------------------
+    def wait(self, stop: threading.Event) -> int:
+        """Block until ``stop`` is set or a child dies; returns an exit code."""
+        while not stop.wait(0.5):
+            for child in self.children:
+                code = child.process.poll()
+                if code is not None:
+                    logger.error("%s exited with code %d; stopping the deployment", child.name, code)
+                    return 1
+        return 0
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for child in reversed(self.children):           # gateway first, placement last
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", child.name, grace_s)
+                os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+        self.children.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.process.pid for c in self.children]
+
+    def __enter__(self) -> LocalDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
