@@ -3,8 +3,8 @@
 Rules (the public API's, see protos/generation.proto):
   prompt             text or token_ids, non-empty after tokenization; every id in [0, vocab_size);
                      fewer tokens than the context (max_position_embeddings)
-  max_new_tokens     in [1, --max-new-tokens-limit], default 128; the gateway then lowers it to
-                     what fits in the context (``effective_max_new_tokens``)
+  max_new_tokens     in [1, --max-new-tokens-limit], default 128 (or the limit when lower); the gateway
+                     then lowers it to what fits in the context (``effective_max_new_tokens``)
   temperature >= 0 (default 1.0), top_p in (0, 1] (default 1.0), top_k >= 0 (0 = off),
   min_p in [0, 1), repetition_penalty > 0, stop strings non-empty, stop_token_ids in [0, vocab_size)
 """
@@ -62,7 +62,8 @@ def validate_sampling(sampling: SamplingRequest, limits: Limits) -> SamplingPara
         "sampling.repetition_penalty", sampling.repetition_penalty)
     if penalty <= 0:
         raise ValidationError("sampling.repetition_penalty", f"must be > 0, got {penalty}")
-    max_new = DEFAULT_MAX_NEW_TOKENS if sampling.max_new_tokens is None else sampling.max_new_tokens
+    max_new = (min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_limit) if sampling.max_new_tokens is None
+               else sampling.max_new_tokens)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise ValidationError("sampling.max_new_tokens",
                               f"must be in [1, {limits.max_new_tokens_limit}], got {max_new}")

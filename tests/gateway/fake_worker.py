@@ -1,0 +1,130 @@
+"""A scripted AttentionWorker for gateway tests (a test double, not a model).
+
+Every request gets the same token script: completion token i (counted from the request's
+``num_generated_before``, so a retry continues where the lost worker stopped) is
+``script[i % len(script)]``, one token per ``--token-delay-s``. It honours max_new_tokens
+(finish LENGTH), stop_token_ids and the EOS id unless ignore_eos (finish STOP), Abort (the
+stream ends with finish ABORT) and a cancelled stream. Everything it sees is appended as JSON
+lines to ``--events`` (event: generate / abort / cancelled / finished) for the test to read.
+
+Run: python tests/gateway/fake_worker.py --script-ids 1,2,3 --events PATH  (prints WORKER_PORT=)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from epserve.grpc_server import serve_grpc
+from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class _Running:
+    stop: threading.Event = field(default_factory=threading.Event)
+    aborted_by_rpc: bool = False
+    finished: bool = False
+
+
+class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
+    def __init__(self, worker_id: str, script: list[int], token_delay_s: float, eos_id: int,
+                 events_path: str) -> None:
+        self.worker_id = worker_id
+        self.script = script
+        self.token_delay_s = token_delay_s
+        self.eos_id = eos_id
+        self._events_path = events_path
+        self._lock = threading.Lock()
+        self._running: dict[str, _Running] = {}
+
+    def _log(self, **event) -> None:
+        with self._lock, open(self._events_path, "a") as f:
+            f.write(json.dumps({"worker_id": self.worker_id, **event}) + "\n")
+
+    def Generate(self, request, context):
+        sampling = request.sampling
+        max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+        self._log(event="generate", request_id=request.request_id, prompt_ids=list(request.prompt_ids),
+                  num_generated_before=request.num_generated_before, max_new_tokens=max_new,
+                  stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+                  stop=list(sampling.stop))
+        state = _Running()
+        with self._lock:
+            self._running[request.request_id] = state
+
+        def on_done() -> None:
+            if not state.finished:
+                self._log(event="cancelled", request_id=request.request_id)
+                state.stop.set()
+
+        context.add_callback(on_done)
+        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else {self.eos_id})
+        start = request.num_generated_before
+        try:
+            for i in range(max_new):
+                if state.stop.wait(self.token_delay_s):
+                    if state.aborted_by_rpc:
+                        yield worker_pb2.WorkerGenerateResponse(
+                            finished=True, finish_reason=generation_pb2.FINISH_REASON_ABORT)
+                    return
+                token = self.script[(start + i) % len(self.script)]
+                stopped = token in stop_ids
+                finished = stopped or i + 1 == max_new
+                reason = (generation_pb2.FINISH_REASON_STOP if stopped else
+                          generation_pb2.FINISH_REASON_LENGTH if finished else 0)
+                yield worker_pb2.WorkerGenerateResponse(
+                    token_ids=[token], finished=finished, finish_reason=reason,
+                    prompt_tokens=len(request.prompt_ids) - start, completion_tokens=start + i + 1,
+                    matched_stop=str(token) if stopped else "")
+                if finished:
+                    break
+        finally:
+            state.finished = True
+            with self._lock:
+                if self._running.get(request.request_id) is state:
+                    del self._running[request.request_id]
+            self._log(event="finished", request_id=request.request_id)
+
+    def Abort(self, request, context):
+        with self._lock:
+            state = self._running.get(request.request_id)
+        self._log(event="abort", request_id=request.request_id, found=state is not None)
+        if state is not None:
+            state.aborted_by_rpc = True
+            state.stop.set()
+        return generation_pb2.AbortResponse(found=state is not None)
+
+    def GetLoad(self, request, context):
+        with self._lock:
+            num_running = len(self._running)
+        return worker_pb2.WorkerLoad(worker_id=self.worker_id, num_running=num_running)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--worker-id", default="fake")
+    parser.add_argument("--script-ids", required=True, help="comma-separated token ids")
+    parser.add_argument("--token-delay-s", type=float, default=0.01)
+    parser.add_argument("--eos-id", type=int, default=-1)
+    parser.add_argument("--events", required=True)
+    args = parser.parse_args()
+    worker = ScriptedWorker(args.worker_id, [int(t) for t in args.script_ids.split(",")], args.token_delay_s,
+                            args.eos_id, args.events)
+    server = serve_grpc([(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, worker,
+                          "epserve.v1.AttentionWorker")], "127.0.0.1", args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"WORKER_PORT={server.port}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop(0.5)
+
+
+if __name__ == "__main__":
+    main()
