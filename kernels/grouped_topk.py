@@ -28,7 +28,7 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, G, epg, 
     ok = (g[:, None] < G) & (j[None, :] < epg)
     neg = -float("inf")
     logit = tl.load(logits_ptr + t * stride_lt + expert, mask=ok, other=0.0).to(tl.float32)
-    scores = 1.0 / (1.0 + tl.exp(-logit))
+    scores = tl.where(ok, 1.0 / (1.0 + tl.exp(-logit)), 0.0)
     biased = tl.where(ok, scores + tl.load(bias_ptr + expert, mask=ok, other=0.0).to(tl.float32), neg)
     # group score: sum of the two largest biased scores in the group
     first = tl.max(biased, axis=1)

@@ -9,11 +9,20 @@ Expert weights of one layer, for the S slots an expert side holds:
 ``run`` computes ``out[t] = Σ_k weights[t, k] · down(silu(gate(x_t)) · up(x_t))`` over the
 slots ``slot_ids[t, k]``; an id of -1 marks a choice served elsewhere and contributes
 nothing (no rows are computed for it).
+
+Backends (``--moe-runner-backend``), chosen once by ``make_moe_runner``:
+- ``torch``: the reference, any device and dtype.
+- ``triton``: the Triton kernels in ``kernels/`` (CUDA, or the interpreter with TRITON_INTERPRET=1).
+- ``deep_gemm``: DeepGEMM's bf16 grouped GEMMs (contiguous layout for prefill, masked for decode).
+- ``flashinfer_cutlass``: FlashInfer's CUTLASS MoE; needs modelopt_fp4 weights (guardrails only).
+- ``auto``: ``triton`` on CUDA when Triton imports, ``torch`` otherwise. An explicitly named
+  backend never falls back: if it cannot run it raises, naming what is missing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -28,10 +37,23 @@ class MoERunner(Protocol):
         ...
 
 
-_BACKENDS: dict[str, Callable[[], MoERunner]] = {}
+@dataclass(frozen=True)
+class MoERunnerConfig:
+    """What a backend may need to decide whether it can run (SGLang's flag names)."""
+    device: torch.device
+    ep_size: int = 1
+    tp_size: int = 1
+    quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1 or self.tp_size < 1:
+            raise ValueError(f"ep_size ({self.ep_size}) and tp_size ({self.tp_size}) must be >= 1")
 
 
-def register_backend(name: str, factory: Callable[[], MoERunner]) -> None:
+_BACKENDS: dict[str, Callable[[MoERunnerConfig], MoERunner]] = {}
+
+
+def register_backend(name: str, factory: Callable[[MoERunnerConfig], MoERunner]) -> None:
     _BACKENDS[name] = factory
 
 
@@ -42,14 +64,26 @@ def available_backends() -> list[str]:
 
 def _load_builtin_backends() -> None:
     # Importing a backend module registers it; each module imports its heavy library lazily.
-    from epserve.moe_runner import torch_runner  # noqa: F401
+    from epserve.moe_runner import deep_gemm_runner, flashinfer_cutlass_runner, torch_runner, triton_runner  # noqa: F401
 
 
-def make_moe_runner(name: str, device: torch.device | str = "cpu") -> MoERunner:
+def _auto_backend(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def make_moe_runner(name: str, device: torch.device | str = "cpu", *, ep_size: int = 1,
+                    tp_size: int = 1, quantization: str | None = None) -> MoERunner:
     """Build the runner named by ``--moe-runner-backend``. Unknown names fail loudly."""
     _load_builtin_backends()
+    config = MoERunnerConfig(torch.device(device), ep_size, tp_size, quantization)
     if name == "auto":
-        name = "torch"
+        name = _auto_backend(config.device)
     if name not in _BACKENDS:
         raise ValueError(f"unknown --moe-runner-backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
-    return _BACKENDS[name]()
+    return _BACKENDS[name](config)

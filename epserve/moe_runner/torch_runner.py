@@ -42,4 +42,4 @@ class TorchMoERunner:
         return out
 
 
-register_backend("torch", TorchMoERunner)
+register_backend("torch", lambda config: TorchMoERunner())

@@ -1,0 +1,96 @@
+"""Fused MoE kernels against their torch references, at small odd shapes (CPU: interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.fused_moe import fused_moe_aligned, fused_moe_gemv, fused_moe_reference
+from kernels.moe_align import align_by_slot
+from kernels.moe_configs import AlignedConfig
+from kernels.moe_down import combine, combine_reference, down_weighted, down_weighted_reference
+from kernels.moe_gate_up import GemmConfig, gate_up_silu, gate_up_silu_reference
+from kernels.moe_gemv import (GemvConfig, down_combine_gemv, down_combine_gemv_reference,
+                              gate_up_silu_gemv, gate_up_silu_gemv_reference)
+from kernel_test_utils import TOLERANCE, make_problem, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+S, D, I, K = 9, 45, 27, 4          # odd sizes; slots 7 and 8 are never hit
+ALIGNED = AlignedConfig(GemmConfig(16, 32, 32, group_m=2), GemmConfig(16, 32, 16, group_m=1))
+GEMV = GemvConfig(block_n=16, block_k=32, down_block_n=32, down_block_k=16)
+
+
+def problem(num_tokens, dtype, seed=0):
+    return make_problem(num_tokens, K, S, D, I, dtype, DEVICE, hit_slots=S - 2, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
+def test_fused_moe_aligned(num_tokens, dtype):
+    hidden, slot_ids, weights, w13, w2 = problem(num_tokens, dtype, seed=num_tokens)
+    out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, ALIGNED)
+    assert out.shape == hidden.shape and out.dtype == dtype
+    assert rel_err(out, fused_moe_reference(hidden, slot_ids, weights, w13, w2)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 3, 17])
+def test_fused_moe_gemv(num_tokens, dtype):
+    hidden, slot_ids, weights, w13, w2 = problem(num_tokens, dtype, seed=100 + num_tokens)
+    out = fused_moe_gemv(hidden, slot_ids, weights, w13, w2, GEMV)
+    assert rel_err(out, fused_moe_reference(hidden, slot_ids, weights, w13, w2)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("variant", ["aligned", "gemv"])
+def test_tokens_with_no_local_choice_get_zeros(variant):
+    hidden, slot_ids, weights, w13, w2 = problem(3, torch.float32)
+    slot_ids[1] = -1
+    if variant == "aligned":
+        out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, ALIGNED)
+    else:
+        out = fused_moe_gemv(hidden, slot_ids, weights, w13, w2, GEMV)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    slot_ids[:] = -1
+    out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, ALIGNED)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_down_block_m_may_divide_gate_up_block_m():
+    hidden, slot_ids, weights, w13, w2 = problem(17, torch.float32, seed=5)
+    config = AlignedConfig(GemmConfig(32, 16, 16), GemmConfig(16, 16, 32))
+    out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, config)
+    assert rel_err(out, fused_moe_reference(hidden, slot_ids, weights, w13, w2)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_aligned_kernel_against_its_reference(dtype):
+    hidden, slot_ids, weights, w13, w2 = problem(17, dtype, seed=7)
+    align = align_by_slot(slot_ids, S, 16)
+    act = gate_up_silu(hidden, w13, align, K, ALIGNED.gate_up)
+    rows = down_weighted(act, w2, weights, align, ALIGNED.down)
+    offsets, counts = align.slot_offsets.tolist(), align.slot_counts.tolist()
+    for s in range(S):
+        if counts[s] == 0:
+            continue
+        pos = torch.arange(offsets[s], offsets[s] + counts[s], device=DEVICE)
+        aid = align.sorted_ids[pos].long()
+        ref_act = gate_up_silu_reference(hidden[aid // K], w13[s])
+        assert rel_err(act[pos], ref_act) < TOLERANCE[dtype]
+        pad = torch.arange(offsets[s] + counts[s], offsets[s + 1], device=DEVICE)
+        assert torch.equal(act[pad], torch.zeros_like(act[pad])), "padding rows must be zeros"
+        ref_rows = down_weighted_reference(act[pos], w2[s], weights.reshape(-1)[aid])
+        assert rel_err(rows[aid], ref_rows) < TOLERANCE[dtype]
+    assert torch.equal(combine(rows, slot_ids), combine_reference(rows, slot_ids)) or (
+        rel_err(combine(rows, slot_ids), combine_reference(rows, slot_ids)) < TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_gemv_kernel_against_its_reference(dtype):
+    hidden, slot_ids, weights, w13, w2 = problem(3, dtype, seed=9)
+    act = gate_up_silu_gemv(hidden, w13, slot_ids, GEMV)
+    local = (slot_ids.reshape(-1) >= 0).nonzero().squeeze(1)
+    ref_act = gate_up_silu_gemv_reference(hidden, w13, slot_ids)
+    assert rel_err(act[local], ref_act[local]) < TOLERANCE[dtype]
+    out = down_combine_gemv(act, w2, slot_ids, weights, GEMV)
+    assert rel_err(out, down_combine_gemv_reference(act, w2, slot_ids, weights)) < TOLERANCE[dtype]

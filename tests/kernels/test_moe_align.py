@@ -1,0 +1,48 @@
+"""Slot alignment: counts, padded offsets and the members of each slot's segment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.moe_align import SINGLE_PROGRAM_MAX_ASSIGNMENTS, align_by_slot, align_by_slot_reference
+from kernel_test_utils import make_problem
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_alignment(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> None:
+    align = align_by_slot(slot_ids, num_slots, block_m)
+    members, offsets, counts = align_by_slot_reference(slot_ids, num_slots, block_m)
+    assert torch.equal(align.slot_counts.cpu(), counts)
+    assert torch.equal(align.slot_offsets.cpu(), offsets)
+    assert int(offsets[-1]) <= align.sorted_ids.numel()
+    assert align.sorted_ids.numel() % block_m == 0
+    sorted_ids = align.sorted_ids.cpu()
+    for s in range(num_slots):
+        start = int(offsets[s])
+        got = sorted(sorted_ids[start:start + int(counts[s])].tolist())
+        assert got == members[s], f"slot {s}"
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_align_small(num_tokens, block_m):
+    _, slot_ids, *_ = make_problem(num_tokens, 4, 13, 8, 8, torch.float32, DEVICE, hit_slots=10,
+                                   elsewhere=0.4, seed=num_tokens)
+    check_alignment(slot_ids, 13, block_m)
+
+
+def test_align_all_elsewhere():
+    slot_ids = torch.full((5, 3), -1, dtype=torch.int32, device=DEVICE)
+    align = align_by_slot(slot_ids, 6, 16)
+    assert align.slot_counts.cpu().tolist() == [0] * 6
+    assert align.slot_offsets.cpu().tolist() == [0] * 7
+
+
+def test_align_large_uses_multi_program_path():
+    num_tokens, top_k = SINGLE_PROGRAM_MAX_ASSIGNMENTS // 8 + 37, 8
+    _, slot_ids, *_ = make_problem(num_tokens, top_k, 33, 8, 8, torch.float32, DEVICE, hit_slots=30,
+                                   elsewhere=0.5, seed=1)
+    assert slot_ids.numel() > SINGLE_PROGRAM_MAX_ASSIGNMENTS
+    check_alignment(slot_ids.to(torch.int64), 33, 16)
