@@ -96,7 +96,7 @@ def _run_client(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sampling["seed"] = args.seed
     try:
-        for response in stream_generate(args.gateway, prompt=args.prompt, timeout=args.timeout, **sampling):
+        for response in stream_generate(args.gateway, prompt=args.prompt, timeout_s=args.timeout, **sampling):
             sys.stdout.write(response.text)
             sys.stdout.flush()
     except grpc.RpcError as exc:
