@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=0, help="context limit; 0 = the model's")
     p.add_argument("--ep-dispatch-algorithm", default="static", choices=[a.value for a in DispatchAlgorithm],
                    help="how a logical expert's replica is chosen (default static)")
+    p.add_argument("--expert-distribution-recorder-mode", default="stat", choices=["stat", "per_pass", "per_token"],
+                   help="expert-load recording: stat = per-window [layer, slot] counts reported to placement; "
+                        "per_pass / per_token also keep per-pass counts / per-token choices for dumps")
+    p.add_argument("--load-report-interval-s", type=float, default=2.0,
+                   help="how often the expert-load window is reported to placement (default 2)")
     p.add_argument("--dataplane-timeout-s", type=float, default=30.0, help="deadline of one expert exchange")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 = off")
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             limits=EngineLimits(args.num_kv_blocks, args.kv_block_size, args.max_num_batched_tokens,
                                 args.max_running_requests, args.num_micro_batches),
             max_context=args.context_length, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
+            expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
+            load_report_interval_s=args.load_report_interval_s,
             dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
             metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, **kwargs)
     except ValueError as exc:

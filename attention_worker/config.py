@@ -25,6 +25,8 @@ class AttentionWorkerConfig:
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_context: int = 0                    # 0 = the model's max_position_embeddings
     ep_dispatch_algorithm: str = "static"
+    expert_distribution_recorder_mode: str = "stat"
+    load_report_interval_s: float = 2.0     # how often expert load goes to placement
     dataplane_timeout_s: float = 30.0
     rpc_timeout_s: float = 10.0
     num_threads: int = 1
@@ -41,6 +43,11 @@ class AttentionWorkerConfig:
         except ValueError:
             raise ValueError(f"--ep-dispatch-algorithm must be one of "
                              f"{[a.value for a in DispatchAlgorithm]}, got {self.ep_dispatch_algorithm!r}") from None
+        if self.expert_distribution_recorder_mode not in ("stat", "per_pass", "per_token"):
+            raise ValueError("--expert-distribution-recorder-mode must be stat, per_pass or per_token, got "
+                             f"{self.expert_distribution_recorder_mode!r}")
+        if self.load_report_interval_s <= 0:
+            raise ValueError(f"--load-report-interval-s must be > 0, got {self.load_report_interval_s}")
         if self.dataplane_timeout_s <= 0 or self.rpc_timeout_s <= 0:
             raise ValueError("--dataplane-timeout-s and --rpc-timeout-s must be > 0")
         if self.limits.kv_block_size < 1 or self.limits.num_kv_blocks < 1:

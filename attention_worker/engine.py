@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attention_worker.expert_recorder import ExpertLoadRecorder
 from attention_worker.kv_cache import PagedKVCache
 from attention_worker.moe_executor import MoEExecutor, run_micro_batches
 from attention_worker.sampler import SamplingParams, sample_one
@@ -58,8 +59,9 @@ class RequestRejected(ValueError):
 
 class Engine:
     def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, expert_map: ExpertMap,
-                 limits: EngineLimits, max_context: int) -> None:
+                 limits: EngineLimits, max_context: int, recorder: ExpertLoadRecorder | None = None) -> None:
         spec = model.spec
+        self.recorder = recorder
         self.model, self.executor, self.limits, self.max_context = model, executor, limits, max_context
         self.kv_cache = PagedKVCache(spec.num_hidden_layers, limits.num_kv_blocks, limits.kv_block_size,
                                      spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
@@ -132,6 +134,8 @@ class Engine:
         if not chunks:
             return outputs
         logits = self._forward(chunks)
+        if self.recorder is not None:
+            self.recorder.end_pass(self._expert_map.version, self._expert_map.num_physical_slots)
         row = 0
         for chunk in chunks:
             seq = chunk.seq

@@ -17,6 +17,7 @@ import torch
 from attention_worker.config import AttentionWorkerConfig
 from attention_worker.engine import Engine
 from attention_worker.engine_loop import EngineLoop
+from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from attention_worker.moe_executor import RemoteExperts
 from attention_worker.service import AttentionWorkerService
@@ -25,6 +26,7 @@ from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec
 from epserve.models.qwen3_moe import load_attention_side
 from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
+from epserve.process import start_daemon_thread
 from epserve.weights import CheckpointReader, parse_dtype
 from protos import worker_pb2_grpc
 
@@ -39,6 +41,8 @@ class AttentionWorker:
                                          config.device)
         self.loop: EngineLoop | None = None
         self.ready = threading.Event()
+        self._stopped = threading.Event()
+        self.recorder: ExpertLoadRecorder | None = None
         self._lock = threading.Lock()
         self._dispatcher = None
         service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop)
@@ -75,16 +79,31 @@ class AttentionWorker:
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
             timeout_s=config.dataplane_timeout_s)
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
-        executor = RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s)
+        self.recorder = ExpertLoadRecorder(RecorderMode(config.expert_distribution_recorder_mode),
+                                           expert_map.num_layers, expert_map.num_physical_slots)
+        executor = RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s,
+                                 record_load=self.recorder.record)
         engine = Engine(self.model, executor, expert_map, config.limits,
-                        config.max_context or self.spec.max_position_embeddings)
+                        config.max_context or self.spec.max_position_embeddings, recorder=self.recorder)
         self.loop = EngineLoop(engine)
         self.loop.start()
+        start_daemon_thread(self._report_load, "load-reporter")
         self.server.set_serving(True)
         self.ready.set()
         logger.info("serving on %s with expert map version %d", self.address, expert_map.version)
 
+    def _report_load(self) -> None:
+        """Every load_report_interval_s, send the closed window of expert load to placement."""
+        while not self._stopped.wait(self.config.load_report_interval_s):
+            window, passes, version = self.recorder.take_window()
+            if passes:
+                try:
+                    self.placement.report_load(version, window, passes)
+                except Exception as exc:  # placement down or restarting: this window is dropped
+                    logger.warning("expert load report failed: %s", exc)
+
     def stop(self) -> None:
+        self._stopped.set()
         self.server.set_serving(False)
         self.server.stop(grace_s=2.0)
         if self.loop is not None:
