@@ -1,0 +1,160 @@
+"""Joining the ``torch`` data plane: rendezvous store, world group, one link per pair.
+
+Legend: D attention ranks, W expert ranks. Attention workers are ranks [0, D), expert
+workers ranks [D, D+W); expert worker w is rank D+w.
+
+- The placement service hosts a ``torch.distributed.TCPStore`` server
+  (``start_rendezvous_store``); every worker connects to it as a client and joins one
+  process group of D+W ranks (``join_group`` → ``init_process_group``).
+- For every (attention rank a, expert rank e) pair, ``join_group`` then creates a *link*:
+  two 2-rank groups, ``request`` (a → e) and ``reply`` (e → a). All ranks create all links
+  in the same global order (``new_group`` is collective over the world group; non-members
+  return at once), which cannot deadlock: the earliest link not yet built always has both
+  members at it.
+
+Why one group per pair and direction, not one shared group (see also torch_p2p):
+- gloo has no way to cancel a posted receive: a wait that passes its timeout closes *every*
+  pair of that group's context ("Application timeout caused pair closure"). On a shared
+  group, one expert that misses a deadline would cut an attention rank off from all experts;
+  on a pair group it closes exactly that link.
+- Each group is used by exactly one thread per process in normal operation (attention:
+  the caller's thread; expert: one receiver thread per request group, the serving thread
+  for all reply groups), so correctness never depends on a backend's thread-safety. On
+  NCCL, send and recv on one communicator are ordered on one stream: a receive blocked on
+  the next request would hold back the reply queued behind it; separate directions avoid it.
+
+``init_process_group`` keeps the world group in torch's process-wide state, so a process
+joins one data plane once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from epserve.dataplane.base import DataPlaneTimeout
+from epserve.dataplane.torch_wire import TAG_CLOSE_LINK
+
+logger = logging.getLogger(__name__)
+
+STORE_PREFIX = "epserve/dataplane/"
+# Receives that wait for the next request have no deadline; gloo needs a finite one.
+FOREVER = timedelta(days=3650)
+
+
+def start_rendezvous_store(host: str, port: int = 0) -> tuple[dist.TCPStore, int]:
+    """Host the rendezvous store (server side). port 0 picks a free port. → (store, port)."""
+    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
+    return store, store.port
+
+
+def parse_addr(dist_init_addr: str) -> tuple[str, int]:
+    host, sep, port = dist_init_addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"dist_init_addr must be host:port, got {dist_init_addr!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Link:
+    """The two groups between one attention rank and one expert rank.
+
+    In both groups the attention rank is group rank 0 and the expert rank group rank 1.
+    """
+
+    attention_rank: int
+    expert_rank: int
+    request: dist.ProcessGroup    # attention → expert
+    reply: dist.ProcessGroup      # expert → attention
+
+
+@dataclass(frozen=True)
+class TorchGroup:
+    """This process's membership: its rank, the layout, and its links (peer rank → Link)."""
+
+    rank: int
+    world_size: int
+    num_attention_ranks: int
+    device: torch.device
+    links: dict[int, Link]
+
+    @property
+    def num_expert_ranks(self) -> int:
+        return self.world_size - self.num_attention_ranks
+
+    @property
+    def is_attention(self) -> bool:
+        return self.rank < self.num_attention_ranks
+
+    def expert_rank(self, worker: int) -> int:
+        return self.num_attention_ranks + worker
+
+
+def join_group(rank: int, world_size: int, dist_init_addr: str, timeout_s: float, *,
+               num_attention_ranks: int, device: torch.device | str = "cpu") -> TorchGroup:
+    """Join the data plane as ``rank``; returns once every link of this rank is connected.
+
+    gloo on CPU, NCCL on CUDA. Raises DataPlaneTimeout when the store or a peer does not show up
+    within ``timeout_s`` (every step has that deadline).
+    """
+    if not 0 < num_attention_ranks < world_size or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size and 0 < attention ranks < world_size; got rank {rank}, "
+                         f"world_size {world_size}, {num_attention_ranks} attention ranks")
+    if dist.is_initialized():
+        raise RuntimeError("this process already joined a torch.distributed group; join the data plane once")
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    host, port = parse_addr(dist_init_addr)
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    except (RuntimeError, TimeoutError) as exc:   # DistNetworkError, DistStoreError
+        raise DataPlaneTimeout(f"rendezvous store {dist_init_addr} not reachable within {timeout_s}s: {exc}",
+                               peer_rank=None) from exc
+    try:
+        dist.init_process_group(backend, store=dist.PrefixStore(STORE_PREFIX, store), rank=rank,
+                                world_size=world_size, timeout=timeout)
+        links = _create_links(rank, world_size, num_attention_ranks, timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise DataPlaneTimeout(f"rank {rank} could not join the data plane of {world_size} ranks at "
+                               f"{dist_init_addr} within {timeout_s}s: {exc}") from exc
+    logger.info("rank %d joined the %s data plane: %d attention + %d expert ranks, %d links",
+                rank, backend, num_attention_ranks, world_size - num_attention_ranks, len(links))
+    return TorchGroup(rank, world_size, num_attention_ranks, device, links)
+
+
+def _create_links(rank: int, world_size: int, num_attention: int, timeout: timedelta) -> dict[int, Link]:
+    links = {}
+    for attention_rank in range(num_attention):
+        for expert_rank in range(num_attention, world_size):
+            pair = [attention_rank, expert_rank]
+            request = dist.new_group(pair, timeout=timeout)
+            reply = dist.new_group(pair, timeout=timeout)
+            if rank in pair:
+                peer = expert_rank if rank == attention_rank else attention_rank
+                links[peer] = Link(attention_rank, expert_rank, request, reply)
+    return links
+
+
+def close_group(group: dist.ProcessGroup) -> None:
+    """Break ``group`` now: pending and later operations on it fail, on both sides.
+
+    gloo cannot cancel a posted receive and ``abort()``/``shutdown()`` do not wake a thread
+    blocked in one (checked with torch 2.13); what does is gloo's own rule that a wait
+    passing its timeout closes every pair of the group. So: wait 1 ms on a receive that no
+    one ever sends. Blocked receivers wake with an error, the peer sees "Connection closed".
+    """
+    if group.size() > 1 and dist.get_backend(group) != "gloo":
+        group.abort()
+        return
+    try:
+        peer = 1 - group.rank()
+        group.recv([torch.empty(1)], peer, TAG_CLOSE_LINK).wait(timedelta(milliseconds=1))
+    except RuntimeError:
+        pass   # the expected timeout, or the group was already broken

@@ -1,0 +1,234 @@
+"""``--moe-a2a-backend torch``, attention side: point-to-point exchanges over torch.distributed.
+
+Legend: T tokens, D hidden, K top-k, W expert workers, S slots per worker, n tokens of one
+exchange. Wire format and tags: ``torch_wire``; groups and links: ``torch_group``; the expert
+side: ``torch_server``. gloo on CPU, NCCL on CUDA (written device-agnostic, tested on gloo).
+
+Flow of one ``dispatch`` (caller's thread, no other threads on this side):
+  split the T tokens by worker → for each worker with n > 0: post the reply receive
+  (reply group, tag of this exchange), send the header and the packed payload (request
+  group) → return a ``PendingCombine`` holding the works and buffers. Nothing waits, so
+  dispatch mb0, dispatch mb1, combine mb0, combine mb1 overlaps two micro-batches.
+``combine(pending, timeout_s)`` waits on each worker's reply in worker order against one
+deadline, then adds the partials in worker order (bit-identical to ``local``).
+
+Failures (each exchange ends in exactly one of these):
+- the deadline passes → ``DataPlaneTimeout`` naming the expert rank, layer and micro-batch.
+  gloo closes the link's reply group when a wait times out (it cannot cancel a receive);
+  the link is then closed on purpose on both groups and marked lost.
+- the peer dies or the link breaks → ``PeerLost``, fast: the kernel closes a killed
+  process's sockets and gloo fails the pending operations ("Connection closed by peer").
+- later dispatches touching a lost link raise ``PeerLost`` before sending anything; links
+  to other expert workers are unaffected. Reconnecting needs a new group (not built).
+- the expert answers STALE_VERSION → ``StaleMapVersion`` with the versions it holds; an
+  exception in its compute → ``RemoteExpertError``. The link stays healthy.
+Buffers of an exchange stay referenced until its receive completed or its link is closed:
+gloo writes into a posted receive's memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, PeerLost, PendingCombine,
+                                    RemoteExpertError, StaleMapVersion)
+from epserve.dataplane.split import CombineSum, WorkerShare, check_dispatch_inputs, split_by_worker
+from epserve.dataplane.torch_group import Link, TorchGroup, close_group
+from epserve.dataplane.torch_wire import (TAG_HEADER, Kind, ProtocolError, RequestLayout, Status, WireHeader,
+                                          decode_header, encode_header, reply_nbytes, reply_views, tag_for)
+
+_ATTENTION, _EXPERT = 0, 1   # group ranks inside a link's groups
+
+
+@dataclass
+class _ExpertLink:
+    worker: int
+    link: Link
+    next_seq: int = 0
+    lost: str = ""            # why the link is unusable; "" while healthy
+
+    @property
+    def peer_rank(self) -> int:
+        return self.link.expert_rank
+
+
+@dataclass
+class _Exchange:
+    link: _ExpertLink
+    seq: int
+    share: WorkerShare
+    header: BatchHeader
+    hidden_size: int
+    dtype: torch.dtype
+    reply_buf: torch.Tensor                                   # uint8, header | out [n, D]
+    reply_work: dist.Work
+    sends: list[dist.Work] = field(default_factory=list)
+    keep_alive: list[torch.Tensor] = field(default_factory=list)   # request header + payload
+
+
+@dataclass
+class _TorchPending(PendingCombine):
+    exchanges: list[_Exchange] = field(default_factory=list)
+    combined: bool = False
+
+
+class TorchDispatcher:
+    """The attention side of the torch data plane. Use from one thread."""
+
+    def __init__(self, group: TorchGroup, link_timeout_s: float = 30.0) -> None:
+        if not group.is_attention:
+            raise ValueError(f"rank {group.rank} is an expert rank; a dispatcher runs on ranks "
+                             f"[0, {group.num_attention_ranks})")
+        self.group, self.link_timeout_s = group, link_timeout_s
+        self._links = [_ExpertLink(w, group.links[group.expert_rank(w)]) for w in range(group.num_expert_ranks)]
+        self._closed = False
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._links)
+
+    def dispatch(self, header: BatchHeader, hidden: torch.Tensor, slot_ids: torch.Tensor,
+                 weights: torch.Tensor, slots_per_worker: int) -> PendingCombine:
+        """hidden [T, D], slot_ids [T, K] physical int64, weights [T, K]; returns without waiting."""
+        if self._closed:
+            raise RuntimeError("dispatch on a closed TorchDispatcher")
+        check_dispatch_inputs(header, hidden, slot_ids, weights)
+        pending = _TorchPending(header, int(hidden.shape[1]), hidden.dtype, hidden.device)
+        if header.num_tokens == 0:
+            return pending
+        shares = [s for s in split_by_worker(slot_ids, weights, slots_per_worker, self.num_workers)
+                  if s.num_tokens]
+        for share in shares:
+            link = self._links[share.worker]
+            if link.lost:
+                raise PeerLost(f"expert rank {link.peer_rank} is unreachable ({link.lost}); layer "
+                               f"{header.layer} micro-batch {header.micro_batch} not sent", peer_rank=link.peer_rank)
+        hidden = hidden.to(self.group.device)
+        for share in shares:
+            link = self._links[share.worker]
+            try:
+                pending.exchanges.append(self._start(link, header, hidden, share))
+            except RuntimeError as exc:
+                self._lose(link, f"send failed: {exc}")
+                self._drain(pending.exchanges)
+                raise PeerLost(f"expert rank {link.peer_rank}: sending layer {header.layer} micro-batch "
+                               f"{header.micro_batch} failed: {exc}", peer_rank=link.peer_rank) from exc
+        pending.shares = shares
+        return pending
+
+    def _start(self, link: _ExpertLink, header: BatchHeader, hidden: torch.Tensor, share: WorkerShare) -> _Exchange:
+        device = self.group.device
+        seq, link.next_seq = link.next_seq, link.next_seq + 1
+        n, k = share.local_slot_ids.shape
+        d = hidden.shape[1]
+        layout = RequestLayout(n, d, k, hidden.dtype, share.weights.dtype)
+        payload = torch.empty(layout.total, dtype=torch.uint8, device=device)
+        hidden_view, ids_view, weights_view = layout.views(payload)
+        torch.index_select(hidden, 0, share.token_idx.to(device), out=hidden_view)
+        ids_view.copy_(share.local_slot_ids)
+        weights_view.copy_(share.weights)
+        share_header = BatchHeader(header.map_version, header.layer, header.micro_batch, n, header.trace_context)
+        words = encode_header(WireHeader(Kind.REQUEST, seq, share_header, k, d, hidden.dtype,
+                                         share.weights.dtype)).to(device)
+        reply_buf = torch.empty(reply_nbytes(n, d, hidden.dtype), dtype=torch.uint8, device=device)
+        reply_work = link.link.reply.recv([reply_buf], _EXPERT, tag_for(seq))
+        exchange = _Exchange(link, seq, share, share_header, d, hidden.dtype, reply_buf, reply_work,
+                             keep_alive=[words, payload])
+        exchange.sends.append(link.link.request.send([words], _EXPERT, TAG_HEADER))
+        exchange.sends.append(link.link.request.send([payload], _EXPERT, tag_for(seq)))
+        return exchange
+
+    def combine(self, pending: PendingCombine, timeout_s: float) -> torch.Tensor:
+        """→ out [T, D]. Waits at most ``timeout_s`` in all; raises the first failure in worker order."""
+        assert isinstance(pending, _TorchPending)
+        if pending.combined:
+            raise RuntimeError("combine called twice for one dispatch")
+        pending.combined = True
+        deadline = time.monotonic() + timeout_s
+        partials, errors = [], []
+        for exchange in pending.exchanges:
+            try:
+                partials.append(self._finish(exchange, deadline))
+            except (DataPlaneTimeout, PeerLost, StaleMapVersion, RemoteExpertError) as exc:
+                errors.append(exc)
+        if errors:
+            for other in errors[1:]:
+                errors[0].add_note(f"also: {type(other).__name__}: {other}")
+            raise errors[0]
+        total = CombineSum(pending.header.num_tokens, pending.hidden_size, pending.dtype, pending.device)
+        for exchange, partial in zip(pending.exchanges, partials):
+            total.add(exchange.share, partial.to(pending.device))
+        return total.result()
+
+    def _finish(self, ex: _Exchange, deadline: float) -> torch.Tensor:
+        """Wait for one exchange's reply → partial [n, D], or raise its typed error."""
+        link, where = ex.link, f"layer {ex.header.layer} micro-batch {ex.header.micro_batch}"
+        if link.lost:
+            raise PeerLost(f"expert rank {link.peer_rank} lost before answering {where} ({link.lost})",
+                           peer_rank=link.peer_rank)
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            ex.reply_work.wait(timedelta(seconds=remaining))
+            for work in ex.sends:   # complete once the expert has read them, which precedes its reply
+                work.wait(timedelta(seconds=self.link_timeout_s))
+        except RuntimeError as exc:
+            if "Timed out" in str(exc):
+                self._lose(link, f"no reply to {where} within the deadline")
+                raise DataPlaneTimeout(f"expert rank {link.peer_rank} did not answer {where} within "
+                                       f"{remaining:.3f}s", peer_rank=link.peer_rank, layer=ex.header.layer,
+                                       micro_batch=ex.header.micro_batch) from exc
+            self._lose(link, str(exc))
+            raise PeerLost(f"expert rank {link.peer_rank} lost while waiting for {where}: {exc}",
+                           peer_rank=link.peer_rank) from exc
+        words, out = reply_views(ex.reply_buf, ex.share.num_tokens, ex.hidden_size, ex.dtype)
+        try:
+            reply = decode_header(words.tolist())
+            if reply.kind != Kind.REPLY or reply.seq != ex.seq:
+                raise ProtocolError(f"expected reply {ex.seq}, got {reply.kind.name} {reply.seq}")
+        except ProtocolError as exc:
+            self._lose(link, str(exc))
+            raise PeerLost(f"expert rank {link.peer_rank}: {exc}", peer_rank=link.peer_rank) from exc
+        if reply.status == Status.STALE_VERSION:
+            raise StaleMapVersion(f"expert rank {link.peer_rank} does not hold map version "
+                                  f"{ex.header.map_version} ({where}): {reply.error}",
+                                  requested=ex.header.map_version, held_versions=reply.held_versions,
+                                  peer_rank=link.peer_rank)
+        if reply.status == Status.ERROR:
+            raise RemoteExpertError(f"expert rank {link.peer_rank} failed {where}: {reply.error}",
+                                    peer_rank=link.peer_rank)
+        return out
+
+    def _drain(self, exchanges: list[_Exchange]) -> None:
+        """Let exchanges already started finish, so their buffers are no longer written to."""
+        deadline = time.monotonic() + self.link_timeout_s
+        for exchange in exchanges:
+            try:
+                self._finish(exchange, deadline)
+            except (DataPlaneTimeout, PeerLost, StaleMapVersion, RemoteExpertError):
+                pass
+
+    def _lose(self, link: _ExpertLink, reason: str) -> None:
+        if not link.lost:
+            link.lost = reason
+            close_group(link.link.request)
+            close_group(link.link.reply)
+
+    def close(self) -> None:
+        """Tell every reachable expert rank this attention rank is gone (its receiver ends)."""
+        if self._closed:
+            return
+        self._closed = True
+        for link in self._links:
+            if link.lost:
+                continue
+            words = encode_header(WireHeader(Kind.CLOSE, link.next_seq, BatchHeader(0, 0, 0, 0))).to(self.group.device)
+            try:
+                link.link.request.send([words], _EXPERT, TAG_HEADER).wait(timedelta(seconds=self.link_timeout_s))
+            except RuntimeError:
+                pass
+            link.lost = "dispatcher closed"
