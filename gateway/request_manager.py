@@ -256,6 +256,9 @@ class RequestManager:
             if address is None:
                 detail = f"; lost during this request: {', '.join(lost)}" if lost else ""
                 raise GatewayError(ErrorCode.UNAVAILABLE, f"no attention worker is available{detail}")
+            if lost:
+                logger.info("request %s: re-submitting to %s with %d tokens generated", request_id, address,
+                            len(generated))
             worker = self._workers.client(address)
             try:
                 stream = worker.generate(worker_request, timeout_s=remaining_s)
@@ -277,7 +280,7 @@ class RequestManager:
                 if len(lost) > self._config.max_retries:
                     raise GatewayError(ErrorCode.UNAVAILABLE, f"request {request_id} lost its attention worker "
                                        f"{len(lost)} times ({', '.join(lost)}); giving up") from exc
-                logger.warning("request %s: attention worker %s lost after %d tokens (%s); re-submitting",
+                logger.warning("request %s: attention worker %s lost after %d tokens: %s",
                                request_id, address, len(processor.completion_ids), exc)
                 self._observer.on_retry(request_id, address)
             except WorkerTimeout as exc:

@@ -48,11 +48,13 @@ class Gateway:
                                                 name="gateway-refresh", daemon=True)
 
     def start(self) -> int:
-        """Serves (health NOT_SERVING until a worker answers); returns the bound port."""
+        """Serves (health NOT_SERVING until a worker answers) after one round of discovery and
+        probes (at most --rpc-timeout-s each); returns the bound port."""
         servicer = GenerationServicer(self.manager, self.model_info, self.pool)
         self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)],
                                   self.config.host, self.config.port, serving=False,
                                   max_workers=self.config.max_concurrent_requests + EXTRA_RPC_THREADS)
+        self.pool.refresh()
         self._refresh_thread.start()
         logger.info("gateway serving %s on %s:%d (model %s, context %d tokens)", SERVICE_NAME, self.config.host,
                     self._server.port, self.model_info.architecture, self.model_info.max_context_length)

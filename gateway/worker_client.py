@@ -104,8 +104,9 @@ class GrpcWorkerClient:
             return
 
         def log_failure(done: grpc.Future) -> None:
-            if not done.cancelled() and done.exception() is not None:
-                logger.info("abort of %s at %s failed: %s", request_id, self.address, done.exception())
+            error = None if done.cancelled() else done.exception()
+            if isinstance(error, grpc.RpcError):
+                logger.info("abort of %s at %s failed: %s", request_id, self.address, error.code().name)
 
         future.add_done_callback(log_failure)
 

@@ -100,10 +100,9 @@ class WorkerPool:
             return None
 
     def run_refresh_loop(self, stop: threading.Event) -> None:
-        while True:
+        """Refreshes every --refresh-interval-s until ``stop`` is set (the first round is the caller's)."""
+        while not stop.wait(self._config.refresh_interval_s):
             self.refresh()
-            if stop.wait(self._config.refresh_interval_s):
-                return
 
     def close(self) -> None:
         self._probe_pool.shutdown(wait=False, cancel_futures=True)

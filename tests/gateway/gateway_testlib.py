@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
-CONTEXT_LENGTH = 64
+CONTEXT_LENGTH = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Multi-byte text: 2-byte (é, ö), 3-byte (日本語, €) and 4-byte (😀, 🎉) UTF-8 characters.
 CORPUS = [
@@ -126,5 +126,5 @@ class FakeWorker(Process):
 class GatewayProcess(Process):
     def __init__(self, tmp: Path, model_dir: Path, workers: list[str], *extra: str) -> None:
         super().__init__(["-m", "gateway", "--model-path", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-                          "--attention-workers", ",".join(workers), "--refresh-interval-s", "0.2",
+                          *(["--attention-workers", ",".join(workers)] if workers else []), "--refresh-interval-s", "0.2",
                           "--rpc-timeout-s", "2", *extra], "GATEWAY_PORT=", tmp / "gateway.log")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from gateway_testlib import CONTEXT_LENGTH
 
 from gateway.config import GatewayConfig
 from gateway.errors import ErrorCode, GatewayError
@@ -175,9 +176,9 @@ def test_duplicate_running_id_and_cancel(make_manager) -> None:
 def test_context_limit_lowers_max_new_tokens(make_manager) -> None:
     worker = ScriptedWorker("w1", list(range(100)))
     manager = make_manager(worker)
-    _, ids, final = collect(manager, GenerateInput("r1", token_ids=tuple(range(60)),
-                                                   sampling=SamplingRequest(max_new_tokens=100)))
-    assert len(ids) == 4 and final.finish_reason == FinishReason.LENGTH   # context 64
+    prompt = tuple(i % 256 for i in range(CONTEXT_LENGTH - 4))
+    _, ids, final = collect(manager, GenerateInput("r1", token_ids=prompt, sampling=SamplingRequest(max_new_tokens=100)))
+    assert len(ids) == 4 and final.finish_reason == FinishReason.LENGTH
     assert worker.requests[0].sampling.max_new_tokens == 4
 
 
@@ -185,7 +186,7 @@ def test_validation_errors_name_the_field(make_manager) -> None:
     manager = make_manager(ScriptedWorker("w1", [1]))
     cases = [(GenerateInput("a", text=""), "text:"), (GenerateInput("b"), "input:"),
              (GenerateInput("c", token_ids=(1, 10_000)), "token_ids[1]:"),
-             (GenerateInput("d", text="x" * 200), "text:"),
+             (GenerateInput("d", text="x " * CONTEXT_LENGTH), "text:"),
              (GenerateInput("e", text="hi", sampling=SamplingRequest(top_p=2.0)), "sampling.top_p:")]
     for inp, prefix in cases:
         with pytest.raises(GatewayError) as info:
