@@ -16,7 +16,9 @@ Flow of a request:
             A stop string ends the request here and aborts it at the worker.
             Worker lost (UNAVAILABLE, stream cut): mark it lost, re-submit prompt + tokens
             streamed so far to another worker (num_generated_before, max_new_tokens reduced);
-            no worker left -> UNAVAILABLE. Deadline -> DEADLINE_EXCEEDED (aborted at the worker).
+            no worker left -> UNAVAILABLE. A worker refusing with RESOURCE_EXHAUSTED (KV cache
+            full) -> try the others, then RESOURCE_EXHAUSTED. Deadline -> DEADLINE_EXCEEDED
+            (aborted at the worker).
   abort:    aborts at the worker, cancels the stream; the stream ends with finish_reason ABORT.
   cancel:   the client went away: the same, with nothing more sent.
 """
@@ -237,7 +239,8 @@ class RequestManager:
 
     def _stream(self, request: _Request, processor: OutputProcessor) -> Iterator[GenerateOutput]:
         request_id, params = request.request_id, request.params
-        lost: list[str] = []
+        lost: list[str] = []        # workers this request lost (at most --max-retries + 1)
+        full: list[str] = []        # workers that refused it with RESOURCE_EXHAUSTED
         while True:
             if request.stop_reason is not None:
                 if request.stop_reason != CANCELLED:
@@ -250,10 +253,13 @@ class RequestManager:
             worker_request = WorkerRequest(
                 request_id, tuple(request.prompt_ids + generated),
                 replace(params, max_new_tokens=params.max_new_tokens - len(generated)), len(generated))
-            candidates = [a for a in self._workers.reachable() if a not in lost]
+            candidates = [a for a in self._workers.reachable() if a not in lost and a not in full]
             address = self._router.route(request_id, candidates, len(worker_request.prompt_ids)
                                          + worker_request.sampling.max_new_tokens)
             if address is None:
+                if full:
+                    raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED, f"every attention worker is full "
+                                       f"({', '.join(full)}); retry later or lower max_new_tokens")
                 detail = f"; lost during this request: {', '.join(lost)}" if lost else ""
                 raise GatewayError(ErrorCode.UNAVAILABLE, f"no attention worker is available{detail}")
             if lost:
@@ -288,8 +294,12 @@ class RequestManager:
                 raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
                                    f"request {request_id} passed its deadline waiting on {address}") from exc
             except WorkerFailed as exc:
-                code = ErrorCode.RESOURCE_EXHAUSTED if exc.code == "RESOURCE_EXHAUSTED" else ErrorCode.INTERNAL
-                raise GatewayError(code, f"attention worker {address} failed the request: {exc}") from exc
+                request.detach()
+                if exc.code == "RESOURCE_EXHAUSTED":
+                    logger.info("request %s: attention worker %s is full: %s", request_id, address, exc.message)
+                    full.append(address)
+                    continue
+                raise GatewayError(ErrorCode.INTERNAL, f"attention worker {address} failed the request: {exc}") from exc
 
     def _relay(self, request: _Request, processor: OutputProcessor, worker: WorkerClient,
                stream: WorkerStream) -> Iterator[GenerateOutput]:

@@ -1,6 +1,6 @@
 """The gRPC side of worker_api: one channel and AttentionWorker stub per attention worker.
 
-Every call has a deadline: Generate the request's, Abort and GetLoad ``rpc_timeout_s``. Errors
+Every call has a deadline: Generate the request's; Abort, health Check and GetLoad ``rpc_timeout_s``. Errors
 become worker_api's exceptions: UNAVAILABLE, a stream cancelled by the worker's side, or a
 reset HTTP/2 stream -> WorkerLost (the request may run elsewhere); DEADLINE_EXCEEDED ->
 WorkerTimeout; a stream this client cancelled -> StreamCancelled; anything else -> WorkerFailed.
@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import grpc
 
 from epserve.grpc_server import GRPC_OPTIONS
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gateway.request_types import FinishReason, SamplingParams
 from gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerStep,
                                 WorkerTimeout)
@@ -84,6 +86,7 @@ class GrpcWorkerClient:
         self._rpc_timeout_s = rpc_timeout_s
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = worker_pb2_grpc.AttentionWorkerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(self, request: WorkerRequest, timeout_s: float) -> GrpcWorkerStream:
         return GrpcWorkerStream(self.address, self._stub.Generate(request_to_proto(request), timeout=timeout_s))
@@ -110,9 +113,19 @@ class GrpcWorkerClient:
 
         future.add_done_callback(log_failure)
 
-    def get_load(self) -> WorkerLoad:
-        """Raises WorkerLost when the worker does not answer; a worker without GetLoad counts as
-        reachable with unknown load."""
+    def probe(self) -> WorkerLoad:
+        """Raises WorkerLost unless the worker's grpc.health.v1 says SERVING (a worker starts
+        NOT_SERVING until it has its expert map) and GetLoad answers. A worker without a health
+        service or without GetLoad counts as reachable (unknown load)."""
+        try:
+            status = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self._rpc_timeout_s).status
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise WorkerLost(f"{self.address}: health: {exc.code().name}: {exc.details()}") from exc
+        else:
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                raise WorkerLost(f"{self.address}: health: {name}")
         try:
             load = self._stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self._rpc_timeout_s)
         except grpc.RpcError as exc:

@@ -2,8 +2,10 @@
 
 Known workers: the static --attention-workers plus, with --placement, the ALIVE attention workers
 placement lists (re-listed every refresh; the last list is kept while placement does not
-answer). Reachable: answered the last GetLoad probe and was not lost since. A worker whose stream
-broke is marked lost at once (``mark_lost``) and comes back when a probe answers again.
+answer). Reachable: passed the last probe and was not lost since. A worker whose stream
+broke is marked lost at once (``mark_lost``) and comes back when a probe answers again. A probe
+is the worker's grpc.health.v1 Check (SERVING once it has its expert map) plus GetLoad (its
+outstanding tokens, for the router).
 
 Threads: ``run_refresh_loop`` runs on its own thread (started by server.py) and probes all
 workers in parallel each round; servicer threads call ``reachable``/``client``/``mark_lost``.
@@ -94,7 +96,7 @@ class WorkerPool:
 
     def _probe(self, address: str) -> WorkerLoad | None:
         try:
-            return self.client(address).get_load()
+            return self.client(address).probe()
         except WorkerLost as exc:
             logger.debug("probe failed: %s", exc)
             return None

@@ -2,7 +2,7 @@
 
 Every request gets the same token script: completion token i (counted from the request's
 ``num_generated_before``, so a retry continues where the lost worker stopped) is
-``script[i % len(script)]``, one token per ``--token-delay-s``. It honours max_new_tokens
+``script[i % len(script)]``, one token per ``--token-delay-s``. Its health is NOT_SERVING for ``--serving-after-s`` after start. It honours max_new_tokens
 (finish LENGTH), stop_token_ids and the EOS id unless ignore_eos (finish STOP), Abort (the
 stream ends with finish ABORT) and a cancelled stream. Everything it sees is appended as JSON
 lines to ``--events`` (event: generate / abort / cancelled / finished) for the test to read.
@@ -113,11 +113,16 @@ def main() -> None:
     parser.add_argument("--token-delay-s", type=float, default=0.01)
     parser.add_argument("--eos-id", type=int, default=-1)
     parser.add_argument("--events", required=True)
+    parser.add_argument("--serving-after-s", type=float, default=0.0,
+                        help="health NOT_SERVING for this long after start (a worker waiting for its map)")
     args = parser.parse_args()
     worker = ScriptedWorker(args.worker_id, [int(t) for t in args.script_ids.split(",")], args.token_delay_s,
                             args.eos_id, args.events)
     server = serve_grpc([(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, worker,
-                          "epserve.v1.AttentionWorker")], "127.0.0.1", args.port)
+                          "epserve.v1.AttentionWorker")], "127.0.0.1", args.port,
+                        serving=args.serving_after_s <= 0)
+    if args.serving_after_s > 0:
+        threading.Timer(args.serving_after_s, server.set_serving, args=(True,)).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"WORKER_PORT={server.port}", flush=True)

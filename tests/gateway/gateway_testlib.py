@@ -97,12 +97,13 @@ class Process:
 
 
 class FakeWorker(Process):
-    def __init__(self, tmp: Path, name: str, script: list[int], token_delay_s: float, eos_id: int) -> None:
+    def __init__(self, tmp: Path, name: str, script: list[int], token_delay_s: float, eos_id: int,
+                 *extra: str) -> None:
         self.events_path = tmp / f"{name}.events.jsonl"
         self.events_path.touch()
         super().__init__([str(FAKE_WORKER), "--worker-id", name, "--script-ids", ",".join(map(str, script)),
                           "--token-delay-s", str(token_delay_s), "--eos-id", str(eos_id),
-                          "--events", str(self.events_path)], "WORKER_PORT=", tmp / f"{name}.log")
+                          "--events", str(self.events_path), *extra], "WORKER_PORT=", tmp / f"{name}.log")
 
     def events(self, request_id: str | None = None) -> list[dict]:
         lines = self.events_path.read_text().splitlines()

@@ -53,3 +53,20 @@ def test_gateway_discovers_alive_attention_workers(tmp_path, gateway_model_dir, 
         gateway.stop()
         worker.stop()
         placement.stop(0)
+
+
+def test_worker_not_serving_yet_is_not_routed_to(tmp_path, gateway_model_dir) -> None:
+    worker = FakeWorker(tmp_path, "late", [40, 41], 0.005, -1, "--serving-after-s", "1.5")
+    gateway = GatewayProcess(tmp_path, gateway_model_dir, [worker.address])
+    try:
+        assert health_status(gateway.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            list(client.stream_generate(gateway.address, token_ids=[1], max_new_tokens=2, timeout_s=10))
+            raise AssertionError("a request was served before any worker was SERVING")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        client.wait_until_serving(gateway.address, 10)
+        assert client.generate(gateway.address, token_ids=[1], max_new_tokens=2).token_ids == [40, 41]
+    finally:
+        gateway.stop()
+        worker.stop()

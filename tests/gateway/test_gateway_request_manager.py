@@ -15,7 +15,7 @@ from gateway.model_info import load_model_info
 from gateway.request_manager import RequestManager
 from gateway.request_types import FinishReason, GenerateInput, SamplingRequest
 from gateway.router import Router
-from gateway.worker_api import StreamCancelled, WorkerLost, WorkerRequest, WorkerStep
+from gateway.worker_api import StreamCancelled, WorkerFailed, WorkerLost, WorkerRequest, WorkerStep, WorkerTimeout
 
 SCRIPT_TEXT = "Hello wörld! 日本語 😀 STOP tail"
 
@@ -23,14 +23,15 @@ SCRIPT_TEXT = "Hello wörld! 日本語 😀 STOP tail"
 @dataclass
 class ScriptedStream:
     steps: list[WorkerStep]
-    fail_after: int | None = None          # raise WorkerLost after this many steps
+    fail_after: int | None = None          # raise `error` after this many steps
+    error: Exception = field(default_factory=lambda: WorkerLost("scripted loss"))
     block: threading.Event | None = None   # wait here after the steps (until cancelled)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __iter__(self) -> Iterator[WorkerStep]:
         for i, step in enumerate(self.steps):
             if self.fail_after is not None and i == self.fail_after:
-                raise WorkerLost("scripted loss")
+                raise self.error
             if self.cancelled.is_set():
                 raise StreamCancelled()
             yield step
@@ -43,8 +44,10 @@ class ScriptedStream:
 
 
 class ScriptedWorker:
-    def __init__(self, address: str, script: list[int], fail_after: int | None = None, block: bool = False):
+    def __init__(self, address: str, script: list[int], fail_after: int | None = None, block: bool = False,
+                 error: Exception | None = None):
         self.address = address
+        self.error = error or WorkerLost("scripted loss")
         self.script = script
         self.fail_after = fail_after
         self.block = block
@@ -59,7 +62,7 @@ class ScriptedWorker:
         steps = [WorkerStep((t,), finished=(i + 1 == len(tokens) and not self.block),
                             finish_reason=FinishReason.LENGTH if i + 1 == len(tokens) else None)
                  for i, t in enumerate(tokens)]
-        return ScriptedStream(steps, self.fail_after, threading.Event() if self.block else None)
+        return ScriptedStream(steps, self.fail_after, self.error, threading.Event() if self.block else None)
 
     def abort(self, request_id: str) -> bool:
         self.aborts.append(request_id)
@@ -201,3 +204,25 @@ def test_shutdown_refuses_new_requests(make_manager) -> None:
     with pytest.raises(GatewayError) as info:
         manager.submit(GenerateInput("a", token_ids=(1,)))
     assert info.value.code == ErrorCode.UNAVAILABLE
+
+
+def test_full_worker_is_skipped_then_resource_exhausted(make_manager) -> None:
+    full = ScriptedWorker("w1", [7, 8], fail_after=0, error=WorkerFailed("RESOURCE_EXHAUSTED", "KV cache full"))
+    ok = ScriptedWorker("w2", [7, 8])
+    manager = make_manager(full, ok)
+    _, ids, _ = collect(manager, GenerateInput("r1", token_ids=(1,), sampling=SamplingRequest(max_new_tokens=2)))
+    assert ids == [7, 8] and len(full.requests) == 1
+    manager = make_manager(ScriptedWorker("w1", [7], fail_after=0,
+                                          error=WorkerFailed("RESOURCE_EXHAUSTED", "KV cache full")))
+    with pytest.raises(GatewayError) as info:
+        collect(manager, GenerateInput("r2", token_ids=(1,)))
+    assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED
+
+
+def test_worker_timeout_is_deadline_exceeded_and_aborted(make_manager) -> None:
+    worker = ScriptedWorker("w1", [7, 8, 9], fail_after=1, error=WorkerTimeout("deadline"))
+    manager = make_manager(worker)
+    with pytest.raises(GatewayError) as info:
+        collect(manager, GenerateInput("r1", token_ids=(1,), sampling=SamplingRequest(max_new_tokens=3)))
+    assert info.value.code == ErrorCode.DEADLINE_EXCEEDED and worker.aborts == ["r1"]
+    assert manager.num_running == 0
