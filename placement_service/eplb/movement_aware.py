@@ -1,0 +1,251 @@
+"""Movement-aware EPLB (epserve's own): rebalance by changing as few slots as possible.
+
+Legend: L MoE layers, E logical experts, P physical slots, W workers, S = P // W slots per
+worker, M worker pairs examined per step.
+
+Moving an expert costs a weight copy (and, for a make-before-break switch, spare memory),
+so after a load drift re-planning from scratch (DeepSeek) is wasteful: its greedy packing
+reshuffles nearly every slot. This planner starts from ``previous_phy2log`` and changes
+slots only until every layer is balanced to within ``tolerance`` of a from-scratch plan:
+
+1. Reference and target. A from-scratch plan for the current load (DeepSeek's global
+   replicate-and-pack; capacity-aware and live-workers-only when those are given) gives,
+   per layer, its max worker time (load / capacity) and its largest load per replica. The
+   target is that max time × (1 + tolerance); meeting it in every layer keeps
+   balancedness >= reference / (1 + tolerance).
+2. Repair. Slots of dead workers are emptied; an expert left without a replica takes a
+   free live slot, else a slot of the expert that can best spare one.
+3. Replica counts (1 changed slot each). While some expert's load per replica is above the
+   reference's largest, one replica moves to it from the expert that loses least by giving
+   one up (DeepSeek's replication rule run as a correction, not from scratch); the slot
+   given up is the donor's replica on the least loaded worker.
+4. Swaps (2 changed slots each), all layers at once. Objective: the excess, sum over
+   workers of max(0, time - target). Each step pairs the k-th hottest worker with the k-th
+   coldest (k < M) and applies, per pair, the swap of one slot each that reduces their excess
+   most. When the hottest worker's pair has no such swap it searches every live slot
+   instead ([S, P] candidates: needed when loads are coarse, e.g. two big replicas per
+   worker under very skewed load). A layer stops when its excess is zero or nothing helps.
+5. Fallback, per layer: a layer still above target takes the reference plan, relabelled to
+   keep as many previous entries as possible (interchangeable workers matched by overlap,
+   experts kept in their old slots). So every layer meets the target.
+
+Expert groups and nodes are not taken into account (like ``deepseek``, not like
+``deepseek_hierarchical``). Deterministic: no randomness, ties go to the lowest index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from placement_service.eplb.common import (align_to_previous, capacity_array, check_previous,
+                                           check_shapes, live_array, replica_counts, worker_times)
+from placement_service.eplb.elasticity_aware import elastic_plan_np
+
+_PAIRS = 8  # M: hottest workers paired with the coldest ones per step
+
+
+def plan_movement_aware(weight: torch.Tensor, num_replicas: int, num_workers: int, *,
+                        previous_phy2log: torch.Tensor | None = None,
+                        worker_capacity: torch.Tensor | None = None,
+                        live_workers: torch.Tensor | None = None,
+                        tolerance: float = 0.01, max_steps: int | None = None) -> torch.Tensor:
+    """weight [L, E], previous_phy2log [L, P] → phy2log [L, P] (dead workers' slots -1).
+
+    Without ``previous_phy2log`` this is the reference plan itself.
+    """
+    check_shapes(weight, num_replicas, num_workers)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    num_layers, num_logical = weight.shape
+    cap = capacity_array(worker_capacity, num_workers)
+    live = live_array(live_workers, num_workers)
+    w = weight.detach().to(torch.float64).cpu().numpy()
+    reference = elastic_plan_np(w, num_replicas, num_workers, live,
+                                None if worker_capacity is None else cap)
+    if previous_phy2log is None:
+        return torch.from_numpy(reference)
+    prev = check_previous(previous_phy2log, num_layers, num_logical, num_replicas)
+    per = num_replicas // num_workers
+    slot_live = np.repeat(live, per)  # [P]
+
+    target = worker_times(reference, w, num_workers, cap).max(1) * (1.0 + tolerance)  # [L]
+    start = prev.copy()
+    start[:, ~slot_live] = -1
+    _cover_missing(start, w, slot_live)
+    ref_counts = replica_counts(reference, num_logical)
+    ceiling = (w / np.maximum(ref_counts, 1)).max(1) * (1.0 + 1e-9)  # [L]
+    _transfer_replicas(w, start, cap, slot_live, per, ceiling)
+    searched, met = _swap_search(w, start, cap, slot_live, target, per,
+                                 max_steps if max_steps is not None else 4 * num_replicas)
+
+    failed = ~met
+    if failed.any():  # relabel the reference to keep what it can of the previous map
+        worker_class = np.where(live, np.unique(cap, return_inverse=True)[1], -1)
+        searched[failed] = align_to_previous(reference[failed], prev[failed], num_workers, worker_class)
+    return torch.from_numpy(searched)
+
+
+def _cover_missing(phy: np.ndarray, weight: np.ndarray, slot_live: np.ndarray) -> None:
+    """In place: give every uncovered expert a live slot, heaviest expert first. The slot is
+    an empty live slot if any, else one of the expert whose per-replica load grows least
+    when it loses a replica (it must keep at least one)."""
+    num_layers, num_logical = weight.shape
+    rows = np.arange(num_layers)
+    while True:
+        counts = replica_counts(phy, num_logical)
+        uncovered = counts == 0
+        todo = uncovered.any(1)
+        if not todo.any():
+            return
+        expert = np.where(uncovered, weight, -1.0).argmax(1)  # [L]
+        holder = np.maximum(phy, 0)
+        held = np.take_along_axis(counts, holder, 1)
+        held_w = np.take_along_axis(weight, holder, 1)
+        penalty = np.where(held >= 2, held_w / np.maximum(held - 1, 1) - held_w / np.maximum(held, 1), np.inf)
+        penalty = np.where(phy < 0, -1.0, penalty)
+        penalty[:, ~slot_live] = np.inf
+        slot = penalty.argmin(1)
+        ok = np.isfinite(penalty[rows, slot])
+        if (todo & ~ok).any():
+            layer = int(np.flatnonzero(todo & ~ok)[0])
+            raise ValueError(f"layer {layer}: no live slot can take uncovered expert {int(expert[layer])}")
+        phy[rows[todo], slot[todo]] = expert[todo]
+
+
+def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
+                       slot_live: np.ndarray, per: int, ceiling: np.ndarray) -> None:
+    """In place: while some expert's load per replica exceeds ``ceiling`` [L], move one replica
+    from the expert that loses least (lowest load per replica after giving one up) to it, as
+    DeepSeek's replication rule would. The replica given up is the donor's slot on the least
+    loaded worker (an empty live slot, when there is one, is used first and nobody gives up
+    a replica). One transfer per layer per round, all layers needing one at once.
+
+    weight [L, E], phy [L, P] (changed in place), cap [W], slot_live [P].
+    """
+    num_layers, num_logical = weight.shape
+    num_workers = phy.shape[1] // per
+    counts = replica_counts(phy, num_logical)  # [L, E], kept up to date
+    active = np.arange(num_layers)
+    for _ in range(phy.shape[1]):
+        w, c = weight[active], counts[active]
+        rows = np.arange(active.size)
+        per_replica = w / np.maximum(c, 1)
+        receiver = per_replica.argmax(1)
+        after = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
+        donor = after.argmin(1)
+        ph = phy[active]
+        free = (ph < 0) & slot_live  # [La, P] empty live slots are taken before any donor's
+        has_free = free.any(1)
+        need = (per_replica[rows, receiver] > ceiling[active]) & (np.isfinite(after[rows, donor]) | has_free)
+        if not need.any():
+            return
+        active, rows, ph, free = active[need], np.arange(int(need.sum())), ph[need], free[need]
+        receiver, donor, per_replica, has_free = receiver[need], donor[need], per_replica[need], has_free[need]
+        slot_load = np.where(ph >= 0, per_replica[rows[:, None], np.maximum(ph, 0)], 0.0)
+        times = slot_load.reshape(active.size, num_workers, per).sum(-1) / cap  # [La, W]
+        candidate = np.where(has_free[:, None], free, (ph == donor[:, None]) & slot_live)
+        slot = np.where(candidate, np.repeat(times, per, axis=1), np.inf).argmin(1)
+        phy[active, slot] = receiver
+        counts[active, receiver] += 1
+        np.subtract.at(counts, (active[~has_free], donor[~has_free]), 1)
+
+
+def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live: np.ndarray,
+                 target: np.ndarray, per: int, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Swap search, see the module docstring. Replica counts do not change here, so each
+    slot's load is fixed and a swap only changes the times of the two workers involved.
+
+    weight [L, E], phy [L, P] start map, cap [W], slot_live [P], target [L] max worker time
+    allowed → (phy2log [L, P], met [L] bool: the layer's max worker time is within target).
+    """
+    phy = phy.copy()
+    num_layers, num_slots = phy.shape
+    num_workers = num_slots // per
+    inv_cap = 1.0 / cap
+    counts = replica_counts(phy, weight.shape[1])  # [L, E]
+    rows_all = np.arange(num_layers)[:, None]
+    slot_load = np.where(phy >= 0, (weight / np.maximum(counts, 1))[rows_all, np.maximum(phy, 0)], 0.0)
+    slack = 1e-12 * np.maximum(target, 1e-300)
+    live_worker = slot_live.reshape(num_workers, per)[:, 0]
+    num_live = int(live_worker.sum())
+    num_pairs = min(_PAIRS, num_live // 2)
+    slot_worker = np.arange(num_slots) // per
+    inner = np.arange(per)
+    active = np.arange(num_layers)
+    for _ in range(max_steps):
+        if active.size == 0 or num_pairs == 0:
+            break
+        n_act = active.size
+        rows = np.arange(n_act)
+        r1, r2 = rows[:, None], rows[:, None, None]
+        load, tgt = slot_load[active], target[active]
+        over = load.reshape(n_act, num_workers, per).sum(-1) * inv_cap - tgt[:, None]  # [La, W] time - target
+        busy = (over > slack[active][:, None]).any(1)
+
+        # M hottest workers (descending) and M coldest live workers (ascending)
+        by_time = np.argsort(np.where(live_worker, -over, np.inf), axis=1, kind="stable")
+        hot = by_time[:, :num_pairs]  # [La, M]
+        cold = by_time[:, num_live - 1 - np.arange(num_pairs)]  # [La, M]
+        slots_hot = hot[:, :, None] * per + inner  # [La, M, S]
+        slots_cold = cold[:, :, None] * per + inner
+        load_i, load_j = load[r2, slots_hot], load[r2, slots_cold]  # [La, M, S]
+        over_hot, over_cold = over[r1, hot], over[r1, cold]  # [La, M]
+        ic_hot, ic_cold = inv_cap[hot], inv_cap[cold]
+
+        # k-th hottest with k-th coldest: [La, M, S, S]
+        dk = load_i[:, :, :, None] - load_j[:, :, None, :]
+        gaink = _swap_gain(over_hot[:, :, None, None], over_cold[:, :, None, None], dk,
+                           ic_hot[:, :, None, None], ic_cold[:, :, None, None]).reshape(n_act, num_pairs, -1)
+        gaink[hot == cold] = 0.0
+        bestk = gaink.argmax(2)  # [La, M]
+        take_k = np.take_along_axis(gaink, bestk[:, :, None], 2)[:, :, 0] > slack[active][:, None]
+
+        # the hottest worker, when its pair has no gain, may swap with any live slot: [Ls, S, P]
+        wide = busy & ~take_k[:, 0]
+        best_wide = np.zeros(n_act, dtype=np.int64)
+        if wide.any():
+            lw = rows[wide]
+            h = hot[lw, 0]
+            load_w = np.where((slot_worker[None, :] == h[:, None]) | ~slot_live, np.inf, load[lw])
+            d0 = load_i[lw, 0, :, None] - load_w[:, None, :]  # [Ls, S, P]
+            over_j = over[lw][:, slot_worker]
+            gain0 = _swap_gain(over_hot[lw, 0, None, None], over_j[:, None, :], d0,
+                               ic_hot[lw, 0, None, None], inv_cap[slot_worker]).reshape(lw.size, -1)
+            gain0 = np.nan_to_num(gain0, nan=-np.inf)
+            best = gain0.argmax(1)
+            ok = gain0[np.arange(lw.size), best] > slack[active[lw]]
+            best_wide[lw] = best
+            wide[lw] = ok
+            partner = slot_worker[best % num_slots]
+            # pairs touching the partner wait for the next step
+            clash = (cold[lw] == partner[:, None]) | (hot[lw] == partner[:, None])
+            take_k[lw] &= ~(ok[:, None] & clash)
+
+        if take_k.any():
+            r, k = np.nonzero(take_k)
+            _swap(phy, slot_load, active[r], slots_hot[r, k, bestk[r, k] // per],
+                  slots_cold[r, k, bestk[r, k] % per])
+        if wide.any():
+            lw = rows[wide]
+            _swap(phy, slot_load, active[lw], slots_hot[lw, 0, best_wide[lw] // num_slots],
+                  best_wide[lw] % num_slots)
+        active = active[take_k.any(1) | wide]
+    met = worker_times(phy, weight, num_workers, cap).max(1) <= target + slack
+    return phy, met
+
+
+def _swap_gain(over_a: np.ndarray, over_b: np.ndarray, delta: np.ndarray, inv_cap_a: np.ndarray,
+               inv_cap_b: np.ndarray) -> np.ndarray:
+    """Reduction of the excess (time above target) of workers a and b when a gives a slot of
+    load x and takes one of load y from b, delta = x - y. Arrays broadcast."""
+    return (np.maximum(over_a, 0.0) + np.maximum(over_b, 0.0)
+            - np.maximum(over_a - delta * inv_cap_a, 0.0) - np.maximum(over_b + delta * inv_cap_b, 0.0))
+
+
+def _swap(phy: np.ndarray, slot_load: np.ndarray, layer: np.ndarray, slot_i: np.ndarray,
+          slot_j: np.ndarray) -> None:
+    """In place: exchange the experts (and loads) of slots i and j in each listed layer."""
+    for table in (phy, slot_load):
+        a, b = table[layer, slot_i], table[layer, slot_j]
+        table[layer, slot_i], table[layer, slot_j] = b, a
