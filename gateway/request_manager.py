@@ -222,6 +222,9 @@ class RequestManager:
         except GatewayError as exc:
             error = exc.message
             raise
+        except GeneratorExit:  # the consumer stopped iterating: free the request at its worker
+            self._stop(request, CANCELLED, wait=False)
+            raise
         finally:
             with request.lock:
                 request.done = True

@@ -2,9 +2,10 @@
 
 Every request gets the same token script: completion token i (counted from the request's
 ``num_generated_before``, so a retry continues where the lost worker stopped) is
-``script[i % len(script)]``, one token per ``--token-delay-s``. Its health is NOT_SERVING for ``--serving-after-s`` after start. It honours max_new_tokens
+``script[i % len(script)]``, one token per ``--token-delay-s``. It honours max_new_tokens
 (finish LENGTH), stop_token_ids and the EOS id unless ignore_eos (finish STOP), Abort (the
-stream ends with finish ABORT) and a cancelled stream. Everything it sees is appended as JSON
+stream ends with finish ABORT) and a cancelled stream. Its health is NOT_SERVING for
+``--serving-after-s`` after start (a worker still waiting for its expert map). Everything it sees is appended as JSON
 lines to ``--events`` (event: generate / abort / cancelled / finished) for the test to read.
 
 Run: python tests/gateway/fake_worker.py --script-ids 1,2,3 --events PATH  (prints WORKER_PORT=)

@@ -104,7 +104,8 @@ def test_stop_string_cut_and_aborted_at_worker(deployment, script) -> None:
 
 def test_context_full_stops_with_length(deployment) -> None:
     gateway, _ = deployment
-    result = client.generate(gateway.address, token_ids=[i % 256 for i in range(CONTEXT_LENGTH - 3)], max_new_tokens=100)
+    prompt = [i % 256 for i in range(CONTEXT_LENGTH - 3)]
+    result = client.generate(gateway.address, token_ids=prompt, max_new_tokens=100)
     assert len(result.token_ids) == 3 and result.final.finish_reason == LENGTH
 
 

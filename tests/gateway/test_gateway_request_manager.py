@@ -180,7 +180,8 @@ def test_context_limit_lowers_max_new_tokens(make_manager) -> None:
     worker = ScriptedWorker("w1", list(range(100)))
     manager = make_manager(worker)
     prompt = tuple(i % 256 for i in range(CONTEXT_LENGTH - 4))
-    _, ids, final = collect(manager, GenerateInput("r1", token_ids=prompt, sampling=SamplingRequest(max_new_tokens=100)))
+    _, ids, final = collect(manager, GenerateInput("r1", token_ids=prompt,
+                                                   sampling=SamplingRequest(max_new_tokens=100)))
     assert len(ids) == 4 and final.finish_reason == FinishReason.LENGTH
     assert worker.requests[0].sampling.max_new_tokens == 4
 
@@ -226,3 +227,12 @@ def test_worker_timeout_is_deadline_exceeded_and_aborted(make_manager) -> None:
         collect(manager, GenerateInput("r1", token_ids=(1,), sampling=SamplingRequest(max_new_tokens=3)))
     assert info.value.code == ErrorCode.DEADLINE_EXCEEDED and worker.aborts == ["r1"]
     assert manager.num_running == 0
+
+
+def test_closing_the_output_iterator_aborts_at_worker(make_manager) -> None:
+    worker = ScriptedWorker("w1", [10, 11, 12], block=True)
+    manager = make_manager(worker)
+    stream = manager.submit(GenerateInput("r1", token_ids=(1,))).outputs()
+    next(stream)
+    stream.close()
+    assert worker.aborts == ["r1"] and manager.num_running == 0
