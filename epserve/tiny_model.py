@@ -312,11 +312,14 @@ def corpus_token_chunks(tokenizer, seq_len: int) -> torch.Tensor:
 
 
 def zipf_load_share(num_experts: int, top_k: int, skew: float) -> torch.Tensor:
-    """Share of top-K assignments per rank, proportional to (rank+1)^-skew and capped at 1/K
-    (an expert cannot take a token twice): [E] float64, sums to 1, non-increasing."""
+    """Share of top-K assignments per rank, proportional to (rank+1)^-skew and capped at 0.95/K
+    (an expert can take each token once; the margin keeps the cap reachable): [E] float64, sums
+    to 1, non-increasing."""
     share = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -skew
     share /= share.sum()
-    cap = 1.0 / top_k
+    if top_k == num_experts:
+        return share.fill_(1.0 / num_experts)  # every expert takes every token
+    cap = 0.95 / top_k
     capped = torch.zeros(num_experts, dtype=torch.bool)
     while (share > cap * (1 + 1e-12)).any():  # water-fill: clip, give the excess to the rest pro rata
         capped |= share > cap
@@ -346,8 +349,8 @@ def fit_router_bias(gate: torch.Tensor, x: torch.Tensor, top_k: int, target: tor
     """Add beta_e * d to gate rows so top-K loads over inputs x [T, D] match ``target`` [E] shares.
 
     d is the unit mean of x. Returns (new gate [E, D], achieved shares [E]). The fit is a damped
-    fixed-point iteration on log shares (about 20 steps to 1%); it stops once every share is
-    within ``tolerance`` (relative), else keeps the best iterate.
+    fixed-point iteration on log shares with per-expert steps (typically 20-60 steps to 1%); it
+    stops once every share is within ``tolerance`` (relative), else keeps the best iterate.
     """
     x = x.double()
     d = x.mean(0)
@@ -358,7 +361,8 @@ def fit_router_bias(gate: torch.Tensor, x: torch.Tensor, top_k: int, target: tor
     floor = 0.5 / (x.shape[0] * top_k)
     beta = torch.zeros(gate.shape[0], dtype=torch.float64)
     best = (math.inf, beta, None)
-    step = 1.0 / z.mean()
+    step = torch.full_like(beta, 0.5 / float(z.mean()))  # per expert, in logit units per unit log error
+    prev_err = torch.zeros_like(beta)
     for _ in range(max_steps):
         share = _top_k_share(base + z[:, None] * beta, top_k)
         err = torch.log(target + floor) - torch.log(share + floor)
@@ -367,7 +371,10 @@ def fit_router_bias(gate: torch.Tensor, x: torch.Tensor, top_k: int, target: tor
             best = (worst, beta.clone(), share)
         if worst < tolerance:
             break
-        beta = beta + 0.5 * step * err
+        # Rprop-style: halve an expert's step when its error changes sign (crowded logits oscillate)
+        step = torch.where(err * prev_err < 0, step * 0.5, step * 1.1)
+        prev_err = err
+        beta = beta + step * err
         beta -= beta.mean()
     _, beta, share = best
     return gate + (beta[:, None] * d).to(gate.dtype), share
