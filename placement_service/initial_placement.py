@@ -19,7 +19,7 @@ def initial_phy2log(config: PlacementConfig) -> torch.Tensor:
     num_layers, num_experts = config.model.num_moe_layers, config.model.num_experts
     if config.init_expert_location == "trivial":
         return ExpertMap.trivial(num_layers, num_experts, config.ep_num_redundant_experts).phy2log
-    phy2log = _load_snapshot(config.init_expert_location)
+    phy2log = _load_snapshot(config)
     expected = (num_layers, config.num_physical_slots)
     if tuple(phy2log.shape) != expected:
         raise ValueError(f"--init-expert-location {config.init_expert_location}: phy2log has shape "
@@ -28,13 +28,17 @@ def initial_phy2log(config: PlacementConfig) -> torch.Tensor:
     return phy2log
 
 
-def _load_snapshot(path: str) -> torch.Tensor:
-    """The one call into placement_service.snapshot (being written by another engineer)."""
+def _load_snapshot(config: PlacementConfig) -> torch.Tensor:
+    """The one call into placement_service.snapshot: a phy2log [L, P] as is, or planned from counts."""
+    path = config.init_expert_location
     try:
         from placement_service import snapshot
     except ImportError as exc:
         if exc.name != "placement_service.snapshot":
             raise
         raise ValueError(f"--init-expert-location {path}: snapshot loading is not available in this "
-                         "build yet (placement_service/snapshot.py); use --init-expert-location trivial") from exc
-    return snapshot.load_phy2log(path)
+                         "build (placement_service/snapshot.py); use --init-expert-location trivial") from exc
+    return snapshot.placement_from_snapshot(
+        snapshot.load_snapshot(path), num_layers=config.model.num_moe_layers,
+        num_logical_experts=config.model.num_experts, num_physical_slots=config.num_physical_slots,
+        num_workers=config.ep_size)

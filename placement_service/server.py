@@ -3,7 +3,9 @@
 ``start_placement_server(config)`` opens the state db (if any) and checks it belongs to
 this deployment, starts the rendezvous store, reads the initial placement, builds the
 controller, serves Placement + PlacementAdmin (+ health, reflection) and starts the health
-monitor thread. ``PlacementServer.stop()`` undoes it in order: refuse new requests and end
+monitor thread. The rendezvous store is the torch.distributed TCPStore every worker joins
+the data plane through (as a client); it holds nothing placement needs, so a restarted
+service hosts a fresh one, on the same port when it can. ``PlacementServer.stop()`` undoes it in order: refuse new requests and end
 watch streams, stop the gRPC server (in-flight unary RPCs get the grace period), stop the
 monitor, drop the store, close the db.
 """
@@ -15,11 +17,11 @@ import threading
 
 import torch.distributed as dist
 
+from epserve.dataplane.torch_group import start_rendezvous_store
 from epserve.grpc_server import GrpcServer, serve_grpc
 from placement_service.config import PlacementConfig
 from placement_service.controller import PlacementController
 from placement_service.initial_placement import initial_phy2log
-from placement_service.rendezvous import start_rendezvous_store
 from placement_service.service import PlacementAdminServicer, PlacementServicer
 from placement_service.state_db import StateDB
 from placement_service.threads import start_daemon_thread

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 
@@ -348,3 +349,18 @@ def test_clients_re_register_with_a_placement_that_forgot_them(start_server, con
     finally:
         for client in clients:
             client.close()
+
+
+def test_initial_map_from_a_snapshot_file(start_server, connect, fingerprint, tmp_path):
+    pytest.importorskip("placement_service.snapshot")
+    phy2log = [[7, 6, 5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5, 6, 7], [1, 0, 3, 2, 5, 4, 7, 6]]
+    path = tmp_path / "snapshot.json"
+    path.write_text(json.dumps({"physical_to_logical_map": phy2log}))
+    server = start_server(dp_size=1, ep_size=2, init_expert_location=str(path))
+    stubs = connect(server.address)
+    stubs.register_all(fingerprint, dp_size=1, ep_size=2)
+    response = stubs.admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=5)
+    assert expert_map_from_proto(response.map).phy2log.tolist() == phy2log
+    # A snapshot for another deployment fails the start, not the last registration.
+    with pytest.raises(ValueError, match="slots"):
+        start_server(dp_size=1, ep_size=2, ep_num_redundant_experts=2, init_expert_location=str(path))
