@@ -8,8 +8,9 @@ of the span current when the call is made. No CLIENT span is recorded: the calle
 
 Server side: a SERVER span named ``pkg.Service/Method`` with ``rpc.system``, ``rpc.service``,
 ``rpc.method`` and ``rpc.grpc.status_code``. The span is current while the handler runs — for a
-streaming response, during every ``next()`` of the handler's iterator, and it ends when the
-stream ends (exhausted, raised, or the RPC terminated, e.g. cancelled by the client), not when the
+streaming response, during every ``next()`` of the handler's iterator (all run in one
+``contextvars.Context`` kept for the RPC, so spans a handler opens across ``yield``s nest right),
+and it ends when the stream ends (exhausted, raised, or the RPC terminated, e.g. cancelled by the client), not when the
 handler returns its iterator. Status ERROR follows the OTel gRPC convention for servers: only
 UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE and DATA_LOSS (caller mistakes
 such as INVALID_ARGUMENT, or a client's CANCELLED, are not server errors; the code is still
@@ -22,6 +23,7 @@ RPC-termination callback can race the handler's thread.
 from __future__ import annotations
 
 import collections
+import contextvars
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
@@ -127,26 +129,35 @@ def _is_abort(error: BaseException, context: grpc.ServicerContext) -> bool:
 
 
 class _TracedResponses:
-    """Wraps a handler's response iterator: the span is current during each ``next()``."""
+    """Wraps a handler's response iterator. Every ``next()`` runs in one ``contextvars.Context``
+    private to this RPC, with the SERVER span current: context the handler sets before a
+    ``yield`` (a ``with tracing.span(...)`` around several yields) is still there after it."""
 
-    def __init__(self, responses: Iterator, server_span: _ServerSpan) -> None:
-        self._responses, self._server_span = responses, server_span
+    def __init__(self, responses: Iterator, server_span: _ServerSpan, context: contextvars.Context) -> None:
+        self._responses, self._server_span, self._context = responses, server_span, context
 
     def __iter__(self) -> _TracedResponses:
         return self
 
     def __next__(self):
-        token = otel_context.attach(self._server_span.otel_context)
         try:
-            return next(self._responses)
+            return self._context.run(next, self._responses)
         except StopIteration:
             self._server_span.finish()
             raise
         except BaseException as exc:
             self._server_span.finish(exc)
             raise
-        finally:
-            otel_context.detach(token)
+
+    def __del__(self) -> None:
+        # An abandoned stream (client cancelled): close the handler's generator inside the RPC's
+        # context so its ``finally``/``with`` blocks end their spans and detach cleanly.
+        close = getattr(self._responses, "close", None)
+        if close is not None:
+            try:
+                self._context.run(close)
+            except Exception:  # noqa: BLE001 - a destructor must not raise
+                pass
 
 
 class TracingServerInterceptor(grpc.ServerInterceptor):
@@ -206,13 +217,12 @@ def _streaming_behavior(inner: Callable, start: Callable[[grpc.ServicerContext],
         server_span = start(context)
         # Ends the span when the RPC terminates even if the iterator is abandoned (client cancel).
         context.add_callback(lambda: server_span.finish(terminated=True))
-        token = otel_context.attach(server_span.otel_context)
+        rpc_context = contextvars.copy_context()   # this RPC's own context; never detached
+        rpc_context.run(otel_context.attach, server_span.otel_context)
         try:
-            responses = inner(request_or_iterator, context)
+            responses = rpc_context.run(inner, request_or_iterator, context)
         except BaseException as exc:
             server_span.finish(exc)
             raise
-        finally:
-            otel_context.detach(token)
-        return _TracedResponses(iter(responses), server_span)
+        return _TracedResponses(iter(responses), server_span, rpc_context)
     return behavior

@@ -3,6 +3,7 @@ context bytes and links, the no-endpoint mode, and Prometheus metrics scraped ov
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -50,14 +51,15 @@ def _echo_handler(tracing) -> grpc.GenericRpcHandler:
             return request
 
     def stream(request: bytes, context: grpc.ServicerContext):
-        with tracing.span("echo.stream.work"):
-            pass
         count = 1000 if request == b"endless" else STREAM_ITEMS
-        for i in range(count):
-            time.sleep(STREAM_GAP_S)
-            if request == b"fail" and i == 1:
-                raise RuntimeError("handler failed mid-stream")
-            yield bytes([i % 256])
+        with tracing.span("echo.stream.work"):        # open across yields
+            for i in range(count):
+                time.sleep(STREAM_GAP_S)
+                if request == b"fail" and i == 1:
+                    raise RuntimeError("handler failed mid-stream")
+                yield bytes([i % 256])
+            with tracing.span("echo.stream.last"):
+                pass
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
@@ -102,7 +104,7 @@ def test_unary_and_streaming_calls_join_the_callers_trace(tracings, echo, otlp_r
     assert replies == [bytes([i]) for i in range(STREAM_ITEMS)]
     _flush(client_tracing, server_tracing)
     spans = otlp_receiver.wait_for_names("client.request", f"{SERVICE}/Unary", f"{SERVICE}/Stream",
-                                         "echo.unary.work", "echo.stream.work")
+                                         "echo.unary.work", "echo.stream.work", "echo.stream.last")
     by_name = {s.name: s for s in spans}
     trace_id = format(root.get_span_context().trace_id, "032x")
     client_span = by_name["client.request"]
@@ -119,6 +121,7 @@ def test_unary_and_streaming_calls_join_the_callers_trace(tracings, echo, otlp_r
         assert server_span.status == "UNSET"
     assert by_name["echo.unary.work"].parent_span_id == by_name[f"{SERVICE}/Unary"].span_id
     assert by_name["echo.stream.work"].parent_span_id == by_name[f"{SERVICE}/Stream"].span_id
+    assert by_name["echo.stream.last"].parent_span_id == by_name["echo.stream.work"].span_id
     # The streaming span ends with the stream, not when the handler returned its iterator.
     assert by_name[f"{SERVICE}/Stream"].duration_s >= STREAM_ITEMS * STREAM_GAP_S * 0.9
     assert not any("grpc.health" in s.name for s in spans)
@@ -154,17 +157,20 @@ def test_server_span_status_follows_grpc_codes(tracings, echo, otlp_receiver):  
     assert "handler failed mid-stream" in stream.status_message
 
 
-def test_cancelled_stream_ends_its_span(tracings, echo, otlp_receiver):  # noqa: F811
+def test_cancelled_stream_ends_its_span(tracings, echo, otlp_receiver, caplog):  # noqa: F811
     client_tracing, server_tracing = tracings
+    caplog.set_level(logging.WARNING)
     with client_tracing.span("client.cancel"):
         call = _stream(echo)(b"endless", timeout=10)
         assert next(call) == b"\x00"
         call.cancel()
     started = time.monotonic()
-    spans = otlp_receiver.wait_for_names(f"{SERVICE}/Stream", timeout_s=5)  # ended by the RPC's end
+    # The SERVER span ends with the RPC; the abandoned handler is closed, ending its own span.
+    spans = otlp_receiver.wait_for_names(f"{SERVICE}/Stream", "echo.stream.work", timeout_s=5)
     (stream,) = [s for s in spans if s.name == f"{SERVICE}/Stream"]
     assert stream.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert stream.status == "UNSET" and stream.duration_s < 5 and time.monotonic() - started < 5
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
 
 
 # ---- data plane -----------------------------------------------------------------------------
