@@ -1,7 +1,8 @@
 """An in-process OTLP gRPC trace receiver for tests: point ``--otlp-endpoint`` (or
 ``setup_tracing(..., receiver.endpoint)``) at it and assert on the spans it collected.
 
-    from otlp_receiver import OtlpReceiver, otlp_receiver   # fixture: import it into the test module
+    # conftest.py of a test directory (registers the fixture for its tests):
+    from otlp_receiver import otlp_receiver  # noqa: F401
 
     def test_x(otlp_receiver):
         ... run processes with --otlp-endpoint otlp_receiver.endpoint ...
@@ -9,7 +10,7 @@
                                                           for s in spans), timeout_s=10)
 
 ``tests/`` is on ``sys.path`` under pytest (rootdir conftest), so ``import otlp_receiver`` works
-from any test directory. Listens on 127.0.0.1 only; a gRPC thread pool serves Export calls.
+from any test directory; ``with OtlpReceiver() as receiver:`` works without the fixture. Listens on 127.0.0.1 only; a gRPC thread pool serves Export calls.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Threads: the SDK's batch export thread (only with an endpoint). Nothing else.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,7 +73,7 @@ class Tracing:
         return self.provider is not None
 
     def span(self, name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Attributes = None,
-             links: Sequence[Link] | None = None, sampled: bool = True):
+             links: Sequence[Link] | None = None, sampled: bool = True) -> AbstractContextManager[Span]:
         """``with tracing.span("attention.step") as span:`` — a span made current for the block.
 
         ``sampled=False`` (e.g. ``step_sampler.sample(step)`` was False) or a disabled handle
@@ -84,7 +84,7 @@ class Tracing:
         return self.tracer.start_as_current_span(name, kind=kind, attributes=attributes, links=links)
 
     def linked_span(self, name: str, contexts: Iterable[bytes], *, kind: SpanKind = SpanKind.INTERNAL,
-                    attributes: Attributes = None, sampled: bool = True):
+                    attributes: Attributes = None, sampled: bool = True) -> AbstractContextManager[Span]:
         """A span for work that serves many traced senders (one data-plane batch, one engine step).
 
         ``contexts``: the senders' ``encode_trace_context()`` bytes (``b""`` entries ignored).
@@ -145,12 +145,15 @@ class Tracing:
 
 def setup_tracing(service_name: str, otlp_endpoint: str | None, *, sample_ratio: float = 1.0,
                   resource_attributes: Mapping[str, str] | None = None, set_global: bool = False,
-                  schedule_delay_s: float = 1.0, export_timeout_s: float = 10.0) -> Tracing:
+                  schedule_delay_s: float = 1.0, export_timeout_s: float = 5.0) -> Tracing:
     """The process's ``Tracing``. ``otlp_endpoint``: ``HOST:PORT`` (or ``http://HOST:PORT``) of an
     OTLP gRPC collector; None or "" turns tracing off at no cost.
 
     ``sample_ratio``: share of root traces recorded (children follow their parent).
     ``resource_attributes``: extra resource attributes, e.g. ``{"service.instance.id": "expert-3"}``.
+    ``schedule_delay_s``: how often the batch processor exports. ``export_timeout_s`` bounds one
+    export, and so ``shutdown()`` when the collector is down (spans are then dropped, never queued
+    without bound: at most 8192 wait).
     """
     if not service_name:
         raise ValueError("setup_tracing needs a service name, e.g. 'gateway'")

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from otlp_receiver import OtlpReceiver, otlp_receiver  # noqa: F401 (fixture)
+from otlp_receiver import OtlpReceiver
 from prometheus_client import CollectorRegistry
 
 from epserve.grpc_server import serve_grpc
@@ -33,9 +33,15 @@ STREAM_ITEMS, STREAM_GAP_S = 3, 0.05
 
 
 @pytest.fixture
-def tracings(otlp_receiver):  # noqa: F811
-    client = setup_tracing("test-client", otlp_receiver.endpoint, schedule_delay_s=0.05)
-    server = setup_tracing("test-server", otlp_receiver.endpoint, schedule_delay_s=0.05)
+def receiver():
+    with OtlpReceiver() as r:
+        yield r
+
+
+@pytest.fixture
+def tracings(receiver):
+    client = setup_tracing("test-client", receiver.endpoint, schedule_delay_s=0.05)
+    server = setup_tracing("test-server", receiver.endpoint, schedule_delay_s=0.05)
     yield client, server
     client.shutdown()
     server.shutdown()
@@ -94,7 +100,7 @@ def _flush(*tracings) -> None:
 # ---- gRPC propagation -----------------------------------------------------------------------
 
 
-def test_unary_and_streaming_calls_join_the_callers_trace(tracings, echo, otlp_receiver):  # noqa: F811
+def test_unary_and_streaming_calls_join_the_callers_trace(tracings, echo, receiver):
     client_tracing, server_tracing = tracings
     with client_tracing.span("client.request") as root:
         assert _unary(echo)(b"hi", timeout=5) == b"hi"
@@ -103,7 +109,7 @@ def test_unary_and_streaming_calls_join_the_callers_trace(tracings, echo, otlp_r
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert replies == [bytes([i]) for i in range(STREAM_ITEMS)]
     _flush(client_tracing, server_tracing)
-    spans = otlp_receiver.wait_for_names("client.request", f"{SERVICE}/Unary", f"{SERVICE}/Stream",
+    spans = receiver.wait_for_names("client.request", f"{SERVICE}/Unary", f"{SERVICE}/Stream",
                                          "echo.unary.work", "echo.stream.work", "echo.stream.last")
     by_name = {s.name: s for s in spans}
     trace_id = format(root.get_span_context().trace_id, "032x")
@@ -127,15 +133,15 @@ def test_unary_and_streaming_calls_join_the_callers_trace(tracings, echo, otlp_r
     assert not any("grpc.health" in s.name for s in spans)
 
 
-def test_call_without_context_starts_a_root_server_span(tracings, echo, otlp_receiver):  # noqa: F811
+def test_call_without_context_starts_a_root_server_span(tracings, echo, receiver):
     client_tracing, server_tracing = tracings
     assert _unary(echo)(b"alone", timeout=5) == b"alone"   # no current span on the client
     _flush(server_tracing)
-    (span,) = [s for s in otlp_receiver.wait_for_names(f"{SERVICE}/Unary") if s.name == f"{SERVICE}/Unary"]
+    (span,) = [s for s in receiver.wait_for_names(f"{SERVICE}/Unary") if s.name == f"{SERVICE}/Unary"]
     assert span.parent_span_id is None and span.service_name == "test-server"
 
 
-def test_server_span_status_follows_grpc_codes(tracings, echo, otlp_receiver):  # noqa: F811
+def test_server_span_status_follows_grpc_codes(tracings, echo, receiver):
     client_tracing, server_tracing = tracings
     with client_tracing.span("client.errors"):
         for payload, code in ((b"internal", grpc.StatusCode.INTERNAL), (b"invalid", grpc.StatusCode.INVALID_ARGUMENT)):
@@ -146,7 +152,7 @@ def test_server_span_status_follows_grpc_codes(tracings, echo, otlp_receiver):  
             list(_stream(echo)(b"fail", timeout=5))
         assert err.value.code() == grpc.StatusCode.UNKNOWN
     _flush(server_tracing)
-    spans = otlp_receiver.wait_for(lambda ss: len([s for s in ss if s.name.startswith(SERVICE)]) == 3)
+    spans = receiver.wait_for(lambda ss: len([s for s in ss if s.name.startswith(SERVICE)]) == 3)
     unary = sorted((s for s in spans if s.name == f"{SERVICE}/Unary"),
                    key=lambda s: s.attributes["rpc.grpc.status_code"])
     assert [s.attributes["rpc.grpc.status_code"] for s in unary] == [3, 13]
@@ -157,7 +163,7 @@ def test_server_span_status_follows_grpc_codes(tracings, echo, otlp_receiver):  
     assert "handler failed mid-stream" in stream.status_message
 
 
-def test_cancelled_stream_ends_its_span(tracings, echo, otlp_receiver, caplog):  # noqa: F811
+def test_cancelled_stream_ends_its_span(tracings, echo, receiver, caplog):
     client_tracing, server_tracing = tracings
     caplog.set_level(logging.WARNING)
     with client_tracing.span("client.cancel"):
@@ -166,7 +172,7 @@ def test_cancelled_stream_ends_its_span(tracings, echo, otlp_receiver, caplog): 
         call.cancel()
     started = time.monotonic()
     # The SERVER span ends with the RPC; the abandoned handler is closed, ending its own span.
-    spans = otlp_receiver.wait_for_names(f"{SERVICE}/Stream", "echo.stream.work", timeout_s=5)
+    spans = receiver.wait_for_names(f"{SERVICE}/Stream", "echo.stream.work", timeout_s=5)
     (stream,) = [s for s in spans if s.name == f"{SERVICE}/Stream"]
     assert stream.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert stream.status == "UNSET" and stream.duration_s < 5 and time.monotonic() - started < 5
@@ -176,7 +182,7 @@ def test_cancelled_stream_ends_its_span(tracings, echo, otlp_receiver, caplog): 
 # ---- data plane -----------------------------------------------------------------------------
 
 
-def test_data_plane_context_round_trips_and_links(tracings, otlp_receiver):  # noqa: F811
+def test_data_plane_context_round_trips_and_links(tracings, receiver):
     sender, expert = tracings
     with sender.span("step.a") as step_a:
         context_a = encode_trace_context()
@@ -195,18 +201,18 @@ def test_data_plane_context_round_trips_and_links(tracings, otlp_receiver):  # n
     with expert.linked_span("expert.compute", [b"", context_a, context_b], attributes={"layer": 3}) as span:
         assert span.is_recording()
     _flush(sender, expert)
-    spans = otlp_receiver.wait_for_names("step.a", "step.b", "expert.compute")
+    spans = receiver.wait_for_names("step.a", "step.b", "expert.compute")
     by_name = {s.name: s for s in spans}
     compute = by_name["expert.compute"]
     assert compute.service_name == "test-server" and compute.attributes["layer"] == 3
     assert compute.trace_id == by_name["step.a"].trace_id and compute.parent_span_id == by_name["step.a"].span_id
     assert [(link.trace_id, link.span_id) for link in compute.links] == [
-        (by_name["step.a"].trace_id, by_name["step.a"].span_id), (by_name["step.b"].trace_id, by_name["step.b"].span_id)]
+        (by_name[n].trace_id, by_name[n].span_id) for n in ("step.a", "step.b")]
 
 
-def test_unsampled_contexts_make_no_expert_span(otlp_receiver):  # noqa: F811
-    sender = setup_tracing("unsampled", otlp_receiver.endpoint, sample_ratio=0.0)
-    expert = setup_tracing("expert", otlp_receiver.endpoint)
+def test_unsampled_contexts_make_no_expert_span(receiver):
+    sender = setup_tracing("unsampled", receiver.endpoint, sample_ratio=0.0)
+    expert = setup_tracing("expert", receiver.endpoint)
     try:
         with sender.span("step") as span:
             assert not span.is_recording()
@@ -219,7 +225,7 @@ def test_unsampled_contexts_make_no_expert_span(otlp_receiver):  # noqa: F811
             assert not span.is_recording()
         _flush(sender, expert)
         time.sleep(0.2)
-        assert otlp_receiver.spans == []
+        assert receiver.spans == []
     finally:
         sender.shutdown()
         expert.shutdown()
@@ -239,7 +245,7 @@ def test_step_sampler():
 # ---- no endpoint: nothing at all ------------------------------------------------------------
 
 
-def test_no_endpoint_records_and_exports_nothing(otlp_receiver):  # noqa: F811
+def test_no_endpoint_records_and_exports_nothing(receiver):
     threads_before = set(threading.enumerate())
     tracing = setup_tracing("quiet", None)
     assert not tracing.enabled and tracing.provider is None
@@ -256,7 +262,7 @@ def test_no_endpoint_records_and_exports_nothing(otlp_receiver):  # noqa: F811
     assert set(threading.enumerate()) <= threads_before
     assert trace.get_tracer_provider() is not tracing.provider
     time.sleep(0.2)
-    assert otlp_receiver.spans == []
+    assert receiver.spans == []
 
 
 def test_no_endpoint_never_loads_the_sdk():
@@ -293,8 +299,8 @@ def test_setup_tracing_rejects_bad_arguments():
         setup_tracing("svc", None, sample_ratio=2.0)
 
 
-def test_enabled_tracing_leaves_the_global_provider_alone(otlp_receiver):  # noqa: F811
-    tracing = setup_tracing("local", otlp_receiver.endpoint)
+def test_enabled_tracing_leaves_the_global_provider_alone(receiver):
+    tracing = setup_tracing("local", receiver.endpoint)
     try:
         assert tracing.enabled and trace.get_tracer_provider() is not tracing.provider
     finally:
