@@ -10,12 +10,14 @@ larger model once per cache directory and returns its path.
 Every tensor is drawn from its own generator seeded by (seed, tensor name), so outputs are
 byte-identical for the same options. Legend: T tokens, D hidden, E experts, K top-k, V vocab.
 
-Router skew: expert r of a layer's rank order gets a share of the top-K assignments
-proportional to r^-S (S = ``router_skew``; capped at 1/K, the most one expert can take). The
-token embeddings share a common direction, so the router inputs x_t (post-attention RMSNorm) do
-too; with d = mean_t(x_t)/|mean_t(x_t)|, adding beta_e * d to gate row e shifts expert e's logit
-by beta_e * (x_t . d), a near-constant bias. The betas are fitted layer by layer on the shipped
-corpus run through the model itself (layer l's inputs depend only on layers < l).
+Router skew: the r-th hottest expert of a layer (a seeded permutation per layer, hottest
+expert different in each layer) gets a share of the top-K assignments proportional to r^-S
+(S = ``router_skew``; capped at 0.95/K, as one expert takes a token at most once; S = 0 is
+uniform). The token embeddings share a common direction, so the router inputs x_t
+(post-attention RMSNorm) do too; with d = mean_t(x_t)/|mean_t(x_t)|, adding beta_e * d to gate
+row e shifts expert e's logit by beta_e * (x_t . d) > 0, a near-constant bias. The betas are
+fitted layer by layer on the shipped corpus run through the model itself (layer l's inputs
+depend only on layers < l); the loads carry over to other text and to random token ids.
 Architectures plug in through ``TinyArch``: config, initial weights and a forward pass that
 yields each MoE layer's router inputs.
 """
