@@ -140,7 +140,7 @@ def test_epserve_up_serves_and_sigterm_leaves_no_process(tiny_model, tmp_path, r
                 address = line.split()[1]
         assert address
         children = child_pids(proc.pid)
-        assert len(children) == 4                       # placement, 2 experts, 1 attention, gateway
+        assert len(children) == 5                       # placement, 2 experts, 1 attention, gateway
         assert generate(address, "Once upon a time", max_new_tokens=8, temperature=0.0,
                         timeout_s=60).text == reference_greedy("Once upon a time", 8)
     finally:
@@ -158,6 +158,7 @@ def child_pids(pid: int) -> list[int]:
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return not open(f"/proc/{pid}/stat").read().split()[2] == "Z"
