@@ -50,7 +50,7 @@ def padded_capacity(num_assignments: int, num_slots: int, block_m: int) -> int:
     return max(triton.cdiv(cap, block_m), 1) * block_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments"])
 def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_ptr,
                          num_assignments, num_slots, block_m,
                          S_P2: tl.constexpr, CHUNK: tl.constexpr):
@@ -80,7 +80,7 @@ def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, 
         tl.store(sorted_ids_ptr + base + rank, offs, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments"])
 def _count_kernel(slot_ids_ptr, counts_ptr, rank_ptr, num_assignments, CHUNK: tl.constexpr):
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
@@ -98,7 +98,7 @@ def _scan_kernel(counts_ptr, offsets_ptr, num_slots, block_m, S_P2: tl.constexpr
     tl.store(offsets_ptr, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments"])
 def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, num_assignments,
                     CHUNK: tl.constexpr):
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)

@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from kernels.moe_align import SlotAlignment
-from kernels.moe_gate_up import GemmConfig, _block_slot, _grouped_pid
+from kernels.moe_gate_up import GemmConfig, _block_slot, _grouped_pid, slot_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
 def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
                  num_slots, D, I, num_pid_m,
                  stride_ap, stride_ws, stride_wn, stride_ra,
@@ -58,7 +58,7 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
     tl.store(out_ptrs, acc.to(rows_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])
 def _combine_kernel(rows_ptr, slot_ids_ptr, out_ptr, top_k, D, stride_ra, stride_ot,
                     BD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -90,7 +90,7 @@ def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
         act, w2, rows, weights, align.sorted_ids, align.slot_offsets, align.slot_counts,
         num_slots, dim, inter, num_pid_m,
         act.stride(0), w2.stride(0), w2.stride(1), rows.stride(0),
-        S_P2=triton.next_power_of_2(num_slots), BM=config.block_m, BN=config.block_n,
+        S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n,
         BK=config.block_k, GROUP_M=config.group_m, EVEN_K=inter % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return rows

@@ -33,6 +33,11 @@ class GemmConfig:
     num_stages: int = 3
 
 
+def slot_block(num_slots: int) -> int:
+    """Power-of-2 width for the per-program slot lookup (at least 128: one compile serves most S)."""
+    return max(128, triton.next_power_of_2(num_slots))
+
+
 @triton.jit
 def _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2: tl.constexpr):
     """Slot owning the block that starts at m_start, its segment start and count (-1 if past the end)."""
@@ -57,7 +62,7 @@ def _grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
                     num_slots, top_k, D, I, num_pid_m,
                     stride_xt, stride_ws, stride_wn, stride_ap,
@@ -120,7 +125,7 @@ def gate_up_silu(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, 
         hidden, w13, act, align.sorted_ids, align.slot_offsets, align.slot_counts,
         num_slots, top_k, dim, inter, num_pid_m,
         hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        S_P2=triton.next_power_of_2(num_slots), BM=config.block_m, BN=config.block_n,
+        S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n,
         BK=config.block_k, GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return act

@@ -31,9 +31,10 @@ class GemvConfig:
     num_warps: int = 4
     down_block_n: int = 0       # 0: same as block_n
     down_block_k: int = 0       # 0: same as block_k
+    down_num_warps: int = 0     # 0: same as num_warps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])
 def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
                          stride_xt, stride_ws, stride_wn, stride_aa,
                          BN: tl.constexpr, BK: tl.constexpr):
@@ -66,7 +67,7 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
              mask=n_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])
 def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr, top_k, D, I,
                               stride_aa, stride_ws, stride_wn, stride_ot,
                               BN: tl.constexpr, BK: tl.constexpr):
@@ -136,7 +137,7 @@ def down_combine_gemv(act: torch.Tensor, w2: torch.Tensor, slot_ids: torch.Tenso
     grid = (triton.cdiv(dim, bn), num_tokens)
     _down_combine_gemv_kernel[grid](act, w2, out, slot_ids, weights, top_k, dim, inter,
                                     act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-                                    BN=bn, BK=bk, num_warps=config.num_warps)
+                                    BN=bn, BK=bk, num_warps=config.down_num_warps or config.num_warps)
     return out
 
 
