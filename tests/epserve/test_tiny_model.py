@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from epserve import tokenizer_build
-from epserve.tiny_model import (TinyModelOptions, corpus_token_chunks, default_model_dir, make_tiny_model,
-                                zipf_load_share)
+from epserve.tiny_model import TinyModelOptions, default_model_dir, make_tiny_model, zipf_load_share
 
 transformers = pytest.importorskip("transformers")
 
