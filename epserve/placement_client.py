@@ -239,7 +239,7 @@ class PlacementClient:
         return registration
 
     def _heartbeat_loop(self) -> None:
-        while not self._closed.wait(self._registration.heartbeat_interval_ms / 1000):
+        while not self._closed.wait(max(self._registration.heartbeat_interval_ms, 10) / 1000):
             request = placement_pb2.HeartbeatRequest(worker_id=self.worker_id, map_version=self._acked_version)
             try:
                 self._latest_version = self._stub.Heartbeat(request, timeout=self.timeout_s).latest_version

@@ -112,7 +112,8 @@ class WorkerRegistry:
     def restore(self, records: Iterable[WorkerRecord]) -> None:
         """Workers loaded from the state db: SUSPECT until they heartbeat, DEAD after the timeout."""
         for record in records:
-            assert record.rank in self.rank_range(record.role), f"stored rank {record.rank} of {record.worker_id} is out of range"
+            assert record.rank in self.rank_range(record.role), (
+                f"stored rank {record.rank} of {record.worker_id} is out of range")
             record.state = WorkerState.SUSPECT
             record.last_seen_s = self._clock()
             self._by_id[record.worker_id] = record

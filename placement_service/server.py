@@ -5,9 +5,11 @@ this deployment, starts the rendezvous store, reads the initial placement, build
 controller, serves Placement + PlacementAdmin (+ health, reflection) and starts the health
 monitor thread. The rendezvous store is the torch.distributed TCPStore every worker joins
 the data plane through (as a client); it holds nothing placement needs, so a restarted
-service hosts a fresh one, on the same port when it can. ``PlacementServer.stop()`` undoes it in order: refuse new requests and end
-watch streams, stop the gRPC server (in-flight unary RPCs get the grace period), stop the
-monitor, drop the store, close the db.
+service hosts a fresh one, on the same port when it can.
+
+``PlacementServer.stop()`` undoes it in order: refuse new requests and end watch streams,
+stop the gRPC server (in-flight unary RPCs get the grace period), stop the monitor, drop
+the store, close the db.
 """
 
 from __future__ import annotations

@@ -331,7 +331,8 @@ def test_clients_re_register_with_a_placement_that_forgot_them(start_server, con
     try:
         for client in reversed(clients):
             client.register(deadline_s=5)
-        clients[0].watch(lambda phase, expert_map, data_plane: seen.put((expert_map.version, data_plane.dist_init_addr)))
+        clients[0].watch(lambda phase, expert_map, data_plane:
+                         seen.put((expert_map.version, data_plane.dist_init_addr)))
         assert seen.get(timeout=5) == (1, server.dist_init_addr)
         server.stop()
         restarted = start_server(dp_size=1, ep_size=1, port=port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import pytest
@@ -153,7 +154,8 @@ def test_state_db_round_trip(tmp_path):
     registry = WorkerRegistry(dp_size=1, ep_size=1, suspect_after_s=1, dead_after_s=2)
     for worker_id, role in (("e0", WorkerRole.EXPERT), ("a0", WorkerRole.ATTENTION)):
         db.save_worker(registry.register(worker_id, role, f"{worker_id}:1", 1.5, "cpu", -1)[0])
-    maps = [ExpertMap.trivial(3, 4, 2, ("e0",), version=1), ExpertMap(torch.tensor([[3, 2, 1, 0, 0, 1]] * 3), 4, 2, ("e0",))]
+    maps = [ExpertMap.trivial(3, 4, 2, ("e0",), version=1),
+            ExpertMap(torch.tensor([[3, 2, 1, 0, 0, 1]] * 3), 4, 2, ("e0",))]
     for expert_map in maps:
         db.save_map(expert_map)
     db.save_settings({"dp_size": "1"})
@@ -176,6 +178,23 @@ def test_state_db_of_another_deployment_is_refused(tmp_path, model_dir):
                                            shutdown_grace_s=0.1)).stop()
     with pytest.raises(ValueError, match="ep_size was 2, now 4.*fresh file"):
         start_placement_server(PlacementConfig(str(model_dir), dp_size=1, ep_size=4, state_db=db))
+
+
+def test_restart_reuses_the_rendezvous_port_or_picks_another_when_taken(tmp_path, model_dir):
+    db = str(tmp_path / "state.db")
+    config = dict(model_path=str(model_dir), dp_size=1, ep_size=2, state_db=db, shutdown_grace_s=0.1)
+    first = start_placement_server(PlacementConfig(**config))
+    address = first.dist_init_addr
+    first.stop()
+    second = start_placement_server(PlacementConfig(**config))
+    assert second.dist_init_addr == address
+    second.stop()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+        squatter.listen()
+        third = start_placement_server(PlacementConfig(**config))
+        assert third.dist_init_addr != address
+        third.stop()
 
 
 # -- fan-out -----------------------------------------------------------------------------------
