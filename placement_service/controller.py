@@ -88,13 +88,15 @@ class PlacementController:
             self._check_open()
             record = self._registry.get(worker_id)
             _check_version("version", version)
+            if phase not in set(UpdatePhase):
+                raise InvalidArgument(f"phase {phase} is not an UPDATE_PHASE_* value")
             self._maps.get(version)  # NotFound for an unknown version
             if ok:
                 record.map_version = max(record.map_version, version)
                 logger.debug("worker %s acked version %d phase %s", worker_id, version, UpdatePhase(phase).name)
             else:
                 logger.warning("worker %s failed version %d phase %s: %s", worker_id, version,
-                               UpdatePhase(phase).name if phase else "?", error)
+                               UpdatePhase(phase).name, error)
 
     def report_load(self, worker_id: str, map_version: int, num_layers: int, num_physical_slots: int,
                     slot_token_counts: list[int], num_passes: int) -> None:

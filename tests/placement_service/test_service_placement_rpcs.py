@@ -192,6 +192,9 @@ def test_ack_is_recorded_and_checked(start_server, connect, fingerprint):
     error = rpc_error(stubs.placement.AckPlacement, placement_pb2.AckPlacementRequest(
         worker_id="expert-1", version=5, phase=placement_pb2.UPDATE_PHASE_COMMIT, ok=True), timeout=5)
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(stubs.placement.AckPlacement, placement_pb2.AckPlacementRequest(
+        worker_id="expert-1", version=1, ok=True), timeout=5)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "phase" in error.details()
 
 
 def test_silent_worker_becomes_suspect_then_dead(start_server, connect, fingerprint, wait_until):
