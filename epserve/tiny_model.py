@@ -254,6 +254,9 @@ def make_tiny_model(out_dir: str | os.PathLike, **options) -> Path:
     special_ids = tokenizer_build.special_token_ids(tokenizer)
     config = arch.config(opts, special_ids)
     weights = arch.init_weights(opts, _tensor_drawer(opts.seed))
+    # Rows past the tokenizer (when the corpus cannot fill vocab_size) get logit 0, far below the
+    # best real token's, so greedy decoding never emits an id the tokenizer cannot decode.
+    weights["lm_head.weight"][tokenizer.get_vocab_size():] = 0.0
     weights = {name: t.to(DTYPES[opts.dtype]) for name, t in weights.items()}
     calibration_ids = corpus_token_chunks(tokenizer, CALIBRATION_SEQ_LEN)
     ranks, target, measured = skew_routers(arch, weights, opts, calibration_ids)
