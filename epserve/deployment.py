@@ -97,24 +97,33 @@ class LocalDeployment:
             self.placement_port = placement.port
             address = f"{c.host}:{self.placement_port}"
             common = ["--placement", address, "--dtype", c.dtype, "--device", c.device]
-            for i in range(c.num_expert_workers):
-                self._spawn(f"expert-{i}", "expert_worker",
-                            common + ["--worker-id", f"expert-{i}", "--moe-runner-backend", c.moe_runner_backend]
-                            + c.extra_expert_args, "EXPERT_WORKER_PORT")
-            for i in range(c.num_attention_workers):
-                self._spawn(f"attention-{i}", "attention_worker",
-                            common + ["--worker-id", f"attention-{i}",
-                                      "--ep-dispatch-algorithm", c.ep_dispatch_algorithm] + c.extra_attention_args,
-                            "ATTENTION_WORKER_PORT")
-            gateway = self._spawn("gateway", "gateway", ["--placement", address, "--port", str(c.gateway_port)]
-                                  + c.extra_gateway_args, "GATEWAY_PORT", with_device=False)
+            # Workers and gateway start in parallel: each imports torch for seconds.
+            pending = [self._launch(f"expert-{i}", "expert_worker",
+                                    common + ["--worker-id", f"expert-{i}", "--moe-runner-backend",
+                                              c.moe_runner_backend] + c.extra_expert_args)
+                       for i in range(c.num_expert_workers)]
+            pending += [self._launch(f"attention-{i}", "attention_worker",
+                                     common + ["--worker-id", f"attention-{i}", "--ep-dispatch-algorithm",
+                                               c.ep_dispatch_algorithm] + c.extra_attention_args)
+                        for i in range(c.num_attention_workers)]
+            gateway = self._launch("gateway", "gateway", ["--placement", address, "--port", str(c.gateway_port)]
+                                   + c.extra_gateway_args)
+            for child in pending:
+                self._await_port(child, "EXPERT_WORKER_PORT" if child.name.startswith("expert")
+                                 else "ATTENTION_WORKER_PORT")
+            self._await_port(gateway, "GATEWAY_PORT")
             self.gateway_port = gateway.port
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, module: str, args: list[str], port_key: str, with_device: bool = True) -> Child:
+    def _spawn(self, name: str, module: str, args: list[str], port_key: str) -> Child:
+        child = self._launch(name, module, args)
+        self._await_port(child, port_key)
+        return child
+
+    def _launch(self, name: str, module: str, args: list[str]) -> Child:
         c = self.config
         cmd = [sys.executable, "-m", module, "--model-path", c.model_path, "--host", c.host, *args]
         if c.otlp_endpoint:
@@ -128,10 +137,12 @@ class LocalDeployment:
                                    preexec_fn=_die_with_parent)
         child = Child(name, process)
         self.children.append(child)
+        return child
+
+    def _await_port(self, child: Child, port_key: str) -> None:
         child.port = self._read_port(child, port_key)
         threading.Thread(target=self._drain, args=(child,), daemon=True).start()
-        logger.info("started %s (pid %d) on port %d", name, process.pid, child.port)
-        return child
+        logger.info("started %s (pid %d) on port %d", child.name, child.process.pid, child.port)
 
     def _read_port(self, child: Child, key: str, timeout_s: float = 120.0) -> int:
         result: list[int] = []
