@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the same file resumes at the same version and ranks (default: none, in memory)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus metrics port (reserved: metrics are not built yet)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="OTLP endpoint for traces (reserved: placement tracing is not built yet) "
+                             "(default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
     parser.add_argument("--log-level", default=None,
                         help="stderr log level (default: $EPSERVE_LOG_LEVEL or INFO)")
     return parser
@@ -73,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             init_expert_location=args.init_expert_location, moe_a2a_backend=args.moe_a2a_backend,
             dist_port=args.dist_port, advertise_host=args.advertise_host,
             heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
-            state_db=args.state_db, metrics_port=args.metrics_port)
+            state_db=args.state_db, metrics_port=args.metrics_port,
+            otlp_endpoint=args.otlp_endpoint if args.otlp_endpoint is not None
+            else os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: stop.set())

@@ -33,6 +33,7 @@ class PlacementConfig:
     heartbeat_timeout_ms: int = 5000
     state_db: str | None = None  # SQLite path; None = in memory only
     metrics_port: int | None = None  # hook for Prometheus metrics (not built yet)
+    otlp_endpoint: str = ""  # hook for OTel tracing (not built yet); accepted so launchers can pass it
     shutdown_grace_s: float = 2.0
     model: ModelInfo = field(init=False, repr=False)
 

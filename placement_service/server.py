@@ -93,7 +93,7 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
         if db is not None:
             db.close()
         raise
-    start_metrics(config, controller)
+    start_telemetry(config, controller)
     logger.info("placement service on %s:%d (D=%d attention, N=%d expert workers, %d MoE layers, "
                 "%d experts + %d redundant, rendezvous %s, backend %s)", config.host, grpc_server.port,
                 config.dp_size, config.ep_size, config.model.num_moe_layers, config.model.num_experts,
@@ -101,10 +101,12 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
     return PlacementServer(config, controller, grpc_server, store, db)
 
 
-def start_metrics(config: PlacementConfig, controller: PlacementController) -> None:
-    """Hook for Prometheus metrics on --metrics-port (built in a later change)."""
+def start_telemetry(config: PlacementConfig, controller: PlacementController) -> None:
+    """Hook for Prometheus metrics on --metrics-port and OTel tracing (built in a later change)."""
     if config.metrics_port is not None:
-        logger.warning("--metrics-port %d: metrics are not built yet; ignoring", config.metrics_port)
+        logger.warning("--metrics-port %d: placement metrics are not built yet; ignoring", config.metrics_port)
+    if config.otlp_endpoint:
+        logger.warning("--otlp-endpoint %s: placement tracing is not built yet; ignoring", config.otlp_endpoint)
 
 
 def _open_state_db(config: PlacementConfig) -> StateDB:
