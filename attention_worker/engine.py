@@ -17,6 +17,7 @@ import logging
 import queue
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache.allocator, limits.max_num_batched_tokens, limits.max_num_seqs)
         self.eos_token_ids = set(spec.eos_token_ids)
         self._expert_map = expert_map
-        self._pending_map: ExpertMap | None = None
+        self._pending_map: tuple[ExpertMap, Callable[[ExpertMap], None] | None] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
         self._lock = threading.Lock()
@@ -104,9 +105,11 @@ class Engine:
             self._inbox.put(("abort", request_id))
         return found
 
-    def set_expert_map(self, expert_map: ExpertMap) -> None:
-        """Switch maps at the next step boundary."""
-        self._pending_map = expert_map
+    def set_expert_map(self, expert_map: ExpertMap,
+                       on_applied: Callable[[ExpertMap], None] | None = None) -> None:
+        """Switch maps at the next step boundary; ``on_applied(map)`` runs on the engine thread once
+        no step uses the old map any more (placement may then retire it)."""
+        self._pending_map = (expert_map, on_applied)
 
     @property
     def expert_map(self) -> ExpertMap:
@@ -114,7 +117,8 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or not self._inbox.empty()
+        return (self.scheduler.num_unfinished > 0 or not self._inbox.empty()
+                or self._pending_map is not None)
 
     def load(self) -> dict[str, int]:
         outstanding = 0
@@ -129,7 +133,9 @@ class Engine:
     def step(self) -> list[StepOutput]:
         outputs = self._apply_inbox()
         if self._pending_map is not None:
-            self._expert_map, self._pending_map = self._pending_map, None
+            (self._expert_map, on_applied), self._pending_map = self._pending_map, None
+            if on_applied is not None:
+                on_applied(self._expert_map)
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs

@@ -57,6 +57,10 @@ class EngineLoop:
         self._notify()
         return found
 
+    def wake(self) -> None:
+        """Make the loop look at the engine again (e.g. a new expert map while idle)."""
+        self._notify()
+
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify_all()

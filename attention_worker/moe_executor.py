@@ -13,6 +13,7 @@ the current expert map and the ``ExpertRouter``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,7 @@ class MoEExecutor(Protocol):
     def combine(self, handle: object) -> torch.Tensor: ...
 
 
+STALE_RETRY_S = 0.05
 LoadSink = Callable[[int, torch.Tensor], None]   # (moe_layer, physical slot ids [T, K])
 
 
@@ -53,6 +55,9 @@ class InProcessExperts:
 @dataclass
 class _Pending:
     dispatcher_handle: object
+    call: MoECall
+    expert_map: ExpertMap
+    micro_batch: int
 
 
 class RemoteExperts:
@@ -61,20 +66,32 @@ class RemoteExperts:
         self.dispatcher, self.router, self.timeout_s = dispatcher, router, timeout_s
         self.record_load, self.trace_context = record_load, trace_context
 
-    def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> _Pending:
+    def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int, record: bool = True) -> _Pending:
         from epserve.dataplane import BatchHeader
 
         physical = self.router.to_physical(expert_map, call.moe_layer, call.topk_ids)
-        if self.record_load is not None:
+        if record and self.record_load is not None:
             self.record_load(call.moe_layer, physical)
         header = BatchHeader(map_version=expert_map.version, layer=call.moe_layer, micro_batch=micro_batch,
                              num_tokens=int(call.hidden.shape[0]),
                              trace_context=self.trace_context() if self.trace_context else b"")
         return _Pending(self.dispatcher.dispatch(header, call.hidden, physical, call.topk_weights,
-                                                 expert_map.slots_per_worker))
+                                                 expert_map.slots_per_worker), call, expert_map, micro_batch)
 
     def combine(self, handle: _Pending) -> torch.Tensor:
-        return self.dispatcher.combine(handle.dispatcher_handle, self.timeout_s)
+        """Waits for the experts; an expert worker that does not hold the map version yet (a race
+        with its own map update) is asked again until ``timeout_s`` has passed."""
+        from epserve.dataplane import StaleMapVersion
+
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self.dispatcher.combine(handle.dispatcher_handle, max(deadline - time.monotonic(), 0.001))
+            except StaleMapVersion:
+                if time.monotonic() + STALE_RETRY_S > deadline:
+                    raise
+                time.sleep(STALE_RETRY_S)
+                handle = self.dispatch(handle.call, handle.expert_map, handle.micro_batch, record=False)
 
 
 def run_micro_batches(generators: list, executor: MoEExecutor, expert_map: ExpertMap) -> list[torch.Tensor]:

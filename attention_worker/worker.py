@@ -65,9 +65,11 @@ class AttentionWorker:
         with self._lock:
             if self.loop is None:
                 self._start_engine(expert_map, data_plane)
-            else:
-                self.loop.engine.set_expert_map(expert_map)
-        self.placement.ack(expert_map.version, UpdatePhase.COMMIT)
+                self.placement.ack(expert_map.version, UpdatePhase.COMMIT)
+            else:   # ack once the engine has switched: from then on no step routes with the old map
+                self.loop.engine.set_expert_map(
+                    expert_map, lambda applied: self.placement.ack(applied.version, UpdatePhase.COMMIT))
+                self.loop.wake()
 
     def _start_engine(self, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
         from epserve import dataplane
