@@ -275,18 +275,28 @@ def test_no_endpoint_never_loads_the_sdk():
 
 
 def test_no_op_span_costs_about_nothing():
+    """~0.5 us per span on an idle core. The bound scales with a bare Python call measured alongside,
+    so a loaded CI machine does not make it flaky."""
     tracing = setup_tracing("quiet", None)
 
     def one_span():
         with tracing.span("attention.step", attributes=None):
             pass
 
+    def bare_call(name, *, attributes=None):
+        return None
+
+    def baseline():
+        bare_call("attention.step", attributes=None)
+
     n = 20000
     per_span_s = min(timeit.repeat(one_span, number=n, repeat=5)) / n
     per_encode_s = min(timeit.repeat(tracing.current_trace_context, number=n, repeat=5)) / n
-    print(f"no-op span: {per_span_s * 1e6:.3f} us, current_trace_context off: {per_encode_s * 1e6:.3f} us")
-    assert per_span_s < 2e-6
-    assert per_encode_s < 2e-6
+    per_call_s = min(timeit.repeat(baseline, number=n, repeat=5)) / n
+    print(f"no-op span: {per_span_s * 1e6:.3f} us, current_trace_context (off): {per_encode_s * 1e6:.3f} us, "
+          f"bare call: {per_call_s * 1e6:.3f} us")
+    assert per_span_s < max(2e-6, 8 * per_call_s)
+    assert per_encode_s < max(2e-6, 8 * per_call_s)
 
 
 def test_setup_tracing_rejects_bad_arguments():
