@@ -67,6 +67,11 @@ class ExpertStore:
                     expert_map.version, len(missing), len(reuse))
         return installed
 
+    def drop(self, version: int) -> None:
+        """Forget a prepared version (placement rolled it back)."""
+        with self._lock:
+            self._versions.pop(version, None)
+
     def retire_below(self, version: int) -> None:
         with self._lock:
             for v in [v for v in self._versions if v < version]:

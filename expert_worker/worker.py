@@ -1,9 +1,12 @@
 """The expert worker process: wiring of expert store, data plane, placement and gRPC.
 
 Start-up: serve gRPC health (NOT_SERVING) → register with placement (EXPERT role) → watch.
-Each committed map: load this worker's slots of it (only those experts' tensors), ack; the
-first one also joins the data-plane group and starts the expert server thread, which serves
-batches from every attention worker until shutdown. Health turns SERVING once it serves.
+Map updates (make-before-break, see docs/architecture.md):
+- PREPARE v / COMMIT v: make v's slots for this worker resident (only changed experts are read;
+  v-1 keeps serving meanwhile), then ack (ok=False with the error if loading failed).
+- RETIRE v: drop every version below v. ROLLBACK v: drop v.
+The first COMMIT also joins the data-plane group and starts the expert server thread, which
+serves batches from every attention worker until shutdown. Health turns SERVING then.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class ExpertWorker:
                 return
         elif phase is UpdatePhase.RETIRE:
             self.store.retire_below(expert_map.version)
+        elif phase is UpdatePhase.ROLLBACK:
+            self.store.drop(expert_map.version)
         with self._lock:
             if phase is UpdatePhase.COMMIT and self.expert_server is None:
                 self._start_serving(data_plane)
