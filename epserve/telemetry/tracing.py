@@ -36,6 +36,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, TraceFlags
 from opentelemetry.util.types import Attributes
 
+from epserve.telemetry.grpc_tracing import TracingClientInterceptor, TracingServerInterceptor
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -94,9 +96,10 @@ class Tracing:
         if self.provider is None or not sampled:
             return NO_SPAN
         links = span_links_from(contexts)
-        if not links:
+        sampled_senders = [link.context for link in links if link.context.trace_flags.sampled]
+        if not sampled_senders:
             return NO_SPAN
-        parent = trace.set_span_in_context(trace.NonRecordingSpan(links[0].context), otel_context.Context())
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(sampled_senders[0]), otel_context.Context())
         return self._start_current(name, parent, kind, attributes, links)
 
     @contextmanager
@@ -117,7 +120,6 @@ class Tracing:
         (``pkg.Service/Method``) to skip. Empty when tracing is off."""
         if self.provider is None:
             return []
-        from epserve.telemetry.grpc_tracing import TracingServerInterceptor
         return [TracingServerInterceptor(self.tracer, untraced)]
 
     def client_interceptors(self) -> list[grpc.UnaryUnaryClientInterceptor]:
@@ -125,7 +127,6 @@ class Tracing:
         metadata. Empty when tracing is off."""
         if self.provider is None:
             return []
-        from epserve.telemetry.grpc_tracing import TracingClientInterceptor
         return [TracingClientInterceptor()]
 
     def intercept_channel(self, channel: grpc.Channel) -> grpc.Channel:

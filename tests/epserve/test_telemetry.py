@@ -221,6 +221,10 @@ def test_unsampled_contexts_make_no_expert_span(receiver):
             assert not span.is_recording()
         with expert.linked_span("expert.compute", [b"junk"], sampled=True) as span:
             assert not span.is_recording()
+        unsampled_sender = b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-00"
+        assert len(span_links_from([unsampled_sender])) == 1
+        with expert.linked_span("expert.compute", [unsampled_sender]) as span:
+            assert not span.is_recording()
         with expert.span("detail", sampled=False) as span:
             assert not span.is_recording()
         _flush(sender, expert)
