@@ -39,7 +39,7 @@ from gateway.observer import NullObserver, RequestObserver
 from gateway.output_processor import OutputProcessor
 from gateway.request_types import FinishReason, GenerateInput, GenerateOutput, SamplingParams, Usage
 from gateway.router import Router
-from gateway.tokenizer import Tokenizer
+from epserve.tokenizer import Tokenizer
 from gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
 from gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDirectory, WorkerFailed, WorkerLost,
                                 WorkerRequest, WorkerStream, WorkerTimeout)

@@ -22,7 +22,7 @@ from gateway.observer import RequestObserver
 from gateway.request_manager import RequestManager
 from gateway.router import Router
 from gateway.servicer import GenerationServicer
-from gateway.tokenizer import Tokenizer
+from epserve.tokenizer import Tokenizer
 from gateway.worker_pool import WorkerPool
 from protos import generation_pb2, generation_pb2_grpc
 

@@ -48,7 +48,7 @@ def _run_colocated(args: argparse.Namespace) -> int:
     from attention_worker.colocated import build_colocated_engine
     from attention_worker.sampler import SamplingParams
     from epserve.model_config import ModelConfigError
-    from epserve.tokenizer import TextTokenizer
+    from epserve.tokenizer import Tokenizer
     from epserve.weights import parse_dtype
 
     import torch
@@ -58,7 +58,7 @@ def _run_colocated(args: argparse.Namespace) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-        tokenizer = TextTokenizer(args.model_path)
+        tokenizer = Tokenizer.from_dir(args.model_path)
         engine = build_colocated_engine(args.model_path, parse_dtype(args.dtype), args.device,
                                         args.moe_runner_backend)
         prompt_ids = tokenizer.encode(args.prompt)

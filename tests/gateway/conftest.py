@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from gateway_testlib import build_tokenizer, write_model_dir
 
-from gateway.tokenizer import Tokenizer
+from epserve.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

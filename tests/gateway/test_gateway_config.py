@@ -13,7 +13,7 @@ from gateway_testlib import CONTEXT_LENGTH, REPO_ROOT, build_tokenizer, write_mo
 
 from gateway.config import GatewayConfig, build_parser, config_from_args
 from gateway.model_info import load_model_info
-from gateway.tokenizer import Tokenizer
+from epserve.tokenizer import Tokenizer
 
 
 def test_flags_parse_into_config(gateway_model_dir) -> None:

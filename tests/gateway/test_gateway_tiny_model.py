@@ -8,7 +8,7 @@ from gateway_testlib import FakeWorker, GatewayProcess
 from gateway import client
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.model_info import load_model_info
-from gateway.tokenizer import Tokenizer
+from epserve.tokenizer import Tokenizer
 
 TEXT = "The lighthouse keeper wrote: 日本語のテキスト 😀🎉 — café, naïve, 5 €."
 
