@@ -17,8 +17,9 @@ slots only until every layer is balanced to within ``tolerance`` of a from-scrat
    free live slot, else a slot of the expert that can best spare one.
 3. Replica counts (1 changed slot each). While some expert's load per replica is above the
    reference's largest, one replica moves to it from the expert that loses least by giving
-   one up (DeepSeek's replication rule run as a correction, not from scratch); the slot
-   given up is the donor's replica on the least loaded worker.
+   one up (DeepSeek's replication rule run as a correction, not from scratch). Donors give
+   up their replicas on the least loaded workers; the new replicas, heaviest first, take
+   those slots, least loaded worker first.
 4. Swaps (2 changed slots each), all layers at once. Objective: the excess, sum over
    workers of max(0, time - target). Each step pairs the k-th hottest worker with the k-th
    coldest (k < M) and applies, per pair, the swap of one slot each that reduces their excess
@@ -77,7 +78,7 @@ def plan_movement_aware(weight: torch.Tensor, num_replicas: int, num_workers: in
     ceiling = (w / np.maximum(ref_counts, 1)).max(1) * (1.0 + 1e-9)  # [L]
     _transfer_replicas(w, start, cap, slot_live, per, ceiling)
     searched, met = _swap_search(w, start, cap, slot_live, target, per,
-                                 max_steps if max_steps is not None else 4 * num_replicas)
+                                 max_steps if max_steps is not None else num_replicas)
 
     failed = ~met
     if failed.any():  # relabel the reference to keep what it can of the previous map
@@ -115,40 +116,69 @@ def _cover_missing(phy: np.ndarray, weight: np.ndarray, slot_live: np.ndarray) -
 
 def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
                        slot_live: np.ndarray, per: int, ceiling: np.ndarray) -> None:
-    """In place: while some expert's load per replica exceeds ``ceiling`` [L], move one replica
-    from the expert that loses least (lowest load per replica after giving one up) to it, as
-    DeepSeek's replication rule would. The replica given up is the donor's slot on the least
-    loaded worker (an empty live slot, when there is one, is used first and nobody gives up
-    a replica). One transfer per layer per round, all layers needing one at once.
+    """In place: while some expert's load per replica exceeds ``ceiling`` [L], one replica
+    moves to it from the expert that loses least (lowest load per replica after giving one
+    up), as DeepSeek's replication rule would; empty live slots are used before any donor's.
 
-    weight [L, E], phy [L, P] (changed in place), cap [W], slot_live [P].
+    The new counts come from that greedy rule on [L, E] arrays; then, all at once, each donor
+    gives up its replicas on the least loaded workers and the new replicas, heaviest first,
+    take the freed slots, least loaded worker first.
+
+    weight [L, E], phy [L, P] (changed in place), cap [W], slot_live [P], ceiling [L].
     """
     num_layers, num_logical = weight.shape
-    num_workers = phy.shape[1] // per
-    counts = replica_counts(phy, num_logical)  # [L, E], kept up to date
+    num_slots = phy.shape[1]
+    counts = replica_counts(phy, num_logical)  # [L, E]
+    free = (phy < 0) & slot_live  # [L, P]
+    free_left = free.sum(1)
+    new = counts.copy()
     active = np.arange(num_layers)
-    for _ in range(phy.shape[1]):
-        w, c = weight[active], counts[active]
+    for _ in range(num_slots):
+        w, c = weight[active], new[active]
         rows = np.arange(active.size)
         per_replica = w / np.maximum(c, 1)
         receiver = per_replica.argmax(1)
         after = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
         donor = after.argmin(1)
-        ph = phy[active]
-        free = (ph < 0) & slot_live  # [La, P] empty live slots are taken before any donor's
-        has_free = free.any(1)
-        need = (per_replica[rows, receiver] > ceiling[active]) & (np.isfinite(after[rows, donor]) | has_free)
+        use_free = free_left[active] > 0
+        need = (per_replica[rows, receiver] > ceiling[active]) & (
+            use_free | (np.isfinite(after[rows, donor]) & (donor != receiver)))
         if not need.any():
-            return
-        active, rows, ph, free = active[need], np.arange(int(need.sum())), ph[need], free[need]
-        receiver, donor, per_replica, has_free = receiver[need], donor[need], per_replica[need], has_free[need]
-        slot_load = np.where(ph >= 0, per_replica[rows[:, None], np.maximum(ph, 0)], 0.0)
-        times = slot_load.reshape(active.size, num_workers, per).sum(-1) / cap  # [La, W]
-        candidate = np.where(has_free[:, None], free, (ph == donor[:, None]) & slot_live)
-        slot = np.where(candidate, np.repeat(times, per, axis=1), np.inf).argmin(1)
-        phy[active, slot] = receiver
-        counts[active, receiver] += 1
-        np.subtract.at(counts, (active[~has_free], donor[~has_free]), 1)
+            break
+        active, receiver, donor, use_free = active[need], receiver[need], donor[need], use_free[need]
+        new[active, receiver] += 1
+        free_left[active[use_free]] -= 1
+        new[active[~use_free], donor[~use_free]] -= 1
+    if np.array_equal(new, counts) and not (free_left < free.sum(1)).any():
+        return
+
+    # which slots are given up: per expert (and for the empty slots), the ones on the least loaded workers
+    rows_all = np.arange(num_layers)[:, None]
+    holder = np.maximum(phy, 0)
+    slot_load = np.where(phy >= 0, (weight / np.maximum(counts, 1))[rows_all, holder], 0.0)
+    times = slot_load.reshape(num_layers, -1, per).sum(-1) / cap  # [L, W]
+    slot_time = np.repeat(times, per, axis=1)  # [L, P]
+    order = np.lexsort((slot_time, phy), axis=-1)  # by expert, then worker time
+    sorted_expert = np.take_along_axis(phy, order, 1)
+    position = np.broadcast_to(np.arange(num_slots), phy.shape)
+    starts = np.ones_like(sorted_expert, dtype=bool)
+    starts[:, 1:] = sorted_expert[:, 1:] != sorted_expert[:, :-1]
+    rank_sorted = position - np.maximum.accumulate(np.where(starts, position, 0), axis=1)
+    rank = np.empty_like(rank_sorted)
+    np.put_along_axis(rank, order, rank_sorted, 1)  # [L, P] rank of a slot among its expert's
+    lost = np.maximum(counts - new, 0)
+    quota = np.where(phy >= 0, lost[rows_all, holder], (free.sum(1) - free_left)[:, None])
+    freed = (rank < quota) & slot_live & ((phy >= 0) | free)  # [L, P]
+
+    gained = np.maximum(new - counts, 0).ravel()  # [L*E]
+    layer_of = np.repeat(np.repeat(np.arange(num_layers), num_logical), gained)
+    expert_of = np.repeat(np.tile(np.arange(num_logical), num_layers), gained)
+    load_of = weight[layer_of, expert_of] / new[layer_of, expert_of]
+    by_load = np.lexsort((-load_of, layer_of))  # per layer, heaviest new replica first
+    slot_layer, slot_index = np.nonzero(freed)
+    by_time = np.lexsort((slot_time[slot_layer, slot_index], slot_layer))  # per layer, least loaded first
+    assert np.array_equal(layer_of[by_load], slot_layer[by_time])
+    phy[slot_layer[by_time], slot_index[by_time]] = expert_of[by_load]
 
 
 def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live: np.ndarray,
@@ -212,7 +242,6 @@ def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live
             over_j = over[lw][:, slot_worker]
             gain0 = _swap_gain(over_hot[lw, 0, None, None], over_j[:, None, :], d0,
                                ic_hot[lw, 0, None, None], inv_cap[slot_worker]).reshape(lw.size, -1)
-            gain0 = np.nan_to_num(gain0, nan=-np.inf)
             best = gain0.argmax(1)
             ok = gain0[np.arange(lw.size), best] > slack[active[lw]]
             best_wide[lw] = best
