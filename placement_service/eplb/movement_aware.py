@@ -132,23 +132,25 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     free = (phy < 0) & slot_live  # [L, P]
     free_left = free.sum(1)
     new = counts.copy()
-    active = np.arange(num_layers)
+    rows = np.arange(num_layers)
+    ratio = weight / np.maximum(new, 1)  # [L, E] load per replica
+    after = np.where(new >= 2, weight / np.maximum(new - 1, 1), np.inf)  # ... after giving one up
     for _ in range(num_slots):
-        w, c = weight[active], new[active]
-        rows = np.arange(active.size)
-        per_replica = w / np.maximum(c, 1)
-        receiver = per_replica.argmax(1)
-        after = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
+        receiver = ratio.argmax(1)
         donor = after.argmin(1)
-        use_free = free_left[active] > 0
-        need = (per_replica[rows, receiver] > ceiling[active]) & (
+        use_free = free_left > 0
+        need = (ratio[rows, receiver] > ceiling) & (
             use_free | (np.isfinite(after[rows, donor]) & (donor != receiver)))
         if not need.any():
             break
-        active, receiver, donor, use_free = active[need], receiver[need], donor[need], use_free[need]
-        new[active, receiver] += 1
-        free_left[active[use_free]] -= 1
-        new[active[~use_free], donor[~use_free]] -= 1
+        layer, receiver, donor, use_free = rows[need], receiver[need], donor[need], use_free[need]
+        new[layer, receiver] += 1
+        free_left[layer[use_free]] -= 1
+        new[layer[~use_free], donor[~use_free]] -= 1
+        for expert in (receiver, donor):  # refresh the two changed columns
+            c, w = new[layer, expert], weight[layer, expert]
+            ratio[layer, expert] = w / np.maximum(c, 1)
+            after[layer, expert] = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
     if np.array_equal(new, counts) and not (free_left < free.sum(1)).any():
         return
 
@@ -193,6 +195,7 @@ def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live
     num_layers, num_slots = phy.shape
     num_workers = num_slots // per
     inv_cap = 1.0 / cap
+    unit_cap = bool(np.all(cap == 1.0))  # then swap gains skip the capacity products
     counts = replica_counts(phy, weight.shape[1])  # [L, E]
     rows_all = np.arange(num_layers)[:, None]
     slot_load = np.where(phy >= 0, (weight / np.maximum(counts, 1))[rows_all, np.maximum(phy, 0)], 0.0)
@@ -226,7 +229,8 @@ def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live
         # k-th hottest with k-th coldest: [La, M, S, S]
         dk = load_i[:, :, :, None] - load_j[:, :, None, :]
         gaink = _swap_gain(over_hot[:, :, None, None], over_cold[:, :, None, None], dk,
-                           ic_hot[:, :, None, None], ic_cold[:, :, None, None]).reshape(n_act, num_pairs, -1)
+                           None if unit_cap else ic_hot[:, :, None, None],
+                           None if unit_cap else ic_cold[:, :, None, None]).reshape(n_act, num_pairs, -1)
         gaink[hot == cold] = 0.0
         bestk = gaink.argmax(2)  # [La, M]
         take_k = np.take_along_axis(gaink, bestk[:, :, None], 2)[:, :, 0] > slack[active][:, None]
@@ -241,7 +245,8 @@ def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live
             d0 = load_i[lw, 0, :, None] - load_w[:, None, :]  # [Ls, S, P]
             over_j = over[lw][:, slot_worker]
             gain0 = _swap_gain(over_hot[lw, 0, None, None], over_j[:, None, :], d0,
-                               ic_hot[lw, 0, None, None], inv_cap[slot_worker]).reshape(lw.size, -1)
+                               None if unit_cap else ic_hot[lw, 0, None, None],
+                               None if unit_cap else inv_cap[slot_worker]).reshape(lw.size, -1)
             best = gain0.argmax(1)
             ok = gain0[np.arange(lw.size), best] > slack[active[lw]]
             best_wide[lw] = best
@@ -264,12 +269,21 @@ def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live
     return phy, met
 
 
-def _swap_gain(over_a: np.ndarray, over_b: np.ndarray, delta: np.ndarray, inv_cap_a: np.ndarray,
-               inv_cap_b: np.ndarray) -> np.ndarray:
+def _swap_gain(over_a: np.ndarray, over_b: np.ndarray, delta: np.ndarray, inv_cap_a: np.ndarray | None,
+               inv_cap_b: np.ndarray | None) -> np.ndarray:
     """Reduction of the excess (time above target) of workers a and b when a gives a slot of
-    load x and takes one of load y from b, delta = x - y. Arrays broadcast."""
-    return (np.maximum(over_a, 0.0) + np.maximum(over_b, 0.0)
-            - np.maximum(over_a - delta * inv_cap_a, 0.0) - np.maximum(over_b + delta * inv_cap_b, 0.0))
+    load x and takes one of load y from b, delta = x - y (consumed). Arrays broadcast; a
+    capacity of None means 1."""
+    if inv_cap_a is None:
+        new_a = np.subtract(over_a, delta)
+        new_b = np.add(over_b, delta, out=delta)
+    else:
+        new_a = over_a - delta * inv_cap_a
+        new_b = np.add(over_b, np.multiply(delta, inv_cap_b, out=delta), out=delta)
+    np.maximum(new_a, 0.0, out=new_a)
+    np.maximum(new_b, 0.0, out=new_b)
+    new_a += new_b
+    return np.subtract(np.maximum(over_a, 0.0) + np.maximum(over_b, 0.0), new_a, out=new_a)
 
 
 def _swap(phy: np.ndarray, slot_load: np.ndarray, layer: np.ndarray, slot_i: np.ndarray,
