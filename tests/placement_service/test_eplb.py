@@ -122,6 +122,34 @@ def test_deepseek_replicates_the_heaviest_expert():
     assert counts.tolist() == [3, 1, 1, 1]
 
 
+def test_vectorised_greedy_matches_a_plain_loop():
+    """replicate + balanced_pack (batched numpy) against the rules written as plain loops."""
+    import numpy as np
+
+    from placement_service.eplb.common import balanced_pack, replicate
+
+    gen = np.random.default_rng(1)
+    weight = gen.pareto(1.5, size=(5, 12)) + 0.01  # [B, E]
+    num_phy, num_packs = 18, 3
+    phy, logcnt = replicate(weight, num_phy)
+    pack, rank = balanced_pack(weight[np.arange(5)[:, None], phy] / logcnt[np.arange(5)[:, None], phy], num_packs)
+    for row in range(5):
+        counts = [1] * 12
+        for _ in range(num_phy - 12):
+            ratios = [weight[row, e] / counts[e] for e in range(12)]
+            counts[ratios.index(max(ratios))] += 1
+        assert counts == logcnt[row].tolist()
+        items = [weight[row, e] / counts[e] for e in phy[row]]
+        loads, sizes, expect = [0.0] * num_packs, [0] * num_packs, [None] * num_phy
+        for item in sorted(range(num_phy), key=lambda i: -items[i]):
+            open_packs = [p for p in range(num_packs) if sizes[p] < num_phy // num_packs]
+            best = min(open_packs, key=lambda p: loads[p])
+            expect[item] = (best, sizes[best])
+            loads[best] += items[item]
+            sizes[best] += 1
+        assert expect == list(zip(pack[row].tolist(), rank[row].tolist()))
+
+
 # -- auto and hierarchical ------------------------------------------------------------------
 def test_auto_picks_hierarchical_only_when_groups_split_over_nodes():
     assert resolve_algorithm("auto", 8, 4) is EplbAlgorithm.deepseek_hierarchical
@@ -228,6 +256,45 @@ def test_movement_aware_moves_far_fewer_experts_after_drift(exponent):
     assert b_kept > b_before
     moved_kept, moved_scratch = experts_moved(previous, kept), experts_moved(previous, scratch)
     assert moved_kept <= 0.25 * moved_scratch, (moved_kept, moved_scratch)
+
+
+def test_align_to_previous_undoes_worker_and_slot_relabelling():
+    import numpy as np
+
+    from placement_service.eplb.common import align_to_previous
+
+    num_layers, num_logical, num_slots, num_workers = 3, 32, 48, 8
+    weight = zipf_load(num_layers, num_logical, 1.0, seed=16)
+    previous = plan(weight, num_slots, None, 1, num_workers, algorithm="deepseek").numpy()
+    gen = np.random.default_rng(0)
+    shuffled = previous.reshape(num_layers, num_workers, -1).copy()
+    for layer in range(num_layers):
+        shuffled[layer] = shuffled[layer, gen.permutation(num_workers)]
+        for worker in range(num_workers):
+            shuffled[layer, worker] = shuffled[layer, worker, gen.permutation(shuffled.shape[2])]
+    shuffled = shuffled.reshape(num_layers, num_slots)
+    assert (shuffled != previous).sum() > num_slots
+    aligned = align_to_previous(shuffled, previous, num_workers, np.zeros(num_workers, dtype=np.int64))
+    assert (aligned == previous).all()
+    # workers of different classes (e.g. capacities) are never exchanged
+    classes = np.arange(num_workers)
+    assert (align_to_previous(shuffled, previous, num_workers, classes).reshape(num_layers, num_workers, -1)
+            .sum(-1) == shuffled.reshape(num_layers, num_workers, -1).sum(-1)).all()
+
+
+def test_movement_aware_fallback_still_meets_the_target():
+    # with no search steps allowed, every layer that does not fit takes the relabelled reference
+    num_layers, num_logical, num_slots, num_workers = 8, 64, 80, 8
+    weight = zipf_load(num_layers, num_logical, 1.0, seed=17)
+    new_weight = drift(weight, sigma=0.3, seed=18)
+    previous = plan(weight, num_slots, None, 1, num_workers, algorithm="deepseek")
+    from placement_service.eplb.movement_aware import plan_movement_aware
+
+    fallback = plan_movement_aware(new_weight, num_slots, num_workers, previous_phy2log=previous, max_steps=0)
+    scratch = plan(new_weight, num_slots, None, 1, num_workers, algorithm="deepseek")
+    assert_valid(fallback, num_layers, num_logical, num_slots, num_workers)
+    assert balancedness(fallback, new_weight, num_workers) >= 0.99 * balancedness(scratch, new_weight, num_workers)
+    assert experts_moved(previous, fallback) < experts_moved(previous, scratch)
 
 
 def test_movement_aware_replaces_dead_workers_with_few_moves():
