@@ -209,18 +209,34 @@ class GetPlacementRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class GetPlacementResponse(_message.Message):
-    __slots__ = ("map", "balancedness", "eplb_enabled", "eplb_paused", "versions")
+    __slots__ = ("map", "balancedness", "eplb_enabled", "eplb_paused", "versions", "window_balancedness", "window_num_passes", "eplb_algorithm", "rebalance_in_progress", "num_rebalances", "num_rollbacks", "last_rebalance_ms", "last_operation")
     MAP_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
     EPLB_ENABLED_FIELD_NUMBER: _ClassVar[int]
     EPLB_PAUSED_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_NUM_PASSES_FIELD_NUMBER: _ClassVar[int]
+    EPLB_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    REBALANCE_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REBALANCES_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REBALANCE_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OPERATION_FIELD_NUMBER: _ClassVar[int]
     map: ExpertMap
     balancedness: float
     eplb_enabled: bool
     eplb_paused: bool
     versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, map: _Optional[_Union[ExpertMap, _Mapping]] = ..., balancedness: _Optional[float] = ..., eplb_enabled: _Optional[bool] = ..., eplb_paused: _Optional[bool] = ..., versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    window_balancedness: float
+    window_num_passes: int
+    eplb_algorithm: str
+    rebalance_in_progress: bool
+    num_rebalances: int
+    num_rollbacks: int
+    last_rebalance_ms: float
+    last_operation: str
+    def __init__(self, map: _Optional[_Union[ExpertMap, _Mapping]] = ..., balancedness: _Optional[float] = ..., eplb_enabled: _Optional[bool] = ..., eplb_paused: _Optional[bool] = ..., versions: _Optional[_Iterable[int]] = ..., window_balancedness: _Optional[float] = ..., window_num_passes: _Optional[int] = ..., eplb_algorithm: _Optional[str] = ..., rebalance_in_progress: _Optional[bool] = ..., num_rebalances: _Optional[int] = ..., num_rollbacks: _Optional[int] = ..., last_rebalance_ms: _Optional[float] = ..., last_operation: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -241,34 +257,48 @@ class RebalanceRequest(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PlanRebalanceResponse(_message.Message):
-    __slots__ = ("map", "balancedness_before", "balancedness_after", "experts_moved", "bytes_moved", "plan_ms")
+    __slots__ = ("map", "balancedness_before", "balancedness_after", "experts_moved", "bytes_moved", "plan_ms", "algorithm", "changed_layers")
     MAP_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_MOVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     PLAN_MS_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     map: ExpertMap
     balancedness_before: float
     balancedness_after: float
     experts_moved: int
     bytes_moved: int
     plan_ms: float
-    def __init__(self, map: _Optional[_Union[ExpertMap, _Mapping]] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., experts_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., plan_ms: _Optional[float] = ...) -> None: ...
+    algorithm: str
+    changed_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, map: _Optional[_Union[ExpertMap, _Mapping]] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., experts_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., plan_ms: _Optional[float] = ..., algorithm: _Optional[str] = ..., changed_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
-    __slots__ = ("version", "balancedness_before", "balancedness_after", "experts_moved", "duration_ms")
+    __slots__ = ("version", "balancedness_before", "balancedness_after", "experts_moved", "duration_ms", "previous_version", "num_versions", "bytes_moved", "plan_ms", "message")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_MOVED_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_MS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     version: int
     balancedness_before: float
     balancedness_after: float
     experts_moved: int
     duration_ms: float
-    def __init__(self, version: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., experts_moved: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+    previous_version: int
+    num_versions: int
+    bytes_moved: int
+    plan_ms: float
+    message: str
+    def __init__(self, version: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., experts_moved: _Optional[int] = ..., duration_ms: _Optional[float] = ..., previous_version: _Optional[int] = ..., num_versions: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., plan_ms: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SetRedundancyRequest(_message.Message):
     __slots__ = ("num_redundant_experts",)
