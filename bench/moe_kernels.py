@@ -169,23 +169,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def triton_kernels_only(shape: Shape, num_tokens: int, instances, w13, w2):
     """The triton runner's work without the alignment step (alignment done once, outside)."""
-    from kernels.fused_moe import fused_moe_gemv
+    from kernels.fused_moe import experts_aligned, fused_moe_gemv
     from kernels.moe_align import align_by_slot
     from kernels.moe_configs import AlignedConfig, get_config
-    from kernels.moe_down import combine, down_weighted
-    from kernels.moe_gate_up import gate_up_silu
     config = get_config(num_tokens, shape.top_k, shape.num_slots, shape.dim, shape.inter,
                         torch.cuda.get_device_name())
     if not isinstance(config, AlignedConfig):
         return (lambda: [fused_moe_gemv(i.hidden, i.slot_ids, i.weights, w13, w2, config)
-                         for i in instances]), config
+                         for i in instances]), config, None
     aligns = [align_by_slot(i.slot_ids, shape.num_slots, config.gate_up.block_m) for i in instances]
+    padded = sum(int(a.slot_offsets[-1]) for a in aligns)
+    padding = padded / max(sum(i.assignments for i in instances), 1) - 1
 
     def run():
         for inst, al in zip(instances, aligns):
-            act = gate_up_silu(inst.hidden, w13, al, shape.top_k, config.gate_up)
-            combine(down_weighted(act, w2, inst.weights, al, config.down), inst.slot_ids)
-    return run, config
+            experts_aligned(inst.hidden, inst.slot_ids, inst.weights, w13, w2, al, config)
+    return run, config, padding
 
 
 def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, w13, w2,
@@ -212,7 +211,9 @@ def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, 
     if reference is not None:
         row["rel_err_vs_torch"] = rel_err(out, reference)
     if backend == "triton":
-        fn, config = triton_kernels_only(shape, num_tokens, instances, w13, w2)
+        fn, config, padding = triton_kernels_only(shape, num_tokens, instances, w13, w2)
+        if padding is not None:
+            row["padding_rows_frac"] = padding       # padded GEMM rows / real rows - 1
         kms = (time_graph(fn, reps) if graphable else time_eager(fn, reps)) / count
         from kernels.moe_configs import config_to_dict
         row["config"] = config_to_dict(config)
@@ -274,8 +275,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              "flops = 6·local assignments·D·I; roofline = max(bytes/BW, flops/peak)); "
              "`kern` columns leave out the alignment step, like SGLang's kernel-only anchors", "",
              "| model | T | backend | timing | µs | kern µs | TB/s | TFLOP/s | frac BW | frac FLOP | "
-             "frac roofline | kern frac roofline | bound | rel err vs torch | variant |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "frac roofline | kern frac roofline | bound | rel err vs torch | variant | pad rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kern = f"{r['time_kernels_us']:.1f}" if "time_kernels_us" in r else ""
         kfr = f"{r['frac_of_roofline_kernels']:.2f}" if "frac_of_roofline_kernels" in r else ""
@@ -283,7 +284,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {r['model']} | {r['tokens']} | {r['backend']} | {r['timing']} | {r['time_us']:.1f} | "
                      f"{kern} | {r['tb_per_s']:.2f} | {r['tflops']:.0f} | {r['frac_of_bw']:.2f} | "
                      f"{r['frac_of_flops']:.2f} | {r['frac_of_roofline']:.2f} | {kfr} | {r['bound']} | "
-                     f"{err} | {r.get('variant', '')} |")
+                     f"{err} | {r.get('variant', '')} | "
+                     f"{'' if 'padding_rows_frac' not in r else format(r['padding_rows_frac'], '.0%')} |")
     path.write_text("\n".join(lines) + "\n")
 
 

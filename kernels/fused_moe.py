@@ -7,8 +7,9 @@ choices with ``s == -1`` are served by another shard and cost nothing here.
 
 - ``fused_moe_gemv`` (decode, a few tokens): gate_up GEMV with SiLU·mul, then down GEMV with
   the weighted combine fused. 2 launches.
-- ``fused_moe_aligned`` (everything else): align by slot (1 or 3 launches), grouped gate_up
-  GEMM with SiLU·mul, grouped down GEMM with the top-k weights applied, gather-sum combine.
+- ``fused_moe_aligned`` (everything else): align by slot (1 launch, or a memset and 2), grouped
+  gate_up GEMM with SiLU·mul, grouped down GEMM with the top-k weights applied, gather-sum
+  combine. Each GEMM's config picks its pointer or TMA kernel (``TmaGemmConfig``).
 Neither syncs with the host: both are CUDA-graph capturable at any size. Prefill could size
 the GEMM grids exactly with one host sync on the padded total; instead the grid covers the
 worst case and blocks past the total exit at once (a few microseconds at 16k tokens).
@@ -19,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.moe_align import align_by_slot
+from kernels.moe_align import SlotAlignment, align_by_slot
 from kernels.moe_configs import AlignedConfig, MoEConfig
-from kernels.moe_down import combine, down_weighted
-from kernels.moe_gate_up import gate_up_silu
+from kernels.moe_down import combine, down_weighted, down_weighted_tma
+from kernels.moe_gate_up import TmaGemmConfig, gate_up_silu, gate_up_silu_tma
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv
 
 
@@ -48,11 +49,18 @@ def fused_moe_gemv(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.
 def fused_moe_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor, config: AlignedConfig) -> torch.Tensor:
     _check(hidden, slot_ids, weights, w13, w2)
-    hidden = hidden.contiguous()
-    top_k = slot_ids.shape[1]
     align = align_by_slot(slot_ids, w13.shape[0], config.gate_up.block_m)
-    act = gate_up_silu(hidden, w13, align, top_k, config.gate_up)           # [cap, I]
-    rows = down_weighted(act, w2, weights, align, config.down)              # [T*K, D]
+    return experts_aligned(hidden.contiguous(), slot_ids, weights, w13, w2, align, config)
+
+
+def experts_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
+                    w13: torch.Tensor, w2: torch.Tensor, align: SlotAlignment,
+                    config: AlignedConfig) -> torch.Tensor:
+    """The aligned variant after the alignment step: gate_up, down, combine → [T, D]."""
+    gate_up = gate_up_silu_tma if isinstance(config.gate_up, TmaGemmConfig) else gate_up_silu
+    down = down_weighted_tma if isinstance(config.down, TmaGemmConfig) else down_weighted
+    act = gate_up(hidden, w13, align, slot_ids.shape[1], config.gate_up)    # [cap, I]
+    rows = down(act, w2, weights, align, config.down)                       # [T*K, D]
     return combine(rows, slot_ids)
 
 

@@ -17,8 +17,9 @@ computed, written or read for them. ``cap`` is the padded total in the worst cas
 path is CUDA-graph capturable. The order of assignments inside a slot follows atomic
 arrival (it does not change any result: GEMM rows are independent).
 
-Two kernels, picked by size: one program for decode-sized batches (one launch), three
-small launches for prefill-sized ones (a single program would serialise the atomics).
+Two paths, picked by size: one program for small batches (one launch); otherwise a
+memset and two launches (count with atomics, the last program scans; then scatter), since a
+single program serialises the atomics (15 us at 2048 assignments on an H200).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-SINGLE_PROGRAM_MAX_ASSIGNMENTS = 4096
+SINGLE_PROGRAM_MAX_ASSIGNMENTS = 512
 
 
 @dataclass(frozen=True)
@@ -81,21 +82,22 @@ def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, 
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
-def _count_kernel(slot_ids_ptr, counts_ptr, rank_ptr, num_assignments, CHUNK: tl.constexpr):
+def _count_scan_kernel(slot_ids_ptr, counts_ptr, done_ptr, rank_ptr, offsets_ptr, num_assignments,
+                       num_slots, block_m, S_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """Count (ranks from atomics); the last program to finish scans the counts into offsets."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
     valid = s >= 0
     rank = tl.atomic_add(counts_ptr + s, 1, mask=valid)
     tl.store(rank_ptr + offs, rank, mask=valid)
-
-
-@triton.jit
-def _scan_kernel(counts_ptr, offsets_ptr, num_slots, block_m, S_P2: tl.constexpr):
-    slots = tl.arange(0, S_P2)
-    counts = tl.load(counts_ptr + slots, mask=slots < num_slots, other=0)
-    padded = (counts + block_m - 1) // block_m * block_m
-    tl.store(offsets_ptr + 1 + slots, tl.cumsum(padded, axis=0), mask=slots < num_slots)
-    tl.store(offsets_ptr, 0)
+    ticket = tl.atomic_add(done_ptr, 1)                    # acq_rel: orders this program's counts
+    if ticket == tl.num_programs(0) - 1:
+        slots = tl.arange(0, S_P2)
+        counts = tl.atomic_add(counts_ptr + slots, 0, mask=slots < num_slots)
+        counts = tl.where(slots < num_slots, counts, 0)
+        padded = (counts + block_m - 1) // block_m * block_m
+        tl.store(offsets_ptr + 1 + slots, tl.cumsum(padded, axis=0), mask=slots < num_slots)
+        tl.store(offsets_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
@@ -126,13 +128,15 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotA
         counts = torch.empty(num_slots, dtype=torch.int32, device=device)
         _align_single_kernel[(1,)](slot_ids, sorted_ids, offsets, counts, rank,
                                    num_assignments, num_slots, block_m,
-                                   S_P2=s_p2, CHUNK=1024, num_warps=4)
+                                   S_P2=s_p2, CHUNK=512, num_warps=4)
     else:
-        counts = torch.zeros(num_slots, dtype=torch.int32, device=device)
-        chunk = 1024
+        counters = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)  # counts, done
+        counts = counters[:num_slots]
+        chunk = 256
         grid = (triton.cdiv(num_assignments, chunk),)
-        _count_kernel[grid](slot_ids, counts, rank, num_assignments, CHUNK=chunk, num_warps=4)
-        _scan_kernel[(1,)](counts, offsets, num_slots, block_m, S_P2=s_p2, num_warps=4)
+        _count_scan_kernel[grid](slot_ids, counts, counters[num_slots:], rank, offsets,
+                                 num_assignments, num_slots, block_m, S_P2=s_p2, CHUNK=chunk,
+                                 num_warps=4)
         _scatter_kernel[grid](slot_ids, sorted_ids, offsets, rank, num_assignments,
                               CHUNK=chunk, num_warps=4)
     return SlotAlignment(sorted_ids, offsets, counts, block_m)

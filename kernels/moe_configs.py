@@ -8,7 +8,8 @@ count is used. A missing file falls back to a heuristic by rows per slot. Files 
 by ``bench/gpu/tune_moe.py`` on the device and copied here.
 
 An entry is either ``{"variant": "gemv", ...GemvConfig fields}`` or
-``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``.
+``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``; a GEMM
+config with ``"tma": true`` selects that kernel's TMA variant.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kernels.moe_gate_up import GemmConfig
+from kernels.moe_gate_up import GemmConfig, TmaGemmConfig
 from kernels.moe_gemv import GemvConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -39,7 +40,16 @@ MoEConfig = GemvConfig | AlignedConfig
 def config_to_dict(config: MoEConfig) -> dict:
     if isinstance(config, GemvConfig):
         return {"variant": "gemv", **asdict(config)}
-    return {"variant": "aligned", "gate_up": asdict(config.gate_up), "down": asdict(config.down)}
+    return {"variant": "aligned", "gate_up": _gemm_to_dict(config.gate_up), "down": _gemm_to_dict(config.down)}
+
+
+def _gemm_to_dict(config: GemmConfig) -> dict:
+    return {**asdict(config), **({"tma": True} if isinstance(config, TmaGemmConfig) else {})}
+
+
+def _gemm_from_dict(entry: dict) -> GemmConfig:
+    entry = dict(entry)
+    return (TmaGemmConfig if entry.pop("tma", False) else GemmConfig)(**entry)
 
 
 def config_from_dict(entry: dict) -> MoEConfig:
@@ -48,7 +58,7 @@ def config_from_dict(entry: dict) -> MoEConfig:
     if variant == "gemv":
         return GemvConfig(**entry)
     if variant == "aligned":
-        return AlignedConfig(GemmConfig(**entry["gate_up"]), GemmConfig(**entry["down"]))
+        return AlignedConfig(_gemm_from_dict(entry["gate_up"]), _gemm_from_dict(entry["down"]))
     raise ValueError(f"unknown fused-MoE config variant {variant!r}")
 
 
@@ -67,7 +77,7 @@ def load_config_table(num_slots: int, dim: int, inter: int, device_name: str) ->
 def default_config(num_tokens: int, top_k: int, num_slots: int) -> MoEConfig:
     """Heuristic for shapes without a tuned table (rows per slot if every choice were local)."""
     if num_tokens <= 4:
-        return GemvConfig(block_n=8, block_k=512, num_warps=4)
+        return GemvConfig(block_n=8, block_k=1024, num_warps=4, down_block_n=4, down_block_k=256)
     rows_per_slot = num_tokens * top_k / max(num_slots, 1)
     if rows_per_slot <= 16:
         gemm = GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)

@@ -6,8 +6,10 @@ Legend: T tokens, K top-k, A = T*K assignments, D hidden, I intermediate, S loca
 ``rows[a] = weights[a] * (act[p] @ w2[s].T)``, written to row a of ``rows [A, D]``.
 Rows of assignments served elsewhere (-1) are never written.
 
+``down_weighted_tma``: the same, with the act and weight tiles loaded through TMA.
+
 ``combine``: ``out[t] = Σ_k rows[t*K + k]`` over the k with ``slot_ids[t, k] >= 0``, summed
-in float32 in k order (deterministic, no atomics); tokens with no local choice get zeros.
+in float32 in a fixed order (deterministic, no atomics); tokens with no local choice get zeros.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.moe_align import SlotAlignment
 from kernels.moe_gate_up import GemmConfig, _block_slot, _grouped_pid, slot_block
@@ -60,17 +63,16 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
 
 @triton.jit(do_not_specialize=["top_k"])
 def _combine_kernel(rows_ptr, slot_ids_ptr, out_ptr, top_k, D, stride_ra, stride_ot,
-                    BD: tl.constexpr):
+                    K_P2: tl.constexpr, BD: tl.constexpr):
+    """All K rows of a token are loaded at once (one round of memory latency), summed in fp32."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
-    d_ok = offs < D
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for k in range(top_k):
-        s = tl.load(slot_ids_ptr + t * top_k + k)
-        keep = d_ok & ((offs * 0 + s) >= 0)
-        v = tl.load(rows_ptr + (t * top_k + k) * stride_ra + offs, mask=keep, other=0.0)
-        acc += v.to(tl.float32)
-    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+    ks = tl.arange(0, K_P2)
+    s = tl.load(slot_ids_ptr + t * top_k + ks, mask=ks < top_k, other=-1)
+    keep = (s >= 0)[:, None] & (offs < D)[None, :]
+    v = tl.load(rows_ptr + (t * top_k + ks)[:, None] * stride_ra + offs[None, :], mask=keep, other=0.0)
+    acc = tl.sum(v.to(tl.float32), axis=0)
+    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < D)
 
 
 def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -96,7 +98,56 @@ def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
     return rows
 
 
-def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> torch.Tensor:
+@triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
+def _down_tma_kernel(a_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
+                     num_slots, D, I, num_pid_m, stride_ra,
+                     S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    m_start = pid_m * BM
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    row_w = slot * D + pid_n * BN                  # rows past D read the next slot: masked at the store
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        a = a_desc.load([m_start, k0])                                          # [BM, BK]
+        b = w_desc.load([row_w, k0])                                            # [BN, BK]
+        acc = tl.dot(a, b.T, acc)
+    rows = m_start + tl.arange(0, BM)
+    real = (rows - seg_start) < seg_count
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
+    scale = tl.load(topk_w_ptr + aid, mask=real, other=0.0).to(tl.float32)
+    acc = acc * scale[:, None]
+    out_ptrs = rows_ptr + aid[:, None].to(tl.int64) * stride_ra + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(rows_ptr.dtype.element_ty), mask=real[:, None] & (offs_n < D)[None, :])
+
+
+def down_weighted_tma(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                      align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
+    """Like ``down_weighted``, act and weight tiles through TMA → rows [A, D]."""
+    assert act.dim() == 2 and w2.dim() == 3, "act [cap, I], w2 [S, D, I]"
+    num_slots, dim, inter = w2.shape
+    assert act.shape == (align.sorted_ids.numel(), inter) and act.dtype == w2.dtype
+    assert align.block_m % config.block_m == 0, "down BLOCK_M must divide the alignment's"
+    assert act.is_contiguous() and w2.is_contiguous(), "TMA needs contiguous act and w2"
+    assert inter * w2.element_size() % 16 == 0, "TMA needs 16-byte aligned rows"
+    weights = weights.contiguous()
+    rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device)
+    a_desc = TensorDescriptor.from_tensor(act, [config.block_m, config.block_k])
+    w_desc = TensorDescriptor.from_tensor(w2.view(num_slots * dim, inter), [config.block_n, config.block_k])
+    num_pid_m = act.shape[0] // config.block_m
+    grid = (num_pid_m * triton.cdiv(dim, config.block_n),)
+    _down_tma_kernel[grid](
+        a_desc, w_desc, rows, weights, align.sorted_ids, align.slot_offsets, align.slot_counts,
+        num_slots, dim, inter, num_pid_m, rows.stride(0),
+        S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+    return rows
+
+
+def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 512) -> torch.Tensor:
     """rows [T*K, D], slot_ids [T, K] → out [T, D] = Σ_k rows of local choices."""
     num_tokens, top_k = slot_ids.shape
     assert rows.dim() == 2 and rows.shape[0] == num_tokens * top_k, f"rows shape {tuple(rows.shape)}"
@@ -107,7 +158,8 @@ def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> 
         return out
     block_d = min(block_d, triton.next_power_of_2(dim))
     _combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](
-        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4)
+        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0),
+        K_P2=triton.next_power_of_2(top_k), BD=block_d, num_warps=4)
     return out
 
 

@@ -9,6 +9,10 @@ the down GEMM. Each program computes one [BM, BN] tile of gate and the matching 
 up (rows n and I + n of w13), so the [*, 2I] intermediate never reaches memory.
 The grid covers the worst-case number of blocks; blocks past the padded total exit at once
 (no host sync: CUDA-graph capturable).
+
+Two variants: ``gate_up_silu`` loads weight tiles with pointer arithmetic (any shape);
+``gate_up_silu_tma`` loads them through Hopper's TMA engine from a host tensor descriptor
+(rows of D elements must be 16-byte aligned).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.moe_align import SlotAlignment
 
@@ -31,6 +36,11 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class TmaGemmConfig(GemmConfig):
+    """Same tiles; the weight tiles (and contiguous A tiles) load through the TMA engine."""
 
 
 def slot_block(num_slots: int) -> int:
@@ -127,6 +137,66 @@ def gate_up_silu(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, 
         hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n,
         BK=config.block_k, GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return act
+
+
+@triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
+def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
+                        num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                        S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    m_start = pid_m * BM
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    rows = m_start + tl.arange(0, BM)
+    real = (rows - seg_start) < seg_count
+    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
+    tok = (aid // top_k).to(tl.int64)
+    offs_k = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    row_g = slot * (2 * I) + pid_n * BN            # rows past I read up rows: masked at the store
+    row_u = row_g + I
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=real[:, None] & (offs_k < D - k0)[None, :], other=0.0)
+        bg = w_desc.load([row_g, k0])                                           # [BN, BK]
+        bu = w_desc.load([row_u, k0])
+        acc_g = tl.dot(a, bg.T, acc_g)
+        acc_u = tl.dot(a, bu.T, acc_u)
+        a_ptrs += BK
+    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_ap + offs_n[None, :]
+    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_n < I)[None, :])
+
+
+def gate_up_silu_tma(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, top_k: int,
+                     config: GemmConfig) -> torch.Tensor:
+    """Like ``gate_up_silu``, weight tiles through TMA. hidden [T, D], w13 [S, 2I, D] → act [cap, I]."""
+    assert hidden.dim() == 2 and w13.dim() == 3, "hidden [T, D], w13 [S, 2I, D]"
+    num_slots, two_i, dim = w13.shape
+    assert hidden.shape[1] == dim and hidden.dtype == w13.dtype and two_i % 2 == 0
+    assert align.block_m == config.block_m, "alignment and config disagree on BLOCK_M"
+    assert hidden.stride(1) == 1 and w13.is_contiguous(), "w13 must be contiguous for TMA"
+    assert dim * w13.element_size() % 16 == 0, "TMA needs 16-byte aligned weight rows"
+    inter = two_i // 2
+    cap = align.sorted_ids.numel()
+    act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device)
+    w_desc = TensorDescriptor.from_tensor(w13.view(num_slots * two_i, dim), [config.block_n, config.block_k])
+    num_pid_m = align.num_blocks
+    grid = (num_pid_m * triton.cdiv(inter, config.block_n),)
+    _gate_up_tma_kernel[grid](
+        hidden, w_desc, act, align.sorted_ids, align.slot_offsets, align.slot_counts,
+        num_slots, top_k, dim, inter, num_pid_m, hidden.stride(0), act.stride(0),
+        S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
+        GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return act
 

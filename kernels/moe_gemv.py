@@ -9,9 +9,9 @@ each program streams BN rows of one expert's weights against one token's vector.
 
 ``gate_up_silu_gemv``: grid (I / BN, A); ``act[a] = silu(x[t] @ gate.T) * (x[t] @ up.T)``
 for the expert in slot ``slot_ids[a]``; programs of -1 assignments exit at once.
-``down_combine_gemv``: grid (D / BN, T); each program walks its token's K choices in order,
-``out[t] = Σ_k weights[t, k] · act[a] @ w2[s].T`` over local choices, so the weighting and
-the combine are fused and deterministic. Two launches, no host sync, graph capturable.
+``down_combine_gemv``: grid (D / BN, T); each program streams BN rows of all its token's K
+experts at once, ``out[t] = Σ_k weights[t, k] · act[a] @ w2[s].T`` over local choices, so the
+weighting and the combine are fused and deterministic. Two launches, no host sync, graph capturable.
 """
 
 from __future__ import annotations
@@ -70,27 +70,31 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
 @triton.jit(do_not_specialize=["top_k"])
 def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr, top_k, D, I,
                               stride_aa, stride_ws, stride_wn, stride_ot,
-                              BN: tl.constexpr, BK: tl.constexpr):
+                              K_P2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows r = (k, n) of all K choices at once: K times the bytes in flight of a per-k loop."""
     pid_n = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    r = tl.arange(0, K_P2 * BN)
+    kk = r // BN
+    nn = pid_n * BN + r % BN
+    a = t * top_k + kk                                                        # assignment of row r
+    s = tl.load(slot_ids_ptr + a, mask=kk < top_k, other=-1)
+    live = (kk < top_k) & (s >= 0)
+    wk = tl.load(topk_w_ptr + a, mask=live, other=0.0).to(tl.float32)
+    row_ok = live & (nn < D)
+    w_rows = w_ptr + tl.maximum(s, 0).to(tl.int64) * stride_ws + nn.to(tl.int64) * stride_wn
+    a_rows = act_ptr + a * stride_aa
     offs_k = tl.arange(0, BK)
-    n_ok = offs_n < D
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k in range(top_k):
-        a = t * top_k + k
-        s = tl.load(slot_ids_ptr + a)
-        if s >= 0:
-            wk = tl.load(topk_w_ptr + a).to(tl.float32)
-            w_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_n[:, None].to(tl.int64) * stride_wn
-                      + offs_k[None, :])
-            for i0 in range(0, I, BK):
-                k_ok = offs_k < I - i0
-                av = tl.load(act_ptr + a * stride_aa + i0 + offs_k, mask=k_ok, other=0.0)
-                wv = tl.load(w_ptrs + i0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += wv.to(tl.float32) * (av.to(tl.float32) * wk)[None, :]
-    out = tl.sum(acc, axis=1)
-    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    acc = tl.zeros([K_P2 * BN, BK], dtype=tl.float32)
+    for i0 in range(0, I, BK):
+        m = row_ok[:, None] & (offs_k < I - i0)[None, :]
+        wv = tl.load(w_rows[:, None] + i0 + offs_k[None, :], mask=m, other=0.0)
+        av = tl.load(a_rows[:, None] + i0 + offs_k[None, :], mask=m, other=0.0)
+        acc += wv.to(tl.float32) * av.to(tl.float32)
+    part = tl.sum(acc, axis=1) * wk                                           # [K_P2 * BN]
+    out = tl.sum(tl.reshape(part, [K_P2, BN]), axis=0)                        # fixed order over k
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < D)
 
 
 def _check(hidden: torch.Tensor, slot_ids: torch.Tensor, w: torch.Tensor) -> None:
@@ -137,7 +141,8 @@ def down_combine_gemv(act: torch.Tensor, w2: torch.Tensor, slot_ids: torch.Tenso
     grid = (triton.cdiv(dim, bn), num_tokens)
     _down_combine_gemv_kernel[grid](act, w2, out, slot_ids, weights, top_k, dim, inter,
                                     act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-                                    BN=bn, BK=bk, num_warps=config.down_num_warps or config.num_warps)
+                                    K_P2=triton.next_power_of_2(top_k), BN=bn, BK=bk,
+                                    num_warps=config.down_num_warps or config.num_warps)
     return out
 
 

@@ -11,8 +11,10 @@ left() { echo $(( BUDGET - (SECONDS - START) )); }
 LOG=$OUT/log.txt
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
-echo "--- deep_gemm probe" >> "$LOG"
-timeout "${PROBE_S:-80}" bash bench/gpu/probe_deep_gemm.sh >> "$LOG" 2>&1
+if [ "${PROBE:-1}" = 1 ]; then
+    echo "--- deep_gemm probe" >> "$LOG"
+    timeout "${PROBE_S:-80}" bash bench/gpu/probe_deep_gemm.sh >> "$LOG" 2>&1
+fi
 BACKENDS="triton torch"
 if [ -f /tmp/dg_path ]; then
     export PYTHONPATH=$PYTHONPATH:$(cat /tmp/dg_path)

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import moe_kernels as mk  # noqa: E402
 from kernels.moe_align import align_by_slot  # noqa: E402
 from kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  # noqa: E402
                                  config_to_dict)
-from kernels.moe_down import combine, down_weighted  # noqa: E402
-from kernels.moe_gate_up import GemmConfig, gate_up_silu  # noqa: E402
+from kernels.moe_down import combine, down_weighted, down_weighted_tma  # noqa: E402
+from kernels.moe_gate_up import GemmConfig, TmaGemmConfig, gate_up_silu, gate_up_silu_tma  # noqa: E402
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv  # noqa: E402
 
 GEMV_MAX_TOKENS = 16
@@ -42,7 +43,7 @@ def gemv_gate_up_candidates() -> list[GemvConfig]:
 
 
 def gemv_down_candidates() -> list[tuple[int, int, int]]:
-    return [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512) for w in (4, 8)]
+    return [(bn, bk, w) for bn in (2, 4, 8) for bk in (128, 256, 512) for w in (4, 8)]
 
 
 def gemm_candidates(bm: int, kind: str) -> list[GemmConfig]:
@@ -59,7 +60,15 @@ def gemm_candidates(bm: int, kind: str) -> list[GemmConfig]:
         out.append(GemmConfig(128, 128, 128, 8, 8, 3))
         if kind == "down":
             out += [GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 4)]
-    return out
+    return out + [TmaGemmConfig(**asdict(c)) for c in out]
+
+
+def run_gate_up(hidden, w13, align, top_k, cfg):
+    return (gate_up_silu_tma if isinstance(cfg, TmaGemmConfig) else gate_up_silu)(hidden, w13, align, top_k, cfg)
+
+
+def run_down(act, w2, weights, align, cfg):
+    return (down_weighted_tma if isinstance(cfg, TmaGemmConfig) else down_weighted)(act, w2, weights, align, cfg)
 
 
 def block_ms(shape: mk.Shape, num_tokens: int) -> list[int]:
@@ -96,10 +105,10 @@ def _compile_jobs(jobs: list[tuple]) -> list[str]:
             else:
                 align = align_by_slot(inst.slot_ids, shape.num_slots, cfg.block_m)
                 if kind == "gate_up":
-                    gate_up_silu(inst.hidden, w13, align, shape.top_k, cfg)
+                    run_gate_up(inst.hidden, w13, align, shape.top_k, cfg)
                 else:
                     act = torch.zeros(align.sorted_ids.numel(), shape.inter, device="cuda", dtype=torch.bfloat16)
-                    down_weighted(act, w2, inst.weights, align, cfg)
+                    run_down(act, w2, inst.weights, align, cfg)
             torch.cuda.synchronize()
         except Exception as e:
             errors.append(f"{shape_name} {kind} {cfg}: {type(e).__name__}: {str(e)[:200]}")
@@ -179,20 +188,20 @@ def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float) -> di
         align_us = time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, bm), count, reps)
         gu, gu_us, res = best_of(
             gemm_candidates(bm, "gate_up"),
-            lambda c: time_each(lambda j: gate_up_silu(insts[j].hidden, w13, aligns[j], shape.top_k, c), count, reps),
+            lambda c: time_each(lambda j: run_gate_up(insts[j].hidden, w13, aligns[j], shape.top_k, c), count, reps),
             deadline, f"BM={bm} gate_up")
         log["candidates"][f"gate_up_bm{bm}"] = res
         if gu is None:
             continue
-        acts = [gate_up_silu(i.hidden, w13, a, shape.top_k, gu) for i, a in zip(insts, aligns)]
+        acts = [run_gate_up(i.hidden, w13, a, shape.top_k, gu) for i, a in zip(insts, aligns)]
         dn, dn_us, res = best_of(
             gemm_candidates(bm, "down"),
-            lambda c: time_each(lambda j: down_weighted(acts[j], w2, insts[j].weights, aligns[j], c), count, reps),
+            lambda c: time_each(lambda j: run_down(acts[j], w2, insts[j].weights, aligns[j], c), count, reps),
             deadline, f"BM={bm} down")
         log["candidates"][f"down_bm{bm}"] = res
         if dn is None:
             continue
-        rows = [down_weighted(a, w2, i.weights, al, dn) for a, i, al in zip(acts, insts, aligns)]
+        rows = [run_down(a, w2, i.weights, al, dn) for a, i, al in zip(acts, insts, aligns)]
         combine_us = time_each(lambda j: combine(rows[j], insts[j].slot_ids), count, reps)
         total = align_us + gu_us + dn_us + combine_us
         print(f"    BM={bm}: align {align_us:.1f} + gate_up {gu_us:.1f} + down {dn_us:.1f} + combine "

@@ -9,8 +9,10 @@ M rows per slot in the masked layout.
 - Decode: rows packed into [S, M, D] with ``masked_m`` = rows per slot, two
   ``m_grouped_bf16_gemm_nt_masked`` calls.
 Both scale rows by the top-k weights, scatter them to assignment order and sum them with
-``kernels.moe_down.combine``. No host sync. The library is imported when the runner is built;
-if it does not load, building fails with an ImportError that names it.
+``kernels.moe_down.combine``. No host sync. The library is imported and smoke-tested when the
+runner is built; if it does not load or its GEMM fails, building fails with an ImportError
+that names it. (On the H200 machine, torch 2.11: no sgl-deep-gemm wheel works; see
+bench/results/moe_kernels_h200.md.)
 """
 
 from __future__ import annotations
@@ -112,10 +114,32 @@ class DeepGemmMoERunner:
         return self._scatter_rows(y, aid, real, weights, slot_ids.numel())
 
 
+def _smoke_test(deep_gemm, device: torch.device) -> None:
+    """One tiny contiguous grouped GEMM: prebuilt wheels can import on a torch whose ABI they
+    do not match and fail only when called (seen: sgl-deep-gemm 0.2.0 / 0.1.7 on torch 2.11)."""
+    groups, m, n, k = 2, deep_gemm.get_mk_alignment_for_contiguous_layout(), 128, 128
+    a = torch.randn(groups * m, k, device=device).bfloat16()
+    b = torch.randn(groups, n, k, device=device).bfloat16()
+    d = torch.empty(groups * m, n, device=device, dtype=torch.bfloat16)
+    m_indices = torch.arange(groups, device=device, dtype=torch.int32).repeat_interleave(m)
+    try:
+        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        raise ImportError(f"--moe-runner-backend deep_gemm: the `deep_gemm` library imports but its bf16 "
+                          f"grouped GEMM fails ({type(e).__name__}: {e}); the build does not match this "
+                          f"torch ({torch.__version__})") from e
+    ref = torch.einsum("gmk,gnk->gmn", a.view(groups, m, k).float(), b.float()).reshape(groups * m, n)
+    if ((d.float() - ref).norm() / ref.norm()).item() > 1e-2:
+        raise ImportError("--moe-runner-backend deep_gemm: the `deep_gemm` library's bf16 grouped GEMM "
+                          "returns wrong results on this machine")
+
+
 def make_deep_gemm_runner(config: MoERunnerConfig) -> DeepGemmMoERunner:
     deep_gemm = _load_deep_gemm()
     if config.device.type != "cuda":
         raise ValueError(f"--moe-runner-backend deep_gemm needs a CUDA device (got {config.device})")
+    _smoke_test(deep_gemm, config.device)
     return DeepGemmMoERunner(deep_gemm)
 
 

@@ -94,3 +94,24 @@ def test_each_gemv_kernel_against_its_reference(dtype):
     assert rel_err(act[local], ref_act[local]) < TOLERANCE[dtype]
     out = down_combine_gemv(act, w2, slot_ids, weights, GEMV)
     assert rel_err(out, down_combine_gemv_reference(act, w2, slot_ids, weights)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [3, 17])
+def test_fused_moe_aligned_tma(num_tokens, dtype):
+    from kernels.moe_gate_up import TmaGemmConfig
+    # TMA needs 16-byte aligned rows: D and I multiples of 8 here (odd shapes use the pointer kernels)
+    hidden, slot_ids, weights, w13, w2 = make_problem(num_tokens, K, S, 40, 24, dtype, DEVICE,
+                                                      hit_slots=S - 2, seed=num_tokens)
+    config = AlignedConfig(TmaGemmConfig(16, 16, 16, group_m=2), TmaGemmConfig(16, 32, 16, group_m=1))
+    out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, config)
+    assert rel_err(out, fused_moe_reference(hidden, slot_ids, weights, w13, w2)) < TOLERANCE[dtype]
+
+
+def test_config_round_trip():
+    from kernels.moe_configs import config_from_dict, config_to_dict, default_config
+    from kernels.moe_gate_up import TmaGemmConfig
+    configs = [default_config(t, 8, 128) for t in (1, 64, 1024, 20000)]
+    configs.append(AlignedConfig(TmaGemmConfig(64, 128, 64, 8, 4, 3), GemmConfig(32, 64, 64)))
+    for config in configs:
+        assert config_from_dict(config_to_dict(config)) == config
