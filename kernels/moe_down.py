@@ -9,7 +9,7 @@ Rows of assignments served elsewhere (-1) are never written.
 ``down_weighted_tma``: the same, with the act and weight tiles loaded through TMA.
 
 ``combine``: ``out[t] = Σ_k rows[t*K + k]`` over the k with ``slot_ids[t, k] >= 0``, summed
-in float32 in a fixed order (deterministic, no atomics); tokens with no local choice get zeros.
+in float32 in k order (deterministic, no atomics); tokens with no local choice get zeros.
 """
 
 from __future__ import annotations
@@ -63,16 +63,18 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
 
 @triton.jit(do_not_specialize=["top_k"])
 def _combine_kernel(rows_ptr, slot_ids_ptr, out_ptr, top_k, D, stride_ra, stride_ot,
-                    K_P2: tl.constexpr, BD: tl.constexpr):
-    """All K rows of a token are loaded at once (one round of memory latency), summed in fp32."""
+                    BD: tl.constexpr):
+    # Walking k with 1-D loads measured 3-7x faster on an H200 than one masked [K, BD] tile load.
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
-    ks = tl.arange(0, K_P2)
-    s = tl.load(slot_ids_ptr + t * top_k + ks, mask=ks < top_k, other=-1)
-    keep = (s >= 0)[:, None] & (offs < D)[None, :]
-    v = tl.load(rows_ptr + (t * top_k + ks)[:, None] * stride_ra + offs[None, :], mask=keep, other=0.0)
-    acc = tl.sum(v.to(tl.float32), axis=0)
-    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < D)
+    d_ok = offs < D
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for k in range(top_k):
+        s = tl.load(slot_ids_ptr + t * top_k + k)
+        keep = d_ok & ((offs * 0 + s) >= 0)
+        v = tl.load(rows_ptr + (t * top_k + k) * stride_ra + offs, mask=keep, other=0.0)
+        acc += v.to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -147,7 +149,7 @@ def down_weighted_tma(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor
     return rows
 
 
-def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 512) -> torch.Tensor:
+def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> torch.Tensor:
     """rows [T*K, D], slot_ids [T, K] → out [T, D] = Σ_k rows of local choices."""
     num_tokens, top_k = slot_ids.shape
     assert rows.dim() == 2 and rows.shape[0] == num_tokens * top_k, f"rows shape {tuple(rows.shape)}"
@@ -158,8 +160,7 @@ def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 512) -> t
         return out
     block_d = min(block_d, triton.next_power_of_2(dim))
     _combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](
-        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0),
-        K_P2=triton.next_power_of_2(top_k), BD=block_d, num_warps=4)
+        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4)
     return out
 
 

@@ -42,8 +42,10 @@ def gemv_gate_up_candidates() -> list[GemvConfig]:
     return [GemvConfig(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)]
 
 
-def gemv_down_candidates() -> list[tuple[int, int, int]]:
-    return [(bn, bk, w) for bn in (2, 4, 8) for bk in (128, 256, 512) for w in (4, 8)]
+def gemv_down_candidates() -> list[tuple[int, int, int, str]]:
+    all_choices = [(bn, bk, w, "all_choices") for bn in (2, 4, 8) for bk in (128, 256, 512) for w in (4, 8)]
+    per_choice = [(bn, bk, w, "per_choice") for bn in (4, 8, 16) for bk in (256, 512) for w in (4, 8)]
+    return all_choices + per_choice
 
 
 def gemm_candidates(bm: int, kind: str) -> list[GemmConfig]:
@@ -124,8 +126,8 @@ def precompile(shapes: list[mk.Shape], tokens: list[int], workers: int) -> None:
         for t in tokens:
             if t <= GEMV_MAX_TOKENS:
                 jobs.update((compile_shape, "gemv_gate_up", c) for c in gemv_gate_up_candidates())
-                jobs.update((compile_shape, "gemv_down", GemvConfig(8, 512, 4, bn, bk, w))
-                            for bn, bk, w in gemv_down_candidates())
+                jobs.update((compile_shape, "gemv_down", GemvConfig(8, 512, 4, bn, bk, w, v))
+                            for bn, bk, w, v in gemv_down_candidates())
             for bm in block_ms(shape, t):
                 jobs.update((compile_shape, "gate_up", c) for c in gemm_candidates(bm, "gate_up"))
                 jobs.update((compile_shape, "down", c) for c in gemm_candidates(bm, "down"))
@@ -177,7 +179,8 @@ def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float) -> di
         log["candidates"]["gemv_gate_up"] = res
         acts = [gate_up_silu_gemv(i.hidden, w13, i.slot_ids, gu) for i in insts]
         dn, dn_us, res = best_of(
-            [GemvConfig(gu.block_n, gu.block_k, gu.num_warps, bn, bk, w) for bn, bk, w in gemv_down_candidates()],
+            [GemvConfig(gu.block_n, gu.block_k, gu.num_warps, bn, bk, w, v)
+             for bn, bk, w, v in gemv_down_candidates()],
             lambda c: time_each(lambda j: down_combine_gemv(acts[j], w2, insts[j].slot_ids, insts[j].weights, c),
                                 count, reps),
             deadline, "gemv down+combine")
