@@ -240,7 +240,7 @@ def align_to_previous(new: np.ndarray, prev: np.ndarray, num_workers: int,
     num_layers, num_slots = new.shape
     per = num_slots // num_workers
     num_logical = int(max(new.max(), prev.max())) + 2  # ids shifted by 1 so -1 counts too
-    hist_new = _worker_histograms(new, num_workers, num_logical)  # [L, W, E+1]
+    hist_new = _worker_histograms(new, num_workers, num_logical)  # [L, W, ids]
     hist_old = _worker_histograms(prev, num_workers, num_logical)
     overlap = np.matmul(hist_new, hist_old.transpose(0, 2, 1))  # [L, W new pack, W old worker]
     same_class = worker_class[:, None] == worker_class[None, :]
