@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from placement_service.config import MOE_A2A_BACKENDS, PlacementConfig
+from placement_service.config import EPLB_ALGORITHMS, MOE_A2A_BACKENDS, PlacementConfig
 from placement_service.server import start_placement_server
 
 logger = logging.getLogger("placement_service")
@@ -60,6 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--otlp-endpoint", default=None,
                         help="OTLP endpoint for traces (reserved: placement tracing is not built yet) "
                              "(default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
+    eplb = parser.add_argument_group("EPLB and map changes (see docs/operations.md)")
+    eplb.add_argument("--enable-eplb", action="store_true",
+                      help="rebalance expert placement automatically from the load attention workers report")
+    eplb.add_argument("--eplb-algorithm", default="auto", choices=EPLB_ALGORITHMS,
+                      help="planner for EPLB and admin rebalances; auto = SGLang's rule: elasticity_aware when "
+                           "a worker is drained or dead, deepseek_hierarchical when --num-groups divides by "
+                           "--num-nodes, else deepseek (default: auto)")
+    eplb.add_argument("--eplb-rebalance-num-iterations", type=int, default=1000,
+                      help="decide every N forward passes (counted per attention worker from its load "
+                           "reports; the busiest worker's count) (default: 1000)")
+    eplb.add_argument("--eplb-rebalance-layers-per-chunk", type=int, default=0,
+                      help="layers changed per map version during a rebalance; 0 = all at once (default: 0)")
+    eplb.add_argument("--eplb-min-rebalancing-utilization-threshold", type=float, default=1.0,
+                      help="rebalance only when the current balancedness (mean/max load per expert worker) is "
+                           "below this, in [0, 1] (default: 1.0)")
+    eplb.add_argument("--eplb-min-gain", type=float, default=0.05,
+                      help="apply an EPLB plan only when its predicted balancedness gain is >= this times the "
+                           "share of slots it changes (and > 0) (default: 0.05)")
+    eplb.add_argument("--eplb-prepare-timeout-s", type=float, default=120.0,
+                      help="expert workers must load a new map's experts within this, else it is rolled back "
+                           "(default: 120)")
+    eplb.add_argument("--eplb-commit-timeout-s", type=float, default=30.0,
+                      help="attention workers must switch to a committed map within this before older "
+                           "versions are retired (default: 30)")
+    eplb.add_argument("--eplb-expert-dtype-bytes", type=int, default=2, choices=(1, 2, 4, 8),
+                      help="bytes per expert weight element, for the bytes_moved estimate (default: 2, bf16)")
+    eplb.add_argument("--num-nodes", type=int, default=1,
+                      help="nodes the expert workers span, for hierarchical planning (default: 1)")
+    eplb.add_argument("--num-groups", type=int, default=0,
+                      help="the model's expert groups, for hierarchical planning (default: 0 = none)")
     parser.add_argument("--log-level", default=None,
                         help="stderr log level (default: $EPSERVE_LOG_LEVEL or INFO)")
     return parser
@@ -77,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             dist_port=args.dist_port, advertise_host=args.advertise_host,
             heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
             state_db=args.state_db, metrics_port=args.metrics_port,
+            enable_eplb=args.enable_eplb, eplb_algorithm=args.eplb_algorithm,
+            eplb_rebalance_num_iterations=args.eplb_rebalance_num_iterations,
+            eplb_rebalance_layers_per_chunk=args.eplb_rebalance_layers_per_chunk,
+            eplb_min_rebalancing_utilization_threshold=args.eplb_min_rebalancing_utilization_threshold,
+            eplb_min_gain=args.eplb_min_gain, eplb_prepare_timeout_s=args.eplb_prepare_timeout_s,
+            eplb_commit_timeout_s=args.eplb_commit_timeout_s, eplb_expert_dtype_bytes=args.eplb_expert_dtype_bytes,
+            num_nodes=args.num_nodes, num_groups=args.num_groups,
             otlp_endpoint=args.otlp_endpoint if args.otlp_endpoint is not None
             else os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
         stop = threading.Event()

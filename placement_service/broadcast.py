@@ -92,6 +92,10 @@ class Broadcaster(Generic[Item]):
                                    subscription.name, self.max_pending)
                 self.unsubscribe(subscription)
 
+    def subscriber_names(self) -> set[str]:
+        with self._lock:
+            return {subscription.name for subscription in self._subscriptions}
+
     @property
     def num_subscribers(self) -> int:
         with self._lock:

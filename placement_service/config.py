@@ -14,6 +14,7 @@ from pathlib import Path
 from placement_service.model_info import ModelInfo
 
 MOE_A2A_BACKENDS = ("local", "torch", "cuda_ipc", "mooncake", "deepep")
+EPLB_ALGORITHMS = ("auto", "deepseek", "deepseek_hierarchical", "elasticity_aware", "movement_aware")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
@@ -35,6 +36,18 @@ class PlacementConfig:
     metrics_port: int | None = None  # hook for Prometheus metrics (not built yet)
     otlp_endpoint: str = ""  # hook for OTel tracing (not built yet); accepted so launchers can pass it
     shutdown_grace_s: float = 2.0
+    # -- EPLB and map changes (see docs/operations.md) --
+    enable_eplb: bool = False  # rebalance automatically from reported load
+    eplb_algorithm: str = "auto"  # EPLB_ALGORITHMS; auto = SGLang's rule
+    eplb_rebalance_num_iterations: int = 1000  # forward passes between EPLB decisions
+    eplb_rebalance_layers_per_chunk: int = 0  # layers per map version of one rebalance; 0 = all at once
+    eplb_min_rebalancing_utilization_threshold: float = 1.0  # rebalance only below this balancedness
+    eplb_min_gain: float = 0.05  # predicted gain needed for moving every slot (scaled by the share moved)
+    eplb_prepare_timeout_s: float = 120.0  # expert workers must ack PREPARE within this
+    eplb_commit_timeout_s: float = 30.0  # attention workers must switch (ack COMMIT) within this
+    eplb_expert_dtype_bytes: int = 2  # bytes per expert weight element, for bytes_moved (2 = bf16)
+    num_nodes: int = 1  # nodes the expert workers span (hierarchical planning)
+    num_groups: int = 0  # the model's expert groups (hierarchical planning); 0 = none
     model: ModelInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,8 +83,34 @@ class PlacementConfig:
                 f"--heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed two heartbeat intervals "
                 f"({2 * self.heartbeat_interval_ms} ms): a worker is SUSPECT after 2 missed heartbeats "
                 "and DEAD only after the timeout")
+        self._check_eplb()
         if self.advertise_host is None:
             self.advertise_host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+    def _check_eplb(self) -> None:
+        if self.eplb_algorithm not in EPLB_ALGORITHMS:
+            raise ValueError(f"--eplb-algorithm {self.eplb_algorithm!r} is unknown; choose one of "
+                             f"{', '.join(EPLB_ALGORITHMS)}")
+        if self.eplb_rebalance_num_iterations < 1:
+            raise ValueError(f"--eplb-rebalance-num-iterations must be >= 1, got {self.eplb_rebalance_num_iterations}")
+        if self.eplb_rebalance_layers_per_chunk < 0:
+            raise ValueError("--eplb-rebalance-layers-per-chunk must be >= 0 (0 = all layers at once), got "
+                             f"{self.eplb_rebalance_layers_per_chunk}")
+        if not 0.0 <= self.eplb_min_rebalancing_utilization_threshold <= 1.0:
+            raise ValueError("--eplb-min-rebalancing-utilization-threshold must be in [0, 1], got "
+                             f"{self.eplb_min_rebalancing_utilization_threshold}")
+        if self.eplb_min_gain < 0:
+            raise ValueError(f"--eplb-min-gain must be >= 0, got {self.eplb_min_gain}")
+        for name in ("eplb_prepare_timeout_s", "eplb_commit_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.eplb_expert_dtype_bytes not in (1, 2, 4, 8):
+            raise ValueError(f"--eplb-expert-dtype-bytes must be 1, 2, 4 or 8, got {self.eplb_expert_dtype_bytes}")
+        if self.num_nodes < 1 or self.ep_size % self.num_nodes != 0:
+            raise ValueError(f"--num-nodes must be >= 1 and divide --ep-size {self.ep_size}, got {self.num_nodes}")
+        if self.num_groups < 0 or (self.num_groups and self.model.num_experts % self.num_groups != 0):
+            raise ValueError(f"--num-groups must be 0 (none) or divide the {self.model.num_experts} experts, "
+                             f"got {self.num_groups}")
 
     @property
     def num_physical_slots(self) -> int:

@@ -1,34 +1,45 @@
-"""PlacementController: the placement service's logic, free of gRPC.
+"""PlacementController: the placement service's logic and state, free of gRPC.
 
 One lock (``self._lock``) guards the worker registry, the map history and the load stats,
 so every request sees and leaves a consistent state; the state db is written inside the
 same critical section, in the order the state changes. Requests arrive on gRPC threads;
-``check_health`` runs on the monitor thread.
+``check_health`` runs on the monitor thread; map changes are driven by the ``Rebalancer``
+(``rebalancer.py``) through the transition methods below, on an admin RPC's thread or the
+rebalancer thread. Nothing here waits: waiting for acks is the rebalancer's, on the
+``AckBoard`` (whose lock is never taken while holding ``self._lock``).
 
 Flow: Register → rank. Once all N expert workers are registered, map version 1 is built
 (the initial placement with expert workers as slot owners, in rank order) and persisted.
 Once every worker of both roles is registered the deployment is *ready*: every watcher
-gets the current map (COMMIT) with the full DataPlaneInfo, and every later ``push_map``
-version is fanned out through the ``Broadcaster`` (one queue per watcher).
+gets the current map (COMMIT) with the full DataPlaneInfo, and every later version is
+fanned out through the ``Broadcaster`` (one queue per watcher). A watcher that subscribes
+while a PREPARE is in flight gets it right after the current map, so a worker that
+reconnects mid-rebalance still prepares.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import DataPlaneInfo, UpdatePhase, WorkerInfo, WorkerRole
+from epserve.placement_client import DataPlaneInfo, UpdatePhase, WorkerInfo, WorkerRole, WorkerState
+from placement_service.ack_board import AckBoard
 from placement_service.broadcast import Broadcaster, Subscription, SubscriptionClosed
 from placement_service.config import PlacementConfig
-from placement_service.errors import FailedPrecondition, InvalidArgument, Unavailable
+from placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from placement_service.registry import WorkerRegistry
 from placement_service.state import LoadStats, MapHistory, PlacementUpdate, balancedness
 from placement_service.state_db import StateDB
 
 logger = logging.getLogger(__name__)
+
+# JSON-valued settings of the map-change machinery (state_db.py describes each).
+JSON_SETTINGS = ("last_reserved_version", "prepare_version", "operation", "eplb_paused", "drained_workers",
+                 "num_rebalances", "num_rollbacks", "last_rebalance_ms")
 
 
 class PlacementController:
@@ -43,13 +54,23 @@ class PlacementController:
         self._registry = WorkerRegistry(config.dp_size, config.ep_size, config.suspect_after_ms / 1000,
                                         config.heartbeat_timeout_ms / 1000)
         self._maps = MapHistory()
+        self._meta: dict[int, tuple[str, int]] = {}  # version -> (operation, base version)
         self._load = LoadStats()
         self._watchers: Broadcaster[PlacementUpdate] = Broadcaster()
+        self.acks = AckBoard()
+        self._preparing: PlacementUpdate | None = None  # the PREPARE in flight, for late subscribers
         self._ready = False
         self._closing = False
+        self.on_load_report: Callable[[], None] | None = None  # set by the EPLB loop
+        self._settings: dict[str, object] = {}  # JSON_SETTINGS, mirrored in the db
         if db is not None:
+            self._settings = {key: value for key in JSON_SETTINGS
+                              if (value := db.load_json(key)) is not None}
             self._registry.restore(db.load_workers())
-            self._maps.restore(db.load_maps())
+            self._maps.restore(db.load_maps(), int(self._settings.get("last_reserved_version", 0)))
+            self._meta = db.load_meta()
+            for worker_id in self._settings.get("drained_workers", []):
+                self._registry.set_drained(worker_id, True)
             if self._maps.current is not None:
                 logger.info("resumed from %s at map version %d with %d workers", db.path,
                             self._maps.latest_version, len(self._registry.workers()))
@@ -74,29 +95,38 @@ class PlacementController:
                         self._registry.count(WorkerRole.ATTENTION), self.config.dp_size,
                         self._registry.count(WorkerRole.EXPERT), self.config.ep_size)
             self._advance()
-            return record.rank
+            rank = record.rank
+        self.acks.poke()
+        return rank
 
     def heartbeat(self, worker_id: str, map_version: int) -> int:
         """Returns the latest map version (0 while none exists)."""
         with self._lock:
             self._check_open()
             self._registry.heartbeat(worker_id, map_version)
-            return self._maps.latest_version
+            latest = self._maps.latest_version
+        self.acks.poke()
+        return latest
 
     def ack(self, worker_id: str, version: int, phase: int, ok: bool, error: str) -> None:
+        """Any version handed out so far may be acked (a prepared one is not in the history yet,
+        a rolled-back one never will be). Only COMMIT acks move the worker's map_version."""
         with self._lock:
             self._check_open()
             record = self._registry.get(worker_id)
             _check_version("version", version)
             if phase not in set(UpdatePhase):
                 raise InvalidArgument(f"phase {phase} is not an UPDATE_PHASE_* value")
-            self._maps.get(version)  # NotFound for an unknown version
+            if version > self._maps.last_reserved:
+                self._maps.get(version)  # NotFound (or Unavailable before any map)
+            phase = UpdatePhase(phase)
             if ok:
-                record.map_version = max(record.map_version, version)
-                logger.debug("worker %s acked version %d phase %s", worker_id, version, UpdatePhase(phase).name)
+                if phase is UpdatePhase.COMMIT:
+                    record.map_version = max(record.map_version, version)
+                logger.debug("worker %s acked version %d phase %s", worker_id, version, phase.name)
             else:
-                logger.warning("worker %s failed version %d phase %s: %s", worker_id, version,
-                               UpdatePhase(phase).name, error)
+                logger.warning("worker %s failed version %d phase %s: %s", worker_id, version, phase.name, error)
+        self.acks.record(worker_id, version, phase, ok, error)
 
     def report_load(self, worker_id: str, map_version: int, num_layers: int, num_physical_slots: int,
                     slot_token_counts: list[int], num_passes: int) -> None:
@@ -105,13 +135,18 @@ class PlacementController:
             self._registry.get(worker_id)
             _check_version("map_version", map_version)
             expert_map = self._maps.get(map_version)
-            self._load.add(expert_map, num_layers, num_physical_slots, slot_token_counts, num_passes)
+            self._load.add(expert_map, num_layers, num_physical_slots, slot_token_counts, num_passes, worker_id)
+        if self.on_load_report is not None:
+            self.on_load_report()
 
     def subscribe(self, name: str) -> Subscription[PlacementUpdate]:
-        """A watcher's queue, primed with the current map once the deployment is ready."""
+        """A watcher's queue, primed with the current map once the deployment is ready (and the
+        PREPARE in flight, if any)."""
         with self._lock:
             self._check_open()
             initial = [self._update(UpdatePhase.COMMIT, self._maps.current)] if self._ready else []
+            if self._ready and self._preparing is not None:
+                initial.append(self._preparing)
             try:
                 return self._watchers.subscribe(name, initial)
             except SubscriptionClosed:
@@ -120,21 +155,61 @@ class PlacementController:
     def unsubscribe(self, subscription: Subscription[PlacementUpdate]) -> None:
         self._watchers.unsubscribe(subscription)
 
-    # -- admin -----------------------------------------------------------------------------
+    # -- reads -----------------------------------------------------------------------------
     def get_placement(self, version: int) -> tuple[ExpertMap, float, list[int]]:
         """(map, balancedness of its recorded load, all versions); version 0 = current."""
         with self._lock:
             expert_map = self._maps.get(version)
             return expert_map, balancedness(expert_map, self._load.physical(expert_map.version)), self._maps.versions()
 
+    def current_map(self) -> ExpertMap:
+        """Raises Unavailable before the first map."""
+        with self._lock:
+            return self._maps.get(0)
+
+    def version_meta(self, version: int) -> tuple[str, int]:
+        """(operation that made ``version``, version in service when it began); ("", 0) if unknown."""
+        with self._lock:
+            return self._meta.get(version, ("", 0))
+
     def list_workers(self) -> list[WorkerInfo]:
         with self._lock:
             return [record.info() for record in self._registry.workers()]
+
+    def worker(self, worker_id: str) -> WorkerInfo:
+        """Raises NotFound."""
+        with self._lock:
+            return self._registry.get(worker_id).info()
 
     def data_plane(self) -> DataPlaneInfo:
         with self._lock:
             return DataPlaneInfo(self.config.moe_a2a_backend, self.dist_init_addr, self.config.world_size,
                                  tuple(self.list_workers()))
+
+    def load_window(self) -> tuple[torch.Tensor | None, int]:
+        """(tokens per logical expert [L, E] since the last EPLB decision or None, passes in it)."""
+        with self._lock:
+            window, passes = self._load.window()
+            return (None if window is None else window.clone()), passes
+
+    def load_total(self) -> torch.Tensor | None:
+        """Tokens per logical expert [L, E] since start-up (all versions), or None."""
+        with self._lock:
+            total = self._load.logical()
+            return None if total is None else total.clone()
+
+    def reset_load_window(self) -> None:
+        with self._lock:
+            self._load.reset_window()
+
+    def slot_owner_states(self, expert_map: ExpertMap) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(live [W] bool: the slot owner may hold experts, i.e. neither drained nor DEAD;
+        capacity [W] float64, or None when all equal)."""
+        with self._lock:
+            records = [self._registry.get(worker_id) for worker_id in expert_map.slot_owners]
+            live = torch.tensor([not r.drained and r.state != WorkerState.DEAD for r in records])
+            capacity = torch.tensor([r.capacity for r in records], dtype=torch.float64)
+        return live, (None if bool((capacity == capacity[0]).all()) else capacity)
 
     @property
     def is_ready(self) -> bool:
@@ -142,10 +217,107 @@ class PlacementController:
         return self._ready
 
     @property
+    def is_closing(self) -> bool:
+        return self._closing
+
+    @property
     def num_watchers(self) -> int:
         return self._watchers.num_subscribers
 
-    # -- new versions ----------------------------------------------------------------------
+    def unheard_workers(self) -> list[str]:
+        """Workers not yet heard from since a restart (SUSPECT) or not watching placement (and not DEAD)."""
+        watching = self._watchers.subscriber_names()
+        with self._lock:
+            return [r.worker_id for r in self._registry.workers() if r.state != WorkerState.DEAD
+                    and (r.state == WorkerState.SUSPECT or r.worker_id not in watching)]
+
+    # -- map changes (driven by the Rebalancer) ----------------------------------------------
+    def reserve_version(self) -> int:
+        """A version number no map has had or will have again (persisted before it is used)."""
+        with self._lock:
+            self._check_open()
+            version = self._maps.reserve()
+            self._save_json({"last_reserved_version": version})
+            return version
+
+    def waiting_for_prepare(self, version: int) -> tuple[list[str], list[str]]:
+        """(expert workers expected to ack PREPARE ``version`` that have not acked ok, those DEAD)."""
+        acked = self.acks.acks(version, UpdatePhase.PREPARE)
+        with self._lock:
+            experts = [r for r in self._registry.workers() if r.role == WorkerRole.EXPERT]
+        dead = [r.worker_id for r in experts if r.state == WorkerState.DEAD]
+        waiting = [r.worker_id for r in experts if r.state != WorkerState.DEAD
+                   and not (r.worker_id in acked and acked[r.worker_id].ok)]
+        return waiting, dead
+
+    def attention_behind(self, version: int) -> list[str]:
+        """Attention workers (not DEAD) that have not yet switched to ``version`` or later."""
+        with self._lock:
+            return [r.worker_id for r in self._registry.workers()
+                    if r.role == WorkerRole.ATTENTION and r.state != WorkerState.DEAD and r.map_version < version]
+
+    def publish_prepare(self, expert_map: ExpertMap, layers: tuple[int, ...]) -> None:
+        with self._lock:
+            self._check_open()
+            self._check_ready()
+            self._save_json({"prepare_version": {"version": expert_map.version,
+                                                 "phy2log": expert_map.phy2log.tolist(),
+                                                 "slot_owners": list(expert_map.slot_owners)}})
+            self._preparing = self._update(UpdatePhase.PREPARE, expert_map, layers)
+            self._watchers.publish(self._preparing)
+
+    def publish_rollback(self, expert_map: ExpertMap) -> None:
+        """Tell expert workers to drop the prepared ``expert_map``; forget it was in flight."""
+        with self._lock:
+            if self._preparing is not None and self._preparing.expert_map.version == expert_map.version:
+                self._preparing = None
+            self._save_json({"prepare_version": None, "num_rollbacks": self.stat("num_rollbacks") + 1})
+            self._watchers.publish(self._update(UpdatePhase.ROLLBACK, expert_map))
+
+    def commit(self, expert_map: ExpertMap, layers: tuple[int, ...], operation: str, base_version: int,
+               drain: tuple[str, ...] = ()) -> None:
+        """Append the prepared map to the history and publish COMMIT: attention workers switch
+        at their next step boundary. Drained workers afterwards: those drained before or being
+        drained (``drain``), less any other worker the new map gives slots to (persisted with
+        the map in one transaction)."""
+        with self._lock:
+            self._check_open()
+            per = expert_map.slots_per_worker
+            holders = {owner for index, owner in enumerate(expert_map.slot_owners)
+                       if bool((expert_map.phy2log[:, index * per:(index + 1) * per] >= 0).any())}
+            before = {r.worker_id for r in self._registry.workers() if r.drained}
+            drained = (before | set(drain)) - (holders - set(drain))
+            settings = {"prepare_version": None, "drained_workers": sorted(drained)}
+            if self._db is not None:
+                self._db.save_map(expert_map, operation, base_version, settings)
+            self._mirror(settings)
+            for worker_id in before ^ drained:
+                self._registry.set_drained(worker_id, worker_id in drained)
+            self._maps.append(expert_map)
+            self._meta[expert_map.version] = (operation, base_version)
+            self._preparing = None
+            self._watchers.publish(self._update(UpdatePhase.COMMIT, expert_map, layers))
+
+    def publish_retire(self, expert_map: ExpertMap) -> None:
+        """No attention worker routes with versions older than ``expert_map`` any more."""
+        with self._lock:
+            self._watchers.publish(self._update(UpdatePhase.RETIRE, expert_map))
+        self.acks.forget_below(expert_map.version)
+
+    def save_json(self, values: dict[str, object]) -> None:
+        with self._lock:
+            self._save_json(values)
+
+    def load_json(self, key: str, default=None):
+        """One of JSON_SETTINGS (persisted with --state-db, else kept in memory)."""
+        with self._lock:
+            return self._settings.get(key, default)
+
+    def stat(self, key: str) -> int:
+        """A persisted counter (num_rebalances, num_rollbacks)."""
+        return int(self.load_json(key, 0))
+
+    # -- new versions without the protocol (tests, failover hooks) --------------------------
     def push_map(self, phy2log: torch.Tensor, phase: UpdatePhase = UpdatePhase.COMMIT,
                  slot_owners: tuple[str, ...] | None = None) -> ExpertMap:
         """Append phy2log [L, P] as the next version, persist it, and send it to every watcher
@@ -157,7 +329,7 @@ class PlacementController:
                 raise Unavailable("no initial map yet: all expert workers must register first")
             expert_map = self._maps.next(phy2log, current.num_logical_experts,
                                          current.slot_owners if slot_owners is None else slot_owners)
-            self._append(expert_map)
+            self._append(expert_map, "push", current.version)
             if self._ready:
                 self._watchers.publish(self._update(phase, expert_map))
             return expert_map
@@ -166,15 +338,19 @@ class PlacementController:
     def check_health(self) -> None:
         """Called periodically by the monitor thread: SUSPECT / DEAD silent workers."""
         with self._lock:
-            for record, previous in self._registry.check_health():
+            changes = self._registry.check_health()
+            for record, previous in changes:
                 logger.warning("worker %s (%s rank %d) is %s (was %s): last heartbeat at unix ms %d",
                                record.worker_id, record.role.name.lower(), record.rank, record.state.name,
                                previous.name, record.last_heartbeat_unix_ms)
+        if changes:
+            self.acks.poke()
 
     def close(self) -> None:
-        """Refuse further requests (UNAVAILABLE) and end every watch stream."""
+        """Refuse further requests (UNAVAILABLE), stop waiters and end every watch stream."""
         with self._lock:
             self._closing = True
+        self.acks.close()
         self._watchers.close_all()
 
     # -- internals (call with the lock held) -----------------------------------------------
@@ -182,12 +358,18 @@ class PlacementController:
         if self._closing:
             raise Unavailable("placement is shutting down")
 
+    def _check_ready(self) -> None:
+        if not self._ready:
+            raise Unavailable(f"the deployment is not complete yet ({self._registry.count(WorkerRole.ATTENTION)}/"
+                              f"{self.config.dp_size} attention, {self._registry.count(WorkerRole.EXPERT)}/"
+                              f"{self.config.ep_size} expert workers registered)")
+
     def _advance(self) -> None:
         """Build map version 1 once all expert workers are in; announce once everyone is in."""
         if self._maps.current is None and self._registry.is_complete(WorkerRole.EXPERT):
             expert_map = self._maps.next(self._initial_phy2log, self.config.model.num_experts,
                                          self._registry.expert_ids())
-            self._append(expert_map)
+            self._append(expert_map, "initial", 0)
             logger.info("initial expert map version %d: %d layers, %d slots over %d expert workers (%s)",
                         expert_map.version, expert_map.num_layers, expert_map.num_physical_slots,
                         expert_map.num_workers, self.config.init_expert_location)
@@ -197,13 +379,28 @@ class PlacementController:
                         self._maps.latest_version)
             self._watchers.publish(self._update(UpdatePhase.COMMIT, self._maps.current))
 
-    def _append(self, expert_map: ExpertMap) -> None:
+    def _append(self, expert_map: ExpertMap, operation: str, base_version: int) -> None:
         if self._db is not None:
-            self._db.save_map(expert_map)
+            self._db.save_map(expert_map, operation, base_version)
         self._maps.append(expert_map)
+        self._meta[expert_map.version] = (operation, base_version)
 
-    def _update(self, phase: UpdatePhase, expert_map: ExpertMap) -> PlacementUpdate:
-        return PlacementUpdate(phase, expert_map, self.data_plane())
+    def _save_json(self, values: dict[str, object]) -> None:
+        """None deletes a key. Persisted first: memory never runs ahead of the db."""
+        assert set(values) <= set(JSON_SETTINGS), values.keys()
+        if self._db is not None:
+            self._db.save_json(values)
+        self._mirror(values)
+
+    def _mirror(self, values: dict[str, object]) -> None:
+        for key, value in values.items():
+            if value is None:
+                self._settings.pop(key, None)
+            else:
+                self._settings[key] = value
+
+    def _update(self, phase: UpdatePhase, expert_map: ExpertMap, layers: tuple[int, ...] = ()) -> PlacementUpdate:
+        return PlacementUpdate(phase, expert_map, self.data_plane(), tuple(layers))
 
 
 def _check_version(field_name: str, version: int) -> None:

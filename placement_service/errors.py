@@ -35,3 +35,9 @@ class ResourceExhausted(PlacementError):
 class Unavailable(PlacementError):
     """Not ready yet (no map, world incomplete) or shutting down."""
     code = "UNAVAILABLE"
+
+
+class Aborted(PlacementError):
+    """A map change stopped: its prepare failed or timed out and was rolled back. The message
+    says which version is in service."""
+    code = "ABORTED"

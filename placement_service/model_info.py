@@ -29,10 +29,21 @@ class ModelInfo:
     moe_layers: tuple[int, ...]
     num_experts: int  # E, routed (logical) experts per MoE layer
     fingerprint: str
+    hidden_size: int = 0  # D (0 when config.json does not say)
+    moe_intermediate_size: int = 0  # I, per routed expert (0 when config.json does not say)
 
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
+
+    @property
+    def snapshot_name(self) -> str:
+        """The model identity written into exported snapshots and checked on import."""
+        return f"{self.model_type}:{self.fingerprint}"
+
+    def expert_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of one routed expert's weights: gate, up and down projections, 3 * D * I elements."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
 
     @classmethod
     def read(cls, model_path: str | Path) -> ModelInfo:
@@ -68,7 +79,13 @@ class ModelInfo:
         if not moe_layers:
             raise ValueError("config.json describes no MoE layers (check decoder_sparse_step, "
                              "mlp_only_layers / first_k_dense_replace); placement needs at least one")
-        return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint)
+        return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint,
+                   _optional_size(config, "hidden_size"), _optional_size(config, "moe_intermediate_size"))
+
+
+def _optional_size(config: dict, key: str) -> int:
+    value = config.get(key, 0)
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 def _positive(config: dict, key: str) -> int:

@@ -8,6 +8,8 @@ it) when that rank is free.
 Health: ``heartbeat`` marks a worker ALIVE; ``check_health`` (called periodically by the
 monitor thread) marks it SUSPECT after ``suspect_after_s`` without a heartbeat and DEAD
 after ``dead_after_s``. Nothing else reacts yet (elastic failover is a later step).
+A *drained* expert worker (``set_drained``: every slot moved off it by DrainWorker) shows
+DRAINING while it is heard from, DEAD when silent; EPLB plans place nothing on it.
 
 Not thread-safe: ``PlacementController`` calls it under its lock. Times come from the
 injected clocks so tests can drive them.
@@ -38,6 +40,7 @@ class WorkerRecord:
     last_seen_s: float = 0.0  # monotonic clock, for timeouts
     last_heartbeat_unix_ms: int = 0  # wall clock, for people
     map_version: int = 0  # last version the worker acked or reported in a heartbeat
+    drained: bool = False  # DrainWorker moved every slot off it
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, self.role, self.address, self.rank, self.state, self.capacity,
@@ -140,6 +143,12 @@ class WorkerRegistry:
         """Expert worker ids in rank order: the slot owners of a new map."""
         return tuple(r.worker_id for r in self.workers() if r.role == WorkerRole.EXPERT)
 
+    def set_drained(self, worker_id: str, drained: bool) -> None:
+        record = self.get(worker_id)
+        record.drained = drained
+        if record.state != WorkerState.DEAD:
+            record.state = WorkerState.DRAINING if drained else WorkerState.ALIVE
+
     # -- health ----------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, map_version: int) -> WorkerRecord:
         record = self.get(worker_id)
@@ -151,8 +160,7 @@ class WorkerRegistry:
     def _touch(self, record: WorkerRecord) -> None:
         if record.state in (WorkerState.SUSPECT, WorkerState.DEAD):
             logger.info("worker %s (rank %d) is alive again (was %s)", record.worker_id, record.rank, record.state.name)
-        if record.state != WorkerState.DRAINING:
-            record.state = WorkerState.ALIVE
+        record.state = WorkerState.DRAINING if record.drained else WorkerState.ALIVE
         record.last_seen_s = self._clock()
         record.last_heartbeat_unix_ms = int(self._wall_clock() * 1000)
 

@@ -2,14 +2,17 @@
 
 ``start_placement_server(config)`` opens the state db (if any) and checks it belongs to
 this deployment, starts the rendezvous store, reads the initial placement, builds the
-controller, serves Placement + PlacementAdmin (+ health, reflection) and starts the health
-monitor thread. The rendezvous store is the torch.distributed TCPStore every worker joins
+controller, the rebalancer, the admin operations and the EPLB loop, serves Placement +
+PlacementAdmin (+ health, reflection) and starts two threads: the health monitor and the
+rebalancer thread (``EplbLoop.run``: completes a map change a restart interrupted, then
+makes EPLB decisions). The rendezvous store is the torch.distributed TCPStore every worker joins
 the data plane through (as a client); it holds nothing placement needs, so a restarted
 service hosts a fresh one, on the same port when it can.
 
-``PlacementServer.stop()`` undoes it in order: refuse new requests and end watch streams,
-stop the gRPC server (in-flight unary RPCs get the grace period), stop the monitor, drop
-the store, close the db.
+``PlacementServer.stop()`` undoes it in order: refuse new requests, wake every waiter and
+end watch streams (a map change in progress stops where it is, writing nothing more: the
+next start resumes it), stop the gRPC server (in-flight unary RPCs get the grace period),
+stop both threads, drop the store, close the db.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import torch.distributed as dist
 
 from epserve.dataplane.torch_group import start_rendezvous_store
 from epserve.grpc_server import GrpcServer, serve_grpc
+from placement_service.admin import AdminOps
 from placement_service.config import PlacementConfig
 from placement_service.controller import PlacementController
+from placement_service.eplb_loop import EplbLoop
 from placement_service.initial_placement import initial_phy2log
+from placement_service.rebalancer import Rebalancer
 from placement_service.service import PlacementAdminServicer, PlacementServicer
 from placement_service.state_db import StateDB
 from placement_service.threads import start_daemon_thread
@@ -34,13 +40,15 @@ logger = logging.getLogger(__name__)
 
 class PlacementServer:
     def __init__(self, config: PlacementConfig, controller: PlacementController, grpc_server: GrpcServer,
-                 store: dist.TCPStore, db: StateDB | None) -> None:
+                 store: dist.TCPStore, db: StateDB | None, eplb: EplbLoop) -> None:
         self.config, self.controller, self.grpc_server = config, controller, grpc_server
+        self.eplb, self.rebalancer, self.admin = eplb, eplb.rebalancer, eplb.admin
         self._store, self._db = store, db
         self._stop_monitor = threading.Event()
         self._stopped = False
         tick_s = min(config.heartbeat_interval_ms / 4, 500) / 1000
         self._monitor = start_daemon_thread(lambda: self._monitor_loop(tick_s), "placement-health-monitor")
+        self._rebalancer_thread = start_daemon_thread(lambda: eplb.run(self._stop_monitor), "placement-rebalancer")
 
     @property
     def port(self) -> int:
@@ -67,6 +75,7 @@ class PlacementServer:
         self.grpc_server.stop(self.config.shutdown_grace_s)
         self._stop_monitor.set()
         self._monitor.join(timeout=2.0)
+        self._rebalancer_thread.join(timeout=2.0)
         self._store = None  # the TCPStore server stops with its last reference
         if self._db is not None:
             self._db.close()
@@ -81,10 +90,13 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
         store, dist_port = _start_store(config, db)
         dist_init_addr = f"{config.advertise_host}:{dist_port}"
         controller = PlacementController(config, dist_init_addr, phy2log, db)
+        rebalancer = Rebalancer(controller)
+        admin = AdminOps(controller, rebalancer)
+        eplb = EplbLoop(admin, rebalancer)
         grpc_server = serve_grpc(
             [(placement_pb2_grpc.add_PlacementServicer_to_server, PlacementServicer(controller),
               placement_pb2.DESCRIPTOR.services_by_name["Placement"].full_name),
-             (placement_pb2_grpc.add_PlacementAdminServicer_to_server, PlacementAdminServicer(controller),
+             (placement_pb2_grpc.add_PlacementAdminServicer_to_server, PlacementAdminServicer(controller, admin, eplb),
               placement_pb2.DESCRIPTOR.services_by_name["PlacementAdmin"].full_name)],
             config.host, config.port,
             max_workers=2 * config.world_size + 16)  # each watch stream holds a thread
@@ -98,7 +110,12 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
                 "%d experts + %d redundant, rendezvous %s, backend %s)", config.host, grpc_server.port,
                 config.dp_size, config.ep_size, config.model.num_moe_layers, config.model.num_experts,
                 config.ep_num_redundant_experts, dist_init_addr, config.moe_a2a_backend)
-    return PlacementServer(config, controller, grpc_server, store, db)
+    if config.enable_eplb:
+        logger.info("EPLB on: %s every %d forward passes, utilization threshold %g, min gain %g, %s layers per "
+                    "version%s", config.eplb_algorithm, config.eplb_rebalance_num_iterations,
+                    config.eplb_min_rebalancing_utilization_threshold, config.eplb_min_gain,
+                    config.eplb_rebalance_layers_per_chunk or "all", " (paused)" if eplb.paused else "")
+    return PlacementServer(config, controller, grpc_server, store, db, eplb)
 
 
 def start_telemetry(config: PlacementConfig, controller: PlacementController) -> None:

@@ -1,8 +1,11 @@
 """gRPC servicers for Placement and PlacementAdmin: proto ↔ plain values at the edge only.
 
-Each RPC converts its request, calls ``PlacementController``, converts the answer; a
-``PlacementError`` becomes its status code (INVALID_ARGUMENT, NOT_FOUND,
-FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE) with the controller's message.
+Each RPC converts its request, calls ``PlacementController`` (worker RPCs) or ``AdminOps``
+(admin RPCs), converts the answer; a ``PlacementError`` becomes its status code
+(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED,
+UNAVAILABLE) with the message. Map-changing admin RPCs (Rebalance, SetRedundancy,
+Rollback, ImportSnapshot, DrainWorker) answer once the change is committed (or rolled
+back); they hold their gRPC thread meanwhile, never a worker's.
 
 WatchPlacement runs on one gRPC thread per stream, blocked on its own subscription queue
 (``broadcast.Subscription``); it ends when the client cancels (the cancel callback closes
@@ -17,11 +20,16 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_to_proto
 from epserve.placement_client import data_plane_to_proto, worker_info_to_proto
+from placement_service.admin import AdminOps
 from placement_service.broadcast import SubscriptionClosed
 from placement_service.controller import PlacementController
+from placement_service.eplb_loop import EplbLoop
 from placement_service.errors import PlacementError
+from placement_service.planner import RebalancePlan
+from placement_service.rebalancer import ChangeResult
 from placement_service.state import PlacementUpdate
 from protos import placement_pb2, placement_pb2_grpc
 
@@ -101,35 +109,83 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
         return placement_pb2.ReportLoadResponse()
 
 
-def _not_yet(rpc: str) -> Callable:
-    def method(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"not yet supported: {rpc}")
-    method.__name__ = rpc
-    return method
+def plan_to_proto(plan: RebalancePlan, expert_map: ExpertMap) -> placement_pb2.PlanRebalanceResponse:
+    return placement_pb2.PlanRebalanceResponse(
+        map=expert_map_to_proto(expert_map), balancedness_before=plan.balancedness_before,
+        balancedness_after=plan.balancedness_after, experts_moved=plan.experts_moved, bytes_moved=plan.bytes_moved,
+        plan_ms=plan.plan_ms, algorithm=plan.algorithm, changed_layers=list(plan.changed_layers))
+
+
+def change_to_proto(result: ChangeResult) -> placement_pb2.RebalanceResponse:
+    response = placement_pb2.RebalanceResponse(version=result.version, previous_version=result.previous_version,
+                                               num_versions=result.num_versions, duration_ms=result.duration_ms,
+                                               message=result.message)
+    if result.plan is not None:
+        plan = result.plan
+        response.balancedness_before, response.balancedness_after = plan.balancedness_before, plan.balancedness_after
+        response.experts_moved, response.bytes_moved, response.plan_ms = (plan.experts_moved, plan.bytes_moved,
+                                                                          plan.plan_ms)
+    return response
 
 
 class PlacementAdminServicer(placement_pb2_grpc.PlacementAdminServicer):
-    def __init__(self, controller: PlacementController) -> None:
-        self.controller = controller
+    def __init__(self, controller: PlacementController, admin: AdminOps, eplb: EplbLoop) -> None:
+        self.controller, self.admin, self.eplb = controller, admin, eplb
 
     @_status_errors
     def GetPlacement(self, request: placement_pb2.GetPlacementRequest, context) -> placement_pb2.GetPlacementResponse:
         expert_map, balancedness, versions = self.controller.get_placement(request.version)
-        return placement_pb2.GetPlacementResponse(map=expert_map_to_proto(expert_map), balancedness=balancedness,
-                                                  eplb_enabled=False, eplb_paused=False, versions=versions)
+        status = self.admin.status(expert_map)
+        return placement_pb2.GetPlacementResponse(
+            map=expert_map_to_proto(expert_map), balancedness=balancedness, eplb_enabled=self.eplb.enabled,
+            eplb_paused=self.eplb.paused, versions=versions, window_balancedness=status.window_balancedness,
+            window_num_passes=status.window_num_passes, eplb_algorithm=self.controller.config.eplb_algorithm,
+            rebalance_in_progress=status.rebalance_in_progress, num_rebalances=status.num_rebalances,
+            num_rollbacks=status.num_rollbacks, last_rebalance_ms=status.last_rebalance_ms,
+            last_operation=status.last_operation)
 
     @_status_errors
     def ListWorkers(self, request: placement_pb2.ListWorkersRequest, context) -> placement_pb2.ListWorkersResponse:
         return placement_pb2.ListWorkersResponse(
             workers=[worker_info_to_proto(info) for info in self.controller.list_workers()])
 
-    # Rebalancing, redundancy changes, snapshots and draining come with live rebalancing.
-    PlanRebalance = _not_yet("PlanRebalance")
-    Rebalance = _not_yet("Rebalance")
-    SetRedundancy = _not_yet("SetRedundancy")
-    Rollback = _not_yet("Rollback")
-    PauseEplb = _not_yet("PauseEplb")
-    ResumeEplb = _not_yet("ResumeEplb")
-    ExportSnapshot = _not_yet("ExportSnapshot")
-    ImportSnapshot = _not_yet("ImportSnapshot")
-    DrainWorker = _not_yet("DrainWorker")
+    @_status_errors
+    def PlanRebalance(self, request: placement_pb2.RebalanceRequest, context) -> placement_pb2.PlanRebalanceResponse:
+        plan = self.admin.plan(request.algorithm, list(request.layers))
+        current = self.controller.current_map()
+        planned = ExpertMap(plan.phy2log, current.num_logical_experts, 0, current.slot_owners)
+        return plan_to_proto(plan, planned)
+
+    @_status_errors
+    def Rebalance(self, request: placement_pb2.RebalanceRequest, context) -> placement_pb2.RebalanceResponse:
+        return change_to_proto(self.admin.rebalance(request.algorithm, list(request.layers)))
+
+    @_status_errors
+    def SetRedundancy(self, request: placement_pb2.SetRedundancyRequest, context) -> placement_pb2.RebalanceResponse:
+        return change_to_proto(self.admin.set_redundancy(request.num_redundant_experts))
+
+    @_status_errors
+    def Rollback(self, request: placement_pb2.RollbackRequest, context) -> placement_pb2.RebalanceResponse:
+        return change_to_proto(self.admin.rollback())
+
+    @_status_errors
+    def PauseEplb(self, request: placement_pb2.PauseEplbRequest, context) -> placement_pb2.EplbStateResponse:
+        self.eplb.pause()
+        return placement_pb2.EplbStateResponse(enabled=self.eplb.enabled, paused=self.eplb.paused)
+
+    @_status_errors
+    def ResumeEplb(self, request: placement_pb2.ResumeEplbRequest, context) -> placement_pb2.EplbStateResponse:
+        self.eplb.resume()
+        return placement_pb2.EplbStateResponse(enabled=self.eplb.enabled, paused=self.eplb.paused)
+
+    @_status_errors
+    def ExportSnapshot(self, request: placement_pb2.ExportSnapshotRequest, context) -> placement_pb2.Snapshot:
+        return placement_pb2.Snapshot(json=self.admin.export_snapshot())
+
+    @_status_errors
+    def ImportSnapshot(self, request: placement_pb2.Snapshot, context) -> placement_pb2.RebalanceResponse:
+        return change_to_proto(self.admin.import_snapshot(request.json))
+
+    @_status_errors
+    def DrainWorker(self, request: placement_pb2.DrainWorkerRequest, context) -> placement_pb2.RebalanceResponse:
+        return change_to_proto(self.admin.drain(request.worker_id))

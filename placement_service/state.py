@@ -2,13 +2,17 @@
 
 Legend: L MoE layers, E logical experts, P physical slots, W expert workers.
 
-``MapHistory`` is append-only: version 1 is the initial map, every later plan (EPLB, admin,
-failover) is appended as the next version and pushed by ``PlacementController``; old
-versions stay readable (GetPlacement by number, load reports that lag a switch).
+``MapHistory`` is append-only: version 1 is the initial map, every later committed plan
+(EPLB, admin, failover) is appended and pushed by ``PlacementController``; old versions stay
+readable (GetPlacement by number, load reports that lag a switch). Version numbers are
+never reused: a version prepared and then rolled back keeps its number (``reserve``), so
+the history may skip it (e.g. 1, 2, 4) and no worker can confuse two maps of one number.
 
 ``LoadStats`` accumulates ReportLoad windows per map version: physical counts [L, P]
 (slot numbers only mean something under their own map) and logical counts [L, E] summed
-over all versions, which is what a rebalancing plan consumes.
+over all versions. It also keeps the *EPLB window*: logical counts [L, E] and forward
+passes per attention worker since the last EPLB decision (``reset_window``), which is what
+a rebalancing plan consumes.
 
 Neither class locks; ``PlacementController`` serializes access. Neither touches disk;
 persistence is ``state_db.StateDB``.
@@ -28,11 +32,23 @@ from placement_service.errors import InvalidArgument, NotFound, Unavailable
 class MapHistory:
     def __init__(self) -> None:
         self._maps: dict[int, ExpertMap] = {}
+        self._last_reserved = 0
 
-    def restore(self, maps: list[ExpertMap]) -> None:
+    def restore(self, maps: list[ExpertMap], last_reserved: int = 0) -> None:
         for expert_map in maps:
             assert expert_map.version >= 1 and expert_map.version not in self._maps, expert_map.version
             self._maps[expert_map.version] = expert_map
+        self._last_reserved = max(self._last_reserved, last_reserved)
+
+    @property
+    def last_reserved(self) -> int:
+        """The highest version number handed out so far (committed or not)."""
+        return max(self.latest_version, self._last_reserved)
+
+    def reserve(self) -> int:
+        """A fresh version number for a map to be prepared; it is never handed out again."""
+        self._last_reserved = self.last_reserved + 1
+        return self._last_reserved
 
     @property
     def latest_version(self) -> int:
@@ -58,16 +74,17 @@ class MapHistory:
 
     def next(self, phy2log: torch.Tensor, num_logical: int, slot_owners: tuple[str, ...]) -> ExpertMap:
         """The map that ``append`` would accept as the next version (validated, not stored)."""
-        return ExpertMap(phy2log, num_logical, self.latest_version + 1, slot_owners)
+        return ExpertMap(phy2log, num_logical, self.last_reserved + 1, slot_owners)
 
     def append(self, expert_map: ExpertMap) -> None:
-        assert expert_map.version == self.latest_version + 1, (
+        assert expert_map.version > self.latest_version, (
             f"version {expert_map.version} does not follow {self.latest_version}")
         current = self.current
         if current is not None:
             assert expert_map.num_layers == current.num_layers, "layer count cannot change between versions"
             assert expert_map.num_logical_experts == current.num_logical_experts
         self._maps[expert_map.version] = expert_map
+        self._last_reserved = max(self._last_reserved, expert_map.version)
 
 
 class LoadStats:
@@ -76,10 +93,13 @@ class LoadStats:
         self._logical: torch.Tensor | None = None  # [L, E] int64, over all versions
         self.num_reports = 0
         self.num_passes = 0
+        self._window: torch.Tensor | None = None  # [L, E] int64, since the last reset_window
+        self._window_passes: dict[str, int] = {}  # attention worker -> passes since the last reset
 
     def add(self, expert_map: ExpertMap, num_layers: int, num_physical_slots: int,
-            slot_token_counts: list[int], num_passes: int) -> None:
-        """One ReportLoad window measured under ``expert_map``. Raises InvalidArgument naming the field."""
+            slot_token_counts: list[int], num_passes: int, worker_id: str = "") -> None:
+        """One ReportLoad window measured under ``expert_map`` by ``worker_id``. Raises
+        InvalidArgument naming the field."""
         if num_layers != expert_map.num_layers:
             raise InvalidArgument(f"num_layers {num_layers} != {expert_map.num_layers} MoE layers of map "
                                   f"version {expert_map.version}")
@@ -101,9 +121,22 @@ class LoadStats:
             self._logical = torch.zeros(num_layers, expert_map.num_logical_experts, dtype=torch.int64)
         valid = expert_map.phy2log >= 0  # [L, P]
         layer_index = torch.arange(num_layers).unsqueeze(1).expand_as(counts)
-        self._logical.index_put_((layer_index[valid], expert_map.phy2log[valid]), counts[valid], accumulate=True)
+        logical = torch.zeros_like(self._logical)  # [L, E]
+        logical.index_put_((layer_index[valid], expert_map.phy2log[valid]), counts[valid], accumulate=True)
+        self._logical += logical
+        self._window = logical if self._window is None else self._window + logical
+        self._window_passes[worker_id] = self._window_passes.get(worker_id, 0) + num_passes
         self.num_reports += 1
         self.num_passes += num_passes
+
+    def window(self) -> tuple[torch.Tensor | None, int]:
+        """(tokens per logical expert [L, E] since the last ``reset_window`` or None, forward
+        passes in it: the most any one reporting worker ran)."""
+        return self._window, max(self._window_passes.values(), default=0)
+
+    def reset_window(self) -> None:
+        self._window = None
+        self._window_passes = {}
 
     def physical(self, version: int) -> torch.Tensor | None:
         """[L, P] tokens per slot reported under ``version``, or None if nothing was reported."""

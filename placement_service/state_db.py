@@ -4,12 +4,18 @@ Every write the service makes to disk is a method of this class; each is one tra
 Tables:
 
 - ``settings``     key → value: the deployment the db belongs to (model fingerprint, sizes)
-                   and the rendezvous port; a restart with other settings is refused.
-- ``map_versions`` one row per expert-map version: phy2log [L, P] as little-endian int32
-                   bytes, slot owners (JSON), checksum, created time.
+                   and the rendezvous port; a restart with other settings is refused. Also
+                   the map-change state (JSON values): ``last_reserved_version`` (version
+                   numbers are never reused), ``prepare_version`` (a PREPARE in flight),
+                   ``operation`` (the map change in progress: its target and base version),
+                   ``eplb_paused``, ``drained_workers``, ``num_rebalances``, ``num_rollbacks``.
+- ``map_versions`` one row per committed expert-map version: phy2log [L, P] as little-endian
+                   int32 bytes, slot owners (JSON), checksum, created time.
+- ``map_version_meta`` per committed version: the operation that made it and the version in
+                   service when that operation began (what ``Rollback`` returns to).
 - ``workers``      the registry: id, role, rank, address, capacity, device.
 
-A restarted service loads all three, so it resumes at the same map version and gives every
+A restarted service loads them all, so it resumes at the same map version and gives every
 worker its old rank. Calls come from gRPC threads; an internal lock serializes them.
 """
 
@@ -39,6 +45,11 @@ CREATE TABLE IF NOT EXISTS map_versions (
     slot_owners TEXT NOT NULL,
     checksum TEXT NOT NULL,
     created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS map_version_meta (
+    version INTEGER PRIMARY KEY,
+    operation TEXT NOT NULL,
+    base_version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS workers (
     worker_id TEXT PRIMARY KEY,
@@ -83,6 +94,18 @@ class StateDB:
             maps.append(expert_map)
         return maps
 
+    def load_meta(self) -> dict[int, tuple[str, int]]:
+        """version → (operation, base version) of every committed version that has them."""
+        with self._lock:
+            rows = self._conn.execute("SELECT version, operation, base_version FROM map_version_meta").fetchall()
+        return {version: (operation, base) for version, operation, base in rows}
+
+    def load_json(self, key: str, default=None):
+        """A JSON-valued setting, or ``default`` when absent."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
     def load_workers(self) -> list[WorkerRecord]:
         with self._lock:
             rows = self._conn.execute(
@@ -96,7 +119,10 @@ class StateDB:
             self._conn.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
                                    list(settings.items()))
 
-    def save_map(self, expert_map: ExpertMap) -> None:
+    def save_map(self, expert_map: ExpertMap, operation: str = "", base_version: int = 0,
+                 json_settings: dict[str, object] | None = None) -> None:
+        """Commit a version, with its operation meta and JSON settings (None values delete the
+        key), in one transaction: a crash leaves either all of it or none."""
         blob = expert_map.phy2log.numpy().astype("<i4").tobytes()
         with self._lock, self._conn:
             self._conn.execute(
@@ -105,6 +131,23 @@ class StateDB:
                 (expert_map.version, expert_map.num_layers, expert_map.num_physical_slots,
                  expert_map.num_logical_experts, blob, json.dumps(list(expert_map.slot_owners)),
                  expert_map.checksum, _now_ms()))
+            if operation:
+                self._conn.execute("INSERT OR REPLACE INTO map_version_meta (version, operation, base_version) "
+                                   "VALUES (?, ?, ?)", (expert_map.version, operation, base_version))
+            self._write_json(json_settings or {})
+
+    def save_json(self, values: dict[str, object]) -> None:
+        """JSON-valued settings in one transaction; a None value deletes the key."""
+        with self._lock, self._conn:
+            self._write_json(values)
+
+    def _write_json(self, values: dict[str, object]) -> None:
+        for key, value in values.items():
+            if value is None:
+                self._conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                self._conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                                   (key, json.dumps(value)))
 
     def save_worker(self, record: WorkerRecord) -> None:
         with self._lock, self._conn:

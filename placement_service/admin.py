@@ -1,0 +1,244 @@
+"""AdminOps: the PlacementAdmin operations as plain methods (the servicer only converts).
+
+Legend: L MoE layers, E logical experts, R redundant, P = E + R physical slots, W expert workers.
+
+Each operation checks its request (InvalidArgument naming the field, NotFound for unknown
+workers / versions, FailedPrecondition for a snapshot of another model or a plan that
+cannot be made), then hands a target to the ``Rebalancer``, which applies it make-before-
+break — so on any error before the first commit the map in service is untouched.
+
+Load used for planning: the EPLB window (since the last EPLB decision) when it holds any
+tokens, else everything reported since start-up. Rebalance and PlanRebalance need load;
+SetRedundancy and DrainWorker plan from uniform load when none was reported.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from epserve.expert_map import ExpertMap
+from epserve.placement_client import WorkerRole
+from placement_service import snapshot
+from placement_service.config import EPLB_ALGORITHMS
+from placement_service.controller import PlacementController
+from placement_service.errors import FailedPrecondition, InvalidArgument
+from placement_service.planner import (PlanSettings, RebalancePlan, measure_change, plan_rebalance,
+                                       predicted_balancedness)
+from placement_service.rebalancer import ChangeResult, MapChange, Rebalancer
+
+
+@dataclass(frozen=True)
+class PlacementStatus:
+    """What GetPlacement adds to the map: EPLB's view and map-change counters."""
+    window_balancedness: float
+    window_num_passes: int
+    rebalance_in_progress: bool
+    num_rebalances: int
+    num_rollbacks: int
+    last_rebalance_ms: float
+    last_operation: str
+
+
+class AdminOps:
+    def __init__(self, controller: PlacementController, rebalancer: Rebalancer) -> None:
+        self.controller, self.rebalancer = controller, rebalancer
+        self.config = controller.config
+        self.model = controller.config.model
+        self.expert_bytes = self.model.expert_bytes(self.config.eplb_expert_dtype_bytes)
+
+    def status(self, expert_map: ExpertMap) -> PlacementStatus:
+        window, passes = self.controller.load_window()
+        live, capacity = self.controller.slot_owner_states(expert_map)
+        return PlacementStatus(
+            window_balancedness=predicted_balancedness(expert_map.phy2log, window, expert_map.num_workers,
+                                                       capacity, live),
+            window_num_passes=passes, rebalance_in_progress=self.rebalancer.in_progress,
+            num_rebalances=self.controller.stat("num_rebalances"), num_rollbacks=self.controller.stat("num_rollbacks"),
+            last_rebalance_ms=float(self.controller.load_json("last_rebalance_ms", 0.0)),
+            last_operation=self.controller.version_meta(expert_map.version)[0])
+
+    # -- planning --------------------------------------------------------------------------
+    def plan(self, algorithm: str = "", layers: list[int] | None = None) -> RebalancePlan:
+        """Dry run: what Rebalance would do now."""
+        _check_algorithm(algorithm)
+        current = self.controller.current_map()
+        layers = _check_layers(layers, current.num_layers)
+        return self.plan_for(current, self.load(required=True), algorithm, layers)
+
+    def plan_for(self, current: ExpertMap, weight: torch.Tensor, algorithm: str = "",
+                 layers: list[int] | None = None, num_physical_slots: int | None = None,
+                 exclude: tuple[str, ...] = ()) -> RebalancePlan:
+        """Plan against ``current`` for load ``weight`` [L, E]; ``exclude``: workers to empty."""
+        live, capacity = self.controller.slot_owner_states(current)
+        for worker_id in exclude:
+            live[current.slot_owners.index(worker_id)] = False
+        settings = PlanSettings(algorithm or self.config.eplb_algorithm, self.config.num_groups,
+                                self.config.num_nodes, self.expert_bytes)
+        try:
+            return plan_rebalance(weight, current.phy2log, current.num_workers, settings,
+                                  num_physical_slots=num_physical_slots, live_workers=live,
+                                  worker_capacity=capacity, layers=layers)
+        except ValueError as exc:
+            raise FailedPrecondition(f"cannot plan: {exc}") from None
+
+    def load(self, required: bool) -> torch.Tensor | None:
+        """Load per logical expert [L, E] to plan with (see the module docstring)."""
+        window, _ = self.controller.load_window()
+        if window is not None and int(window.sum()) > 0:
+            return window.to(torch.float64)
+        total = self.controller.load_total()
+        if total is not None and int(total.sum()) > 0:
+            return total.to(torch.float64)
+        if required:
+            raise FailedPrecondition("no expert load has been reported yet: serve some traffic first "
+                                     "(attention workers report every --load-report-interval-s)")
+        return None
+
+    def _uniform_or_load(self) -> torch.Tensor:
+        load = self.load(required=False)
+        return load if load is not None else torch.ones(self.model.num_moe_layers, self.model.num_experts,
+                                                        dtype=torch.float64)
+
+    # -- map changes -----------------------------------------------------------------------
+    def rebalance(self, algorithm: str = "", layers: list[int] | None = None) -> ChangeResult:
+        _check_algorithm(algorithm)
+        self.controller.current_map()  # Unavailable before the first map
+        weight = self.load(required=True)
+
+        def change(current: ExpertMap) -> MapChange:
+            plan = self.plan_for(current, weight, algorithm, _check_layers(layers, current.num_layers))
+            return MapChange("rebalance", plan.phy2log, plan)
+
+        return self.rebalancer.apply("rebalance", change)
+
+    def set_redundancy(self, num_redundant: int) -> ChangeResult:
+        num_experts = self.model.num_experts
+        if num_redundant < 0:
+            raise InvalidArgument(f"num_redundant_experts must be >= 0, got {num_redundant}")
+        weight = self._uniform_or_load()
+
+        def change(current: ExpertMap) -> MapChange | None:
+            num_slots, num_workers = num_experts + num_redundant, current.num_workers
+            if num_slots % num_workers:
+                raise InvalidArgument(
+                    f"num_redundant_experts {num_redundant}: {num_experts} experts + {num_redundant} = {num_slots} "
+                    f"slots do not split evenly over {num_workers} expert workers; choose a value with "
+                    f"(E + R) % {num_workers} == 0, e.g. {num_redundant + (-num_slots) % num_workers}")
+            if num_slots == current.num_physical_slots:
+                return None
+            plan = self.plan_for(current, weight, num_physical_slots=num_slots)
+            return MapChange("set_redundancy", plan.phy2log, plan)
+
+        return self.rebalancer.apply("set_redundancy", change)
+
+    def rollback(self) -> ChangeResult:
+        """Back to the map in service before the operation that made the current version (itself
+        a make-before-break change, to a new version number)."""
+        def change(current: ExpertMap) -> MapChange:
+            operation, base = self.controller.version_meta(current.version)
+            if not base:
+                versions = self.controller.get_placement(0)[2]
+                base = versions[-2] if len(versions) > 1 and operation != "initial" else 0
+            if not base:
+                raise FailedPrecondition(f"version {current.version} is the initial map; there is no previous "
+                                         "version to roll back to")
+            target = self.controller.get_placement(base)[0]
+            plan = measure_change(self.load(required=False), current.phy2log, target.phy2log, current.num_workers,
+                                  self.expert_bytes, current.num_logical_experts)
+            return MapChange("rollback", target.phy2log, plan)
+
+        return self.rebalancer.apply("rollback", change)
+
+    def drain(self, worker_id: str) -> ChangeResult:
+        info = self.controller.worker(worker_id)  # NotFound
+        if info.role != WorkerRole.EXPERT:
+            raise InvalidArgument(f"worker {worker_id} is an attention worker; only expert workers hold slots")
+        if info.state.name == "DRAINING":
+            raise FailedPrecondition(f"expert worker {worker_id} is already drained")
+        weight = self._uniform_or_load()
+
+        def change(current: ExpertMap) -> MapChange:
+            plan = self.plan_for(current, weight, "elasticity_aware", exclude=(worker_id,))
+            return MapChange("drain", plan.phy2log, plan, drain=(worker_id,))
+
+        return self.rebalancer.apply(f"drain {worker_id}", change)
+
+    # -- snapshots -------------------------------------------------------------------------
+    def export_snapshot(self) -> str:
+        """The current map (and load since start-up, if any) in the --init-expert-location JSON format."""
+        current = self.controller.current_map()
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "snapshot.json"
+            snapshot.save_snapshot(path, num_logical_experts=current.num_logical_experts,
+                                   physical_to_logical_map=current.phy2log, logical_count=self.controller.load_total(),
+                                   model_name=self.model.snapshot_name)
+            return path.read_text()
+
+    def import_snapshot(self, text: str) -> ChangeResult:
+        """Apply a snapshot's map as is, or a plan from its logical_count. Another model's
+        snapshot → FailedPrecondition; malformed content → InvalidArgument."""
+        loaded = _parse_snapshot(text)
+        num_layers, num_experts = self.model.num_moe_layers, self.model.num_experts
+        for field, theirs, ours in (("num_layers", loaded.num_layers, num_layers),
+                                    ("num_logical_experts", loaded.num_logical_experts, num_experts),
+                                    ("model_name", loaded.model_name, self.model.snapshot_name)):
+            if theirs is not None and theirs != ours:
+                raise FailedPrecondition(f"the snapshot is of another model: its {field} is {theirs!r}, this "
+                                         f"deployment's is {ours!r}")
+
+        def change(current: ExpertMap) -> MapChange:
+            phy2log = loaded.physical_to_logical_map
+            num_slots = None if phy2log is None else phy2log.shape[1]
+            if num_slots is not None and num_slots % current.num_workers:
+                raise InvalidArgument(f"physical_to_logical_map has {num_slots} slots per layer, which do not "
+                                      f"split evenly over {current.num_workers} expert workers")
+            try:
+                loaded.validate(num_layers=num_layers, num_logical_experts=num_experts, num_physical_slots=num_slots)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            if phy2log is not None:
+                plan = measure_change(self.load(required=False), current.phy2log, phy2log, current.num_workers,
+                                      self.expert_bytes, num_experts)
+                return MapChange("import", phy2log, plan)
+            plan = self.plan_for(current, loaded.logical_count)
+            return MapChange("import", plan.phy2log, plan)
+
+        return self.rebalancer.apply("import", change)
+
+
+def _parse_snapshot(text: str) -> snapshot.ExpertSnapshot:
+    """snapshot.py's own loader on the request's JSON (one format, one parser)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"snapshot json is not valid JSON: {exc}") from None
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "request.json"
+        path.write_text(text)
+        try:
+            loaded = snapshot.load_snapshot(path)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc).replace(str(path), "(request)")) from None
+    return loaded
+
+
+def _check_algorithm(algorithm: str) -> None:
+    if algorithm and algorithm not in EPLB_ALGORITHMS:
+        raise InvalidArgument(f"algorithm {algorithm!r} is unknown; choose one of {', '.join(EPLB_ALGORITHMS)} "
+                              "(empty = the service's --eplb-algorithm)")
+
+
+def _check_layers(layers: list[int] | None, num_layers: int) -> list[int] | None:
+    if not layers:
+        return None
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise InvalidArgument(f"layers {bad} are out of range: the model has {num_layers} MoE layers (0..{num_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise InvalidArgument(f"layers {list(layers)} holds duplicates")
+    return sorted(layers)
