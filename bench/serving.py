@@ -96,13 +96,16 @@ def main() -> None:
             "machine": f"{platform.node()} {platform.machine()} (CPU, {__import__('os').cpu_count()} cores)",
             "command": "python bench/serving.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                            if v is not None and k != "out"),
+            "load_average_at_start": __import__("os").getloadavg()[0],
             "model": model_path, "deployment": {"attention_workers": args.attention_workers,
                                                 "expert_workers": args.expert_workers, "dtype": args.dtype}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Serving benchmark (CPU)\n", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`", f"- deployment: {meta['deployment']}", "",
+             f"- command: `{meta['command']}`", f"- deployment: {meta['deployment']}",
+             f"- 1-minute load average when it started: {meta['load_average_at_start']:.1f} (other work shares "
+             "the 2 cores; figures are a floor, not a ceiling)", "",
              "| concurrency | requests | TTFT median (ms) | ITL median (ms) | ITL p99 (ms) | output tok/s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['requests']} | {r['ttft_median_ms']:.1f} | {r['itl_median_ms']:.1f} | "
