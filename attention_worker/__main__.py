@@ -47,9 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often the expert-load window is reported to placement (default 2)")
     p.add_argument("--dataplane-timeout-s", type=float, default=30.0, help="deadline of one expert exchange")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 = off")
-    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-                   help="OTLP gRPC trace endpoint HOST:PORT; empty = no tracing")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
+                        "METRICS_PORT=<port> before ATTENTION_WORKER_PORT=); default: off")
+    p.add_argument("--otlp-endpoint", default="",
+                   help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-attention-worker); "
+                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
+    p.add_argument("--trace-step-every", type=int, default=16,
+                   help="record per-step spans (attention.step, moe.dispatch/combine, and expert.compute on the "
+                        "expert workers) on every Nth engine step; 1 = every step, 0 = never (default 16)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -70,27 +76,45 @@ def main(argv: list[str] | None = None) -> int:
             expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
             load_report_interval_s=args.load_report_interval_s,
             dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
-            metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, **kwargs)
+            metrics_port=args.metrics_port,
+            otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            trace_step_every=args.trace_step_every, **kwargs)
     except ValueError as exc:
         print(f"attention_worker: {exc}", file=sys.stderr)
         return 2
     import torch
 
-    from attention_worker.worker import AttentionWorker
+    from attention_worker.worker import TRACING_SERVICE_NAME, AttentionWorker
+    from epserve.telemetry import AttentionWorkerMetrics, setup_tracing, start_metrics_server
 
+    try:
+        tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint,
+                                resource_attributes={"service.instance.id": config.worker_id})
+    except ValueError as exc:
+        print(f"attention_worker: {exc}", file=sys.stderr)
+        return 2
+    metrics = AttentionWorkerMetrics() if config.metrics_port is not None else None
+    metrics_server = None
+    if metrics is not None:
+        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+        announce("METRICS_PORT", metrics_server.port)
     torch.set_num_threads(config.num_threads)
     stop = shutdown_event()
-    worker = AttentionWorker(config)
+    worker = AttentionWorker(config, tracing, metrics)
     announce("ATTENTION_WORKER_PORT", worker.server.port)
     try:
         worker.start()
     except Exception as exc:  # registration refused or timed out
         logger.error("cannot join the deployment: %s", exc)
         worker.stop()
+        tracing.shutdown()
         return 1
     stop.wait()
     logger.info("signal received; shutting down")
     worker.stop()
+    tracing.shutdown()
+    if metrics_server is not None:
+        metrics_server.stop()
     return 0
 
 

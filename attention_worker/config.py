@@ -30,8 +30,9 @@ class AttentionWorkerConfig:
     dataplane_timeout_s: float = 30.0
     rpc_timeout_s: float = 10.0
     num_threads: int = 1
-    metrics_port: int = 0                   # 0 = no metrics endpoint
-    otlp_endpoint: str = ""
+    metrics_port: int | None = None         # Prometheus /metrics; None = off, 0 = a free port
+    otlp_endpoint: str = ""                 # OTLP gRPC collector HOST:PORT; "" = no tracing
+    trace_step_every: int = 16              # per-step spans on steps 0, N, 2N, ...; 0 = never
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -54,5 +55,9 @@ class AttentionWorkerConfig:
             raise ValueError("--kv-block-size and --num-kv-blocks must be >= 1")
         if self.limits.num_micro_batches not in (1, 2):
             raise ValueError(f"--num-micro-batches must be 1 or 2, got {self.limits.num_micro_batches}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
+        if self.trace_step_every < 0:
+            raise ValueError(f"--trace-step-every must be >= 0 (0 = no per-step spans), got {self.trace_step_every}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host

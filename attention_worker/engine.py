@@ -9,6 +9,12 @@ Flow of a step: apply queued adds/aborts → ``Scheduler.schedule`` → build on
 per micro-batch → drive the model's ``forward_steps`` generators through the MoE executor
 (ping-pong) → sample for sequences whose chunk reached their end → emit ``StepOutput``s and
 free finished sequences' KV blocks.
+
+Telemetry (both optional, off by default): a sampled step (``StepSampler``) runs inside an
+``attention.step`` span linked to the traced requests it serves (a child of the first), whose
+context the executor puts in the data-plane header; a traced request gets ``queue``,
+``prefill`` and ``decode`` spans (``request_spans.py``) when it leaves the engine. Metrics:
+step duration, tokens per step, preemptions and tokens per expert worker, fed once per step.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,11 +32,13 @@ import torch
 from attention_worker.expert_recorder import ExpertLoadRecorder
 from attention_worker.kv_cache import PagedKVCache
 from attention_worker.moe_executor import MoEExecutor, run_micro_batches
+from attention_worker.request_spans import record_request_spans
 from attention_worker.sampler import SamplingParams, sample_one
 from attention_worker.scheduler import ScheduledChunk, Scheduler
 from attention_worker.sequence import FinishReason, Sequence
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
+from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Tracing, setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +69,14 @@ class RequestRejected(ValueError):
 
 class Engine:
     def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, expert_map: ExpertMap,
-                 limits: EngineLimits, max_context: int, recorder: ExpertLoadRecorder | None = None) -> None:
+                 limits: EngineLimits, max_context: int, recorder: ExpertLoadRecorder | None = None,
+                 tracing: Tracing | None = None, step_sampler: StepSampler | None = None,
+                 metrics: AttentionWorkerMetrics | None = None) -> None:
         spec = model.spec
         self.recorder = recorder
+        self.tracing = tracing if tracing is not None else setup_tracing("epserve-attention-worker", None)
+        self.step_sampler = step_sampler if step_sampler is not None else StepSampler()
+        self.metrics = metrics
         self.model, self.executor, self.limits, self.max_context = model, executor, limits, max_context
         self.kv_cache = PagedKVCache(spec.num_hidden_layers, limits.num_kv_blocks, limits.kv_block_size,
                                      spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
@@ -74,12 +88,16 @@ class Engine:
         self._sequences: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self.num_steps = 0
+        self._num_preemptions_reported = 0
+        if metrics is not None:
+            self._bind_gauges(metrics)
 
     # -- any thread --------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    num_generated_before: int = 0) -> None:
+                    num_generated_before: int = 0, trace_context: bytes = b"") -> None:
         """prompt_ids: the prompt, plus on a retry the ``num_generated_before`` tokens already
-        streamed; ``params.max_new_tokens`` is then what is left to generate."""
+        streamed; ``params.max_new_tokens`` is then what is left to generate. ``trace_context``:
+        the request's span (``Tracing.current_trace_context()`` where the RPC adds it)."""
         if not prompt_ids:
             raise RequestRejected("prompt_ids is empty")
         if len(prompt_ids) >= self.max_context:
@@ -91,7 +109,8 @@ class Engine:
                                   "lower max_new_tokens or raise --num-kv-blocks")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(request_id, list(prompt_ids), len(prompt_ids) - num_generated_before, params,
-                       torch.Generator().manual_seed(seed))
+                       torch.Generator().manual_seed(seed), trace_context=trace_context,
+                       submit_ns=time.time_ns() if trace_context else 0)
         with self._lock:
             if request_id in self._sequences:
                 raise RequestRejected(f"request_id {request_id!r} is already running")
@@ -139,26 +158,68 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
-        logits = self._forward(chunks)
+        start = time.perf_counter()
+        traced = self.tracing.enabled
+        if traced:
+            now_ns = time.time_ns()
+            for chunk in chunks:
+                if chunk.seq.trace_context and not chunk.seq.scheduled_ns:
+                    chunk.seq.scheduled_ns = now_ns
+        with self._step_span(chunks) if traced else NO_SPAN:
+            logits = self._forward(chunks)
+            row = 0
+            for chunk in chunks:
+                seq = chunk.seq
+                completes = chunk.completes
+                seq.num_cached += chunk.num_tokens
+                if not completes:
+                    continue
+                token = sample_one(logits[row], seq.params, torch.as_tensor(seq.token_ids), seq.generator)
+                row += 1
+                seq.token_ids.append(token)
+                seq.num_generated += 1
+                if seq.trace_context and not seq.first_token_ns:
+                    seq.first_token_ns = time.time_ns()
+                self._check_finished(seq, token)
+                outputs.append(self._output(seq, [token]))
+                if seq.finished:
+                    self._retire(seq)
+        pass_slots = None
         if self.recorder is not None:
-            self.recorder.end_pass(self._expert_map.version, self._expert_map.num_physical_slots)
-        row = 0
-        for chunk in chunks:
-            seq = chunk.seq
-            completes = chunk.completes
-            seq.num_cached += chunk.num_tokens
-            if not completes:
-                continue
-            token = sample_one(logits[row], seq.params, torch.as_tensor(seq.token_ids), seq.generator)
-            row += 1
-            seq.token_ids.append(token)
-            seq.num_generated += 1
-            self._check_finished(seq, token)
-            outputs.append(self._output(seq, [token]))
-            if seq.finished:
-                self._retire(seq)
+            pass_slots = self.recorder.end_pass(self._expert_map.version, self._expert_map.num_physical_slots)
+        if self.metrics is not None:
+            self._record_step(chunks, pass_slots, time.perf_counter() - start)
         self.num_steps += 1
         return outputs
+
+    def _step_span(self, chunks: list[ScheduledChunk]):
+        if not self.step_sampler.sample(self.num_steps):
+            return NO_SPAN
+        return self.tracing.linked_span("attention.step", [c.seq.trace_context for c in chunks], attributes={
+            "epserve.step": self.num_steps, "epserve.num_seqs": len(chunks),
+            "epserve.num_tokens": sum(c.num_tokens for c in chunks), "epserve.map_version": self._expert_map.version})
+
+    def _record_step(self, chunks: list[ScheduledChunk], pass_slots: torch.Tensor | None, duration_s: float) -> None:
+        metrics = self.metrics
+        metrics.step_duration.observe(duration_s)
+        metrics.tokens_per_step.observe(sum(c.num_tokens for c in chunks))
+        preemptions = self.scheduler.num_preemptions
+        if preemptions != self._num_preemptions_reported:
+            metrics.preemptions.inc(preemptions - self._num_preemptions_reported)
+            self._num_preemptions_reported = preemptions
+        owners = self._expert_map.slot_owners
+        if pass_slots is not None and owners and pass_slots.numel() >= self._expert_map.num_physical_slots:
+            per_worker = pass_slots[:self._expert_map.num_physical_slots].view(len(owners), -1).sum(1).tolist()
+            metrics.record_expert_load(dict(zip(owners, per_worker)))
+
+    def _bind_gauges(self, metrics: AttentionWorkerMetrics) -> None:
+        """Gauges read at scrape time (the scrape thread reads plain ints and lengths)."""
+        metrics.requests_waiting.set_function(lambda: len(self.scheduler.waiting))
+        metrics.requests_running.set_function(lambda: len(self.scheduler.running))
+        allocator = self.kv_cache.allocator
+        metrics.kv_cache_blocks_total.set(allocator.num_blocks)
+        metrics.kv_cache_blocks_used.set_function(lambda: allocator.num_blocks - allocator.num_free)
+        metrics.map_version.set_function(lambda: self._expert_map.version)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [sampling sequences, V] in chunk order."""
@@ -228,6 +289,8 @@ class Engine:
         self.scheduler.remove(seq)
         with self._lock:
             self._sequences.pop(seq.request_id, None)
+        if seq.trace_context:
+            record_request_spans(self.tracing, seq, time.time_ns())
 
     @staticmethod
     def _output(seq: Sequence, tokens: list[int]) -> StepOutput:

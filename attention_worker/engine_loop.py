@@ -38,13 +38,13 @@ class EngineLoop:
         self._thread.join(timeout_s)
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               num_generated_before: int = 0) -> queue.SimpleQueue[StepOutput]:
+               num_generated_before: int = 0, trace_context: bytes = b"") -> queue.SimpleQueue[StepOutput]:
         """Raises RequestRejected / ValueError for requests that cannot be served."""
         stream: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
         with self._streams_lock:
             self._streams[request_id] = stream
         try:
-            self.engine.add_request(request_id, prompt_ids, params, num_generated_before)
+            self.engine.add_request(request_id, prompt_ids, params, num_generated_before, trace_context)
         except Exception:
             with self._streams_lock:
                 self._streams.pop(request_id, None)

@@ -8,6 +8,9 @@ Legend: L MoE layers, P physical slots, T tokens, K top-k.
 - ``per_pass``: ``stat`` plus, kept in memory until dumped, one ``[L, P]`` count per pass.
 - ``per_token``: ``stat`` plus the physical slot ids ``[T, K]`` of every token of every layer.
 
+With ``track_passes`` (the worker's metrics are on), ``end_pass`` also returns the pass's
+per-slot counts ``[P]``, from which the engine derives tokens per expert worker.
+
 ``record`` runs on the engine thread; ``take_window``/``dump`` may be called from other threads.
 A new map version resets the window: counts are per physical slot of one map.
 """
@@ -28,8 +31,10 @@ class RecorderMode(enum.Enum):
 
 
 class ExpertLoadRecorder:
-    def __init__(self, mode: RecorderMode, num_layers: int, num_slots: int) -> None:
+    def __init__(self, mode: RecorderMode, num_layers: int, num_slots: int, track_passes: bool = False) -> None:
         self.mode = mode
+        self._track_passes = track_passes
+        self._pass_slots: torch.Tensor | None = None    # [P] this pass, all layers (track_passes only)
         self._lock = threading.Lock()
         self._reset(num_layers, num_slots)
         self._passes: list[torch.Tensor] = []
@@ -46,6 +51,11 @@ class ExpertLoadRecorder:
         counts = torch.bincount(physical.flatten().cpu(), minlength=self.window.shape[1])
         with self._lock:
             self.window[moe_layer] += counts
+            if self._track_passes:
+                if self._pass_slots is None or self._pass_slots.shape != counts.shape:
+                    self._pass_slots = counts.clone()
+                else:
+                    self._pass_slots += counts
             if self.mode is RecorderMode.PER_PASS:
                 if self._current_pass is None:
                     self._current_pass = torch.zeros_like(self.window)
@@ -53,9 +63,12 @@ class ExpertLoadRecorder:
             elif self.mode is RecorderMode.PER_TOKEN:
                 self._tokens.append((moe_layer, physical.cpu().clone()))
 
-    def end_pass(self, map_version: int, num_slots: int) -> None:
-        """Called once per engine step with the map the step used; a new version starts a new window."""
+    def end_pass(self, map_version: int, num_slots: int) -> torch.Tensor | None:
+        """Called once per engine step with the map the step used; a new version starts a new window.
+        Returns the pass's per-slot counts [P] with ``track_passes`` (None otherwise or if nothing was
+        recorded)."""
         with self._lock:
+            pass_slots, self._pass_slots = self._pass_slots, None
             if self._current_pass is not None:
                 self._passes.append(self._current_pass)
                 self._current_pass = None
@@ -63,6 +76,7 @@ class ExpertLoadRecorder:
                 self._reset(self.window.shape[0], num_slots, map_version)
             else:
                 self.num_passes += 1
+        return pass_slots
 
     def take_window(self) -> tuple[torch.Tensor, int, int]:
         """(counts [L, P], passes, map version) of the window; starts a new window."""

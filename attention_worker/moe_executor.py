@@ -8,7 +8,10 @@ the current expert map and the ``ExpertRouter``.
 
 - ``InProcessExperts`` (``--moe-a2a-backend local``): all P slots live in this process.
 - ``RemoteExperts``: slots live on expert workers, reached through a data-plane
-  ``ExpertDispatcher`` (``epserve.dataplane``); every message carries the map version.
+  ``ExpertDispatcher`` (``epserve.dataplane``); every message carries the map version and
+  the trace context of the span current at dispatch (the engine's ``attention.step`` on a
+  sampled step, else nothing: ``b""``). On a sampled step, ``moe.dispatch`` and ``moe.combine``
+  spans (children of the step span) time each exchange; on other steps tracing costs one call.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from attention_worker.expert_routing import ExpertRouter
 from epserve.expert_map import ExpertMap
+from epserve.telemetry import NO_SPAN, Tracing, setup_tracing
 from epserve.models.expert_side import ExpertSlots
 from epserve.models.qwen3_moe import MoECall
 from epserve.moe_runner import MoERunner
@@ -58,30 +62,50 @@ class _Pending:
     call: MoECall
     expert_map: ExpertMap
     micro_batch: int
+    trace_context: bytes = b""       # the step span's, b"" when the step is not traced
 
 
 class RemoteExperts:
-    def __init__(self, dispatcher, router: ExpertRouter, timeout_s: float,
-                 record_load: LoadSink | None = None, trace_context: Callable[[], bytes] | None = None) -> None:
-        self.dispatcher, self.router, self.timeout_s = dispatcher, router, timeout_s
-        self.record_load, self.trace_context = record_load, trace_context
+    """``tracing``: the process's handle (default off). ``on_timeout(peer_rank)``: called when a
+    combine passes its deadline, before the ``DataPlaneTimeout`` propagates (metrics)."""
 
-    def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int, record: bool = True) -> _Pending:
+    def __init__(self, dispatcher, router: ExpertRouter, timeout_s: float, record_load: LoadSink | None = None,
+                 tracing: Tracing | None = None, on_timeout: Callable[[int | None], None] | None = None) -> None:
+        self.dispatcher, self.router, self.timeout_s = dispatcher, router, timeout_s
+        self.record_load, self.on_timeout = record_load, on_timeout
+        self.tracing = tracing if tracing is not None else setup_tracing("epserve-attention-worker", None)
+
+    def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int, record: bool = True,
+                 trace_context: bytes | None = None) -> _Pending:
         from epserve.dataplane import BatchHeader
 
-        physical = self.router.to_physical(expert_map, call.moe_layer, call.topk_ids)
-        if record and self.record_load is not None:
-            self.record_load(call.moe_layer, physical)
-        header = BatchHeader(map_version=expert_map.version, layer=call.moe_layer, micro_batch=micro_batch,
-                             num_tokens=int(call.hidden.shape[0]),
-                             trace_context=self.trace_context() if self.trace_context else b"")
-        return _Pending(self.dispatcher.dispatch(header, call.hidden, physical, call.topk_weights,
-                                                 expert_map.slots_per_worker), call, expert_map, micro_batch)
+        if trace_context is None:
+            trace_context = self.tracing.current_trace_context()
+        num_tokens = int(call.hidden.shape[0])
+        span = self.tracing.span("moe.dispatch", attributes=_span_attributes(call, micro_batch, num_tokens)) \
+            if trace_context else NO_SPAN
+        with span:
+            physical = self.router.to_physical(expert_map, call.moe_layer, call.topk_ids)
+            if record and self.record_load is not None:
+                self.record_load(call.moe_layer, physical)
+            header = BatchHeader(map_version=expert_map.version, layer=call.moe_layer, micro_batch=micro_batch,
+                                 num_tokens=num_tokens, trace_context=trace_context)
+            handle = self.dispatcher.dispatch(header, call.hidden, physical, call.topk_weights,
+                                              expert_map.slots_per_worker)
+        return _Pending(handle, call, expert_map, micro_batch, trace_context)
 
     def combine(self, handle: _Pending) -> torch.Tensor:
         """Waits for the experts; an expert worker that does not hold the map version yet (a race
         with its own map update) is asked again until ``timeout_s`` has passed."""
-        from epserve.dataplane import StaleMapVersion
+        if not handle.trace_context:
+            return self._combine(handle)
+        call = handle.call
+        with self.tracing.span("moe.combine", attributes=_span_attributes(call, handle.micro_batch,
+                                                                          int(call.hidden.shape[0]))):
+            return self._combine(handle)
+
+    def _combine(self, handle: _Pending) -> torch.Tensor:
+        from epserve.dataplane import DataPlaneTimeout, StaleMapVersion
 
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -91,7 +115,16 @@ class RemoteExperts:
                 if time.monotonic() + STALE_RETRY_S > deadline:
                     raise
                 time.sleep(STALE_RETRY_S)
-                handle = self.dispatch(handle.call, handle.expert_map, handle.micro_batch, record=False)
+                handle = self.dispatch(handle.call, handle.expert_map, handle.micro_batch, record=False,
+                                       trace_context=handle.trace_context)
+            except DataPlaneTimeout as exc:
+                if self.on_timeout is not None:
+                    self.on_timeout(exc.peer_rank)
+                raise
+
+
+def _span_attributes(call: MoECall, micro_batch: int, num_tokens: int) -> dict[str, int]:
+    return {"epserve.layer": call.moe_layer, "epserve.micro_batch": micro_batch, "epserve.num_tokens": num_tokens}
 
 
 def run_micro_batches(generators: list, executor: MoEExecutor, expert_map: ExpertMap) -> list[torch.Tensor]:

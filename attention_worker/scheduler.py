@@ -90,6 +90,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         self.waiting.appendleft(seq)
+        seq.num_preemptions += 1
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:

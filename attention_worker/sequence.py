@@ -30,6 +30,13 @@ class Sequence:
     finish_reason: FinishReason | None = None
     matched_stop_token: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    num_preemptions: int = 0
+    # Tracing: the request's span context (``encode_trace_context`` bytes; b"" = not traced) and
+    # wall-clock stamps (``time.time_ns()``) of its phases, set on the engine thread when traced.
+    trace_context: bytes = b""
+    submit_ns: int = 0
+    scheduled_ns: int = 0                # first scheduled (end of queueing)
+    first_token_ns: int = 0              # first token sampled (end of prefill)
 
     @property
     def num_tokens(self) -> int:

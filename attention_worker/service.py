@@ -40,10 +40,15 @@ def sampling_from_proto(message: generation_pb2.SamplingParams) -> SamplingParam
 
 
 class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
-    def __init__(self, worker_id: str, vocab_size: int, loop_provider: Callable[[], EngineLoop | None]) -> None:
+    """``trace_context``: the current span's context (``Tracing.current_trace_context``), taken
+    when Generate adds a request so the engine can trace it under the RPC's SERVER span."""
+
+    def __init__(self, worker_id: str, vocab_size: int, loop_provider: Callable[[], EngineLoop | None],
+                 trace_context: Callable[[], bytes] = lambda: b"") -> None:
         self.worker_id = worker_id
         self.vocab_size = vocab_size
         self._loop = loop_provider
+        self._trace_context = trace_context
 
     def _ready_loop(self, context: grpc.ServicerContext) -> EngineLoop:
         loop = self._loop()
@@ -63,7 +68,7 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
         try:
             params = sampling_from_proto(request.sampling)
             stream = loop.submit(request.request_id, list(request.prompt_ids), params,
-                                 request.num_generated_before)
+                                 request.num_generated_before, self._trace_context())
         except RequestRejected as exc:
             code = (grpc.StatusCode.ALREADY_EXISTS if "already running" in str(exc)
                     else grpc.StatusCode.RESOURCE_EXHAUSTED)

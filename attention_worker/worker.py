@@ -5,12 +5,18 @@ NOT_SERVING) → register with placement (rank, world size, rendezvous address, 
 watch placement. The first committed map (which comes once every worker has registered)
 joins the data-plane group, builds the engine and its loop, and flips health to SERVING.
 Later maps are handed to the engine, which switches at its next step boundary.
+
+Telemetry (made in ``main()``, passed in; default off): the gRPC server records a SERVER span
+per RPC (GetLoad, polled by the gateway, is not traced); Generate hands its span's context to
+the engine; the engine and the MoE executor record step spans on sampled steps and feed
+``AttentionWorkerMetrics``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -27,15 +33,24 @@ from epserve.model_config import load_model_spec
 from epserve.models.qwen3_moe import load_attention_side
 from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
 from epserve.process import start_daemon_thread
+from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, AttentionWorkerMetrics, StepSampler, Tracing,
+                               setup_tracing)
 from epserve.weights import CheckpointReader, parse_dtype
 from protos import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
+TRACING_SERVICE_NAME = "epserve-attention-worker"
+UNTRACED_RPCS = (*DEFAULT_UNTRACED_SERVICES, "epserve.v1.AttentionWorker/GetLoad")
+
+
 class AttentionWorker:
-    def __init__(self, config: AttentionWorkerConfig) -> None:
+    def __init__(self, config: AttentionWorkerConfig, tracing: Tracing | None = None,
+                 metrics: AttentionWorkerMetrics | None = None) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else setup_tracing(TRACING_SERVICE_NAME, None)
+        self.metrics = metrics
         self.spec = load_model_spec(config.model_path)
         self.model = load_attention_side(self.spec, CheckpointReader(config.model_path), parse_dtype(config.dtype),
                                          config.device)
@@ -45,10 +60,12 @@ class AttentionWorker:
         self.recorder: ExpertLoadRecorder | None = None
         self._lock = threading.Lock()
         self._dispatcher = None
-        service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop)
+        service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop,
+                                         self.tracing.current_trace_context)
         self.server: GrpcServer = serve_grpc(
             [(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, service, "epserve.v1.AttentionWorker")],
-            config.host, config.port, serving=False)
+            config.host, config.port, serving=False,
+            interceptors=self.tracing.server_interceptors(untraced=UNTRACED_RPCS))
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.ATTENTION, self.address,
                                          device=config.device, model_fingerprint=model_fingerprint(config.model_path),
@@ -82,17 +99,28 @@ class AttentionWorker:
             timeout_s=config.dataplane_timeout_s)
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
         self.recorder = ExpertLoadRecorder(RecorderMode(config.expert_distribution_recorder_mode),
-                                           expert_map.num_layers, expert_map.num_physical_slots)
+                                           expert_map.num_layers, expert_map.num_physical_slots,
+                                           track_passes=self.metrics is not None)
         executor = RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s,
-                                 record_load=self.recorder.record)
+                                 record_load=self.recorder.record, tracing=self.tracing,
+                                 on_timeout=self._timeout_counter(data_plane))
         engine = Engine(self.model, executor, expert_map, config.limits,
-                        config.max_context or self.spec.max_position_embeddings, recorder=self.recorder)
+                        config.max_context or self.spec.max_position_embeddings, recorder=self.recorder,
+                        tracing=self.tracing, step_sampler=StepSampler(config.trace_step_every),
+                        metrics=self.metrics)
         self.loop = EngineLoop(engine)
         self.loop.start()
         start_daemon_thread(self._report_load, "load-reporter")
         self.server.set_serving(True)
         self.ready.set()
         logger.info("serving on %s with expert map version %d", self.address, expert_map.version)
+
+    def _timeout_counter(self, data_plane: DataPlaneInfo) -> Callable[[int | None], None] | None:
+        if self.metrics is None:
+            return None
+        counter = self.metrics.dataplane_timeouts
+        worker_of_rank = {w.rank: w.worker_id for w in data_plane.workers}
+        return lambda rank: counter.labels(expert_worker=worker_of_rank.get(rank, f"rank-{rank}")).inc()
 
     def _report_load(self) -> None:
         """Every load_report_interval_s, send the closed window of expert load to placement."""

@@ -5,6 +5,10 @@ Order: placement service → expert workers → attention workers → gateway. E
 Readiness = placement lists every worker ALIVE and the gateway's health says SERVING.
 Children are placed in their own process group and asked to die with this process
 (PR_SET_PDEATHSIG), so neither Ctrl-C nor a crash of the launcher leaves one behind.
+
+Telemetry: ``otlp_endpoint`` is passed to every child as ``--otlp-endpoint``; with ``metrics``
+every child gets ``--metrics-port 0`` (a free port) and prints ``METRICS_PORT=<port>`` before
+its own port line; ``metrics_endpoints`` maps child name → ``host:port`` of its ``/metrics``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Child:
     name: str
     process: subprocess.Popen
     port: int = 0
+    metrics_port: int = 0                   # 0 = no metrics endpoint announced
 
 
 class LocalDeployment:
@@ -128,6 +133,8 @@ class LocalDeployment:
         cmd = [sys.executable, "-m", module, "--model-path", c.model_path, "--host", c.host, *args]
         if c.otlp_endpoint:
             cmd += ["--otlp-endpoint", c.otlp_endpoint]
+        if c.metrics:
+            cmd += ["--metrics-port", "0"]
         stderr = None
         if c.log_dir:
             Path(c.log_dir).mkdir(parents=True, exist_ok=True)
@@ -145,11 +152,14 @@ class LocalDeployment:
         logger.info("started %s (pid %d) on port %d", child.name, child.process.pid, child.port)
 
     def _read_port(self, child: Child, key: str, timeout_s: float = 120.0) -> int:
+        """The ``KEY=<port>`` line's port; a ``METRICS_PORT=`` line before it sets ``child.metrics_port``."""
         result: list[int] = []
 
         def read() -> None:
             for line in child.process.stdout:
-                if line.startswith(f"{key}="):
+                if line.startswith("METRICS_PORT="):
+                    child.metrics_port = int(line.strip().split("=", 1)[1])
+                elif line.startswith(f"{key}="):
                     result.append(int(line.strip().split("=", 1)[1]))
                     return
 
@@ -222,6 +232,11 @@ class LocalDeployment:
                 os.killpg(child.process.pid, signal.SIGKILL)
                 child.process.wait()
         self.children.clear()
+
+    @property
+    def metrics_endpoints(self) -> dict[str, str]:
+        """Child name → ``host:port`` of its Prometheus ``/metrics`` (children that announced one)."""
+        return {c.name: f"{self.config.host}:{c.metrics_port}" for c in self.children if c.metrics_port}
 
     @property
     def pids(self) -> list[int]:

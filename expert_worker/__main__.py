@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=float, default=1.0,
                    help="relative expert throughput, so placement can mix CPU and GPU workers (default 1)")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 = off")
-    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-                   help="OTLP gRPC trace endpoint HOST:PORT; empty = no tracing")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
+                        "METRICS_PORT=<port> before EXPERT_WORKER_PORT=); default: off")
+    p.add_argument("--otlp-endpoint", default="",
+                   help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-expert-worker); "
+                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -50,27 +53,44 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
             advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
             moe_runner_backend=args.moe_runner_backend, capacity=args.capacity, num_threads=args.num_threads,
-            metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, **kwargs)
+            metrics_port=args.metrics_port,
+            otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""), **kwargs)
     except ValueError as exc:
         print(f"expert_worker: {exc}", file=sys.stderr)
         return 2
     import torch
 
-    from expert_worker.worker import ExpertWorker
+    from epserve.telemetry import ExpertWorkerMetrics, setup_tracing, start_metrics_server
+    from expert_worker.worker import TRACING_SERVICE_NAME, ExpertWorker
 
+    try:
+        tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint,
+                                resource_attributes={"service.instance.id": config.worker_id})
+    except ValueError as exc:
+        print(f"expert_worker: {exc}", file=sys.stderr)
+        return 2
+    metrics = ExpertWorkerMetrics() if config.metrics_port is not None else None
+    metrics_server = None
+    if metrics is not None:
+        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+        announce("METRICS_PORT", metrics_server.port)
     torch.set_num_threads(config.num_threads)
     stop = shutdown_event()
-    worker = ExpertWorker(config)
+    worker = ExpertWorker(config, tracing, metrics)
     announce("EXPERT_WORKER_PORT", worker.server.port)
     try:
         worker.start()
     except Exception as exc:
         logger.error("cannot join the deployment: %s", exc)
         worker.stop()
+        tracing.shutdown()
         return 1
     stop.wait()
     logger.info("signal received; shutting down")
     worker.stop()
+    tracing.shutdown()
+    if metrics_server is not None:
+        metrics_server.stop()
     return 0
 
 

@@ -23,8 +23,8 @@ class ExpertWorkerConfig:
     capacity: float = 1.0                   # relative expert throughput, for placement
     rpc_timeout_s: float = 10.0
     num_threads: int = 1
-    metrics_port: int = 0
-    otlp_endpoint: str = ""
+    metrics_port: int | None = None         # Prometheus /metrics; None = off, 0 = a free port
+    otlp_endpoint: str = ""                 # OTLP gRPC collector HOST:PORT; "" = no tracing
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -35,5 +35,7 @@ class ExpertWorkerConfig:
             raise ValueError(f"--capacity must be > 0, got {self.capacity}")
         if self.rpc_timeout_s <= 0:
             raise ValueError("--rpc-timeout-s must be > 0")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host

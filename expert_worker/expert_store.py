@@ -77,6 +77,17 @@ class ExpertStore:
             for v in [v for v in self._versions if v < version]:
                 del self._versions[v]
 
+    def resident_bytes(self) -> int:
+        """Bytes of expert weights held, every storage counted once (versions share layers)."""
+        with self._lock:
+            held = list(self._versions.values())
+        storages: dict[tuple[str, int], int] = {}
+        for slots in held:
+            for tensor in (*slots.w13, *slots.w2):
+                storage = tensor.untyped_storage()
+                storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
+
     def compute(self, header, hidden: torch.Tensor, local_slot_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         """hidden [n, D], local_slot_ids [n, K] in [-1, S), weights [n, K] → [n, D]."""

@@ -7,6 +7,10 @@ Map updates (make-before-break, see docs/architecture.md):
 - RETIRE v: drop every version below v. ROLLBACK v: drop v.
 The first COMMIT also joins the data-plane group and starts the expert server thread, which
 serves batches from every attention worker until shutdown. Health turns SERVING then.
+
+Telemetry (made in ``main()``, passed in; default off): each batch's compute runs through
+``ObservedCompute`` (``expert.compute`` span linked to its senders, batch metrics); map updates
+refresh the held-versions and resident-bytes gauges.
 """
 
 from __future__ import annotations
@@ -20,21 +24,30 @@ from epserve.model_config import load_model_spec
 from epserve.moe_runner import make_moe_runner
 from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
 from epserve.process import start_daemon_thread
+from epserve.telemetry import ExpertWorkerMetrics, Tracing, setup_tracing
 from epserve.weights import CheckpointReader, parse_dtype
 from expert_worker.config import ExpertWorkerConfig
 from expert_worker.expert_store import ExpertStore
+from expert_worker.observed_compute import ObservedCompute
 
 logger = logging.getLogger(__name__)
 
 
+TRACING_SERVICE_NAME = "epserve-expert-worker"
+
+
 class ExpertWorker:
-    def __init__(self, config: ExpertWorkerConfig) -> None:
+    def __init__(self, config: ExpertWorkerConfig, tracing: Tracing | None = None,
+                 metrics: ExpertWorkerMetrics | None = None) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else setup_tracing(TRACING_SERVICE_NAME, None)
+        self.metrics = metrics
         self.spec = load_model_spec(config.model_path)
         self.store = ExpertStore(self.spec, CheckpointReader(config.model_path), config.worker_id,
                                  make_moe_runner(config.moe_runner_backend, config.device),
                                  parse_dtype(config.dtype), config.device)
-        self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False)
+        self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False,
+                                             interceptors=self.tracing.server_interceptors())
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.EXPERT, self.address,
                                          capacity=config.capacity, device=config.device,
@@ -61,6 +74,9 @@ class ExpertWorker:
             self.store.retire_below(expert_map.version)
         elif phase is UpdatePhase.ROLLBACK:
             self.store.drop(expert_map.version)
+        if self.metrics is not None:
+            self.metrics.set_held_versions(self.store.versions)
+            self.metrics.resident_weight_bytes.set(self.store.resident_bytes())
         with self._lock:
             if phase is UpdatePhase.COMMIT and self.expert_server is None:
                 self._start_serving(data_plane)
@@ -74,7 +90,10 @@ class ExpertWorker:
             dist_init_addr=data_plane.dist_init_addr,
             attention_ranks=sorted(w.rank for w in data_plane.workers if w.role == WorkerRole.ATTENTION),
             timeout_s=self.config.rpc_timeout_s * 6)
-        start_daemon_thread(lambda: self.expert_server.serve(self.store.compute), "expert-server")
+        compute = self.store.compute
+        if self.tracing.enabled or self.metrics is not None:
+            compute = ObservedCompute(compute, self.tracing, self.metrics)
+        start_daemon_thread(lambda: self.expert_server.serve(compute), "expert-server")
         self.server.set_serving(True)
         self.ready.set()
         logger.info("serving experts for map version(s) %s", self.store.versions)

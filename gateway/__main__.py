@@ -25,19 +25,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.otlp_endpoint:
+        args.otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     try:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    from gateway.server import Gateway  # heavy imports (grpc, tokenizers) after flag parsing
+    # heavy imports (grpc, tokenizers, OTel) after flag parsing
+    from epserve.telemetry import GatewayMetrics, setup_tracing, start_metrics_server
+    from gateway.observer import NullObserver, TelemetryObserver
+    from gateway.server import TRACING_SERVICE_NAME, Gateway
 
     threading.excepthook = _die_on_thread_crash
     try:
-        gateway = Gateway(config)
+        tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint)
     except ValueError as exc:
         parser.error(str(exc))
-    if config.metrics_port is not None:
-        logger.warning("--metrics-port %d: metrics are not served yet", config.metrics_port)
+    metrics = GatewayMetrics() if config.metrics_port is not None else None
+    observer = TelemetryObserver(metrics) if metrics is not None or tracing.enabled else NullObserver()
+    try:
+        gateway = Gateway(config, observer, tracing)
+    except ValueError as exc:
+        parser.error(str(exc))
+    metrics_server = None
+    if metrics is not None:
+        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+        print(f"METRICS_PORT={metrics_server.port}", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -47,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     logger.info("signal received: shutting down")
     gateway.shutdown()
+    tracing.shutdown()
+    if metrics_server is not None:
+        metrics_server.stop()
     return 0
 
 

@@ -29,7 +29,8 @@ class GatewayConfig:
     max_retries: int = 3                            # re-submissions after losing a worker, per request
     max_concurrent_requests: int = 256
     shutdown_grace_s: float = 10.0
-    metrics_port: int | None = None                 # hook only: nothing served yet
+    metrics_port: int | None = None                 # Prometheus /metrics; None = off, 0 = a free port
+    otlp_endpoint: str = ""                         # OTLP gRPC collector HOST:PORT; "" = no tracing
 
     def __post_init__(self) -> None:
         path = Path(self.model_path)
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM/SIGINT: how long in-flight streams may run to completion before they "
                              "are aborted (finish_reason ABORT) (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=None,
-                        help="reserved for Prometheus metrics (not served yet)")
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
+                             "(printed as METRICS_PORT=<port> before GATEWAY_PORT=); default: off")
+    parser.add_argument("--otlp-endpoint", default="",
+                        help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-gateway); "
+                             "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
     parser.add_argument("--log-level", default="INFO", help="stderr logging level (default: %(default)s)")
     return parser
 
@@ -118,4 +123,4 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout_s, rpc_timeout_s=args.rpc_timeout_s,
         refresh_interval_s=args.refresh_interval_s, max_retries=args.max_retries,
         max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace_s,
-        metrics_port=args.metrics_port)
+        metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint)

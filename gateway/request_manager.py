@@ -122,6 +122,15 @@ class RequestManager:
     def submit(self, inp: GenerateInput, timeout_s: float | None = None) -> RequestHandle:
         """Validates and registers a request; raises GatewayError. ``timeout_s``: the client's
         deadline, if any (the request's deadline is the sooner of it and --request-timeout-s)."""
+        try:
+            request = self._register(inp, timeout_s)
+        except GatewayError as exc:
+            self._observer.on_reject(exc.code.value)
+            raise
+        self._observer.on_start(request.request_id, len(request.prompt_ids))
+        return RequestHandle(self, request)
+
+    def _register(self, inp: GenerateInput, timeout_s: float | None) -> _Request:
         prompt_ids = self._prompt_ids(inp)
         params = validate_sampling(inp.sampling, self.limits)
         params = replace(params, max_new_tokens=effective_max_new_tokens(
@@ -140,8 +149,7 @@ class RequestManager:
                                    f"{len(self._requests)} requests are running, the gateway's limit "
                                    f"(--max-concurrent-requests); retry later")
             self._requests[request_id] = request
-        self._observer.on_start(request_id, len(prompt_ids))
-        return RequestHandle(self, request)
+        return request
 
     def _prompt_ids(self, inp: GenerateInput) -> list[int]:
         if (inp.text is None) == (inp.token_ids is None):
@@ -192,6 +200,8 @@ class RequestManager:
                 request.done = True          # outputs() will never run
         if not started and reason == CANCELLED:
             self._unregister(request)
+            self._observer.on_finish(request.request_id, FinishReason.ABORT, Usage(len(request.prompt_ids), 0),
+                                     None, "CANCELLED")
             return
         if worker is not None and stream is not None:
             if wait:
@@ -213,14 +223,14 @@ class RequestManager:
                 return
             request.started = True
         finish: FinishReason | None = None
-        error: str | None = None
+        error: GatewayError | None = None
         processor = OutputProcessor(self._tokenizer, request.params.stop)
         try:
             for output in self._stream(request, processor):
                 finish = output.finish_reason
                 yield output
         except GatewayError as exc:
-            error = exc.message
+            error = exc
             raise
         except GeneratorExit:  # the consumer stopped iterating: free the request at its worker
             self._stop(request, CANCELLED, wait=False)
@@ -231,8 +241,11 @@ class RequestManager:
             self._unregister(request)
             if finish is None and error is None:
                 finish = FinishReason.ABORT
+            code = (error.code.value if error is not None
+                    else "CANCELLED" if request.stop_reason == CANCELLED else "OK")
             self._observer.on_finish(request.request_id, finish,
-                                     Usage(len(request.prompt_ids), len(processor.completion_ids)), error)
+                                     Usage(len(request.prompt_ids), len(processor.completion_ids)),
+                                     error.message if error is not None else None, code)
 
     def _final(self, request: _Request, processor: OutputProcessor, text: str, token_ids: tuple[int, ...],
                reason: FinishReason, matched_stop: str = "") -> GenerateOutput:

@@ -15,6 +15,7 @@ import logging
 import threading
 
 from epserve.grpc_server import GrpcServer, serve_grpc
+from epserve.telemetry import Tracing, setup_tracing
 from gateway.config import GatewayConfig
 from gateway.discovery import PlacementDiscovery
 from gateway.model_info import load_model_info
@@ -29,17 +30,24 @@ from protos import generation_pb2, generation_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+TRACING_SERVICE_NAME = "epserve-gateway"
 EXTRA_RPC_THREADS = 16   # Abort, GetModelInfo, health and reflection beside the Generate streams
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, observer: RequestObserver | None = None) -> None:
+    """``tracing``: the process's handle (default: off). ``observer``: fed each request's life
+    (``TelemetryObserver`` for metrics and span events; default: nothing)."""
+
+    def __init__(self, config: GatewayConfig, observer: RequestObserver | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else setup_tracing(TRACING_SERVICE_NAME, None)
         self.model_info = load_model_info(config.model_path)
         self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.router = Router()
         discovery = PlacementDiscovery(config.placement, config.rpc_timeout_s) if config.placement else None
-        self.pool = WorkerPool(config, self.router, discovery, on_health=self._set_health)
+        self.pool = WorkerPool(config, self.router, discovery, on_health=self._set_health,
+                               intercept=self.tracing.intercept_channel)
         self.manager = RequestManager(config, self.tokenizer, self.model_info, self.pool, self.router, observer)
         self._server: GrpcServer | None = None
         self._stopping = threading.Event()
@@ -50,10 +58,11 @@ class Gateway:
     def start(self) -> int:
         """Serves (health NOT_SERVING until a worker answers) after one round of discovery and
         probes (at most --rpc-timeout-s each); returns the bound port."""
-        servicer = GenerationServicer(self.manager, self.model_info, self.pool)
+        servicer = GenerationServicer(self.manager, self.model_info, self.pool, self.tracing)
         self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)],
                                   self.config.host, self.config.port, serving=False,
-                                  max_workers=self.config.max_concurrent_requests + EXTRA_RPC_THREADS)
+                                  max_workers=self.config.max_concurrent_requests + EXTRA_RPC_THREADS,
+                                  interceptors=self.tracing.server_interceptors())
         self.pool.refresh()
         self._refresh_thread.start()
         logger.info("gateway serving %s on %s:%d (model %s, context %d tokens)", SERVICE_NAME, self.config.host,

@@ -1,10 +1,17 @@
 """The public ``epserve.v1.Generation`` servicer: proto <-> gateway dataclasses, errors -> status
 codes; all logic is in RequestManager. A Generate stream is cancelled at the worker when the
-client goes away (gRPC's termination callback)."""
+client goes away (gRPC's termination callback).
+
+Tracing: Generate runs inside a ``gateway.request`` span (child of the RPC's SERVER span from
+the interceptor); the worker call is made inside it, so the attention worker's spans are its
+children, and the observer adds the request's outcome to it."""
 
 from __future__ import annotations
 
 import grpc
+from opentelemetry.trace import Status, StatusCode
+
+from epserve.telemetry import Tracing
 
 from gateway.errors import ErrorCode, GatewayError
 from gateway.model_info import ModelInfo
@@ -12,6 +19,9 @@ from gateway.request_manager import RequestManager
 from gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
 from gateway.worker_pool import WorkerPool
 from protos import generation_pb2, generation_pb2_grpc
+
+
+SERVER_ERRORS = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL)  # span status ERROR
 
 
 def status_code(code: ErrorCode) -> grpc.StatusCode:
@@ -50,23 +60,28 @@ def output_to_proto(output: GenerateOutput) -> generation_pb2.GenerateResponse:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, manager: RequestManager, model_info: ModelInfo, pool: WorkerPool) -> None:
+    def __init__(self, manager: RequestManager, model_info: ModelInfo, pool: WorkerPool, tracing: Tracing) -> None:
         self._manager = manager
         self._model_info = model_info
         self._pool = pool
+        self._tracing = tracing
 
     def Generate(self, request, context):
         request_id = request.request_id or self._manager.new_request_id()
-        try:
-            handle = self._manager.submit(input_from_proto(request, request_id), timeout_s=context.time_remaining())
-        except GatewayError as exc:
-            context.abort(status_code(exc.code), exc.message)
-        context.add_callback(handle.cancel)
-        try:
-            for output in handle.outputs():
-                yield output_to_proto(output)
-        except GatewayError as exc:
-            context.abort(status_code(exc.code), exc.message)
+        error: GatewayError | None = None
+        with self._tracing.span("gateway.request", attributes={"epserve.request_id": request_id}) as span:
+            try:
+                handle = self._manager.submit(input_from_proto(request, request_id),
+                                              timeout_s=context.time_remaining())
+                context.add_callback(handle.cancel)
+                for output in handle.outputs():
+                    yield output_to_proto(output)
+            except GatewayError as exc:
+                error = exc
+                if exc.code in SERVER_ERRORS:
+                    span.set_status(Status(StatusCode.ERROR, f"{exc.code.value}: {exc.message}"))
+        if error is not None:
+            context.abort(status_code(error.code), error.message)
 
     def Abort(self, request, context):
         return generation_pb2.AbortResponse(found=self._manager.abort(request.request_id))

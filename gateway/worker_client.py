@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -81,10 +81,15 @@ class GrpcWorkerStream:
 
 
 class GrpcWorkerClient:
-    def __init__(self, address: str, rpc_timeout_s: float) -> None:
+    """``intercept``: wraps the channel (``Tracing.intercept_channel``: calls carry the caller's
+    trace context as W3C ``traceparent`` metadata)."""
+
+    def __init__(self, address: str, rpc_timeout_s: float,
+                 intercept: Callable[[grpc.Channel], grpc.Channel] | None = None) -> None:
         self.address = address
         self._rpc_timeout_s = rpc_timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = intercept(channel) if intercept is not None else channel
         self._stub = worker_pb2_grpc.AttentionWorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

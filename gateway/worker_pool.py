@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+
 from gateway.config import GatewayConfig
 from gateway.discovery import DiscoveryError, PlacementDiscovery
 from gateway.router import Router
@@ -30,8 +32,10 @@ logger = logging.getLogger(__name__)
 
 class WorkerPool:
     def __init__(self, config: GatewayConfig, router: Router, discovery: PlacementDiscovery | None,
-                 on_health: Callable[[bool], None]) -> None:
+                 on_health: Callable[[bool], None],
+                 intercept: Callable[[grpc.Channel], grpc.Channel] | None = None) -> None:
         self._config = config
+        self._intercept = intercept
         self._router = router
         self._discovery = discovery
         self._on_health = on_health
@@ -54,7 +58,8 @@ class WorkerPool:
         with self._lock:
             client = self._clients.get(address)
             if client is None:
-                client = self._clients[address] = GrpcWorkerClient(address, self._config.rpc_timeout_s)
+                client = self._clients[address] = GrpcWorkerClient(address, self._config.rpc_timeout_s,
+                                                                    self._intercept)
             return client
 
     def mark_lost(self, address: str, reason: str) -> None:

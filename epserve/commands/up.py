@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -34,7 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="replica choice per token (default static)")
     p.add_argument("--init-expert-location", default="trivial", help="'trivial' or a snapshot file (.json/.pt)")
     p.add_argument("--state-db", default="", help="SQLite file for the placement service's state")
-    p.add_argument("--otlp-endpoint", default="", help="OTLP gRPC endpoint for traces (HOST:PORT)")
+    p.add_argument("--otlp-endpoint", default="",
+                   help="OTLP gRPC collector HOST:PORT every process sends traces to (default: "
+                        "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve Prometheus /metrics on every process (free ports, printed once up)")
     p.add_argument("--log-dir", default="", help="write each process's log to DIR/<name>.log instead of stderr")
     return p
 
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
             init_expert_location=args.init_expert_location, state_db=args.state_db,
-            otlp_endpoint=args.otlp_endpoint, log_dir=args.log_dir)
+            otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            metrics=args.metrics, log_dir=args.log_dir)
     except ValueError as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"gateway    {args.host}:{deployment.gateway_port}   (epserve.v1.Generation)", flush=True)
     print(f"placement  {args.host}:{deployment.placement_port}   (epserve.v1.Placement, PlacementAdmin)",
           flush=True)
+    if config.otlp_endpoint:
+        print(f"traces     OTLP gRPC to {config.otlp_endpoint}", flush=True)
+    for name, endpoint in deployment.metrics_endpoints.items():
+        print(f"metrics    {name:<12} http://{endpoint}/metrics", flush=True)
+    if args.metrics and "placement" not in deployment.metrics_endpoints:
+        print("metrics    placement    (not served by this placement service)", flush=True)
     print(f"try: epserve generate --gateway {args.host}:{deployment.gateway_port} --prompt 'Hello'", flush=True)
     code = deployment.wait(stop)
     deployment.stop()

@@ -7,12 +7,12 @@ objects in ``main()`` and passes them down.
 
 from epserve.telemetry.metrics import (AttentionWorkerMetrics, ExpertWorkerMetrics, GatewayMetrics, LoadWindow,
                                        MetricsServer, PlacementMetrics, balancedness, start_metrics_server)
-from epserve.telemetry.tracing import (NO_SPAN, StepSampler, Tracing, decode_trace_context, encode_trace_context,
+from epserve.telemetry.tracing import (DEFAULT_UNTRACED_SERVICES, NO_SPAN, StepSampler, Tracing, decode_trace_context, encode_trace_context,
                                        setup_tracing, span_links_from)
 
 __all__ = [
     "AttentionWorkerMetrics", "ExpertWorkerMetrics", "GatewayMetrics", "LoadWindow", "MetricsServer",
     "PlacementMetrics", "balancedness", "start_metrics_server",
-    "NO_SPAN", "StepSampler", "Tracing", "decode_trace_context", "encode_trace_context", "setup_tracing",
+    "DEFAULT_UNTRACED_SERVICES", "NO_SPAN", "StepSampler", "Tracing", "decode_trace_context", "encode_trace_context", "setup_tracing",
     "span_links_from",
 ]

@@ -109,6 +109,22 @@ class Tracing:
         with trace.use_span(span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
             yield span
 
+    def record_span(self, name: str, parent: bytes, start_ns: int, end_ns: int, *,
+                    kind: SpanKind = SpanKind.INTERNAL, attributes: Attributes = None) -> None:
+        """Record a span that already happened (``time.time_ns()`` stamps), as a child of the span
+        in ``parent`` (``encode_trace_context`` bytes). Nothing when tracing is off or ``parent`` is
+        empty or unsampled. For phases timed on another thread than the one that holds the
+        parent, e.g. a request's queueing, prefill and decode on the engine thread."""
+        if self.provider is None or not parent:
+            return
+        ctx = decode_trace_context(parent)
+        if ctx is None or not ctx.trace_flags.sampled:
+            return
+        parent_context = trace.set_span_in_context(trace.NonRecordingSpan(ctx), otel_context.Context())
+        span = self.tracer.start_span(name, context=parent_context, kind=kind, attributes=attributes,
+                                      start_time=start_ns)
+        span.end(end_time=max(end_ns, start_ns))
+
     def current_trace_context(self) -> bytes:
         """``encode_trace_context()`` of the current span; ``b""`` at once when tracing is off.
         Pass this bound method where a data-plane sender wants a ``Callable[[], bytes]``."""
