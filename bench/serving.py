@@ -94,8 +94,9 @@ def main() -> None:
                   f"{r['output_tokens_per_s']:8.1f} tok/s", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} (CPU, {__import__('os').cpu_count()} cores)",
-            "command": "python bench/serving.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                           if v is not None and k != "out"),
+            "command": "python bench/serving.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items() if v is not None and k != "out"),
             "load_average_at_start": __import__("os").getloadavg()[0],
             "model": model_path, "deployment": {"attention_workers": args.attention_workers,
                                                 "expert_workers": args.expert_workers, "dtype": args.dtype}}
