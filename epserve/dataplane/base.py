@@ -41,6 +41,9 @@ class BatchHeader:
     micro_batch: int
     num_tokens: int
     trace_context: bytes = b""   # W3C traceparent of the sender's step span
+    # Set by an expert server on the header it hands ``ExpertCompute`` for a batch of several
+    # requests: every request's ``trace_context``, in order (not sent on the wire).
+    trace_contexts: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.trace_context) > MAX_TRACE_CONTEXT_BYTES:
@@ -115,7 +118,8 @@ class ExpertCompute(Protocol):
         """hidden [n, D], local_slot_ids [n, K] int64 (-1 = not here), weights [n, K] → [n, D].
 
         May raise ``StaleMapVersion``. When several requests are batched, ``header`` is the
-        first request's with ``num_tokens`` = n of the batch.
+        first request's with ``num_tokens`` = n of the batch and ``trace_contexts`` = every
+        request's ``trace_context`` (so a tracing compute can link all senders).
         """
         ...
 

@@ -154,7 +154,7 @@ class TorchExpertServer:
             ids = torch.cat([r.local_slot_ids for r in requests])             # [N, K]
             weights = torch.cat([r.weights for r in requests])                # [N, K]
         header = BatchHeader(first.batch.map_version, first.batch.layer, first.batch.micro_batch, sum(counts),
-                             first.batch.trace_context)
+                             first.batch.trace_context, tuple(r.wire.batch.trace_context for r in requests))
         status, held, error, parts = Status.OK, (), "", None
         try:
             out = compute(header, hidden, ids, weights)
