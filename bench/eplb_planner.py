@@ -93,7 +93,7 @@ def timed_plan(repeat: int, weight: torch.Tensor, algorithm: EplbAlgorithm, **kw
         result = plan(weight, P, G, N, W, algorithm=algorithm, **kwargs)
         wall.append((time.perf_counter() - w0) * 1e3)
         cpu.append((time.thread_time() - c0) * 1e3)
-    return result, statistics.median(wall), statistics.median(cpu)
+    return result, statistics.median(wall), statistics.median(cpu), min(wall)
 
 
 def run(repeat: int, exponents: list[float], sigma: float) -> list[dict]:
@@ -113,10 +113,10 @@ def run(repeat: int, exponents: list[float], sigma: float) -> list[dict]:
                 previous = None if scenario == "fresh" else previous_by_alg[alg]
                 if previous is not None and alg is EplbAlgorithm.movement_aware:
                     kwargs["previous_phy2log"] = previous
-                phy2log, wall_ms, cpu_ms = timed_plan(repeat, weight, alg, **kwargs)
+                phy2log, wall_ms, cpu_ms, min_ms = timed_plan(repeat, weight, alg, **kwargs)
                 rows.append({
                     "exponent": exponent, "scenario": scenario, "algorithm": alg.value,
-                    "plan_ms": round(wall_ms, 2), "plan_cpu_ms": round(cpu_ms, 2),
+                    "plan_ms": round(wall_ms, 2), "plan_cpu_ms": round(cpu_ms, 2), "plan_min_ms": round(min_ms, 2),
                     "balancedness": round(balancedness(phy2log, weight, W), 4),
                     "balancedness_before": (None if previous is None
                                             else round(balancedness(previous, weight, W), 4)),
@@ -128,10 +128,10 @@ def run(repeat: int, exponents: list[float], sigma: float) -> list[dict]:
         previous = previous_by_alg[EplbAlgorithm.deepseek]
         for alg, kwargs in [(EplbAlgorithm.elasticity_aware, {}),
                             (EplbAlgorithm.movement_aware, {"previous_phy2log": previous})]:
-            phy2log, wall_ms, cpu_ms = timed_plan(repeat, old, alg, live_workers=live, **kwargs)
+            phy2log, wall_ms, cpu_ms, min_ms = timed_plan(repeat, old, alg, live_workers=live, **kwargs)
             rows.append({
                 "exponent": exponent, "scenario": "worker down", "algorithm": alg.value,
-                "plan_ms": round(wall_ms, 2), "plan_cpu_ms": round(cpu_ms, 2),
+                "plan_ms": round(wall_ms, 2), "plan_cpu_ms": round(cpu_ms, 2), "plan_min_ms": round(min_ms, 2),
                 "balancedness": round(balancedness(phy2log, old, W, live_workers=live), 4),
                 "balancedness_before": None,
                 "experts_moved": experts_moved(previous, phy2log),
@@ -146,8 +146,12 @@ def check_targets(rows: list[dict]) -> list[dict]:
     for exponent in sorted({r["exponent"] for r in rows}):
         worst_ms = max(r["plan_ms"] for r in rows if r["exponent"] == exponent
                        and r["scenario"] in ("fresh", "drift"))
-        checks.append({"exponent": exponent, "target": "plan_ms <= 50 (fresh + drift, every algorithm)",
+        checks.append({"exponent": exponent, "target": "plan_ms <= 50 (fresh + drift, every algorithm; wall median)",
                        "value": worst_ms, "ok": worst_ms <= 50, "ratio": round(worst_ms / 50, 3)})
+        worst_cpu = max(r["plan_cpu_ms"] for r in rows if r["exponent"] == exponent
+                        and r["scenario"] in ("fresh", "drift"))
+        checks.append({"exponent": exponent, "target": "plan_ms <= 50 (same, thread CPU median)",
+                       "value": worst_cpu, "ok": worst_cpu <= 50, "ratio": round(worst_cpu / 50, 3)})
         for scenario in ("fresh", "drift"):
             ma = by[(exponent, scenario, "movement_aware")]
             ds = by[(exponent, scenario, "deepseek")]
@@ -169,14 +173,14 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> list[str]:
-    header = ("| Zipf | scenario | algorithm | plan_ms (wall) | plan_ms (CPU) | balancedness | "
-              "before | experts moved (of 16704) |")
-    lines = [header, "|" + "---|" * 8]
+    header = ("| Zipf | scenario | algorithm | plan_ms (wall, median) | plan_ms (thread CPU, median) | "
+              "plan_ms (wall, min) | balancedness | before | experts moved (of 16704) |")
+    lines = [header, "|" + "---|" * 9]
     for r in rows:
         before = "-" if r["balancedness_before"] is None else f"{r['balancedness_before']:.4f}"
         moved = "-" if r["experts_moved"] is None else str(r["experts_moved"])
         lines.append(f"| {r['exponent']} | {r['scenario']} | {r['algorithm']} | {r['plan_ms']:.2f} | "
-                     f"{r['plan_cpu_ms']:.2f} | {r['balancedness']:.4f} | {before} | {moved} |")
+                     f"{r['plan_cpu_ms']:.2f} | {r['plan_min_ms']:.2f} | {r['balancedness']:.4f} | {before} | {moved} |")
     return lines
 
 
@@ -255,6 +259,24 @@ def render_markdown(result: dict) -> str:
         "## All rows",
         "",
         *format_rows(result["rows"]),
+        "",
+        "## Notes",
+        "",
+        "- movement_aware: replica-count corrections (1 changed slot each) until no expert's load per "
+        "replica exceeds the from-scratch plan's largest, then swap search (2 changed slots each; k-th "
+        "hottest with k-th coldest worker, the hottest with any slot when its pair cannot help) until "
+        "every worker is within 1.01 x the from-scratch plan's max worker time; a layer still above that "
+        "takes the from-scratch plan relabelled to keep previous entries. Its balancedness is >= "
+        "deepseek's / 1.01 per layer by construction (so >= 0.990 x deepseek's).",
+        "- deepseek_hierarchical's low balancedness at Zipf >= 1.0 is the policy's own limit, not a bug: "
+        "all replicas of a group stay on the group's node, so the node holding the hottest group carries "
+        "at least that group's load; the per-layer hot experts here are spread over groups at random.",
+        "- Worker down at Zipf 1.4 (extra scenario): swaps cannot reach the target there (mid-size "
+        "replicas would need a chain of moves), so every layer falls back to the relabelled reference: "
+        "fewer moves than elasticity_aware but far more than after a drift, and the slowest row.",
+        "- Timing: the box is shared with other jobs (see load average); wall-clock medians include time "
+        "waiting for a core, the thread CPU medians measure the planner's own work. The targets are "
+        "checked against both.",
     ])
 
 
