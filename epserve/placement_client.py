@@ -24,7 +24,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -38,6 +37,7 @@ import torch
 from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_from_proto
 from epserve.grpc_server import GRPC_OPTIONS
+from epserve.process import start_daemon_thread
 from protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class PlacementClient:
                 self._closed.wait(min(backoff.next(), remaining))
         with self._lock:
             if self._heartbeat_thread is None:
-                self._heartbeat_thread = _start_thread(self._heartbeat_loop, f"placement-heartbeat-{self.worker_id}")
+                self._heartbeat_thread = start_daemon_thread(self._heartbeat_loop, f"placement-heartbeat-{self.worker_id}")
         return registration
 
     def _register_once(self, timeout_s: float) -> Registration:
@@ -273,7 +273,7 @@ class PlacementClient:
         with self._lock:
             if self._watch_thread is not None:
                 raise RuntimeError("watch() is already running for this client")
-            self._watch_thread = _start_thread(lambda: self._watch_loop(callback),
+            self._watch_thread = start_daemon_thread(lambda: self._watch_loop(callback),
                                                f"placement-watch-{self.worker_id}")
 
     def _watch_loop(self, callback: WatchCallback) -> None:
@@ -336,18 +336,3 @@ class PlacementClient:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=self.timeout_s)
         self._channel.close()
-
-
-def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """A daemon thread whose crash takes the process down (a half-alive worker is worse)."""
-    def run() -> None:
-        try:
-            target()
-        except BaseException:  # noqa: BLE001 - any escape is fatal by design
-            logger.critical("thread %s crashed; exiting the process", name, exc_info=True)
-            logging.shutdown()
-            os._exit(1)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return thread
