@@ -103,7 +103,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Serving benchmark (CPU)\n", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
+    lines = ["# Serving benchmark (CPU)\n", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
              f"- command: `{meta['command']}`", f"- deployment: {meta['deployment']}",
              f"- 1-minute load average when it started: {meta['load_average_at_start']:.1f} (other work shares "
              "the 2 cores; figures are a floor, not a ceiling)", "",
