@@ -148,7 +148,7 @@ def worth_applying(plan: RebalancePlan, min_gain: float, num_slots: int) -> bool
     if plan.experts_moved == 0 or plan.gain <= 0:
         return False
     share = plan.experts_moved / max(num_slots, 1)
-    return plan.gain >= min_gain * share
+    return plan.gain >= min_gain * share - 1e-12
 
 
 def _keep_in_place(phy2log: torch.Tensor, previous: torch.Tensor, num_workers: int, settings: PlanSettings,
