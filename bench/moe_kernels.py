@@ -15,9 +15,10 @@ Accounting (the same for every backend, and as FACTS.md's anchors):
   (so no weight is served from L2 by the previous run) and time is divided by R.
 - ``time_us``: the whole ``MoERunner.run`` (for triton: alignment + GEMMs + combine).
   ``time_kernels_us`` (triton): without the alignment step, like SGLang's kernel-only anchors.
-- T <= 256 is replayed from a CUDA graph (as a decode step would be); larger T runs eagerly
-  (CUDA events around the launches). The torch reference syncs with the host, so it always
-  runs eagerly.
+- Backends without host syncs (triton) are replayed from a CUDA graph at every T, as
+  FACTS.md's SGLang anchors were; for T > 256 (prefill, which a server runs eagerly) the
+  eager time, Python launch overhead included, is recorded too (``time_eager_us``). The
+  torch reference syncs with the host, so it always runs eagerly.
 - ceilings: device-to-device copy bandwidth (bytes read + written) and a dense bf16
   8192^3 matmul, measured at the start and at the end; the higher of each is used.
 """
@@ -189,7 +190,7 @@ def triton_kernels_only(shape: Shape, num_tokens: int, instances, w13, w2):
 
 def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, w13, w2,
                 ceilings: dict, reference: torch.Tensor | None) -> dict:
-    graphable = backend != "torch" and num_tokens <= GRAPH_MAX_TOKENS
+    graphable = backend != "torch"
 
     def run_all():
         for inst in instances:
@@ -206,6 +207,8 @@ def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, 
     count = len(instances)
     row = _row(shape, num_tokens, backend, ms / count, instances, ceilings)
     row["timing"] = timing
+    if graphable and num_tokens > GRAPH_MAX_TOKENS:
+        row["time_eager_us"] = time_eager(run_all, reps) / count * 1e3
     first = instances[0]
     out = runner.run(first.hidden, first.slot_ids, first.weights, w13, w2)
     if reference is not None:
@@ -275,8 +278,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              "flops = 6·local assignments·D·I; roofline = max(bytes/BW, flops/peak)); "
              "`kern` columns leave out the alignment step, like SGLang's kernel-only anchors", "",
              "| model | T | backend | timing | µs | kern µs | TB/s | TFLOP/s | frac BW | frac FLOP | "
-             "frac roofline | kern frac roofline | bound | rel err vs torch | variant | pad rows |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "frac roofline | kern frac roofline | bound | rel err vs torch | variant | pad rows | eager µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kern = f"{r['time_kernels_us']:.1f}" if "time_kernels_us" in r else ""
         kfr = f"{r['frac_of_roofline_kernels']:.2f}" if "frac_of_roofline_kernels" in r else ""
@@ -285,7 +288,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
                      f"{kern} | {r['tb_per_s']:.2f} | {r['tflops']:.0f} | {r['frac_of_bw']:.2f} | "
                      f"{r['frac_of_flops']:.2f} | {r['frac_of_roofline']:.2f} | {kfr} | {r['bound']} | "
                      f"{err} | {r.get('variant', '')} | "
-                     f"{'' if 'padding_rows_frac' not in r else format(r['padding_rows_frac'], '.0%')} |")
+                     f"{'' if 'padding_rows_frac' not in r else format(r['padding_rows_frac'], '.0%')} | "
+                     f"{'' if 'time_eager_us' not in r else format(r['time_eager_us'], '.1f')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
