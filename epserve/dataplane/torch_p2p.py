@@ -6,8 +6,9 @@ side: ``torch_server``. gloo on CPU, NCCL on CUDA (written device-agnostic, test
 
 Flow of one ``dispatch`` (caller's thread, no other threads on this side):
   split the T tokens by worker → for each worker with n > 0: post the reply receive
-  (reply group, tag of this exchange), send the header and the packed payload (request
-  group) → return a ``PendingCombine`` holding the works and buffers. Nothing waits, so
+  (reply group, tag of this exchange), send the request (request group: header and packed
+  payload in one message when small, else two) → return a ``PendingCombine`` holding the
+  works and buffers. Nothing waits, so
   dispatch mb0, dispatch mb1, combine mb0, combine mb1 overlaps two micro-batches.
 ``combine(pending, timeout_s)`` waits on each worker's reply in worker order against one
 deadline, then adds the partials in worker order (bit-identical to ``local``).
@@ -39,8 +40,9 @@ from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, PeerLost, Pen
                                     RemoteExpertError, StaleMapVersion)
 from epserve.dataplane.split import CombineSum, WorkerShare, check_dispatch_inputs, split_by_worker
 from epserve.dataplane.torch_group import Link, TorchGroup, close_group
-from epserve.dataplane.torch_wire import (TAG_HEADER, Kind, ProtocolError, RequestLayout, Status, WireHeader,
-                                          decode_header, encode_header, reply_nbytes, reply_views, tag_for)
+from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, RequestLayout,
+                                          Status, WireHeader, decode_header, encode_header, reply_nbytes,
+                                          reply_views, request_capacity, tag_for)
 
 _ATTENTION, _EXPERT = 0, 1   # group ranks inside a link's groups
 
@@ -127,20 +129,24 @@ class TorchDispatcher:
         n, k = share.local_slot_ids.shape
         d = hidden.shape[1]
         layout = RequestLayout(n, d, k, hidden.dtype, share.weights.dtype)
-        payload = torch.empty(layout.total, dtype=torch.uint8, device=device)
+        inline = HEADER_BYTES + layout.total <= request_capacity(device)
+        share_header = BatchHeader(header.map_version, header.layer, header.micro_batch, n, header.trace_context)
+        words = encode_header(WireHeader(Kind.REQUEST, seq, share_header, k, d, hidden.dtype, share.weights.dtype,
+                                         flags=FLAG_INLINE if inline else 0))
+        message = torch.empty(HEADER_BYTES + (layout.total if inline else 0), dtype=torch.uint8, device=device)
+        message[:HEADER_BYTES].view(torch.int64).copy_(words)
+        payload = message[HEADER_BYTES:] if inline else torch.empty(layout.total, dtype=torch.uint8, device=device)
         hidden_view, ids_view, weights_view = layout.views(payload)
         torch.index_select(hidden, 0, share.token_idx.to(device), out=hidden_view)
         ids_view.copy_(share.local_slot_ids)
         weights_view.copy_(share.weights)
-        share_header = BatchHeader(header.map_version, header.layer, header.micro_batch, n, header.trace_context)
-        words = encode_header(WireHeader(Kind.REQUEST, seq, share_header, k, d, hidden.dtype,
-                                         share.weights.dtype)).to(device)
         reply_buf = torch.empty(reply_nbytes(n, d, hidden.dtype), dtype=torch.uint8, device=device)
         reply_work = link.link.reply.recv([reply_buf], _EXPERT, tag_for(seq))
         exchange = _Exchange(link, seq, share, share_header, d, hidden.dtype, reply_buf, reply_work,
-                             keep_alive=[words, payload])
-        exchange.sends.append(link.link.request.send([words], _EXPERT, TAG_HEADER))
-        exchange.sends.append(link.link.request.send([payload], _EXPERT, tag_for(seq)))
+                             keep_alive=[message, payload])
+        exchange.sends.append(link.link.request.send([message], _EXPERT, TAG_HEADER))
+        if not inline:
+            exchange.sends.append(link.link.request.send([payload], _EXPERT, tag_for(seq)))
         return exchange
 
     def combine(self, pending: PendingCombine, timeout_s: float) -> torch.Tensor:
@@ -187,7 +193,7 @@ class TorchDispatcher:
                            peer_rank=link.peer_rank) from exc
         words, out = reply_views(ex.reply_buf, ex.share.num_tokens, ex.hidden_size, ex.dtype)
         try:
-            reply = decode_header(words.tolist())
+            reply = decode_header(words.cpu())
             if reply.kind != Kind.REPLY or reply.seq != ex.seq:
                 raise ProtocolError(f"expected reply {ex.seq}, got {reply.kind.name} {reply.seq}")
         except ProtocolError as exc:
@@ -226,9 +232,10 @@ class TorchDispatcher:
         for link in self._links:
             if link.lost:
                 continue
-            words = encode_header(WireHeader(Kind.CLOSE, link.next_seq, BatchHeader(0, 0, 0, 0))).to(self.group.device)
+            words = encode_header(WireHeader(Kind.CLOSE, link.next_seq, BatchHeader(0, 0, 0, 0)))
+            message = words.view(torch.uint8).to(self.group.device)
             try:
-                link.link.request.send([words], _EXPERT, TAG_HEADER).wait(timedelta(seconds=self.link_timeout_s))
+                link.link.request.send([message], _EXPERT, TAG_HEADER).wait(timedelta(seconds=self.link_timeout_s))
             except RuntimeError:
                 pass
             link.lost = "dispatcher closed"

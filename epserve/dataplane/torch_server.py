@@ -4,9 +4,9 @@ Legend: n tokens of one request, N tokens of a batch, D hidden, K top-k.
 
 Threads and queue:
 - one receiver thread per attention rank a ("dataplane-recv-a"): a blocking receive of the
-  next header from a on the (a, e) request group (no deadline: an idle worker sleeps in
-  the kernel, it does not poll), then a receive of the payload (deadline ``link_timeout_s``),
-  then ``queue.put(request)``. It ends on a CLOSE message, when the link breaks (the
+  next request from a on the (a, e) request group (no deadline: an idle worker sleeps in
+  the kernel, it does not poll); small requests arrive whole, larger ones need a second
+  receive for the payload (deadline ``link_timeout_s``); then ``queue.put(request)``. It ends on a CLOSE message, when the link breaks (the
   attention rank died: logged, other ranks are unaffected) or on ``stop()``.
 - the thread that called ``serve`` computes: it blocks on ``queue.get()``, takes whatever
   else is already queued (and, when ``batch_window_s`` > 0, what arrives within that
@@ -40,9 +40,9 @@ import torch
 
 from epserve.dataplane.base import BatchHeader, ExpertCompute, StaleMapVersion
 from epserve.dataplane.torch_group import FOREVER, Link, TorchGroup, close_group
-from epserve.dataplane.torch_wire import (HEADER_WORDS, TAG_HEADER, Kind, ProtocolError, Status, WireHeader,
-                                          decode_header, encode_header, layout_of, reply_nbytes, reply_views,
-                                          tag_for)
+from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, Status,
+                                          WireHeader, decode_header, encode_header, layout_of, reply_nbytes,
+                                          reply_views, request_capacity, tag_for)
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +203,15 @@ class TorchExpertServer:
     def _receive_one(self, attention_rank: int, link: Link) -> _Request | None:
         """Next request from ``attention_rank``, or None when this receiver should end."""
         device = self.group.device
-        words = torch.empty(HEADER_WORDS, dtype=torch.int64, device=device)
+        message = torch.empty(request_capacity(device), dtype=torch.uint8, device=device)
         try:
-            link.request.recv([words], _ATTENTION, TAG_HEADER).wait(FOREVER)
+            link.request.recv([message], _ATTENTION, TAG_HEADER).wait(FOREVER)
         except RuntimeError as exc:
             if not self._stopping.is_set():
                 self._lose(attention_rank, str(exc))
             return None
         try:
-            wire = decode_header(words.tolist())
+            wire = decode_header(message[:HEADER_BYTES].view(torch.int64).cpu())
         except ProtocolError as exc:
             self._lose(attention_rank, str(exc))
             return None
@@ -219,14 +219,17 @@ class TorchExpertServer:
             logger.info("attention rank %d closed its data-plane link", attention_rank)
             return None
         layout = layout_of(wire)
-        payload = torch.empty(layout.total, dtype=torch.uint8, device=device)
-        try:
-            link.request.recv([payload], _ATTENTION, tag_for(wire.seq)).wait(
-                timedelta(seconds=self.link_timeout_s))
-        except RuntimeError as exc:
-            if not self._stopping.is_set():
-                self._lose(attention_rank, f"payload of request {wire.seq} not received: {exc}")
-            return None
+        if wire.flags & FLAG_INLINE:
+            payload = message[HEADER_BYTES:HEADER_BYTES + layout.total]
+        else:
+            payload = torch.empty(layout.total, dtype=torch.uint8, device=device)
+            try:
+                link.request.recv([payload], _ATTENTION, tag_for(wire.seq)).wait(
+                    timedelta(seconds=self.link_timeout_s))
+            except RuntimeError as exc:
+                if not self._stopping.is_set():
+                    self._lose(attention_rank, f"payload of request {wire.seq} not received: {exc}")
+                return None
         hidden, ids, weights = layout.views(payload)
         return _Request(attention_rank, wire, hidden, ids, weights)
 

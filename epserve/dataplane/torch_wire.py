@@ -5,17 +5,23 @@ Legend: n tokens in one exchange, D hidden, K top-k.
 Messages of one exchange (attention rank a ↔ expert rank e, sequence number ``seq`` counted
 per (a, e) link by the attention side):
 
-- request, on the link's *request* group, a → e:
-  1. header: int64 [HEADER_WORDS], tag ``TAG_HEADER`` (a FIFO stream: one sender thread,
-     one receiver thread, so headers arrive in order);
-  2. payload: uint8 [RequestLayout.total] = hidden [n, D] | local slot ids [n, K] int64 |
-     weights [n, K], each section 64-byte aligned, tag ``tag_for(seq)``.
+- request, on the link's *request* group, a → e, tag ``TAG_HEADER`` (a FIFO stream: one
+  sender thread, one receiver thread, so requests arrive in order). The expert keeps a
+  receive of ``capacity`` bytes posted (``request_capacity``):
+  - small requests (header + payload ≤ capacity): ONE message, header (512 bytes) then the
+    payload, flag ``INLINE``. gloo's TCP transport accepts a message shorter than the posted
+    receive (checked: it enforces length ≤ posted size), and the header says how long the
+    payload is. One message instead of two saves a round of handshakes and two thread
+    wake-ups per exchange — what dominates latency at small T.
+  - larger requests (and NCCL, which needs equal sizes: capacity = the header alone): the
+    header message alone, then the payload as a second message with tag ``tag_for(seq)``.
+  payload = hidden [n, D] | local slot ids [n, K] int64 | weights [n, K], each section
+  64-byte aligned (``RequestLayout``).
 - reply, on the link's *reply* group, e → a: one uint8 buffer = header (512 bytes) | out
   [n, D] in the request's hidden dtype, tag ``tag_for(seq)``. The attention side posts
   this receive in ``dispatch`` (it knows n and D), so a reply lands without a handshake.
-  A reply is always full size (zeros after the header when the status is not OK): gloo
-  aborts the process when a message's size differs from the posted receive.
-- close, a → e on the request group, tag ``TAG_HEADER``: a header with ``Kind.CLOSE``.
+  A reply is always full size (zeros after the header when the status is not OK).
+- close, a → e on the request group: a header with ``Kind.CLOSE``.
 
 Tag scheme: ``tag_for(seq) = TAG_FIRST_EXCHANGE + seq mod 2**30``. Every exchange in flight
 on a link has its own tag, so replies may come back in any order (two micro-batches, or a
@@ -24,13 +30,14 @@ is never sent; ``torch_group.close_group`` waits on it to break a link.
 
 Header words (int64): magic, kind, seq, map_version, layer, micro_batch, num_tokens (n of
 this exchange), K, D, hidden dtype code, weights dtype code, status, trace-context length,
-8 words of trace context (≤ 64 bytes), number of held versions, 8 held versions, error
-length, 33 words of UTF-8 error text (≤ 256 bytes).
+flags, 8 words of trace context (≤ 64 bytes), number of held versions, 8 held versions,
+error length, 32 words of UTF-8 error text (≤ 256 bytes).
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +52,15 @@ TAG_CLOSE_LINK = 2
 TAG_FIRST_EXCHANGE = 16
 MAX_HELD_VERSIONS = 8
 MAX_ERROR_BYTES = 256
+INLINE_CAPACITY = 256 * 1024   # bytes of a request the expert side receives in one message (gloo)
+FLAG_INLINE = 1                 # the payload follows the header in the same message
 _ALIGN = 64
 
-_TRACE_AT, _HELD_COUNT_AT, _HELD_AT, _ERROR_LEN_AT, _ERROR_AT = 13, 21, 22, 30, 31
+_FIXED_WORDS = 14
+# positions in the unpacked tuple: 14 fixed words, trace bytes, held count, held versions, error length, error
+_TRACE, _HELD_COUNT, _HELD, _ERROR_LEN, _ERROR = 14, 15, 16, 16 + MAX_HELD_VERSIONS, 17 + MAX_HELD_VERSIONS
+_HEADER_FORMAT = f"<{_FIXED_WORDS}q{MAX_TRACE_CONTEXT_BYTES}sq{MAX_HELD_VERSIONS}qq{MAX_ERROR_BYTES}s"
+assert struct.calcsize(_HEADER_FORMAT) == 512
 
 DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -81,19 +94,11 @@ class WireHeader:
     status: Status = Status.OK
     held_versions: tuple[int, ...] = ()
     error: str = ""
+    flags: int = 0
 
 
 def tag_for(seq: int) -> int:
     return TAG_FIRST_EXCHANGE + seq % (1 << 30)
-
-
-def _bytes_to_words(data: bytes, num_words: int) -> list[int]:
-    data = data.ljust(num_words * 8, b"\0")
-    return [int.from_bytes(data[i:i + 8], "little", signed=True) for i in range(0, num_words * 8, 8)]
-
-
-def _words_to_bytes(words: list[int], length: int) -> bytes:
-    return b"".join(w.to_bytes(8, "little", signed=True) for w in words)[:length]
 
 
 def encode_header(h: WireHeader) -> torch.Tensor:
@@ -101,31 +106,32 @@ def encode_header(h: WireHeader) -> torch.Tensor:
     b = h.batch
     held = h.held_versions[-MAX_HELD_VERSIONS:]
     error = h.error.encode("utf-8")[:MAX_ERROR_BYTES]
-    words = [MAGIC, int(h.kind), h.seq, b.map_version, b.layer, b.micro_batch, b.num_tokens, h.top_k,
-             h.hidden_size, DTYPE_CODES[h.dtype], DTYPE_CODES[h.weight_dtype], int(h.status),
-             len(b.trace_context)]
-    words += _bytes_to_words(b.trace_context, MAX_TRACE_CONTEXT_BYTES // 8)
-    words += [len(held), *held, *[0] * (MAX_HELD_VERSIONS - len(held))]
-    words += [len(error)] + _bytes_to_words(error, HEADER_WORDS - _ERROR_AT)
-    assert len(words) == HEADER_WORDS
-    return torch.tensor(words, dtype=torch.int64)
+    data = struct.pack(_HEADER_FORMAT, MAGIC, int(h.kind), h.seq, b.map_version, b.layer, b.micro_batch,
+                       b.num_tokens, h.top_k, h.hidden_size, DTYPE_CODES[h.dtype], DTYPE_CODES[h.weight_dtype],
+                       int(h.status), len(b.trace_context), h.flags, b.trace_context, len(held),
+                       *held, *[0] * (MAX_HELD_VERSIONS - len(held)), len(error), error)
+    return torch.frombuffer(bytearray(data), dtype=torch.int64)
 
 
-def decode_header(words: list[int]) -> WireHeader:
-    """words: HEADER_WORDS ints (``header_tensor.tolist()``)."""
-    if len(words) != HEADER_WORDS or words[0] != MAGIC:
-        raise ProtocolError(f"not an epserve data-plane header (magic {words[0]:#x})")
+def decode_header(words: torch.Tensor) -> WireHeader:
+    """words: int64 [HEADER_WORDS] on the CPU."""
+    if words.numel() != HEADER_WORDS:
+        raise ProtocolError(f"a data-plane header has {HEADER_WORDS} words, got {words.numel()}")
+    fields = struct.unpack(_HEADER_FORMAT, words.numpy().tobytes())
+    if fields[0] != MAGIC:
+        raise ProtocolError(f"not an epserve data-plane header (magic {fields[0]:#x})")
     try:
-        kind, status = Kind(words[1]), Status(words[11])
-        dtype, weight_dtype = _DTYPES[words[9]], _DTYPES[words[10]]
+        kind, status = Kind(fields[1]), Status(fields[11])
+        dtype, weight_dtype = _DTYPES[fields[9]], _DTYPES[fields[10]]
     except (ValueError, KeyError) as exc:
         raise ProtocolError(f"bad data-plane header: {exc}") from exc
-    trace = _words_to_bytes(words[_TRACE_AT:_HELD_COUNT_AT], words[12])
-    held = tuple(words[_HELD_AT:_HELD_AT + words[_HELD_COUNT_AT]])
-    error = _words_to_bytes(words[_ERROR_AT:], words[_ERROR_LEN_AT]).decode("utf-8", "replace")
-    batch = BatchHeader(map_version=words[3], layer=words[4], micro_batch=words[5], num_tokens=words[6],
+    trace = fields[_TRACE][:fields[12]]
+    held = fields[_HELD:_HELD + fields[_HELD_COUNT]]
+    error = fields[_ERROR][:fields[_ERROR_LEN]]
+    batch = BatchHeader(map_version=fields[3], layer=fields[4], micro_batch=fields[5], num_tokens=fields[6],
                         trace_context=trace)
-    return WireHeader(kind, words[2], batch, words[7], words[8], dtype, weight_dtype, status, held, error)
+    return WireHeader(kind, fields[2], batch, fields[7], fields[8], dtype, weight_dtype, status, tuple(held),
+                      error.decode("utf-8", "replace"), fields[13])
 
 
 def _aligned(nbytes: int) -> int:
@@ -166,6 +172,12 @@ class RequestLayout:
 
 def layout_of(h: WireHeader) -> RequestLayout:
     return RequestLayout(h.batch.num_tokens, h.hidden_size, h.top_k, h.dtype, h.weight_dtype)
+
+
+def request_capacity(device: torch.device) -> int:
+    """Bytes the expert side posts for the next request: INLINE_CAPACITY on gloo; the header
+    alone on NCCL, whose receives must match the sent size exactly."""
+    return HEADER_BYTES if device.type == "cuda" else INLINE_CAPACITY
 
 
 def reply_nbytes(num_tokens: int, hidden_size: int, dtype: torch.dtype) -> int:

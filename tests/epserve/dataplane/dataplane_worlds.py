@@ -134,6 +134,7 @@ def dense_reference(experts: list[TestExperts], layer: int, hidden: torch.Tensor
 
 PARITY_BATCHES = [  # (layer, version, T, pattern); seed = 100 * rank + index
     (0, 1, 37, "random"), (1, 2, 5, "random"), (2, 1, 1, "random"), (3, 1, 64, "only0"), (4, 2, 0, "random"),
+    (6, 1, 3000, "random"),   # > INLINE_CAPACITY per worker: header and payload go as two messages
 ]
 RUNNER_BATCHES = [(RUNNER_LAYER, 1, 9, "random"), (RUNNER_LAYER, 2, 23, "random")]
 

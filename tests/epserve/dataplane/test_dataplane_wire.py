@@ -13,20 +13,20 @@ from epserve.dataplane.torch_wire import (HEADER_WORDS, MAX_ERROR_BYTES, Kind, P
 def test_header_round_trip_keeps_every_field() -> None:
     trace = bytes(range(64))
     wire = WireHeader(Kind.REPLY, 2**40 + 3, BatchHeader(17, 47, 1, 12345, trace), 8, 7168, torch.bfloat16,
-                      torch.float32, Status.STALE_VERSION, (3, 4, 5), "ünïcode " * 10)
+                      torch.float32, Status.STALE_VERSION, (3, 4, 5), "ünïcode " * 10, flags=1)
     words = encode_header(wire)
     assert words.shape == (HEADER_WORDS,) and words.dtype == torch.int64
-    assert decode_header(words.tolist()) == wire
+    assert decode_header(words) == wire
 
 
 def test_long_errors_are_truncated_and_garbage_is_refused() -> None:
     wire = WireHeader(Kind.REPLY, 0, BatchHeader(1, 0, 0, 1), status=Status.ERROR, error="é" * 500,
                       held_versions=tuple(range(20)))
-    back = decode_header(encode_header(wire).tolist())
+    back = decode_header(encode_header(wire))
     assert len(back.error.encode()) <= MAX_ERROR_BYTES and back.error.startswith("éé")
     assert back.held_versions == tuple(range(12, 20))           # the newest 8
     with pytest.raises(ProtocolError):
-        decode_header([0] * HEADER_WORDS)
+        decode_header(torch.zeros(HEADER_WORDS, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
