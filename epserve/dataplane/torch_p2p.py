@@ -25,6 +25,14 @@ Failures (each exchange ends in exactly one of these):
   exception in its compute → ``RemoteExpertError``. The link stays healthy.
 Buffers of an exchange stay referenced until its receive completed or its link is closed:
 gloo writes into a posted receive's memory.
+
+On NCCL (``device="cuda"``) this code runs the same calls but has NOT been tried, and three
+things are known to need work first: (1) NCCL ignores tags, so replies must come back per
+link in request order (the server keeps that order; a timed-out exchange would still
+desynchronise the link); (2) the expert's receive that waits for the next request without a
+deadline trips ProcessGroupNCCL's watchdog after the group timeout; (3) waiting on NCCL work
+from the host means a stream synchronisation, which spins a CPU core by default. A likely
+shape for GPUs: headers on a gloo (CPU) link, payloads on NCCL — or DeepEP / Mooncake EP.
 """
 
 from __future__ import annotations

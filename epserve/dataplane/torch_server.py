@@ -13,6 +13,9 @@ Threads and queue:
   window), groups it by (layer, map version, shapes, dtypes) in order of arrival, calls
   ``compute`` once per group, splits the [N, D] result and sends each requester its
   [n, D] on the (a, e) reply group, then waits for those sends (deadline ``link_timeout_s``).
+  Replies to one attention rank leave in the order its requests arrived (a reply waits for
+  the groups holding that rank's earlier requests): gloo matches replies by tag anyway,
+  NCCL ignores tags and would need this order.
 Replies carry a status: OK, STALE_VERSION (with the versions the compute says it holds) or
 ERROR (the exception's text); the attention side turns them into typed errors.
 ``stop()`` (any thread) wakes ``serve``, which closes every link on its way out: blocked
@@ -29,6 +32,7 @@ runs while a receiver is blocked on the same group (verified: the receiver wakes
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -57,6 +61,7 @@ class _Request:
     hidden: torch.Tensor          # [n, D]
     local_slot_ids: torch.Tensor  # [n, K]
     weights: torch.Tensor         # [n, K]
+    reply: torch.Tensor | None = None   # uint8 header | out [n, D], once computed
 
     @property
     def key(self) -> tuple:
@@ -132,19 +137,27 @@ class TorchExpertServer:
         return batch
 
     def _serve_batch(self, compute: ExpertCompute, batch: list[_Request]) -> None:
+        """Compute each (layer, version, shapes) group once; reply to every link in arrival order."""
         groups: dict[tuple, list[_Request]] = {}
+        unanswered: dict[int, collections.deque[_Request]] = {}
         for request in batch:
             groups.setdefault(request.key, []).append(request)
+            unanswered.setdefault(request.attention_rank, collections.deque()).append(request)
         sends = []
         for requests in groups.values():
-            sends += self._compute_and_reply(compute, requests)
+            self._compute(compute, requests)
+            for attention_rank in {r.attention_rank for r in requests}:
+                waiting = unanswered[attention_rank]
+                while waiting and waiting[0].reply is not None:
+                    sends += self._send_reply(waiting.popleft())
         for attention_rank, work in sends:
             try:
                 work.wait(timedelta(seconds=self.link_timeout_s))
             except RuntimeError as exc:
                 self._lose(attention_rank, f"reply not delivered: {exc}")
 
-    def _compute_and_reply(self, compute: ExpertCompute, requests: list[_Request]) -> list:
+    def _compute(self, compute: ExpertCompute, requests: list[_Request]) -> None:
+        """One ``compute`` call for requests of one key; sets each request's ``reply`` buffer."""
         first = requests[0].wire
         counts = [r.wire.batch.num_tokens for r in requests]
         if len(requests) == 1:
@@ -168,27 +181,30 @@ class TorchExpertServer:
                              first.batch.map_version)
             status, error = Status.ERROR, f"{type(exc).__name__}: {exc}"
         self.num_batches += 1
-        sends = []
         for i, request in enumerate(requests):
-            a, w = request.attention_rank, request.wire
-            if a in self._lost:
-                continue
+            w = request.wire
             buf = torch.empty(reply_nbytes(w.batch.num_tokens, w.hidden_size, w.dtype), dtype=torch.uint8,
                               device=self.group.device)
             words, out_view = reply_views(buf, w.batch.num_tokens, w.hidden_size, w.dtype)
-            reply = WireHeader(Kind.REPLY, w.seq, w.batch, w.top_k, w.hidden_size, w.dtype, w.weight_dtype,
-                               status, held, error)
-            words.copy_(encode_header(reply))
+            words.copy_(encode_header(WireHeader(Kind.REPLY, w.seq, w.batch, w.top_k, w.hidden_size, w.dtype,
+                                                 w.weight_dtype, status, held, error)))
             if parts is None:
                 out_view.zero_()
             else:
                 out_view.copy_(parts[i])
-            try:
-                sends.append((a, self._links[a].reply.send([buf], _ATTENTION, tag_for(w.seq))))
-                self.num_requests += 1
-            except RuntimeError as exc:
-                self._lose(a, f"reply not sent: {exc}")
-        return sends
+            request.reply = buf
+
+    def _send_reply(self, request: _Request) -> list:
+        a = request.attention_rank
+        if a in self._lost:
+            return []
+        try:
+            work = self._links[a].reply.send([request.reply], _ATTENTION, tag_for(request.wire.seq))
+        except RuntimeError as exc:
+            self._lose(a, f"reply not sent: {exc}")
+            return []
+        self.num_requests += 1
+        return [(a, work)]
 
     def _receive_from(self, attention_rank: int, link: Link) -> None:
         try:
