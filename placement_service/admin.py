@@ -137,20 +137,21 @@ class AdminOps:
         return self.rebalancer.apply("set_redundancy", change)
 
     def rollback(self) -> ChangeResult:
-        """Back to the map in service before the operation that made the current version (itself
-        a make-before-break change, to a new version number)."""
+        """Back to the map in service before the operation that made the current version (all
+        its chunks), as a make-before-break change to a new version number. Rollbacks walk
+        back: rolling back a rollback goes one operation further, not forward again."""
         def change(current: ExpertMap) -> MapChange:
-            operation, base = self.controller.version_meta(current.version)
-            if not base:
+            operation, back_to = self.controller.version_meta(current.version)
+            if not operation:  # a version from before operations were recorded
                 versions = self.controller.get_placement(0)[2]
-                base = versions[-2] if len(versions) > 1 and operation != "initial" else 0
-            if not base:
-                raise FailedPrecondition(f"version {current.version} is the initial map; there is no previous "
-                                         "version to roll back to")
-            target = self.controller.get_placement(base)[0]
+                back_to = versions[-2] if len(versions) > 1 else 0
+            if not back_to:
+                raise FailedPrecondition(f"version {current.version} is the initial map (or was rolled back to "
+                                         "it); there is no earlier version to roll back to")
+            target = self.controller.get_placement(back_to)[0]
             plan = measure_change(self.load(required=False), current.phy2log, target.phy2log, current.num_workers,
                                   self.expert_bytes, current.num_logical_experts)
-            return MapChange("rollback", target.phy2log, plan)
+            return MapChange("rollback", target.phy2log, plan, rollback_to=self.controller.version_meta(back_to)[1])
 
         return self.rebalancer.apply("rollback", change)
 

@@ -65,6 +65,7 @@ class MapChange:
     target: torch.Tensor
     plan: RebalancePlan | None = None
     drain: tuple[str, ...] = ()  # expert workers this change empties (DrainWorker)
+    rollback_to: int | None = None  # what a later Rollback returns to; None = the version this change starts from
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class Rebalancer:
         controller = self.controller
         start = self._clock()
         controller.save_json({"operation": {"operation": change.operation, "base_version": base_version,
-                                            "target": change.target.tolist(), "drain": list(change.drain)}})
+                                            "target": change.target.tolist(), "drain": list(change.drain),
+                                            "rollback_to": change.rollback_to}})
         num_versions, message = 0, ""
         try:
             num_versions, message = self._run_chunks(change, base_version)
@@ -174,7 +176,8 @@ class Rebalancer:
                 done = (f"; {num_versions} earlier chunk(s) of this change stay committed (rollback returns "
                         f"to version {base_version})" if num_versions else "")
                 raise Aborted(f"{change.operation}: {exc}; version {current.version} stays in service{done}") from None
-            controller.commit(new_map, layers, change.operation, base_version, change.drain)
+            rollback_to = base_version if change.rollback_to is None else change.rollback_to
+            controller.commit(new_map, layers, change.operation, rollback_to, change.drain)
             num_versions += 1
             lagging = self._wait_switched(new_map)
             if lagging:
@@ -243,7 +246,7 @@ class Rebalancer:
         if record is None:
             return None
         change = MapChange(record["operation"], torch.tensor(record["target"], dtype=torch.int64),
-                           drain=tuple(record.get("drain", ())))
+                           drain=tuple(record.get("drain", ())), rollback_to=record.get("rollback_to"))
         logger.info("completing %s (started from version %d) after a restart", change.operation,
                     record["base_version"])
         try:

@@ -11,8 +11,9 @@ Tables:
                    ``eplb_paused``, ``drained_workers``, ``num_rebalances``, ``num_rollbacks``.
 - ``map_versions`` one row per committed expert-map version: phy2log [L, P] as little-endian
                    int32 bytes, slot owners (JSON), checksum, created time.
-- ``map_version_meta`` per committed version: the operation that made it and the version in
-                   service when that operation began (what ``Rollback`` returns to).
+- ``map_version_meta`` per committed version: the operation that made it and the version
+                   ``Rollback`` returns to from it (the version in service when that operation
+                   began; for a rollback, where the restored version would roll back to).
 - ``workers``      the registry: id, role, rank, address, capacity, device.
 
 A restarted service loads them all, so it resumes at the same map version and gives every

@@ -117,6 +117,7 @@ class FakeCluster:
                                      **(attention_options or {}).get(f"attn-{i}", {})) for i in range(dp_size)]
         self._subscriptions = []
         self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()
 
     @property
     def workers(self) -> list[FakeWorker]:
@@ -125,7 +126,8 @@ class FakeCluster:
     def worker(self, worker_id: str) -> FakeWorker:
         return next(w for w in self.workers if w.worker_id == worker_id)
 
-    def start(self) -> FakeCluster:
+    def start(self, heartbeat_s: float | None = None) -> FakeCluster:
+        """Register, watch; with ``heartbeat_s`` also heartbeat (needed when a health monitor runs)."""
         fingerprint = self.controller.config.model.fingerprint
         for fake in self.workers:
             self.controller.register(fake.worker_id, int(fake.role), f"127.0.0.1:{40000 + len(fake.worker_id)}",
@@ -136,7 +138,18 @@ class FakeCluster:
             thread = threading.Thread(target=self._watch, args=(fake, subscription), daemon=True)
             thread.start()
             self._threads.append(thread)
+        if heartbeat_s is not None:
+            thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
+
+    def _beat(self, every_s: float) -> None:
+        while not self._stopped.wait(every_s):
+            try:
+                self.heartbeat_all()
+            except PlacementError:
+                return
 
     def _watch(self, fake: FakeWorker, subscription) -> None:
         while True:
@@ -152,6 +165,7 @@ class FakeCluster:
             self.controller.heartbeat(fake.worker_id, fake.version if fake.role is WorkerRole.ATTENTION else 0)
 
     def stop(self) -> None:
+        self._stopped.set()
         for subscription in self._subscriptions:
             self.controller.unsubscribe(subscription)
         for thread in self._threads:
