@@ -160,8 +160,9 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     slot_load = np.where(phy >= 0, (weight / np.maximum(counts, 1))[rows_all, holder], 0.0)
     times = slot_load.reshape(num_layers, -1, per).sum(-1) / cap  # [L, W]
     slot_time = np.repeat(times, per, axis=1)  # [L, P]
-    order = np.lexsort((slot_time, phy), axis=-1)  # by expert, then worker time
-    sorted_expert = np.take_along_axis(phy, order, 1)
+    group = np.where(slot_live, phy, -2)  # expert id; -1 empty live slot; -2 slot of a dead worker
+    order = np.lexsort((slot_time, group), axis=-1)  # by group, then worker time
+    sorted_expert = np.take_along_axis(group, order, 1)
     position = np.broadcast_to(np.arange(num_slots), phy.shape)
     starts = np.ones_like(sorted_expert, dtype=bool)
     starts[:, 1:] = sorted_expert[:, 1:] != sorted_expert[:, :-1]
@@ -169,8 +170,8 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     rank = np.empty_like(rank_sorted)
     np.put_along_axis(rank, order, rank_sorted, 1)  # [L, P] rank of a slot among its expert's
     lost = np.maximum(counts - new, 0)
-    quota = np.where(phy >= 0, lost[rows_all, holder], (free.sum(1) - free_left)[:, None])
-    freed = (rank < quota) & slot_live & ((phy >= 0) | free)  # [L, P]
+    quota = np.where(group >= 0, lost[rows_all, holder], np.where(group == -1, (free.sum(1) - free_left)[:, None], 0))
+    freed = rank < quota  # [L, P]
 
     gained = np.maximum(new - counts, 0).ravel()  # [L*E]
     layer_of = np.repeat(np.repeat(np.arange(num_layers), num_logical), gained)

@@ -322,6 +322,16 @@ def test_movement_aware_fills_a_revived_worker_only_as_needed():
     scratch = plan(weight, num_slots, None, 1, num_workers, algorithm="deepseek")
     assert balancedness(revived, weight, num_workers, live_workers=torch.ones(6, dtype=torch.bool)) >= \
         0.99 * balancedness(scratch, weight, num_workers)
+    # worker 2 comes back while worker 4 dies, under a drifted load
+    new_weight = drift(weight, sigma=0.3, seed=3)
+    live = torch.tensor([True, True, True, True, False, True])
+    swapped = plan(new_weight, num_slots, None, 1, num_workers, algorithm="movement_aware",
+                   previous_phy2log=previous, live_workers=live)
+    ExpertMap(swapped, num_logical)
+    assert (swapped[:, 4 * 8:5 * 8] == -1).all()
+    scratch = plan(new_weight, num_slots, None, 1, num_workers, algorithm="elasticity_aware", live_workers=live)
+    assert balancedness(swapped, new_weight, num_workers, live_workers=live) >= \
+        0.99 * balancedness(scratch, new_weight, num_workers, live_workers=live)
 
 
 def test_capacity_weighting_puts_more_load_on_faster_workers():
