@@ -5,7 +5,8 @@ the identity (returns the tokens it got), so the numbers are the data plane's ow
 pack, gloo send/recv both ways, expert-side receive threads, queue and batching, combine.
 Both attention ranks run at once, like a deployment. For each T:
 
-- latency: one micro-batch at a time, ``combine(dispatch(...))``; median and p90 per round trip.
+- latency: one micro-batch at a time, ``combine(dispatch(...))``; median and p90 per round trip,
+  and the CPU time all processes spent per round trip (robust on a shared machine).
 - ping-pong: two micro-batches in flight (dispatch mb0, dispatch mb1, combine mb0, combine mb1);
   tokens/s per attention rank and in total.
 - local: the same split/combine with in-process experts (``--moe-a2a-backend local``), for the floor.
@@ -52,7 +53,7 @@ def iterations(num_tokens: int) -> int:
     return 300 if num_tokens <= 16 else 60
 
 
-def time_rank(dispatcher, rank: int, args, barrier) -> dict:
+def time_rank(dispatcher, rank: int, args, barrier, results) -> dict:
     dtype = getattr(torch, args.dtype)
     slots_per_worker = args.slots // args.experts
     out = {}
@@ -66,12 +67,16 @@ def time_rank(dispatcher, rank: int, args, barrier) -> dict:
         for i in range(10):
             round_trip(i)
         barrier.wait(120)
+        if rank == 0:
+            results.put(("mark", t, "start"))
         lat = []
         for i in range(iterations(t)):
             start = time.perf_counter()
             round_trip(i)
             lat.append(time.perf_counter() - start)
         barrier.wait(120)
+        if rank == 0:
+            results.put(("mark", t, "end"))
         pairs = iterations(t) // 2
         start = time.perf_counter()
         for i in range(pairs):
@@ -89,7 +94,7 @@ def attention_main(rank: int, port: int, args, barrier, results) -> None:
     world = args.attention + args.experts
     dispatcher = make_dispatcher("torch", rank=rank, world_size=world, dist_init_addr=f"127.0.0.1:{port}",
                                  expert_ranks=list(range(args.attention, world)), timeout_s=60)
-    results.put((rank, time_rank(dispatcher, rank, args, barrier)))
+    results.put(("result", rank, time_rank(dispatcher, rank, args, barrier, results)))
     dispatcher.close()
 
 
@@ -140,8 +145,16 @@ def run(args) -> str:
               for w in range(args.experts)]
     for p in procs:
         p.start()
+    per_rank, cpu_at, cpu_ms = {}, {}, {}
     try:
-        per_rank = dict(results.get(timeout=900) for _ in range(args.attention))
+        while len(per_rank) < args.attention:
+            kind, key, value = results.get(timeout=900)
+            if kind == "result":
+                per_rank[key] = value
+            elif value == "start":
+                cpu_at[key] = cpu_seconds(procs)
+            else:   # CPU time of all ranks per round trip of the latency phase
+                cpu_ms[key] = 1e3 * (cpu_seconds(procs) - cpu_at[key]) / (iterations(key) * args.attention)
     finally:
         for q in stops:
             q.put("stop")
@@ -156,10 +169,20 @@ def run(args) -> str:
         tput = [r[t]["pingpong_tokens_per_s"] for r in per_rank.values()]
         sent, received = wire_bytes(args, t)
         median = statistics.median(lat)
-        rows.append(f"| {t} | {1e3 * median:.2f} | {1e3 * lat[int(0.9 * (len(lat) - 1))]:.2f} | "
+        rows.append(f"| {t} | {1e3 * median:.2f} | {1e3 * lat[int(0.9 * (len(lat) - 1))]:.2f} | {cpu_ms[t]:.2f} | "
                     f"{1e3 * floor[t]:.3f} | {sum(tput):,.0f} | {min(tput):,.0f} | "
                     f"{(sent + received) / 2**20:.2f} | {(sent + received) / median / 2**30:.2f} |")
     return "\n".join(rows)
+
+
+def cpu_seconds(procs) -> float:
+    """User + system CPU seconds of the given processes so far (from /proc)."""
+    total = 0.0
+    for p in procs:
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def machine() -> str:
@@ -224,28 +247,36 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dataplane_cpu.md")
+    parser.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")
     parser.add_argument("--probe-gloo-threads", type=int, metavar="N", default=0,
                         help="only run the gloo thread-safety probe with N messages per thread")
     args = parser.parse_args()
     if args.probe_gloo_threads:
         probe_gloo_threads(args.probe_gloo_threads)
         return 0
+    load_before = os.getloadavg()[0]
     table = run(args)
+    load_after = os.getloadavg()[0]
     command = "python bench/dataplane.py " + " ".join(sys.argv[1:])
-    text = f"""# Data plane, torch backend (gloo) on CPU
+    text = f"""## {args.attention} attention + {args.experts} expert ranks, T = {', '.join(map(str, args.tokens))}
 
 - date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
-- machine: {machine()}
+- machine: {machine()}; 1-minute load average {load_before:.1f} before, {load_after:.1f} after
+  (the machine is shared: other jobs ran at the same time)
 - command: `{command.strip()}`
 - shape: D = {args.hidden}, K = {args.top_k}, P = {args.slots} slots, {args.attention} attention + {args.experts}
   expert ranks (processes on 127.0.0.1), hidden {args.dtype}, weights float32, random routing
-  (nearly every token has slots on both workers). Expert compute is the identity: these are the
-  data plane's own costs. Both attention ranks run at once.
+  (nearly every token has slots on every worker). Expert compute is the identity: these are the
+  data plane's own costs. All attention ranks run at once.
 
-| T tokens | round trip median ms | p90 ms | local backend ms | ping-pong tokens/s (all ranks) | ping-pong tokens/s (slowest rank) | MiB per round trip (one rank, both ways) | GiB/s at median |
-|---|---|---|---|---|---|---|---|
+| T tokens | round trip median ms | p90 ms | CPU ms per round trip (all processes) | local backend ms | ping-pong tokens/s (all ranks) | ping-pong tokens/s (slowest rank) | MiB per round trip (one rank, both ways) | GiB/s at median |
+|---|---|---|---|---|---|---|---|---|
 {table}
 """
+    if args.append and args.out.exists():
+        text = args.out.read_text() + "\n" + text
+    else:
+        text = "# Data plane, torch backend (gloo) on CPU\n\n" + text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
