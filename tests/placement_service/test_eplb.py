@@ -425,3 +425,33 @@ def test_cli_simulate_table_and_errors(tmp_path, capsys):
                                   "--num-redundant-experts", "4", "--num-workers", "4",
                                   "--worker-capacity", "1,2")
     assert code == 2 and "--worker-capacity has 2 values, --num-workers is 4" in err
+
+
+def test_random_small_cases_stay_valid():
+    """Random shapes, loads (some all-zero), capacities, dead and revived workers."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        num_workers, per = int(rng.integers(1, 9)), int(rng.integers(1, 6))
+        num_slots = num_workers * per
+        num_logical, num_layers = int(rng.integers(1, num_slots + 1)), int(rng.integers(1, 4))
+        weight = torch.tensor(rng.pareto(rng.uniform(0.5, 3), size=(num_layers, num_logical)), dtype=torch.float64)
+        if rng.random() < 0.2:
+            weight[0] = 0.0
+        capacity = torch.tensor(rng.choice([0.5, 1.0, 2.0], size=num_workers)) if rng.random() < 0.5 else None
+        live, live_before = (torch.tensor(rng.random(num_workers) > 0.25) for _ in range(2))
+        for mask in (live, live_before):
+            if int(mask.sum()) * per < num_logical:
+                mask[:] = True
+        previous = plan(torch.rand(num_layers, num_logical, dtype=torch.float64), num_slots, None, 1,
+                        num_workers, algorithm="elasticity_aware", live_workers=live_before)
+        scratch = plan(weight, num_slots, None, 1, num_workers, algorithm="elasticity_aware",
+                       live_workers=live, worker_capacity=capacity)
+        kept = plan(weight, num_slots, None, 1, num_workers, algorithm="movement_aware",
+                    previous_phy2log=previous, live_workers=live, worker_capacity=capacity)
+        assert_valid(scratch, num_layers, num_logical, num_slots, num_workers, live)
+        ExpertMap(kept, num_logical)
+        assert (kept.view(num_layers, num_workers, per)[:, ~live] == -1).all()
+        assert balancedness(kept, weight, num_workers, capacity, live) >= \
+            0.99 * balancedness(scratch, weight, num_workers, capacity, live) - 1e-12
