@@ -23,8 +23,11 @@ Failures (each exchange ends in exactly one of these):
   to other expert workers are unaffected. Reconnecting needs a new group (not built).
 - the expert answers STALE_VERSION → ``StaleMapVersion`` with the versions it holds; an
   exception in its compute → ``RemoteExpertError``. The link stays healthy.
-Buffers of an exchange stay referenced until its receive completed or its link is closed:
-gloo writes into a posted receive's memory.
+Buffers of an exchange stay referenced (by its link's ``in_flight``) until its reply was
+received or its link is closed: gloo writes into a posted receive's memory, and a reply whose
+receive buffer is gone would sit unread at the head of the link, blocking every later reply.
+An exchange whose ``PendingCombine`` the caller dropped without ``combine`` is finished at the
+link's next dispatch. ``dispatch`` copies its inputs: the caller may reuse them at once.
 
 On NCCL (``device="cuda"``) this code runs the same calls but has NOT been tried, and three
 things are known to need work first: (1) NCCL ignores tags, so replies must come back per
@@ -38,6 +41,7 @@ shape for GPUs: headers on a gloo (CPU) link, payloads on NCCL — or DeepEP / M
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -61,6 +65,7 @@ class _ExpertLink:
     link: Link
     next_seq: int = 0
     lost: str = ""            # why the link is unusable; "" while healthy
+    in_flight: dict[int, _Exchange] = field(default_factory=dict)   # seq → exchange not yet finished
 
     @property
     def peer_rank(self) -> int:
@@ -79,6 +84,7 @@ class _Exchange:
     reply_work: dist.Work
     sends: list[dist.Work] = field(default_factory=list)
     keep_alive: list[torch.Tensor] = field(default_factory=list)   # request header + payload
+    owner: weakref.ref | None = None                                # the PendingCombine it belongs to
 
 
 @dataclass
@@ -118,11 +124,16 @@ class TorchDispatcher:
             if link.lost:
                 raise PeerLost(f"expert rank {link.peer_rank} is unreachable ({link.lost}); layer "
                                f"{header.layer} micro-batch {header.micro_batch} not sent", peer_rank=link.peer_rank)
+        for share in shares:
+            self._reap_abandoned(self._links[share.worker])
         hidden = hidden.to(self.group.device)
         for share in shares:
             link = self._links[share.worker]
             try:
-                pending.exchanges.append(self._start(link, header, hidden, share))
+                exchange = self._start(link, header, hidden, share)
+                exchange.owner = weakref.ref(pending)
+                link.in_flight[exchange.seq] = exchange
+                pending.exchanges.append(exchange)
             except RuntimeError as exc:
                 self._lose(link, f"send failed: {exc}")
                 self._drain(pending.exchanges)
@@ -190,6 +201,7 @@ class TorchDispatcher:
             ex.reply_work.wait(timedelta(seconds=remaining))
             for work in ex.sends:   # complete once the expert has read them, which precedes its reply
                 work.wait(timedelta(seconds=self.link_timeout_s))
+            link.in_flight.pop(ex.seq, None)
         except RuntimeError as exc:
             if "Timed out" in str(exc):
                 self._lose(link, f"no reply to {where} within the deadline")
@@ -217,6 +229,14 @@ class TorchDispatcher:
                                     peer_rank=link.peer_rank)
         return out
 
+    def _reap_abandoned(self, link: _ExpertLink) -> None:
+        """Finish exchanges whose PendingCombine was dropped without ``combine`` (e.g. the caller
+        gave up on a micro-batch after another one failed). Until their replies are received,
+        gloo holds them at the head of the link and every later reply would wait behind them."""
+        abandoned = [ex for ex in link.in_flight.values() if ex.owner is not None and ex.owner() is None]
+        if abandoned:
+            self._drain(abandoned)
+
     def _drain(self, exchanges: list[_Exchange]) -> None:
         """Let exchanges already started finish, so their buffers are no longer written to."""
         deadline = time.monotonic() + self.link_timeout_s
@@ -231,6 +251,7 @@ class TorchDispatcher:
             link.lost = reason
             close_group(link.link.request)
             close_group(link.link.reply)
+            link.in_flight.clear()   # closed pairs write into no buffer any more
 
     def close(self) -> None:
         """Tell every reachable expert rank this attention rank is gone (its receiver ends)."""

@@ -185,6 +185,11 @@ def _run_plan(rank: int, dispatcher, obs: dict, results, barrier, control) -> No
     p2, p3 = (dispatcher.dispatch(headers[i], *batches[i], SLOTS_PER_WORKER) for i in (2, 3))
     out3 = dispatcher.combine(p3, 20)
     obs["pingpong"] += [dispatcher.combine(p2, 20), out3]
+    # 3b. a micro-batch abandoned without combine (its caller gave up) does not block the links
+    kept = dispatcher.dispatch(headers[0], *batches[0], SLOTS_PER_WORKER)
+    dispatcher.dispatch(headers[1], *batches[1], SLOTS_PER_WORKER)     # dropped at once
+    obs["abandoned"] = [dispatcher.combine(kept, 20)] + [run(5, 1, batch_seed(rank, 60 + i), 11 + i, "random",
+                                                             timeout_s=5) for i in (2, 3)]
     # 4. stale version, remote error; the links stay usable
     for name, layer, version in (("stale", 0, 7), ("remote_error", ERROR_LAYER, 1)):
         try:

@@ -102,12 +102,16 @@ def test_parity_with_local_backend_float64(world) -> None:
         assert torch.equal(attention[rank]["after_errors"], local_result(0, 1, batch_seed(rank, 71), 7, "random"))
 
 
-def test_two_micro_batches_in_flight(world) -> None:
+def test_two_micro_batches_in_flight_and_an_abandoned_one(world) -> None:
     attention, _, _, _ = world
     for rank in range(NUM_ATTENTION):
         expected = [local_result(5 + i % 2, 1, batch_seed(rank, 60 + i), 11 + i, "random", i % 2) for i in range(4)]
         for got, want in zip(attention[rank]["pingpong"], expected):
             assert torch.equal(got, want)
+        abandoned = attention[rank]["abandoned"]
+        assert torch.equal(abandoned[0], expected[0])
+        assert torch.equal(abandoned[1], local_result(5, 1, batch_seed(rank, 62), 13, "random"))
+        assert torch.equal(abandoned[2], local_result(5, 1, batch_seed(rank, 63), 14, "random"))
 
 
 def test_stale_version_and_remote_error_are_typed(world) -> None:
