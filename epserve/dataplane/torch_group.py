@@ -23,6 +23,28 @@ Why one group per pair and direction, not one shared group (see also torch_p2p):
   NCCL, send and recv on one communicator are ordered on one stream: a receive blocked on
   the next request would hold back the reply queued behind it; separate directions avoid it.
 
+gloo facts this design rests on (torch 2.13 CPU, gloo TCP transport, checked on 127.0.0.1 by
+the tests in tests/epserve/dataplane and ``bench/dataplane.py --probe-gloo-threads``):
+- Threads: concurrent send/recv on ONE group from 4 threads per process × 3 processes, 3000
+  variable-size messages each, arrived intact (the pair and context are mutex-protected).
+  The design does not rely on it (see above); it does rely on one cross-thread use:
+  ``close_group`` run while another thread is blocked in a receive on that group — the
+  blocked receive wakes at once with "Application timeout caused pair closure".
+- No cancellation: ``Work.abort()`` / ``ProcessGroup.abort()`` / ``shutdown()`` do not wake a
+  blocked receive; ``Work.is_completed()`` stays False until ``wait()``; ``get_future()`` is
+  not implemented for send/recv. The only bounded wait is ``wait(timeout)``, and it breaks
+  the group when it expires (above).
+- A posted receive whose buffer is freed before its message arrives leaves that message
+  unread at the head of the pair: every later message on the pair waits behind it. Buffers
+  of posted receives must live until the receive completes or the group is broken.
+- A message shorter than the posted receive is accepted (the TCP transport checks
+  length ≤ posted size); a longer one aborts the process. (Used for one-message requests.)
+- Peer death (SIGKILL): the kernel closes its sockets; pending and new operations on every
+  group shared with it fail within milliseconds with "Connection closed by peer"; groups not
+  shared with it are unaffected.
+- Idle: a thread blocked in a receive sleeps on a condition variable and gloo's loop thread in
+  epoll; measured < 0.01 s CPU per second per process.
+
 ``init_process_group`` keeps the world group in torch's process-wide state, so a process
 joins one data plane once.
 """
