@@ -120,9 +120,10 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     moves to it from the expert that loses least (lowest load per replica after giving one
     up), as DeepSeek's replication rule would; empty live slots are used before any donor's.
 
-    The new counts come from that greedy rule on [L, E] arrays; then, all at once, each donor
-    gives up its replicas on the least loaded workers and the new replicas, heaviest first,
-    take the freed slots, least loaded worker first.
+    The new counts are that greedy rule's result, computed in closed form
+    (``_corrected_counts``); then, all at once, each donor gives up its replicas on the least
+    loaded workers and the new replicas, heaviest first, take the freed slots, least loaded
+    worker first.
 
     weight [L, E], phy [L, P] (changed in place), cap [W], slot_live [P], ceiling [L].
     """
@@ -130,28 +131,8 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     num_slots = phy.shape[1]
     counts = replica_counts(phy, num_logical)  # [L, E]
     free = (phy < 0) & slot_live  # [L, P]
-    free_left = free.sum(1)
-    new = counts.copy()
-    rows = np.arange(num_layers)
-    ratio = weight / np.maximum(new, 1)  # [L, E] load per replica
-    after = np.where(new >= 2, weight / np.maximum(new - 1, 1), np.inf)  # ... after giving one up
-    for _ in range(num_slots):
-        receiver = ratio.argmax(1)
-        donor = after.argmin(1)
-        use_free = free_left > 0
-        need = (ratio[rows, receiver] > ceiling) & (
-            use_free | (np.isfinite(after[rows, donor]) & (donor != receiver)))
-        if not need.any():
-            break
-        layer, receiver, donor, use_free = rows[need], receiver[need], donor[need], use_free[need]
-        new[layer, receiver] += 1
-        free_left[layer[use_free]] -= 1
-        new[layer[~use_free], donor[~use_free]] -= 1
-        for expert in (receiver, donor):  # refresh the two changed columns
-            c, w = new[layer, expert], weight[layer, expert]
-            ratio[layer, expert] = w / np.maximum(c, 1)
-            after[layer, expert] = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
-    if np.array_equal(new, counts) and not (free_left < free.sum(1)).any():
+    new, used_free = _corrected_counts(weight, counts, free.sum(1), ceiling)
+    if np.array_equal(new, counts):
         return
 
     # which slots are given up: per expert (and for the empty slots), the ones on the least loaded workers
@@ -170,7 +151,7 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     rank = np.empty_like(rank_sorted)
     np.put_along_axis(rank, order, rank_sorted, 1)  # [L, P] rank of a slot among its expert's
     lost = np.maximum(counts - new, 0)
-    quota = np.where(group >= 0, lost[rows_all, holder], np.where(group == -1, (free.sum(1) - free_left)[:, None], 0))
+    quota = np.where(group >= 0, lost[rows_all, holder], np.where(group == -1, used_free[:, None], 0))
     freed = rank < quota  # [L, P]
 
     gained = np.maximum(new - counts, 0).ravel()  # [L*E]
@@ -182,6 +163,44 @@ def _transfer_replicas(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray,
     by_time = np.lexsort((slot_time[slot_layer, slot_index], slot_layer))  # per layer, least loaded first
     assert np.array_equal(layer_of[by_load], slot_layer[by_time])
     phy[slot_layer[by_time], slot_index[by_time]] = expert_of[by_load]
+
+
+def _corrected_counts(weight: np.ndarray, counts: np.ndarray, num_free: np.ndarray,
+                      ceiling: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replica counts after the transfers of ``_transfer_replicas``, without running them one
+    by one: each expert above the ceiling ends with the fewest replicas that bring it under
+    (the greedy rule raises it until then); the replicas come from the empty live slots first,
+    then from the donors' removal steps with the lowest load per replica after the removal
+    (the greedy rule's choices: each donor's steps w/(c-1), w/(c-2), ... only increase).
+
+    weight, counts [L, E], num_free [L] empty live slots, ceiling [L] → (new counts [L, E],
+    empty slots used [L]). When the ceiling is the largest load per replica of a plan with
+    the same live slots, donors always suffice (that plan's counts are a witness).
+    """
+    num_layers, num_logical = weight.shape
+    ceiling = ceiling[:, None]
+    receiver = weight > ceiling * counts  # [L, E] load per replica above the ceiling
+    wanted = np.where(receiver, np.ceil(weight / np.where(ceiling > 0, ceiling, 1.0)), counts)
+    gain = np.maximum(wanted.astype(np.int64) - counts, 0) * receiver
+    needed = gain.sum(1)
+    used_free = np.minimum(needed, num_free)
+    from_donors = needed - used_free  # [L]
+    # every removal step of every donor, as one flat list
+    steps = np.where(receiver, 0, np.maximum(counts - 1, 0)).ravel()  # [L*E]
+    layer_of = np.repeat(np.repeat(np.arange(num_layers), num_logical), steps)
+    expert_of = np.repeat(np.tile(np.arange(num_logical), num_layers), steps)
+    first = np.repeat(np.cumsum(steps) - steps, steps)
+    step = np.arange(steps.sum()) - first + 1  # 1, 2, ... per expert
+    value = weight[layer_of, expert_of] / (counts[layer_of, expert_of] - step)
+    order = np.lexsort((value, layer_of))  # per layer, cheapest removal first
+    layer_sorted = layer_of[order]
+    layer_start = np.searchsorted(layer_sorted, np.arange(num_layers))
+    rank = np.arange(order.size) - layer_start[layer_sorted]
+    taken = order[rank < from_donors[layer_sorted]]
+    assert (np.bincount(layer_of[taken], minlength=num_layers) == from_donors).all(), "not enough donors"
+    lost = np.bincount(layer_of[taken] * num_logical + expert_of[taken],
+                       minlength=num_layers * num_logical).reshape(num_layers, num_logical)
+    return counts + gain - lost, used_free
 
 
 def _swap_search(weight: np.ndarray, phy: np.ndarray, cap: np.ndarray, slot_live: np.ndarray,
