@@ -234,6 +234,7 @@ def _run_plan(rank: int, dispatcher, obs: dict, results, barrier, control) -> No
     barrier.wait(40)
     # 9. rank 1: expert 1 is killed mid-exchange → PeerLost fast; rank 0 then sees worker 1 gone
     if rank == 1:
+        obs["served_after_other_link_lost"] = run(0, 1, batch_seed(rank, 94), 6, "only0")   # expert 0 lost rank 0
         start = time.monotonic()
         try:
             run(KILL_LAYER, 1, batch_seed(rank, 95), 6, "only1", timeout_s=20)

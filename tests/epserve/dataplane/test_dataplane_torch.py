@@ -168,6 +168,8 @@ def test_expert_that_never_answers_times_out_within_deadline(world) -> None:
     assert elapsed < 0.1 and peer == NUM_ATTENTION
     expected = local_result(0, 1, batch_seed(0, 92), 6, "only1")  # ... and the other link still works
     assert torch.equal(attention[0]["worker1_still_ok"], expected)
+    expected = local_result(0, 1, batch_seed(1, 94), 6, "only0")  # expert 0 still serves attention rank 1
+    assert torch.equal(attention[1]["served_after_other_link_lost"], expected)
 
 
 def test_killed_expert_gives_peer_lost_fast(world) -> None:
