@@ -49,6 +49,7 @@ class LocalDispatcher:
         return _LocalPending(header, int(hidden.shape[1]), hidden.dtype, hidden.device, shares, hidden)
 
     def combine(self, pending: PendingCombine, timeout_s: float) -> torch.Tensor:
+        """→ out [T, D]. ``timeout_s`` is unused: the experts run here, in the caller's thread."""
         assert isinstance(pending, _LocalPending)
         total = CombineSum(pending.header.num_tokens, pending.hidden_size, pending.dtype, pending.device)
         for share in pending.shares:
