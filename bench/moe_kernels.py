@@ -178,7 +178,7 @@ def triton_kernels_only(shape: Shape, num_tokens: int, instances, w13, w2):
     if not isinstance(config, AlignedConfig):
         return (lambda: [fused_moe_gemv(i.hidden, i.slot_ids, i.weights, w13, w2, config)
                          for i in instances]), config, None
-    aligns = [align_by_slot(i.slot_ids, shape.num_slots, config.gate_up.block_m) for i in instances]
+    aligns = [align_by_slot(i.slot_ids, shape.num_slots, config.align_block_m) for i in instances]
     padded = sum(int(a.slot_offsets[-1]) for a in aligns)
     padding = padded / max(sum(i.assignments for i in instances), 1) - 1
 

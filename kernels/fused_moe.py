@@ -9,7 +9,7 @@ choices with ``s == -1`` are served by another shard and cost nothing here.
   the weighted combine fused. 2 launches.
 - ``fused_moe_aligned`` (everything else): align by slot (1 launch, or a memset and 2), grouped
   gate_up GEMM with SiLU·mul, grouped down GEMM with the top-k weights applied, gather-sum
-  combine. Each GEMM's config picks its pointer or TMA kernel (``TmaGemmConfig``).
+  combine. Each GEMM's config type picks its pointer, TMA or split-TMA kernel.
 Neither syncs with the host: both are CUDA-graph capturable at any size. Prefill could size
 the GEMM grids exactly with one host sync on the padded total; instead the grid covers the
 worst case and blocks past the total exit at once (a few microseconds at 16k tokens).
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from kernels.moe_align import SlotAlignment, align_by_slot
 from kernels.moe_configs import AlignedConfig, MoEConfig
-from kernels.moe_down import combine, down_weighted, down_weighted_tma
-from kernels.moe_gate_up import TmaGemmConfig, gate_up_silu, gate_up_silu_tma
+from kernels.moe_down import combine, down_weighted, down_weighted_tma, down_weighted_tma_split
+from kernels.moe_gate_up import (GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, gate_up_silu,
+                                 gate_up_silu_tma, gate_up_silu_tma_split)
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv
 
 
@@ -49,7 +50,7 @@ def fused_moe_gemv(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.
 def fused_moe_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor, config: AlignedConfig) -> torch.Tensor:
     _check(hidden, slot_ids, weights, w13, w2)
-    align = align_by_slot(slot_ids, w13.shape[0], config.gate_up.block_m)
+    align = align_by_slot(slot_ids, w13.shape[0], config.align_block_m)
     return experts_aligned(hidden.contiguous(), slot_ids, weights, w13, w2, align, config)
 
 
@@ -57,11 +58,23 @@ def experts_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch
                     w13: torch.Tensor, w2: torch.Tensor, align: SlotAlignment,
                     config: AlignedConfig) -> torch.Tensor:
     """The aligned variant after the alignment step: gate_up, down, combine → [T, D]."""
-    gate_up = gate_up_silu_tma if isinstance(config.gate_up, TmaGemmConfig) else gate_up_silu
-    down = down_weighted_tma if isinstance(config.down, TmaGemmConfig) else down_weighted
-    act = gate_up(hidden, w13, align, slot_ids.shape[1], config.gate_up)    # [cap, I]
-    rows = down(act, w2, weights, align, config.down)                       # [T*K, D]
+    act = gate_up_kernel(config.gate_up)(hidden, w13, align, slot_ids.shape[1], config.gate_up)
+    rows = down_kernel(config.down)(act, w2, weights, align, config.down)   # [T*K, D]
     return combine(rows, slot_ids)
+
+
+def gate_up_kernel(config: GemmConfig):
+    """The gate_up wrapper a GEMM config names (by its type)."""
+    if isinstance(config, SplitTmaGemmConfig):
+        return gate_up_silu_tma_split
+    return gate_up_silu_tma if isinstance(config, TmaGemmConfig) else gate_up_silu
+
+
+def down_kernel(config: GemmConfig):
+    """The down wrapper a GEMM config names (by its type)."""
+    if isinstance(config, SplitTmaGemmConfig):
+        return down_weighted_tma_split
+    return down_weighted_tma if isinstance(config, TmaGemmConfig) else down_weighted
 
 
 def fused_moe(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,

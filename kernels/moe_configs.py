@@ -9,7 +9,8 @@ by ``bench/gpu/tune_moe.py`` on the device and copied here.
 
 An entry is either ``{"variant": "gemv", ...GemvConfig fields}`` or
 ``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``; a GEMM
-config with ``"tma": true`` selects that kernel's TMA variant.
+config with ``"tma": true`` selects that kernel's TMA variant, ``"split": true`` its split
+variant (segments padded to block_m / 2, half-height tile for an odd remainder).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kernels.moe_gate_up import GemmConfig, TmaGemmConfig
+from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, alignment_block
 from kernels.moe_gemv import GemvConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -31,7 +32,13 @@ class AlignedConfig:
     down: GemmConfig
 
     def __post_init__(self) -> None:
-        assert self.gate_up.block_m % self.down.block_m == 0, "down BLOCK_M must divide gate_up's"
+        down_rows = self.down.block_m // 2 if isinstance(self.down, SplitTmaGemmConfig) else self.down.block_m
+        assert self.align_block_m % down_rows == 0, "the down tiles must divide the alignment's BLOCK_M"
+
+    @property
+    def align_block_m(self) -> int:
+        """Rows each slot's segment is padded to (set by the gate_up config)."""
+        return alignment_block(self.gate_up)
 
 
 MoEConfig = GemvConfig | AlignedConfig
@@ -44,12 +51,17 @@ def config_to_dict(config: MoEConfig) -> dict:
 
 
 def _gemm_to_dict(config: GemmConfig) -> dict:
-    return {**asdict(config), **({"tma": True} if isinstance(config, TmaGemmConfig) else {})}
+    extra = {"tma": True} if isinstance(config, TmaGemmConfig) else {}
+    if isinstance(config, SplitTmaGemmConfig):
+        extra["split"] = True
+    return {**asdict(config), **extra}
 
 
 def _gemm_from_dict(entry: dict) -> GemmConfig:
     entry = dict(entry)
-    return (TmaGemmConfig if entry.pop("tma", False) else GemmConfig)(**entry)
+    tma, split = entry.pop("tma", False), entry.pop("split", False)
+    cls = SplitTmaGemmConfig if split else TmaGemmConfig if tma else GemmConfig
+    return cls(**entry)
 
 
 def config_from_dict(entry: dict) -> MoEConfig:

@@ -6,7 +6,9 @@ Legend: T tokens, K top-k, A = T*K assignments, D hidden, I intermediate, S loca
 ``rows[a] = weights[a] * (act[p] @ w2[s].T)``, written to row a of ``rows [A, D]``.
 Rows of assignments served elsewhere (-1) are never written.
 
-``down_weighted_tma``: the same, with the act and weight tiles loaded through TMA.
+``down_weighted_tma``: the same, with the act and weight tiles loaded through TMA;
+``down_weighted_tma_split``: on segments padded to BM/2, with a half-height tile for a
+segment's odd last half-block (see ``moe_gate_up``).
 
 ``combine``: ``out[t] = Σ_k rows[t*K + k]`` over the k with ``slot_ids[t, k] >= 0``, summed
 in float32 in k order (deterministic, no atomics); tokens with no local choice get zeros.
@@ -100,16 +102,9 @@ def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
     return rows
 
 
-@triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
-def _down_tma_kernel(a_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
-                     num_slots, D, I, num_pid_m, stride_ra,
-                     S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
-    m_start = pid_m * BM
-    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
-    if slot < 0:
-        return
+@triton.jit
+def _down_tma_tile(a_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start, seg_count,
+                   slot, pid_n, D, I, stride_ra, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     row_w = slot * D + pid_n * BN                  # rows past D read the next slot: masked at the store
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
@@ -126,27 +121,76 @@ def _down_tma_kernel(a_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, offse
     tl.store(out_ptrs, acc.to(rows_ptr.dtype.element_ty), mask=real[:, None] & (offs_n < D)[None, :])
 
 
-def down_weighted_tma(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                      align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
-    """Like ``down_weighted``, act and weight tiles through TMA → rows [A, D]."""
+@triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
+def _down_tma_kernel(a_desc, a_half_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_ptr,
+                     counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                     S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    m_start = pid_m * BM
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    _down_tma_tile(a_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start, seg_count,
+                   slot, pid_n, D, I, stride_ra, BM, BN, BK)
+
+
+@triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
+def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_ptr,
+                           counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                           S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+    """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
+    HALF: tl.constexpr = BM // 2
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    m_start = pid_m * HALF
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    if ((m_start - seg_start) // HALF) % 2 == 1:
+        return                                     # covered by the tile of the half-block before
+    seg_end = tl.load(offsets_ptr + slot + 1)
+    if seg_end - m_start >= BM:
+        _down_tma_tile(a_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
+                       seg_count, slot, pid_n, D, I, stride_ra, BM, BN, BK)
+    else:
+        _down_tma_tile(a_half_desc, w_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
+                       seg_count, slot, pid_n, D, I, stride_ra, HALF, BN, BK)
+
+
+def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config) -> torch.Tensor:
     assert act.dim() == 2 and w2.dim() == 3, "act [cap, I], w2 [S, D, I]"
     num_slots, dim, inter = w2.shape
     assert act.shape == (align.sorted_ids.numel(), inter) and act.dtype == w2.dtype
-    assert align.block_m % config.block_m == 0, "down BLOCK_M must divide the alignment's"
+    assert align.block_m % rows_per_pid == 0, "the down tiles must divide the alignment's BLOCK_M"
     assert act.is_contiguous() and w2.is_contiguous(), "TMA needs contiguous act and w2"
     assert inter * w2.element_size() % 16 == 0, "TMA needs 16-byte aligned rows"
     weights = weights.contiguous()
     rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device)
     a_desc = TensorDescriptor.from_tensor(act, [config.block_m, config.block_k])
+    a_half_desc = TensorDescriptor.from_tensor(act, [max(config.block_m // 2, 16), config.block_k])
     w_desc = TensorDescriptor.from_tensor(w2.view(num_slots * dim, inter), [config.block_n, config.block_k])
-    num_pid_m = act.shape[0] // config.block_m
+    num_pid_m = act.shape[0] // rows_per_pid
     grid = (num_pid_m * triton.cdiv(dim, config.block_n),)
-    _down_tma_kernel[grid](
-        a_desc, w_desc, rows, weights, align.sorted_ids, align.slot_offsets, align.slot_counts,
-        num_slots, dim, inter, num_pid_m, rows.stride(0),
+    kernel[grid](
+        a_desc, a_half_desc, w_desc, rows, weights, align.sorted_ids, align.slot_offsets,
+        align.slot_counts, num_slots, dim, inter, num_pid_m, rows.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
     return rows
+
+
+def down_weighted_tma(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                      align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
+    """Like ``down_weighted``, act and weight tiles through TMA → rows [A, D]."""
+    return _launch_down_tma(_down_tma_kernel, config.block_m, act, w2, weights, align, config)
+
+
+def down_weighted_tma_split(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                            align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
+    """TMA variant on segments padded to BLOCK_M/2, a half-height tile for an odd last half-block."""
+    assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
+    return _launch_down_tma(_down_tma_split_kernel, config.block_m // 2, act, w2, weights, align, config)
 
 
 def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> torch.Tensor:

@@ -10,9 +10,11 @@ up (rows n and I + n of w13), so the [*, 2I] intermediate never reaches memory.
 The grid covers the worst-case number of blocks; blocks past the padded total exit at once
 (no host sync: CUDA-graph capturable).
 
-Two variants: ``gate_up_silu`` loads weight tiles with pointer arithmetic (any shape);
+Variants: ``gate_up_silu`` loads weight tiles with pointer arithmetic (any shape);
 ``gate_up_silu_tma`` loads them through Hopper's TMA engine from a host tensor descriptor
-(rows of D elements must be 16-byte aligned).
+(rows of D elements must be 16-byte aligned); ``gate_up_silu_tma_split`` runs on segments
+padded to BM/2 and covers a segment's odd last half-block with a BM/2-row tile, halving the
+padded rows (23% → ~12% at 256 rows per expert).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class GemmConfig:
 @dataclass(frozen=True)
 class TmaGemmConfig(GemmConfig):
     """Same tiles; the weight tiles (and contiguous A tiles) load through the TMA engine."""
+
+
+@dataclass(frozen=True)
+class SplitTmaGemmConfig(TmaGemmConfig):
+    """TMA tiles of block_m rows over segments padded to block_m / 2 (odd remainder: half tile)."""
+
+
+def alignment_block(config: GemmConfig) -> int:
+    """Rows each slot's segment is padded to for this GEMM config."""
+    return config.block_m // 2 if isinstance(config, SplitTmaGemmConfig) else config.block_m
 
 
 def slot_block(num_slots: int) -> int:
@@ -141,16 +153,11 @@ def gate_up_silu(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, 
     return act
 
 
-@triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
-def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
-                        num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
-                        S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
-    m_start = pid_m * BM
-    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
-    if slot < 0:
-        return
+@triton.jit
+def _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
+                      pid_n, top_k, D, I, stride_xt, stride_ap,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """One [BM, BN] tile of act for the rows starting at m_start (all in one slot's segment)."""
     rows = m_start + tl.arange(0, BM)
     real = (rows - seg_start) < seg_count
     aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
@@ -177,28 +184,78 @@ def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, cou
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_n < I)[None, :])
 
 
-def gate_up_silu_tma(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, top_k: int,
-                     config: GemmConfig) -> torch.Tensor:
-    """Like ``gate_up_silu``, weight tiles through TMA. hidden [T, D], w13 [S, 2I, D] → act [cap, I]."""
+@triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
+def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
+                        num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                        S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    m_start = pid_m * BM
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
+                      pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K)
+
+
+@triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
+def _gate_up_tma_split_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
+                              num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                              S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                              GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
+    HALF: tl.constexpr = BM // 2
+    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    m_start = pid_m * HALF
+    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    if slot < 0:
+        return
+    if ((m_start - seg_start) // HALF) % 2 == 1:
+        return                                     # covered by the tile of the half-block before
+    seg_end = tl.load(offsets_ptr + slot + 1)
+    if seg_end - m_start >= BM:
+        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
+                          pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K)
+    else:
+        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
+                          pid_n, top_k, D, I, stride_xt, stride_ap, HALF, BN, BK, EVEN_K)
+
+
+def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, config) -> torch.Tensor:
     assert hidden.dim() == 2 and w13.dim() == 3, "hidden [T, D], w13 [S, 2I, D]"
     num_slots, two_i, dim = w13.shape
     assert hidden.shape[1] == dim and hidden.dtype == w13.dtype and two_i % 2 == 0
-    assert align.block_m == config.block_m, "alignment and config disagree on BLOCK_M"
+    assert align.block_m == rows_per_pid, f"alignment BLOCK_M {align.block_m} != {rows_per_pid}"
     assert hidden.stride(1) == 1 and w13.is_contiguous(), "w13 must be contiguous for TMA"
     assert dim * w13.element_size() % 16 == 0, "TMA needs 16-byte aligned weight rows"
     inter = two_i // 2
     cap = align.sorted_ids.numel()
     act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device)
     w_desc = TensorDescriptor.from_tensor(w13.view(num_slots * two_i, dim), [config.block_n, config.block_k])
-    num_pid_m = align.num_blocks
+    num_pid_m = cap // rows_per_pid
     grid = (num_pid_m * triton.cdiv(inter, config.block_n),)
-    _gate_up_tma_kernel[grid](
+    kernel[grid](
         hidden, w_desc, act, align.sorted_ids, align.slot_offsets, align.slot_counts,
         num_slots, top_k, dim, inter, num_pid_m, hidden.stride(0), act.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
         GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return act
+
+
+def gate_up_silu_tma(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, top_k: int,
+                     config: GemmConfig) -> torch.Tensor:
+    """Like ``gate_up_silu``, weight tiles through TMA. hidden [T, D], w13 [S, 2I, D] → act [cap, I]."""
+    return _launch_gate_up_tma(_gate_up_tma_kernel, config.block_m, hidden, w13, align, top_k, config)
+
+
+def gate_up_silu_tma_split(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, top_k: int,
+                           config: GemmConfig) -> torch.Tensor:
+    """TMA variant on segments padded to BLOCK_M/2 (half the padding of ``gate_up_silu_tma``):
+    BLOCK_M-row tiles, and a half-height tile for a segment's odd last half-block."""
+    assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
+    return _launch_gate_up_tma(_gate_up_tma_split_kernel, config.block_m // 2, hidden, w13, align,
+                               top_k, config)
 
 
 def gate_up_silu_reference(x: torch.Tensor, w13_slot: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,9 @@ import moe_kernels as mk  # noqa: E402
 from kernels.moe_align import align_by_slot  # noqa: E402
 from kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  # noqa: E402
                                  config_to_dict)
-from kernels.moe_down import combine, down_weighted, down_weighted_tma  # noqa: E402
-from kernels.moe_gate_up import GemmConfig, TmaGemmConfig, gate_up_silu, gate_up_silu_tma  # noqa: E402
+from kernels.fused_moe import down_kernel, gate_up_kernel  # noqa: E402
+from kernels.moe_down import combine  # noqa: E402
+from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, alignment_block  # noqa: E402
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv  # noqa: E402
 
 GEMV_MAX_TOKENS = 16
@@ -65,12 +66,26 @@ def gemm_candidates(bm: int, kind: str) -> list[GemmConfig]:
     return out + [TmaGemmConfig(**asdict(c)) for c in out]
 
 
+def split_candidates(bm: int, kind: str) -> list[SplitTmaGemmConfig]:
+    return [SplitTmaGemmConfig(**asdict(c)) for c in gemm_candidates(bm, kind) if isinstance(c, TmaGemmConfig)]
+
+
 def run_gate_up(hidden, w13, align, top_k, cfg):
-    return (gate_up_silu_tma if isinstance(cfg, TmaGemmConfig) else gate_up_silu)(hidden, w13, align, top_k, cfg)
+    return gate_up_kernel(cfg)(hidden, w13, align, top_k, cfg)
 
 
 def run_down(act, w2, weights, align, cfg):
-    return (down_weighted_tma if isinstance(cfg, TmaGemmConfig) else down_weighted)(act, w2, weights, align, cfg)
+    return down_kernel(cfg)(act, w2, weights, align, cfg)
+
+
+def aligned_searches(shape: mk.Shape, num_tokens: int):
+    """(label, alignment BLOCK_M, gate_up candidates, down candidates) to search."""
+    bms = block_ms(shape, num_tokens)
+    for bm in bms:
+        yield f"bm{bm}", bm, gemm_candidates(bm, "gate_up"), gemm_candidates(bm, "down")
+    for bm in bms:
+        if bm >= 64:
+            yield f"split{bm}", bm // 2, split_candidates(bm, "gate_up"), split_candidates(bm, "down")
 
 
 def block_ms(shape: mk.Shape, num_tokens: int) -> list[int]:
@@ -105,7 +120,7 @@ def _compile_jobs(jobs: list[tuple]) -> list[str]:
                 act = torch.empty(inst.slot_ids.numel(), shape.inter, device="cuda", dtype=torch.bfloat16)
                 down_combine_gemv(act, w2, inst.slot_ids, inst.weights, cfg)
             else:
-                align = align_by_slot(inst.slot_ids, shape.num_slots, cfg.block_m)
+                align = align_by_slot(inst.slot_ids, shape.num_slots, alignment_block(cfg))
                 if kind == "gate_up":
                     run_gate_up(inst.hidden, w13, align, shape.top_k, cfg)
                 else:
@@ -128,9 +143,9 @@ def precompile(shapes: list[mk.Shape], tokens: list[int], workers: int) -> None:
                 jobs.update((compile_shape, "gemv_gate_up", c) for c in gemv_gate_up_candidates())
                 jobs.update((compile_shape, "gemv_down", GemvConfig(8, 512, 4, bn, bk, w, v))
                             for bn, bk, w, v in gemv_down_candidates())
-            for bm in block_ms(shape, t):
-                jobs.update((compile_shape, "gate_up", c) for c in gemm_candidates(bm, "gate_up"))
-                jobs.update((compile_shape, "down", c) for c in gemm_candidates(bm, "down"))
+            for _, _, gu_cands, dn_cands in aligned_searches(shape, t):
+                jobs.update((compile_shape, "gate_up", c) for c in gu_cands)
+                jobs.update((compile_shape, "down", c) for c in dn_cands)
     jobs = sorted(jobs, key=str)
     chunks = [jobs[i::workers] for i in range(workers)]
     start = time.time()
@@ -186,28 +201,28 @@ def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float) -> di
             deadline, "gemv down+combine")
         log["candidates"]["gemv_down"] = res
         options.append((gu_us + dn_us, dn, {"gate_up_us": gu_us, "down_us": dn_us}))
-    for bm in block_ms(shape, num_tokens):
-        aligns = [align_by_slot(i.slot_ids, shape.num_slots, bm) for i in insts]
-        align_us = time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, bm), count, reps)
+    for label, align_bm, gu_cands, dn_cands in aligned_searches(shape, num_tokens):
+        aligns = [align_by_slot(i.slot_ids, shape.num_slots, align_bm) for i in insts]
+        align_us = time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, align_bm), count, reps)
         gu, gu_us, res = best_of(
-            gemm_candidates(bm, "gate_up"),
+            gu_cands,
             lambda c: time_each(lambda j: run_gate_up(insts[j].hidden, w13, aligns[j], shape.top_k, c), count, reps),
-            deadline, f"BM={bm} gate_up")
-        log["candidates"][f"gate_up_bm{bm}"] = res
+            deadline, f"{label} gate_up")
+        log["candidates"][f"gate_up_{label}"] = res
         if gu is None:
             continue
         acts = [run_gate_up(i.hidden, w13, a, shape.top_k, gu) for i, a in zip(insts, aligns)]
         dn, dn_us, res = best_of(
-            gemm_candidates(bm, "down"),
+            dn_cands,
             lambda c: time_each(lambda j: run_down(acts[j], w2, insts[j].weights, aligns[j], c), count, reps),
-            deadline, f"BM={bm} down")
-        log["candidates"][f"down_bm{bm}"] = res
+            deadline, f"{label} down")
+        log["candidates"][f"down_{label}"] = res
         if dn is None:
             continue
         rows = [run_down(a, w2, i.weights, al, dn) for a, i, al in zip(acts, insts, aligns)]
         combine_us = time_each(lambda j: combine(rows[j], insts[j].slot_ids), count, reps)
         total = align_us + gu_us + dn_us + combine_us
-        print(f"    BM={bm}: align {align_us:.1f} + gate_up {gu_us:.1f} + down {dn_us:.1f} + combine "
+        print(f"    {label}: align {align_us:.1f} + gate_up {gu_us:.1f} + down {dn_us:.1f} + combine "
               f"{combine_us:.1f} = {total:.1f} us", flush=True)
         options.append((total, AlignedConfig(gu, dn), {"align_us": align_us, "gate_up_us": gu_us,
                                                        "down_us": dn_us, "combine_us": combine_us}))

@@ -98,15 +98,24 @@ def test_each_gemv_kernel_against_its_reference(dtype):
     assert rel_err(out, down_combine_gemv_reference(act, w2, slot_ids, weights)) < TOLERANCE[dtype]
 
 
+def _tma_configs():
+    from kernels.moe_gate_up import SplitTmaGemmConfig, TmaGemmConfig
+    return {
+        "tma": AlignedConfig(TmaGemmConfig(16, 16, 16, group_m=2), TmaGemmConfig(16, 32, 16, group_m=1)),
+        # segments padded to 16 rows; 32-row tiles, a 16-row tile for an odd last half-block
+        "split": AlignedConfig(SplitTmaGemmConfig(32, 16, 16, group_m=2), SplitTmaGemmConfig(32, 32, 16)),
+        "split_then_tma": AlignedConfig(SplitTmaGemmConfig(32, 16, 32), TmaGemmConfig(16, 16, 16)),
+    }
+
+
+@pytest.mark.parametrize("variant", ["tma", "split", "split_then_tma"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", [3, 17])
-def test_fused_moe_aligned_tma(num_tokens, dtype):
-    from kernels.moe_gate_up import TmaGemmConfig
+@pytest.mark.parametrize("num_tokens", [3, 17, 64])
+def test_fused_moe_aligned_tma(num_tokens, dtype, variant):
     # TMA needs 16-byte aligned rows: D and I multiples of 8 here (odd shapes use the pointer kernels)
     hidden, slot_ids, weights, w13, w2 = make_problem(num_tokens, K, S, 40, 24, dtype, DEVICE,
                                                       hit_slots=S - 2, seed=num_tokens)
-    config = AlignedConfig(TmaGemmConfig(16, 16, 16, group_m=2), TmaGemmConfig(16, 32, 16, group_m=1))
-    out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, config)
+    out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, _tma_configs()[variant])
     assert rel_err(out, fused_moe_reference(hidden, slot_ids, weights, w13, w2)) < TOLERANCE[dtype]
 
 
@@ -115,5 +124,6 @@ def test_config_round_trip():
     from kernels.moe_gate_up import TmaGemmConfig
     configs = [default_config(t, 8, 128) for t in (1, 64, 1024, 20000)]
     configs.append(AlignedConfig(TmaGemmConfig(64, 128, 64, 8, 4, 3), GemmConfig(32, 64, 64)))
+    configs += list(_tma_configs().values())
     for config in configs:
         assert config_from_dict(config_to_dict(config)) == config

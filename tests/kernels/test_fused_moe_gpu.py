@@ -44,7 +44,7 @@ def test_triton_runner_bf16_real_shapes(shape, num_tokens):
 def test_both_variants_bf16_and_fp16(num_tokens):
     from kernels.fused_moe import fused_moe_aligned, fused_moe_gemv, fused_moe_reference
     from kernels.moe_configs import default_config, AlignedConfig
-    from kernels.moe_gate_up import GemmConfig, TmaGemmConfig
+    from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig
     from kernels.moe_gemv import GemvConfig
     for dtype in (torch.bfloat16, torch.float16):
         hidden, slot_ids, weights, w13, w2 = gpu_problem(QWEN3, num_tokens, dtype, seed=7)
@@ -54,7 +54,9 @@ def test_both_variants_bf16_and_fp16(num_tokens):
         config = default_config(max(num_tokens, 1024), 8, 128)
         assert isinstance(config, AlignedConfig)
         tma = AlignedConfig(TmaGemmConfig(64, 128, 64, 8, 4, 3), TmaGemmConfig(64, 128, 64, 8, 4, 3))
-        for cfg in (config, tma, AlignedConfig(GemmConfig(16, 64, 128), GemmConfig(16, 64, 128))):
+        split = AlignedConfig(SplitTmaGemmConfig(128, 128, 64, 8, 8, 3),
+                              SplitTmaGemmConfig(128, 256, 64, 8, 8, 3))
+        for cfg in (config, tma, split, AlignedConfig(GemmConfig(16, 64, 128), GemmConfig(16, 64, 128))):
             assert rel_err(fused_moe_aligned(hidden, slot_ids, weights, w13, w2, cfg), ref) <= 1e-2
 
 
