@@ -225,11 +225,11 @@ class PlacementController:
         return self._watchers.num_subscribers
 
     def unheard_workers(self) -> list[str]:
-        """Workers not yet heard from since a restart (SUSPECT) or not watching placement (and not DEAD)."""
+        """Workers (not DEAD) not heard from since this process started, or not watching placement."""
         watching = self._watchers.subscriber_names()
         with self._lock:
             return [r.worker_id for r in self._registry.workers() if r.state != WorkerState.DEAD
-                    and (r.state == WorkerState.SUSPECT or r.worker_id not in watching)]
+                    and (not r.heard or r.worker_id not in watching)]
 
     # -- map changes (driven by the Rebalancer) ----------------------------------------------
     def reserve_version(self) -> int:

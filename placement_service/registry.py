@@ -41,6 +41,7 @@ class WorkerRecord:
     last_heartbeat_unix_ms: int = 0  # wall clock, for people
     map_version: int = 0  # last version the worker acked or reported in a heartbeat
     drained: bool = False  # DrainWorker moved every slot off it
+    heard: bool = True  # registered or heartbeated since this placement process started
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, self.role, self.address, self.rank, self.state, self.capacity,
@@ -113,11 +114,14 @@ class WorkerRegistry:
         return free[0]
 
     def restore(self, records: Iterable[WorkerRecord]) -> None:
-        """Workers loaded from the state db: SUSPECT until they heartbeat, DEAD after the timeout."""
+        """Workers loaded from the state db: presumed ALIVE as of now (workers keep serving while
+        placement is down; a gateway listing them meanwhile must not drop them), not yet
+        ``heard``; the usual timers make a silent one SUSPECT, then DEAD."""
         for record in records:
             assert record.rank in self.rank_range(record.role), (
                 f"stored rank {record.rank} of {record.worker_id} is out of range")
-            record.state = WorkerState.SUSPECT
+            record.state = WorkerState.ALIVE
+            record.heard = False
             record.last_seen_s = self._clock()
             self._by_id[record.worker_id] = record
             self._by_rank[record.rank] = record
@@ -161,6 +165,7 @@ class WorkerRegistry:
         if record.state in (WorkerState.SUSPECT, WorkerState.DEAD):
             logger.info("worker %s (rank %d) is alive again (was %s)", record.worker_id, record.rank, record.state.name)
         record.state = WorkerState.DRAINING if record.drained else WorkerState.ALIVE
+        record.heard = True
         record.last_seen_s = self._clock()
         record.last_heartbeat_unix_ms = int(self._wall_clock() * 1000)
 
