@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Try the carried DeepGEMM wheels (.whl/, see bench/gpu/README.md) against this machine's torch;
+# Try the carried DeepGEMM wheels (.whl/, see bench/gpu/NOTES.md) against this machine's torch;
 # print why each fails. Writes the install dir of the first that works to /tmp/dg_path.
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 for spec in "0.2.0:.whl/sgl_deep_gemm-0.2.0-*.whl" "0.1.7:.whl/dg017/sgl_deep_gemm-0.1.7-*.whl"; do

@@ -110,7 +110,7 @@ def _tma_configs():
 
 @pytest.mark.parametrize("variant", ["tma", "split", "split_then_tma"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", [3, 17, 64])
+@pytest.mark.parametrize("num_tokens", [3, 64])        # 64: full and half tiles both occur
 def test_fused_moe_aligned_tma(num_tokens, dtype, variant):
     # TMA needs 16-byte aligned rows: D and I multiples of 8 here (odd shapes use the pointer kernels)
     hidden, slot_ids, weights, w13, w2 = make_problem(num_tokens, K, S, 40, 24, dtype, DEVICE,
