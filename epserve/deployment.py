@@ -13,7 +13,6 @@ its own port line; ``metrics_endpoints`` maps child name → ``host:port`` of it
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -64,12 +63,23 @@ class DeploymentConfig:
             raise ValueError("--ep-num-redundant-experts must be >= 0")
 
 
-def _die_with_parent() -> None:
-    os.setpgrp()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+# Runs first in every child (``python -c _CHILD_PRELUDE LAUNCHER_PID MODULE ARGS...``): its own process
+# group, SIGTERM when the launcher dies (PR_SET_PDEATHSIG; exits at once if the launcher is already
+# gone), then the module's ``__main__``. Done in the child rather than in a ``preexec_fn`` so that
+# Popen can use vfork: a plain fork() runs gRPC's fork handlers in the launcher, and while gRPC
+# threads are busy there (e.g. a test's in-process OTLP receiver) a child could abort before exec.
+_CHILD_PRELUDE = """\
+import ctypes, os, runpy, signal, sys
+os.setpgrp()
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+except OSError:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("epserve: the launcher is gone")
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
 
 
 @dataclass
@@ -130,7 +140,8 @@ class LocalDeployment:
 
     def _launch(self, name: str, module: str, args: list[str]) -> Child:
         c = self.config
-        cmd = [sys.executable, "-m", module, "--model-path", c.model_path, "--host", c.host, *args]
+        cmd = [sys.executable, "-c", _CHILD_PRELUDE, str(os.getpid()), module, "--model-path", c.model_path,
+               "--host", c.host, *args]
         if c.otlp_endpoint:
             cmd += ["--otlp-endpoint", c.otlp_endpoint]
         if c.metrics:
@@ -140,8 +151,7 @@ class LocalDeployment:
             Path(c.log_dir).mkdir(parents=True, exist_ok=True)
             stderr = open(Path(c.log_dir) / f"{name}.log", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
-                                   preexec_fn=_die_with_parent)
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
         child = Child(name, process)
         self.children.append(child)
         return child
@@ -229,7 +239,10 @@ class LocalDeployment:
                 child.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop in %.0fs; killing it", child.name, grace_s)
-                os.killpg(child.process.pid, signal.SIGKILL)
+                try:
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                except ProcessLookupError:   # not its own group yet
+                    child.process.kill()
                 child.process.wait()
         self.children.clear()
 

@@ -73,10 +73,11 @@ def _request_trace(receiver: OtlpReceiver) -> list[ReceivedSpan]:
         if not roots:
             return False
         in_trace = [s for s in spans if s.trace_id == roots[0].trace_id]
-        have = {(s.service_name, s.name) for s in in_trace}
-        return {("epserve-attention-worker", "decode"), ("epserve-attention-worker", "moe.combine"),
-                ("epserve-expert-worker", "expert.compute")} <= have
-    spans = receiver.wait_for(complete, timeout_s=30)
+        have = {(s.resource.get("service.instance.id", s.service_name), s.name) for s in in_trace}
+        return {("epserve-gateway", "epserve.v1.Generation/Generate"), ("attention-0", "decode"),
+                ("attention-0", "epserve.v1.AttentionWorker/Generate"), ("attention-0", "moe.combine"),
+                *((worker, "expert.compute") for worker in EXPERT_WORKERS)} <= have
+    spans = receiver.wait_for(complete, timeout_s=30)   # each process exports on its own schedule
     trace_id = next(s.trace_id for s in spans if s.name == "gateway.request")
     return [s for s in spans if s.trace_id == trace_id]
 

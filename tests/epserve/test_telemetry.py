@@ -235,6 +235,56 @@ def test_unsampled_contexts_make_no_expert_span(receiver):
         expert.shutdown()
 
 
+def test_record_span_keeps_explicit_times_under_the_parent(tracings, receiver):
+    sender, engine = tracings
+    with sender.span("request") as request:
+        context = encode_trace_context()
+    start_ns = time.time_ns() - 2_000_000_000
+    engine.record_span("queue", context, start_ns, start_ns + 1_000_000, attributes={"epserve.request_id": "r"})
+    engine.record_span("ignored", b"", start_ns, start_ns + 1)               # not traced: nothing
+    engine.record_span("ignored", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-00", start_ns, start_ns + 1)
+    _flush(sender, engine)
+    spans = receiver.wait_for_names("request", "queue")
+    (queue,) = [s for s in spans if s.name == "queue"]
+    assert queue.parent_span_id == format(request.get_span_context().span_id, "016x")
+    assert queue.trace_id == format(request.get_span_context().trace_id, "032x")
+    assert (queue.start_ns, queue.end_ns) == (start_ns, start_ns + 1_000_000)
+    assert queue.service_name == "test-server" and queue.attributes["epserve.request_id"] == "r"
+    assert not any(s.name == "ignored" for s in receiver.spans)
+    setup_tracing("off", None).record_span("x", context, start_ns, start_ns + 1)   # off: no error, nothing
+
+
+def test_expert_compute_of_a_batch_links_every_sender(tracings, receiver):
+    """A batch of two attention workers' requests (the expert server's header carries both
+    contexts) is one ``expert.compute`` span, child of the first sender, linked to both."""
+    import torch
+
+    from epserve.dataplane import BatchHeader
+    from expert_worker.observed_compute import ObservedCompute
+
+    sender, expert = tracings
+    metrics = ExpertWorkerMetrics()
+    contexts = []
+    for name in ("attention.step.a", "attention.step.b"):
+        with sender.span(name):
+            contexts.append(encode_trace_context())
+    header = BatchHeader(3, 1, 0, 5, contexts[0], (contexts[0], contexts[1]))
+    compute = ObservedCompute(lambda h, hidden, ids, weights: hidden * 2, expert, metrics)
+    out = compute(header, torch.ones(5, 4), torch.zeros(5, 2, dtype=torch.int64), torch.ones(5, 2))
+    assert torch.equal(out, torch.full((5, 4), 2.0))
+    compute(BatchHeader(3, 1, 0, 2), torch.ones(2, 4), torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2))
+    _flush(sender, expert)
+    spans = receiver.wait_for_names("attention.step.a", "attention.step.b", "expert.compute")
+    by_name = {s.name: s for s in spans}
+    (span,) = [s for s in spans if s.name == "expert.compute"]          # the untraced batch made none
+    assert span.parent_span_id == by_name["attention.step.a"].span_id
+    assert {link.span_id for link in span.links} == {by_name[n].span_id for n in ("attention.step.a",
+                                                                                  "attention.step.b")}
+    assert span.attributes["epserve.num_senders"] == 2 and span.attributes["epserve.num_tokens"] == 5
+    assert metrics.registry.get_sample_value("epserve_expert_batches_total") == 2
+    assert metrics.registry.get_sample_value("epserve_expert_tokens_total") == 7
+
+
 def test_step_sampler():
     assert [s for s in range(40) if StepSampler(16).sample(s)] == [0, 16, 32]
     assert all(StepSampler(1).sample(s) for s in range(5))
