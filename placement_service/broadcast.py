@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,10 @@ class Broadcaster(Generic[Item]):
         with self._lock:
             self._subscriptions.discard(subscription)
 
-    def publish(self, item: Item) -> None:
+    def publish(self, item: Item, skip: Callable[[str], bool] | None = None) -> None:
+        """Queue ``item`` for every subscriber whose name ``skip`` does not reject."""
         with self._lock:
-            subscriptions = list(self._subscriptions)
+            subscriptions = [s for s in self._subscriptions if skip is None or not skip(s.name)]
         for subscription in subscriptions:
             if not subscription.put(item):
                 if subscription.overflowed:

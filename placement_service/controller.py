@@ -12,9 +12,10 @@ Flow: Register → rank. Once all N expert workers are registered, map version 1
 (the initial placement with expert workers as slot owners, in rank order) and persisted.
 Once every worker of both roles is registered the deployment is *ready*: every watcher
 gets the current map (COMMIT) with the full DataPlaneInfo, and every later version is
-fanned out through the ``Broadcaster`` (one queue per watcher). A watcher that subscribes
-while a PREPARE is in flight gets it right after the current map, so a worker that
-reconnects mid-rebalance still prepares.
+fanned out through the ``Broadcaster`` (one queue per watcher). PREPARE, RETIRE and
+ROLLBACK go to every watcher but attention workers (they act on COMMIT only). A watcher
+that subscribes while a PREPARE is in flight gets it right after the current map, so a
+worker that reconnects mid-rebalance still prepares.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class PlacementController:
         with self._lock:
             self._check_open()
             initial = [self._update(UpdatePhase.COMMIT, self._maps.current)] if self._ready else []
-            if self._ready and self._preparing is not None:
+            if self._ready and self._preparing is not None and not self._is_attention(name):
                 initial.append(self._preparing)
             try:
                 return self._watchers.subscribe(name, initial)
@@ -264,7 +265,7 @@ class PlacementController:
                                                  "phy2log": expert_map.phy2log.tolist(),
                                                  "slot_owners": list(expert_map.slot_owners)}})
             self._preparing = self._update(UpdatePhase.PREPARE, expert_map, layers)
-            self._watchers.publish(self._preparing)
+            self._watchers.publish(self._preparing, skip=self._is_attention)
 
     def publish_rollback(self, expert_map: ExpertMap) -> None:
         """Tell expert workers to drop the prepared ``expert_map``; forget it was in flight."""
@@ -272,7 +273,7 @@ class PlacementController:
             if self._preparing is not None and self._preparing.expert_map.version == expert_map.version:
                 self._preparing = None
             self._save_json({"prepare_version": None, "num_rollbacks": self.stat("num_rollbacks") + 1})
-            self._watchers.publish(self._update(UpdatePhase.ROLLBACK, expert_map))
+            self._watchers.publish(self._update(UpdatePhase.ROLLBACK, expert_map), skip=self._is_attention)
 
     def commit(self, expert_map: ExpertMap, layers: tuple[int, ...], operation: str, base_version: int,
                drain: tuple[str, ...] = ()) -> None:
@@ -301,7 +302,7 @@ class PlacementController:
     def publish_retire(self, expert_map: ExpertMap) -> None:
         """No attention worker routes with versions older than ``expert_map`` any more."""
         with self._lock:
-            self._watchers.publish(self._update(UpdatePhase.RETIRE, expert_map))
+            self._watchers.publish(self._update(UpdatePhase.RETIRE, expert_map), skip=self._is_attention)
         self.acks.forget_below(expert_map.version)
 
     def save_json(self, values: dict[str, object]) -> None:
@@ -354,6 +355,14 @@ class PlacementController:
         self._watchers.close_all()
 
     # -- internals (call with the lock held) -----------------------------------------------
+    def _is_attention(self, name: str) -> bool:
+        """Attention workers act on COMMIT only: PREPARE / RETIRE / ROLLBACK are not sent to them
+        (less work on their watch thread, which shares the engine's process)."""
+        try:
+            return self._registry.get(name).role == WorkerRole.ATTENTION
+        except NotFound:
+            return False
+
     def _check_open(self) -> None:
         if self._closing:
             raise Unavailable("placement is shutting down")
