@@ -24,23 +24,25 @@ import torch
 
 
 def derive_log2phy(phy2log: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """phy2log [L, P] → (log2phy [L, E, Rmax], logcnt [L, E]). Pure function."""
+    """phy2log [L, P] → (log2phy [L, E, Rmax], logcnt [L, E]). Pure, vectorised (no per-slot loop)."""
     num_layers, num_slots = phy2log.shape
-    logcnt = torch.zeros(num_layers, num_logical, dtype=torch.int64)
-    valid = phy2log >= 0
-    if valid.any():
-        layer_idx = torch.arange(num_layers).unsqueeze(1).expand_as(phy2log)[valid]
-        logcnt.index_put_((layer_idx, phy2log[valid]), torch.ones_like(layer_idx), accumulate=True)
+    # Empty slots (-1) count into an extra bucket E that is dropped at the end.
+    bucket = torch.where(phy2log >= 0, phy2log, torch.full_like(phy2log, num_logical))
+    counts = torch.zeros(num_layers, num_logical + 1, dtype=torch.int64)
+    counts.scatter_add_(1, bucket, torch.ones_like(bucket))
+    logcnt = counts[:, :num_logical]
     max_replicas = max(int(logcnt.max()), 1) if logcnt.numel() else 1
+    # Stable sort of slots by expert keeps each expert's slots ascending; a slot's replica index
+    # is its position in the sorted order minus where its expert's run starts.
+    order = torch.sort(bucket, dim=1, stable=True).indices                       # [L, P]
+    sorted_expert = torch.gather(bucket, 1, order)
+    run_start = torch.cumsum(counts, dim=1) - counts                             # [L, E+1]
+    replica = torch.arange(num_slots).unsqueeze(0) - torch.gather(run_start, 1, sorted_expert)
     log2phy = torch.full((num_layers, num_logical, max_replicas), -1, dtype=torch.int64)
-    fill = torch.zeros(num_layers, num_logical, dtype=torch.int64)
-    for layer in range(num_layers):
-        for slot in range(num_slots):
-            expert = int(phy2log[layer, slot])
-            if expert >= 0:
-                log2phy[layer, expert, fill[layer, expert]] = slot
-                fill[layer, expert] += 1
-    return log2phy, logcnt
+    layer = torch.arange(num_layers).unsqueeze(1).expand_as(order)
+    held = sorted_expert < num_logical
+    log2phy[layer[held], sorted_expert[held], replica[held]] = order[held]
+    return log2phy, logcnt.contiguous()
 
 
 @dataclass(frozen=True)
