@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import WorkerRole
+from epserve.placement_client import WorkerRole, WorkerState
 from placement_service import snapshot
 from placement_service.config import EPLB_ALGORITHMS
 from placement_service.controller import PlacementController
@@ -159,7 +159,7 @@ class AdminOps:
         info = self.controller.worker(worker_id)  # NotFound
         if info.role != WorkerRole.EXPERT:
             raise InvalidArgument(f"worker {worker_id} is an attention worker; only expert workers hold slots")
-        if info.state.name == "DRAINING":
+        if info.state == WorkerState.DRAINING:
             raise FailedPrecondition(f"expert worker {worker_id} is already drained")
         weight = self._uniform_or_load()
 

@@ -104,7 +104,9 @@ class PlacementController:
         """Returns the latest map version (0 while none exists)."""
         with self._lock:
             self._check_open()
-            self._registry.heartbeat(worker_id, map_version)
+            # A worker's acked version may be one that was prepared, then rolled back: only
+            # committed versions count as the one it routes with / serves.
+            self._registry.heartbeat(worker_id, map_version if self._maps.has(map_version) else 0)
             latest = self._maps.latest_version
         self.acks.poke()
         return latest

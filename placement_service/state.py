@@ -62,6 +62,9 @@ class MapHistory:
     def versions(self) -> list[int]:
         return sorted(self._maps)
 
+    def has(self, version: int) -> bool:
+        return version in self._maps
+
     def get(self, version: int) -> ExpertMap:
         """version 0 = current. Raises Unavailable before the first map, NotFound for unknown versions."""
         if not self._maps:
