@@ -80,6 +80,8 @@ def test_failed_prepare_rolls_back_and_never_reuses_the_number(service):
     assert all(a.version == 1 for a in cluster.attention) and all(2 not in e.held for e in cluster.experts)
     assert svc.controller.stat("num_rollbacks") == 1
     assert svc.controller.load_json("operation") is None and svc.controller.load_json("prepare_version") is None
+    svc.controller.heartbeat("expert-0", 2)  # its client acked PREPARE 2: a rolled-back version does not count
+    assert svc.controller.worker("expert-0").map_version == 1
 
     cluster.worker("expert-1").prepare = "ok"
     result = svc.admin.rebalance()
