@@ -119,11 +119,12 @@ def run_repeat(streams: Streams, admin, snapshot: dict, phase_s: float, interval
         changes.append((start, time.perf_counter(), response))
     steady = [g for _, g in streams.gaps_between(steady_start, steady_end)]
     starts = [c[0] for c in changes]
-    during = []
+    during, where = [], []
     for t, gap in streams.gaps_between(changes[0][0], changes[-1][1]):
         i = bisect.bisect_right(starts, t) - 1
         if i >= 0 and t <= changes[i][1]:
             during.append(gap)
+            where.append((gap, t - changes[i][0], changes[i][1] - changes[i][0]))
     result = {
         "steady_gaps_s": steady, "during_gaps_s": during,
         "steady_gaps": len(steady), "during_gaps": len(during),
@@ -135,6 +136,9 @@ def run_repeat(streams: Streams, admin, snapshot: dict, phase_s: float, interval
         "experts_moved": [c[2].experts_moved for c in changes],
         "bytes_moved": [c[2].bytes_moved for c in changes],
         "versions": [c[2].version for c in changes],
+        # the 3 longest gaps in flight: (gap, when it ended after its change started, change wall time), ms
+        "worst_during_ms": [[round(1e3 * v, 1) for v in w] for w in sorted(where, reverse=True)[:3]],
+        "worst_steady_ms": [round(1e3 * g, 1) for g in sorted(steady, reverse=True)[:3]],
     }
     result["p99_ratio"] = result["during_itl_p99_ms"] / result["steady_itl_p99_ms"]
     return result
@@ -182,9 +186,10 @@ def main() -> None:
             for index in range(args.repeats):
                 repeats.append(run_repeat(streams, admin, snapshot, args.phase_s, args.change_interval_s, args.change))
                 r = repeats[-1]
-                print(f"repeat {index}: ITL p99 steady {r['steady_itl_p99_ms']:.1f} ms, during {r['during_itl_p99_ms']:.1f}"
-                      f" ms (x{r['p99_ratio']:.2f}); median {r['steady_itl_median_ms']:.1f} / "
-                      f"{r['during_itl_median_ms']:.1f} ms; {r['num_changes']} changes, median "
+                print(f"repeat {index}: ITL p99 steady {r['steady_itl_p99_ms']:.1f} ms, during "
+                      f"{r['during_itl_p99_ms']:.1f} ms (x{r['p99_ratio']:.2f}); median "
+                      f"{r['steady_itl_median_ms']:.1f} / {r['during_itl_median_ms']:.1f} ms; "
+                      f"{r['num_changes']} changes, median "
                       f"{statistics.median(r['change_ms']):.0f} ms", flush=True)
         finally:
             streams.stop()
@@ -208,7 +213,7 @@ def main() -> None:
         "errors": len(streams.errors),
     }
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} (CPU, {os.cpu_count()} cores)",
+            "machine": f"{platform.node()} {platform.machine()} (CPU, {os.cpu_count()} cores)",
             "command": "python bench/rebalance_live.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
             "load_average_at_start": load_average,

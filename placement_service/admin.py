@@ -239,7 +239,8 @@ def _check_layers(layers: list[int] | None, num_layers: int) -> list[int] | None
         return None
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
-        raise InvalidArgument(f"layers {bad} are out of range: the model has {num_layers} MoE layers (0..{num_layers - 1})")
+        raise InvalidArgument(f"layers {bad} are out of range: the model has {num_layers} MoE layers "
+                              f"(0..{num_layers - 1})")
     if len(set(layers)) != len(layers):
         raise InvalidArgument(f"layers {list(layers)} holds duplicates")
     return sorted(layers)

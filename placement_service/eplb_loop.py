@@ -127,8 +127,8 @@ class EplbLoop:
         def change(in_service) -> MapChange | None:
             plan = self.admin.plan_for(in_service, weight)
             num_slots = in_service.num_layers * in_service.num_physical_slots
-            detail = (f"{plan.algorithm}: balancedness {plan.balancedness_before:.3f} → {plan.balancedness_after:.3f}, "
-                      f"{plan.experts_moved}/{num_slots} slots change")
+            detail = (f"{plan.algorithm}: balancedness {plan.balancedness_before:.3f} → "
+                      f"{plan.balancedness_after:.3f}, {plan.experts_moved}/{num_slots} slots change")
             if not worth_applying(plan, self.config.eplb_min_gain, num_slots):
                 skipped.append(Decision("not_worth", detail + f" (--eplb-min-gain {self.config.eplb_min_gain:g})",
                                         in_service.version))

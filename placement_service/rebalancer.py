@@ -223,7 +223,8 @@ class Rebalancer:
                                         timeout_s)
         return [] if done else controller.attention_behind(expert_map.version)
 
-    def _resume(self, record: dict | None, preparing: dict | None, heard_timeout_s: float | None) -> ChangeResult | None:
+    def _resume(self, record: dict | None, preparing: dict | None,
+                heard_timeout_s: float | None) -> ChangeResult | None:
         controller = self.controller
         config = self.config
         timeout_s = heard_timeout_s if heard_timeout_s is not None else (

@@ -205,7 +205,8 @@ def _workers(stub, args):
 
     workers = stub.ListWorkers(placement_pb2.ListWorkersRequest(), timeout=args.timeout).workers
     now_ms = int(time.time() * 1000)
-    rows = [{"worker_id": w.worker_id, "role": placement_pb2.WorkerRole.Name(w.role).removeprefix("WORKER_ROLE_").lower(),
+    rows = [{"worker_id": w.worker_id,
+             "role": placement_pb2.WorkerRole.Name(w.role).removeprefix("WORKER_ROLE_").lower(),
              "rank": w.rank, "state": placement_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_"),
              "address": w.address, "map_version": w.map_version, "device": w.device, "capacity": w.capacity,
              "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms} for w in workers]

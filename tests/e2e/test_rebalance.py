@@ -82,7 +82,8 @@ class Traffic:
             admin = placement_pb2_grpc.PlacementAdminStub(channel)
             while not self._stop.wait(0.05):
                 try:
-                    self._versions["last"] = admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=2).map.version
+                    response = admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=2)
+                    self._versions["last"] = response.map.version
                 except grpc.RpcError:
                     pass  # placement restarting
 

@@ -111,8 +111,8 @@ class FakeCluster:
                  expert_options: dict[str, dict] | None = None, attention_options: dict[str, dict] | None = None):
         self.controller = controller
         self.violations: list[str] = []
-        self.experts = [FakeWorker(self, f"expert-{i}", WorkerRole.EXPERT, **(expert_options or {}).get(f"expert-{i}", {}))
-                        for i in range(ep_size)]
+        self.experts = [FakeWorker(self, f"expert-{i}", WorkerRole.EXPERT,
+                                   **(expert_options or {}).get(f"expert-{i}", {})) for i in range(ep_size)]
         self.attention = [FakeWorker(self, f"attn-{i}", WorkerRole.ATTENTION,
                                      **(attention_options or {}).get(f"attn-{i}", {})) for i in range(dp_size)]
         self._subscriptions = []
