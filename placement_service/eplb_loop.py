@@ -80,9 +80,9 @@ class EplbLoop:
         """The rebalancer thread's body: resume an interrupted change, then decide when woken."""
         try:
             self.rebalancer.resume_interrupted()
-        except (BoardClosed, Unavailable):
-            return
-        except PlacementError as exc:
+        except (BoardClosed, PlacementError) as exc:
+            if self.controller.is_closing:
+                return
             logger.warning("could not resume the interrupted map change: %s", exc)
         while not stop.is_set():
             if not self._wake.wait(0.5):
