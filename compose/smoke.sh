@@ -90,19 +90,29 @@ trap 'exit 143' TERM
 # --- 1. Docker --------------------------------------------------------------------------
 daemon_up() { timeout 10 docker info >/dev/null 2>&1; }
 
+apt_install() {
+    run 300 env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "$@" >>"$work/apt.log" 2>&1 || { tail -n 20 "$work/apt.log" >&2; die "apt-get install $* failed"; }
+}
+
+rootfs_pid=""  # a debootstrap for the base image, run while Docker installs
 install_tools() {  # apt packages for whatever is missing
     local missing=()
     command -v dockerd >/dev/null && [ -x /usr/bin/docker ] || missing+=(docker.io)
     command -v docker-compose >/dev/null || missing+=(docker-compose)
-    command -v debootstrap >/dev/null || missing+=(debootstrap)
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    command -v apt-get >/dev/null || skip "needs ${missing[*]} and there is no apt-get to install them"
-    log "installing ${missing[*]}"
+    [ "${#missing[@]}" -eq 0 ] && command -v debootstrap >/dev/null && return 0
+    command -v apt-get >/dev/null || skip "needs ${missing[*]} debootstrap and there is no apt-get to install them"
+    log "installing ${missing[*]} debootstrap"
     run 180 apt-get update -qq >"$work/apt.log" 2>&1 \
         || { tail -n 20 "$work/apt.log" >&2; die "apt-get update failed"; }
-    run 300 env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >>"$work/apt.log" 2>&1 \
-        || { tail -n 20 "$work/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+    command -v debootstrap >/dev/null || apt_install debootstrap
+    if [[ " ${missing[*]} " == *" docker.io "* ]]; then
+        # No Docker yet, so most likely no base image either: start on it now.
+        timeout 600 bash compose/base-image.sh --rootfs "$work/rootfs" >"$work/rootfs.log" 2>&1 &
+        rootfs_pid=$!
+        background+=("$rootfs_pid")
+    fi
+    [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
 }
 
 start_dockerd() {  # overlay2 (fast, small), else vfs (works on any filesystem)
@@ -142,7 +152,15 @@ fi
 compose=(docker-compose -p "$PROJECT" -f compose/docker-compose.yml)
 
 # --- 2. Base image ----------------------------------------------------------------------
-run 600 bash compose/base-image.sh epserve-base:bookworm || die "base image"
+if [ -n "$rootfs_pid" ]; then
+    if docker image inspect epserve-base:bookworm >/dev/null 2>&1; then
+        kill "$rootfs_pid" 2>/dev/null || true
+    else
+        log "waiting for the base image's debootstrap"
+        wait "$rootfs_pid" || { tail -n 30 "$work/rootfs.log" >&2; die "debootstrap of the base image"; }
+    fi
+fi
+run 600 bash compose/base-image.sh epserve-base:bookworm "$work/rootfs" || die "base image"
 
 # --- 3. Build-context extras ------------------------------------------------------------
 if ! ls compose/local/torch-"$TORCH_VERSION"+cpu-*.whl >/dev/null 2>&1; then
@@ -167,12 +185,14 @@ reference() {
     .venv/bin/epserve --log-level WARNING make-tiny-model "$work/model" --arch qwen3_moe \
         --seed "$MODEL_SEED" || return 1
     (cd "$work/model" && sha256sum -- * | sort -k 2) >"$work/model-host.sum"
-    local i
+    local i pids=()
     for i in "${!PROMPTS[@]}"; do
         timeout 300 .venv/bin/epserve generate --model-path "$work/model" --dtype float32 \
             --prompt "${PROMPTS[$i]}" --max-new-tokens "$MAX_NEW_TOKENS" --temperature 0 \
-            >"$work/expected-$i" || return 1
+            >"$work/expected-$i" &
+        pids+=($!)
     done
+    for i in "${pids[@]}"; do wait "$i" || return 1; done
 }
 reference >"$work/reference.log" 2>&1 &
 reference_pid=$!

@@ -35,6 +35,7 @@ def test_compose_smoke() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
         pytest.fail(f"compose/smoke.sh did not finish within {TIMEOUT_S} s:\n{output[-8000:]}")
+    print(output)  # the step log, shown with -rA / -s
     skipped = [line for line in output.splitlines() if line.startswith(SKIP_MARKER)]
     if proc.returncode == 0 and skipped:
         pytest.skip(skipped[-1])
