@@ -126,6 +126,27 @@ def test_one_request_is_one_trace_across_the_processes(served, receiver):
         assert compute.attributes["epserve.num_tokens"] > 0
 
 
+def test_placement_traces_its_own_work(observed, served, receiver):
+    """Registration (SERVER spans) and the first map's pushes to every worker, in placement's traces."""
+    if "placement" not in observed.metrics_endpoints:
+        pytest.skip("this placement service does not serve telemetry yet (no METRICS_PORT announced)")
+    workers = {"attention-0", *EXPERT_WORKERS}
+
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.service_name == "epserve-placement"]
+        registered = [s for s in mine if s.name == "epserve.v1.Placement/Register"]
+        pushed = {s.attributes.get("epserve.worker_id") for s in mine if s.name == "placement.push"
+                  and s.attributes.get("epserve.phase") == "COMMIT"}
+        return len(registered) >= len(workers) and workers <= pushed
+    spans = [s for s in receiver.wait_for(arrived, timeout_s=30) if s.service_name == "epserve-placement"]
+    for register in (s for s in spans if s.name == "epserve.v1.Placement/Register"):
+        assert register.kind == "SERVER" and register.attributes["rpc.grpc.status_code"] == 0
+    first = [s for s in spans if s.name == "placement.push" and s.attributes["epserve.map_version"] == 1]
+    assert {s.attributes["epserve.worker_id"] for s in first} >= workers
+    assert not any(s.name in ("epserve.v1.Placement/Heartbeat", "epserve.v1.Placement/WatchPlacement")
+                   for s in spans)
+
+
 def test_every_process_serves_its_metrics(observed, served):
     _, before, after = served
     assert {"gateway", "attention-0", *EXPERT_WORKERS} <= set(after), observed.metrics_endpoints
@@ -153,6 +174,15 @@ def test_every_process_serves_its_metrics(observed, served):
     # No traffic before this request: the 64-step window holds all of it.
     assert value(attention, "epserve_attention_expert_balancedness") == \
         pytest.approx(sum(sent.values()) / len(sent) / max(sent.values()))
+
+    if "placement" in after:        # a placement service that serves telemetry
+        placement = after["placement"]
+        assert {"epserve_placement_map_version", "epserve_placement_workers", "epserve_placement_balancedness",
+                "epserve_placement_rebalances_total", "epserve_placement_rebalance_duration_seconds_count"} <= \
+            names(placement) | {"epserve_placement_rebalances_total"}   # a labelled counter shows once used
+        assert value(placement, "epserve_placement_map_version") >= 1
+        assert value(placement, "epserve_placement_workers", role="expert", state="ALIVE") == len(EXPERT_WORKERS)
+        assert value(placement, "epserve_placement_workers", role="attention", state="ALIVE") == 1
 
     for worker in EXPERT_WORKERS:
         expert = after[worker]
