@@ -9,7 +9,8 @@ choices with ``s == -1`` are served by another shard and cost nothing here.
   the weighted combine fused. 2 launches.
 - ``fused_moe_aligned`` (everything else): align by slot (1 launch, or a memset and 2), grouped
   gate_up GEMM with SiLU·mul, grouped down GEMM with the top-k weights applied, gather-sum
-  combine. Each GEMM's config type picks its pointer, TMA or split-TMA kernel.
+  combine. Each GEMM's config type picks its pointer, TMA or split-TMA kernel; a down config
+  with ``tma_store`` writes rows in sorted order and the combine gathers them by position.
 Neither syncs with the host: both are CUDA-graph capturable at any size. Prefill could size
 the GEMM grids exactly with one host sync on the padded total; instead the grid covers the
 worst case and blocks past the total exit at once (a few microseconds at 16k tokens).
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from kernels.moe_align import SlotAlignment, align_by_slot
 from kernels.moe_configs import AlignedConfig, MoEConfig
-from kernels.moe_down import combine, down_weighted, down_weighted_tma, down_weighted_tma_split
+from kernels.moe_down import (combine, combine_sorted, down_weighted, down_weighted_tma,
+                              down_weighted_tma_split)
 from kernels.moe_gate_up import (GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, gate_up_silu,
                                  gate_up_silu_tma, gate_up_silu_tma_split)
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv
@@ -59,8 +61,10 @@ def experts_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch
                     config: AlignedConfig) -> torch.Tensor:
     """The aligned variant after the alignment step: gate_up, down, combine → [T, D]."""
     act = gate_up_kernel(config.gate_up)(hidden, w13, align, slot_ids.shape[1], config.gate_up)
-    rows = down_kernel(config.down)(act, w2, weights, align, config.down)   # [T*K, D]
-    return combine(rows, slot_ids)
+    rows = down_kernel(config.down)(act, w2, weights, align, config.down)
+    if getattr(config.down, "tma_store", False):                            # [cap, D], sorted
+        return combine_sorted(rows, align.positions, *slot_ids.shape)
+    return combine(rows, slot_ids)                                          # [T*K, D]
 
 
 def gate_up_kernel(config: GemmConfig):

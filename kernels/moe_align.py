@@ -10,6 +10,8 @@ sorts the assignments by slot and pads each slot's segment to a multiple of BM:
 - ``slot_offsets [S + 1]`` int32: where each slot's padded segment starts;
   ``slot_offsets[S]`` is the padded total.
 - ``slot_counts [S]`` int32: assignments per slot.
+- ``positions [A]`` int32: the padded position of each assignment (-1 if served elsewhere),
+  the inverse of ``sorted_ids``; the combine reads rows written in sorted order through it.
 
 Assignments whose slot is -1 (served by another shard) are dropped here, so no GEMM row is
 computed, written or read for them. ``cap`` is the padded total in the worst case
@@ -39,6 +41,7 @@ class SlotAlignment:
     slot_offsets: torch.Tensor   # [S + 1] int32
     slot_counts: torch.Tensor    # [S] int32
     block_m: int
+    positions: torch.Tensor | None = None   # [A] int32, -1 = elsewhere
 
     @property
     def num_blocks(self) -> int:
@@ -52,7 +55,7 @@ def padded_capacity(num_assignments: int, num_slots: int, block_m: int) -> int:
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
-def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_ptr,
+def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_ptr, pos_ptr,
                          num_assignments, num_slots, block_m,
                          S_P2: tl.constexpr, CHUNK: tl.constexpr):
     """One program: count (ranks from atomics), scan, scatter."""
@@ -79,6 +82,7 @@ def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, 
         rank = tl.load(rank_ptr + offs, mask=valid, other=0, volatile=True)
         base = tl.load(offsets_ptr + s, mask=valid, other=0, volatile=True)
         tl.store(sorted_ids_ptr + base + rank, offs, mask=valid)
+        tl.store(pos_ptr + offs, tl.where(valid, base + rank, -1), mask=offs < num_assignments)
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
@@ -101,7 +105,7 @@ def _count_scan_kernel(slot_ids_ptr, counts_ptr, done_ptr, rank_ptr, offsets_ptr
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
-def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, num_assignments,
+def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, pos_ptr, num_assignments,
                     CHUNK: tl.constexpr):
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
@@ -109,6 +113,7 @@ def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, num_ass
     rank = tl.load(rank_ptr + offs, mask=valid, other=0)
     base = tl.load(offsets_ptr + s, mask=valid, other=0)
     tl.store(sorted_ids_ptr + base + rank, offs, mask=valid)
+    tl.store(pos_ptr + offs, tl.where(valid, base + rank, -1), mask=offs < num_assignments)
 
 
 def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotAlignment:
@@ -123,10 +128,11 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotA
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=device)
     offsets = torch.empty(num_slots + 1, dtype=torch.int32, device=device)
     rank = torch.empty(max(num_assignments, 1), dtype=torch.int32, device=device)
+    positions = torch.empty(num_assignments, dtype=torch.int32, device=device)
     s_p2 = triton.next_power_of_2(num_slots)
     if num_assignments <= SINGLE_PROGRAM_MAX_ASSIGNMENTS:
         counts = torch.empty(num_slots, dtype=torch.int32, device=device)
-        _align_single_kernel[(1,)](slot_ids, sorted_ids, offsets, counts, rank,
+        _align_single_kernel[(1,)](slot_ids, sorted_ids, offsets, counts, rank, positions,
                                    num_assignments, num_slots, block_m,
                                    S_P2=s_p2, CHUNK=512, num_warps=4)
     else:
@@ -137,9 +143,9 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotA
         _count_scan_kernel[grid](slot_ids, counts, counters[num_slots:], rank, offsets,
                                  num_assignments, num_slots, block_m, S_P2=s_p2, CHUNK=chunk,
                                  num_warps=4)
-        _scatter_kernel[grid](slot_ids, sorted_ids, offsets, rank, num_assignments,
+        _scatter_kernel[grid](slot_ids, sorted_ids, offsets, rank, positions, num_assignments,
                               CHUNK=chunk, num_warps=4)
-    return SlotAlignment(sorted_ids, offsets, counts, block_m)
+    return SlotAlignment(sorted_ids, offsets, counts, block_m, positions)
 
 
 def align_by_slot_reference(slot_ids: torch.Tensor, num_slots: int,

@@ -10,7 +10,8 @@ by ``bench/gpu/tune_moe.py`` on the device and copied here.
 An entry is either ``{"variant": "gemv", ...GemvConfig fields}`` or
 ``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``; a GEMM
 config with ``"tma": true`` selects that kernel's TMA variant, ``"split": true`` its split
-variant (segments padded to block_m / 2, half-height tile for an odd remainder).
+variant (segments padded to block_m / 2, half-height tile for an odd remainder), and
+``"tma_store": true`` (TMA variants) stores the output tiles through TMA as well.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def _gemm_to_dict(config: GemmConfig) -> dict:
     extra = {"tma": True} if isinstance(config, TmaGemmConfig) else {}
     if isinstance(config, SplitTmaGemmConfig):
         extra["split"] = True
-    return {**asdict(config), **extra}
+    fields = asdict(config)
+    if not fields.get("tma_store", True):
+        del fields["tma_store"]                    # the default: keeps older tables unchanged
+    return {**fields, **extra}
 
 
 def _gemm_from_dict(entry: dict) -> GemmConfig:

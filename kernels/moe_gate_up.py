@@ -14,7 +14,7 @@ Variants: ``gate_up_silu`` loads weight tiles with pointer arithmetic (any shape
 ``gate_up_silu_tma`` loads them through Hopper's TMA engine from a host tensor descriptor
 (rows of D elements must be 16-byte aligned); ``gate_up_silu_tma_split`` runs on segments
 padded to BM/2 and covers a segment's odd last half-block with a BM/2-row tile, halving the
-padded rows (23% → ~12% at 256 rows per expert).
+padded rows (23% → ~12% at 256 rows per expert); its programs map to tiles directly.
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class TmaGemmConfig(GemmConfig):
-    """Same tiles; the weight tiles (and contiguous A tiles) load through the TMA engine."""
+    """Same tiles; the weight tiles (and contiguous A tiles) load through the TMA engine.
+
+    ``tma_store``: the output tile leaves through a TMA store too (no [BM, BN] pointer tensor
+    in registers). For down this writes rows in slot-sorted padded order, [cap, D], and the
+    combine reads them through ``SlotAlignment.positions``."""
+    tma_store: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,39 @@ def _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2: tl.constexpr)
     slot = tl.where(m_start < total, slot, -1)
     safe = tl.maximum(slot, 0)
     return slot, tl.load(offsets_ptr + safe), tl.load(counts_ptr + safe)
+
+
+@triton.jit
+def _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots, S_P2: tl.constexpr, HALF: tl.constexpr):
+    """The pid_m-th tile of 2·HALF rows over segments padded to HALF (a segment's odd last
+    half-block is a tile of its own): slot (-1 past the last tile), first row, segment start,
+    count, and whether the tile is full height. Every pid below the total is a real tile, so
+    no program is launched for the odd half-blocks (call 6: they were half the grid)."""
+    s = tl.arange(0, S_P2)
+    in_range = s < num_slots
+    starts = tl.load(offsets_ptr + s, mask=in_range, other=0)
+    ends = tl.load(offsets_ptr + 1 + s, mask=in_range, other=0)
+    tiles = ((ends - starts) // HALF + 1) // 2
+    tile_ends = tl.cumsum(tiles, axis=0)
+    slot = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    here = s == slot
+    first_tile = tl.sum(tl.where(here, tile_ends - tiles, 0), axis=0)
+    seg_start = tl.sum(tl.where(here, starts, 0), axis=0)
+    seg_end = tl.sum(tl.where(here, ends, 0), axis=0)
+    m_start = seg_start + (pid_m - first_tile) * (2 * HALF)
+    slot = tl.where(slot < num_slots, slot, -1)
+    count = tl.load(counts_ptr + tl.maximum(slot, 0))
+    return slot, m_start, seg_start, count, seg_end - m_start >= 2 * HALF
+
+
+def split_tiles_bound(align: SlotAlignment, tile_rows: int) -> int:
+    """Upper bound on the split kernels' tiles along M (no host sync): each hit slot's tiles
+    number ceil(count / tile_rows), so at most cdiv(A, tile_rows) + min(S, A) in all."""
+    half_blocks = align.sorted_ids.numel() // (tile_rows // 2)
+    if align.positions is None:
+        return half_blocks
+    num_assignments, num_slots = align.positions.numel(), align.slot_counts.numel()
+    return min(half_blocks, triton.cdiv(num_assignments, tile_rows) + min(num_slots, num_assignments))
 
 
 @triton.jit
@@ -154,9 +192,10 @@ def gate_up_silu(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, 
 
 
 @triton.jit
-def _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
+def _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
                       pid_n, top_k, D, I, stride_xt, stride_ap,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                      TMA_STORE: tl.constexpr):
     """One [BM, BN] tile of act for the rows starting at m_start (all in one slot's segment)."""
     rows = m_start + tl.arange(0, BM)
     real = (rows - seg_start) < seg_count
@@ -179,49 +218,51 @@ def _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start
         acc_u = tl.dot(a, bu.T, acc_u)
         a_ptrs += BK
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_ap + offs_n[None, :]
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_n < I)[None, :])
+    if TMA_STORE:
+        act_desc.store([m_start, pid_n * BN], act.to(act_desc.dtype))    # columns past I clip
+    else:
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_ap + offs_n[None, :]
+        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_n < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
-def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
-                        num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_ids_ptr, offsets_ptr,
+                        counts_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
                         S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_STORE: tl.constexpr):
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
     m_start = pid_m * BM
     slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
     if slot < 0:
         return
-    _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
-                      pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K)
+    _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
+                      pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K, TMA_STORE)
 
 
 @triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
-def _gate_up_tma_split_kernel(x_ptr, w_desc, act_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr,
-                              num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+def _gate_up_tma_split_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_ids_ptr, offsets_ptr,
+                              counts_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
                               S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                              GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                              GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_STORE: tl.constexpr):
     """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
     HALF: tl.constexpr = BM // 2
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
-    m_start = pid_m * HALF
-    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
+                                                            S_P2, HALF)
     if slot < 0:
         return
-    if ((m_start - seg_start) // HALF) % 2 == 1:
-        return                                     # covered by the tile of the half-block before
-    seg_end = tl.load(offsets_ptr + slot + 1)
-    if seg_end - m_start >= BM:
-        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
-                          pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K)
+    if full:
+        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start, seg_start, seg_count,
+                          slot, pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K, TMA_STORE)
     else:
-        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, sorted_ids_ptr, m_start, seg_start, seg_count, slot,
-                          pid_n, top_k, D, I, stride_xt, stride_ap, HALF, BN, BK, EVEN_K)
+        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_half_desc, sorted_ids_ptr, m_start, seg_start,
+                          seg_count, slot, pid_n, top_k, D, I, stride_xt, stride_ap, HALF, BN, BK, EVEN_K,
+                          TMA_STORE)
 
 
-def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, config) -> torch.Tensor:
+def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, config,
+                        num_pid_m: int | None = None) -> torch.Tensor:
     assert hidden.dim() == 2 and w13.dim() == 3, "hidden [T, D], w13 [S, 2I, D]"
     num_slots, two_i, dim = w13.shape
     assert hidden.shape[1] == dim and hidden.dtype == w13.dtype and two_i % 2 == 0
@@ -232,13 +273,19 @@ def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, co
     cap = align.sorted_ids.numel()
     act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device)
     w_desc = TensorDescriptor.from_tensor(w13.view(num_slots * two_i, dim), [config.block_n, config.block_k])
-    num_pid_m = cap // rows_per_pid
+    tma_store = getattr(config, "tma_store", False)
+    act_desc = act_half_desc = None
+    if tma_store:
+        assert inter * act.element_size() % 16 == 0, "a TMA store needs 16-byte aligned act rows"
+        act_desc = TensorDescriptor.from_tensor(act, [config.block_m, config.block_n])
+        act_half_desc = TensorDescriptor.from_tensor(act, [max(config.block_m // 2, 1), config.block_n])
+    num_pid_m = cap // rows_per_pid if num_pid_m is None else num_pid_m
     grid = (num_pid_m * triton.cdiv(inter, config.block_n),)
     kernel[grid](
-        hidden, w_desc, act, align.sorted_ids, align.slot_offsets, align.slot_counts,
-        num_slots, top_k, dim, inter, num_pid_m, hidden.stride(0), act.stride(0),
+        hidden, w_desc, act, act_desc, act_half_desc, align.sorted_ids, align.slot_offsets,
+        align.slot_counts, num_slots, top_k, dim, inter, num_pid_m, hidden.stride(0), act.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
-        GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0,
+        GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0, TMA_STORE=tma_store,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return act
 
@@ -255,7 +302,7 @@ def gate_up_silu_tma_split(hidden: torch.Tensor, w13: torch.Tensor, align: SlotA
     BLOCK_M-row tiles, and a half-height tile for a segment's odd last half-block."""
     assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
     return _launch_gate_up_tma(_gate_up_tma_split_kernel, config.block_m // 2, hidden, w13, align,
-                               top_k, config)
+                               top_k, config, split_tiles_bound(align, config.block_m))
 
 
 def gate_up_silu_reference(x: torch.Tensor, w13_slot: torch.Tensor) -> torch.Tensor:

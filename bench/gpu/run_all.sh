@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: DeepGEMM probe, config tuning (TUNE=1), GPU tests, benchmark; all under $OUT.
 # Run from the repo root on the GPU machine; carry .whl (DeepGEMM wheels). BUDGET = seconds.
+# TUNE_ARGS: extra tuner arguments, e.g. "--merge --models Qwen3-30B-A3B --tokens 4096".
 set -u
 START=$SECONDS
 BUDGET=${BUDGET:-575}
@@ -23,7 +24,7 @@ fi
 if [ "${TUNE:-1}" = 1 ]; then
     echo "--- tune ($(left)s left)" >> "$LOG"
     timeout "${TUNE_S:-240}" python3 bench/gpu/tune_moe.py --out "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-150}" \
-        > "$OUT/tune_log.txt" 2>&1
+        ${TUNE_ARGS:-} > "$OUT/tune_log.txt" 2>&1
     echo "tune exit $?" >> "$LOG"
 fi
 echo "--- tests ($(left)s left)" >> "$LOG"
@@ -35,3 +36,7 @@ timeout "$(( $(left) - 5 ))" python3 bench/moe_kernels.py --out-dir "$OUT" --bac
 echo "bench exit $?" >> "$LOG"
 cat "$LOG"; tail -5 "$OUT/tests.txt"; grep -E "T=|best|FAILED|precompiled" "$OUT/tune_log.txt" 2>/dev/null | tail -60
 grep -E "T=|ceilings|FAILED|wrote" "$OUT/bench_log.txt"
+# at most 8 files come back: the tuned tables and the logs travel together
+cp kernels/configs/*.json "$OUT/" 2>/dev/null
+(cd "$OUT" && tar czf logs.tgz log.txt tune_log.txt tests.txt bench_log.txt ./*device=*.json 2>/dev/null \
+    && rm -f log.txt tune_log.txt tests.txt bench_log.txt ./*device=*.json)

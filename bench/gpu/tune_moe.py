@@ -10,6 +10,8 @@ token count is written as SGLang-style JSON. Candidates are compiled first in pa
 processes (Triton's on-disk cache is shared), so the timing loop only hits the cache.
 
 Run from the repo root:  PYTHONPATH=. python3 bench/gpu/tune_moe.py --out tune.json
+With ``--merge --models M --tokens T...`` only those entries are re-tuned, against the config
+each has now (timed in the same run), and the rest of the table is kept.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import moe_kernels as mk  # noqa: E402
 
 from kernels.moe_align import align_by_slot  # noqa: E402
 from kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  # noqa: E402
-                                 config_to_dict)
+                                 config_from_dict, config_to_dict)
 from kernels.fused_moe import down_kernel, gate_up_kernel  # noqa: E402
-from kernels.moe_down import combine  # noqa: E402
+from kernels.moe_down import combine, combine_sorted  # noqa: E402
 from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, alignment_block  # noqa: E402
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv  # noqa: E402
 
@@ -70,6 +72,34 @@ def split_candidates(bm: int, kind: str) -> list[SplitTmaGemmConfig]:
     return [SplitTmaGemmConfig(**asdict(c)) for c in gemm_candidates(bm, kind) if isinstance(c, TmaGemmConfig)]
 
 
+def with_tma_store(configs: list, kind: str, bm: int) -> list:
+    """Each TMA candidate again with its TMA-store epilogue (down: sorted rows; call 6), plus
+    tiles that only fit once the scattered store's pointer tensor is gone (BK 128, 2 stages)."""
+    tma = [c for c in configs if isinstance(c, TmaGemmConfig)]
+    extra = []
+    if bm == 128 and tma:
+        cls = type(tma[0])
+        if kind == "down":
+            extra = [cls(128, 256, 128, 8, 8, 2), cls(128, 128, 128, 8, 8, 3), cls(128, 128, 64, 8, 8, 5),
+                     cls(128, 256, 64, 4, 8, 4), cls(128, 256, 64, 16, 8, 4), cls(128, 128, 64, 1, 8, 4),
+                     cls(128, 128, 64, 16, 8, 3), cls(128, 128, 64, 8, 8, 2), cls(128, 128, 64, 4, 8, 3),
+                     cls(128, 256, 64, 1, 8, 4)]
+        else:                  # deeper pipelines: 3 -> 4 stages was worth 7% at 4096 tokens (call 6)
+            extra = [cls(128, 128, 128, 8, 8, 2), cls(128, 64, 128, 8, 8, 3), cls(128, 128, 64, 1, 8, 4),
+                     cls(128, 128, 64, 16, 8, 4), cls(128, 128, 64, 8, 8, 5), cls(128, 128, 64, 1, 8, 5),
+                     cls(128, 128, 64, 16, 8, 5), cls(128, 128, 32, 8, 8, 6), cls(128, 128, 32, 8, 8, 8),
+                     cls(128, 64, 64, 8, 8, 5), cls(128, 64, 64, 8, 8, 6)]
+    stored = [type(c)(**{**asdict(c), "tma_store": True}) for c in tma + extra]
+    return configs + stored
+
+
+def combine_for(down_cfg):
+    """The combine matching a down config: by position for sorted rows, else by assignment."""
+    if getattr(down_cfg, "tma_store", False):
+        return lambda rows, inst, align: combine_sorted(rows, align.positions, *inst.slot_ids.shape)
+    return lambda rows, inst, align: combine(rows, inst.slot_ids)
+
+
 def run_gate_up(hidden, w13, align, top_k, cfg):
     return gate_up_kernel(cfg)(hidden, w13, align, top_k, cfg)
 
@@ -78,14 +108,23 @@ def run_down(act, w2, weights, align, cfg):
     return down_kernel(cfg)(act, w2, weights, align, cfg)
 
 
+TMA_STORE_SEARCH = True
+LABELS: set[str] | None = None        # --labels: search only these (e.g. split128)
+
+
 def aligned_searches(shape: mk.Shape, num_tokens: int):
     """(label, alignment BLOCK_M, gate_up candidates, down candidates) to search."""
     bms = block_ms(shape, num_tokens)
+    wrap = with_tma_store if TMA_STORE_SEARCH else (lambda c, kind, bm: c)
     for bm in bms:
-        yield f"bm{bm}", bm, gemm_candidates(bm, "gate_up"), gemm_candidates(bm, "down")
+        if LABELS is not None and f"bm{bm}" not in LABELS:
+            continue
+        yield (f"bm{bm}", bm, wrap(gemm_candidates(bm, "gate_up"), "gate_up", bm),
+               wrap(gemm_candidates(bm, "down"), "down", bm))
     for bm in bms:
-        if bm >= 64:
-            yield f"split{bm}", bm // 2, split_candidates(bm, "gate_up"), split_candidates(bm, "down")
+        if bm >= 64 and (LABELS is None or f"split{bm}" in LABELS):
+            yield (f"split{bm}", bm // 2, wrap(split_candidates(bm, "gate_up"), "gate_up", bm),
+                   wrap(split_candidates(bm, "down"), "down", bm))
 
 
 def block_ms(shape: mk.Shape, num_tokens: int) -> list[int]:
@@ -132,7 +171,7 @@ def _compile_jobs(jobs: list[tuple]) -> list[str]:
     return errors
 
 
-def precompile(shapes: list[mk.Shape], tokens: list[int], workers: int) -> None:
+def precompile(shapes: list[mk.Shape], tokens: list[int], workers: int, incumbents=()) -> None:
     # The kernels specialise on no shape-dependent constexpr (EVEN_K holds for every candidate
     # block_k on both shapes), so one compile per (kind, config), on the first shape, serves all.
     jobs = set()
@@ -146,6 +185,9 @@ def precompile(shapes: list[mk.Shape], tokens: list[int], workers: int) -> None:
             for _, _, gu_cands, dn_cands in aligned_searches(shape, t):
                 jobs.update((compile_shape, "gate_up", c) for c in gu_cands)
                 jobs.update((compile_shape, "down", c) for c in dn_cands)
+    for cfg in incumbents:
+        if isinstance(cfg, AlignedConfig):
+            jobs.update({(compile_shape, "gate_up", cfg.gate_up), (compile_shape, "down", cfg.down)})
     jobs = sorted(jobs, key=str)
     chunks = [jobs[i::workers] for i in range(workers)]
     start = time.time()
@@ -180,7 +222,22 @@ def best_of(candidates, measure, deadline: float, label: str):
     return best, best_us, results
 
 
-def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float) -> dict:
+def measure_aligned(shape: mk.Shape, insts, w13, w2, cfg: AlignedConfig, count: int, reps: int) -> dict:
+    """Per-kernel microseconds of one aligned config (the same timing as the search)."""
+    bm = cfg.align_block_m
+    aligns = [align_by_slot(i.slot_ids, shape.num_slots, bm) for i in insts]
+    parts = {"align_us": time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, bm), count, reps)}
+    parts["gate_up_us"] = time_each(lambda j: run_gate_up(insts[j].hidden, w13, aligns[j], shape.top_k,
+                                                          cfg.gate_up), count, reps)
+    acts = [run_gate_up(i.hidden, w13, a, shape.top_k, cfg.gate_up) for i, a in zip(insts, aligns)]
+    parts["down_us"] = time_each(lambda j: run_down(acts[j], w2, insts[j].weights, aligns[j], cfg.down), count, reps)
+    rows = [run_down(a, w2, i.weights, al, cfg.down) for a, i, al in zip(acts, insts, aligns)]
+    comb = combine_for(cfg.down)
+    parts["combine_us"] = time_each(lambda j: comb(rows[j], insts[j], aligns[j]), count, reps)
+    return parts
+
+
+def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float, incumbent=None) -> dict:
     count = mk.num_instances(num_tokens)
     insts = mk.make_instances(shape, num_tokens, count)
     reps = 10 if num_tokens <= 1024 else 5
@@ -212,20 +269,35 @@ def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float) -> di
         if gu is None:
             continue
         acts = [run_gate_up(i.hidden, w13, a, shape.top_k, gu) for i, a in zip(insts, aligns)]
-        dn, dn_us, res = best_of(
-            dn_cands,
-            lambda c: time_each(lambda j: run_down(acts[j], w2, insts[j].weights, aligns[j], c), count, reps),
-            deadline, f"{label} down")
+        combine_cost: dict[bool, float] = {}
+
+        def down_and_combine(c):
+            # ranked with the combine its row layout needs (sorted rows: 12% more rows written)
+            us = time_each(lambda j: run_down(acts[j], w2, insts[j].weights, aligns[j], c), count, reps)
+            kind = bool(getattr(c, "tma_store", False))
+            if kind not in combine_cost:
+                rows = [run_down(a, w2, i.weights, al, c) for a, i, al in zip(acts, insts, aligns)]
+                comb = combine_for(c)
+                combine_cost[kind] = time_each(lambda j: comb(rows[j], insts[j], aligns[j]), count, reps)
+            return us + combine_cost[kind]
+
+        dn, dn_comb_us, res = best_of(dn_cands, down_and_combine, deadline, f"{label} down+combine")
         log["candidates"][f"down_{label}"] = res
         if dn is None:
             continue
-        rows = [run_down(a, w2, i.weights, al, dn) for a, i, al in zip(acts, insts, aligns)]
-        combine_us = time_each(lambda j: combine(rows[j], insts[j].slot_ids), count, reps)
+        combine_us = combine_cost[bool(getattr(dn, "tma_store", False))]
+        dn_us = dn_comb_us - combine_us
         total = align_us + gu_us + dn_us + combine_us
         print(f"    {label}: align {align_us:.1f} + gate_up {gu_us:.1f} + down {dn_us:.1f} + combine "
               f"{combine_us:.1f} = {total:.1f} us", flush=True)
         options.append((total, AlignedConfig(gu, dn), {"align_us": align_us, "gate_up_us": gu_us,
                                                        "down_us": dn_us, "combine_us": combine_us}))
+    if incumbent is not None and isinstance(incumbent, AlignedConfig):
+        parts = measure_aligned(shape, insts, w13, w2, incumbent, count, reps)
+        total = sum(parts.values())
+        print(f"    incumbent: {total:.1f} us {parts}", flush=True)
+        options.append((total, incumbent, parts))
+        log["incumbent"] = {"config": config_to_dict(incumbent), "total_us": total, "parts": parts}
     total, best, parts = min(options, key=lambda o: o[0])
     log.update(best=config_to_dict(best), total_us=total, parts=parts,
                options=[{"total_us": t, "config": config_to_dict(c), "parts": p} for t, c, p in options])
@@ -241,25 +313,41 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop trying candidates after this")
     parser.add_argument("--no-precompile", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the table's other entries, and let each tuned entry's current config "
+                             "compete (timed in this run), so an entry only changes for a faster one")
+    parser.add_argument("--labels", nargs="+", help="search only these families (bm64, split128, ...)")
     args = parser.parse_args()
+    global LABELS
+    LABELS = set(args.labels) if args.labels else None
     shapes = [mk.SHAPES[m] for m in args.models]
-    if not args.no_precompile:
-        precompile(shapes, args.tokens, args.workers)
-    deadline = time.time() + args.budget_s
     device = torch.cuda.get_device_name()
+    current = {}
+    if args.merge:
+        for shape in shapes:
+            path = CONFIG_DIR / config_file_name(shape.num_slots, shape.dim, shape.inter, device)
+            current[shape.name] = json.loads(path.read_text()) if path.exists() else {}
+    if not args.no_precompile:
+        incumbents = [config_from_dict(e) for table in current.values() for t, e in table.items()
+                      if int(t) in args.tokens]
+        precompile(shapes, args.tokens, args.workers, incumbents)
+    deadline = time.time() + args.budget_s
     report = {"device": device, "points": {}, "tables": {}}
     CONFIG_DIR.mkdir(exist_ok=True)
     for shape in shapes:
         w13, w2 = mk.make_weights(shape)
-        table = {}
+        table = dict(current.get(shape.name, {}))
         for t in args.tokens:
+            entry = table.get(str(t))
             try:
-                log = tune_point(shape, t, w13, w2, deadline)
+                log = tune_point(shape, t, w13, w2, deadline,
+                                 config_from_dict(entry) if entry else None)
             except Exception as e:
                 print(f"  {shape.name} T={t}: tuning FAILED {type(e).__name__}: {e}", flush=True)
                 continue
             report["points"][f"{shape.name}/{t}"] = log
             table[str(t)] = log["best"]
+            table = {k: table[k] for k in sorted(table, key=int)}
             name = config_file_name(shape.num_slots, shape.dim, shape.inter, device)
             (CONFIG_DIR / name).write_text(json.dumps(table, indent=1) + "\n")
             report["tables"][name] = table
