@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SQLite file for map versions, settings and the worker registry; a restart "
                              "with the same file resumes at the same version and ranks (default: none, in memory)")
     parser.add_argument("--metrics-port", type=int, default=None,
-                        help="Prometheus metrics port (reserved: metrics are not built yet)")
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed "
+                             "as METRICS_PORT=<port> before PLACEMENT_PORT=); default: off")
     parser.add_argument("--otlp-endpoint", default=None,
-                        help="OTLP endpoint for traces (reserved: placement tracing is not built yet) "
-                             "(default: $OTEL_EXPORTER_OTLP_ENDPOINT)")
+                        help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-placement) "
+                             "(default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
     eplb = parser.add_argument_group("EPLB and map changes (see docs/operations.md)")
     eplb.add_argument("--enable-eplb", action="store_true",
                       help="rebalance expert placement automatically from the load attention workers report")
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
+    if server.metrics_port:
+        print(f"METRICS_PORT={server.metrics_port}", flush=True)
     print(f"PLACEMENT_PORT={server.port}", flush=True)
     stop.wait()
     logger.info("signal received; shutting down")

@@ -12,22 +12,31 @@ service hosts a fresh one, on the same port when it can.
 ``PlacementServer.stop()`` undoes it in order: refuse new requests, wake every waiter and
 end watch streams (a map change in progress stops where it is, writing nothing more: the
 next start resumes it), stop the gRPC server (in-flight unary RPCs get the grace period),
-stop both threads, drop the store, close the db.
+stop both threads, drop the store, close the db, flush traces, stop the metrics endpoint.
+
+Telemetry (docs/observability.md): with ``--otlp-endpoint`` a SERVER span per RPC (not the
+polled or process-long ones, ``UNTRACED_RPCS``) and ``placement.push`` per map update sent to a
+watcher. With ``--metrics-port`` ``PlacementMetrics``: worker states, map version and
+balancedness, refreshed by the health monitor on every tick.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 
 import torch.distributed as dist
 
 from epserve.dataplane.torch_group import start_rendezvous_store
 from epserve.grpc_server import GrpcServer, serve_grpc
+from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, MetricsServer, PlacementMetrics, Tracing, setup_tracing,
+                               start_metrics_server)
 from placement_service.admin import AdminOps
 from placement_service.config import PlacementConfig
 from placement_service.controller import PlacementController
 from placement_service.eplb_loop import EplbLoop
+from placement_service.errors import PlacementError
 from placement_service.initial_placement import initial_phy2log
 from placement_service.rebalancer import Rebalancer
 from placement_service.service import PlacementAdminServicer, PlacementServicer
@@ -37,12 +46,20 @@ from protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+TRACING_SERVICE_NAME = "epserve-placement"
+# Polled, or open for a worker's whole life (a WatchPlacement span would end only at exit).
+UNTRACED_RPCS = (*DEFAULT_UNTRACED_SERVICES, "epserve.v1.Placement/Heartbeat", "epserve.v1.Placement/WatchPlacement",
+                 "epserve.v1.Placement/ReportLoad", "epserve.v1.PlacementAdmin/ListWorkers",
+                 "epserve.v1.PlacementAdmin/GetPlacement")
+
 
 class PlacementServer:
     def __init__(self, config: PlacementConfig, controller: PlacementController, grpc_server: GrpcServer,
-                 store: dist.TCPStore, db: StateDB | None, eplb: EplbLoop) -> None:
+                 store: dist.TCPStore, db: StateDB | None, eplb: EplbLoop, tracing: Tracing,
+                 metrics: PlacementMetrics | None = None, metrics_server: MetricsServer | None = None) -> None:
         self.config, self.controller, self.grpc_server = config, controller, grpc_server
         self.eplb, self.rebalancer, self.admin = eplb, eplb.rebalancer, eplb.admin
+        self.tracing, self.metrics, self._metrics_server = tracing, metrics, metrics_server
         self._store, self._db = store, db
         self._stop_monitor = threading.Event()
         self._stopped = False
@@ -62,9 +79,25 @@ class PlacementServer:
     def dist_init_addr(self) -> str:
         return self.controller.dist_init_addr
 
+    @property
+    def metrics_port(self) -> int:
+        """Port of ``/metrics``; 0 when metrics are off."""
+        return self._metrics_server.port if self._metrics_server is not None else 0
+
     def _monitor_loop(self, tick_s: float) -> None:
         while not self._stop_monitor.wait(tick_s):
             self.controller.check_health()
+            if self.metrics is not None:
+                self._update_metrics(self.metrics)
+
+    def _update_metrics(self, metrics: PlacementMetrics) -> None:
+        metrics.set_worker_counts(Counter((w.role.name.lower(), w.state.name) for w in self.controller.list_workers()))
+        try:
+            expert_map, balancedness, _ = self.controller.get_placement(0)
+        except PlacementError:   # no map yet
+            return
+        metrics.map_version.set(expert_map.version)
+        metrics.balancedness.set(balancedness)
 
     def stop(self) -> None:
         """Idempotent; returns within about ``config.shutdown_grace_s`` + 1 s."""
@@ -79,10 +112,15 @@ class PlacementServer:
         self._store = None  # the TCPStore server stops with its last reference
         if self._db is not None:
             self._db.close()
+        self.tracing.shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         logger.info("placement service stopped")
 
 
 def start_placement_server(config: PlacementConfig) -> PlacementServer:
+    tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint)   # ValueError for a bad endpoint
+    metrics = PlacementMetrics() if config.metrics_port is not None else None
     phy2log = initial_phy2log(config)
     db = _open_state_db(config) if config.state_db else None
     store = None
@@ -94,18 +132,20 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
         admin = AdminOps(controller, rebalancer)
         eplb = EplbLoop(admin, rebalancer)
         grpc_server = serve_grpc(
-            [(placement_pb2_grpc.add_PlacementServicer_to_server, PlacementServicer(controller),
+            [(placement_pb2_grpc.add_PlacementServicer_to_server, PlacementServicer(controller, tracing),
               placement_pb2.DESCRIPTOR.services_by_name["Placement"].full_name),
              (placement_pb2_grpc.add_PlacementAdminServicer_to_server, PlacementAdminServicer(controller, admin, eplb),
               placement_pb2.DESCRIPTOR.services_by_name["PlacementAdmin"].full_name)],
             config.host, config.port,
-            max_workers=2 * config.world_size + 16)  # each watch stream holds a thread
+            max_workers=2 * config.world_size + 16,  # each watch stream holds a thread
+            interceptors=tracing.server_interceptors(untraced=UNTRACED_RPCS))
+        metrics_server = (start_metrics_server(config.metrics_port, metrics.registry, config.host)
+                          if metrics is not None else None)
     except BaseException:
         store = None
         if db is not None:
             db.close()
         raise
-    start_telemetry(config, controller)
     logger.info("placement service on %s:%d (D=%d attention, N=%d expert workers, %d MoE layers, "
                 "%d experts + %d redundant, rendezvous %s, backend %s)", config.host, grpc_server.port,
                 config.dp_size, config.ep_size, config.model.num_moe_layers, config.model.num_experts,
@@ -115,15 +155,7 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
                     "version%s", config.eplb_algorithm, config.eplb_rebalance_num_iterations,
                     config.eplb_min_rebalancing_utilization_threshold, config.eplb_min_gain,
                     config.eplb_rebalance_layers_per_chunk or "all", " (paused)" if eplb.paused else "")
-    return PlacementServer(config, controller, grpc_server, store, db, eplb)
-
-
-def start_telemetry(config: PlacementConfig, controller: PlacementController) -> None:
-    """Hook for Prometheus metrics on --metrics-port and OTel tracing (built in a later change)."""
-    if config.metrics_port is not None:
-        logger.warning("--metrics-port %d: placement metrics are not built yet; ignoring", config.metrics_port)
-    if config.otlp_endpoint:
-        logger.warning("--otlp-endpoint %s: placement tracing is not built yet; ignoring", config.otlp_endpoint)
+    return PlacementServer(config, controller, grpc_server, store, db, eplb, tracing, metrics, metrics_server)
 
 
 def _open_state_db(config: PlacementConfig) -> StateDB:

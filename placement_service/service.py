@@ -23,6 +23,7 @@ import grpc
 from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_to_proto
 from epserve.placement_client import data_plane_to_proto, worker_info_to_proto
+from epserve.telemetry import Tracing, setup_tracing
 from placement_service.admin import AdminOps
 from placement_service.broadcast import SubscriptionClosed
 from placement_service.controller import PlacementController
@@ -58,8 +59,12 @@ def update_to_proto(update: PlacementUpdate) -> placement_pb2.PlacementUpdate:
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServicer):
-    def __init__(self, controller: PlacementController) -> None:
+    """``tracing``: each update sent on a watch stream is a ``placement.push`` span (from taking
+    it off the queue until gRPC asks for the next message, i.e. the send)."""
+
+    def __init__(self, controller: PlacementController, tracing: Tracing | None = None) -> None:
         self.controller = controller
+        self.tracing = tracing if tracing is not None else setup_tracing("epserve-placement", None)
 
     @_status_errors
     def Register(self, request: placement_pb2.RegisterRequest, context) -> placement_pb2.RegisterResponse:
@@ -91,7 +96,13 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
                     if not context.is_active():
                         return
                     continue
-                yield update_to_proto(update)
+                span = self.tracing.tracer.start_span("placement.push", attributes={   # not current across yield
+                    "epserve.worker_id": name, "epserve.phase": update.phase.name,
+                    "epserve.map_version": update.expert_map.version})
+                try:
+                    yield update_to_proto(update)
+                finally:
+                    span.end()
         except SubscriptionClosed:
             return
         finally:
