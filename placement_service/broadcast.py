@@ -86,7 +86,9 @@ class Broadcaster(Generic[Item]):
     def publish(self, item: Item, skip: Callable[[str], bool] | None = None) -> None:
         """Queue ``item`` for every subscriber whose name ``skip`` does not reject."""
         with self._lock:
-            subscriptions = [s for s in self._subscriptions if skip is None or not skip(s.name)]
+            subscriptions = list(self._subscriptions)
+        if skip is not None:  # outside our lock: ``skip`` may take the caller's locks
+            subscriptions = [s for s in subscriptions if not skip(s.name)]
         for subscription in subscriptions:
             if not subscription.put(item):
                 if subscription.overflowed:
