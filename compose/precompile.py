@@ -10,16 +10,16 @@ dependencies are absent (triton, deep_gemm, ...) are skipped: they are listed, n
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
 
-PACKAGES = ("epserve", "protos", "kernels", "gateway", "attention_worker", "expert_worker",
-            "placement_service")
-
 
 def main() -> int:
+    # The project's packages, as installed (pyproject.toml's packages.find).
+    packages = importlib.metadata.distribution("epserve").read_text("top_level.txt").split()
     imported, skipped = 0, []
-    for package in PACKAGES:
+    for package in packages:
         try:
             root = importlib.import_module(package)
         except ImportError as exc:
