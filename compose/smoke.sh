@@ -137,9 +137,7 @@ start_dockerd() {  # overlay2 (fast, small), else vfs (works on any filesystem)
 
 if [ "$(id -u)" -ne 0 ]; then
     command -v docker >/dev/null && daemon_up || skip "not root and no Docker daemon this user can reach"
-    for tool in docker-compose debootstrap; do
-        command -v "$tool" >/dev/null || skip "not root and $tool is not installed"
-    done
+    command -v docker-compose >/dev/null || skip "not root and docker-compose is not installed"
 else
     install_tools
     if daemon_up; then
