@@ -143,7 +143,7 @@ else
     if daemon_up; then
         log "using the running Docker daemon"
     elif ! start_dockerd; then
-        for f in "$work"/dockerd-*.log; do log "--- $f"; tail -n 15 "$f" >&2; done
+        for f in "$work"/dockerd-*.log; do log "--- $f"; tail -n 5 "$f" >&2; done
         skip "no Docker daemon can be started here (see the dockerd logs above)"
     fi
 fi
