@@ -65,6 +65,9 @@ run() {
 cleanup() {
     local status=$?
     set +e
+    # A second signal must not cut the teardown short (a handler, not '': children would
+    # inherit an ignored signal).
+    trap 'log "tearing down; signal ignored"' INT TERM
     [ -n "$current" ] && kill "$current" 2>/dev/null
     for pid in "${background[@]}"; do kill "$pid" 2>/dev/null; done
     if [ "${#compose[@]}" -gt 0 ] && [ "$KEEP" != 1 ]; then
