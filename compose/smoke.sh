@@ -39,9 +39,12 @@ IMAGE=epserve:$EPSERVE_DEVICE
 KEEP=${EPSERVE_SMOKE_KEEP:-0}
 
 t0=$(date +%s)
-log() { printf '[smoke %3ds] %s\n' "$(($(date +%s) - t0))" "$*" >&2; }
+# fds 3 and 4: the script's own stderr and stdout, also from inside a redirected command
+# (a trap that fires during `run ... >file` would otherwise write into that file).
+exec 3>&2 4>&1
+log() { printf '[smoke %3ds] %s\n' "$(($(date +%s) - t0))" "$*" >&3; }
 die() { log "FAILED: $*"; exit 1; }
-skip() { echo "SMOKE SKIPPED: $*"; exit 0; }
+skip() { echo "SMOKE SKIPPED: $*" >&4; exit 0; }
 
 [ -x .venv/bin/python ] || die ".venv missing: run 'bash scripts/setup.sh' first"
 work=$(mktemp -d "${TMPDIR:-/tmp}/epserve-smoke.XXXXXX")
@@ -72,7 +75,7 @@ cleanup() {
     for pid in "${background[@]}"; do kill "$pid" 2>/dev/null; done
     if [ "${#compose[@]}" -gt 0 ] && [ "$KEEP" != 1 ]; then
         timeout 90 "${compose[@]}" down -v -t 10 >"$work/down.log" 2>&1 \
-            || { log "compose down failed:"; tail -n 20 "$work/down.log" >&2; }
+            || { log "compose down failed:"; tail -n 20 "$work/down.log" >&3; }
     fi
     if [ -n "$started_dockerd" ] && [ "$KEEP" != 1 ]; then
         kill "$started_dockerd" 2>/dev/null
