@@ -167,7 +167,7 @@ class AdminOps:
             plan = self.plan_for(current, weight, "elasticity_aware", exclude=(worker_id,))
             return MapChange("drain", plan.phy2log, plan, drain=(worker_id,))
 
-        return self.rebalancer.apply(f"drain {worker_id}", change)
+        return self.rebalancer.apply("drain", change, detail=f"drain {worker_id}")
 
     # -- snapshots -------------------------------------------------------------------------
     def export_snapshot(self) -> str:

@@ -27,6 +27,12 @@ each chunk is one new version n whose phy2log differs from the version before on
 No step of this waits on a decode step, and no decode step waits on it: attention workers
 keep routing with v until they switch, and expert workers hold both versions until RETIRE.
 
+Telemetry (docs/observability.md): a ``placement.rebalance`` span per change (attributes
+``epserve.reason`` = the operation, ``epserve.from_version``, ``epserve.to_version``), a child
+of the admin RPC's span when an operator asked for it, with ``placement.plan`` and, per chunk,
+``placement.prepare`` and ``placement.commit`` inside; ``epserve_placement_rebalances_total
+{reason, outcome=committed|rolled_back}`` and ``epserve_placement_rebalance_duration_seconds``.
+
 Restart: the change in progress is persisted (``operation``: target, base version, workers to
 drain) and so is a PREPARE in flight (``prepare_version``). A service that stops mid-change
 (crash or SIGTERM: a shutdown writes nothing more) resumes on restart, on the rebalancer
@@ -38,11 +44,13 @@ target, chunk by chunk, with fresh version numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -52,6 +60,9 @@ from placement_service.ack_board import BoardClosed
 from placement_service.controller import PlacementController
 from placement_service.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from placement_service.planner import RebalancePlan
+
+if TYPE_CHECKING:
+    from epserve.telemetry import PlacementMetrics, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +90,12 @@ class ChangeResult:
 
 
 class Rebalancer:
-    def __init__(self, controller: PlacementController, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, controller: PlacementController, clock: Callable[[], float] = time.monotonic,
+                 tracing: Tracing | None = None, metrics: PlacementMetrics | None = None) -> None:
         self.controller = controller
         self.config = controller.config
         self._clock = clock
+        self._tracing, self._metrics = tracing, metrics
         self._busy = threading.Lock()
         self._running = ""  # what runs now, for error messages
         self.durations_ms: list[float] = []
@@ -92,7 +105,8 @@ class Rebalancer:
         return self._busy.locked()
 
     # -- entry points ----------------------------------------------------------------------
-    def apply(self, operation: str, make_change: Callable[[ExpertMap], MapChange | None]) -> ChangeResult:
+    def apply(self, operation: str, make_change: Callable[[ExpertMap], MapChange | None],
+              detail: str = "") -> ChangeResult:
         """Plan (``make_change(current map)``, under the one-change-at-a-time lock) and apply.
         ``make_change`` may return None: nothing to do. Raises FailedPrecondition when a change
         is already running, Unavailable before the deployment is complete or while shutting
@@ -101,18 +115,22 @@ class Rebalancer:
             raise FailedPrecondition(f"a map change is already running ({self._running}); "
                                      "wait for it to finish")
         try:
-            self._running = operation
+            self._running = detail or operation
             if not self.controller.is_ready:
                 raise Unavailable("the deployment is not complete yet: every worker must register first")
             current = self.controller.current_map()
-            change = make_change(current)
-            if change is None:
-                return ChangeResult(current.version, current.version, 0, 0.0)
-            self._check_target(current, change)
-            if torch.equal(change.target, current.phy2log):
-                return ChangeResult(current.version, current.version, 0, 0.0, change.plan,
-                                    "no change: the plan equals the map in service")
-            return self._run(change, current.version)
+            with self._span("placement.rebalance", reason=operation, from_version=current.version) as span:
+                with self._span("placement.plan", from_version=current.version):
+                    change = make_change(current)
+                if change is None:
+                    return ChangeResult(current.version, current.version, 0, 0.0)
+                self._check_target(current, change)
+                if torch.equal(change.target, current.phy2log):
+                    return ChangeResult(current.version, current.version, 0, 0.0, change.plan,
+                                        "no change: the plan equals the map in service")
+                result = self._run(change, current.version)
+                span.set_attribute("epserve.to_version", result.version)
+                return result
         finally:
             self._running = ""
             self._busy.release()
@@ -145,6 +163,7 @@ class Rebalancer:
             raise Unavailable("placement is shutting down; the map change resumes when it restarts") from None
         except Aborted:
             controller.save_json({"operation": None})
+            self._count(change.operation, "rolled_back")
             raise
         duration_ms = (self._clock() - start) * 1000
         current = controller.current_map()
@@ -152,6 +171,7 @@ class Rebalancer:
         if num_versions:
             settings.update(num_rebalances=controller.stat("num_rebalances") + 1, last_rebalance_ms=duration_ms)
             self.durations_ms = (self.durations_ms + [duration_ms])[-MAX_DURATIONS:]
+            self._count(change.operation, "committed", duration_ms / 1000)
             logger.info("%s: version %d → %d in %d version(s), %.0f ms%s", change.operation, base_version,
                         current.version, num_versions, duration_ms, f" ({message})" if message else "")
         controller.save_json(settings)
@@ -171,15 +191,17 @@ class Rebalancer:
             new_map = ExpertMap(phy2log, current.num_logical_experts, controller.reserve_version(),
                                 current.slot_owners)
             try:
-                self._prepare(new_map, layers)
+                with self._span("placement.prepare", to_version=new_map.version, layers=list(layers)):
+                    self._prepare(new_map, layers)
             except Aborted as exc:
                 done = (f"; {num_versions} earlier chunk(s) of this change stay committed (rollback returns "
                         f"to version {base_version})" if num_versions else "")
                 raise Aborted(f"{change.operation}: {exc}; version {current.version} stays in service{done}") from None
             rollback_to = base_version if change.rollback_to is None else change.rollback_to
-            controller.commit(new_map, layers, change.operation, rollback_to, change.drain)
-            num_versions += 1
-            lagging = self._wait_switched(new_map)
+            with self._span("placement.commit", to_version=new_map.version, layers=list(layers)):
+                controller.commit(new_map, layers, change.operation, rollback_to, change.drain)
+                num_versions += 1
+                lagging = self._wait_switched(new_map)
             if lagging:
                 rest = next_chunk(new_map.phy2log, change.target, 0)
                 return num_versions, (f"attention workers {lagging} had not switched to version {new_map.version} "
@@ -256,6 +278,19 @@ class Rebalancer:
             logger.warning("could not complete the interrupted map change: %s", exc)
             return None
 
+    def _span(self, name: str, **attributes):
+        """A span made current for the block (attributes prefixed ``epserve.``); nothing without tracing."""
+        if self._tracing is None:
+            return contextlib.nullcontext(_NO_SPAN)
+        return self._tracing.span(name, attributes={f"epserve.{key}": value for key, value in attributes.items()})
+
+    def _count(self, operation: str, outcome: str, duration_s: float | None = None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.rebalances.labels(reason=operation, outcome=outcome).inc()
+        if duration_s is not None:
+            self._metrics.rebalance_duration.observe(duration_s)
+
     def _check_target(self, current: ExpertMap, change: MapChange) -> None:
         target = change.target
         if target.dim() != 2 or target.shape[0] != current.num_layers:
@@ -272,6 +307,14 @@ class Rebalancer:
             index = current.slot_owners.index(worker_id)
             if bool((target[:, index * per:(index + 1) * per] >= 0).any()):
                 raise FailedPrecondition(f"the new map puts experts on expert worker {worker_id}, which is DEAD")
+
+
+class _NoSpan:
+    def set_attribute(self, key: str, value: object) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
 
 
 def next_chunk(current: torch.Tensor, target: torch.Tensor, layers_per_chunk: int) -> tuple[int, ...]:

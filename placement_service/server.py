@@ -128,7 +128,7 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
         store, dist_port = _start_store(config, db)
         dist_init_addr = f"{config.advertise_host}:{dist_port}"
         controller = PlacementController(config, dist_init_addr, phy2log, db)
-        rebalancer = Rebalancer(controller)
+        rebalancer = Rebalancer(controller, tracing=tracing, metrics=metrics)
         admin = AdminOps(controller, rebalancer)
         eplb = EplbLoop(admin, rebalancer)
         grpc_server = serve_grpc(
