@@ -44,3 +44,12 @@ def start_daemon_thread(target: Callable[[], None], name: str) -> threading.Thre
 def announce(name: str, value: object) -> None:
     """Print ``NAME=value`` on stdout for a launcher to read (logs go to stderr)."""
     print(f"{name}={value}", flush=True)
+
+
+def exit_now(code: int) -> None:
+    """Exit without running C++ static destructors: gloo's threads may still be parked in the
+    data plane's receives, and destroying them at interpreter exit aborts the process (134)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -278,6 +278,9 @@ def make_tiny_model(out_dir: str | os.PathLike, **options) -> Path:
         "calibration_load_share": [[round(x, 6) for x in row] for row in measured.tolist()],
         "calibration_tokens": int(calibration_ids.numel()),
     })
+    for written in out.iterdir():          # readable by every user (safetensors writes 0600)
+        if written.is_file():
+            written.chmod(0o644)
     logger.info("wrote tiny %s model to %s", opts.arch, out.resolve())
     return out
 
