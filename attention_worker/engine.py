@@ -153,6 +153,8 @@ class Engine:
         outputs = self._apply_inbox()
         if self._pending_map is not None:
             (self._expert_map, on_applied), self._pending_map = self._pending_map, None
+            if self.recorder is not None:
+                self.recorder.switch_map(self._expert_map.version, self._expert_map.num_physical_slots)
             if on_applied is not None:
                 on_applied(self._expert_map)
         chunks = self.scheduler.schedule()

@@ -63,6 +63,14 @@ class ExpertLoadRecorder:
             elif self.mode is RecorderMode.PER_TOKEN:
                 self._tokens.append((moe_layer, physical.cpu().clone()))
 
+    def switch_map(self, map_version: int, num_slots: int) -> None:
+        """The engine switched maps at a step boundary: counts of another map (or another slot
+        count) never share a window."""
+        with self._lock:
+            if map_version != self.map_version or num_slots != self.window.shape[1]:
+                self._reset(self.window.shape[0], num_slots, map_version)
+                self._pass_slots = None
+
     def end_pass(self, map_version: int, num_slots: int) -> torch.Tensor | None:
         """Called once per engine step with the map the step used; a new version starts a new window.
         Returns the pass's per-slot counts [P] with ``track_passes`` (None otherwise or if nothing was

@@ -84,9 +84,19 @@ class AttentionWorker:
                 self._start_engine(expert_map, data_plane)
                 self.placement.ack(expert_map.version, UpdatePhase.COMMIT)
             else:   # ack once the engine has switched: from then on no step routes with the old map
-                self.loop.engine.set_expert_map(
-                    expert_map, lambda applied: self.placement.ack(applied.version, UpdatePhase.COMMIT))
+                self.loop.engine.set_expert_map(expert_map, self._ack_commit_later)
                 self.loop.wake()
+
+    def _ack_commit_later(self, applied: ExpertMap) -> None:
+        """Runs on the engine thread: the ack itself goes out on its own thread, so a slow or
+        restarting placement never delays a decode step (heartbeats also carry the version)."""
+        def ack() -> None:
+            try:
+                self.placement.ack(applied.version, UpdatePhase.COMMIT)
+            except Exception as exc:  # placement down: its heartbeat view catches up on restart
+                logger.warning("COMMIT ack of map version %d failed: %s", applied.version, exc)
+
+        threading.Thread(target=ack, name=f"ack-commit-{applied.version}", daemon=True).start()
 
     def _start_engine(self, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
         from epserve import dataplane

@@ -35,6 +35,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="replica choice per token (default static)")
     p.add_argument("--init-expert-location", default="trivial", help="'trivial' or a snapshot file (.json/.pt)")
     p.add_argument("--state-db", default="", help="SQLite file for the placement service's state")
+    eplb = p.add_argument_group("expert-parallel load balancing (passed to the placement service)")
+    eplb.add_argument("--enable-eplb", action="store_true", help="rebalance automatically from reported load")
+    eplb.add_argument("--eplb-algorithm", default="auto",
+                      choices=["auto", "deepseek", "deepseek_hierarchical", "elasticity_aware", "movement_aware"],
+                      help="planning algorithm (default auto)")
+    eplb.add_argument("--eplb-rebalance-num-iterations", type=int, default=None,
+                      help="rebalance every N forward passes (placement's default when omitted)")
+    eplb.add_argument("--eplb-rebalance-layers-per-chunk", type=int, default=None,
+                      help="MoE layers changed per map version; 0 = all at once")
+    eplb.add_argument("--load-report-interval-s", type=float, default=None,
+                      help="how often attention workers report expert load (default 2)")
     p.add_argument("--otlp-endpoint", default="",
                    help="OTLP gRPC collector HOST:PORT every process sends traces to (default: "
                         "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
@@ -63,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
             init_expert_location=args.init_expert_location, state_db=args.state_db,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-            metrics=args.metrics, log_dir=args.log_dir)
+            metrics=args.metrics, log_dir=args.log_dir,
+            extra_placement_args=_eplb_args(args),
+            extra_attention_args=([] if args.load_report_interval_s is None
+                                  else ["--load-report-interval-s", str(args.load_report_interval_s)]))
     except ValueError as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
@@ -87,3 +101,16 @@ def run(args: argparse.Namespace) -> int:
     code = deployment.wait(stop)
     deployment.stop()
     return code
+
+
+def _eplb_args(args: argparse.Namespace) -> list[str]:
+    """The EPLB flags, as the placement service spells them; bytes per weight from --dtype."""
+    extra = ["--eplb-algorithm", args.eplb_algorithm,
+             "--eplb-expert-dtype-bytes", str({"float64": 8, "float32": 4}.get(args.dtype, 2))]
+    if args.enable_eplb:
+        extra.append("--enable-eplb")
+    if args.eplb_rebalance_num_iterations is not None:
+        extra += ["--eplb-rebalance-num-iterations", str(args.eplb_rebalance_num_iterations)]
+    if args.eplb_rebalance_layers_per_chunk is not None:
+        extra += ["--eplb-rebalance-layers-per-chunk", str(args.eplb_rebalance_layers_per_chunk)]
+    return extra

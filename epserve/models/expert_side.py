@@ -45,13 +45,20 @@ def load_expert_slots(spec: ModelSpec, reader: CheckpointReader, slot_experts: t
     w13, w2 = [], []
     for moe_layer, decoder_layer in enumerate(spec.moe_layers):
         row = slot_experts[moe_layer].tolist()
+        if all(e < 0 for e in row):            # nothing to hold in this layer (caller shares it)
+            w13.append(torch.empty(0, 2 * inter, hidden, dtype=dtype, device=device))
+            w2.append(torch.empty(0, hidden, inter, dtype=dtype, device=device))
+            continue
         experts = reader.read_experts(decoder_layer, [e for e in row if e >= 0], dtype, device,
                                       desc=f"loading experts of layer {decoder_layer}")
-        layer_w13 = torch.zeros(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
-        layer_w2 = torch.zeros(num_slots, hidden, inter, dtype=dtype, device=device)
+        layer_w13 = torch.empty(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
+        layer_w2 = torch.empty(num_slots, hidden, inter, dtype=dtype, device=device)
         for slot, expert in enumerate(row):
             if expert >= 0:
                 layer_w13[slot], layer_w2[slot] = experts[expert]
+            else:                              # an empty slot is never routed to; keep it zero
+                layer_w13[slot].zero_()
+                layer_w2[slot].zero_()
         w13.append(layer_w13)
         w2.append(layer_w2)
     return ExpertSlots(slot_experts.clone(), w13, w2)

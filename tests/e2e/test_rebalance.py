@@ -214,9 +214,6 @@ def _heard_all(admin) -> bool:
     return len(workers) == 4 and all(now_ms - w.last_heartbeat_unix_ms < 3000 for w in workers)
 
 
-@pytest.mark.xfail(strict=True, reason="attention_worker/expert_recorder.py: ExpertLoadRecorder.record adds a "
-                   "[P_new] bincount into its [L, P_old] window when a committed map has more slots than the "
-                   "last one, which crashes the engine thread (lead: reset the window when the engine switches maps)")
 def test_more_redundant_slots_under_traffic(skewed_model, expected, tmp_path):
     log_dir = tmp_path / "logs"
     config = DeploymentConfig(model_path=str(skewed_model), num_attention_workers=1, num_expert_workers=2,
