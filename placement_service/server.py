@@ -41,7 +41,7 @@ from placement_service.initial_placement import initial_phy2log
 from placement_service.rebalancer import Rebalancer
 from placement_service.service import PlacementAdminServicer, PlacementServicer
 from placement_service.state_db import StateDB
-from placement_service.threads import start_daemon_thread
+from epserve.process import start_daemon_thread
 from protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)

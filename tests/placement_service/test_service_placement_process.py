@@ -151,7 +151,7 @@ def test_help_explains_every_flag():
 
 def test_a_crashed_background_thread_takes_the_process_down():
     code = ("import time\n"
-            "from placement_service.threads import start_daemon_thread\n"
+            "from epserve.process import start_daemon_thread\n"
             "start_daemon_thread(lambda: 1 / 0, 'doomed')\n"
             "time.sleep(20)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=15)
