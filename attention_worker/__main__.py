@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -11,7 +10,6 @@ from attention_worker.config import DTYPES, AttentionWorkerConfig
 from attention_worker.engine import EngineLimits
 from attention_worker.expert_routing import DispatchAlgorithm
 
-logger = logging.getLogger("attention_worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from epserve.process import announce, configure_logging, shutdown_event
+    from epserve.process import configure_logging
 
     configure_logging(args.log_level)
     try:
@@ -82,40 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"attention_worker: {exc}", file=sys.stderr)
         return 2
-    import torch
-
+    from epserve.process import run_worker_process
+    from epserve.telemetry import AttentionWorkerMetrics
     from attention_worker.worker import TRACING_SERVICE_NAME, AttentionWorker
-    from epserve.telemetry import AttentionWorkerMetrics, setup_tracing, start_metrics_server
 
-    try:
-        tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint,
-                                resource_attributes={"service.instance.id": config.worker_id})
-    except ValueError as exc:
-        print(f"attention_worker: {exc}", file=sys.stderr)
-        return 2
-    metrics = AttentionWorkerMetrics() if config.metrics_port is not None else None
-    metrics_server = None
-    if metrics is not None:
-        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
-        announce("METRICS_PORT", metrics_server.port)
-    torch.set_num_threads(config.num_threads)
-    stop = shutdown_event()
-    worker = AttentionWorker(config, tracing, metrics)
-    announce("ATTENTION_WORKER_PORT", worker.server.port)
-    try:
-        worker.start()
-    except Exception as exc:  # registration refused or timed out
-        logger.error("cannot join the deployment: %s", exc)
-        worker.stop()
-        tracing.shutdown()
-        return 1
-    stop.wait()
-    logger.info("signal received; shutting down")
-    worker.stop()
-    tracing.shutdown()
-    if metrics_server is not None:
-        metrics_server.stop()
-    return 0
+    return run_worker_process("attention_worker", TRACING_SERVICE_NAME, config, AttentionWorkerMetrics, AttentionWorker, "ATTENTION_WORKER_PORT")
 
 
 if __name__ == "__main__":

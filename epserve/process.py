@@ -53,3 +53,44 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_worker_process(prog: str, service_name: str, config, metrics_class, build_worker, port_key: str) -> int:
+    """The common life of a worker process after its config is built: tracing and metrics,
+    ``torch`` threads, build the worker, announce its port, join the deployment, serve until
+    SIGTERM/SIGINT, stop. ``config`` needs ``otlp_endpoint``, ``worker_id``, ``metrics_port``,
+    ``host`` and ``num_threads``; ``build_worker(config, tracing, metrics)`` returns an object
+    with ``server.port``, ``start()`` and ``stop()``. Returns the exit code."""
+    import torch
+
+    from epserve.telemetry import setup_tracing, start_metrics_server
+
+    try:
+        tracing = setup_tracing(service_name, config.otlp_endpoint,
+                                resource_attributes={"service.instance.id": config.worker_id})
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    metrics = metrics_class() if config.metrics_port is not None else None
+    metrics_server = None
+    if metrics is not None:
+        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+        announce("METRICS_PORT", metrics_server.port)
+    torch.set_num_threads(config.num_threads)
+    stop = shutdown_event()
+    worker = build_worker(config, tracing, metrics)
+    announce(port_key, worker.server.port)
+    code = 0
+    try:
+        worker.start()
+    except Exception as exc:  # registration refused or timed out
+        logger.error("%s cannot join the deployment: %s", prog, exc)
+        code = 1
+    else:
+        stop.wait()
+        logger.info("signal received; shutting down")
+    worker.stop()
+    tracing.shutdown()
+    if metrics_server is not None:
+        metrics_server.stop()
+    return code

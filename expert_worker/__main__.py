@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from expert_worker.config import DTYPES, ExpertWorkerConfig
 
-logger = logging.getLogger("expert_worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from epserve.process import announce, configure_logging, shutdown_event
+    from epserve.process import configure_logging
 
     configure_logging(args.log_level)
     try:
@@ -58,40 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"expert_worker: {exc}", file=sys.stderr)
         return 2
-    import torch
-
-    from epserve.telemetry import ExpertWorkerMetrics, setup_tracing, start_metrics_server
+    from epserve.process import run_worker_process
+    from epserve.telemetry import ExpertWorkerMetrics
     from expert_worker.worker import TRACING_SERVICE_NAME, ExpertWorker
 
-    try:
-        tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint,
-                                resource_attributes={"service.instance.id": config.worker_id})
-    except ValueError as exc:
-        print(f"expert_worker: {exc}", file=sys.stderr)
-        return 2
-    metrics = ExpertWorkerMetrics() if config.metrics_port is not None else None
-    metrics_server = None
-    if metrics is not None:
-        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
-        announce("METRICS_PORT", metrics_server.port)
-    torch.set_num_threads(config.num_threads)
-    stop = shutdown_event()
-    worker = ExpertWorker(config, tracing, metrics)
-    announce("EXPERT_WORKER_PORT", worker.server.port)
-    try:
-        worker.start()
-    except Exception as exc:
-        logger.error("cannot join the deployment: %s", exc)
-        worker.stop()
-        tracing.shutdown()
-        return 1
-    stop.wait()
-    logger.info("signal received; shutting down")
-    worker.stop()
-    tracing.shutdown()
-    if metrics_server is not None:
-        metrics_server.stop()
-    return 0
+    return run_worker_process("expert_worker", TRACING_SERVICE_NAME, config, ExpertWorkerMetrics, ExpertWorker, "EXPERT_WORKER_PORT")
 
 
 if __name__ == "__main__":
