@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-micro-batches", type=int, default=EngineLimits.num_micro_batches, choices=[1, 2],
                    help="2 overlaps one micro-batch's expert exchange with the other's attention (default 2)")
     p.add_argument("--context-length", type=int, default=0, help="context limit; 0 = the model's")
-    p.add_argument("--ep-dispatch-algorithm", default="static", choices=[a.value for a in DispatchAlgorithm],
-                   help="how a logical expert's replica is chosen (default static)")
+    p.add_argument("--ep-dispatch-algorithm", default="dynamic", choices=[a.value for a in DispatchAlgorithm],
+                   help="how a logical expert's replica is chosen (default dynamic: random per choice, which "
+                        "spreads load evenly over replicas as EPLB plans assume; static: replica rank mod R)")
     p.add_argument("--expert-distribution-recorder-mode", default="stat", choices=["stat", "per_pass", "per_token"],
                    help="expert-load recording: stat = per-window [layer, slot] counts reported to placement; "
                         "per_pass / per_token also keep per-pass counts / per-token choices for dumps")

@@ -24,7 +24,7 @@ class AttentionWorkerConfig:
     device: str = "cpu"
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_context: int = 0                    # 0 = the model's max_position_embeddings
-    ep_dispatch_algorithm: str = "static"
+    ep_dispatch_algorithm: str = "dynamic"
     expert_distribution_recorder_mode: str = "stat"
     load_report_interval_s: float = 2.0     # how often expert load goes to placement
     dataplane_timeout_s: float = 30.0

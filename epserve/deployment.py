@@ -44,7 +44,7 @@ class DeploymentConfig:
     placement_port: int = 0
     moe_a2a_backend: str = "torch"
     moe_runner_backend: str = "auto"
-    ep_dispatch_algorithm: str = "static"
+    ep_dispatch_algorithm: str = "dynamic"
     init_expert_location: str = "trivial"
     state_db: str = ""
     otlp_endpoint: str = ""

@@ -31,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--moe-a2a-backend", default="torch", choices=["torch", "local", "cuda_ipc", "mooncake", "deepep"],
                    help="data plane between attention and expert workers (default torch: gloo on CPU)")
     p.add_argument("--moe-runner-backend", default="auto", help="expert kernels (default auto)")
-    p.add_argument("--ep-dispatch-algorithm", default="static", choices=["static", "dynamic", "fake"],
-                   help="replica choice per token (default static)")
+    p.add_argument("--ep-dispatch-algorithm", default="dynamic", choices=["static", "dynamic", "fake"],
+                   help="replica choice per token (default dynamic: spreads load over replicas as the "
+                        "EPLB planners assume; static pins attention rank r to replica r mod R)")
     p.add_argument("--init-expert-location", default="trivial", help="'trivial' or a snapshot file (.json/.pt)")
     p.add_argument("--state-db", default="", help="SQLite file for the placement service's state")
     eplb = p.add_argument_group("expert-parallel load balancing (passed to the placement service)")
