@@ -20,6 +20,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="attention/data-parallel workers (default 2)")
     p.add_argument("--expert-workers", "--ep-size", dest="expert_workers", type=int, default=2,
                    help="expert-parallel workers (default 2)")
+    p.add_argument("--tp-size", type=int, default=None,
+                   help="tensor-parallel size of the MoE layers (SGLang's meaning; default: --expert-workers, i.e. "
+                        "each expert is whole on one worker). Must be a multiple of --ep-size, and "
+                        "tp_size / ep_size must divide the model's moe_intermediate_size")
     p.add_argument("--ep-num-redundant-experts", type=int, default=0,
                    help="redundant expert slots per MoE layer; experts + R must divide by --expert-workers")
     p.add_argument("--dtype", default="bfloat16", choices=["float64", "float32", "bfloat16", "float16"],
@@ -66,7 +70,13 @@ def run(args: argparse.Namespace) -> int:
 
         model_path = str(default_model_dir())
         print(f"epserve up: using the embedded tiny model at {model_path}", file=sys.stderr)
+    from epserve.model_config import ModelConfigError, check_parallel_sizes, load_model_spec
+
     try:
+        check_parallel_sizes(load_model_spec(model_path), args.tp_size or args.expert_workers, args.expert_workers)
+        if (args.tp_size or args.expert_workers) != args.expert_workers:
+            raise ValueError(f"--tp-size {args.tp_size} > --ep-size {args.expert_workers}: slicing one expert "
+                             "over several expert workers is not built yet; use --tp-size equal to --ep-size")
         config = DeploymentConfig(
             model_path=model_path, num_attention_workers=args.attention_workers,
             num_expert_workers=args.expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
@@ -79,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             extra_placement_args=_eplb_args(args),
             extra_attention_args=([] if args.load_report_interval_s is None
                                   else ["--load-report-interval-s", str(args.load_report_interval_s)]))
-    except ValueError as exc:
+    except (ValueError, ModelConfigError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
     stop = shutdown_event()

@@ -1,6 +1,7 @@
 """Model config validation: errors name the field and say what to change."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,14 @@ def test_generate_cli_reports_bad_config_with_exit_code_2(model_copy):
     result = subprocess.run([sys.executable, "-m", "epserve", "generate", "--model-path", str(model_copy),
                              "--prompt", "hi"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "not supported" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("sizes,message", [
+    (["--expert-workers", "3", "--tp-size", "4"], "--tp-size \\(4\\) must be a multiple of --ep-size \\(3\\)"),
+    (["--expert-workers", "2", "--tp-size", "6"], "must be divisible by --tp-size / --ep-size = 3"),
+])
+def test_epserve_up_refuses_bad_ep_sizes_before_starting_anything(tiny_model, sizes, message):
+    result = subprocess.run([sys.executable, "-m", "epserve", "up", "--model-path", str(tiny_model), *sizes],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
