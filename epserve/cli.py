@@ -29,12 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level for stderr (default: INFO)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"epserve.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"epserve.commands.{module_name}":
-                raise
-            continue  # command not built yet in this checkout
+        module = importlib.import_module(f"epserve.commands.{module_name}")
         command = module.add_parser(subparsers)
         command.set_defaults(run=module.run)
     return parser
