@@ -18,7 +18,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-
 from attention_worker.config import AttentionWorkerConfig
 from attention_worker.engine import Engine
 from attention_worker.engine_loop import EngineLoop
