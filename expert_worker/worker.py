@@ -16,6 +16,7 @@ refresh the held-versions and resident-bytes gauges.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from epserve.expert_map import ExpertMap
@@ -63,6 +64,7 @@ class ExpertWorker:
         self.placement.watch(self._on_update)
 
     def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
+        lower_this_thread_priority()
         if phase in (UpdatePhase.COMMIT, UpdatePhase.PREPARE):
             try:
                 self.store.install(expert_map)
@@ -104,3 +106,14 @@ class ExpertWorker:
             self.expert_server.stop()
         self.server.stop(grace_s=1.0)
         self.placement.close()
+
+
+def lower_this_thread_priority(niceness: int = 10) -> None:
+    """Loading a new map's experts must not slow serving: the watch thread that loads them runs
+    at a lower CPU priority than the data-plane threads (Linux sets nice per thread)."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except (AttributeError, OSError):       # not Linux, or not permitted: serve at equal priority
+        pass
