@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,6 @@ class Sequence:
     num_cached: int = 0                  # tokens whose keys/values are in the KV cache
     finish_reason: FinishReason | None = None
     matched_stop_token: int | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
     # Tracing: the request's span context (``encode_trace_context`` bytes; b"" = not traced) and
     # wall-clock stamps (``time.time_ns()``) of its phases, set on the engine thread when traced.

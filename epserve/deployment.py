@@ -251,10 +251,6 @@ class LocalDeployment:
         """Child name → ``host:port`` of its Prometheus ``/metrics`` (children that announced one)."""
         return {c.name: f"{self.config.host}:{c.metrics_port}" for c in self.children if c.metrics_port}
 
-    @property
-    def pids(self) -> list[int]:
-        return [c.process.pid for c in self.children]
-
     def __enter__(self) -> LocalDeployment:
         self.start()
         return self

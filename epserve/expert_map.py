@@ -131,10 +131,6 @@ class ExpertMap:
         count = int(self.logcnt[layer, expert])
         return [int(s) for s in self.log2phy[layer, expert, :count]]
 
-    def with_version(self, version: int, slot_owners: tuple[str, ...] | None = None) -> ExpertMap:
-        return ExpertMap(self.phy2log, self.num_logical_experts, version,
-                         self.slot_owners if slot_owners is None else slot_owners)
-
     # -- constructors --------------------------------------------------------------------
     @classmethod
     def trivial(cls, num_layers: int, num_logical: int, num_redundant: int = 0,

@@ -223,10 +223,6 @@ class PlacementController:
     def is_closing(self) -> bool:
         return self._closing
 
-    @property
-    def num_watchers(self) -> int:
-        return self._watchers.num_subscribers
-
     def unheard_workers(self) -> list[str]:
         """Workers (not DEAD) not heard from since this process started, or not watching placement."""
         watching = self._watchers.subscriber_names()
