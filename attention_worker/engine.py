@@ -42,6 +42,8 @@ from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Trac
 
 logger = logging.getLogger(__name__)
 
+NO_TOKENS = torch.empty(0, dtype=torch.int64)
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -176,7 +178,9 @@ class Engine:
                 seq.num_cached += chunk.num_tokens
                 if not completes:
                     continue
-                token = sample_one(logits[row], seq.params, torch.as_tensor(seq.token_ids), seq.generator)
+                seen = (torch.as_tensor(seq.token_ids) if seq.params.repetition_penalty != 1.0
+                        else NO_TOKENS)                 # only the penalty reads the history
+                token = sample_one(logits[row], seq.params, seen, seq.generator)
                 row += 1
                 seq.token_ids.append(token)
                 seq.num_generated += 1
