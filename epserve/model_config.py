@@ -52,6 +52,29 @@ class ModelSpec:
         return self.moe_layers.index(layer)
 
 
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+def moe_layer_indices(config: dict, num_layers: int, num_experts: int) -> tuple[int, ...]:
+    """Decoder layers with routed experts, by the model family's rule (the one definition used by
+    every process). DeepSeek: ``first_k_dense_replace`` dense layers first, then every
+    ``moe_layer_freq``-th. Qwen-MoE (and Mixtral, which has neither key): every
+    ``decoder_sparse_step``-th layer not in ``mlp_only_layers``. ValueError names a bad field."""
+    if num_experts <= 0:
+        return ()
+    if config.get("model_type") in DEEPSEEK_MODEL_TYPES or "first_k_dense_replace" in config:
+        first_dense = int(config.get("first_k_dense_replace", 0))
+        freq = int(config.get("moe_layer_freq", 1))
+        if freq < 1:
+            raise ValueError(f"moe_layer_freq must be >= 1, got {freq}")
+        return tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
+    step = int(config.get("decoder_sparse_step", 1))
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    mlp_only = set(config.get("mlp_only_layers") or [])
+    return tuple(i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0)
+
+
 def _require(config: dict, key: str, path: Path):
     if key not in config:
         raise ModelConfigError(f"{path}: config.json has no '{key}' field; it is required for "
@@ -91,13 +114,11 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
     num_layers = int(get("num_hidden_layers"))
     num_heads = int(get("num_attention_heads"))
     hidden = int(get("hidden_size"))
-    sparse_step = int(config.get("decoder_sparse_step", 1))
-    mlp_only = set(config.get("mlp_only_layers") or [])
     num_experts = int(get("num_experts"))
-    if sparse_step < 1:
-        raise ModelConfigError(f"{config_file}: decoder_sparse_step must be >= 1, got {sparse_step}")
-    moe_layers = tuple(i for i in range(num_layers)
-                       if i not in mlp_only and num_experts > 0 and (i + 1) % sparse_step == 0)
+    try:
+        moe_layers = moe_layer_indices(config, num_layers, num_experts)
+    except ValueError as exc:
+        raise ModelConfigError(f"{config_file}: {exc}") from exc
     rope_params = config.get("rope_parameters") or {}
     rope_theta = float(rope_params.get("rope_theta", config.get("rope_theta", 10000.0)))
     if rope_params.get("rope_type", "default") != "default" or config.get("rope_scaling"):

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from epserve.model_config import moe_layer_indices
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -47,20 +49,6 @@ def _ids(value: object) -> tuple[int, ...]:
     return tuple(int(v) for v in value)  # type: ignore[union-attr]
 
 
-def _count_moe_layers(config: dict, num_experts: int) -> int:
-    num_layers = int(config.get("num_hidden_layers", 0))
-    if num_experts == 0:
-        return 0
-    if "first_k_dense_replace" in config:  # DeepSeek-V2/V3
-        first_dense = int(config["first_k_dense_replace"])
-        freq = int(config.get("moe_layer_freq", 1))
-        return sum(1 for i in range(num_layers) if i >= first_dense and i % freq == 0)
-    # Qwen2/3-MoE; Mixtral has neither key and every layer is MoE.
-    mlp_only = set(config.get("mlp_only_layers", []) or [])
-    step = int(config.get("decoder_sparse_step", 1) or 1)
-    return sum(1 for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0)
-
-
 def load_model_info(model_path: str | Path) -> ModelInfo:
     path = Path(model_path)
     config_path = path / "config.json"
@@ -82,7 +70,7 @@ def load_model_info(model_path: str | Path) -> ModelInfo:
         vocab_size=int(config["vocab_size"]),
         max_context_length=int(config["max_position_embeddings"]),
         eos_token_ids=eos,
-        num_moe_layers=_count_moe_layers(config, num_experts),
+        num_moe_layers=len(moe_layer_indices(config, int(config.get("num_hidden_layers", 0)), num_experts)),
         num_experts=num_experts,
         num_experts_per_tok=int(config.get("num_experts_per_tok", 0) or 0),
     )

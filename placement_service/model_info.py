@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from epserve.model_config import moe_layer_indices
 from epserve.placement_client import model_fingerprint
 
 # model_type values whose MoE layers follow Qwen's rule (decoder_sparse_step, mlp_only_layers).
@@ -61,21 +62,8 @@ class ModelInfo:
             raise ValueError(f"config.json model_type {model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         num_hidden_layers = _positive(config, "num_hidden_layers")
-        if model_type in QWEN_STYLE:
-            num_experts = _positive(config, "num_experts")
-            step = int(config.get("decoder_sparse_step", 1))
-            if step < 1:
-                raise ValueError(f"config.json decoder_sparse_step must be >= 1, got {step}")
-            mlp_only = set(config.get("mlp_only_layers") or [])
-            moe_layers = tuple(i for i in range(num_hidden_layers)
-                               if i not in mlp_only and (i + 1) % step == 0)
-        else:
-            num_experts = _positive(config, "n_routed_experts")
-            first_dense = int(config.get("first_k_dense_replace", 0))
-            freq = int(config.get("moe_layer_freq", 1))
-            if freq < 1:
-                raise ValueError(f"config.json moe_layer_freq must be >= 1, got {freq}")
-            moe_layers = tuple(i for i in range(num_hidden_layers) if i >= first_dense and i % freq == 0)
+        num_experts = _positive(config, "num_experts" if model_type in QWEN_STYLE else "n_routed_experts")
+        moe_layers = moe_layer_indices(config, num_hidden_layers, num_experts)
         if not moe_layers:
             raise ValueError("config.json describes no MoE layers (check decoder_sparse_step, "
                              "mlp_only_layers / first_k_dense_replace); placement needs at least one")
