@@ -285,12 +285,10 @@ def make_tiny_model(out_dir: str | os.PathLike, **options) -> Path:
     return out
 
 
-def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The embedded default model, generated on first use into ``cache_dir`` (default
+def default_model_dir(cache_dir: str | os.PathLike) -> Path:
+    """The embedded default model, generated on first use into ``cache_dir`` (``epserve up`` passes
     ``$EPSERVE_CACHE_DIR`` or ``~/.cache/epserve``). Safe against processes racing: each
     builds in a temporary directory and renames it into place; a loser discards its copy."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("EPSERVE_CACHE_DIR") or Path.home() / ".cache" / "epserve"
     cache = Path(cache_dir)
     key = hashlib.sha256(json.dumps([GENERATOR_VERSION, dataclasses.asdict(DEFAULT_SERVING_OPTIONS),
                                      tokenizer_build.read_corpus()]).encode()).hexdigest()[:12]

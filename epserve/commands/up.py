@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if model_path is None:
         from epserve.tiny_model import default_model_dir
 
-        model_path = str(default_model_dir())
+        cache_dir = os.environ.get("EPSERVE_CACHE_DIR") or os.path.expanduser("~/.cache/epserve")
+        model_path = str(default_model_dir(cache_dir))
         print(f"epserve up: using the embedded tiny model at {model_path}", file=sys.stderr)
     from epserve.model_config import ModelConfigError, check_parallel_sizes, load_model_spec
 
