@@ -38,6 +38,10 @@ class WorkerLost(Exception):
     """The worker went away (UNAVAILABLE, its stream cut): the request may run elsewhere."""
 
 
+class WorkerSlow(WorkerLost):
+    """A probe got no answer in time: the worker may only be starved of CPU for a moment."""
+
+
 class WorkerTimeout(Exception):
     """The request's deadline passed while waiting on the worker."""
 

@@ -18,8 +18,8 @@ from epserve.grpc_server import GRPC_OPTIONS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.request_types import FinishReason, SamplingParams
-from gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerStep,
-                                WorkerTimeout)
+from gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerSlow,
+                                WorkerStep, WorkerTimeout)
 from protos import generation_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class GrpcWorkerClient:
         try:
             status = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self._rpc_timeout_s).status
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise WorkerSlow(f"{self.address}: health: no answer within {self._rpc_timeout_s}s") from exc
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise WorkerLost(f"{self.address}: health: {exc.code().name}: {exc.details()}") from exc
         else:
@@ -136,6 +138,8 @@ class GrpcWorkerClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return WorkerLoad(0, 0, None)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise WorkerSlow(f"{self.address}: GetLoad: no answer within {self._rpc_timeout_s}s") from exc
             raise WorkerLost(f"{self.address}: {exc.code().name}: {exc.details()}") from exc
         return WorkerLoad(load.num_running, load.num_waiting, load.outstanding_tokens)
 

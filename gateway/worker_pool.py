@@ -24,10 +24,13 @@ import grpc
 from gateway.config import GatewayConfig
 from gateway.discovery import DiscoveryError, PlacementDiscovery
 from gateway.router import Router
-from gateway.worker_api import WorkerLoad, WorkerLost
+from gateway.worker_api import WorkerLoad, WorkerLost, WorkerSlow
 from gateway.worker_client import GrpcWorkerClient
 
 logger = logging.getLogger(__name__)
+
+SLOW = "slow"
+MAX_SLOW_ROUNDS = 2
 
 
 class WorkerPool:
@@ -43,6 +46,7 @@ class WorkerPool:
         self._clients: dict[str, GrpcWorkerClient] = {}   # every worker ever known (kept for in-flight streams)
         self._known: tuple[str, ...] = tuple(config.attention_workers)
         self._reachable: set[str] = set()
+        self._slow_rounds: dict[str, int] = {}             # consecutive probes that got no answer in time
         self.num_expert_workers: int | None = None        # known only from placement
         self._probe_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-probe")
 
@@ -87,10 +91,16 @@ class WorkerPool:
                     self._known = known
                     self.num_expert_workers = found.num_expert_workers
         addresses = self.known()
-        loads = list(self._probe_pool.map(self._probe, addresses))
+        results = list(self._probe_pool.map(self._probe, addresses))
+        loads = [r if isinstance(r, WorkerLoad) else None for r in results]
         with self._lock:
             before = set(self._reachable)
-            self._reachable = {a for a, load in zip(addresses, loads) if load is not None}
+            for address, result in zip(addresses, results):
+                self._slow_rounds[address] = self._slow_rounds.get(address, 0) + 1 if result == SLOW else 0
+            # A reachable worker that answers one probe late (CPU contention) stays routable for a
+            # round; refused connections, NOT_SERVING and a second late round take it out at once.
+            self._reachable = {a for a, load in zip(addresses, loads)
+                               if load is not None or (a in before and self._slow_rounds[a] < MAX_SLOW_ROUNDS)}
             healthy = bool(self._reachable)
             newly = self._reachable - before
         for address, load in zip(addresses, loads):
@@ -99,9 +109,13 @@ class WorkerPool:
             logger.info("attention workers reachable: %s", ", ".join(sorted(newly)))
         self._on_health(healthy)
 
-    def _probe(self, address: str) -> WorkerLoad | None:
+    def _probe(self, address: str) -> WorkerLoad | str | None:
+        """The worker's load; SLOW when it did not answer in time; None when it is lost."""
         try:
             return self.client(address).probe()
+        except WorkerSlow as exc:
+            logger.debug("probe late: %s", exc)
+            return SLOW
         except WorkerLost as exc:
             logger.debug("probe failed: %s", exc)
             return None
