@@ -10,8 +10,10 @@ by ``bench/gpu/tune_moe.py`` on the device and copied here.
 An entry is either ``{"variant": "gemv", ...GemvConfig fields}`` or
 ``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``; a GEMM
 config with ``"tma": true`` selects that kernel's TMA variant, ``"split": true`` its split
-variant (segments padded to block_m / 2, half-height tile for an odd remainder), and
-``"tma_store": true`` (TMA variants) stores the output tiles through TMA as well.
+variant (segments padded to block_m / 2, half-height tile for an odd remainder),
+``"persistent": true`` (split only) its persistent variant (``ctas_per_sm`` programs per SM
+loop over the tiles), and ``"tma_store": true`` (TMA variants) stores the output tiles
+through TMA as well.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, alignment_block
+from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
+                                 alignment_block)
 from kernels.moe_gemv import GemvConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -55,6 +58,8 @@ def _gemm_to_dict(config: GemmConfig) -> dict:
     extra = {"tma": True} if isinstance(config, TmaGemmConfig) else {}
     if isinstance(config, SplitTmaGemmConfig):
         extra["split"] = True
+    if isinstance(config, PersistentSplitTmaGemmConfig):
+        extra["persistent"] = True
     fields = asdict(config)
     if not fields.get("tma_store", True):
         del fields["tma_store"]                    # the default: keeps older tables unchanged
@@ -63,8 +68,9 @@ def _gemm_to_dict(config: GemmConfig) -> dict:
 
 def _gemm_from_dict(entry: dict) -> GemmConfig:
     entry = dict(entry)
-    tma, split = entry.pop("tma", False), entry.pop("split", False)
-    cls = SplitTmaGemmConfig if split else TmaGemmConfig if tma else GemmConfig
+    tma, split, persistent = entry.pop("tma", False), entry.pop("split", False), entry.pop("persistent", False)
+    cls = (PersistentSplitTmaGemmConfig if persistent else SplitTmaGemmConfig if split
+           else TmaGemmConfig if tma else GemmConfig)
     return cls(**entry)
 
 

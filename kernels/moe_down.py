@@ -28,7 +28,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.moe_align import SlotAlignment
-from kernels.moe_gate_up import GemmConfig, _block_slot, _grouped_pid, _split_tile, slot_block, split_tiles_bound
+from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, _block_slot, _grouped_pid, _grouped_tile,
+                                 _nth_tile, _split_layout, _split_tile, programs_for, slot_block, split_tiles_bound)
 
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
@@ -180,6 +181,32 @@ def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc,
                        seg_start, seg_count, slot, pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE)
 
 
+@triton.jit(do_not_specialize=["num_slots"])
+def _down_tma_persistent_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
+                                sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                                S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, NUM_PROGS: tl.constexpr,
+                                FLATTEN: tl.constexpr):
+    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
+    HALF: tl.constexpr = BM // 2
+    starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
+    num_pid_n = tl.cdiv(D, BN)
+    num_full = tl.sum(fulls, axis=0)
+    pid = tl.program_id(0)
+    for tile in tl.range(pid, num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, num_full, num_pid_n, GROUP_M)
+        slot, m_start, seg_start, seg_count = _nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
+        _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
+                       seg_count, slot, pid_n, D, I, stride_ra, BM, BN, BK, TMA_STORE)
+    # the programs that ran one tile fewer take the half tiles first
+    first = (pid + NUM_PROGS - (num_full * num_pid_n) % NUM_PROGS) % NUM_PROGS
+    for tile in tl.range(first, tl.max(odd_ends, axis=0) * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        slot, m_start, seg_start, seg_count = _nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2,
+                                                        HALF, False)
+        _down_tma_tile(a_half_desc, w_desc, out_half_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start,
+                       seg_start, seg_count, slot, tile % num_pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE)
+
+
 def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
                      num_pid_m: int | None = None) -> torch.Tensor:
     assert act.dim() == 2 and w2.dim() == 3, "act [cap, I], w2 [S, D, I]"
@@ -204,12 +231,16 @@ def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
         rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device)
     num_pid_m = act.shape[0] // rows_per_pid if num_pid_m is None else num_pid_m
     grid = (num_pid_m * triton.cdiv(dim, config.block_n),)
+    extra = {}
+    if isinstance(config, PersistentSplitTmaGemmConfig):
+        extra = {"NUM_PROGS": programs_for(config, act.device, grid[0]), "FLATTEN": config.flatten}
+        grid = (extra["NUM_PROGS"],)
     kernel[grid](
         a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows, weights, align.sorted_ids,
         align.slot_offsets, align.slot_counts, num_slots, dim, inter, num_pid_m, rows.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
         GROUP_M=config.group_m, TMA_STORE=tma_store, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, **extra)
     return rows
 
 
@@ -224,7 +255,9 @@ def down_weighted_tma_split(act: torch.Tensor, w2: torch.Tensor, weights: torch.
                             align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
     """TMA variant on segments padded to BLOCK_M/2, a half-height tile for an odd last half-block."""
     assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
-    return _launch_down_tma(_down_tma_split_kernel, config.block_m // 2, act, w2, weights, align, config,
+    kernel = (_down_tma_persistent_kernel if isinstance(config, PersistentSplitTmaGemmConfig)
+              else _down_tma_split_kernel)
+    return _launch_down_tma(kernel, config.block_m // 2, act, w2, weights, align, config,
                             split_tiles_bound(align, config.block_m))
 
 

@@ -55,6 +55,16 @@ class SplitTmaGemmConfig(TmaGemmConfig):
     """TMA tiles of block_m rows over segments padded to block_m / 2 (odd remainder: half tile)."""
 
 
+@dataclass(frozen=True)
+class PersistentSplitTmaGemmConfig(SplitTmaGemmConfig):
+    """The split tiles, run by ``ctas_per_sm`` programs per SM that each loop over tiles
+    (full-height tiles first, then the half-height ones). With ``flatten`` the compiler
+    pipelines across tile boundaries: the next tile's loads are in flight during this tile's
+    epilogue (a short-K GEMM such as down spends a large share of each tile there)."""
+    ctas_per_sm: int = 1
+    flatten: bool = True
+
+
 def alignment_block(config: GemmConfig) -> int:
     """Rows each slot's segment is padded to for this GEMM config."""
     return config.block_m // 2 if isinstance(config, SplitTmaGemmConfig) else config.block_m
@@ -111,8 +121,44 @@ def split_tiles_bound(align: SlotAlignment, tile_rows: int) -> int:
 
 
 @triton.jit
+def _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2: tl.constexpr, HALF: tl.constexpr):
+    """Per-slot vectors [S_P2] of a split alignment, for programs that walk many tiles:
+    segment starts, counts, full-height tiles, and the running ends of full and half tiles."""
+    s = tl.arange(0, S_P2)
+    in_range = s < num_slots
+    starts = tl.load(offsets_ptr + s, mask=in_range, other=0)
+    ends = tl.load(offsets_ptr + 1 + s, mask=in_range, other=0)
+    counts = tl.load(counts_ptr + s, mask=in_range, other=0)
+    halves = (ends - starts) // HALF
+    fulls = halves // 2
+    return starts, counts, fulls, tl.cumsum(fulls, axis=0), tl.cumsum(halves - 2 * fulls, axis=0)
+
+
+@triton.jit
+def _nth_tile(pid_m, tile_ends, starts, counts, fulls, S_P2: tl.constexpr, HALF: tl.constexpr,
+              FULL: tl.constexpr):
+    """The pid_m-th full-height tile (FULL) or half-height tile (not FULL) of a split layout:
+    slot, first row, segment start and count. A slot's odd half-block follows its full tiles."""
+    s = tl.arange(0, S_P2)
+    slot = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    here = s == slot
+    seg_start = tl.sum(tl.where(here, starts, 0), axis=0)
+    full_tiles = tl.sum(tl.where(here, fulls, 0), axis=0)
+    if FULL:
+        m_start = seg_start + (pid_m - tl.sum(tl.where(here, tile_ends - fulls, 0), axis=0)) * (2 * HALF)
+    else:
+        m_start = seg_start + full_tiles * (2 * HALF)
+    return slot, m_start, seg_start, tl.sum(tl.where(here, counts, 0), axis=0)
+
+
+@triton.jit
 def _grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+    return _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile pid → (pid_m, pid_n), GROUP_M row tiles at a time so their weight tiles share L2."""
     per_group = GROUP_M * num_pid_n
     group = pid // per_group
     first_m = group * GROUP_M
@@ -261,6 +307,43 @@ def _gate_up_tma_split_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, s
                           TMA_STORE)
 
 
+@triton.jit(do_not_specialize=["num_slots", "top_k"])
+def _gate_up_tma_persistent_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_ids_ptr, offsets_ptr,
+                                   counts_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                                   S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_STORE: tl.constexpr,
+                                   NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr):
+    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
+    HALF: tl.constexpr = BM // 2
+    starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
+    num_pid_n = tl.cdiv(I, BN)
+    num_full = tl.sum(fulls, axis=0)
+    pid = tl.program_id(0)
+    for tile in tl.range(pid, num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, num_full, num_pid_n, GROUP_M)
+        slot, m_start, seg_start, seg_count = _nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
+        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start, seg_start, seg_count,
+                          slot, pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K, TMA_STORE)
+    # the programs that ran one tile fewer take the half tiles first
+    first = (pid + NUM_PROGS - (num_full * num_pid_n) % NUM_PROGS) % NUM_PROGS
+    for tile in tl.range(first, tl.max(odd_ends, axis=0) * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        slot, m_start, seg_start, seg_count = _nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2,
+                                                        HALF, False)
+        _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_half_desc, sorted_ids_ptr, m_start, seg_start, seg_count,
+                          slot, tile % num_pid_n, top_k, D, I, stride_xt, stride_ap, HALF, BN, BK, EVEN_K,
+                          TMA_STORE)
+
+
+def programs_for(config: GemmConfig, device: torch.device, tiles_bound: int) -> int:
+    """Programs a persistent config launches: ctas_per_sm per SM (4 in the CPU interpreter),
+    never more than there can be tiles."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    return max(1, min(sms * config.ctas_per_sm, tiles_bound))
+
+
 def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, config,
                         num_pid_m: int | None = None) -> torch.Tensor:
     assert hidden.dim() == 2 and w13.dim() == 3, "hidden [T, D], w13 [S, 2I, D]"
@@ -281,12 +364,16 @@ def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, co
         act_half_desc = TensorDescriptor.from_tensor(act, [max(config.block_m // 2, 1), config.block_n])
     num_pid_m = cap // rows_per_pid if num_pid_m is None else num_pid_m
     grid = (num_pid_m * triton.cdiv(inter, config.block_n),)
+    extra = {}
+    if isinstance(config, PersistentSplitTmaGemmConfig):
+        extra = {"NUM_PROGS": programs_for(config, hidden.device, grid[0]), "FLATTEN": config.flatten}
+        grid = (extra["NUM_PROGS"],)
     kernel[grid](
         hidden, w_desc, act, act_desc, act_half_desc, align.sorted_ids, align.slot_offsets,
         align.slot_counts, num_slots, top_k, dim, inter, num_pid_m, hidden.stride(0), act.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
         GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0, TMA_STORE=tma_store,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **extra)
     return act
 
 
@@ -301,8 +388,10 @@ def gate_up_silu_tma_split(hidden: torch.Tensor, w13: torch.Tensor, align: SlotA
     """TMA variant on segments padded to BLOCK_M/2 (half the padding of ``gate_up_silu_tma``):
     BLOCK_M-row tiles, and a half-height tile for a segment's odd last half-block."""
     assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
-    return _launch_gate_up_tma(_gate_up_tma_split_kernel, config.block_m // 2, hidden, w13, align,
-                               top_k, config, split_tiles_bound(align, config.block_m))
+    kernel = (_gate_up_tma_persistent_kernel if isinstance(config, PersistentSplitTmaGemmConfig)
+              else _gate_up_tma_split_kernel)
+    return _launch_gate_up_tma(kernel, config.block_m // 2, hidden, w13, align, top_k, config,
+                               split_tiles_bound(align, config.block_m))
 
 
 def gate_up_silu_reference(x: torch.Tensor, w13_slot: torch.Tensor) -> torch.Tensor:

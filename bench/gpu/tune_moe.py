@@ -35,7 +35,8 @@ from kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  #
                                  config_from_dict, config_to_dict)
 from kernels.fused_moe import down_kernel, gate_up_kernel  # noqa: E402
 from kernels.moe_down import combine, combine_sorted  # noqa: E402
-from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, alignment_block  # noqa: E402
+from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig,  # noqa: E402
+                                 TmaGemmConfig, alignment_block)
 from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv  # noqa: E402
 
 GEMV_MAX_TOKENS = 16
@@ -93,6 +94,21 @@ def with_tma_store(configs: list, kind: str, bm: int) -> list:
     return configs + stored
 
 
+def persistent_candidates(kind: str) -> list[GemmConfig]:
+    """Family ``persist128`` (call 8): persistent split tiles (BM 128, TMA store), and the split
+    configs the table holds at 1024-16384 tokens so a mix of the two can win."""
+    P, S = PersistentSplitTmaGemmConfig, SplitTmaGemmConfig
+    if kind == "down":
+        return [P(128, 256, 64, 8, 8, 3, True), P(128, 256, 64, 8, 8, 4, True), P(128, 128, 64, 8, 8, 3, True),
+                P(128, 128, 64, 8, 8, 4, True), P(128, 128, 64, 8, 8, 3, True, ctas_per_sm=2),
+                P(128, 128, 64, 8, 8, 2, True, ctas_per_sm=2), P(128, 256, 64, 8, 8, 4, True, flatten=False),
+                P(128, 128, 64, 8, 8, 3, True, ctas_per_sm=2, flatten=False), P(128, 256, 64, 1, 8, 3, True),
+                S(128, 256, 64, 8, 8, 4, True), S(128, 128, 64, 8, 8, 3, True)]
+    return [P(128, 128, 64, 1, 8, 4, True), P(128, 128, 64, 8, 8, 4, True), P(128, 128, 64, 8, 8, 3, True),
+            P(128, 128, 64, 1, 8, 4, True, flatten=False), P(128, 64, 64, 8, 8, 4, True, ctas_per_sm=2),
+            P(128, 128, 64, 1, 8, 4, False), S(128, 128, 64, 1, 8, 4, True), S(128, 128, 64, 8, 8, 4, True)]
+
+
 def combine_for(down_cfg):
     """The combine matching a down config: by position for sorted rows, else by assignment."""
     if getattr(down_cfg, "tma_store", False):
@@ -125,6 +141,8 @@ def aligned_searches(shape: mk.Shape, num_tokens: int):
         if bm >= 64 and (LABELS is None or f"split{bm}" in LABELS):
             yield (f"split{bm}", bm // 2, wrap(split_candidates(bm, "gate_up"), "gate_up", bm),
                    wrap(split_candidates(bm, "down"), "down", bm))
+    if 128 in bms and (LABELS is None or "persist128" in LABELS):
+        yield "persist128", 64, persistent_candidates("gate_up"), persistent_candidates("down")
 
 
 def block_ms(shape: mk.Shape, num_tokens: int) -> list[int]:

@@ -12,7 +12,8 @@ from kernels.fused_moe import fused_moe_aligned, fused_moe_reference
 from kernels.moe_align import SINGLE_PROGRAM_MAX_ASSIGNMENTS, align_by_slot
 from kernels.moe_configs import AlignedConfig, config_from_dict, config_to_dict
 from kernels.moe_down import combine_reference, combine_sorted, down_weighted_tma_split
-from kernels.moe_gate_up import SplitTmaGemmConfig, TmaGemmConfig, gate_up_silu_tma_split
+from kernels.moe_gate_up import (PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
+                                 gate_up_silu_tma_split)
 from kernel_test_utils import TOLERANCE, make_problem, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +28,11 @@ def _configs():
         "split": AlignedConfig(SplitTmaGemmConfig(32, 16, 16, group_m=2, tma_store=True),
                                SplitTmaGemmConfig(32, 32, 16, tma_store=True)),
         "down_only": AlignedConfig(SplitTmaGemmConfig(32, 16, 32), SplitTmaGemmConfig(32, 16, 16, tma_store=True)),
+        # 4 programs in the interpreter walk many full and half tiles each
+        "persistent": AlignedConfig(PersistentSplitTmaGemmConfig(32, 16, 16, group_m=2, tma_store=True),
+                                    PersistentSplitTmaGemmConfig(32, 32, 16, tma_store=True, flatten=False)),
+        "persistent_gate_up_pointer_store": AlignedConfig(PersistentSplitTmaGemmConfig(32, 16, 32, ctas_per_sm=2),
+                                                          SplitTmaGemmConfig(32, 16, 16, tma_store=True)),
     }
 
 
@@ -42,9 +48,9 @@ def test_positions_invert_sorted_ids(num_tokens):
     assert torch.equal(align.sorted_ids.cpu().long()[pos[local]], local)
 
 
-@pytest.mark.parametrize("variant", ["tma", "split", "down_only"])
+@pytest.mark.parametrize("variant", ["tma", "split", "down_only", "persistent", "persistent_gate_up_pointer_store"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", [3, 64])        # 64: full and half tiles both occur
+@pytest.mark.parametrize("num_tokens", [3, 64, 90])    # 90: full and half tiles both occur
 def test_fused_moe_tma_store(num_tokens, dtype, variant):
     hidden, slot_ids, weights, w13, w2 = make_problem(num_tokens, K, S, 40, 24, dtype, DEVICE,
                                                       hit_slots=S - 2, seed=num_tokens)
@@ -93,7 +99,11 @@ def test_tma_store_bf16_real_shapes(shape, num_tokens):
                 AlignedConfig(SplitTmaGemmConfig(128, 128, 64, 8, 8, 4),
                               SplitTmaGemmConfig(128, 128, 64, 8, 8, 3, tma_store=True)),
                 AlignedConfig(TmaGemmConfig(64, 128, 64, 8, 4, 3, tma_store=True),
-                              TmaGemmConfig(64, 128, 64, 8, 4, 3, tma_store=True))):
+                              TmaGemmConfig(64, 128, 64, 8, 4, 3, tma_store=True)),
+                AlignedConfig(PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 4, tma_store=True),
+                              PersistentSplitTmaGemmConfig(128, 256, 64, 8, 8, 3, tma_store=True)),
+                AlignedConfig(PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 3, tma_store=True, flatten=False),
+                              PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 3, tma_store=True, ctas_per_sm=2))):
         out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, cfg)
         assert rel_err(out, ref) <= 1e-2, cfg
 
