@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from attention_worker.config import DTYPES, AttentionWorkerConfig
+from attention_worker.config import (DTYPES, HEATMAP_ENV, AttentionWorkerConfig, default_expert_distribution_dir,
+                                     heatmap_interval_from_env)
 from attention_worker.engine import EngineLimits
 from attention_worker.expert_routing import DispatchAlgorithm
 
@@ -17,7 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m attention_worker",
         description="Attention/data-parallel worker: embeddings, attention with a paged KV cache, router, "
                     "sampling and continuous batching; routed experts run on expert workers reached through "
-                    "the data plane. Registers with the placement service and serves epserve.v1.AttentionWorker.")
+                    "the data plane. Registers with the placement service and serves epserve.v1.AttentionWorker.",
+        epilog=f"environment: {HEATMAP_ENV[0]}=N (or SGLang's {HEATMAP_ENV[1]} when it is unset): every N forward "
+               "passes, log a summary of the [MoE layer, expert worker] token counts of those passes and append "
+               "the matrix to --expert-distribution-dir as one JSON line; 0 or unset = off. "
+               "EPSERVE_WORKER_ID: default --worker-id. OTEL_EXPORTER_OTLP_ENDPOINT: default --otlp-endpoint.")
     p.add_argument("--model-path", required=True, help="Hugging Face model directory")
     p.add_argument("--placement", required=True, metavar="HOST:PORT", help="placement service address")
     p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
@@ -41,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "spreads load evenly over replicas as EPLB plans assume; static: replica rank mod R)")
     p.add_argument("--expert-distribution-recorder-mode", default="stat", choices=["stat", "per_pass", "per_token"],
                    help="expert-load recording: stat = per-window [layer, slot] counts reported to placement; "
-                        "per_pass / per_token also keep per-pass counts / per-token choices for dumps")
+                        "per_pass / per_token also keep per-pass [layer, slot] counts / per-token slot choices in "
+                        "memory until dumped (`epserve admin ... dump-expert-distribution DIR`; memory grows with "
+                        "traffic between dumps)")
+    p.add_argument("--enable-expert-distribution-metrics", action="store_true",
+                   help="serve tokens sent to each expert worker (epserve_attention_expert_tokens_total, one series "
+                        "per expert worker) and their balancedness on /metrics; needs --metrics-port. Off by "
+                        "default: it counts every pass per expert worker on the engine thread")
+    p.add_argument("--expert-distribution-dir", default=default_expert_distribution_dir(),
+                   help="where the heatmap (env " + HEATMAP_ENV[0] + "=N: every N forward passes, a [MoE layer, "
+                        "expert worker] token count matrix) is appended as JSON lines, one file per worker "
+                        "(default %(default)s)")
     p.add_argument("--load-report-interval-s", type=float, default=2.0,
                    help="how often the expert-load window is reported to placement (default 2)")
     p.add_argument("--dataplane-timeout-s", type=float, default=30.0, help="deadline of one expert exchange")
@@ -73,11 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                                 args.max_running_requests, args.num_micro_batches),
             max_context=args.context_length, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
             expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
+            enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,
+            expert_distribution_dir=args.expert_distribution_dir,
+            eplb_heatmap_collection_interval=heatmap_interval_from_env(os.environ),
             load_report_interval_s=args.load_report_interval_s,
             dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
             metrics_port=args.metrics_port,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             trace_step_every=args.trace_step_every, **kwargs)
+        if config.eplb_heatmap_collection_interval:    # fail at start, not at the first interval
+            from attention_worker.expert_heatmap import HeatmapWriter
+
+            HeatmapWriter(config.expert_distribution_dir, config.worker_id).check_writable()
     except ValueError as exc:
         print(f"attention_worker: {exc}", file=sys.stderr)
         return 2
@@ -85,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from epserve.telemetry import AttentionWorkerMetrics
     from attention_worker.worker import TRACING_SERVICE_NAME, AttentionWorker
 
-    return run_worker_process("attention_worker", TRACING_SERVICE_NAME, config, AttentionWorkerMetrics, AttentionWorker, "ATTENTION_WORKER_PORT")
+    def make_metrics() -> AttentionWorkerMetrics:
+        return AttentionWorkerMetrics(expert_distribution=config.enable_expert_distribution_metrics)
+
+    return run_worker_process("attention_worker", TRACING_SERVICE_NAME, config, make_metrics, AttentionWorker,
+                              "ATTENTION_WORKER_PORT")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,43 @@
-"""The attention worker's one config dataclass, built from flags in ``main()``."""
+"""The attention worker's one config dataclass, built from flags (and environment) in ``main()``."""
 
 from __future__ import annotations
 
 import socket
+import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from attention_worker.engine import EngineLimits
 from attention_worker.expert_routing import DispatchAlgorithm
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
+HEATMAP_ENV = ("EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL", "SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL")
+
+
+def default_expert_distribution_dir() -> str:
+    return str(Path(tempfile.gettempdir()) / "epserve_expert_distribution")
+
+
+def heatmap_interval_from_env(environ: Mapping[str, str]) -> int:
+    """Passes per heatmap interval from ``EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL``, else SGLang's
+    ``SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL``; unset or empty = 0 (off). ValueError naming the
+    variable for a value that is not an integer >= 0. Called once, in ``main()``."""
+    for name in HEATMAP_ENV:
+        text = environ.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not an integer: set it to N > 0 for a heatmap every N forward "
+                             "passes, or 0 / unset for none") from None
+        if value < 0:
+            raise ValueError(f"{name}={value} is negative: set it to N > 0 for a heatmap every N forward passes, "
+                             "or 0 / unset for none")
+        return value
+    return 0
 
 
 @dataclass
@@ -26,6 +54,9 @@ class AttentionWorkerConfig:
     max_context: int = 0                    # 0 = the model's max_position_embeddings
     ep_dispatch_algorithm: str = "dynamic"
     expert_distribution_recorder_mode: str = "stat"
+    enable_expert_distribution_metrics: bool = False    # per-expert-worker load series on /metrics
+    expert_distribution_dir: str = field(default_factory=default_expert_distribution_dir)  # heatmap files
+    eplb_heatmap_collection_interval: int = 0           # heatmap every N passes; 0 = off (from the env)
     load_report_interval_s: float = 2.0     # how often expert load goes to placement
     dataplane_timeout_s: float = 30.0
     rpc_timeout_s: float = 10.0
@@ -57,7 +88,19 @@ class AttentionWorkerConfig:
             raise ValueError(f"--num-micro-batches must be 1 or 2, got {self.limits.num_micro_batches}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
+        if self.enable_expert_distribution_metrics and self.metrics_port is None:
+            raise ValueError("--enable-expert-distribution-metrics adds series to /metrics, which is off: add "
+                             "--metrics-port N (0 = a free port)")
+        if self.eplb_heatmap_collection_interval < 0:
+            raise ValueError(f"{HEATMAP_ENV[0]} must be >= 0 (0 = off), got {self.eplb_heatmap_collection_interval}")
+        if self.eplb_heatmap_collection_interval and not self.expert_distribution_dir:
+            raise ValueError("--expert-distribution-dir is empty: the heatmap needs a directory to write to")
         if self.trace_step_every < 0:
             raise ValueError(f"--trace-step-every must be >= 0 (0 = no per-step spans), got {self.trace_step_every}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def track_expert_passes(self) -> bool:
+        """Whether the recorder keeps each pass's counts: the metrics or the heatmap read them."""
+        return self.enable_expert_distribution_metrics or self.eplb_heatmap_collection_interval > 0

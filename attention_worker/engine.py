@@ -14,7 +14,9 @@ Telemetry (both optional, off by default): a sampled step (``StepSampler``) runs
 ``attention.step`` span linked to the traced requests it serves (a child of the first), whose
 context the executor puts in the data-plane header; a traced request gets ``queue``,
 ``prefill`` and ``decode`` spans (``request_spans.py``) when it leaves the engine. Metrics:
-step duration, tokens per step, preemptions and tokens per expert worker, fed once per step.
+step duration, tokens per step, preemptions and (``--enable-expert-distribution-metrics``) tokens
+per expert worker, fed once per step. A ``HeatmapCollector`` (optional) gets each pass's
+per-slot counts ``[L, P]`` and the map the pass used.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attention_worker.expert_heatmap import HeatmapCollector
 from attention_worker.expert_recorder import ExpertLoadRecorder
 from attention_worker.kv_cache import PagedKVCache
 from attention_worker.moe_executor import MoEExecutor, run_micro_batches
@@ -73,9 +76,10 @@ class Engine:
     def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, expert_map: ExpertMap,
                  limits: EngineLimits, max_context: int, recorder: ExpertLoadRecorder | None = None,
                  tracing: Tracing | None = None, step_sampler: StepSampler | None = None,
-                 metrics: AttentionWorkerMetrics | None = None) -> None:
+                 metrics: AttentionWorkerMetrics | None = None, heatmap: HeatmapCollector | None = None) -> None:
         spec = model.spec
         self.recorder = recorder
+        self.heatmap = heatmap
         self.tracing = tracing if tracing is not None else setup_tracing("epserve-attention-worker", None)
         self.step_sampler = step_sampler if step_sampler is not None else StepSampler()
         self.metrics = metrics
@@ -190,11 +194,13 @@ class Engine:
                 outputs.append(self._output(seq, [token]))
                 if seq.finished:
                     self._retire(seq)
-        pass_slots = None
+        pass_counts = None
         if self.recorder is not None:
-            pass_slots = self.recorder.end_pass(self._expert_map.version, self._expert_map.num_physical_slots)
+            pass_counts = self.recorder.end_pass(self._expert_map.version, self._expert_map.num_physical_slots)
+        if self.heatmap is not None and pass_counts is not None:
+            self.heatmap.add_pass(pass_counts, self._expert_map)
         if self.metrics is not None:
-            self._record_step(chunks, pass_slots, time.perf_counter() - start)
+            self._record_step(chunks, pass_counts, time.perf_counter() - start)
         self.num_steps += 1
         return outputs
 
@@ -205,7 +211,8 @@ class Engine:
             "epserve.step": self.num_steps, "epserve.num_seqs": len(chunks),
             "epserve.num_tokens": sum(c.num_tokens for c in chunks), "epserve.map_version": self._expert_map.version})
 
-    def _record_step(self, chunks: list[ScheduledChunk], pass_slots: torch.Tensor | None, duration_s: float) -> None:
+    def _record_step(self, chunks: list[ScheduledChunk], pass_counts: torch.Tensor | None, duration_s: float) -> None:
+        """pass_counts: [L, P] token-expert choices per slot this step (None: not tracked)."""
         metrics = self.metrics
         metrics.step_duration.observe(duration_s)
         metrics.tokens_per_step.observe(sum(c.num_tokens for c in chunks))
@@ -214,8 +221,9 @@ class Engine:
             metrics.preemptions.inc(preemptions - self._num_preemptions_reported)
             self._num_preemptions_reported = preemptions
         owners = self._expert_map.slot_owners
-        if pass_slots is not None and owners and pass_slots.numel() >= self._expert_map.num_physical_slots:
-            per_worker = pass_slots[:self._expert_map.num_physical_slots].view(len(owners), -1).sum(1).tolist()
+        if (metrics.expert_distribution and pass_counts is not None and owners
+                and pass_counts.shape[1] == self._expert_map.num_physical_slots):
+            per_worker = pass_counts.sum(0).view(len(owners), -1).sum(1).tolist()
             metrics.record_expert_load(dict(zip(owners, per_worker)))
 
     def _bind_gauges(self, metrics: AttentionWorkerMetrics) -> None:

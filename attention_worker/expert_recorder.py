@@ -3,22 +3,24 @@
 Legend: L MoE layers, P physical slots, T tokens, K top-k.
 
 - ``stat``: a per-window ``[L, P]`` count of tokens routed to each physical slot; the window is
-  closed and reported to placement (``ReportLoad``) every ``report_every_passes`` forward
-  passes.
+  closed and reported to placement (``ReportLoad``) every ``--load-report-interval-s``.
 - ``per_pass``: ``stat`` plus, kept in memory until dumped, one ``[L, P]`` count per pass.
 - ``per_token``: ``stat`` plus the physical slot ids ``[T, K]`` of every token of every layer.
 
-With ``track_passes`` (the worker's metrics are on), ``end_pass`` also returns the pass's
-per-slot counts ``[P]``, from which the engine derives tokens per expert worker.
+With ``track_passes`` (``--enable-expert-distribution-metrics`` or the heatmap is on),
+``end_pass`` also returns the pass's per-slot counts ``[L, P]``, from which the engine derives
+tokens per expert worker (metrics) and the per-layer heatmap.
 
 ``record`` runs on the engine thread; ``take_window``/``dump`` may be called from other threads.
-A new map version resets the window: counts are per physical slot of one map.
+A new map version resets the window: counts are per physical slot of one map. Per-pass and
+per-token entries carry the map version they were routed with.
 """
 
 from __future__ import annotations
 
 import enum
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -31,15 +33,19 @@ class RecorderMode(enum.Enum):
 
 
 class ExpertLoadRecorder:
-    def __init__(self, mode: RecorderMode, num_layers: int, num_slots: int, track_passes: bool = False) -> None:
+    def __init__(self, mode: RecorderMode, num_layers: int, num_slots: int, track_passes: bool = False,
+                 map_version: int = 0) -> None:
         self.mode = mode
         self._track_passes = track_passes
-        self._pass_slots: torch.Tensor | None = None    # [P] this pass, all layers (track_passes only)
+        self._pass_counts: torch.Tensor | None = None   # [L, P] this pass (track_passes only)
         self._lock = threading.Lock()
-        self._reset(num_layers, num_slots)
-        self._passes: list[torch.Tensor] = []
-        self._tokens: list[tuple[int, torch.Tensor]] = []
+        self._reset(num_layers, num_slots, map_version)
+        self._passes: list[torch.Tensor] = []           # per_pass: [L, P] per pass
+        self._pass_versions: list[int] = []
+        self._tokens: list[tuple[int, torch.Tensor]] = []   # per_token: (layer, physical [T, K])
+        self._token_versions: list[int] = []
         self._current_pass: torch.Tensor | None = None
+        self._num_passes_undumped = 0
 
     def _reset(self, num_layers: int, num_slots: int, map_version: int = 0) -> None:
         self.window = torch.zeros(num_layers, num_slots, dtype=torch.int64)
@@ -52,16 +58,16 @@ class ExpertLoadRecorder:
         with self._lock:
             self.window[moe_layer] += counts
             if self._track_passes:
-                if self._pass_slots is None or self._pass_slots.shape != counts.shape:
-                    self._pass_slots = counts.clone()
-                else:
-                    self._pass_slots += counts
+                if self._pass_counts is None or self._pass_counts.shape[1] != counts.shape[0]:
+                    self._pass_counts = torch.zeros(self.window.shape[0], counts.shape[0], dtype=torch.int64)
+                self._pass_counts[moe_layer] += counts
             if self.mode is RecorderMode.PER_PASS:
                 if self._current_pass is None:
                     self._current_pass = torch.zeros_like(self.window)
                 self._current_pass[moe_layer] += counts
             elif self.mode is RecorderMode.PER_TOKEN:
                 self._tokens.append((moe_layer, physical.cpu().clone()))
+                self._token_versions.append(self.map_version)
 
     def switch_map(self, map_version: int, num_slots: int) -> None:
         """The engine switched maps at a step boundary: counts of another map (or another slot
@@ -69,22 +75,24 @@ class ExpertLoadRecorder:
         with self._lock:
             if map_version != self.map_version or num_slots != self.window.shape[1]:
                 self._reset(self.window.shape[0], num_slots, map_version)
-                self._pass_slots = None
+                self._pass_counts = None
 
     def end_pass(self, map_version: int, num_slots: int) -> torch.Tensor | None:
         """Called once per engine step with the map the step used; a new version starts a new window.
-        Returns the pass's per-slot counts [P] with ``track_passes`` (None otherwise or if nothing was
-        recorded)."""
+        Returns the pass's per-slot counts [L, P] with ``track_passes`` (None otherwise or if nothing
+        was recorded)."""
         with self._lock:
-            pass_slots, self._pass_slots = self._pass_slots, None
+            pass_counts, self._pass_counts = self._pass_counts, None
             if self._current_pass is not None:
                 self._passes.append(self._current_pass)
+                self._pass_versions.append(map_version)
                 self._current_pass = None
+            self._num_passes_undumped += 1
             if map_version != self.map_version or num_slots != self.window.shape[1]:
                 self._reset(self.window.shape[0], num_slots, map_version)
             else:
                 self.num_passes += 1
-        return pass_slots
+        return pass_counts
 
     def take_window(self) -> tuple[torch.Tensor, int, int]:
         """(counts [L, P], passes, map version) of the window; starts a new window."""
@@ -93,12 +101,24 @@ class ExpertLoadRecorder:
             self._reset(*window.shape, version)
         return window, passes, version
 
-    def dump(self, path: str | Path) -> Path:
-        """Write what per_pass / per_token recorded (and the open window) to a .pt file."""
+    def dump(self, path: str | Path, extra: dict | None = None) -> dict:
+        """Write what per_pass / per_token recorded since the last dump (and the open window) to
+        ``path`` with ``torch.save``; entries are dropped only once the file is written, so a failed
+        write (OSError) loses nothing. Returns the record written (``extra`` merged in); its keys
+        are listed in docs/observability.md."""
         with self._lock:
-            record = {"mode": self.mode.value, "window": self.window.clone(), "num_passes": self.num_passes,
-                      "per_pass": list(self._passes), "per_token": list(self._tokens)}
-            self._passes, self._tokens = [], []
-        path = Path(path)
-        torch.save(record, path)
-        return path
+            passes, pass_versions = list(self._passes), list(self._pass_versions)
+            tokens, token_versions = list(self._tokens), list(self._token_versions)
+            num_passes = self._num_passes_undumped
+            record = {"mode": self.mode.value, "time_unix_s": time.time(), "num_passes": num_passes,
+                      "num_token_records": len(tokens), "window": self.window.clone(),
+                      "window_num_passes": self.num_passes, "window_map_version": self.map_version,
+                      "per_pass": passes, "per_pass_map_version": pass_versions,
+                      "per_token": tokens, "per_token_map_version": token_versions, **(extra or {})}
+        with open(Path(path), "wb") as out:          # OSError (not torch's RuntimeError) when unwritable
+            torch.save(record, out)
+        with self._lock:
+            del self._passes[:len(passes)], self._pass_versions[:len(passes)]
+            del self._tokens[:len(tokens)], self._token_versions[:len(tokens)]
+            self._num_passes_undumped -= num_passes
+        return record

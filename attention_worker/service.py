@@ -4,6 +4,9 @@ A Generate call submits to the ``EngineLoop`` and streams that request's outputs
 call ends for any reason (client cancel, deadline, gateway gone) the request is aborted so
 its KV blocks are freed. Bad fields → INVALID_ARGUMENT naming the field; a request the
 engine cannot hold → RESOURCE_EXHAUSTED; not ready → UNAVAILABLE.
+
+DumpExpertDistribution writes the engine's expert-load recorder to a file (``expert_dump.py``)
+on its gRPC thread; the engine keeps stepping meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import grpc
 
 from attention_worker.engine import RequestRejected, StepOutput
 from attention_worker.engine_loop import EngineLoop
+from attention_worker.expert_dump import DumpRejected, dump_expert_distribution
 from attention_worker.sampler import SamplingParams
 from attention_worker.sequence import FinishReason
 from protos import generation_pb2, worker_pb2, worker_pb2_grpc
@@ -106,3 +110,19 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
             return worker_pb2.WorkerLoad(worker_id=self.worker_id)
         load = loop.engine.load()
         return worker_pb2.WorkerLoad(worker_id=self.worker_id, map_version=loop.engine.expert_map.version, **load)
+
+    def DumpExpertDistribution(self, request: worker_pb2.DumpExpertDistributionRequest, context: grpc.ServicerContext
+                               ) -> worker_pb2.DumpExpertDistributionResponse:
+        loop = self._ready_loop(context)
+        engine = loop.engine
+        if engine.recorder is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine has no expert-load recorder")
+        try:
+            result = dump_expert_distribution(engine.recorder, request.directory, self.worker_id, engine.expert_map)
+        except DumpRejected as exc:
+            context.abort(grpc.StatusCode[exc.code], str(exc))
+        logger.info("expert distribution dumped to %s (%s, %d passes, %d token records)", result.path, result.mode,
+                    result.num_passes, result.num_token_records)
+        return worker_pb2.DumpExpertDistributionResponse(
+            worker_id=self.worker_id, path=result.path, mode=result.mode, num_passes=result.num_passes,
+            num_token_records=result.num_token_records)

@@ -10,6 +10,11 @@ Telemetry (made in ``main()``, passed in; default off): the gRPC server records 
 per RPC (GetLoad, polled by the gateway, is not traced); Generate hands its span's context to
 the engine; the engine and the MoE executor record step spans on sampled steps and feed
 ``AttentionWorkerMetrics``.
+
+Expert distribution: the recorder (``--expert-distribution-recorder-mode``) feeds placement's
+load windows (``load-reporter`` thread); ``DumpExpertDistribution`` writes what it kept
+(``expert_dump.py``); with ``EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL`` a ``HeatmapCollector`` on
+the engine thread hands intervals to a ``HeatmapWriter`` thread (``expert_heatmap.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 from attention_worker.config import AttentionWorkerConfig
 from attention_worker.engine import Engine
 from attention_worker.engine_loop import EngineLoop
+from attention_worker.expert_heatmap import HeatmapCollector, HeatmapWriter
 from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from attention_worker.moe_executor import RemoteExperts
@@ -58,6 +64,9 @@ class AttentionWorker:
         self.recorder: ExpertLoadRecorder | None = None
         self._lock = threading.Lock()
         self._dispatcher = None
+        self.heatmap_writer: HeatmapWriter | None = None
+        if config.eplb_heatmap_collection_interval:
+            self.heatmap_writer = HeatmapWriter(config.expert_distribution_dir, config.worker_id)
         service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop,
                                          self.tracing.current_trace_context)
         self.server: GrpcServer = serve_grpc(
@@ -108,14 +117,19 @@ class AttentionWorker:
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
         self.recorder = ExpertLoadRecorder(RecorderMode(config.expert_distribution_recorder_mode),
                                            expert_map.num_layers, expert_map.num_physical_slots,
-                                           track_passes=self.metrics is not None)
+                                           track_passes=config.track_expert_passes, map_version=expert_map.version)
+        heatmap = None
+        if self.heatmap_writer is not None:
+            self.heatmap_writer.start()
+            heatmap = HeatmapCollector(config.worker_id, config.eplb_heatmap_collection_interval,
+                                       self.heatmap_writer.put)
         executor = RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s,
                                  record_load=self.recorder.record, tracing=self.tracing,
                                  on_timeout=self._timeout_counter(data_plane))
         engine = Engine(self.model, executor, expert_map, config.limits,
                         config.max_context or self.spec.max_position_embeddings, recorder=self.recorder,
                         tracing=self.tracing, step_sampler=StepSampler(config.trace_step_every),
-                        metrics=self.metrics)
+                        metrics=self.metrics, heatmap=heatmap)
         self.loop = EngineLoop(engine)
         self.loop.start()
         start_daemon_thread(self._report_load, "load-reporter")
@@ -148,6 +162,8 @@ class AttentionWorker:
             self.loop.stop()
         if self._dispatcher is not None:
             self._dispatcher.close()
+        if self.heatmap_writer is not None:
+            self.heatmap_writer.stop()
         self.placement.close()
 
 

@@ -9,6 +9,10 @@ Children are placed in their own process group and asked to die with this proces
 Telemetry: ``otlp_endpoint`` is passed to every child as ``--otlp-endpoint``; with ``metrics``
 every child gets ``--metrics-port 0`` (a free port) and prints ``METRICS_PORT=<port>`` before
 its own port line; ``metrics_endpoints`` maps child name → ``host:port`` of its ``/metrics``.
+``enable_expert_distribution_metrics`` (needs ``metrics``) adds the attention workers' per-expert-
+worker load series; ``expert_distribution_recorder_mode`` / ``expert_distribution_dir`` go to
+the attention workers, which also inherit this process's environment (e.g.
+``EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class DeploymentConfig:
     state_db: str = ""
     otlp_endpoint: str = ""
     metrics: bool = False
+    enable_expert_distribution_metrics: bool = False    # attention workers' expert-load series (needs metrics)
+    expert_distribution_recorder_mode: str = "stat"     # stat | per_pass | per_token
+    expert_distribution_dir: str = ""                   # heatmap files; empty = the workers' default
     log_dir: str = ""                       # per-process log files; empty = inherit stderr
     extra_placement_args: list[str] = field(default_factory=list)
     extra_attention_args: list[str] = field(default_factory=list)
@@ -61,6 +68,22 @@ class DeploymentConfig:
             raise ValueError("--attention-workers and --expert-workers must be >= 1")
         if self.num_redundant_experts < 0:
             raise ValueError("--ep-num-redundant-experts must be >= 0")
+        if self.enable_expert_distribution_metrics and not self.metrics:
+            raise ValueError("--enable-expert-distribution-metrics adds series to the attention workers' /metrics, "
+                             "which is off: add --metrics")
+        if self.expert_distribution_recorder_mode not in ("stat", "per_pass", "per_token"):
+            raise ValueError("--expert-distribution-recorder-mode must be stat, per_pass or per_token, got "
+                             f"{self.expert_distribution_recorder_mode!r}")
+
+    def attention_args(self) -> list[str]:
+        """Flags every attention worker gets besides the common ones."""
+        args = ["--ep-dispatch-algorithm", self.ep_dispatch_algorithm,
+                "--expert-distribution-recorder-mode", self.expert_distribution_recorder_mode]
+        if self.enable_expert_distribution_metrics:
+            args.append("--enable-expert-distribution-metrics")
+        if self.expert_distribution_dir:
+            args += ["--expert-distribution-dir", self.expert_distribution_dir]
+        return args + self.extra_attention_args
 
 
 # Runs first in every child (``python -c _CHILD_PRELUDE LAUNCHER_PID MODULE ARGS...``): its own process
@@ -118,8 +141,7 @@ class LocalDeployment:
                                               c.moe_runner_backend] + c.extra_expert_args)
                        for i in range(c.num_expert_workers)]
             pending += [self._launch(f"attention-{i}", "attention_worker",
-                                     common + ["--worker-id", f"attention-{i}", "--ep-dispatch-algorithm",
-                                               c.ep_dispatch_algorithm] + c.extra_attention_args)
+                                     common + ["--worker-id", f"attention-{i}"] + c.attention_args())
                         for i in range(c.num_attention_workers)]
             gateway = self._launch("gateway", "gateway", ["--placement", address, "--port", str(c.gateway_port)]
                                    + c.extra_gateway_args)

@@ -10,6 +10,9 @@ break — so on any error before the first commit the map in service is untouche
 Load used for planning: the EPLB window (since the last EPLB decision) when it holds any
 tokens, else everything reported since start-up. Rebalance and PlanRebalance need load;
 SetRedundancy and DrainWorker plan from uniform load when none was reported.
+
+``dump_expert_distribution`` changes nothing: it asks the attention workers to write what their
+expert-load recorders kept (``expert_dump.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from epserve.placement_client import WorkerRole, WorkerState
 from placement_service import snapshot
 from placement_service.config import EPLB_ALGORITHMS
 from placement_service.controller import PlacementController
+from placement_service.expert_dump import WorkerDump, check_request, dump_on_workers, dump_targets
 from placement_service.errors import FailedPrecondition, InvalidArgument
 from placement_service.planner import (PlanSettings, RebalancePlan, measure_change, plan_rebalance,
                                        predicted_balancedness)
@@ -168,6 +172,14 @@ class AdminOps:
             return MapChange("drain", plan.phy2log, plan, drain=(worker_id,))
 
         return self.rebalancer.apply("drain", change, detail=f"drain {worker_id}")
+
+    # -- expert distribution ---------------------------------------------------------------
+    def dump_expert_distribution(self, directory: str, worker_timeout_s: float = 0.0) -> list[WorkerDump]:
+        """Every live attention worker writes its recorded expert distribution under ``directory``
+        (on its own machine); one result per worker, failures included. InvalidArgument for a bad
+        directory, Unavailable when no attention worker is live."""
+        timeout_s = check_request(directory, worker_timeout_s)
+        return dump_on_workers(dump_targets(self.controller.list_workers()), directory, timeout_s)
 
     # -- snapshots -------------------------------------------------------------------------
     def export_snapshot(self) -> str:

@@ -5,7 +5,9 @@ Each RPC converts its request, calls ``PlacementController`` (worker RPCs) or ``
 (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED,
 UNAVAILABLE) with the message. Map-changing admin RPCs (Rebalance, SetRedundancy,
 Rollback, ImportSnapshot, DrainWorker) answer once the change is committed (or rolled
-back); they hold their gRPC thread meanwhile, never a worker's.
+back); they hold their gRPC thread meanwhile, never a worker's. DumpExpertDistribution fans
+out to the attention workers and answers with one result per worker: a worker's failure is
+a result, not the call's status.
 
 WatchPlacement runs on one gRPC thread per stream, blocked on its own subscription queue
 (``broadcast.Subscription``); it ends when the client cancels (the cancel callback closes
@@ -200,3 +202,12 @@ class PlacementAdminServicer(placement_pb2_grpc.PlacementAdminServicer):
     @_status_errors
     def DrainWorker(self, request: placement_pb2.DrainWorkerRequest, context) -> placement_pb2.RebalanceResponse:
         return change_to_proto(self.admin.drain(request.worker_id))
+
+    @_status_errors
+    def DumpExpertDistribution(self, request: placement_pb2.AdminDumpExpertDistributionRequest, context
+                               ) -> placement_pb2.AdminDumpExpertDistributionResponse:
+        dumps = self.admin.dump_expert_distribution(request.directory, request.worker_timeout_s)
+        return placement_pb2.AdminDumpExpertDistributionResponse(workers=[
+            placement_pb2.AttentionWorkerDump(
+                worker_id=d.worker_id, address=d.address, status_code=d.status_code, message=d.message, path=d.path,
+                mode=d.mode, num_passes=d.num_passes, num_token_records=d.num_token_records) for d in dumps])

@@ -341,3 +341,37 @@ class DrainWorkerRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class AdminDumpExpertDistributionRequest(_message.Message):
+    __slots__ = ("directory", "worker_timeout_s")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    worker_timeout_s: float
+    def __init__(self, directory: _Optional[str] = ..., worker_timeout_s: _Optional[float] = ...) -> None: ...
+
+class AttentionWorkerDump(_message.Message):
+    __slots__ = ("worker_id", "address", "status_code", "message", "path", "mode", "num_passes", "num_token_records")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PASSES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKEN_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    status_code: str
+    message: str
+    path: str
+    mode: str
+    num_passes: int
+    num_token_records: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., status_code: _Optional[str] = ..., message: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[str] = ..., num_passes: _Optional[int] = ..., num_token_records: _Optional[int] = ...) -> None: ...
+
+class AdminDumpExpertDistributionResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[AttentionWorkerDump]
+    def __init__(self, workers: _Optional[_Iterable[_Union[AttentionWorkerDump, _Mapping]]] = ...) -> None: ...

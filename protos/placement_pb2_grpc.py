@@ -334,6 +334,11 @@ class PlacementAdminStub:
                 request_serializer=protos_dot_placement__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=protos_dot_placement__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
+        self.DumpExpertDistribution = channel.unary_unary(
+                '/epserve.v1.PlacementAdmin/DumpExpertDistribution',
+                request_serializer=protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.SerializeToString,
+                response_deserializer=protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.FromString,
+                _registered_method=True)
 
 
 class PlacementAdminServicer:
@@ -405,6 +410,14 @@ class PlacementAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DumpExpertDistribution(self, request, context):
+        """Ask every registered attention worker that is not DEAD to dump its expert distribution
+        (AttentionWorker/DumpExpertDistribution), each call with a deadline; one result per worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlacementAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -462,6 +475,11 @@ def add_PlacementAdminServicer_to_server(servicer, server):
                     servicer.DrainWorker,
                     request_deserializer=protos_dot_placement__pb2.DrainWorkerRequest.FromString,
                     response_serializer=protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'DumpExpertDistribution': grpc.unary_unary_rpc_method_handler(
+                    servicer.DumpExpertDistribution,
+                    request_deserializer=protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.FromString,
+                    response_serializer=protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -761,6 +779,33 @@ class PlacementAdmin:
             '/epserve.v1.PlacementAdmin/DrainWorker',
             protos_dot_placement__pb2.DrainWorkerRequest.SerializeToString,
             protos_dot_placement__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DumpExpertDistribution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.PlacementAdmin/DumpExpertDistribution',
+            protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.SerializeToString,
+            protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.FromString,
             options,
             channel_credentials,
             insecure,

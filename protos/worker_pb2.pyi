@@ -56,3 +56,23 @@ class WorkerLoad(_message.Message):
     kv_blocks_total: int
     map_version: int
     def __init__(self, worker_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class DumpExpertDistributionRequest(_message.Message):
+    __slots__ = ("directory",)
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+
+class DumpExpertDistributionResponse(_message.Message):
+    __slots__ = ("worker_id", "path", "mode", "num_passes", "num_token_records")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PASSES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKEN_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    path: str
+    mode: str
+    num_passes: int
+    num_token_records: int
+    def __init__(self, worker_id: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[str] = ..., num_passes: _Optional[int] = ..., num_token_records: _Optional[int] = ...) -> None: ...

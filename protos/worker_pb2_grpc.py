@@ -50,6 +50,11 @@ class AttentionWorkerStub:
                 request_serializer=protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.DumpExpertDistribution = channel.unary_unary(
+                '/epserve.v1.AttentionWorker/DumpExpertDistribution',
+                request_serializer=protos_dot_worker__pb2.DumpExpertDistributionRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.DumpExpertDistributionResponse.FromString,
+                _registered_method=True)
 
 
 class AttentionWorkerServicer:
@@ -73,6 +78,15 @@ class AttentionWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DumpExpertDistribution(self, request, context):
+        """Write what --expert-distribution-recorder-mode per_pass|per_token recorded since the last
+        dump to a .pt file in a directory of this worker's machine (operators: `epserve admin
+        dump-expert-distribution`, which fans out through placement).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttentionWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +104,11 @@ def add_AttentionWorkerServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_worker__pb2.GetLoadRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.WorkerLoad.SerializeToString,
+            ),
+            'DumpExpertDistribution': grpc.unary_unary_rpc_method_handler(
+                    servicer.DumpExpertDistribution,
+                    request_deserializer=protos_dot_worker__pb2.DumpExpertDistributionRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.DumpExpertDistributionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +192,33 @@ class AttentionWorker:
             '/epserve.v1.AttentionWorker/GetLoad',
             protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
             protos_dot_worker__pb2.WorkerLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DumpExpertDistribution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.AttentionWorker/DumpExpertDistribution',
+            protos_dot_worker__pb2.DumpExpertDistributionRequest.SerializeToString,
+            protos_dot_worker__pb2.DumpExpertDistributionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,9 +3,10 @@
     epserve admin --placement HOST:PORT COMMAND [args] [--json] [--timeout S]
 
 Commands: placement, plan, rebalance, set-redundancy N, rollback, pause-eplb, resume-eplb,
-export-snapshot FILE, import-snapshot FILE, workers, drain WORKER. Readable tables by
-default; ``--json`` prints one JSON object. Every call carries a deadline (``--timeout``).
-A gRPC error prints ``epserve admin: COMMAND: STATUS: message`` on stderr and exits 1; a
+export-snapshot FILE, import-snapshot FILE, workers, drain WORKER, dump-expert-distribution DIR.
+Readable tables by default; ``--json`` prints one JSON object. Every call carries a deadline
+(``--timeout``). A gRPC error prints ``epserve admin: COMMAND: STATUS: message`` on stderr and
+exits 1 (so does a dump that failed on some worker, one line per worker, after the results); a
 file that cannot be read or written exits 2. docs/operations.md has examples.
 """
 
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 COMMANDS = ("placement", "plan", "rebalance", "set-redundancy", "rollback", "pause-eplb", "resume-eplb",
-            "export-snapshot", "import-snapshot", "workers", "drain")
+            "export-snapshot", "import-snapshot", "workers", "drain", "dump-expert-distribution")
 DEFAULT_TIMEOUT_S = 180.0
 
 
@@ -58,6 +59,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     commands.add_parser("workers", parents=[common], help="list workers, ranks, states and map versions")
     drain = commands.add_parser("drain", parents=[common], help="move every expert off one expert worker")
     drain.add_argument("worker_id", metavar="WORKER")
+    dump = commands.add_parser(
+        "dump-expert-distribution", parents=[common],
+        help="every attention worker writes its recorded expert distribution (.pt) under DIR",
+        description="Ask every live attention worker (through placement) to write what its expert-load recorder "
+                    "kept since the last dump to DIR/expert_distribution_<worker>_<UTC time>.pt on its own machine. "
+                    "Needs workers started with --expert-distribution-recorder-mode per_pass or per_token. Prints "
+                    "one line (or JSON object) per worker; exits 1 when any worker failed.")
+    dump.add_argument("directory", metavar="DIR", help="absolute directory on the workers' machines (made if missing)")
     return parser
 
 
@@ -90,9 +99,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         channel.close()
-    data, text = result
-    print(json.dumps(data) if args.json else text)
-    return 0
+    data, text, *failed = result
+    if args.json or text:
+        print(json.dumps(data) if args.json else text)
+    for line in failed[0] if failed else ():     # partial failures: after the results, on stderr
+        print(f"epserve admin: {command}: {line}", file=sys.stderr)
+    return 1 if failed and failed[0] else 0
 
 
 # -- commands: each returns (JSON-able dict, readable text) ------------------------------------
@@ -218,9 +230,25 @@ def _workers(stub, args):
     return {"workers": rows}, "\n".join(_columns(table))
 
 
+def _dump(stub, args):
+    from protos import placement_pb2
+
+    response = stub.DumpExpertDistribution(placement_pb2.AdminDumpExpertDistributionRequest(
+        directory=args.directory, worker_timeout_s=min(30.0, args.timeout * 0.8)), timeout=args.timeout)
+    rows = [{"worker_id": w.worker_id, "address": w.address, "status_code": w.status_code, "message": w.message,
+             "path": w.path, "mode": w.mode, "num_passes": w.num_passes, "num_token_records": w.num_token_records}
+            for w in response.workers]
+    lines = [f"{r['worker_id']}: wrote {r['path']} ({r['mode']}, {r['num_passes']} passes"
+             + (f", {r['num_token_records']} token records)" if r["mode"] == "per_token" else ")")
+             for r in rows if r["status_code"] == "OK"]
+    failed = [f"{r['worker_id']}: {r['status_code']}: {r['message']}" for r in rows if r["status_code"] != "OK"]
+    return {"workers": rows}, "\n".join(lines), failed
+
+
 HANDLERS = {"placement": _placement, "plan": _plan, "rebalance": _rebalance, "set-redundancy": _set_redundancy,
             "rollback": _rollback, "pause-eplb": _eplb_state("PauseEplb"), "resume-eplb": _eplb_state("ResumeEplb"),
-            "export-snapshot": _export, "import-snapshot": _import, "workers": _workers, "drain": _drain}
+            "export-snapshot": _export, "import-snapshot": _import, "workers": _workers, "drain": _drain,
+            "dump-expert-distribution": _dump}
 assert set(HANDLERS) == set(COMMANDS)
 
 

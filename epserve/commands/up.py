@@ -56,6 +56,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
     p.add_argument("--metrics", action="store_true",
                    help="serve Prometheus /metrics on every process (free ports, printed once up)")
+    dist = p.add_argument_group("expert distribution (passed to the attention workers)")
+    dist.add_argument("--expert-distribution-recorder-mode", default="stat", choices=["stat", "per_pass", "per_token"],
+                      help="stat (default) = load windows for placement only; per_pass / per_token also keep "
+                           "per-pass counts / per-token choices for `epserve admin dump-expert-distribution`")
+    dist.add_argument("--enable-expert-distribution-metrics", action="store_true",
+                      help="tokens per expert worker and their balancedness on the attention workers' /metrics "
+                           "(needs --metrics)")
+    dist.add_argument("--expert-distribution-dir", default="",
+                      help="directory of the heatmap files (EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL=N in the "
+                           "environment: a [MoE layer, expert worker] matrix every N passes); default: the "
+                           "workers' (<tmp>/epserve_expert_distribution)")
     p.add_argument("--log-dir", default="", help="write each process's log to DIR/<name>.log instead of stderr")
     return p
 
@@ -87,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             init_expert_location=args.init_expert_location, state_db=args.state_db,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             metrics=args.metrics, log_dir=args.log_dir,
+            enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,
+            expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
+            expert_distribution_dir=args.expert_distribution_dir,
             extra_placement_args=_eplb_args(args),
             extra_attention_args=([] if args.load_report_interval_s is None
                                   else ["--load-report-interval-s", str(args.load_report_interval_s)]))

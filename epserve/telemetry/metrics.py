@@ -132,9 +132,12 @@ class GatewayMetrics(_ProcessMetrics):
 
 
 class AttentionWorkerMetrics(_ProcessMetrics):
-    """Scheduler, KV cache, step and expert-load metrics (one attention worker)."""
+    """Scheduler, KV cache, step and (with ``expert_distribution``, the worker's
+    ``--enable-expert-distribution-metrics``) expert-load metrics of one attention worker. Without
+    it ``expert_tokens`` and ``balancedness`` are None and their series do not exist."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, load_window: int = 64) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, load_window: int = 64,
+                 expert_distribution: bool = False) -> None:
         super().__init__(registry)
         r = self.registry
         self.requests_waiting = Gauge("epserve_attention_requests_waiting", "Requests queued, not yet admitted",
@@ -149,22 +152,29 @@ class AttentionWorkerMetrics(_ProcessMetrics):
                                        buckets=STEP_BUCKETS, registry=r)
         self.tokens_per_step = Histogram("epserve_attention_tokens_per_step", "Tokens computed in one step",
                                          buckets=TOKENS_PER_STEP_BUCKETS, registry=r)
-        self.expert_tokens = Counter("epserve_attention_expert_tokens_total",
-                                     "Token-expert choices sent to each expert worker (all MoE layers)",
-                                     ["expert_worker"], registry=r)
-        self.balancedness = Gauge("epserve_attention_expert_balancedness",
-                                  "mean/max tokens per expert worker over the last window (1 = even)", registry=r)
         self.map_version = Gauge("epserve_attention_map_version", "Expert-map version in use", registry=r)
         self.preemptions = Counter("epserve_attention_preemptions_total", "Requests preempted (recompute)",
                                    registry=r)
         self.dataplane_timeouts = Counter("epserve_attention_dataplane_timeouts_total",
                                           "Data-plane combines that passed their deadline, by expert worker",
                                           ["expert_worker"], registry=r)
+        self.expert_distribution = expert_distribution
+        self.expert_tokens: Counter | None = None
+        self.balancedness: Gauge | None = None
+        if expert_distribution:             # one series per expert worker, never per expert
+            self.expert_tokens = Counter("epserve_attention_expert_tokens_total",
+                                         "Token-expert choices sent to each expert worker (all MoE layers)",
+                                         ["expert_worker"], registry=r)
+            self.balancedness = Gauge("epserve_attention_expert_balancedness",
+                                      "mean/max tokens per expert worker over the last window (1 = even)",
+                                      registry=r)
+            self.balancedness.set(1.0)
         self._load_window = LoadWindow(load_window)
-        self.balancedness.set(1.0)
 
     def record_expert_load(self, tokens_by_worker: Mapping[str, int]) -> None:
-        """Once per step: token-expert choices sent to each expert worker (every worker, zeros too)."""
+        """Once per step: token-expert choices sent to each expert worker (every worker, zeros too).
+        Only with ``expert_distribution``."""
+        assert self.expert_tokens is not None, "expert-load metrics are off (--enable-expert-distribution-metrics)"
         for worker, n in tokens_by_worker.items():
             self.expert_tokens.labels(expert_worker=worker).inc(n)
         self._load_window.add(tokens_by_worker)

@@ -416,7 +416,7 @@ def _touch_labelled(metrics) -> None:
 
 @pytest.mark.parametrize("cls", list(EXPECTED_NAMES), ids=lambda c: c.__name__)
 def test_metrics_server_serves_every_metric(cls):
-    metrics = cls()
+    metrics = cls(expert_distribution=True) if cls is AttentionWorkerMetrics else cls()
     _touch_labelled(metrics)
     server = start_metrics_server(0, metrics.registry, host="127.0.0.1")
     try:
@@ -455,10 +455,26 @@ def test_balancedness_and_load_window():
     window.add({"1": 1})
     assert window.totals() == {"1": 5} and window.balancedness() == 1.0
 
-    metrics = AttentionWorkerMetrics(load_window=4)
+    metrics = AttentionWorkerMetrics(load_window=4, expert_distribution=True)
     metrics.record_expert_load({"0": 30, "1": 10})
     assert metrics.registry.get_sample_value("epserve_attention_expert_balancedness") == 20 / 30
     assert metrics.registry.get_sample_value("epserve_attention_expert_tokens_total", {"expert_worker": "0"}) == 30
+
+
+def test_expert_load_series_exist_only_with_expert_distribution():
+    expert_series = ("epserve_attention_expert_tokens_total", "epserve_attention_expert_balancedness")
+    off = AttentionWorkerMetrics()
+    assert off.expert_tokens is None and off.balancedness is None
+    names = {family.name for family in off.registry.collect()} | {
+        sample.name for family in off.registry.collect() for sample in family.samples}
+    assert not any(name.startswith(expert_series) for name in names)
+    assert "epserve_attention_map_version" in names
+    with pytest.raises(AssertionError, match="enable-expert-distribution-metrics"):
+        off.record_expert_load({"expert-0": 1})
+    on = AttentionWorkerMetrics(expert_distribution=True)
+    on.record_expert_load({"expert-0": 3, "expert-1": 1})
+    assert on.registry.get_sample_value("epserve_attention_expert_tokens_total", {"expert_worker": "expert-1"}) == 1
+    assert on.registry.get_sample_value("epserve_attention_expert_balancedness") == 2 / 3
 
 
 def test_worker_counts_drop_states_no_longer_reported():
