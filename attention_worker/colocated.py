@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from attention_worker.engine import Engine, EngineLimits
+from attention_worker.expert_heatmap import HeatmapCollector
+from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from attention_worker.moe_executor import InProcessExperts
 from epserve.expert_map import ExpertMap
@@ -21,15 +23,24 @@ from epserve.weights import CheckpointReader
 
 def build_colocated_engine(model_path: str, dtype: torch.dtype, device: str = "cpu",
                            moe_runner_backend: str = "auto", limits: EngineLimits = EngineLimits(),
-                           max_context: int | None = None) -> Engine:
+                           max_context: int | None = None, recorder_mode: RecorderMode | None = None,
+                           heatmap: HeatmapCollector | None = None) -> Engine:
+    """``recorder_mode``: record expert load (``engine.recorder``) as an attention worker does;
+    ``heatmap``: also feed it every pass (the recorder then tracks passes)."""
     spec = load_model_spec(model_path)
     reader = CheckpointReader(model_path)
     model = load_attention_side(spec, reader, dtype, device)
     expert_map = ExpertMap.trivial(spec.num_moe_layers, spec.num_experts, 0, ("local",))
     slots = load_expert_slots(spec, reader, expert_map.phy2log, dtype, device)
+    recorder = None
+    if recorder_mode is not None or heatmap is not None:
+        recorder = ExpertLoadRecorder(recorder_mode or RecorderMode.STAT, expert_map.num_layers,
+                                      expert_map.num_physical_slots, track_passes=heatmap is not None)
     executor = InProcessExperts(slots, make_moe_runner(moe_runner_backend, device),
-                                ExpertRouter(DispatchAlgorithm.STATIC, rank=0))
-    return Engine(model, executor, expert_map, limits, max_context or spec.max_position_embeddings)
+                                ExpertRouter(DispatchAlgorithm.STATIC, rank=0),
+                                record_load=recorder.record if recorder is not None else None)
+    return Engine(model, executor, expert_map, limits, max_context or spec.max_position_embeddings,
+                  recorder=recorder, heatmap=heatmap)
 
 
 def generate_tokens(engine: Engine, prompts: list[list[int]], params) -> list[list[int]]:
