@@ -47,9 +47,11 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def observed(tiny_model, receiver, tmp_path_factory):
-    """1 attention worker (every step traced), 2 expert workers, traces and metrics on."""
+    """1 attention worker (every step traced), 2 expert workers, traces and metrics (with the expert-load
+    series) on."""
     config = DeploymentConfig(model_path=str(tiny_model), num_attention_workers=1, num_expert_workers=2,
                               dtype="float32", otlp_endpoint=receiver.endpoint, metrics=True,
+                              enable_expert_distribution_metrics=True,
                               extra_attention_args=["--trace-step-every", "1"],
                               log_dir=str(tmp_path_factory.mktemp("logs")))
     with LocalDeployment(config) as running:
