@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--moe-intermediate-size", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--expert-load-duty-cycle", type=float, default=None,
+                        help="expert workers' --expert-load-duty-cycle (default: theirs)")
     parser.add_argument("--out", default="bench/results/rebalance_live_cpu",
                         help="results base path: OUT.json (every run, by label) and OUT.md (tables + notes)")
     parser.add_argument("--label", default="", help="name of this run in the results (default: from the options)")
@@ -196,7 +198,9 @@ def main() -> None:
         model_path=str(model), num_attention_workers=2, num_expert_workers=2, num_redundant_experts=2,
         dtype=args.dtype, log_dir=str(work / "logs"),
         extra_placement_args=["--eplb-rebalance-layers-per-chunk", str(args.layers_per_chunk),
-                              "--eplb-expert-dtype-bytes", "4" if args.dtype == "float32" else "2"])
+                              "--eplb-expert-dtype-bytes", "4" if args.dtype == "float32" else "2"],
+        extra_expert_args=([] if args.expert_load_duty_cycle is None
+                           else ["--expert-load-duty-cycle", str(args.expert_load_duty_cycle)]))
     load_average = os.getloadavg()[0]
     repeats = []
     with LocalDeployment(config) as deployment:

@@ -2,10 +2,12 @@
 
 ``CheckpointReader`` maps tensor names to their files (``model.safetensors`` or the
 ``model.safetensors.index.json`` weight map) and reads only the tensors asked for, opening
-each file once per call and showing a progress bar on stderr. Expert tensors may be stored
-per expert (Hub format, ``...mlp.experts.{e}.gate_proj.weight``) or fused
-(``...mlp.experts.gate_up_proj [E, 2I, D]``); ``read_expert`` handles both and, for fused
-tensors, reads only the rows of the requested expert.
+each file once (memory-mapped, kept open) and showing a progress bar on stderr. Expert
+tensors may be stored per expert (Hub format, ``...mlp.experts.{e}.gate_proj.weight``) or
+fused (``...mlp.experts.gate_up_proj [E, 2I, D]``); ``read_experts`` handles both and, for
+fused tensors, reads only the rows of the requested experts. Given destination tensors it
+copies straight from the mapped file into them (one copy: a live map change on a CPU expert
+worker competes with serving for the same cores).
 
 ``tensors_read`` counts what was read, so callers (and tests) can see that an expert
 worker given a list of slots touched only those experts.
@@ -14,7 +16,10 @@ worker given a list of slots touched only those experts.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 import sys
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +36,9 @@ class CheckpointReader:
         self.model_dir = Path(model_path)
         self.show_progress = show_progress
         self.tensors_read: list[str] = []
+        self._handles: dict[Path, object] = {}      # open (memory-mapped) shards, reused across reads
+        self._maps: dict[Path, tuple[mmap.mmap, dict, int]] = {}   # raw maps: (map, header, data start)
+        self._handles_lock = threading.Lock()
         index_file = self.model_dir / "model.safetensors.index.json"
         single_file = self.model_dir / "model.safetensors"
         if index_file.is_file():
@@ -45,6 +53,33 @@ class CheckpointReader:
         missing = {str(f) for f in self.weight_map.values() if not f.is_file()}
         if missing:
             raise ModelConfigError(f"checkpoint shards listed in the index are missing: {sorted(missing)}")
+
+    def _open(self, file: Path):
+        """The shard's safetensors handle, opened once: a map change that reloads a few experts
+        does not parse the header again (an expert worker reads the same shards many times)."""
+        with self._handles_lock:
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, framework="pt")
+            return self._handles[file]
+
+    def view(self, name: str) -> torch.Tensor:
+        """A zero-copy tensor over ``name``'s bytes in the mapped file (copy-on-write mapping:
+        writing to it never changes the file). Copy out of it; do not keep it."""
+        file = self.weight_map[name]
+        with self._handles_lock:
+            if file not in self._maps:
+                with open(file, "rb") as f:
+                    (header_len,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(header_len))
+                    self._maps[file] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), header, 8 + header_len)
+            mapped, header, data_start = self._maps[file]
+        entry = header[name]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin) if count else \
+            torch.empty(0, dtype=dtype)
+        return flat.view(entry["shape"])
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -61,43 +96,77 @@ class CheckpointReader:
         for name in names:
             by_file[self.weight_map[name]].append(name)
         out: dict[str, torch.Tensor] = {}
-        with self._progress(len(names), desc) as bar:
+        with self.progress(len(names), desc) as bar:
             for file, file_names in by_file.items():
-                with safe_open(file, framework="pt") as handle:
-                    for name in file_names:
-                        out[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
-                        self.tensors_read.append(name)
-                        bar.update(1)
+                handle = self._open(file)
+                for name in file_names:
+                    out[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+                    self.tensors_read.append(name)
+                    bar.update(1)
         return out
 
     def read_experts(self, layer: int, experts: Iterable[int], dtype: torch.dtype,
-                     device: torch.device | str = "cpu", desc: str = "loading experts"
+                     device: torch.device | str = "cpu", desc: str = "loading experts",
+                     out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Decoder layer ``layer``'s experts → {expert: (w13 [2I, D], w2 [D, I])}."""
+        """Decoder layer ``layer``'s experts → {expert: (w13 [2I, D], w2 [D, I])}.
+
+        With ``out`` ({expert: (w13, w2)} destinations of those shapes), the tensors are copied
+        into them (no intermediate [2I, D] concatenation) and ``out`` is returned."""
         experts = list(dict.fromkeys(experts))
+        if out is None:
+            out = {}
         prefix = f"model.layers.{layer}.mlp.experts"
         fused = f"{prefix}.gate_up_proj"
         if self.has(fused):
             down_name = f"{prefix}.down_proj"
-            with safe_open(self.weight_map[fused], framework="pt") as handle:
-                gate_up = handle.get_slice(fused)
-                w13 = {e: gate_up[e].to(device=device, dtype=dtype) for e in experts}
-            with safe_open(self.weight_map[down_name], framework="pt") as handle:
-                down = handle.get_slice(down_name)
-                out = {e: (w13[e], down[e].to(device=device, dtype=dtype)) for e in experts}
+            if all(e in out for e in experts):                 # straight from the mapped file
+                gate_up, down = self.view(fused), self.view(down_name)
+                for e in experts:
+                    out[e][0].copy_(gate_up[e])
+                    out[e][1].copy_(down[e])
+            else:
+                gate_up = self._open(self.weight_map[fused]).get_slice(fused)
+                w13 = {e: _store(out.get(e, (None, None))[0], gate_up[e], device, dtype) for e in experts}
+                down = self._open(self.weight_map[down_name]).get_slice(down_name)
+                for e in experts:
+                    out[e] = (w13[e], _store(out.get(e, (None, None))[1], down[e], device, dtype))
             self.tensors_read.extend(f"{prefix}.{e}" for e in experts)
             return out
         names = [f"{prefix}.{e}.{p}.weight" for e in experts for p in ("gate_proj", "up_proj", "down_proj")]
+        if all(e in out for e in experts):                     # straight from the mapped file
+            for e in experts:
+                gate, up, down = (self.view(f"{prefix}.{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
+                w13_out, w2_out = out[e]
+                w13_out[:gate.shape[0]].copy_(gate)
+                w13_out[gate.shape[0]:].copy_(up)
+                w2_out.copy_(down)
+            self.tensors_read.extend(names)
+            return out
         tensors = self.read(names, dtype, device, desc)
-        out = {}
         for e in experts:
             gate, up, down = (tensors[f"{prefix}.{e}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
             out[e] = (torch.cat([gate, up], dim=0), down)
         return out
 
-    def _progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str):
+        """A progress bar on stderr (off for small totals or ``show_progress=False``)."""
         return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr,
                     disable=not self.show_progress or total < 64, leave=False)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+if hasattr(torch, "float8_e4m3fn"):
+    _SAFETENSORS_DTYPES.update(F8_E4M3=torch.float8_e4m3fn, F8_E5M2=torch.float8_e5m2)
+
+
+def _store(destination: torch.Tensor | None, tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    """``tensor`` converted, or copied into ``destination`` when one is given."""
+    if destination is None:
+        return tensor.to(device=device, dtype=dtype)
+    return destination.copy_(tensor)
 
 
 def parse_dtype(name: str) -> torch.dtype:

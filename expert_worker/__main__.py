@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from expert_worker.config import DTYPES, ExpertWorkerConfig
+from expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig
 
 
 
@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=float, default=1.0,
                    help="relative expert throughput, so placement can mix CPU and GPU workers (default 1)")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--expert-load-duty-cycle", type=float, default=DEFAULT_DUTY_CYCLE, metavar="FRACTION",
+                   help="while serving, a map change loads its experts for at most this fraction of the wall "
+                        "time and sleeps the rest, so loading on CPU cores does not slow decode steps in "
+                        "flight; 1 = load at full speed (the first map always loads at full speed) "
+                        f"(default {DEFAULT_DUTY_CYCLE})")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
                         "METRICS_PORT=<port> before EXPERT_WORKER_PORT=); default: off")
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
             advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
             moe_runner_backend=args.moe_runner_backend, capacity=args.capacity, num_threads=args.num_threads,
+            expert_load_duty_cycle=args.expert_load_duty_cycle,
             metrics_port=args.metrics_port,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""), **kwargs)
     except ValueError as exc:

@@ -4,7 +4,8 @@ Legend: L MoE layers, S slots per worker, n tokens, K top-k, D hidden.
 
 ``install(map)`` makes the map's slots for this worker resident: for each MoE layer whose
 slot→expert row equals one already held, the tensors are shared (a routing-only change
-costs nothing); other layers are read from the checkpoint — only those experts. Several
+costs nothing); in other layers, experts already held in some slot are copied from there and
+only the rest are read from the checkpoint. Several
 versions can be held at once (make-before-break: v serves while v+1 is prepared);
 ``retire_below(v)`` drops older ones. ``compute`` is the data plane's ``ExpertCompute``: it
 serves a batch routed with ``header.map_version`` or raises ``StaleMapVersion``.
@@ -22,6 +23,7 @@ from epserve.model_config import ModelSpec
 from epserve.models.expert_side import ExpertSlots, load_expert_slots
 from epserve.moe_runner import MoERunner
 from epserve.weights import CheckpointReader
+from expert_worker.load_pacer import LoadPacer
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,9 @@ class ExpertStore:
         with self._lock:
             return sorted(self._versions)
 
-    def install(self, expert_map: ExpertMap) -> ExpertSlots:
-        """Make ``expert_map``'s slots for this worker resident (idempotent per version)."""
+    def install(self, expert_map: ExpertMap, pacer: LoadPacer | None = None) -> ExpertSlots:
+        """Make ``expert_map``'s slots for this worker resident (idempotent per version);
+        ``pacer`` spreads the loading over time (live changes)."""
         with self._lock:
             if expert_map.version in self._versions:
                 return self._versions[expert_map.version]
@@ -57,7 +60,10 @@ class ExpertStore:
         if missing:
             to_load = wanted.clone()
             to_load[list(reuse)] = -1                                                # skip reused layers
-            loaded = load_expert_slots(self.spec, self.reader, to_load, self.dtype, self.device)
+            if pacer is not None:
+                pacer.start()
+            loaded = load_expert_slots(self.spec, self.reader, to_load, self.dtype, self.device, held,
+                                       after_each=pacer.tick if pacer is not None else None)
         w13 = [reuse[l][0] if l in reuse else loaded.w13[l] for l in range(wanted.shape[0])]
         w2 = [reuse[l][1] if l in reuse else loaded.w2[l] for l in range(wanted.shape[0])]
         installed = ExpertSlots(wanted.clone(), w13, w2)

@@ -29,6 +29,7 @@ from epserve.telemetry import ExpertWorkerMetrics, Tracing, setup_tracing
 from epserve.weights import CheckpointReader, parse_dtype
 from expert_worker.config import ExpertWorkerConfig
 from expert_worker.expert_store import ExpertStore
+from expert_worker.load_pacer import LoadPacer
 from expert_worker.observed_compute import ObservedCompute
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ExpertWorker:
         self.expert_server = None
         self.ready = threading.Event()
         self._lock = threading.Lock()
+        self._pacer = LoadPacer(config.expert_load_duty_cycle)
 
     def start(self, register_deadline_s: float = 120.0) -> None:
         self.registration = self.placement.register(register_deadline_s)
@@ -66,8 +68,8 @@ class ExpertWorker:
     def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
         lower_this_thread_priority()
         if phase in (UpdatePhase.COMMIT, UpdatePhase.PREPARE):
-            try:
-                self.store.install(expert_map)
+            try:   # the first map loads at full speed; later ones while serving, paced
+                self.store.install(expert_map, self._pacer if self.expert_server is not None else None)
             except Exception as exc:  # a failed prepare is reported, never half-applied
                 logger.exception("cannot load map version %d", expert_map.version)
                 self.placement.ack(expert_map.version, phase, ok=False, error=str(exc))

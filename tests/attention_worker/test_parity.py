@@ -125,3 +125,55 @@ def test_expert_subset_load_reads_only_those_experts(tiny_model_factory):
         ["model.layers.1.mlp.experts.7.down_proj.weight"], torch.float64)
     assert torch.equal(slots.w2[1][2], full["model.layers.1.mlp.experts.7.down_proj.weight"])
     assert slots.w13[0][2].abs().sum() == 0          # the empty slot stays empty
+
+
+def test_held_experts_are_copied_not_read_again(tiny_model_factory):
+    """A new map's slots reuse experts a held version already has (any slot of that layer);
+    only experts new to this worker are read, and the weights equal a fresh load."""
+    model_dir = tiny_model_factory(seed=0)
+    spec = load_model_spec(model_dir)
+    reader = CheckpointReader(model_dir, show_progress=False)
+    held = load_expert_slots(spec, reader, torch.tensor([[1, 5, 3], [2, 4, 7]]), torch.float64)
+    reader.tensors_read.clear()
+    new_map = torch.tensor([[5, 1, 6], [7, 7, -1]])            # swapped, one new expert, a replica, an empty slot
+    slots = load_expert_slots(spec, reader, new_map, torch.float64, held=[held])
+    touched = {(int(n.split(".")[2]), int(n.split(".")[5])) for n in reader.tensors_read}
+    assert touched == {(spec.moe_layers[0], 6)}
+    fresh = load_expert_slots(spec, CheckpointReader(model_dir, show_progress=False), new_map, torch.float64)
+    for layer in range(2):
+        assert torch.equal(slots.w13[layer], fresh.w13[layer]) and torch.equal(slots.w2[layer], fresh.w2[layer])
+    assert not slots.w13[1][2].any(), "an empty slot holds zeros"
+
+
+def test_fused_expert_layout_loads_the_same_slots(tiny_model_factory, tmp_path):
+    """A checkpoint with fused expert tensors (gate_up_proj [E, 2I, D], down_proj [E, D, I]) gives
+    the same slots as the per-expert Hub layout, both read into fresh tensors and copied from the
+    mapped file into held slots."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tiny_model_factory(seed=0)
+    spec = load_model_spec(model_dir)
+    state = load_file(str(model_dir / "model.safetensors"))
+    fused_state = {k: v for k, v in state.items() if ".mlp.experts." not in k}
+    for layer in spec.moe_layers:
+        prefix = f"model.layers.{layer}.mlp.experts"
+        experts = range(spec.num_experts)
+        fused_state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(
+            [state[f"{prefix}.{e}.gate_proj.weight"], state[f"{prefix}.{e}.up_proj.weight"]]) for e in experts])
+        fused_state[f"{prefix}.down_proj"] = torch.stack([state[f"{prefix}.{e}.down_proj.weight"] for e in experts])
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    for name in model_dir.iterdir():
+        if name.suffix == ".json" and name.name != "model.safetensors.index.json":
+            shutil.copy(name, fused_dir / name.name)
+    save_file(fused_state, str(fused_dir / "model.safetensors"))
+    slot_experts = torch.tensor([[3, 0, -1], [6, 6, 1]])
+    want = load_expert_slots(spec, CheckpointReader(model_dir, show_progress=False), slot_experts, torch.float64)
+    fused_reader = CheckpointReader(fused_dir, show_progress=False)
+    got = load_expert_slots(spec, fused_reader, slot_experts, torch.float64)
+    for layer in range(2):
+        assert torch.equal(got.w13[layer], want.w13[layer]) and torch.equal(got.w2[layer], want.w2[layer])
+    experts = fused_reader.read_experts(spec.moe_layers[1], [6, 1], torch.float64)     # no destinations
+    assert torch.equal(experts[6][0], want.w13[1][0]) and torch.equal(experts[1][1], want.w2[1][2])
