@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
-DEFAULT_DUTY_CYCLE = 0.25  # bench/results/rebalance_live_cpu.md: p99 ITL x1.39 at 1.0, x1.13 at 0.25
+DEFAULT_DUTY_CYCLE = 0.25  # bench/results/rebalance_live_cpu.md: p99 ITL x1.32 at 1.0, x1.15 at 0.25
 
 
 @dataclass

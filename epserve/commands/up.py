@@ -35,6 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--moe-a2a-backend", default="torch", choices=["torch", "local", "cuda_ipc", "mooncake", "deepep"],
                    help="data plane between attention and expert workers (default torch: gloo on CPU)")
     p.add_argument("--moe-runner-backend", default="auto", help="expert kernels (default auto)")
+    p.add_argument("--expert-load-duty-cycle", type=float, default=None, metavar="FRACTION",
+                   help="expert workers load a live map change's experts for at most this fraction of the "
+                        "wall time (default: the expert worker's, 0.25; 1 = full speed)")
     p.add_argument("--ep-dispatch-algorithm", default="dynamic", choices=["static", "dynamic", "fake"],
                    help="replica choice per token (default dynamic: spreads load over replicas as the "
                         "EPLB planners assume; static pins attention rank r to replica r mod R)")
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if (args.tp_size or args.expert_workers) != args.expert_workers:
             raise ValueError(f"--tp-size {args.tp_size} > --ep-size {args.expert_workers}: slicing one expert "
                              "over several expert workers is not built yet; use --tp-size equal to --ep-size")
+        if args.expert_load_duty_cycle is not None and not 0 < args.expert_load_duty_cycle <= 1:
+            raise ValueError(f"--expert-load-duty-cycle must be in (0, 1], got {args.expert_load_duty_cycle}")
         config = DeploymentConfig(
             model_path=model_path, num_attention_workers=args.attention_workers,
             num_expert_workers=args.expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
@@ -103,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
             expert_distribution_dir=args.expert_distribution_dir,
             extra_placement_args=_eplb_args(args),
             extra_attention_args=([] if args.load_report_interval_s is None
-                                  else ["--load-report-interval-s", str(args.load_report_interval_s)]))
+                                  else ["--load-report-interval-s", str(args.load_report_interval_s)]),
+            extra_expert_args=([] if args.expert_load_duty_cycle is None
+                               else ["--expert-load-duty-cycle", str(args.expert_load_duty_cycle)]))
     except (ValueError, ModelConfigError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
