@@ -89,25 +89,25 @@ def _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2: tl.constexpr)
 
 @triton.jit
 def _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots, S_P2: tl.constexpr, HALF: tl.constexpr):
-    """The pid_m-th tile along M over segments padded to HALF: every slot's full-height (2·HALF)
-    tiles first, then every slot's odd last half-block as a half-height tile, so the short tiles
-    fill the last wave (longest first). Returns slot (-1 past the last tile), first row, segment
-    start, count, and whether the tile is full height. Every pid below the total is a real tile:
+    """The pid_m-th tile of 2·HALF rows over segments padded to HALF (a segment's odd last
+    half-block is a tile of its own): slot (-1 past the last tile), first row, segment start,
+    count, and whether the tile is full height. Every pid below the total is a real tile, so
     no program is launched for the odd half-blocks (call 6: they were half the grid)."""
-    starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
-    num_full = tl.sum(fulls, axis=0)
-    full = pid_m < num_full
-    index = tl.where(full, pid_m, pid_m - num_full)
-    ends = tl.where(full, full_ends, odd_ends)
     s = tl.arange(0, S_P2)
-    slot = tl.sum((ends <= index).to(tl.int32), axis=0)
+    in_range = s < num_slots
+    starts = tl.load(offsets_ptr + s, mask=in_range, other=0)
+    ends = tl.load(offsets_ptr + 1 + s, mask=in_range, other=0)
+    tiles = ((ends - starts) // HALF + 1) // 2
+    tile_ends = tl.cumsum(tiles, axis=0)
+    slot = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
     here = s == slot
+    first_tile = tl.sum(tl.where(here, tile_ends - tiles, 0), axis=0)
     seg_start = tl.sum(tl.where(here, starts, 0), axis=0)
-    full_tiles = tl.sum(tl.where(here, fulls, 0), axis=0)
-    first_full = tl.sum(tl.where(here, full_ends - fulls, 0), axis=0)
-    m_start = seg_start + tl.where(full, index - first_full, full_tiles) * (2 * HALF)
-    slot = tl.where((slot < num_slots) & (full | (index < tl.max(odd_ends, axis=0))), slot, -1)
-    return slot, m_start, seg_start, tl.sum(tl.where(here, counts, 0), axis=0), full
+    seg_end = tl.sum(tl.where(here, ends, 0), axis=0)
+    m_start = seg_start + (pid_m - first_tile) * (2 * HALF)
+    slot = tl.where(slot < num_slots, slot, -1)
+    count = tl.load(counts_ptr + tl.maximum(slot, 0))
+    return slot, m_start, seg_start, count, seg_end - m_start >= 2 * HALF
 
 
 def split_tiles_bound(align: SlotAlignment, tile_rows: int) -> int:

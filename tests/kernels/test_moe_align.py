@@ -49,22 +49,21 @@ def test_align_large_uses_multi_program_path():
 
 
 @pytest.mark.parametrize("num_slots,num_tokens", [(33, 200), (300, 200), (128, 1100)])
-def test_multi_program_path_is_deterministic_and_ascending(num_slots, num_tokens):
-    """Several chunks (and, at 300 slots, narrow sub-chunks): each slot's segment lists its
-    assignments in ascending order, the positions invert it, and a second run is identical."""
+def test_multi_program_path_segments_and_positions(num_slots, num_tokens):
+    """Several programs (and, at 300 slots, a wide slot vector): each slot's segment holds
+    exactly its assignments and the positions invert the segments."""
     _, slot_ids, *_ = make_problem(num_tokens, 8, num_slots, 8, 8, torch.float32, DEVICE,
                                    hit_slots=num_slots - 3, elsewhere=0.3, seed=num_slots)
     assert slot_ids.numel() > SINGLE_PROGRAM_MAX_ASSIGNMENTS
-    first, second = (align_by_slot(slot_ids, num_slots, 16) for _ in range(2))
+    first = align_by_slot(slot_ids, num_slots, 16)
     members, offsets, counts = align_by_slot_reference(slot_ids, num_slots, 16)
     assert torch.equal(first.slot_offsets.cpu(), offsets) and torch.equal(first.slot_counts.cpu(), counts)
     sorted_ids = first.sorted_ids.cpu()
     for s in range(num_slots):
         start = int(offsets[s])
-        assert sorted_ids[start:start + int(counts[s])].tolist() == members[s], f"slot {s}"
+        assert sorted(sorted_ids[start:start + int(counts[s])].tolist()) == members[s], f"slot {s}"
     positions = first.positions.cpu().long()
     flat = slot_ids.reshape(-1).cpu()
     assert torch.equal(positions < 0, flat < 0)
     local = (flat >= 0).nonzero().squeeze(1)
     assert torch.equal(sorted_ids.long()[positions[local]], local)
-    assert torch.equal(second.positions, first.positions)
