@@ -60,56 +60,11 @@ def experts_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch
                     w13: torch.Tensor, w2: torch.Tensor, align: SlotAlignment,
                     config: AlignedConfig) -> torch.Tensor:
     """The aligned variant after the alignment step: gate_up, down, combine → [T, D]."""
-    if config.streams == 2:
-        rows = _two_halves(hidden, slot_ids.shape[1], weights, w13, w2, align, config)
-    else:
-        act = gate_up_kernel(config.gate_up)(hidden, w13, align, slot_ids.shape[1], config.gate_up)
-        rows = down_kernel(config.down)(act, w2, weights, align, config.down)
+    act = gate_up_kernel(config.gate_up)(hidden, w13, align, slot_ids.shape[1], config.gate_up)
+    rows = down_kernel(config.down)(act, w2, weights, align, config.down)
     if getattr(config.down, "tma_store", False):                            # [cap, D], sorted
         return combine_sorted(rows, align.positions, *slot_ids.shape)
     return combine(rows, slot_ids)                                          # [T*K, D]
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _two_halves(hidden: torch.Tensor, top_k: int, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                align: SlotAlignment, config: AlignedConfig) -> torch.Tensor:
-    """Slots [0, S/2) then [S/2, S): gate_up A, then down A beside gate_up B (second stream, after
-    gate_up A), then down B; act and rows are shared buffers (each half writes its own rows).
-    The memory-heavy down of one half overlaps the compute-bound gate_up of the other, and each
-    kernel's last wave is filled by the other's. Sequential (one stream) off CUDA. → rows."""
-    num_slots, inter, dim = w13.shape[0], w2.shape[2], w2.shape[1]
-    cap = align.sorted_ids.numel()
-    act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device)
-    rows = torch.empty(cap if getattr(config.down, "tma_store", False) else weights.numel(), dim,
-                       dtype=hidden.dtype, device=hidden.device)
-    mid = num_slots // 2
-    halves = [(align.slot_range(0, mid), slice(0, mid)), (align.slot_range(mid, num_slots), slice(mid, num_slots))]
-
-    def gate_up(i: int) -> None:
-        part, slots = halves[i]
-        gate_up_silu_tma_split(hidden, w13[slots], part, top_k, config.gate_up, out=act)
-
-    def down(i: int) -> None:
-        part, slots = halves[i]
-        down_weighted_tma_split(act, w2[slots], weights, part, config.down, out=rows)
-
-    if not hidden.is_cuda:
-        for i in (0, 1):
-            gate_up(i)
-            down(i)
-        return rows
-    main = torch.cuda.current_stream(hidden.device)
-    side = _SIDE_STREAMS.setdefault(hidden.device, torch.cuda.Stream(hidden.device))
-    gate_up(0)
-    side.wait_stream(main)                         # after gate_up A (and the buffers' allocation)
-    down(0)
-    with torch.cuda.stream(side):
-        gate_up(1)
-        down(1)
-    main.wait_stream(side)
-    return rows
 
 
 def gate_up_kernel(config: GemmConfig):

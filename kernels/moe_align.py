@@ -43,12 +43,6 @@ class SlotAlignment:
     block_m: int
     positions: torch.Tensor | None = None   # [A] int32, -1 = elsewhere
 
-    def slot_range(self, lo: int, hi: int) -> SlotAlignment:
-        """The same alignment seen as slots [lo, hi) only (views; row positions stay absolute),
-        for kernels that run on part of the slots (the split GEMMs address rows by offset)."""
-        return SlotAlignment(self.sorted_ids, self.slot_offsets[lo:hi + 1], self.slot_counts[lo:hi],
-                             self.block_m, self.positions)
-
     @property
     def num_blocks(self) -> int:
         """Upper bound on the number of BM-row blocks (the GEMMs' grid along M)."""

@@ -11,8 +11,7 @@ An entry is either ``{"variant": "gemv", ...GemvConfig fields}`` or
 ``{"variant": "aligned", "gate_up": {...GemmConfig}, "down": {...GemmConfig}}``; a GEMM
 config with ``"tma": true`` selects that kernel's TMA variant, ``"split": true`` its split
 variant (segments padded to block_m / 2, half-height tile for an odd remainder),
-an aligned entry's ``"streams": 2`` runs the two halves of the slots overlapped on two CUDA
-streams (split configs), ``"persistent": true`` (split only) its persistent variant (``ctas_per_sm`` programs per SM
+``"persistent": true`` (split only) its persistent variant (``ctas_per_sm`` programs per SM
 loop over the tiles), and ``"tma_store": true`` (TMA variants) stores the output tiles
 through TMA as well.
 """
@@ -33,18 +32,12 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class AlignedConfig:
-    """``streams = 2``: the slots run in two halves, the second half's gate_up beside the first
-    half's down on a second stream (split configs only: their tiles address rows by offset)."""
     gate_up: GemmConfig
     down: GemmConfig
-    streams: int = 1
 
     def __post_init__(self) -> None:
         down_rows = self.down.block_m // 2 if isinstance(self.down, SplitTmaGemmConfig) else self.down.block_m
         assert self.align_block_m % down_rows == 0, "the down tiles must divide the alignment's BLOCK_M"
-        assert self.streams in (1, 2), "streams must be 1 or 2"
-        assert self.streams == 1 or (isinstance(self.gate_up, SplitTmaGemmConfig)
-                                     and isinstance(self.down, SplitTmaGemmConfig)), "streams=2 needs split configs"
 
     @property
     def align_block_m(self) -> int:
@@ -58,10 +51,7 @@ MoEConfig = GemvConfig | AlignedConfig
 def config_to_dict(config: MoEConfig) -> dict:
     if isinstance(config, GemvConfig):
         return {"variant": "gemv", **asdict(config)}
-    out = {"variant": "aligned", "gate_up": _gemm_to_dict(config.gate_up), "down": _gemm_to_dict(config.down)}
-    if config.streams != 1:
-        out["streams"] = config.streams
-    return out
+    return {"variant": "aligned", "gate_up": _gemm_to_dict(config.gate_up), "down": _gemm_to_dict(config.down)}
 
 
 def _gemm_to_dict(config: GemmConfig) -> dict:
@@ -90,8 +80,7 @@ def config_from_dict(entry: dict) -> MoEConfig:
     if variant == "gemv":
         return GemvConfig(**entry)
     if variant == "aligned":
-        return AlignedConfig(_gemm_from_dict(entry["gate_up"]), _gemm_from_dict(entry["down"]),
-                             entry.get("streams", 1))
+        return AlignedConfig(_gemm_from_dict(entry["gate_up"]), _gemm_from_dict(entry["down"]))
     raise ValueError(f"unknown fused-MoE config variant {variant!r}")
 
 

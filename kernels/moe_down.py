@@ -208,7 +208,7 @@ def _down_tma_persistent_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_
 
 
 def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
-                     num_pid_m: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_pid_m: int | None = None) -> torch.Tensor:
     assert act.dim() == 2 and w2.dim() == 3, "act [cap, I], w2 [S, D, I]"
     num_slots, dim, inter = w2.shape
     assert act.shape == (align.sorted_ids.numel(), inter) and act.dtype == w2.dtype
@@ -224,13 +224,11 @@ def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
     out_desc = out_half_desc = None
     if tma_store:                                  # rows in sorted padded order
         assert dim * act.element_size() % 16 == 0, "a TMA store needs 16-byte aligned rows"
-        rows = torch.empty(act.shape[0], dim, dtype=act.dtype, device=act.device) if out is None else out
-        assert rows.shape == (act.shape[0], dim) and rows.is_contiguous(), "rows must be [cap, D], contiguous"
+        rows = torch.empty(act.shape[0], dim, dtype=act.dtype, device=act.device)
         out_desc = TensorDescriptor.from_tensor(rows, [config.block_m, config.block_n])
         out_half_desc = TensorDescriptor.from_tensor(rows, [half_m, config.block_n])
     else:                                          # rows in assignment order
-        rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device) if out is None else out
-        assert rows.shape == (weights.numel(), dim) and rows.is_contiguous(), "rows must be [A, D], contiguous"
+        rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device)
     num_pid_m = act.shape[0] // rows_per_pid if num_pid_m is None else num_pid_m
     grid = (num_pid_m * triton.cdiv(dim, config.block_n),)
     extra = {}
@@ -254,14 +252,13 @@ def down_weighted_tma(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor
 
 
 def down_weighted_tma_split(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                            align: SlotAlignment, config: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """TMA variant on segments padded to BLOCK_M/2, a half-height tile for an odd last half-block
-    (on a slot range too: ``align.slot_range``, ``w2[lo:hi]``, rows into a shared ``out``)."""
+                            align: SlotAlignment, config: GemmConfig) -> torch.Tensor:
+    """TMA variant on segments padded to BLOCK_M/2, a half-height tile for an odd last half-block."""
     assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
     kernel = (_down_tma_persistent_kernel if isinstance(config, PersistentSplitTmaGemmConfig)
               else _down_tma_split_kernel)
     return _launch_down_tma(kernel, config.block_m // 2, act, w2, weights, align, config,
-                            split_tiles_bound(align, config.block_m), out)
+                            split_tiles_bound(align, config.block_m))
 
 
 def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> torch.Tensor:

@@ -345,7 +345,7 @@ def programs_for(config: GemmConfig, device: torch.device, tiles_bound: int) -> 
 
 
 def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, config,
-                        num_pid_m: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                        num_pid_m: int | None = None) -> torch.Tensor:
     assert hidden.dim() == 2 and w13.dim() == 3, "hidden [T, D], w13 [S, 2I, D]"
     num_slots, two_i, dim = w13.shape
     assert hidden.shape[1] == dim and hidden.dtype == w13.dtype and two_i % 2 == 0
@@ -354,8 +354,7 @@ def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, co
     assert dim * w13.element_size() % 16 == 0, "TMA needs 16-byte aligned weight rows"
     inter = two_i // 2
     cap = align.sorted_ids.numel()
-    act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device) if out is None else out
-    assert act.shape == (cap, inter) and act.is_contiguous(), f"act must be [{cap}, {inter}], contiguous"
+    act = torch.empty(cap, inter, dtype=hidden.dtype, device=hidden.device)
     w_desc = TensorDescriptor.from_tensor(w13.view(num_slots * two_i, dim), [config.block_n, config.block_k])
     tma_store = getattr(config, "tma_store", False)
     act_desc = act_half_desc = None
@@ -385,16 +384,14 @@ def gate_up_silu_tma(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignme
 
 
 def gate_up_silu_tma_split(hidden: torch.Tensor, w13: torch.Tensor, align: SlotAlignment, top_k: int,
-                           config: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+                           config: GemmConfig) -> torch.Tensor:
     """TMA variant on segments padded to BLOCK_M/2 (half the padding of ``gate_up_silu_tma``):
-    BLOCK_M-row tiles, and a half-height tile for a segment's odd last half-block. Its tiles
-    address rows by the alignment's offsets, so it can run on a slot range
-    (``align.slot_range``, ``w13[lo:hi]``) writing into a shared ``out`` act [cap, I]."""
+    BLOCK_M-row tiles, and a half-height tile for a segment's odd last half-block."""
     assert config.block_m % 32 == 0, "split tiles need BLOCK_M/2 >= 16"
     kernel = (_gate_up_tma_persistent_kernel if isinstance(config, PersistentSplitTmaGemmConfig)
               else _gate_up_tma_split_kernel)
     return _launch_gate_up_tma(kernel, config.block_m // 2, hidden, w13, align, top_k, config,
-                               split_tiles_bound(align, config.block_m), out)
+                               split_tiles_bound(align, config.block_m))
 
 
 def gate_up_silu_reference(x: torch.Tensor, w13_slot: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import moe_kernels as mk  # noqa: E402
 from kernels.moe_align import align_by_slot  # noqa: E402
 from kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  # noqa: E402
                                  config_from_dict, config_to_dict)
-from kernels.fused_moe import down_kernel, fused_moe_aligned, gate_up_kernel  # noqa: E402
+from kernels.fused_moe import down_kernel, gate_up_kernel  # noqa: E402
 from kernels.moe_down import combine, combine_sorted  # noqa: E402
 from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig,  # noqa: E402
                                  TmaGemmConfig, alignment_block)
@@ -255,32 +255,6 @@ def measure_aligned(shape: mk.Shape, insts, w13, w2, cfg: AlignedConfig, count: 
     return parts
 
 
-TWO_STREAMS_MIN_TOKENS = 1024
-
-
-def two_stream_options(shape: mk.Shape, insts, w13, w2, options, count: int, reps: int) -> list:
-    """Each split option again with ``streams=2`` (call 10): both timed as whole pipelines
-    (alignment + GEMMs + combine in one graph), the difference applied to the option's total."""
-    def pipeline(cfg):
-        return time_each(lambda j: fused_moe_aligned(insts[j].hidden, insts[j].slot_ids, insts[j].weights,
-                                                     w13, w2, cfg), count, reps)
-
-    extra = []
-    for total, cfg, parts in options:
-        if not (isinstance(cfg, AlignedConfig) and cfg.streams == 1 and isinstance(cfg.gate_up, SplitTmaGemmConfig)
-                and isinstance(cfg.down, SplitTmaGemmConfig)):
-            continue
-        two = AlignedConfig(cfg.gate_up, cfg.down, streams=2)
-        try:
-            one_us, two_us = pipeline(cfg), pipeline(two)
-        except Exception as e:
-            print(f"    two streams: FAILED {type(e).__name__}: {e}", flush=True)
-            continue
-        print(f"    two streams: pipeline {one_us:.1f} -> {two_us:.1f} us", flush=True)
-        extra.append((total - one_us + two_us, two, {**parts, "pipeline_us": two_us, "one_stream_pipeline_us": one_us}))
-    return extra
-
-
 def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float, incumbent=None) -> dict:
     count = mk.num_instances(num_tokens)
     insts = mk.make_instances(shape, num_tokens, count)
@@ -342,8 +316,6 @@ def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float, incum
         print(f"    incumbent: {total:.1f} us {parts}", flush=True)
         options.append((total, incumbent, parts))
         log["incumbent"] = {"config": config_to_dict(incumbent), "total_us": total, "parts": parts}
-    if num_tokens >= TWO_STREAMS_MIN_TOKENS:
-        options += two_stream_options(shape, insts, w13, w2, options, count, reps)
     total, best, parts = min(options, key=lambda o: o[0])
     log.update(best=config_to_dict(best), total_us=total, parts=parts,
                options=[{"total_us": t, "config": config_to_dict(c), "parts": p} for t, c, p in options])
