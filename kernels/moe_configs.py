@@ -61,9 +61,8 @@ def _gemm_to_dict(config: GemmConfig) -> dict:
     if isinstance(config, PersistentSplitTmaGemmConfig):
         extra["persistent"] = True
     fields = asdict(config)
-    for default_off in ("tma_store", "warp_specialize"):
-        if not fields.get(default_off, True):
-            del fields[default_off]                # the default: keeps older tables unchanged
+    if not fields.get("tma_store", True):
+        del fields["tma_store"]                    # the default: keeps older tables unchanged
     return {**fields, **extra}
 
 

@@ -127,10 +127,10 @@ def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
 @triton.jit
 def _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
                    seg_count, slot, pid_n, D, I, stride_ra, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, TMA_STORE: tl.constexpr, WS: tl.constexpr = False):
+                   BK: tl.constexpr, TMA_STORE: tl.constexpr):
     row_w = slot * D + pid_n * BN                  # rows past D read the next slot: masked at the store
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in tl.range(0, I, BK, warp_specialize=WS):
+    for k0 in range(0, I, BK):
         a = a_desc.load([m_start, k0])                                          # [BM, BK]
         b = w_desc.load([row_w, k0])                                            # [BN, BK]
         acc = tl.dot(a, b.T, acc)
@@ -165,7 +165,7 @@ def _down_tma_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_
 def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
                            sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
                            S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, WS: tl.constexpr = False):
+                           GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr):
     """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
     HALF: tl.constexpr = BM // 2
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
@@ -175,10 +175,10 @@ def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc,
         return
     if full:
         _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
-                       seg_count, slot, pid_n, D, I, stride_ra, BM, BN, BK, TMA_STORE, WS)
+                       seg_count, slot, pid_n, D, I, stride_ra, BM, BN, BK, TMA_STORE)
     else:
         _down_tma_tile(a_half_desc, w_desc, out_half_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start,
-                       seg_start, seg_count, slot, pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE, WS)
+                       seg_start, seg_count, slot, pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE)
 
 
 @triton.jit(do_not_specialize=["num_slots"])
@@ -235,9 +235,6 @@ def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
     if isinstance(config, PersistentSplitTmaGemmConfig):
         extra = {"NUM_PROGS": programs_for(config, act.device, grid[0]), "FLATTEN": config.flatten}
         grid = (extra["NUM_PROGS"],)
-    elif getattr(config, "warp_specialize", False):
-        assert kernel is _down_tma_split_kernel, "warp_specialize: split down configs only"
-        extra = {"WS": True}
     kernel[grid](
         a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows, weights, align.sorted_ids,
         align.slot_offsets, align.slot_counts, num_slots, dim, inter, num_pid_m, rows.stride(0),

@@ -48,7 +48,6 @@ class TmaGemmConfig(GemmConfig):
     in registers). For down this writes rows in slot-sorted padded order, [cap, D], and the
     combine reads them through ``SlotAlignment.positions``."""
     tma_store: bool = False
-    warp_specialize: bool = False      # split down only: Triton's automatic warp specialization of the K loop
 
 
 @dataclass(frozen=True)

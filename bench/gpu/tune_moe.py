@@ -109,18 +109,6 @@ def persistent_candidates(kind: str) -> list[GemmConfig]:
             P(128, 128, 64, 1, 8, 4, False), S(128, 128, 64, 1, 8, 4, True), S(128, 128, 64, 8, 8, 4, True)]
 
 
-def warp_specialized_candidates(kind: str) -> list[GemmConfig]:
-    """Family ``ws128`` (call 11): split down configs whose K loop Triton warp-specializes (TMA
-    producer warps apart from the MMA warps), next to the table's split configs."""
-    S = SplitTmaGemmConfig
-    if kind == "down":
-        ws = [S(128, 256, 64, 8, 8, st, True, True) for st in (2, 3, 4)]
-        ws += [S(128, 128, 64, 8, w, st, True, True) for w in (4, 8) for st in (3, 4)]
-        ws += [S(128, 256, 64, 8, 8, 3, False, True)]
-        return ws + [S(128, 256, 64, 8, 8, 4, True), S(128, 128, 64, 8, 8, 3, True)]
-    return [S(128, 128, 64, 1, 8, 4, True)]
-
-
 def combine_for(down_cfg):
     """The combine matching a down config: by position for sorted rows, else by assignment."""
     if getattr(down_cfg, "tma_store", False):
@@ -155,8 +143,6 @@ def aligned_searches(shape: mk.Shape, num_tokens: int):
                    wrap(split_candidates(bm, "down"), "down", bm))
     if 128 in bms and (LABELS is None or "persist128" in LABELS):
         yield "persist128", 64, persistent_candidates("gate_up"), persistent_candidates("down")
-    if 128 in bms and LABELS is not None and "ws128" in LABELS:      # only when asked (call 11)
-        yield "ws128", 64, warp_specialized_candidates("gate_up"), warp_specialized_candidates("down")
 
 
 def block_ms(shape: mk.Shape, num_tokens: int) -> list[int]:

@@ -31,8 +31,6 @@ def _configs():
         # 4 programs in the interpreter walk many full and half tiles each
         "persistent": AlignedConfig(PersistentSplitTmaGemmConfig(32, 16, 16, group_m=2, tma_store=True),
                                     PersistentSplitTmaGemmConfig(32, 32, 16, tma_store=True, flatten=False)),
-        "down_warp_specialized": AlignedConfig(SplitTmaGemmConfig(32, 16, 16, tma_store=True),
-                                               SplitTmaGemmConfig(32, 32, 16, tma_store=True, warp_specialize=True)),
         "persistent_gate_up_pointer_store": AlignedConfig(PersistentSplitTmaGemmConfig(32, 16, 32, ctas_per_sm=2),
                                                           SplitTmaGemmConfig(32, 16, 16, tma_store=True)),
     }
@@ -50,8 +48,7 @@ def test_positions_invert_sorted_ids(num_tokens):
     assert torch.equal(align.sorted_ids.cpu().long()[pos[local]], local)
 
 
-@pytest.mark.parametrize("variant", ["tma", "split", "down_only", "persistent", "persistent_gate_up_pointer_store",
-                                     "down_warp_specialized"])
+@pytest.mark.parametrize("variant", ["tma", "split", "down_only", "persistent", "persistent_gate_up_pointer_store"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [3, 64, 90])    # 90: full and half tiles both occur
 def test_fused_moe_tma_store(num_tokens, dtype, variant):
@@ -106,9 +103,7 @@ def test_tma_store_bf16_real_shapes(shape, num_tokens):
                 AlignedConfig(PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 4, tma_store=True),
                               PersistentSplitTmaGemmConfig(128, 256, 64, 8, 8, 3, tma_store=True)),
                 AlignedConfig(PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 3, tma_store=True, flatten=False),
-                              PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 3, tma_store=True, ctas_per_sm=2)),
-                AlignedConfig(SplitTmaGemmConfig(128, 128, 64, 1, 8, 4, tma_store=True),
-                              SplitTmaGemmConfig(128, 256, 64, 8, 8, 3, tma_store=True, warp_specialize=True))):
+                              PersistentSplitTmaGemmConfig(128, 128, 64, 8, 8, 3, tma_store=True, ctas_per_sm=2))):
         out = fused_moe_aligned(hidden, slot_ids, weights, w13, w2, cfg)
         assert rel_err(out, ref) <= 1e-2, cfg
 
