@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
@@ -69,7 +70,12 @@ class ExpertWorker:
         lower_this_thread_priority()
         if phase in (UpdatePhase.COMMIT, UpdatePhase.PREPARE):
             try:   # the first map loads at full speed; later ones while serving, paced
+                started, slept = time.perf_counter(), self._pacer.slept_s
+                held = expert_map.version in self.store.versions     # COMMIT after its PREPARE: nothing to load
                 self.store.install(expert_map, self._pacer if self.expert_server is not None else None)
+                if self.metrics is not None and not held:
+                    self.metrics.map_load_duration.observe(time.perf_counter() - started)
+                    self.metrics.map_load_paced_sleep.inc(self._pacer.slept_s - slept)
             except Exception as exc:  # a failed prepare is reported, never half-applied
                 logger.exception("cannot load map version %d", expert_map.version)
                 self.placement.ack(expert_map.version, phase, ok=False, error=str(exc))

@@ -200,6 +200,12 @@ class ExpertWorkerMetrics(_ProcessMetrics):
                                            registry=r)
         self.stale_version_refusals = Counter("epserve_expert_stale_version_refusals_total",
                                               "Batches refused: routed with a map version not held", registry=r)
+        self.map_load_duration = Histogram("epserve_expert_map_load_duration_seconds",
+                                           "Making one map version's slots resident (PREPARE / first COMMIT), "
+                                           "paced sleeps included", buckets=REBALANCE_BUCKETS, registry=r)
+        self.map_load_paced_sleep = Counter("epserve_expert_map_load_paced_sleep_seconds_total",
+                                            "Time live map loads slept to keep --expert-load-duty-cycle",
+                                            registry=r)
 
     def set_held_versions(self, versions: Iterable[int]) -> None:
         held = list(versions)

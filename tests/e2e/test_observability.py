@@ -191,6 +191,7 @@ def test_every_process_serves_its_metrics(observed, served):
         assert value(expert, "epserve_expert_batches_total") > value(before[worker], "epserve_expert_batches_total")
         assert value(expert, "epserve_expert_map_version") >= 1
         assert value(expert, "epserve_expert_resident_weight_bytes") > 0
+        assert value(expert, "epserve_expert_map_load_duration_seconds_count") >= 1     # the first map
 
 
 def test_a_rebalance_is_traced_and_counted(tiny_model_factory, tmp_path):
