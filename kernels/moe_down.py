@@ -51,6 +51,8 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_ap + offs_k[None, :]
     b_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn
               + offs_k[:, None])
+    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)                   # before the K loop
+    scale = tl.load(topk_w_ptr + aid, mask=real, other=0.0).to(tl.float32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         if EVEN_K:
@@ -63,8 +65,6 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
         acc = tl.dot(a, b, acc)
         a_ptrs += BK
         b_ptrs += BK
-    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
-    scale = tl.load(topk_w_ptr + aid, mask=real, other=0.0).to(tl.float32)
     acc = acc * scale[:, None]
     out_ptrs = rows_ptr + aid[:, None].to(tl.int64) * stride_ra + offs_n[None, :]
     tl.store(out_ptrs, acc.to(rows_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
@@ -129,15 +129,17 @@ def _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_pt
                    seg_count, slot, pid_n, D, I, stride_ra, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, TMA_STORE: tl.constexpr):
     row_w = slot * D + pid_n * BN                  # rows past D read the next slot: masked at the store
+    # the rows' top-k weights (two dependent gathers) are loaded before the K loop, so their
+    # latency hides behind it instead of stalling the epilogue of every tile
+    rows = m_start + tl.arange(0, BM)
+    real = (rows - seg_start) < seg_count
+    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
+    scale = tl.load(topk_w_ptr + aid, mask=real, other=0.0).to(tl.float32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         a = a_desc.load([m_start, k0])                                          # [BM, BK]
         b = w_desc.load([row_w, k0])                                            # [BN, BK]
         acc = tl.dot(a, b.T, acc)
-    rows = m_start + tl.arange(0, BM)
-    real = (rows - seg_start) < seg_count
-    aid = tl.load(sorted_ids_ptr + rows, mask=real, other=0)
-    scale = tl.load(topk_w_ptr + aid, mask=real, other=0.0).to(tl.float32)
     acc = acc * scale[:, None]                     # padding rows: scale 0
     if TMA_STORE:
         out_desc.store([m_start, pid_n * BN], acc.to(out_desc.dtype))     # columns past D clip
