@@ -14,6 +14,8 @@ Accounting (the same for every backend, and as FACTS.md's anchors):
 - R routing instances with different experts run back to back inside one timed region
   (so no weight is served from L2 by the previous run) and time is divided by R.
 - ``time_us``: the whole ``MoERunner.run`` (for triton: alignment + GEMMs + combine).
+  ``time_no_pdl_us`` (triton, graph): the same with plain launches instead of programmatic
+  dependent launch (kernels/pdl.py), timed in the same run.
   ``time_kernels_us`` (triton): without the alignment step, like SGLang's kernel-only anchors.
 - Backends without host syncs (triton) are replayed from a CUDA graph at every T, as
   FACTS.md's SGLang anchors were; for T > 256 (prefill, which a server runs eagerly) the
@@ -178,7 +180,9 @@ def triton_kernels_only(shape: Shape, num_tokens: int, instances, w13, w2):
     if not isinstance(config, AlignedConfig):
         return (lambda: [fused_moe_gemv(i.hidden, i.slot_ids, i.weights, w13, w2, config)
                          for i in instances]), config, None
-    aligns = [align_by_slot(i.slot_ids, shape.num_slots, config.align_block_m) for i in instances]
+    from kernels.moe_gate_up import SplitTmaGemmConfig
+    tiles = isinstance(config.gate_up, SplitTmaGemmConfig)
+    aligns = [align_by_slot(i.slot_ids, shape.num_slots, config.align_block_m, tiles) for i in instances]
     padded = sum(int(a.slot_offsets[-1]) for a in aligns)
     padding = padded / max(sum(i.assignments for i in instances), 1) - 1
 
@@ -209,6 +213,10 @@ def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, 
     row["timing"] = timing
     if graphable and num_tokens > GRAPH_MAX_TOKENS:
         row["time_eager_us"] = time_eager(run_all, reps) / count * 1e3
+    if backend == "triton" and timing == "graph":
+        from kernels import pdl
+        with pdl.disabled():
+            row["time_no_pdl_us"] = time_graph(run_all, reps) / count * 1e3
     first = instances[0]
     out = runner.run(first.hidden, first.slot_ids, first.weights, w13, w2)
     if reference is not None:
@@ -278,8 +286,9 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              "flops = 6·local assignments·D·I; roofline = max(bytes/BW, flops/peak)); "
              "`kern` columns leave out the alignment step, like SGLang's kernel-only anchors", "",
              "| model | T | backend | timing | µs | kern µs | TB/s | TFLOP/s | frac BW | frac FLOP | "
-             "frac roofline | kern frac roofline | bound | rel err vs torch | variant | pad rows | eager µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "frac roofline | kern frac roofline | bound | rel err vs torch | variant | pad rows | eager µs | "
+             "no-PDL µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kern = f"{r['time_kernels_us']:.1f}" if "time_kernels_us" in r else ""
         kfr = f"{r['frac_of_roofline_kernels']:.2f}" if "frac_of_roofline_kernels" in r else ""
@@ -289,7 +298,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
                      f"{r['frac_of_flops']:.2f} | {r['frac_of_roofline']:.2f} | {kfr} | {r['bound']} | "
                      f"{err} | {r.get('variant', '')} | "
                      f"{'' if 'padding_rows_frac' not in r else format(r['padding_rows_frac'], '.0%')} | "
-                     f"{'' if 'time_eager_us' not in r else format(r['time_eager_us'], '.1f')} |")
+                     f"{'' if 'time_eager_us' not in r else format(r['time_eager_us'], '.1f')} | "
+                     f"{'' if 'time_no_pdl_us' not in r else format(r['time_no_pdl_us'], '.1f')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -357,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"kern {row.get('time_kernels_us', float('nan')):9.1f} us  "
                       f"BW {row['frac_of_bw']:.2f} FLOP {row['frac_of_flops']:.2f} "
                       f"roof {row['frac_of_roofline']:.2f} ({row['bound']}) "
+                      f"no-PDL {row.get('time_no_pdl_us', float('nan')):9.1f} us "
                       f"err {row.get('rel_err_vs_torch', 0):.1e} {row.get('variant', '')}", flush=True)
             del instances, reference
             torch.cuda.empty_cache()

@@ -7,7 +7,7 @@ choices with ``s == -1`` are served by another shard and cost nothing here.
 
 - ``fused_moe_gemv`` (decode, a few tokens): gate_up GEMV with SiLU·mul, then down GEMV with
   the weighted combine fused. 2 launches.
-- ``fused_moe_aligned`` (everything else): align by slot (1 launch, or a memset and 2), grouped
+- ``fused_moe_aligned`` (everything else): align by slot (1 or 2 launches), grouped
   gate_up GEMM with SiLU·mul, grouped down GEMM with the top-k weights applied, gather-sum
   combine. Each GEMM's config type picks its pointer, TMA or split-TMA kernel; a down config
   with ``tma_store`` writes rows in sorted order and the combine gathers them by position.
@@ -52,7 +52,8 @@ def fused_moe_gemv(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.
 def fused_moe_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor, config: AlignedConfig) -> torch.Tensor:
     _check(hidden, slot_ids, weights, w13, w2)
-    align = align_by_slot(slot_ids, w13.shape[0], config.align_block_m)
+    align = align_by_slot(slot_ids, w13.shape[0], config.align_block_m,
+                          tiles=isinstance(config.gate_up, SplitTmaGemmConfig))
     return experts_aligned(hidden.contiguous(), slot_ids, weights, w13, w2, align, config)
 
 

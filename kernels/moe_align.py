@@ -12,6 +12,10 @@ sorts the assignments by slot and pads each slot's segment to a multiple of BM:
 - ``slot_counts [S]`` int32: assignments per slot.
 - ``positions [A]`` int32: the padded position of each assignment (-1 if served elsewhere),
   the inverse of ``sorted_ids``; the combine reads rows written in sorted order through it.
+- ``tiles [N, 4]`` int32 (with ``tiles=True``): the split GEMM tiles of 2·BM rows over these
+  segments (a segment's odd last BM rows are a half-height tile of their own), one row per
+  tile: slot (-1 past the last tile), first padded row, real rows in the tile, full height.
+  A GEMM program then finds its tile with one load instead of a scan over every slot.
 
 Assignments whose slot is -1 (served by another shard) are dropped here, so no GEMM row is
 computed, written or read for them. ``cap`` is the padded total in the worst case
@@ -19,9 +23,12 @@ computed, written or read for them. ``cap`` is the padded total in the worst cas
 path is CUDA-graph capturable. The order of assignments inside a slot follows atomic
 arrival (it does not change any result: GEMM rows are independent).
 
-Two paths, picked by size: one program for small batches (one launch); otherwise a
-memset and two launches (count with atomics, the last program scans; then scatter), since a
-single program serialises the atomics (15 us at 2048 assignments on an H200).
+Two paths, picked by size: one program for small batches (one launch); otherwise two
+launches (count with atomics, the last program scans; then scatter), since a single program
+serialises the atomics (15 us at 2048 assignments on an H200). The counters live in a
+workspace kept per (device, S) that the count kernel's last program leaves zeroed again, so
+no memset runs per call; alignments on one device and S must therefore be stream-ordered
+(one in flight at a time), as they are in a forward pass.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 SINGLE_PROGRAM_MAX_ASSIGNMENTS = 512
 
@@ -42,6 +51,7 @@ class SlotAlignment:
     slot_counts: torch.Tensor    # [S] int32
     block_m: int
     positions: torch.Tensor | None = None   # [A] int32, -1 = elsewhere
+    tiles: torch.Tensor | None = None       # [N, 4] int32: split tiles of 2·block_m rows
 
     @property
     def num_blocks(self) -> int:
@@ -54,11 +64,33 @@ def padded_capacity(num_assignments: int, num_slots: int, block_m: int) -> int:
     return max(triton.cdiv(cap, block_m), 1) * block_m
 
 
+def split_tile_count(num_assignments: int, num_slots: int, cap: int, half: int) -> int:
+    """Upper bound on the split tiles (2·half rows, half-height at a segment's odd end) over
+    segments padded to ``half``: each hit slot has ceil(count / 2·half) tiles, so at most
+    cdiv(A, 2·half) + min(S, A), and never more than the cap's half-blocks."""
+    return min(cap // half, triton.cdiv(num_assignments, 2 * half) + min(num_slots, num_assignments))
+
+
+_COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, num_slots: int) -> torch.Tensor:
+    """[S + 1] int32 zeros (per-slot counts, then the done ticket), kept for the process: the
+    count kernel zeroes them again when it finishes. Never freed, so a CUDA graph that
+    captured them stays valid."""
+    key = (device.type, device.index, num_slots)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = _COUNTERS[key] = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
+    return counters
+
+
 @triton.jit(do_not_specialize=["num_assignments"])
 def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_ptr, pos_ptr,
                          num_assignments, num_slots, block_m,
-                         S_P2: tl.constexpr, CHUNK: tl.constexpr):
+                         S_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     """One program: count (ranks from atomics), scan, scatter."""
+    pdl_wait(USE_PDL)
     slots = tl.arange(0, S_P2)
     tl.store(counts_ptr + slots, tl.zeros([S_P2], dtype=tl.int32), mask=slots < num_slots)
     tl.debug_barrier()
@@ -86,27 +118,64 @@ def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, 
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
-def _count_scan_kernel(slot_ids_ptr, counts_ptr, done_ptr, rank_ptr, offsets_ptr, num_assignments,
-                       num_slots, block_m, S_P2: tl.constexpr, CHUNK: tl.constexpr):
-    """Count (ranks from atomics); the last program to finish scans the counts into offsets."""
+def _count_scan_kernel(slot_ids_ptr, counters_ptr, counts_ptr, rank_ptr, offsets_ptr, num_assignments,
+                       num_slots, block_m, S_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Count (ranks from atomics on the zeroed ``counters``: S counts, then a done ticket);
+    the last program to finish writes ``counts`` and the scanned offsets, then zeroes the
+    counters for the next call (every other program is done with them by then)."""
+    pdl_wait(USE_PDL)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
     valid = s >= 0
-    rank = tl.atomic_add(counts_ptr + s, 1, mask=valid)
+    rank = tl.atomic_add(counters_ptr + s, 1, mask=valid)
     tl.store(rank_ptr + offs, rank, mask=valid)
-    ticket = tl.atomic_add(done_ptr, 1)                    # acq_rel: orders this program's counts
+    ticket = tl.atomic_add(counters_ptr + num_slots, 1)   # acq_rel: orders this program's counts
     if ticket == tl.num_programs(0) - 1:
         slots = tl.arange(0, S_P2)
-        counts = tl.atomic_add(counts_ptr + slots, 0, mask=slots < num_slots)
-        counts = tl.where(slots < num_slots, counts, 0)
+        in_range = slots < num_slots
+        counts = tl.atomic_xchg(counters_ptr + slots, 0, mask=in_range)      # read and re-zero
+        counts = tl.where(in_range, counts, 0)
+        tl.store(counts_ptr + slots, counts, mask=in_range)
         padded = (counts + block_m - 1) // block_m * block_m
-        tl.store(offsets_ptr + 1 + slots, tl.cumsum(padded, axis=0), mask=slots < num_slots)
+        tl.store(offsets_ptr + 1 + slots, tl.cumsum(padded, axis=0), mask=in_range)
         tl.store(offsets_ptr, 0)
+        tl.atomic_xchg(counters_ptr + num_slots, 0)
 
 
-@triton.jit(do_not_specialize=["num_assignments"])
-def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, pos_ptr, num_assignments,
-                    CHUNK: tl.constexpr):
+@triton.jit
+def _tile_table(tiles_ptr, offsets_ptr, counts_ptr, first, num_tiles, num_slots,
+                S_P2: tl.constexpr, TB: tl.constexpr, HALF: tl.constexpr):
+    """Rows [first, first + TB) of the split tile table (see the module docstring)."""
+    s = tl.arange(0, S_P2)
+    in_range = s < num_slots
+    starts = tl.load(offsets_ptr + s, mask=in_range, other=0)
+    ends = tl.load(offsets_ptr + 1 + s, mask=in_range, other=0)
+    counts = tl.load(counts_ptr + s, mask=in_range, other=0)
+    tiles = ((ends - starts) // HALF + 1) // 2
+    tile_ends = tl.cumsum(tiles, axis=0)
+    j = first + tl.arange(0, TB)
+    slot = tl.sum((tile_ends[None, :] <= j[:, None]).to(tl.int32), axis=1)                # [TB]
+    here = slot[:, None] == s[None, :]                                                      # [TB, S_P2]
+    seg_start = tl.sum(tl.where(here, starts[None, :], 0), axis=1)
+    seg_end = tl.sum(tl.where(here, ends[None, :], 0), axis=1)
+    first_tile = tl.sum(tl.where(here, (tile_ends - tiles)[None, :], 0), axis=1)
+    count = tl.sum(tl.where(here, counts[None, :], 0), axis=1)
+    m_start = seg_start + (j - first_tile) * (2 * HALF)
+    real_rows = tl.minimum(tl.maximum(seg_start + count - m_start, 0), 2 * HALF)
+    full = (seg_end - m_start >= 2 * HALF).to(tl.int32)
+    slot = tl.where(slot < num_slots, slot, -1)
+    ok = j < num_tiles
+    tl.store(tiles_ptr + j * 4, slot, mask=ok)
+    tl.store(tiles_ptr + j * 4 + 1, m_start, mask=ok)
+    tl.store(tiles_ptr + j * 4 + 2, real_rows, mask=ok)
+    tl.store(tiles_ptr + j * 4 + 3, full, mask=ok)
+
+
+@triton.jit(do_not_specialize=["num_assignments", "num_tiles"])
+def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_ptr, pos_ptr, tiles_ptr,
+                    num_assignments, num_slots, num_tiles, CHUNK: tl.constexpr, S_P2: tl.constexpr,
+                    TB: tl.constexpr, HALF: tl.constexpr, TILES: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
     valid = s >= 0
@@ -114,10 +183,15 @@ def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, pos_ptr
     base = tl.load(offsets_ptr + s, mask=valid, other=0)
     tl.store(sorted_ids_ptr + base + rank, offs, mask=valid)
     tl.store(pos_ptr + offs, tl.where(valid, base + rank, -1), mask=offs < num_assignments)
+    if TILES:
+        for first in range(tl.program_id(0) * TB, num_tiles, tl.num_programs(0) * TB):
+            _tile_table(tiles_ptr, offsets_ptr, counts_ptr, first, num_tiles, num_slots, S_P2, TB, HALF)
 
 
-def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotAlignment:
-    """slot_ids [T, K] int (-1 = elsewhere) → SlotAlignment. No host sync."""
+def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int, tiles: bool = False) -> SlotAlignment:
+    """slot_ids [T, K] int (-1 = elsewhere) → SlotAlignment. No host sync.
+
+    ``tiles``: also write the split tile table (tiles of 2·block_m rows) for the split GEMMs."""
     assert slot_ids.dim() == 2, f"slot_ids must be [T, K], got {tuple(slot_ids.shape)}"
     assert not slot_ids.dtype.is_floating_point, "slot_ids must be an integer tensor"
     assert num_slots >= 1 and block_m >= 1
@@ -130,22 +204,24 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotA
     rank = torch.empty(max(num_assignments, 1), dtype=torch.int32, device=device)
     positions = torch.empty(num_assignments, dtype=torch.int32, device=device)
     s_p2 = triton.next_power_of_2(num_slots)
-    if num_assignments <= SINGLE_PROGRAM_MAX_ASSIGNMENTS:
-        counts = torch.empty(num_slots, dtype=torch.int32, device=device)
+    pdl = launch_options(pdl_enabled(device))
+    counts = torch.empty(num_slots, dtype=torch.int32, device=device)
+    num_tiles = split_tile_count(num_assignments, num_slots, cap, block_m) if tiles else 0
+    tile_table = torch.empty(max(num_tiles, 1), 4, dtype=torch.int32, device=device) if tiles else None
+    if num_assignments <= SINGLE_PROGRAM_MAX_ASSIGNMENTS and not tiles:
         _align_single_kernel[(1,)](slot_ids, sorted_ids, offsets, counts, rank, positions,
                                    num_assignments, num_slots, block_m,
-                                   S_P2=s_p2, CHUNK=512, num_warps=4)
+                                   S_P2=s_p2, CHUNK=512, num_warps=4, **pdl)
     else:
-        counters = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)  # counts, done
-        counts = counters[:num_slots]
         chunk = 256
-        grid = (triton.cdiv(num_assignments, chunk),)
-        _count_scan_kernel[grid](slot_ids, counts, counters[num_slots:], rank, offsets,
+        grid = (triton.cdiv(max(num_assignments, 1), chunk),)
+        _count_scan_kernel[grid](slot_ids, _counters(device, num_slots), counts, rank, offsets,
                                  num_assignments, num_slots, block_m, S_P2=s_p2, CHUNK=chunk,
-                                 num_warps=4)
-        _scatter_kernel[grid](slot_ids, sorted_ids, offsets, rank, positions, num_assignments,
-                              CHUNK=chunk, num_warps=4)
-    return SlotAlignment(sorted_ids, offsets, counts, block_m, positions)
+                                 num_warps=4, **pdl)
+        _scatter_kernel[grid](slot_ids, sorted_ids, offsets, counts, rank, positions, tile_table,
+                              num_assignments, num_slots, num_tiles, CHUNK=chunk, S_P2=s_p2, TB=32,
+                              HALF=block_m, TILES=tiles, num_warps=4, **pdl)
+    return SlotAlignment(sorted_ids, offsets, counts, block_m, positions, tile_table)
 
 
 def align_by_slot_reference(slot_ids: torch.Tensor, num_slots: int,

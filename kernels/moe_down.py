@@ -28,8 +28,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.moe_align import SlotAlignment
-from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, _block_slot, _grouped_pid, _grouped_tile,
-                                 _nth_tile, _split_layout, _split_tile, programs_for, slot_block, split_tiles_bound)
+from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, _block_slot,
+                                 _grouped_pid, _grouped_tile, _nth_tile, _split_layout, _split_tile, _table_tile,
+                                 programs_for, slot_block, split_tiles_bound, tile_table_for)
+from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
@@ -37,7 +39,8 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
                  num_slots, D, I, num_pid_m,
                  stride_ap, stride_ws, stride_wn, stride_ra,
                  S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
     m_start = pid_m * BM
     slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
@@ -72,8 +75,9 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
 
 @triton.jit
 def _combine_kernel(rows_ptr, slot_ids_ptr, out_ptr, top_k: tl.constexpr, D, stride_ra, stride_ot,
-                    BD: tl.constexpr):
+                    BD: tl.constexpr, USE_PDL: tl.constexpr):
     # Walking k with 1-D loads measured 3-7x faster on an H200 than one masked [K, BD] tile load.
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = offs < D
@@ -88,7 +92,8 @@ def _combine_kernel(rows_ptr, slot_ids_ptr, out_ptr, top_k: tl.constexpr, D, str
 
 @triton.jit
 def _combine_sorted_kernel(rows_ptr, positions_ptr, out_ptr, top_k: tl.constexpr, D, stride_r, stride_ot,
-                           BD: tl.constexpr):
+                           BD: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = offs < D
@@ -120,7 +125,7 @@ def down_weighted(act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
         act.stride(0), w2.stride(0), w2.stride(1), rows.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n,
         BK=config.block_k, GROUP_M=config.group_m, EVEN_K=inter % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl_enabled(act.device)))
     return rows
 
 
@@ -151,9 +156,11 @@ def _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_pt
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
 def _down_tma_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
-                     sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                     sorted_ids_ptr, offsets_ptr, counts_ptr, tiles_ptr, num_slots, D, I, num_pid_m, stride_ra,
                      S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr):
+                     GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, TABLE: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
     m_start = pid_m * BM
     slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
@@ -165,14 +172,19 @@ def _down_tma_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
 def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
-                           sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
-                           S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr):
+                           sorted_ids_ptr, offsets_ptr, counts_ptr, tiles_ptr, num_slots, D, I, num_pid_m,
+                           stride_ra, S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, TABLE: tl.constexpr,
+                           USE_PDL: tl.constexpr):
     """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
     HALF: tl.constexpr = BM // 2
+    pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
-    slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
-                                                            S_P2, HALF)
+    if TABLE:
+        slot, m_start, seg_start, seg_count, full = _table_tile(tiles_ptr, pid_m)
+    else:
+        slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
+                                                                S_P2, HALF)
     if slot < 0:
         return
     if full:
@@ -185,12 +197,15 @@ def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc,
 
 @triton.jit(do_not_specialize=["num_slots"])
 def _down_tma_persistent_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
-                                sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
-                                S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, NUM_PROGS: tl.constexpr,
+                                sorted_ids_ptr, offsets_ptr, counts_ptr, tiles_ptr, num_slots, D, I, num_pid_m,
+                                stride_ra, S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr,
+                                TABLE: tl.constexpr, USE_PDL: tl.constexpr, NUM_PROGS: tl.constexpr,
                                 FLATTEN: tl.constexpr):
-    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
+    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` and the
+    tile table unused: each program scans the layout once)."""
     HALF: tl.constexpr = BM // 2
+    pdl_wait(USE_PDL)
     starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
     num_pid_n = tl.cdiv(D, BN)
     num_full = tl.sum(fulls, axis=0)
@@ -233,15 +248,17 @@ def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
         rows = torch.empty(weights.numel(), dim, dtype=act.dtype, device=act.device)
     num_pid_m = act.shape[0] // rows_per_pid if num_pid_m is None else num_pid_m
     grid = (num_pid_m * triton.cdiv(dim, config.block_n),)
-    extra = {}
+    extra = launch_options(pdl_enabled(act.device))
     if isinstance(config, PersistentSplitTmaGemmConfig):
-        extra = {"NUM_PROGS": programs_for(config, act.device, grid[0]), "FLATTEN": config.flatten}
+        extra.update(NUM_PROGS=programs_for(config, act.device, grid[0]), FLATTEN=config.flatten)
         grid = (extra["NUM_PROGS"],)
+    table = tile_table_for(align, config.block_m) if isinstance(config, SplitTmaGemmConfig) else None
     kernel[grid](
         a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows, weights, align.sorted_ids,
-        align.slot_offsets, align.slot_counts, num_slots, dim, inter, num_pid_m, rows.stride(0),
+        align.slot_offsets, align.slot_counts, align.sorted_ids if table is None else table, num_slots,
+        dim, inter, num_pid_m, rows.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
-        GROUP_M=config.group_m, TMA_STORE=tma_store, num_warps=config.num_warps,
+        GROUP_M=config.group_m, TMA_STORE=tma_store, TABLE=table is not None, num_warps=config.num_warps,
         num_stages=config.num_stages, **extra)
     return rows
 
@@ -274,7 +291,8 @@ def combine(rows: torch.Tensor, slot_ids: torch.Tensor, block_d: int = 1024) -> 
         return out
     block_d = min(block_d, triton.next_power_of_2(dim))
     _combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](
-        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4)
+        rows, slot_ids, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4,
+        **launch_options(pdl_enabled(rows.device)))
     return out
 
 
@@ -288,7 +306,8 @@ def combine_sorted(rows: torch.Tensor, positions: torch.Tensor, num_tokens: int,
         return out
     block_d = min(block_d, triton.next_power_of_2(dim))
     _combine_sorted_kernel[(num_tokens, triton.cdiv(dim, block_d))](
-        rows, positions, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4)
+        rows, positions, out, top_k, dim, rows.stride(0), out.stride(0), BD=block_d, num_warps=4,
+        **launch_options(pdl_enabled(rows.device)))
     return out
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 DOWN_VARIANTS = ("all_choices", "per_choice")
 
@@ -47,7 +48,8 @@ class GemvConfig:
 @triton.jit(do_not_specialize=["top_k"])
 def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
                          stride_xt, stride_ws, stride_wn, stride_aa,
-                         BN: tl.constexpr, BK: tl.constexpr):
+                         BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     a = tl.program_id(1)
     s = tl.load(slot_ids_ptr + a)
@@ -80,8 +82,9 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
 @triton.jit(do_not_specialize=["top_k"])
 def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr, top_k, D, I,
                               stride_aa, stride_ws, stride_wn, stride_ot,
-                              K_P2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                              K_P2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
     """Rows r = (k, n) of all K choices at once: K times the bytes in flight of a per-k loop."""
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, K_P2 * BN)
@@ -110,8 +113,9 @@ def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr,
 @triton.jit(do_not_specialize=["top_k"])
 def _down_combine_gemv_per_choice_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr, top_k, D, I,
                                          stride_aa, stride_ws, stride_wn, stride_ot,
-                                         BN: tl.constexpr, BK: tl.constexpr):
+                                         BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
     """Walks the K choices, skipping those served elsewhere: no lanes wasted on -1 choices."""
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -157,7 +161,8 @@ def gate_up_silu_gemv(hidden: torch.Tensor, w13: torch.Tensor, slot_ids: torch.T
     grid = (triton.cdiv(inter, config.block_n), slot_ids.numel())
     _gate_up_gemv_kernel[grid](hidden, w13, act, slot_ids, slot_ids.shape[1], dim, inter,
                                hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-                               BN=config.block_n, BK=config.block_k, num_warps=config.num_warps)
+                               BN=config.block_n, BK=config.block_k, num_warps=config.num_warps,
+                               **launch_options(pdl_enabled(hidden.device)))
     return act
 
 
@@ -179,11 +184,12 @@ def down_combine_gemv(act: torch.Tensor, w2: torch.Tensor, slot_ids: torch.Tenso
     args = (act, w2, out, slot_ids, weights, top_k, dim, inter,
             act.stride(0), w2.stride(0), w2.stride(1), out.stride(0))
     warps = config.down_num_warps or config.num_warps
+    pdl = launch_options(pdl_enabled(act.device))
     if config.down_variant == "per_choice":
-        _down_combine_gemv_per_choice_kernel[grid](*args, BN=bn, BK=bk, num_warps=warps)
+        _down_combine_gemv_per_choice_kernel[grid](*args, BN=bn, BK=bk, num_warps=warps, **pdl)
     else:
         _down_combine_gemv_kernel[grid](*args, K_P2=triton.next_power_of_2(top_k), BN=bn, BK=bk,
-                                        num_warps=warps)
+                                        num_warps=warps, **pdl)
     return out
 
 

@@ -36,9 +36,11 @@ def desc(rows: int, cols: int) -> str:
 
 
 def resources(fn, sig: dict, consts: dict, warps: int, stages: int) -> str:
+    sig.update(tiles_ptr="*i32", TABLE="constexpr", USE_PDL="constexpr")
+    consts.update(TABLE=True, USE_PDL=True)                       # the defaults on an H200
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
-                           options={"num_warps": warps, "num_stages": stages})
+                           options={"num_warps": warps, "num_stages": stages, "launch_pdl": True})
     except Exception as e:                                        # noqa: BLE001
         return f"FAIL {type(e).__name__}: {str(e)[:120]}"
     cubin = Path("/tmp/compile_check.cubin")

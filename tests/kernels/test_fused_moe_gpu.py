@@ -99,3 +99,29 @@ def test_routing_kernels_real_shapes():
     rw, rids = grouped_topk_reference(logits, bias, 8, 8, 4, 2.5)
     assert torch.equal(ids, rids)
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 4096])
+def test_pdl_launches_change_no_bits(num_tokens):
+    """Programmatic dependent launch (the default on Hopper) against plain launches, eagerly
+    and replayed from a CUDA graph: the same bits."""
+    from epserve.moe_runner import make_moe_runner
+    from kernels import pdl
+    assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    runner = make_moe_runner("triton", "cuda")
+    problem = gpu_problem(QWEN3, num_tokens, seed=3)
+    with pdl.disabled():
+        plain = runner.run(*problem)
+    eager = runner.run(*problem)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        runner.run(*problem)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = runner.run(*problem)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, plain) and torch.equal(captured, plain)
