@@ -11,7 +11,8 @@ choices with ``s == -1`` are served by another shard and cost nothing here.
   gate_up GEMM with SiLU·mul, grouped down GEMM with the top-k weights applied, gather-sum
   combine. Each GEMM's config type picks its pointer, TMA or split-TMA kernel; a down config
   with ``tma_store`` writes rows in sorted order and the combine gathers them by position.
-Neither syncs with the host: both are CUDA-graph capturable at any size. Prefill could size
+Neither syncs with the host: both are CUDA-graph capturable at any size. On Hopper every
+kernel is launched with programmatic dependent launch (kernels/pdl.py). Prefill could size
 the GEMM grids exactly with one host sync on the padded total; instead the grid covers the
 worst case and blocks past the total exit at once (a few microseconds at 16k tokens).
 """
@@ -52,8 +53,7 @@ def fused_moe_gemv(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.
 def fused_moe_aligned(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor, config: AlignedConfig) -> torch.Tensor:
     _check(hidden, slot_ids, weights, w13, w2)
-    align = align_by_slot(slot_ids, w13.shape[0], config.align_block_m,
-                          tiles=isinstance(config.gate_up, SplitTmaGemmConfig))
+    align = align_by_slot(slot_ids, w13.shape[0], config.align_block_m)
     return experts_aligned(hidden.contiguous(), slot_ids, weights, w13, w2, align, config)
 
 

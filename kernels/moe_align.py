@@ -12,10 +12,6 @@ sorts the assignments by slot and pads each slot's segment to a multiple of BM:
 - ``slot_counts [S]`` int32: assignments per slot.
 - ``positions [A]`` int32: the padded position of each assignment (-1 if served elsewhere),
   the inverse of ``sorted_ids``; the combine reads rows written in sorted order through it.
-- ``tiles [N, 4]`` int32 (with ``tiles=True``): the split GEMM tiles of 2·BM rows over these
-  segments (a segment's odd last BM rows are a half-height tile of their own), one row per
-  tile: slot (-1 past the last tile), first padded row, real rows in the tile, full height.
-  A GEMM program then finds its tile with one load instead of a scan over every slot.
 
 Assignments whose slot is -1 (served by another shard) are dropped here, so no GEMM row is
 computed, written or read for them. ``cap`` is the padded total in the worst case
@@ -51,7 +47,6 @@ class SlotAlignment:
     slot_counts: torch.Tensor    # [S] int32
     block_m: int
     positions: torch.Tensor | None = None   # [A] int32, -1 = elsewhere
-    tiles: torch.Tensor | None = None       # [N, 4] int32: split tiles of 2·block_m rows
 
     @property
     def num_blocks(self) -> int:
@@ -62,13 +57,6 @@ class SlotAlignment:
 def padded_capacity(num_assignments: int, num_slots: int, block_m: int) -> int:
     cap = num_assignments + min(num_slots, num_assignments) * (block_m - 1)
     return max(triton.cdiv(cap, block_m), 1) * block_m
-
-
-def split_tile_count(num_assignments: int, num_slots: int, cap: int, half: int) -> int:
-    """Upper bound on the split tiles (2·half rows, half-height at a segment's odd end) over
-    segments padded to ``half``: each hit slot has ceil(count / 2·half) tiles, so at most
-    cdiv(A, 2·half) + min(S, A), and never more than the cap's half-blocks."""
-    return min(cap // half, triton.cdiv(num_assignments, 2 * half) + min(num_slots, num_assignments))
 
 
 _COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
@@ -142,39 +130,9 @@ def _count_scan_kernel(slot_ids_ptr, counters_ptr, counts_ptr, rank_ptr, offsets
         tl.atomic_xchg(counters_ptr + num_slots, 0)
 
 
-@triton.jit
-def _tile_table(tiles_ptr, offsets_ptr, counts_ptr, first, num_tiles, num_slots,
-                S_P2: tl.constexpr, TB: tl.constexpr, HALF: tl.constexpr):
-    """Rows [first, first + TB) of the split tile table (see the module docstring)."""
-    s = tl.arange(0, S_P2)
-    in_range = s < num_slots
-    starts = tl.load(offsets_ptr + s, mask=in_range, other=0)
-    ends = tl.load(offsets_ptr + 1 + s, mask=in_range, other=0)
-    counts = tl.load(counts_ptr + s, mask=in_range, other=0)
-    tiles = ((ends - starts) // HALF + 1) // 2
-    tile_ends = tl.cumsum(tiles, axis=0)
-    j = first + tl.arange(0, TB)
-    slot = tl.sum((tile_ends[None, :] <= j[:, None]).to(tl.int32), axis=1)                # [TB]
-    here = slot[:, None] == s[None, :]                                                      # [TB, S_P2]
-    seg_start = tl.sum(tl.where(here, starts[None, :], 0), axis=1)
-    seg_end = tl.sum(tl.where(here, ends[None, :], 0), axis=1)
-    first_tile = tl.sum(tl.where(here, (tile_ends - tiles)[None, :], 0), axis=1)
-    count = tl.sum(tl.where(here, counts[None, :], 0), axis=1)
-    m_start = seg_start + (j - first_tile) * (2 * HALF)
-    real_rows = tl.minimum(tl.maximum(seg_start + count - m_start, 0), 2 * HALF)
-    full = (seg_end - m_start >= 2 * HALF).to(tl.int32)
-    slot = tl.where(slot < num_slots, slot, -1)
-    ok = j < num_tiles
-    tl.store(tiles_ptr + j * 4, slot, mask=ok)
-    tl.store(tiles_ptr + j * 4 + 1, m_start, mask=ok)
-    tl.store(tiles_ptr + j * 4 + 2, real_rows, mask=ok)
-    tl.store(tiles_ptr + j * 4 + 3, full, mask=ok)
-
-
-@triton.jit(do_not_specialize=["num_assignments", "num_tiles"])
-def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_ptr, pos_ptr, tiles_ptr,
-                    num_assignments, num_slots, num_tiles, CHUNK: tl.constexpr, S_P2: tl.constexpr,
-                    TB: tl.constexpr, HALF: tl.constexpr, TILES: tl.constexpr, USE_PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["num_assignments"])
+def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, rank_ptr, pos_ptr, num_assignments,
+                    CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
@@ -183,15 +141,10 @@ def _scatter_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, rank_
     base = tl.load(offsets_ptr + s, mask=valid, other=0)
     tl.store(sorted_ids_ptr + base + rank, offs, mask=valid)
     tl.store(pos_ptr + offs, tl.where(valid, base + rank, -1), mask=offs < num_assignments)
-    if TILES:
-        for first in range(tl.program_id(0) * TB, num_tiles, tl.num_programs(0) * TB):
-            _tile_table(tiles_ptr, offsets_ptr, counts_ptr, first, num_tiles, num_slots, S_P2, TB, HALF)
 
 
-def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int, tiles: bool = False) -> SlotAlignment:
-    """slot_ids [T, K] int (-1 = elsewhere) → SlotAlignment. No host sync.
-
-    ``tiles``: also write the split tile table (tiles of 2·block_m rows) for the split GEMMs."""
+def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotAlignment:
+    """slot_ids [T, K] int (-1 = elsewhere) → SlotAlignment. No host sync."""
     assert slot_ids.dim() == 2, f"slot_ids must be [T, K], got {tuple(slot_ids.shape)}"
     assert not slot_ids.dtype.is_floating_point, "slot_ids must be an integer tensor"
     assert num_slots >= 1 and block_m >= 1
@@ -206,9 +159,7 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int, tiles: b
     s_p2 = triton.next_power_of_2(num_slots)
     pdl = launch_options(pdl_enabled(device))
     counts = torch.empty(num_slots, dtype=torch.int32, device=device)
-    num_tiles = split_tile_count(num_assignments, num_slots, cap, block_m) if tiles else 0
-    tile_table = torch.empty(max(num_tiles, 1), 4, dtype=torch.int32, device=device) if tiles else None
-    if num_assignments <= SINGLE_PROGRAM_MAX_ASSIGNMENTS and not tiles:
+    if num_assignments <= SINGLE_PROGRAM_MAX_ASSIGNMENTS:
         _align_single_kernel[(1,)](slot_ids, sorted_ids, offsets, counts, rank, positions,
                                    num_assignments, num_slots, block_m,
                                    S_P2=s_p2, CHUNK=512, num_warps=4, **pdl)
@@ -218,10 +169,9 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int, tiles: b
         _count_scan_kernel[grid](slot_ids, _counters(device, num_slots), counts, rank, offsets,
                                  num_assignments, num_slots, block_m, S_P2=s_p2, CHUNK=chunk,
                                  num_warps=4, **pdl)
-        _scatter_kernel[grid](slot_ids, sorted_ids, offsets, counts, rank, positions, tile_table,
-                              num_assignments, num_slots, num_tiles, CHUNK=chunk, S_P2=s_p2, TB=32,
-                              HALF=block_m, TILES=tiles, num_warps=4, **pdl)
-    return SlotAlignment(sorted_ids, offsets, counts, block_m, positions, tile_table)
+        _scatter_kernel[grid](slot_ids, sorted_ids, offsets, rank, positions, num_assignments,
+                              CHUNK=chunk, num_warps=4, **pdl)
+    return SlotAlignment(sorted_ids, offsets, counts, block_m, positions)
 
 
 def align_by_slot_reference(slot_ids: torch.Tensor, num_slots: int,

@@ -28,9 +28,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.moe_align import SlotAlignment
-from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, _block_slot,
-                                 _grouped_pid, _grouped_tile, _nth_tile, _split_layout, _split_tile, _table_tile,
-                                 programs_for, slot_block, split_tiles_bound, tile_table_for)
+from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, _block_slot, _grouped_pid, _grouped_tile,
+                                 _nth_tile, _split_layout, _split_tile, programs_for, slot_block, split_tiles_bound)
 from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
@@ -156,10 +155,9 @@ def _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_pt
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
 def _down_tma_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
-                     sorted_ids_ptr, offsets_ptr, counts_ptr, tiles_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                     sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
                      S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, TABLE: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
     m_start = pid_m * BM
@@ -172,19 +170,15 @@ def _down_tma_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])
 def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
-                           sorted_ids_ptr, offsets_ptr, counts_ptr, tiles_ptr, num_slots, D, I, num_pid_m,
-                           stride_ra, S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, TABLE: tl.constexpr,
-                           USE_PDL: tl.constexpr):
+                           sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                           S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, USE_PDL: tl.constexpr):
     """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
-    if TABLE:
-        slot, m_start, seg_start, seg_count, full = _table_tile(tiles_ptr, pid_m)
-    else:
-        slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
-                                                                S_P2, HALF)
+    slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
+                                                            S_P2, HALF)
     if slot < 0:
         return
     if full:
@@ -197,13 +191,11 @@ def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc,
 
 @triton.jit(do_not_specialize=["num_slots"])
 def _down_tma_persistent_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_ptr, topk_w_ptr,
-                                sorted_ids_ptr, offsets_ptr, counts_ptr, tiles_ptr, num_slots, D, I, num_pid_m,
-                                stride_ra, S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr,
-                                TABLE: tl.constexpr, USE_PDL: tl.constexpr, NUM_PROGS: tl.constexpr,
-                                FLATTEN: tl.constexpr):
-    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` and the
-    tile table unused: each program scans the layout once)."""
+                                sorted_ids_ptr, offsets_ptr, counts_ptr, num_slots, D, I, num_pid_m, stride_ra,
+                                S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, USE_PDL: tl.constexpr,
+                                NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr):
+    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
     starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
@@ -252,13 +244,11 @@ def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,
     if isinstance(config, PersistentSplitTmaGemmConfig):
         extra.update(NUM_PROGS=programs_for(config, act.device, grid[0]), FLATTEN=config.flatten)
         grid = (extra["NUM_PROGS"],)
-    table = tile_table_for(align, config.block_m) if isinstance(config, SplitTmaGemmConfig) else None
     kernel[grid](
         a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows, weights, align.sorted_ids,
-        align.slot_offsets, align.slot_counts, align.sorted_ids if table is None else table, num_slots,
-        dim, inter, num_pid_m, rows.stride(0),
+        align.slot_offsets, align.slot_counts, num_slots, dim, inter, num_pid_m, rows.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
-        GROUP_M=config.group_m, TMA_STORE=tma_store, TABLE=table is not None, num_warps=config.num_warps,
+        GROUP_M=config.group_m, TMA_STORE=tma_store, num_warps=config.num_warps,
         num_stages=config.num_stages, **extra)
     return rows
 

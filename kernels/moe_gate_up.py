@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.moe_align import SlotAlignment, split_tile_count
+from kernels.moe_align import SlotAlignment
 from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
@@ -111,29 +111,14 @@ def _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots, S_P2: tl.constexpr, H
     return slot, m_start, seg_start, count, seg_end - m_start >= 2 * HALF
 
 
-@triton.jit
-def _table_tile(tiles_ptr, pid_m):
-    """The pid_m-th split tile read from the alignment's tile table (one load of 16 bytes
-    instead of ``_split_tile``'s scan): slot, first row, first row again as the segment
-    start, real rows from there as the count, full height."""
-    row = tiles_ptr + pid_m * 4
-    m_start = tl.load(row + 1)
-    return tl.load(row), m_start, m_start, tl.load(row + 2), tl.load(row + 3) != 0
-
-
 def split_tiles_bound(align: SlotAlignment, tile_rows: int) -> int:
     """Upper bound on the split kernels' tiles along M (no host sync): each hit slot's tiles
     number ceil(count / tile_rows), so at most cdiv(A, tile_rows) + min(S, A) in all."""
     half_blocks = align.sorted_ids.numel() // (tile_rows // 2)
     if align.positions is None:
         return half_blocks
-    return split_tile_count(align.positions.numel(), align.slot_counts.numel(), align.sorted_ids.numel(),
-                            tile_rows // 2)
-
-
-def tile_table_for(align: SlotAlignment, tile_rows: int) -> torch.Tensor | None:
-    """The alignment's tile table if it describes split tiles of ``tile_rows`` rows."""
-    return align.tiles if align.tiles is not None and tile_rows == 2 * align.block_m else None
+    num_assignments, num_slots = align.positions.numel(), align.slot_counts.numel()
+    return min(half_blocks, triton.cdiv(num_assignments, tile_rows) + min(num_slots, num_assignments))
 
 
 @triton.jit
@@ -291,10 +276,10 @@ def _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start,
 
 @triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
 def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_ids_ptr, offsets_ptr,
-                        counts_ptr, tiles_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                        counts_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
                         S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_STORE: tl.constexpr,
-                        TABLE: tl.constexpr, USE_PDL: tl.constexpr):
+                        USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
     m_start = pid_m * BM
@@ -307,19 +292,16 @@ def _gate_up_tma_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_
 
 @triton.jit(do_not_specialize=["num_slots", "top_k", "num_pid_m"])
 def _gate_up_tma_split_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_ids_ptr, offsets_ptr,
-                              counts_ptr, tiles_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                              counts_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
                               S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_STORE: tl.constexpr,
-                              TABLE: tl.constexpr, USE_PDL: tl.constexpr):
+                              USE_PDL: tl.constexpr):
     """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(I, BN), GROUP_M)
-    if TABLE:
-        slot, m_start, seg_start, seg_count, full = _table_tile(tiles_ptr, pid_m)
-    else:
-        slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
-                                                                S_P2, HALF)
+    slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
+                                                            S_P2, HALF)
     if slot < 0:
         return
     if full:
@@ -333,13 +315,11 @@ def _gate_up_tma_split_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, s
 
 @triton.jit(do_not_specialize=["num_slots", "top_k"])
 def _gate_up_tma_persistent_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_desc, sorted_ids_ptr, offsets_ptr,
-                                   counts_ptr, tiles_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
+                                   counts_ptr, num_slots, top_k, D, I, num_pid_m, stride_xt, stride_ap,
                                    S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA_STORE: tl.constexpr,
-                                   TABLE: tl.constexpr, USE_PDL: tl.constexpr, NUM_PROGS: tl.constexpr,
-                                   FLATTEN: tl.constexpr):
-    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` and the
-    tile table unused: each program scans the layout once)."""
+                                   USE_PDL: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr):
+    """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
     starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
@@ -395,14 +375,12 @@ def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, co
     if isinstance(config, PersistentSplitTmaGemmConfig):
         extra.update(NUM_PROGS=programs_for(config, hidden.device, grid[0]), FLATTEN=config.flatten)
         grid = (extra["NUM_PROGS"],)
-    table = tile_table_for(align, config.block_m) if isinstance(config, SplitTmaGemmConfig) else None
     kernel[grid](
         hidden, w_desc, act, act_desc, act_half_desc, align.sorted_ids, align.slot_offsets,
-        align.slot_counts, align.sorted_ids if table is None else table, num_slots, top_k, dim, inter,
-        num_pid_m, hidden.stride(0), act.stride(0),
+        align.slot_counts, num_slots, top_k, dim, inter, num_pid_m, hidden.stride(0), act.stride(0),
         S_P2=slot_block(num_slots), BM=config.block_m, BN=config.block_n, BK=config.block_k,
         GROUP_M=config.group_m, EVEN_K=dim % config.block_k == 0, TMA_STORE=tma_store,
-        TABLE=table is not None, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+        num_warps=config.num_warps, num_stages=config.num_stages, **extra)
     return act
 
 

@@ -36,8 +36,8 @@ def desc(rows: int, cols: int) -> str:
 
 
 def resources(fn, sig: dict, consts: dict, warps: int, stages: int) -> str:
-    sig.update(tiles_ptr="*i32", TABLE="constexpr", USE_PDL="constexpr")
-    consts.update(TABLE=True, USE_PDL=True)                       # the defaults on an H200
+    sig.update(USE_PDL="constexpr")
+    consts.update(USE_PDL=True)                                   # the default on an H200
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
                            options={"num_warps": warps, "num_stages": stages, "launch_pdl": True})

@@ -177,8 +177,7 @@ def _compile_jobs(jobs: list[tuple]) -> list[str]:
                 act = torch.empty(inst.slot_ids.numel(), shape.inter, device="cuda", dtype=torch.bfloat16)
                 down_combine_gemv(act, w2, inst.slot_ids, inst.weights, cfg)
             else:
-                align = align_by_slot(inst.slot_ids, shape.num_slots, alignment_block(cfg),
-                                      tiles=isinstance(cfg, SplitTmaGemmConfig))
+                align = align_by_slot(inst.slot_ids, shape.num_slots, alignment_block(cfg))
                 if kind == "gate_up":
                     run_gate_up(inst.hidden, w13, align, shape.top_k, cfg)
                 else:
@@ -243,10 +242,9 @@ def best_of(candidates, measure, deadline: float, label: str):
 
 def measure_aligned(shape: mk.Shape, insts, w13, w2, cfg: AlignedConfig, count: int, reps: int) -> dict:
     """Per-kernel microseconds of one aligned config (the same timing as the search)."""
-    bm, tiles = cfg.align_block_m, isinstance(cfg.gate_up, SplitTmaGemmConfig)
-    aligns = [align_by_slot(i.slot_ids, shape.num_slots, bm, tiles) for i in insts]
-    parts = {"align_us": time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, bm, tiles),
-                                   count, reps)}
+    bm = cfg.align_block_m
+    aligns = [align_by_slot(i.slot_ids, shape.num_slots, bm) for i in insts]
+    parts = {"align_us": time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, bm), count, reps)}
     parts["gate_up_us"] = time_each(lambda j: run_gate_up(insts[j].hidden, w13, aligns[j], shape.top_k,
                                                           cfg.gate_up), count, reps)
     acts = [run_gate_up(i.hidden, w13, a, shape.top_k, cfg.gate_up) for i, a in zip(insts, aligns)]
@@ -279,10 +277,8 @@ def tune_point(shape: mk.Shape, num_tokens: int, w13, w2, deadline: float, incum
         log["candidates"]["gemv_down"] = res
         options.append((gu_us + dn_us, dn, {"gate_up_us": gu_us, "down_us": dn_us}))
     for label, align_bm, gu_cands, dn_cands in aligned_searches(shape, num_tokens):
-        tiles = any(isinstance(c, SplitTmaGemmConfig) for c in gu_cands)        # the split GEMMs' table
-        aligns = [align_by_slot(i.slot_ids, shape.num_slots, align_bm, tiles) for i in insts]
-        align_us = time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, align_bm, tiles),
-                             count, reps)
+        aligns = [align_by_slot(i.slot_ids, shape.num_slots, align_bm) for i in insts]
+        align_us = time_each(lambda j: align_by_slot(insts[j].slot_ids, shape.num_slots, align_bm), count, reps)
         gu, gu_us, res = best_of(
             gu_cands,
             lambda c: time_each(lambda j: run_gate_up(insts[j].hidden, w13, aligns[j], shape.top_k, c), count, reps),

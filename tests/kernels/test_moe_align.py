@@ -69,33 +69,6 @@ def test_multi_program_path_segments_and_positions(num_slots, num_tokens):
     assert torch.equal(sorted_ids.long()[positions[local]], local)
 
 
-def split_tiles_reference(offsets: torch.Tensor, counts: torch.Tensor, half: int) -> list[tuple[int, int, int, int]]:
-    """(slot, first row, real rows, full height) of every split tile, in slot order."""
-    out = []
-    for s in range(counts.numel()):
-        start, end, count = int(offsets[s]), int(offsets[s + 1]), int(counts[s])
-        for m in range(start, end, 2 * half):
-            out.append((s, m, max(0, min(start + count - m, 2 * half)), int(end - m >= 2 * half)))
-    return out
-
-
-@pytest.mark.parametrize("num_slots,num_tokens,half", [(9, 3, 16), (13, 90, 16), (33, 200, 8), (300, 200, 16),
-                                                        (128, 1100, 64)])
-def test_tile_table_lists_every_split_tile(num_slots, num_tokens, half):
-    """The split tile table: one row per tile in slot order, then -1 rows up to the bound."""
-    from kernels.moe_align import split_tile_count
-    _, slot_ids, *_ = make_problem(num_tokens, 4, num_slots, 8, 8, torch.float32, DEVICE,
-                                   hit_slots=max(num_slots - 3, 1), elsewhere=0.3, seed=num_slots + num_tokens)
-    align = align_by_slot(slot_ids, num_slots, half, tiles=True)
-    _, offsets, counts = align_by_slot_reference(slot_ids, num_slots, half)
-    expected = split_tiles_reference(offsets, counts, half)
-    table = align.tiles.cpu()
-    bound = split_tile_count(slot_ids.numel(), num_slots, align.sorted_ids.numel(), half)
-    assert table.shape == (max(bound, 1), 4) and len(expected) <= bound
-    assert [tuple(r) for r in table[:len(expected)].tolist()] == expected
-    assert (table[len(expected):bound, 0] == -1).all()
-
-
 def test_counters_are_left_zeroed_for_the_next_call():
     """No memset per call: the count kernel re-zeroes its workspace, so alignments of
     different routings one after another are each exact."""

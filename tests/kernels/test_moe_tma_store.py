@@ -119,20 +119,3 @@ def test_split_tiles_bound_covers_every_tile(seed):
         counts = align.slot_counts.cpu()
         tiles = int(((counts + tile_rows - 1) // tile_rows).sum())
         assert tiles <= split_tiles_bound(align, tile_rows) <= align.sorted_ids.numel() // (tile_rows // 2)
-
-
-@pytest.mark.parametrize("num_tokens", [17, 90])
-def test_split_kernels_read_the_tile_table_or_scan_alike(num_tokens):
-    """The split GEMMs find their tiles through the alignment's table or by scanning the
-    slots; both give the same bits."""
-    hidden, slot_ids, weights, w13, w2 = make_problem(num_tokens, K, S, 40, 24, torch.float32, DEVICE,
-                                                      hit_slots=S - 2, seed=num_tokens)
-    gate_up, down = SplitTmaGemmConfig(32, 16, 16, group_m=2), SplitTmaGemmConfig(32, 32, 16, tma_store=True)
-    outs = []
-    for tiles in (False, True):
-        align = align_by_slot(slot_ids, S, 16, tiles=tiles)
-        assert (align.tiles is not None) == tiles
-        act = gate_up_silu_tma_split(hidden, w13, align, K, gate_up)
-        rows = down_weighted_tma_split(act, w2, weights, align, down)
-        outs.append(combine_sorted(rows, align.positions, num_tokens, K))
-    assert torch.equal(outs[0], outs[1])
