@@ -59,17 +59,22 @@ def padded_capacity(num_assignments: int, num_slots: int, block_m: int) -> int:
     return max(triton.cdiv(cap, block_m), 1) * block_m
 
 
-_COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
+# Counter i lives at int32 index i * COUNTER_STRIDE (256 bytes apart): every counting atomic
+# returns a rank, and counters packed into a few cache lines serialise all A of them in a few
+# L2 slices; spread out, the slots' counters are served in parallel.
+COUNTER_STRIDE = 64
+
+_COUNTERS: dict[tuple[str, int | None, int, int], torch.Tensor] = {}
 
 
-def _counters(device: torch.device, num_slots: int) -> torch.Tensor:
-    """[S + 1] int32 zeros (per-slot counts, then the done ticket), kept for the process: the
-    count kernel zeroes them again when it finishes. Never freed, so a CUDA graph that
-    captured them stays valid."""
-    key = (device.type, device.index, num_slots)
+def _counters(device: torch.device, num_slots: int, stride: int = COUNTER_STRIDE) -> torch.Tensor:
+    """[(S + 1) * stride] int32 zeros (per-slot counts, then the done ticket, ``stride`` apart),
+    kept for the process: the count kernel zeroes them again when it finishes. Never freed, so a
+    CUDA graph that captured them stays valid."""
+    key = (device.type, device.index, num_slots, stride)
     counters = _COUNTERS.get(key)
     if counters is None:
-        counters = _COUNTERS[key] = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
+        counters = _COUNTERS[key] = torch.zeros((num_slots + 1) * stride, dtype=torch.int32, device=device)
     return counters
 
 
@@ -107,7 +112,8 @@ def _align_single_kernel(slot_ids_ptr, sorted_ids_ptr, offsets_ptr, counts_ptr, 
 
 @triton.jit(do_not_specialize=["num_assignments"])
 def _count_scan_kernel(slot_ids_ptr, counters_ptr, counts_ptr, rank_ptr, offsets_ptr, num_assignments,
-                       num_slots, block_m, S_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+                       num_slots, block_m, S_P2: tl.constexpr, CHUNK: tl.constexpr, STRIDE: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """Count (ranks from atomics on the zeroed ``counters``: S counts, then a done ticket);
     the last program to finish writes ``counts`` and the scanned offsets, then zeroes the
     counters for the next call (every other program is done with them by then)."""
@@ -115,19 +121,19 @@ def _count_scan_kernel(slot_ids_ptr, counters_ptr, counts_ptr, rank_ptr, offsets
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     s = tl.load(slot_ids_ptr + offs, mask=offs < num_assignments, other=-1).to(tl.int32)
     valid = s >= 0
-    rank = tl.atomic_add(counters_ptr + s, 1, mask=valid)
+    rank = tl.atomic_add(counters_ptr + s * STRIDE, 1, mask=valid)
     tl.store(rank_ptr + offs, rank, mask=valid)
-    ticket = tl.atomic_add(counters_ptr + num_slots, 1)   # acq_rel: orders this program's counts
+    ticket = tl.atomic_add(counters_ptr + num_slots * STRIDE, 1)   # acq_rel: orders this program's counts
     if ticket == tl.num_programs(0) - 1:
         slots = tl.arange(0, S_P2)
         in_range = slots < num_slots
-        counts = tl.atomic_xchg(counters_ptr + slots, 0, mask=in_range)      # read and re-zero
+        counts = tl.atomic_xchg(counters_ptr + slots * STRIDE, 0, mask=in_range)     # read and re-zero
         counts = tl.where(in_range, counts, 0)
         tl.store(counts_ptr + slots, counts, mask=in_range)
         padded = (counts + block_m - 1) // block_m * block_m
         tl.store(offsets_ptr + 1 + slots, tl.cumsum(padded, axis=0), mask=in_range)
         tl.store(offsets_ptr, 0)
-        tl.atomic_xchg(counters_ptr + num_slots, 0)
+        tl.atomic_xchg(counters_ptr + num_slots * STRIDE, 0)
 
 
 @triton.jit(do_not_specialize=["num_assignments"])
@@ -166,9 +172,9 @@ def align_by_slot(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> SlotA
     else:
         chunk = 256
         grid = (triton.cdiv(max(num_assignments, 1), chunk),)
-        _count_scan_kernel[grid](slot_ids, _counters(device, num_slots), counts, rank, offsets,
+        _count_scan_kernel[grid](slot_ids, _counters(device, num_slots, COUNTER_STRIDE), counts, rank, offsets,
                                  num_assignments, num_slots, block_m, S_P2=s_p2, CHUNK=chunk,
-                                 num_warps=4, **pdl)
+                                 STRIDE=COUNTER_STRIDE, num_warps=4, **pdl)
         _scatter_kernel[grid](slot_ids, sorted_ids, offsets, rank, positions, num_assignments,
                               CHUNK=chunk, num_warps=4, **pdl)
     return SlotAlignment(sorted_ids, offsets, counts, block_m, positions)

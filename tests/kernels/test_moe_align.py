@@ -79,4 +79,4 @@ def test_counters_are_left_zeroed_for_the_next_call():
                                        hit_slots=num_slots - seed, elsewhere=0.2, seed=seed)
         assert slot_ids.numel() > SINGLE_PROGRAM_MAX_ASSIGNMENTS
         check_alignment(slot_ids, num_slots, 16)
-        assert not _counters(slot_ids.device, num_slots).any()
+        assert not _counters(slot_ids.device, num_slots).any()  # the default stride
