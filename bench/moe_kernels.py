@@ -133,8 +133,9 @@ def time_eager(fn, reps: int = 10, warmup: int = 2) -> float:
     return _median_ms(fn, reps)
 
 
-def time_graph(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of one replay of a CUDA graph holding fn()'s launches."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph holding fn()'s launches (fn runs twice on a side stream first: compiles,
+    allocator warm-up)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -145,6 +146,24 @@ def time_graph(fn, reps: int = 20, warmup: int = 3) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def interleaved_medians(graphs: dict, per_replay: int, rounds: int, reps: int) -> dict:
+    """A/B timing: the graphs replayed in turn, round after round (each: one warm replay, then
+    the median of ``reps``); per graph the median over rounds, in µs per ``per_replay`` item."""
+    times = {key: [] for key in graphs}
+    for _ in range(rounds):
+        for key, graph in graphs.items():
+            graph.replay()
+            torch.cuda.synchronize()
+            times[key].append(_median_ms(graph.replay, reps) * 1e3 / per_replay)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def time_graph(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of one replay of a CUDA graph holding fn()'s launches."""
+    graph = capture_graph(fn)
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()

@@ -9,7 +9,6 @@ turn round after round; medians in µs per instance. From the repo root on the G
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,19 +20,6 @@ import moe_kernels as mk  # noqa: E402
 import kernels.moe_align as ma  # noqa: E402
 from epserve.moe_runner import make_moe_runner  # noqa: E402
 from kernels.moe_configs import get_config  # noqa: E402
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main() -> None:
@@ -58,18 +44,12 @@ def main() -> None:
             graphs = {}
             for stride in args.strides:
                 ma.COUNTER_STRIDE = stride
-                graphs[("align", stride)] = capture(
+                graphs[("align", stride)] = mk.capture_graph(
                     lambda: [ma.align_by_slot(i.slot_ids, shape.num_slots, block_m) for i in insts])
-                graphs[("pipeline", stride)] = capture(
+                graphs[("pipeline", stride)] = mk.capture_graph(
                     lambda: [runner.run(i.hidden, i.slot_ids, i.weights, w13, w2) for i in insts])
             ma.COUNTER_STRIDE = 64
-            times = {k: [] for k in graphs}
-            for _ in range(args.rounds):
-                for k, graph in graphs.items():
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    times[k].append(mk._median_ms(graph.replay, args.reps) * 1e3 / len(insts))
-            med = {k: statistics.median(t) for k, t in times.items()}
+            med = mk.interleaved_medians(graphs, len(insts), args.rounds, args.reps)
             for what in ("align", "pipeline"):
                 print(f"{model:16s} T={num_tokens:6d} {what:8s} " +
                       "  ".join(f"stride {s}: {med[(what, s)]:7.1f}" for s in args.strides), flush=True)

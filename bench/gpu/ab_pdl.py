@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,16 +26,7 @@ from kernels import pdl  # noqa: E402
 
 def capture(fn, use_pdl: bool) -> torch.cuda.CUDAGraph:
     with contextlib.nullcontext() if use_pdl else pdl.disabled():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    return graph
+        return mk.capture_graph(fn)
 
 
 def main() -> None:
@@ -58,13 +48,7 @@ def main() -> None:
                 for i in insts:
                     runner.run(i.hidden, i.slot_ids, i.weights, w13, w2)
             graphs = {"PDL": capture(run, True), "plain": capture(run, False)}
-            times = {name: [] for name in graphs}
-            for _ in range(args.rounds):
-                for name, graph in graphs.items():
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    times[name].append(mk._median_ms(graph.replay, args.reps) * 1e3 / len(insts))
-            med = {name: statistics.median(t) for name, t in times.items()}
+            med = mk.interleaved_medians(graphs, len(insts), args.rounds, args.reps)
             print(f"{model:16s} {num_tokens:6d} {med['PDL']:9.1f} {med['plain']:9.1f}", flush=True)
             del graphs, insts
             torch.cuda.empty_cache()
