@@ -10,8 +10,8 @@ Every kernel launched with PDL calls ``pdl_wait`` before it reads or writes memo
 with other kernels, so the order of memory effects is the order of the stream, as without
 PDL. The launch attribute survives CUDA-graph capture (a programmatic edge in the graph).
 
-Enabled on CUDA devices of compute capability 9.0 or newer, unless ``EPSERVE_MOE_PDL=0``;
-never under the Triton interpreter (CPU tests). ``disabled()`` turns it off for a block of
+Enabled on CUDA devices of compute capability 9.0 or newer, unless ``EPSERVE_MOE_PDL=0`` in the
+environment at import; never under the Triton interpreter (CPU tests). ``disabled()`` turns it off for a block of
 code (the benchmark times both in one run).
 """
 
@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+# read once: every kernel launch asks
+_ENV_OFF = os.environ.get("EPSERVE_MOE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1"
 _forced_off = 0
 
 
@@ -36,9 +38,7 @@ def _device_supports(device_index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL."""
-    if _forced_off or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if os.environ.get("EPSERVE_MOE_PDL", "1") == "0":
+    if _forced_off or _ENV_OFF or device.type != "cuda":
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 
