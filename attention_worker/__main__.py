@@ -1,4 +1,4 @@
-"""``python -m attention_worker``: one attention/data-parallel worker."""
+"""``python -m epserve.attention_worker``: one attention/data-parallel worker."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import argparse
 import os
 import sys
 
-from attention_worker.config import (DTYPES, HEATMAP_ENV, AttentionWorkerConfig, default_expert_distribution_dir,
+from epserve.attention_worker.config import (DTYPES, HEATMAP_ENV, AttentionWorkerConfig, default_expert_distribution_dir,
                                      heatmap_interval_from_env)
-from attention_worker.engine import EngineLimits
-from attention_worker.expert_routing import DispatchAlgorithm
+from epserve.attention_worker.engine import EngineLimits
+from epserve.attention_worker.expert_routing import DispatchAlgorithm
 
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m attention_worker",
+        prog="python -m epserve.attention_worker",
         description="Attention/data-parallel worker: embeddings, attention with a paged KV cache, router, "
                     "sampling and continuous batching; routed experts run on expert workers reached through "
                     "the data plane. Registers with the placement service and serves epserve.v1.AttentionWorker.",
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             trace_step_every=args.trace_step_every, **kwargs)
         if config.eplb_heatmap_collection_interval:    # fail at start, not at the first interval
-            from attention_worker.expert_heatmap import HeatmapWriter
+            from epserve.attention_worker.expert_heatmap import HeatmapWriter
 
             HeatmapWriter(config.expert_distribution_dir, config.worker_id).check_writable()
     except ValueError as exc:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from epserve.process import run_worker_process
     from epserve.telemetry import AttentionWorkerMetrics
-    from attention_worker.worker import TRACING_SERVICE_NAME, AttentionWorker
+    from epserve.attention_worker.worker import TRACING_SERVICE_NAME, AttentionWorker
 
     def make_metrics() -> AttentionWorkerMetrics:
         return AttentionWorkerMetrics(expert_distribution=config.enable_expert_distribution_metrics)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from attention_worker.engine import Engine, EngineLimits
-from attention_worker.expert_heatmap import HeatmapCollector
-from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
-from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
-from attention_worker.moe_executor import InProcessExperts
+from epserve.attention_worker.engine import Engine, EngineLimits
+from epserve.attention_worker.expert_heatmap import HeatmapCollector
+from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
+from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from epserve.attention_worker.moe_executor import InProcessExperts
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attention_worker.engine import EngineLimits
-from attention_worker.expert_routing import DispatchAlgorithm
+from epserve.attention_worker.engine import EngineLimits
+from epserve.attention_worker.expert_routing import DispatchAlgorithm
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 HEATMAP_ENV = ("EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL", "SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL")

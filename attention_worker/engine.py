@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from attention_worker.expert_heatmap import HeatmapCollector
-from attention_worker.expert_recorder import ExpertLoadRecorder
-from attention_worker.kv_cache import PagedKVCache
-from attention_worker.moe_executor import MoEExecutor, run_micro_batches
-from attention_worker.request_spans import record_request_spans
-from attention_worker.sampler import SamplingParams, sample_one
-from attention_worker.scheduler import ScheduledChunk, Scheduler
-from attention_worker.sequence import FinishReason, Sequence
+from epserve.attention_worker.expert_heatmap import HeatmapCollector
+from epserve.attention_worker.expert_recorder import ExpertLoadRecorder
+from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
+from epserve.attention_worker.request_spans import record_request_spans
+from epserve.attention_worker.sampler import SamplingParams, sample_one
+from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
+from epserve.attention_worker.sequence import FinishReason, Sequence
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
 from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Tracing, setup_tracing

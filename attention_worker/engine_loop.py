@@ -13,8 +13,8 @@ import os
 import queue
 import threading
 
-from attention_worker.engine import Engine, StepOutput
-from attention_worker.sampler import SamplingParams
+from epserve.attention_worker.engine import Engine, StepOutput
+from epserve.attention_worker.sampler import SamplingParams
 
 logger = logging.getLogger(__name__)
 

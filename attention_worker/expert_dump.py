@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
+from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.expert_map import ExpertMap
 
 

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from attention_worker.expert_routing import ExpertRouter
+from epserve.attention_worker.expert_routing import ExpertRouter
 from epserve.expert_map import ExpertMap
 from epserve.telemetry import NO_SPAN, Tracing, setup_tracing
 from epserve.models.expert_side import ExpertSlots

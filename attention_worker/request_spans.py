@@ -12,7 +12,7 @@ SERVER span:
 
 from __future__ import annotations
 
-from attention_worker.sequence import Sequence
+from epserve.attention_worker.sequence import Sequence
 from epserve.telemetry import Tracing
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from attention_worker.kv_cache import BlockAllocator
-from attention_worker.sequence import Sequence
+from epserve.attention_worker.kv_cache import BlockAllocator
+from epserve.attention_worker.sequence import Sequence
 
 
 @dataclass

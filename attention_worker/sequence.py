@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention_worker.sampler import SamplingParams
+from epserve.attention_worker.sampler import SamplingParams
 
 
 class FinishReason(enum.Enum):

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from attention_worker.engine import RequestRejected, StepOutput
-from attention_worker.engine_loop import EngineLoop
-from attention_worker.expert_dump import DumpRejected, dump_expert_distribution
-from attention_worker.sampler import SamplingParams
-from attention_worker.sequence import FinishReason
-from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+from epserve.attention_worker.engine import RequestRejected, StepOutput
+from epserve.attention_worker.engine_loop import EngineLoop
+from epserve.attention_worker.expert_dump import DumpRejected, dump_expert_distribution
+from epserve.attention_worker.sampler import SamplingParams
+from epserve.attention_worker.sequence import FinishReason
+from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

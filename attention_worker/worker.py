@@ -23,14 +23,14 @@ import logging
 import threading
 from collections.abc import Callable
 
-from attention_worker.config import AttentionWorkerConfig
-from attention_worker.engine import Engine
-from attention_worker.engine_loop import EngineLoop
-from attention_worker.expert_heatmap import HeatmapCollector, HeatmapWriter
-from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
-from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
-from attention_worker.moe_executor import RemoteExperts
-from attention_worker.service import AttentionWorkerService
+from epserve.attention_worker.config import AttentionWorkerConfig
+from epserve.attention_worker.engine import Engine
+from epserve.attention_worker.engine_loop import EngineLoop
+from epserve.attention_worker.expert_heatmap import HeatmapCollector, HeatmapWriter
+from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
+from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from epserve.attention_worker.moe_executor import RemoteExperts
+from epserve.attention_worker.service import AttentionWorkerService
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec
@@ -40,7 +40,7 @@ from epserve.process import start_daemon_thread
 from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, AttentionWorkerMetrics, StepSampler, Tracing,
                                setup_tracing)
 from epserve.weights import CheckpointReader, parse_dtype
-from protos import worker_pb2_grpc
+from epserve.protos import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

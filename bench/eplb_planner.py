@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from placement_service.eplb import EplbAlgorithm, balancedness, experts_moved, plan  # noqa: E402
+from epserve.placement_service.eplb import EplbAlgorithm, balancedness, experts_moved, plan  # noqa: E402
 
 L, E, R, W, N, G = 58, 256, 32, 32, 4, 8
 P = E + R

@@ -206,9 +206,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def triton_kernels_only(shape: Shape, num_tokens: int, instances, w13, w2):
     """The triton runner's work without the alignment step (alignment done once, outside)."""
-    from kernels.fused_moe import experts_aligned, fused_moe_gemv
-    from kernels.moe_align import align_by_slot
-    from kernels.moe_configs import AlignedConfig, get_config
+    from epserve.kernels.fused_moe import experts_aligned, fused_moe_gemv
+    from epserve.kernels.moe_align import align_by_slot
+    from epserve.kernels.moe_configs import AlignedConfig, get_config
     config = get_config(num_tokens, shape.top_k, shape.num_slots, shape.dim, shape.inter,
                         torch.cuda.get_device_name())
     if not isinstance(config, AlignedConfig):
@@ -246,7 +246,7 @@ def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, 
     if graphable and num_tokens > GRAPH_MAX_TOKENS:
         row["time_eager_us"] = time_eager(run_all, reps) / count * 1e3
     if backend == "triton" and timing == "graph":
-        from kernels import pdl
+        from epserve.kernels import pdl
         with pdl.disabled():
             row["time_no_pdl_us"] = time_graph(run_all, reps) / count * 1e3
     first = instances[0]
@@ -258,7 +258,7 @@ def bench_point(shape: Shape, num_tokens: int, backend: str, runner, instances, 
         if padding is not None:
             row["padding_rows_frac"] = padding       # padded GEMM rows / real rows - 1
         kms = (time_graph(fn, reps) if graphable else time_eager(fn, reps)) / count
-        from kernels.moe_configs import config_to_dict
+        from epserve.kernels.moe_configs import config_to_dict
         row["config"] = config_to_dict(config)
         row["variant"] = row["config"]["variant"]
         row["time_kernels_us"] = kms * 1e3

@@ -48,8 +48,8 @@ from pathlib import Path
 import grpc
 
 from epserve.deployment import DeploymentConfig, LocalDeployment
-from gateway.client import stream_generate
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.gateway.client import stream_generate
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 
 class Streams:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from epserve.deployment import DeploymentConfig, LocalDeployment
-from gateway.client import stream_generate
+from epserve.gateway.client import stream_generate
 
 
 def one_request(address: str, prompt: str, max_new_tokens: int) -> dict:

@@ -11,22 +11,33 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import pkgutil
 import sys
+from pathlib import Path
+
+
+def module_names(package: str) -> list[str]:
+    """Every module of an installed package by its file, namespace subpackages (folders without
+    ``__init__.py``, like ``epserve.gateway``) included: ``pkgutil.walk_packages`` skips those."""
+    root = Path(importlib.import_module(package).__file__).parent
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = [package, *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.append(".".join(parts))
+    return names
 
 
 def main() -> int:
-    # The project's packages, as installed (pyproject.toml's packages.find).
+    # The project's packages, as installed (pyproject.toml's packages.find): just `epserve`.
     packages = importlib.metadata.distribution("epserve").read_text("top_level.txt").split()
     imported, skipped = 0, []
     for package in packages:
         try:
-            root = importlib.import_module(package)
+            names = module_names(package)
         except ImportError as exc:
             skipped.append(f"{package} ({exc})")
             continue
-        names = [package] + [m.name for m in pkgutil.walk_packages(root.__path__, package + ".",
-                                                                    onerror=lambda name: None)]
         for name in names:
             if name.rsplit(".", 1)[-1] == "__main__":
                 continue  # runs the process

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -130,20 +130,20 @@ class LocalDeployment:
                               "--init-expert-location", c.init_expert_location, "--port", str(c.placement_port)]
             if c.state_db:
                 placement_args += ["--state-db", c.state_db]
-            placement = self._spawn("placement", "placement_service", placement_args + c.extra_placement_args,
+            placement = self._spawn("placement", "epserve.placement_service", placement_args + c.extra_placement_args,
                                     "PLACEMENT_PORT")
             self.placement_port = placement.port
             address = f"{c.host}:{self.placement_port}"
             common = ["--placement", address, "--dtype", c.dtype, "--device", c.device]
             # Workers and gateway start in parallel: each imports torch for seconds.
-            pending = [self._launch(f"expert-{i}", "expert_worker",
+            pending = [self._launch(f"expert-{i}", "epserve.expert_worker",
                                     common + ["--worker-id", f"expert-{i}", "--moe-runner-backend",
                                               c.moe_runner_backend] + c.extra_expert_args)
                        for i in range(c.num_expert_workers)]
-            pending += [self._launch(f"attention-{i}", "attention_worker",
+            pending += [self._launch(f"attention-{i}", "epserve.attention_worker",
                                      common + ["--worker-id", f"attention-{i}"] + c.attention_args())
                         for i in range(c.num_attention_workers)]
-            gateway = self._launch("gateway", "gateway", ["--placement", address, "--port", str(c.gateway_port)]
+            gateway = self._launch("gateway", "epserve.gateway", ["--placement", address, "--port", str(c.gateway_port)]
                                    + c.extra_gateway_args)
             for child in pending:
                 self._await_port(child, "EXPERT_WORKER_PORT" if child.name.startswith("expert")

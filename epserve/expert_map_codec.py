@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from epserve.expert_map import ExpertMap
-from protos import placement_pb2
+from epserve.protos import placement_pb2
 
 
 def expert_map_to_proto(expert_map: ExpertMap) -> placement_pb2.ExpertMap:

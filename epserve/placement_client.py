@@ -38,7 +38,7 @@ from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_from_proto
 from epserve.grpc_server import GRPC_OPTIONS
 from epserve.process import start_daemon_thread
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``python -m expert_worker``: one expert-parallel worker."""
+"""``python -m epserve.expert_worker``: one expert-parallel worker."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 
-from expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig
+from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig
 
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m expert_worker",
+        prog="python -m epserve.expert_worker",
         description="Expert-parallel worker: holds the physical expert slots the placement service assigns "
                     "it (every MoE layer), loads only those experts, and serves batches dispatched by "
                     "attention workers on the data plane through the MoE runner.")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from epserve.process import run_worker_process
     from epserve.telemetry import ExpertWorkerMetrics
-    from expert_worker.worker import TRACING_SERVICE_NAME, ExpertWorker
+    from epserve.expert_worker.worker import TRACING_SERVICE_NAME, ExpertWorker
 
     return run_worker_process("expert_worker", TRACING_SERVICE_NAME, config, ExpertWorkerMetrics, ExpertWorker, "EXPERT_WORKER_PORT")
 

@@ -23,7 +23,7 @@ from epserve.model_config import ModelSpec
 from epserve.models.expert_side import ExpertSlots, load_expert_slots
 from epserve.moe_runner import MoERunner
 from epserve.weights import CheckpointReader
-from expert_worker.load_pacer import LoadPacer
+from epserve.expert_worker.load_pacer import LoadPacer
 
 logger = logging.getLogger(__name__)
 

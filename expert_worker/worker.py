@@ -28,10 +28,10 @@ from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase
 from epserve.process import start_daemon_thread
 from epserve.telemetry import ExpertWorkerMetrics, Tracing, setup_tracing
 from epserve.weights import CheckpointReader, parse_dtype
-from expert_worker.config import ExpertWorkerConfig
-from expert_worker.expert_store import ExpertStore
-from expert_worker.load_pacer import LoadPacer
-from expert_worker.observed_compute import ObservedCompute
+from epserve.expert_worker.config import ExpertWorkerConfig
+from epserve.expert_worker.expert_store import ExpertStore
+from epserve.expert_worker.load_pacer import LoadPacer
+from epserve.expert_worker.observed_compute import ObservedCompute
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,23 @@
-"""``python -m gateway``: parse flags, build the Gateway, serve until SIGTERM/SIGINT, exit 0."""
+"""``python -m epserve.gateway``: parse flags, build the Gateway, serve until SIGTERM/SIGINT, exit 0.
+
+The epserve gateway: the public ``epserve.v1.Generation`` gRPC API in front of the attention workers.
+
+``python -m epserve.gateway --help`` lists the flags. A request flows through these pieces:
+
+    servicer.py          proto <-> dataclasses, error -> status code (thin)
+    request_manager.py   tokenize (tokenizer.py), validate (validation.py), register the request id,
+                         pick a worker (router.py, least outstanding tokens), stream its token ids,
+                         turn them into text (output_processor.py: detokenizer.py + stop_strings.py),
+                         abort / cancel / retry on another worker when one is lost
+    worker_pool.py       the attention workers known (static list and/or placement discovery),
+                         which of them answer (GetLoad probes), one gRPC client each (worker_client.py)
+    server.py            builds the objects above from a GatewayConfig (config.py), serves, shuts down
+
+Context length: a prompt must be shorter than the model's context (max_position_embeddings);
+``max_new_tokens`` may ask for more than fits, in which case the gateway lowers it to
+``context - prompt_tokens`` before sending the request to a worker and the stream ends with
+finish_reason LENGTH when the context is full.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +28,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from gateway.config import build_parser, config_from_args
+from epserve.gateway.config import build_parser, config_from_args
 
-logger = logging.getLogger("gateway")
+logger = logging.getLogger("epserve.gateway")
 
 
 def _die_on_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -33,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     # heavy imports (grpc, tokenizers, OTel) after flag parsing
     from epserve.telemetry import GatewayMetrics, setup_tracing, start_metrics_server
-    from gateway.observer import NullObserver, TelemetryObserver
-    from gateway.server import TRACING_SERVICE_NAME, Gateway
+    from epserve.gateway.observer import NullObserver, TelemetryObserver
+    from epserve.gateway.server import TRACING_SERVICE_NAME, Gateway
 
     threading.excepthook = _die_on_thread_crash
     try:

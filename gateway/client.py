@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import generation_pb2, generation_pb2_grpc
+from epserve.protos import generation_pb2, generation_pb2_grpc
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens",
                    "stop", "stop_token_ids", "ignore_eos")

@@ -68,7 +68,7 @@ class GatewayConfig:
 def build_parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(GatewayConfig)}
     parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+        prog="python -m epserve.gateway",
         description="epserve gateway: serves the public epserve.v1.Generation gRPC API (plus grpc.health.v1 "
                     "and reflection), tokenizes, routes each request to the attention worker with the fewest "
                     "outstanding tokens, streams text back, and re-submits a request elsewhere when its "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from epserve.grpc_server import GRPC_OPTIONS
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 
 class DiscoveryError(Exception):

@@ -17,7 +17,7 @@ from typing import Protocol
 from opentelemetry import trace
 
 from epserve.telemetry import GatewayMetrics
-from gateway.request_types import FinishReason, Usage
+from epserve.gateway.request_types import FinishReason, Usage
 
 FINISH_LABELS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.detokenizer import Decoder, IncrementalDetokenizer
-from gateway.stop_strings import StopStringMatcher
+from epserve.gateway.detokenizer import Decoder, IncrementalDetokenizer
+from epserve.gateway.stop_strings import StopStringMatcher
 
 
 @dataclass(frozen=True)

@@ -32,16 +32,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 
-from gateway.config import GatewayConfig
-from gateway.errors import ErrorCode, GatewayError, ValidationError
-from gateway.model_info import ModelInfo
-from gateway.observer import NullObserver, RequestObserver
-from gateway.output_processor import OutputProcessor
-from gateway.request_types import FinishReason, GenerateInput, GenerateOutput, SamplingParams, Usage
-from gateway.router import Router
+from epserve.gateway.config import GatewayConfig
+from epserve.gateway.errors import ErrorCode, GatewayError, ValidationError
+from epserve.gateway.model_info import ModelInfo
+from epserve.gateway.observer import NullObserver, RequestObserver
+from epserve.gateway.output_processor import OutputProcessor
+from epserve.gateway.request_types import FinishReason, GenerateInput, GenerateOutput, SamplingParams, Usage
+from epserve.gateway.router import Router
 from epserve.tokenizer import Tokenizer
-from gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
-from gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDirectory, WorkerFailed, WorkerLost,
+from epserve.gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
+from epserve.gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDirectory, WorkerFailed, WorkerLost,
                                 WorkerRequest, WorkerStream, WorkerTimeout)
 
 logger = logging.getLogger(__name__)

@@ -16,16 +16,16 @@ import threading
 
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.telemetry import Tracing, setup_tracing
-from gateway.config import GatewayConfig
-from gateway.discovery import PlacementDiscovery
-from gateway.model_info import load_model_info
-from gateway.observer import RequestObserver
-from gateway.request_manager import RequestManager
-from gateway.router import Router
-from gateway.servicer import GenerationServicer
+from epserve.gateway.config import GatewayConfig
+from epserve.gateway.discovery import PlacementDiscovery
+from epserve.gateway.model_info import load_model_info
+from epserve.gateway.observer import RequestObserver
+from epserve.gateway.request_manager import RequestManager
+from epserve.gateway.router import Router
+from epserve.gateway.servicer import GenerationServicer
 from epserve.tokenizer import Tokenizer
-from gateway.worker_pool import WorkerPool
-from protos import generation_pb2, generation_pb2_grpc
+from epserve.gateway.worker_pool import WorkerPool
+from epserve.protos import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from opentelemetry.trace import Status, StatusCode
 
 from epserve.telemetry import Tracing
 
-from gateway.errors import ErrorCode, GatewayError
-from gateway.model_info import ModelInfo
-from gateway.request_manager import RequestManager
-from gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
-from gateway.worker_pool import WorkerPool
-from protos import generation_pb2, generation_pb2_grpc
+from epserve.gateway.errors import ErrorCode, GatewayError
+from epserve.gateway.model_info import ModelInfo
+from epserve.gateway.request_manager import RequestManager
+from epserve.gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
+from epserve.gateway.worker_pool import WorkerPool
+from epserve.protos import generation_pb2, generation_pb2_grpc
 
 
 SERVER_ERRORS = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL)  # span status ERROR

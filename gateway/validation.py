@@ -15,8 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.errors import ValidationError
-from gateway.request_types import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
+from epserve.gateway.errors import ValidationError
+from epserve.gateway.request_types import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
                                    SamplingParams, SamplingRequest)
 
 

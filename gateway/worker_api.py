@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.request_types import FinishReason, SamplingParams
+from epserve.gateway.request_types import FinishReason, SamplingParams
 
 
 @dataclass(frozen=True)

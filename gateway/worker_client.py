@@ -17,10 +17,10 @@ import grpc
 from epserve.grpc_server import GRPC_OPTIONS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.request_types import FinishReason, SamplingParams
-from gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerSlow,
+from epserve.gateway.request_types import FinishReason, SamplingParams
+from epserve.gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerSlow,
                                 WorkerStep, WorkerTimeout)
-from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

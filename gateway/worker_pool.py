@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from gateway.config import GatewayConfig
-from gateway.discovery import DiscoveryError, PlacementDiscovery
-from gateway.router import Router
-from gateway.worker_api import WorkerLoad, WorkerLost, WorkerSlow
-from gateway.worker_client import GrpcWorkerClient
+from epserve.gateway.config import GatewayConfig
+from epserve.gateway.discovery import DiscoveryError, PlacementDiscovery
+from epserve.gateway.router import Router
+from epserve.gateway.worker_api import WorkerLoad, WorkerLost, WorkerSlow
+from epserve.gateway.worker_client import GrpcWorkerClient
 
 logger = logging.getLogger(__name__)
 

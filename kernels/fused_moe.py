@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.moe_align import SlotAlignment, align_by_slot
-from kernels.moe_configs import AlignedConfig, MoEConfig
-from kernels.moe_down import (combine, combine_sorted, down_weighted, down_weighted_tma,
+from epserve.kernels.moe_align import SlotAlignment, align_by_slot
+from epserve.kernels.moe_configs import AlignedConfig, MoEConfig
+from epserve.kernels.moe_down import (combine, combine_sorted, down_weighted, down_weighted_tma,
                               down_weighted_tma_split)
-from kernels.moe_gate_up import (GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, gate_up_silu,
+from epserve.kernels.moe_gate_up import (GemmConfig, SplitTmaGemmConfig, TmaGemmConfig, gate_up_silu,
                                  gate_up_silu_tma, gate_up_silu_tma_split)
-from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv
+from epserve.kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv
 
 
 def _check(hidden, slot_ids, weights, w13, w2) -> None:

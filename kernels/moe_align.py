@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 SINGLE_PROGRAM_MAX_ASSIGNMENTS = 512
 

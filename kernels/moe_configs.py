@@ -23,9 +23,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
+from epserve.kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
                                  alignment_block)
-from kernels.moe_gemv import GemvConfig
+from epserve.kernels.moe_gemv import GemvConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

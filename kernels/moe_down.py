@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.moe_align import SlotAlignment
-from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, _block_slot, _grouped_pid, _grouped_tile,
+from epserve.kernels.moe_align import SlotAlignment
+from epserve.kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, _block_slot, _grouped_pid, _grouped_tile,
                                  _nth_tile, _split_layout, _split_tile, programs_for, slot_block, split_tiles_bound)
-from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
 @triton.jit(do_not_specialize=["num_slots", "num_pid_m"])

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.moe_align import SlotAlignment
-from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.moe_align import SlotAlignment
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 DOWN_VARIANTS = ("all_choices", "per_choice")
 

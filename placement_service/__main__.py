@@ -1,8 +1,17 @@
-"""``python -m placement_service``: parse flags, build PlacementConfig, serve until SIGTERM/SIGINT.
+"""``python -m epserve.placement_service``: parse flags, build PlacementConfig, serve until SIGTERM/SIGINT.
 
 Prints one line ``PLACEMENT_PORT=<port>`` on stdout once the gRPC server listens (so a
 launcher can read the port when ``--port 0``); logs go to stderr. Exits 0 after a graceful
 shutdown, 2 for bad flags or configuration.
+
+The placement service process (``python -m epserve.placement_service``).
+
+Owns the worker registry (ranks, health), the versioned expert map and its persistence,
+and pushes maps to workers over the Placement gRPC service; PlacementAdmin answers
+operators. Files: ``config`` (flags → PlacementConfig), ``registry`` (workers, ranks,
+health), ``state`` (map versions, load), ``state_db`` (SQLite), ``broadcast`` (watch
+queues), ``controller`` (the logic, no gRPC), ``service`` (thin servicers), ``server``
+(build / stop), ``eplb/`` (placement algorithms).
 """
 
 from __future__ import annotations
@@ -14,15 +23,15 @@ import signal
 import sys
 import threading
 
-from placement_service.config import EPLB_ALGORITHMS, MOE_A2A_BACKENDS, PlacementConfig
-from placement_service.server import start_placement_server
+from epserve.placement_service.config import EPLB_ALGORITHMS, MOE_A2A_BACKENDS, PlacementConfig
+from epserve.placement_service.server import start_placement_server
 
-logger = logging.getLogger("placement_service")
+logger = logging.getLogger("epserve.placement_service")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m placement_service",
+        prog="python -m epserve.placement_service",
         description="The placement service: registers attention and expert workers, assigns data-plane "
                     "ranks, owns the versioned expert map and pushes it to workers, tracks worker health.")
     parser.add_argument("--model-path", required=True,

@@ -26,14 +26,14 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.placement_client import WorkerRole, WorkerState
-from placement_service import snapshot
-from placement_service.config import EPLB_ALGORITHMS
-from placement_service.controller import PlacementController
-from placement_service.expert_dump import WorkerDump, check_request, dump_on_workers, dump_targets
-from placement_service.errors import FailedPrecondition, InvalidArgument
-from placement_service.planner import (PlanSettings, RebalancePlan, measure_change, plan_rebalance,
+from epserve.placement_service import snapshot
+from epserve.placement_service.config import EPLB_ALGORITHMS
+from epserve.placement_service.controller import PlacementController
+from epserve.placement_service.expert_dump import WorkerDump, check_request, dump_on_workers, dump_targets
+from epserve.placement_service.errors import FailedPrecondition, InvalidArgument
+from epserve.placement_service.planner import (PlanSettings, RebalancePlan, measure_change, plan_rebalance,
                                        predicted_balancedness)
-from placement_service.rebalancer import ChangeResult, MapChange, Rebalancer
+from epserve.placement_service.rebalancer import ChangeResult, MapChange, Rebalancer
 
 
 @dataclass(frozen=True)

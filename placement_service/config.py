@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from placement_service.model_info import ModelInfo
+from epserve.placement_service.model_info import ModelInfo
 
 MOE_A2A_BACKENDS = ("local", "torch", "cuda_ipc", "mooncake", "deepep")
 EPLB_ALGORITHMS = ("auto", "deepseek", "deepseek_hierarchical", "elasticity_aware", "movement_aware")

@@ -28,13 +28,13 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.placement_client import DataPlaneInfo, UpdatePhase, WorkerInfo, WorkerRole, WorkerState
-from placement_service.ack_board import AckBoard
-from placement_service.broadcast import Broadcaster, Subscription, SubscriptionClosed
-from placement_service.config import PlacementConfig
-from placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from placement_service.registry import WorkerRegistry
-from placement_service.state import LoadStats, MapHistory, PlacementUpdate, balancedness
-from placement_service.state_db import StateDB
+from epserve.placement_service.ack_board import AckBoard
+from epserve.placement_service.broadcast import Broadcaster, Subscription, SubscriptionClosed
+from epserve.placement_service.config import PlacementConfig
+from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from epserve.placement_service.registry import WorkerRegistry
+from epserve.placement_service.state import LoadStats, MapHistory, PlacementUpdate, balancedness
+from epserve.placement_service.state_db import StateDB
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from placement_service.ack_board import BoardClosed
-from placement_service.admin import AdminOps
-from placement_service.errors import PlacementError, Unavailable
-from placement_service.planner import predicted_balancedness, worth_applying
-from placement_service.rebalancer import MapChange, Rebalancer
+from epserve.placement_service.ack_board import BoardClosed
+from epserve.placement_service.admin import AdminOps
+from epserve.placement_service.errors import PlacementError, Unavailable
+from epserve.placement_service.planner import predicted_balancedness, worth_applying
+from epserve.placement_service.rebalancer import MapChange, Rebalancer
 
 logger = logging.getLogger(__name__)
 

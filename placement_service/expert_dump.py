@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 import grpc
 
 from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
-from placement_service.errors import InvalidArgument, Unavailable
+from epserve.placement_service.errors import InvalidArgument, Unavailable
 
 DEFAULT_WORKER_TIMEOUT_S = 30.0
 
@@ -61,7 +61,7 @@ def dump_on_workers(workers: list[WorkerInfo], directory: str, timeout_s: float)
 
 
 def _dump_one(worker: WorkerInfo, directory: str, timeout_s: float) -> WorkerDump:
-    from protos import worker_pb2, worker_pb2_grpc
+    from epserve.protos import worker_pb2, worker_pb2_grpc
 
     channel = grpc.insecure_channel(worker.address)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from epserve.expert_map import ExpertMap
-from placement_service.config import PlacementConfig
+from epserve.placement_service.config import PlacementConfig
 
 
 def initial_phy2log(config: PlacementConfig) -> torch.Tensor:
@@ -32,9 +32,9 @@ def _load_snapshot(config: PlacementConfig) -> torch.Tensor:
     """The one call into placement_service.snapshot: a phy2log [L, P] as is, or planned from counts."""
     path = config.init_expert_location
     try:
-        from placement_service import snapshot
+        from epserve.placement_service import snapshot
     except ImportError as exc:
-        if exc.name != "placement_service.snapshot":
+        if exc.name != "epserve.placement_service.snapshot":
             raise
         raise ValueError(f"--init-expert-location {path}: snapshot loading is not available in this "
                          "build (placement_service/snapshot.py); use --init-expert-location trivial") from exc

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from placement_service import eplb
-from placement_service.eplb.common import align_to_previous
+from epserve.placement_service import eplb
+from epserve.placement_service.eplb.common import align_to_previous
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,10 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.placement_client import UpdatePhase, WorkerState
-from placement_service.ack_board import BoardClosed
-from placement_service.controller import PlacementController
-from placement_service.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
-from placement_service.planner import RebalancePlan
+from epserve.placement_service.ack_board import BoardClosed
+from epserve.placement_service.controller import PlacementController
+from epserve.placement_service.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from epserve.placement_service.planner import RebalancePlan
 
 if TYPE_CHECKING:
     from epserve.telemetry import PlacementMetrics, Tracing

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
-from placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 logger = logging.getLogger(__name__)
 

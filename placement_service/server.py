@@ -32,17 +32,17 @@ from epserve.dataplane.torch_group import start_rendezvous_store
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, MetricsServer, PlacementMetrics, Tracing, setup_tracing,
                                start_metrics_server)
-from placement_service.admin import AdminOps
-from placement_service.config import PlacementConfig
-from placement_service.controller import PlacementController
-from placement_service.eplb_loop import EplbLoop
-from placement_service.errors import PlacementError
-from placement_service.initial_placement import initial_phy2log
-from placement_service.rebalancer import Rebalancer
-from placement_service.service import PlacementAdminServicer, PlacementServicer
-from placement_service.state_db import StateDB
+from epserve.placement_service.admin import AdminOps
+from epserve.placement_service.config import PlacementConfig
+from epserve.placement_service.controller import PlacementController
+from epserve.placement_service.eplb_loop import EplbLoop
+from epserve.placement_service.errors import PlacementError
+from epserve.placement_service.initial_placement import initial_phy2log
+from epserve.placement_service.rebalancer import Rebalancer
+from epserve.placement_service.service import PlacementAdminServicer, PlacementServicer
+from epserve.placement_service.state_db import StateDB
 from epserve.process import start_daemon_thread
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

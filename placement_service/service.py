@@ -26,15 +26,15 @@ from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_to_proto
 from epserve.placement_client import data_plane_to_proto, worker_info_to_proto
 from epserve.telemetry import Tracing, setup_tracing
-from placement_service.admin import AdminOps
-from placement_service.broadcast import SubscriptionClosed
-from placement_service.controller import PlacementController
-from placement_service.eplb_loop import EplbLoop
-from placement_service.errors import PlacementError
-from placement_service.planner import RebalancePlan
-from placement_service.rebalancer import ChangeResult
-from placement_service.state import PlacementUpdate
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.placement_service.admin import AdminOps
+from epserve.placement_service.broadcast import SubscriptionClosed
+from epserve.placement_service.controller import PlacementController
+from epserve.placement_service.eplb_loop import EplbLoop
+from epserve.placement_service.errors import PlacementError
+from epserve.placement_service.planner import RebalancePlan
+from epserve.placement_service.rebalancer import ChangeResult
+from epserve.placement_service.state import PlacementUpdate
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

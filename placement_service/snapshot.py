@@ -173,7 +173,7 @@ def placement_from_snapshot(snapshot: ExpertSnapshot, *, num_layers: int, num_lo
                       num_physical_slots=num_physical_slots, model_name=model_name)
     if snapshot.physical_to_logical_map is not None:
         return snapshot.physical_to_logical_map.clone()
-    from placement_service.eplb import plan
+    from epserve.placement_service.eplb import plan
 
     return plan(snapshot.logical_count, num_physical_slots, num_groups, num_nodes, num_workers,
                 algorithm=algorithm)

@@ -26,7 +26,7 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.placement_client import DataPlaneInfo, UpdatePhase
-from placement_service.errors import InvalidArgument, NotFound, Unavailable
+from epserve.placement_service.errors import InvalidArgument, NotFound, Unavailable
 
 
 class MapHistory:

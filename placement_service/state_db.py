@@ -33,7 +33,7 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.placement_client import WorkerRole
-from placement_service.registry import WorkerRecord
+from epserve.placement_service.registry import WorkerRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);

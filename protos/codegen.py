@@ -1,8 +1,10 @@
-"""Regenerate the checked-in gRPC Python code: ``python -m protos.codegen``.
+"""Regenerate the checked-in gRPC Python code: ``python -m epserve.protos.codegen``.
 
 Pinned generator: grpcio-tools (version pinned in pyproject's ``dev`` extra). The sources are
-``protos/*.proto``; imports are rooted at the repository, so generated modules import each
-other as ``protos.<name>_pb2``. ``--out DIR`` writes elsewhere (the staleness test uses it).
+``protos/*.proto``, compiled as ``epserve/protos/*.proto`` (the package's link to that folder)
+with imports rooted at the repository, so generated modules import each other as
+``epserve.protos.<name>_pb2``. ``--out DIR`` writes ``DIR/epserve/protos/`` instead of the
+repository (the staleness test uses it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILES = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "protos").glob("*.proto"))
+PACKAGE_DIR = "epserve/protos"  # the import path of the generated modules, relative to REPO_ROOT
+PROTO_FILES = sorted(f"{PACKAGE_DIR}/{p.name}" for p in (REPO_ROOT / "protos").glob("*.proto"))
 
 
 def generate(out_dir: Path) -> None:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import generation_pb2 as protos_dot_generation__pb2
+from epserve.protos import generation_pb2 as epserve_dot_protos_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/generation_pb2_grpc.py depends on'
+        + ' but the generated code in epserve/protos/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/epserve.v1.Generation/Generate',
-                request_serializer=protos_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/epserve.v1.Generation/Abort',
-                request_serializer=protos_dot_generation__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_generation__pb2.AbortResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_generation__pb2.AbortRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_generation__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/epserve.v1.Generation/GetModelInfo',
-                request_serializer=protos_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_generation__pb2.ModelInfo.FromString,
+                request_serializer=epserve_dot_protos_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_generation__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_generation__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_generation__pb2.AbortRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_generation__pb2.AbortResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_generation__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=protos_dot_generation__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_generation__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_generation__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class Generation:
             request,
             target,
             '/epserve.v1.Generation/Generate',
-            protos_dot_generation__pb2.GenerateRequest.SerializeToString,
-            protos_dot_generation__pb2.GenerateResponse.FromString,
+            epserve_dot_protos_dot_generation__pb2.GenerateRequest.SerializeToString,
+            epserve_dot_protos_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class Generation:
             request,
             target,
             '/epserve.v1.Generation/Abort',
-            protos_dot_generation__pb2.AbortRequest.SerializeToString,
-            protos_dot_generation__pb2.AbortResponse.FromString,
+            epserve_dot_protos_dot_generation__pb2.AbortRequest.SerializeToString,
+            epserve_dot_protos_dot_generation__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class Generation:
             request,
             target,
             '/epserve.v1.Generation/GetModelInfo',
-            protos_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-            protos_dot_generation__pb2.ModelInfo.FromString,
+            epserve_dot_protos_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
+            epserve_dot_protos_dot_generation__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

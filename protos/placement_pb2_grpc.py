@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import placement_pb2 as protos_dot_placement__pb2
+from epserve.protos import placement_pb2 as epserve_dot_protos_dot_placement__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/placement_pb2_grpc.py depends on'
+        + ' but the generated code in epserve/protos/placement_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class PlacementStub:
         """
         self.Register = channel.unary_unary(
                 '/epserve.v1.Placement/Register',
-                request_serializer=protos_dot_placement__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.RegisterResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/epserve.v1.Placement/Heartbeat',
-                request_serializer=protos_dot_placement__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.HeartbeatResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.WatchPlacement = channel.unary_stream(
                 '/epserve.v1.Placement/WatchPlacement',
-                request_serializer=protos_dot_placement__pb2.WatchPlacementRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.PlacementUpdate.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.WatchPlacementRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.PlacementUpdate.FromString,
                 _registered_method=True)
         self.AckPlacement = channel.unary_unary(
                 '/epserve.v1.Placement/AckPlacement',
-                request_serializer=protos_dot_placement__pb2.AckPlacementRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.AckPlacementResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.AckPlacementRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.AckPlacementResponse.FromString,
                 _registered_method=True)
         self.ReportLoad = channel.unary_unary(
                 '/epserve.v1.Placement/ReportLoad',
-                request_serializer=protos_dot_placement__pb2.ReportLoadRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.ReportLoadResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.ReportLoadRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.ReportLoadResponse.FromString,
                 _registered_method=True)
 
 
@@ -100,28 +100,28 @@ def add_PlacementServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_placement__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.RegisterRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.RegisterResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_placement__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.HeartbeatRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.HeartbeatResponse.SerializeToString,
             ),
             'WatchPlacement': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchPlacement,
-                    request_deserializer=protos_dot_placement__pb2.WatchPlacementRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.PlacementUpdate.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.WatchPlacementRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.PlacementUpdate.SerializeToString,
             ),
             'AckPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.AckPlacement,
-                    request_deserializer=protos_dot_placement__pb2.AckPlacementRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.AckPlacementResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.AckPlacementRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.AckPlacementResponse.SerializeToString,
             ),
             'ReportLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportLoad,
-                    request_deserializer=protos_dot_placement__pb2.ReportLoadRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.ReportLoadResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.ReportLoadRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.ReportLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,8 +149,8 @@ class Placement:
             request,
             target,
             '/epserve.v1.Placement/Register',
-            protos_dot_placement__pb2.RegisterRequest.SerializeToString,
-            protos_dot_placement__pb2.RegisterResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.RegisterRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class Placement:
             request,
             target,
             '/epserve.v1.Placement/Heartbeat',
-            protos_dot_placement__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_placement__pb2.HeartbeatResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.HeartbeatRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -203,8 +203,8 @@ class Placement:
             request,
             target,
             '/epserve.v1.Placement/WatchPlacement',
-            protos_dot_placement__pb2.WatchPlacementRequest.SerializeToString,
-            protos_dot_placement__pb2.PlacementUpdate.FromString,
+            epserve_dot_protos_dot_placement__pb2.WatchPlacementRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.PlacementUpdate.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,8 +230,8 @@ class Placement:
             request,
             target,
             '/epserve.v1.Placement/AckPlacement',
-            protos_dot_placement__pb2.AckPlacementRequest.SerializeToString,
-            protos_dot_placement__pb2.AckPlacementResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.AckPlacementRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.AckPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class Placement:
             request,
             target,
             '/epserve.v1.Placement/ReportLoad',
-            protos_dot_placement__pb2.ReportLoadRequest.SerializeToString,
-            protos_dot_placement__pb2.ReportLoadResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.ReportLoadRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.ReportLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -281,63 +281,63 @@ class PlacementAdminStub:
         """
         self.GetPlacement = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/GetPlacement',
-                request_serializer=protos_dot_placement__pb2.GetPlacementRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.GetPlacementResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.GetPlacementRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.GetPlacementResponse.FromString,
                 _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/ListWorkers',
-                request_serializer=protos_dot_placement__pb2.ListWorkersRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.ListWorkersResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
         self.PlanRebalance = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/PlanRebalance',
-                request_serializer=protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.PlanRebalanceResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.PlanRebalanceResponse.FromString,
                 _registered_method=True)
         self.Rebalance = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/Rebalance',
-                request_serializer=protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.RebalanceResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
         self.SetRedundancy = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/SetRedundancy',
-                request_serializer=protos_dot_placement__pb2.SetRedundancyRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.RebalanceResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.SetRedundancyRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/Rollback',
-                request_serializer=protos_dot_placement__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.RebalanceResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
         self.PauseEplb = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/PauseEplb',
-                request_serializer=protos_dot_placement__pb2.PauseEplbRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.EplbStateResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.PauseEplbRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.EplbStateResponse.FromString,
                 _registered_method=True)
         self.ResumeEplb = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/ResumeEplb',
-                request_serializer=protos_dot_placement__pb2.ResumeEplbRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.EplbStateResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.ResumeEplbRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.EplbStateResponse.FromString,
                 _registered_method=True)
         self.ExportSnapshot = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/ExportSnapshot',
-                request_serializer=protos_dot_placement__pb2.ExportSnapshotRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.Snapshot.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.ExportSnapshotRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.Snapshot.FromString,
                 _registered_method=True)
         self.ImportSnapshot = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/ImportSnapshot',
-                request_serializer=protos_dot_placement__pb2.Snapshot.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.RebalanceResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.Snapshot.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
         self.DrainWorker = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/DrainWorker',
-                request_serializer=protos_dot_placement__pb2.DrainWorkerRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.RebalanceResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
         self.DumpExpertDistribution = channel.unary_unary(
                 '/epserve.v1.PlacementAdmin/DumpExpertDistribution',
-                request_serializer=protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.SerializeToString,
-                response_deserializer=protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.FromString,
                 _registered_method=True)
 
 
@@ -423,63 +423,63 @@ def add_PlacementAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlacement,
-                    request_deserializer=protos_dot_placement__pb2.GetPlacementRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.GetPlacementResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.GetPlacementRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.GetPlacementResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
-                    request_deserializer=protos_dot_placement__pb2.ListWorkersRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.ListWorkersResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.ListWorkersRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.ListWorkersResponse.SerializeToString,
             ),
             'PlanRebalance': grpc.unary_unary_rpc_method_handler(
                     servicer.PlanRebalance,
-                    request_deserializer=protos_dot_placement__pb2.RebalanceRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.PlanRebalanceResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.PlanRebalanceResponse.SerializeToString,
             ),
             'Rebalance': grpc.unary_unary_rpc_method_handler(
                     servicer.Rebalance,
-                    request_deserializer=protos_dot_placement__pb2.RebalanceRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.RebalanceRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
             ),
             'SetRedundancy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRedundancy,
-                    request_deserializer=protos_dot_placement__pb2.SetRedundancyRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.SetRedundancyRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=protos_dot_placement__pb2.RollbackRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.RollbackRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
             ),
             'PauseEplb': grpc.unary_unary_rpc_method_handler(
                     servicer.PauseEplb,
-                    request_deserializer=protos_dot_placement__pb2.PauseEplbRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.EplbStateResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.PauseEplbRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.EplbStateResponse.SerializeToString,
             ),
             'ResumeEplb': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeEplb,
-                    request_deserializer=protos_dot_placement__pb2.ResumeEplbRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.EplbStateResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.ResumeEplbRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.EplbStateResponse.SerializeToString,
             ),
             'ExportSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportSnapshot,
-                    request_deserializer=protos_dot_placement__pb2.ExportSnapshotRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.Snapshot.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.ExportSnapshotRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.Snapshot.SerializeToString,
             ),
             'ImportSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportSnapshot,
-                    request_deserializer=protos_dot_placement__pb2.Snapshot.FromString,
-                    response_serializer=protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.Snapshot.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
             ),
             'DrainWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainWorker,
-                    request_deserializer=protos_dot_placement__pb2.DrainWorkerRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.RebalanceResponse.SerializeToString,
             ),
             'DumpExpertDistribution': grpc.unary_unary_rpc_method_handler(
                     servicer.DumpExpertDistribution,
-                    request_deserializer=protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.FromString,
-                    response_serializer=protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,8 +507,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/GetPlacement',
-            protos_dot_placement__pb2.GetPlacementRequest.SerializeToString,
-            protos_dot_placement__pb2.GetPlacementResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.GetPlacementRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.GetPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -534,8 +534,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/ListWorkers',
-            protos_dot_placement__pb2.ListWorkersRequest.SerializeToString,
-            protos_dot_placement__pb2.ListWorkersResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.ListWorkersRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -561,8 +561,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/PlanRebalance',
-            protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
-            protos_dot_placement__pb2.PlanRebalanceResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.PlanRebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -588,8 +588,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/Rebalance',
-            protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
-            protos_dot_placement__pb2.RebalanceResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -615,8 +615,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/SetRedundancy',
-            protos_dot_placement__pb2.SetRedundancyRequest.SerializeToString,
-            protos_dot_placement__pb2.RebalanceResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.SetRedundancyRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -642,8 +642,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/Rollback',
-            protos_dot_placement__pb2.RollbackRequest.SerializeToString,
-            protos_dot_placement__pb2.RebalanceResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.RollbackRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -669,8 +669,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/PauseEplb',
-            protos_dot_placement__pb2.PauseEplbRequest.SerializeToString,
-            protos_dot_placement__pb2.EplbStateResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.PauseEplbRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.EplbStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -696,8 +696,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/ResumeEplb',
-            protos_dot_placement__pb2.ResumeEplbRequest.SerializeToString,
-            protos_dot_placement__pb2.EplbStateResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.ResumeEplbRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.EplbStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -723,8 +723,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/ExportSnapshot',
-            protos_dot_placement__pb2.ExportSnapshotRequest.SerializeToString,
-            protos_dot_placement__pb2.Snapshot.FromString,
+            epserve_dot_protos_dot_placement__pb2.ExportSnapshotRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.Snapshot.FromString,
             options,
             channel_credentials,
             insecure,
@@ -750,8 +750,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/ImportSnapshot',
-            protos_dot_placement__pb2.Snapshot.SerializeToString,
-            protos_dot_placement__pb2.RebalanceResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.Snapshot.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -777,8 +777,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/DrainWorker',
-            protos_dot_placement__pb2.DrainWorkerRequest.SerializeToString,
-            protos_dot_placement__pb2.RebalanceResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.DrainWorkerRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -804,8 +804,8 @@ class PlacementAdmin:
             request,
             target,
             '/epserve.v1.PlacementAdmin/DumpExpertDistribution',
-            protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.SerializeToString,
-            protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.FromString,
+            epserve_dot_protos_dot_placement__pb2.AdminDumpExpertDistributionRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.AdminDumpExpertDistributionResponse.FromString,
             options,
             channel_credentials,
             insecure,

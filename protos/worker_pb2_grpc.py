@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos import generation_pb2 as protos_dot_generation__pb2
-from protos import worker_pb2 as protos_dot_worker__pb2
+from epserve.protos import generation_pb2 as epserve_dot_protos_dot_generation__pb2
+from epserve.protos import worker_pb2 as epserve_dot_protos_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/worker_pb2_grpc.py depends on'
+        + ' but the generated code in epserve/protos/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class AttentionWorkerStub:
         """
         self.Generate = channel.unary_stream(
                 '/epserve.v1.AttentionWorker/Generate',
-                request_serializer=protos_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.WorkerGenerateResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_worker__pb2.WorkerGenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/epserve.v1.AttentionWorker/Abort',
-                request_serializer=protos_dot_generation__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_generation__pb2.AbortResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_generation__pb2.AbortRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_generation__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/epserve.v1.AttentionWorker/GetLoad',
-                request_serializer=protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.WorkerLoad.FromString,
+                request_serializer=epserve_dot_protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_worker__pb2.WorkerLoad.FromString,
                 _registered_method=True)
         self.DumpExpertDistribution = channel.unary_unary(
                 '/epserve.v1.AttentionWorker/DumpExpertDistribution',
-                request_serializer=protos_dot_worker__pb2.DumpExpertDistributionRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.DumpExpertDistributionResponse.FromString,
+                request_serializer=epserve_dot_protos_dot_worker__pb2.DumpExpertDistributionRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_worker__pb2.DumpExpertDistributionResponse.FromString,
                 _registered_method=True)
 
 
@@ -92,23 +92,23 @@ def add_AttentionWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_worker__pb2.WorkerGenerateRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.WorkerGenerateResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_worker__pb2.WorkerGenerateRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_worker__pb2.WorkerGenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_generation__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_generation__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_generation__pb2.AbortRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_generation__pb2.AbortResponse.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
-                    request_deserializer=protos_dot_worker__pb2.GetLoadRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.WorkerLoad.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_worker__pb2.GetLoadRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_worker__pb2.WorkerLoad.SerializeToString,
             ),
             'DumpExpertDistribution': grpc.unary_unary_rpc_method_handler(
                     servicer.DumpExpertDistribution,
-                    request_deserializer=protos_dot_worker__pb2.DumpExpertDistributionRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.DumpExpertDistributionResponse.SerializeToString,
+                    request_deserializer=epserve_dot_protos_dot_worker__pb2.DumpExpertDistributionRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_worker__pb2.DumpExpertDistributionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,8 +136,8 @@ class AttentionWorker:
             request,
             target,
             '/epserve.v1.AttentionWorker/Generate',
-            protos_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
-            protos_dot_worker__pb2.WorkerGenerateResponse.FromString,
+            epserve_dot_protos_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
+            epserve_dot_protos_dot_worker__pb2.WorkerGenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -163,8 +163,8 @@ class AttentionWorker:
             request,
             target,
             '/epserve.v1.AttentionWorker/Abort',
-            protos_dot_generation__pb2.AbortRequest.SerializeToString,
-            protos_dot_generation__pb2.AbortResponse.FromString,
+            epserve_dot_protos_dot_generation__pb2.AbortRequest.SerializeToString,
+            epserve_dot_protos_dot_generation__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -190,8 +190,8 @@ class AttentionWorker:
             request,
             target,
             '/epserve.v1.AttentionWorker/GetLoad',
-            protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
-            protos_dot_worker__pb2.WorkerLoad.FromString,
+            epserve_dot_protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
+            epserve_dot_protos_dot_worker__pb2.WorkerLoad.FromString,
             options,
             channel_credentials,
             insecure,
@@ -217,8 +217,8 @@ class AttentionWorker:
             request,
             target,
             '/epserve.v1.AttentionWorker/DumpExpertDistribution',
-            protos_dot_worker__pb2.DumpExpertDistributionRequest.SerializeToString,
-            protos_dot_worker__pb2.DumpExpertDistributionResponse.FromString,
+            epserve_dot_protos_dot_worker__pb2.DumpExpertDistributionRequest.SerializeToString,
+            epserve_dot_protos_dot_worker__pb2.DumpExpertDistributionResponse.FromString,
             options,
             channel_credentials,
             insecure,

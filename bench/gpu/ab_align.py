@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_kernels as mk  # noqa: E402
 
-import kernels.moe_align as ma  # noqa: E402
+import epserve.kernels.moe_align as ma  # noqa: E402
 from epserve.moe_runner import make_moe_runner  # noqa: E402
-from kernels.moe_configs import get_config  # noqa: E402
+from epserve.kernels.moe_configs import get_config  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_kernels as mk  # noqa: E402
 
 from epserve.moe_runner import make_moe_runner  # noqa: E402
-from kernels import pdl  # noqa: E402
+from epserve.kernels import pdl  # noqa: E402
 
 
 def capture(fn, use_pdl: bool) -> torch.cuda.CUDAGraph:

@@ -24,8 +24,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kernels.moe_down import _down_tma_split_kernel  # noqa: E402
-from kernels.moe_gate_up import _gate_up_tma_split_kernel  # noqa: E402
+from epserve.kernels.moe_down import _down_tma_split_kernel  # noqa: E402
+from epserve.kernels.moe_gate_up import _gate_up_tma_split_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"

@@ -30,14 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_kernels as mk  # noqa: E402
 
-from kernels.moe_align import align_by_slot  # noqa: E402
-from kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  # noqa: E402
+from epserve.kernels.moe_align import align_by_slot  # noqa: E402
+from epserve.kernels.moe_configs import (CONFIG_DIR, AlignedConfig, config_file_name,  # noqa: E402
                                  config_from_dict, config_to_dict)
-from kernels.fused_moe import down_kernel, gate_up_kernel  # noqa: E402
-from kernels.moe_down import combine, combine_sorted  # noqa: E402
-from kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig,  # noqa: E402
+from epserve.kernels.fused_moe import down_kernel, gate_up_kernel  # noqa: E402
+from epserve.kernels.moe_down import combine, combine_sorted  # noqa: E402
+from epserve.kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig,  # noqa: E402
                                  TmaGemmConfig, alignment_block)
-from kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv  # noqa: E402
+from epserve.kernels.moe_gemv import GemvConfig, down_combine_gemv, gate_up_silu_gemv  # noqa: E402
 
 GEMV_MAX_TOKENS = 16
 

@@ -81,7 +81,7 @@ def _add_common(parser: argparse.ArgumentParser, default) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from protos import placement_pb2_grpc
+    from epserve.protos import placement_pb2_grpc
 
     if args.timeout <= 0:
         print("epserve admin: --timeout must be > 0", file=sys.stderr)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 # -- commands: each returns (JSON-able dict, readable text) ------------------------------------
 def _placement(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     response = stub.GetPlacement(placement_pb2.GetPlacementRequest(version=args.version), timeout=args.timeout)
     m = response.map
@@ -157,27 +157,27 @@ def _rebalance(stub, args):
 
 
 def _set_redundancy(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     return _change(stub.SetRedundancy(placement_pb2.SetRedundancyRequest(
         num_redundant_experts=args.num_redundant_experts), timeout=args.timeout))
 
 
 def _rollback(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     return _change(stub.Rollback(placement_pb2.RollbackRequest(), timeout=args.timeout))
 
 
 def _drain(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     return _change(stub.DrainWorker(placement_pb2.DrainWorkerRequest(worker_id=args.worker_id), timeout=args.timeout))
 
 
 def _eplb_state(method: str):
     def handler(stub, args):
-        from protos import placement_pb2
+        from epserve.protos import placement_pb2
 
         request = placement_pb2.PauseEplbRequest() if method == "PauseEplb" else placement_pb2.ResumeEplbRequest()
         response = getattr(stub, method)(request, timeout=args.timeout)
@@ -188,7 +188,7 @@ def _eplb_state(method: str):
 
 
 def _export(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     text = stub.ExportSnapshot(placement_pb2.ExportSnapshotRequest(), timeout=args.timeout).json
     path = Path(args.file)
@@ -203,7 +203,7 @@ def _export(stub, args):
 
 
 def _import(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     path = Path(args.file)
     if not path.is_file():
@@ -213,7 +213,7 @@ def _import(stub, args):
 
 
 def _workers(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     workers = stub.ListWorkers(placement_pb2.ListWorkersRequest(), timeout=args.timeout).workers
     now_ms = int(time.time() * 1000)
@@ -231,7 +231,7 @@ def _workers(stub, args):
 
 
 def _dump(stub, args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     response = stub.DumpExpertDistribution(placement_pb2.AdminDumpExpertDistributionRequest(
         directory=args.directory, worker_timeout_s=min(30.0, args.timeout * 0.8)), timeout=args.timeout)
@@ -254,7 +254,7 @@ assert set(HANDLERS) == set(COMMANDS)
 
 # -- helpers -----------------------------------------------------------------------------------
 def _rebalance_request(args):
-    from protos import placement_pb2
+    from epserve.protos import placement_pb2
 
     try:
         layers = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -315,7 +315,7 @@ def _bytes(count: int) -> str:
 def _json_to_pt(text: str, path: Path) -> None:
     import tempfile
 
-    from placement_service import snapshot
+    from epserve.placement_service import snapshot
 
     with tempfile.TemporaryDirectory() as directory:
         source = Path(directory) / "snapshot.json"
@@ -329,7 +329,7 @@ def _json_to_pt(text: str, path: Path) -> None:
 def _pt_to_json(path: Path) -> str:
     import tempfile
 
-    from placement_service import snapshot
+    from epserve.placement_service import snapshot
 
     loaded = snapshot.load_snapshot(path)
     num_logical = loaded.num_logical_experts

@@ -77,8 +77,8 @@ def _simulate(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from placement_service.eplb import balancedness, experts_moved, plan, resolve_algorithm
-    from placement_service.snapshot import load_snapshot, save_snapshot
+    from epserve.placement_service.eplb import balancedness, experts_moved, plan, resolve_algorithm
+    from epserve.placement_service.snapshot import load_snapshot, save_snapshot
 
     load = load_snapshot(args.load_file)
     if load.logical_count is None:

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_colocated(args: argparse.Namespace) -> int:
-    from attention_worker.colocated import build_colocated_engine
-    from attention_worker.sampler import SamplingParams
+    from epserve.attention_worker.colocated import build_colocated_engine
+    from epserve.attention_worker.sampler import SamplingParams
     from epserve.model_config import ModelConfigError
     from epserve.tokenizer import Tokenizer
     from epserve.weights import parse_dtype
@@ -88,7 +88,7 @@ def _run_colocated(args: argparse.Namespace) -> int:
 def _run_client(args: argparse.Namespace) -> int:
     import grpc
 
-    from gateway.client import stream_generate
+    from epserve.gateway.client import stream_generate
 
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,

@@ -66,7 +66,7 @@ class DeepGemmMoERunner:
             rows = self._masked(hidden, slot_ids, weights, w13, w2)
         else:
             rows = self._contiguous(hidden, slot_ids, weights, w13, w2)
-        from kernels.moe_down import combine
+        from epserve.kernels.moe_down import combine
         return combine(rows, slot_ids)
 
     def _scatter_rows(self, y, aid, real, weights, num_assignments):
@@ -78,7 +78,7 @@ class DeepGemmMoERunner:
         return rows[:num_assignments]
 
     def _contiguous(self, hidden, slot_ids, weights, w13, w2):
-        from kernels.moe_align import align_by_slot
+        from epserve.kernels.moe_align import align_by_slot
         num_slots, inter = w13.shape[0], w2.shape[2]
         top_k = slot_ids.shape[1]
         align = align_by_slot(slot_ids, num_slots, self._dg.get_mk_alignment_for_contiguous_layout())
@@ -93,7 +93,7 @@ class DeepGemmMoERunner:
         return self._scatter_rows(y, aid, real, weights, slot_ids.numel())
 
     def _masked(self, hidden, slot_ids, weights, w13, w2):
-        from kernels.moe_align import align_by_slot
+        from epserve.kernels.moe_align import align_by_slot
         num_slots, inter = w13.shape[0], w2.shape[2]
         num_tokens, top_k = slot_ids.shape
         max_m = -(-num_tokens // 64) * 64            # a slot gets each token at most once

@@ -21,8 +21,8 @@ class TritonMoERunner:
     name = "triton"
 
     def __init__(self, device: torch.device) -> None:
-        from kernels.fused_moe import fused_moe
-        from kernels.moe_configs import get_config
+        from epserve.kernels.fused_moe import fused_moe
+        from epserve.kernels.moe_configs import get_config
         self._fused_moe = fused_moe
         self._get_config = get_config
         self._device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

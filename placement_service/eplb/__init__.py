@@ -22,11 +22,11 @@ import enum
 
 import torch
 
-from placement_service.eplb.common import balancedness, experts_moved, layer_balancedness
-from placement_service.eplb.deepseek import plan_deepseek
-from placement_service.eplb.deepseek_hierarchical import plan_deepseek_hierarchical
-from placement_service.eplb.elasticity_aware import plan_elasticity_aware
-from placement_service.eplb.movement_aware import plan_movement_aware
+from epserve.placement_service.eplb.common import balancedness, experts_moved, layer_balancedness
+from epserve.placement_service.eplb.deepseek import plan_deepseek
+from epserve.placement_service.eplb.deepseek_hierarchical import plan_deepseek_hierarchical
+from epserve.placement_service.eplb.elasticity_aware import plan_elasticity_aware
+from epserve.placement_service.eplb.movement_aware import plan_movement_aware
 
 __all__ = ["EplbAlgorithm", "balancedness", "experts_moved", "layer_balancedness", "plan",
            "resolve_algorithm"]

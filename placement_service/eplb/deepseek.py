@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from placement_service.eplb.common import capacity_array, check_shapes, live_array, replicate_and_pack
+from epserve.placement_service.eplb.common import capacity_array, check_shapes, live_array, replicate_and_pack
 
 
 def plan_deepseek(weight: torch.Tensor, num_replicas: int, num_workers: int, *,

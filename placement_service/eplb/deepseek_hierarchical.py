@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from placement_service.eplb.common import (balanced_pack, capacity_array, check_shapes, live_array,
+from epserve.placement_service.eplb.common import (balanced_pack, capacity_array, check_shapes, live_array,
                                            replicate_and_pack)
 
 

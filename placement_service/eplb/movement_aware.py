@@ -39,9 +39,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from placement_service.eplb.common import (align_to_previous, capacity_array, check_previous,
+from epserve.placement_service.eplb.common import (align_to_previous, capacity_array, check_previous,
                                            check_shapes, live_array, replica_counts, worker_times)
-from placement_service.eplb.elasticity_aware import elastic_plan_np
+from epserve.placement_service.eplb.elasticity_aware import elastic_plan_np
 
 _PAIRS = 8  # M: hottest workers paired with the coldest ones per step
 

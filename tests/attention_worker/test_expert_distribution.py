@@ -10,18 +10,18 @@ import grpc
 import pytest
 import torch
 
-from attention_worker.colocated import build_colocated_engine, generate_tokens
-from attention_worker.config import AttentionWorkerConfig, heatmap_interval_from_env
-from attention_worker.engine_loop import EngineLoop
-from attention_worker.expert_heatmap import (HeatmapCollector, HeatmapInterval, HeatmapWriter, fold_to_workers,
+from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
+from epserve.attention_worker.config import AttentionWorkerConfig, heatmap_interval_from_env
+from epserve.attention_worker.engine_loop import EngineLoop
+from epserve.attention_worker.expert_heatmap import (HeatmapCollector, HeatmapInterval, HeatmapWriter, fold_to_workers,
                                              layer_balancedness)
-from attention_worker.expert_recorder import RecorderMode
-from attention_worker.sampler import SamplingParams
-from attention_worker.service import AttentionWorkerService
+from epserve.attention_worker.expert_recorder import RecorderMode
+from epserve.attention_worker.sampler import SamplingParams
+from epserve.attention_worker.service import AttentionWorkerService
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import serve_grpc, wait_for_channel
 from epserve.model_config import load_model_spec
-from protos import worker_pb2, worker_pb2_grpc
+from epserve.protos import worker_pb2, worker_pb2_grpc
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 MAX_NEW = 3
@@ -56,7 +56,7 @@ def test_metrics_flag_needs_a_metrics_port():
 
 
 def test_worker_main_refuses_the_flag_without_metrics_port_and_a_bad_env(capsys, monkeypatch):
-    from attention_worker.__main__ import main
+    from epserve.attention_worker.__main__ import main
 
     assert main(["--model-path", "m", "--placement", "h:1", "--enable-expert-distribution-metrics"]) == 2
     assert "add --metrics-port" in capsys.readouterr().err
@@ -109,7 +109,7 @@ def test_writer_appends_json_lines_and_logs_a_summary(tmp_path, caplog):
     writer = HeatmapWriter(tmp_path / "heat", "attention-0")
     writer.check_writable()
     interval = HeatmapInterval("attention-0", 0, 9, (3,), ("expert-0", "expert-1"), torch.tensor([[6, 2]]))
-    with caplog.at_level(logging.INFO, logger="attention_worker.expert_heatmap"):
+    with caplog.at_level(logging.INFO, logger="epserve.attention_worker.expert_heatmap"):
         writer.write(interval)
         writer.write(interval)
     lines = (tmp_path / "heat" / "expert_heatmap_attention-0.jsonl").read_text().splitlines()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
+from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 
 
 def test_stat_window_counts_slots_and_resets_on_new_version(tmp_path):

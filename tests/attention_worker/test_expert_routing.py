@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
-from attention_worker.moe_executor import InProcessExperts
+from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from epserve.attention_worker.moe_executor import InProcessExperts
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots

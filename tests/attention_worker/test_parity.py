@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from attention_worker.colocated import build_colocated_engine, generate_tokens
-from attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
-from attention_worker.kv_cache import PagedKVCache
-from attention_worker.moe_executor import InProcessExperts, run_micro_batches
-from attention_worker.sampler import SamplingParams
+from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
+from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.attention_worker.moe_executor import InProcessExperts, run_micro_batches
+from epserve.attention_worker.sampler import SamplingParams
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots

@@ -16,7 +16,7 @@ import torch
 
 from epserve.deployment import DeploymentConfig, LocalDeployment
 from epserve.model_config import load_model_spec
-from gateway.client import generate
+from epserve.gateway.client import generate
 
 pytestmark = pytest.mark.slow
 

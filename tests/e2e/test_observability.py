@@ -13,8 +13,8 @@ from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
 
 from epserve.deployment import DeploymentConfig, LocalDeployment
-from gateway.client import generate
-from protos import generation_pb2, placement_pb2, placement_pb2_grpc
+from epserve.gateway.client import generate
+from epserve.protos import generation_pb2, placement_pb2, placement_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

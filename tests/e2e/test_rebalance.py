@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from epserve.deployment import DeploymentConfig, LocalDeployment
-from gateway.client import generate
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.gateway.client import generate
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 transformers = pytest.importorskip("transformers")
 

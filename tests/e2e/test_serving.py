@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.client import abort, generate, stream_generate
-from protos import generation_pb2, placement_pb2, placement_pb2_grpc, worker_pb2, worker_pb2_grpc
+from epserve.gateway.client import abort, generate, stream_generate
+from epserve.protos import generation_pb2, placement_pb2, placement_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

@@ -260,7 +260,7 @@ def test_expert_compute_of_a_batch_links_every_sender(tracings, receiver):
     import torch
 
     from epserve.dataplane import BatchHeader
-    from expert_worker.observed_compute import ObservedCompute
+    from epserve.expert_worker.observed_compute import ObservedCompute
 
     sender, expert = tracings
     metrics = ExpertWorkerMetrics()

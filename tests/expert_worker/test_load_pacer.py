@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from expert_worker.config import ExpertWorkerConfig
-from expert_worker.load_pacer import LoadPacer
+from epserve.expert_worker.config import ExpertWorkerConfig
+from epserve.expert_worker.load_pacer import LoadPacer
 
 
 class FakeClock:
@@ -65,7 +65,7 @@ def test_bad_duty_cycle_is_refused(bad):
 
 
 def test_flag_error_names_the_flag(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "expert_worker", "--model-path", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "epserve.expert_worker", "--model-path", str(tmp_path),
                              "--placement", "127.0.0.1:1", "--expert-load-duty-cycle", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 from epserve.grpc_server import serve_grpc
-from protos import generation_pb2, worker_pb2, worker_pb2_grpc
+from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
 
 DEFAULT_MAX_NEW_TOKENS = 128
 

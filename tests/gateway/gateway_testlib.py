@@ -127,6 +127,6 @@ class FakeWorker(Process):
 class GatewayProcess(Process):
     def __init__(self, tmp: Path, model_dir: Path, workers: list[str], *extra: str) -> None:
         static = ["--attention-workers", ",".join(workers)] if workers else []
-        super().__init__(["-m", "gateway", "--model-path", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+        super().__init__(["-m", "epserve.gateway", "--model-path", str(model_dir), "--host", "127.0.0.1", "--port", "0",
                           *static, "--refresh-interval-s", "0.2", "--rpc-timeout-s", "2", *extra],
                          "GATEWAY_PORT=", tmp / "gateway.log")

@@ -11,8 +11,8 @@ from dataclasses import fields
 import pytest
 from gateway_testlib import CONTEXT_LENGTH, REPO_ROOT, build_tokenizer, write_model_dir
 
-from gateway.config import GatewayConfig, build_parser, config_from_args
-from gateway.model_info import load_model_info
+from epserve.gateway.config import GatewayConfig, build_parser, config_from_args
+from epserve.gateway.model_info import load_model_info
 from epserve.tokenizer import Tokenizer
 
 
@@ -44,7 +44,7 @@ def test_bad_config_says_what_to_change(gateway_model_dir, changes, words) -> No
 
 
 def test_help_explains_every_flag() -> None:
-    result = subprocess.run([sys.executable, "-m", "gateway", "--help"], cwd=REPO_ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "epserve.gateway", "--help"], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0
     for f in fields(GatewayConfig):
@@ -52,7 +52,7 @@ def test_help_explains_every_flag() -> None:
 
 
 def test_bad_flag_exits_2_with_message(gateway_model_dir) -> None:
-    result = subprocess.run([sys.executable, "-m", "gateway", "--model-path", str(gateway_model_dir)],
+    result = subprocess.run([sys.executable, "-m", "epserve.gateway", "--model-path", str(gateway_model_dir)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--attention-workers" in result.stderr
 

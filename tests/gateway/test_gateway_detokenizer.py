@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from gateway.detokenizer import IncrementalDetokenizer
-from gateway.output_processor import OutputProcessor
+from epserve.gateway.detokenizer import IncrementalDetokenizer
+from epserve.gateway.output_processor import OutputProcessor
 
 TEXT = "Hello wörld! 日本語のテキスト 😀🎉 café 5 € naïve"
 

@@ -12,8 +12,8 @@ from gateway_testlib import CONTEXT_LENGTH, FakeWorker, GatewayProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway import client
-from protos import generation_pb2
+from epserve.gateway import client
+from epserve.protos import generation_pb2
 
 SCRIPT_TEXT = "Hello wörld! 日本語のテキスト 😀🎉 café 5 € STOP naïve tail. "
 ABORT = generation_pb2.FINISH_REASON_ABORT

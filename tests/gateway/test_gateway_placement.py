@@ -9,8 +9,8 @@ from gateway_testlib import FakeWorker, GatewayProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epserve.grpc_server import serve_grpc
-from gateway import client
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.gateway import client
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 
 class ListedWorkers(placement_pb2_grpc.PlacementAdminServicer):

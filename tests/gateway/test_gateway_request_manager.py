@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import pytest
 from gateway_testlib import CONTEXT_LENGTH
 
-from gateway.config import GatewayConfig
-from gateway.errors import ErrorCode, GatewayError
-from gateway.model_info import load_model_info
-from gateway.request_manager import RequestManager
-from gateway.request_types import FinishReason, GenerateInput, SamplingRequest
-from gateway.router import Router
-from gateway.worker_api import StreamCancelled, WorkerFailed, WorkerLost, WorkerRequest, WorkerStep, WorkerTimeout
+from epserve.gateway.config import GatewayConfig
+from epserve.gateway.errors import ErrorCode, GatewayError
+from epserve.gateway.model_info import load_model_info
+from epserve.gateway.request_manager import RequestManager
+from epserve.gateway.request_types import FinishReason, GenerateInput, SamplingRequest
+from epserve.gateway.router import Router
+from epserve.gateway.worker_api import StreamCancelled, WorkerFailed, WorkerLost, WorkerRequest, WorkerStep, WorkerTimeout
 
 SCRIPT_TEXT = "Hello wörld! 日本語 😀 STOP tail"
 

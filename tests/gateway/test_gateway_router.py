@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.router import Router
+from epserve.gateway.router import Router
 
 WORKERS = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
 

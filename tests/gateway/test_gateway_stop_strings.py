@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.stop_strings import StopStringMatcher
+from epserve.gateway.stop_strings import StopStringMatcher
 
 
 def run(stops: list[str], chunks: list[str]) -> tuple[list[str], str | None, str]:

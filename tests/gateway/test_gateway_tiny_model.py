@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from gateway_testlib import FakeWorker, GatewayProcess
 
-from gateway import client
-from gateway.detokenizer import IncrementalDetokenizer
-from gateway.model_info import load_model_info
+from epserve.gateway import client
+from epserve.gateway.detokenizer import IncrementalDetokenizer
+from epserve.gateway.model_info import load_model_info
 from epserve.tokenizer import Tokenizer
 
 TEXT = "The lighthouse keeper wrote: 日本語のテキスト 😀🎉 — café, naïve, 5 €."

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_moe import fused_moe_aligned, fused_moe_gemv, fused_moe_reference
-from kernels.moe_align import align_by_slot
-from kernels.moe_configs import AlignedConfig
-from kernels.moe_down import combine, combine_reference, down_weighted, down_weighted_reference
-from kernels.moe_gate_up import GemmConfig, gate_up_silu, gate_up_silu_reference
-from kernels.moe_gemv import (GemvConfig, down_combine_gemv, down_combine_gemv_reference,
+from epserve.kernels.fused_moe import fused_moe_aligned, fused_moe_gemv, fused_moe_reference
+from epserve.kernels.moe_align import align_by_slot
+from epserve.kernels.moe_configs import AlignedConfig
+from epserve.kernels.moe_down import combine, combine_reference, down_weighted, down_weighted_reference
+from epserve.kernels.moe_gate_up import GemmConfig, gate_up_silu, gate_up_silu_reference
+from epserve.kernels.moe_gemv import (GemvConfig, down_combine_gemv, down_combine_gemv_reference,
                               gate_up_silu_gemv, gate_up_silu_gemv_reference)
 from kernel_test_utils import TOLERANCE, make_problem, rel_err
 
@@ -99,7 +99,7 @@ def test_each_gemv_kernel_against_its_reference(dtype):
 
 
 def _tma_configs():
-    from kernels.moe_gate_up import SplitTmaGemmConfig, TmaGemmConfig
+    from epserve.kernels.moe_gate_up import SplitTmaGemmConfig, TmaGemmConfig
     return {
         "tma": AlignedConfig(TmaGemmConfig(16, 16, 16, group_m=2), TmaGemmConfig(16, 32, 16, group_m=1)),
         # segments padded to 16 rows; 32-row tiles, a 16-row tile for an odd last half-block
@@ -120,8 +120,8 @@ def test_fused_moe_aligned_tma(num_tokens, dtype, variant):
 
 
 def test_config_round_trip():
-    from kernels.moe_configs import config_from_dict, config_to_dict, default_config
-    from kernels.moe_gate_up import TmaGemmConfig
+    from epserve.kernels.moe_configs import config_from_dict, config_to_dict, default_config
+    from epserve.kernels.moe_gate_up import TmaGemmConfig
     configs = [default_config(t, 8, 128) for t in (1, 64, 1024, 20000)]
     configs.append(AlignedConfig(TmaGemmConfig(64, 128, 64, 8, 4, 3), GemmConfig(32, 64, 64)))
     configs += list(_tma_configs().values())

@@ -31,7 +31,7 @@ def gpu_problem(shape, num_tokens, dtype=torch.bfloat16, seed=0):
                                               (DSV3_EP8, 1), (DSV3_EP8, 64), (DSV3_EP8, 1024)])
 def test_triton_runner_bf16_real_shapes(shape, num_tokens):
     from epserve.moe_runner import make_moe_runner
-    from kernels.fused_moe import fused_moe_reference
+    from epserve.kernels.fused_moe import fused_moe_reference
     hidden, slot_ids, weights, w13, w2 = gpu_problem(shape, num_tokens, seed=num_tokens)
     if num_tokens == 1 and shape is DSV3_EP8:
         slot_ids[0, 0] = 3                      # make sure this shard serves something
@@ -42,10 +42,10 @@ def test_triton_runner_bf16_real_shapes(shape, num_tokens):
 
 @pytest.mark.parametrize("num_tokens", [1, 4, 64, 300])
 def test_both_variants_bf16_and_fp16(num_tokens):
-    from kernels.fused_moe import fused_moe_aligned, fused_moe_gemv, fused_moe_reference
-    from kernels.moe_configs import default_config, AlignedConfig
-    from kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig
-    from kernels.moe_gemv import GemvConfig
+    from epserve.kernels.fused_moe import fused_moe_aligned, fused_moe_gemv, fused_moe_reference
+    from epserve.kernels.moe_configs import default_config, AlignedConfig
+    from epserve.kernels.moe_gate_up import GemmConfig, SplitTmaGemmConfig, TmaGemmConfig
+    from epserve.kernels.moe_gemv import GemvConfig
     for dtype in (torch.bfloat16, torch.float16):
         hidden, slot_ids, weights, w13, w2 = gpu_problem(QWEN3, num_tokens, dtype, seed=7)
         ref = fused_moe_reference(hidden, slot_ids, weights, w13, w2, compute_dtype=torch.float32)
@@ -63,7 +63,7 @@ def test_both_variants_bf16_and_fp16(num_tokens):
 @pytest.mark.parametrize("num_tokens", [1, 64])
 def test_triton_runner_replays_from_a_cuda_graph(num_tokens):
     from epserve.moe_runner import make_moe_runner
-    from kernels.fused_moe import fused_moe_reference
+    from epserve.kernels.fused_moe import fused_moe_reference
     runner = make_moe_runner("triton", "cuda")
     static = list(gpu_problem(QWEN3, num_tokens, seed=1))
     runner.run(*static)                                         # compile outside the capture
@@ -85,8 +85,8 @@ def test_triton_runner_replays_from_a_cuda_graph(num_tokens):
 
 
 def test_routing_kernels_real_shapes():
-    from kernels.grouped_topk import grouped_topk, grouped_topk_reference
-    from kernels.topk_softmax import softmax_topk_renorm, softmax_topk_renorm_reference
+    from epserve.kernels.grouped_topk import grouped_topk, grouped_topk_reference
+    from epserve.kernels.topk_softmax import softmax_topk_renorm, softmax_topk_renorm_reference
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(1024, 128, device="cuda", generator=g)
     w, ids = softmax_topk_renorm(logits, 8)
@@ -106,7 +106,7 @@ def test_pdl_launches_change_no_bits(num_tokens):
     """Programmatic dependent launch (the default on Hopper) against plain launches, eagerly
     and replayed from a CUDA graph: the same bits."""
     from epserve.moe_runner import make_moe_runner
-    from kernels import pdl
+    from epserve.kernels import pdl
     assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
     runner = make_moe_runner("triton", "cuda")
     problem = gpu_problem(QWEN3, num_tokens, seed=3)

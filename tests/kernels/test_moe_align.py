@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.moe_align import SINGLE_PROGRAM_MAX_ASSIGNMENTS, align_by_slot, align_by_slot_reference
+from epserve.kernels.moe_align import SINGLE_PROGRAM_MAX_ASSIGNMENTS, align_by_slot, align_by_slot_reference
 from kernel_test_utils import make_problem
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,7 +72,7 @@ def test_multi_program_path_segments_and_positions(num_slots, num_tokens):
 def test_counters_are_left_zeroed_for_the_next_call():
     """No memset per call: the count kernel re-zeroes its workspace, so alignments of
     different routings one after another are each exact."""
-    from kernels.moe_align import _counters
+    from epserve.kernels.moe_align import _counters
     num_slots = 21
     for seed in range(3):
         _, slot_ids, *_ = make_problem(150 + 40 * seed, 8, num_slots, 8, 8, torch.float32, DEVICE,

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_moe import fused_moe_aligned, fused_moe_reference
-from kernels.moe_align import SINGLE_PROGRAM_MAX_ASSIGNMENTS, align_by_slot
-from kernels.moe_configs import AlignedConfig, config_from_dict, config_to_dict
-from kernels.moe_down import combine_reference, combine_sorted, down_weighted_tma_split
-from kernels.moe_gate_up import (PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
+from epserve.kernels.fused_moe import fused_moe_aligned, fused_moe_reference
+from epserve.kernels.moe_align import SINGLE_PROGRAM_MAX_ASSIGNMENTS, align_by_slot
+from epserve.kernels.moe_configs import AlignedConfig, config_from_dict, config_to_dict
+from epserve.kernels.moe_down import combine_reference, combine_sorted, down_weighted_tma_split
+from epserve.kernels.moe_gate_up import (PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
                                  gate_up_silu_tma_split)
 from kernel_test_utils import TOLERANCE, make_problem, rel_err
 
@@ -110,7 +110,7 @@ def test_tma_store_bf16_real_shapes(shape, num_tokens):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_split_tiles_bound_covers_every_tile(seed):
-    from kernels.moe_gate_up import split_tiles_bound
+    from epserve.kernels.moe_gate_up import split_tiles_bound
     g = torch.Generator().manual_seed(seed)
     num_slots, top_k, tile_rows = 13, 4, 32
     for num_tokens in (1, 5, 40, 300):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import pdl
+from epserve.kernels import pdl
 
 
 def test_never_on_cpu_and_off_inside_disabled_blocks():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.grouped_topk import grouped_topk, grouped_topk_reference
-from kernels.topk_softmax import softmax_topk_renorm, softmax_topk_renorm_reference
+from epserve.kernels.grouped_topk import grouped_topk, grouped_topk_reference
+from epserve.kernels.topk_softmax import softmax_topk_renorm, softmax_topk_renorm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -17,9 +17,9 @@ import pytest
 
 from epserve.grpc_server import wait_for_channel
 from epserve.placement_client import model_fingerprint
-from placement_service.config import PlacementConfig
-from placement_service.server import PlacementServer, start_placement_server
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.placement_service.config import PlacementConfig
+from epserve.placement_service.server import PlacementServer, start_placement_server
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 # 4 decoder layers, layer 1 dense → MoE layers (0, 2, 3); 8 experts.
 MODEL_CONFIG = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from epserve.expert_map_codec import expert_map_from_proto
-from protos import placement_pb2
+from epserve.protos import placement_pb2
 from test_rebalance_fakes import FakeCluster, report_load, skewed_counts
 
 pytestmark = pytest.mark.timeout(90)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from epserve.expert_map import ExpertMap
-from placement_service.eplb import EplbAlgorithm, balancedness, experts_moved, plan, resolve_algorithm
+from epserve.placement_service.eplb import EplbAlgorithm, balancedness, experts_moved, plan, resolve_algorithm
 
 CONCRETE = [a for a in EplbAlgorithm if a is not EplbAlgorithm.auto]
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def test_vectorised_greedy_matches_a_plain_loop():
     """replicate + balanced_pack (batched numpy) against the rules written as plain loops."""
     import numpy as np
 
-    from placement_service.eplb.common import balanced_pack, replicate
+    from epserve.placement_service.eplb.common import balanced_pack, replicate
 
     gen = np.random.default_rng(1)
     weight = gen.pareto(1.5, size=(5, 12)) + 0.01  # [B, E]
@@ -261,7 +261,7 @@ def test_movement_aware_moves_far_fewer_experts_after_drift(exponent):
 def test_align_to_previous_undoes_worker_and_slot_relabelling():
     import numpy as np
 
-    from placement_service.eplb.common import align_to_previous
+    from epserve.placement_service.eplb.common import align_to_previous
 
     num_layers, num_logical, num_slots, num_workers = 3, 32, 48, 8
     weight = zipf_load(num_layers, num_logical, 1.0, seed=16)
@@ -288,7 +288,7 @@ def test_movement_aware_fallback_still_meets_the_target():
     weight = zipf_load(num_layers, num_logical, 1.0, seed=17)
     new_weight = drift(weight, sigma=0.3, seed=18)
     previous = plan(weight, num_slots, None, 1, num_workers, algorithm="deepseek")
-    from placement_service.eplb.movement_aware import plan_movement_aware
+    from epserve.placement_service.eplb.movement_aware import plan_movement_aware
 
     fallback = plan_movement_aware(new_weight, num_slots, num_workers, previous_phy2log=previous, max_steps=0)
     scratch = plan(new_weight, num_slots, None, 1, num_workers, algorithm="deepseek")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from placement_service.planner import (PlanSettings, RebalancePlan, count_moved, plan_rebalance,
+from epserve.placement_service.planner import (PlanSettings, RebalancePlan, count_moved, plan_rebalance,
                                        predicted_balancedness, worth_applying)
 from test_rebalance_fakes import FakeCluster, make_service, report_load, skewed_counts
 

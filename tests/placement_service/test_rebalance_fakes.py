@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 from epserve.placement_client import UpdatePhase, WorkerRole
-from placement_service.admin import AdminOps
-from placement_service.broadcast import SubscriptionClosed
-from placement_service.config import PlacementConfig
-from placement_service.controller import PlacementController
-from placement_service.eplb_loop import EplbLoop
-from placement_service.errors import PlacementError
-from placement_service.rebalancer import Rebalancer
-from placement_service.state_db import StateDB
+from epserve.placement_service.admin import AdminOps
+from epserve.placement_service.broadcast import SubscriptionClosed
+from epserve.placement_service.config import PlacementConfig
+from epserve.placement_service.controller import PlacementController
+from epserve.placement_service.eplb_loop import EplbLoop
+from epserve.placement_service.errors import PlacementError
+from epserve.placement_service.rebalancer import Rebalancer
+from epserve.placement_service.state_db import StateDB
 
 
 @dataclass
@@ -48,7 +48,7 @@ def make_service(model_dir, db_path=None, **overrides) -> Service:
     fields = dict(model_path=str(model_dir), dp_size=2, ep_size=2, heartbeat_interval_ms=100,
                   heartbeat_timeout_ms=1000, eplb_prepare_timeout_s=5.0, eplb_commit_timeout_s=5.0)
     config = PlacementConfig(**{**fields, **overrides})
-    from placement_service.initial_placement import initial_phy2log
+    from epserve.placement_service.initial_placement import initial_phy2log
 
     db = StateDB(db_path) if db_path is not None else None
     controller = PlacementController(config, "127.0.0.1:1", initial_phy2log(config), db)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from epserve.placement_client import UpdatePhase
-from placement_service.errors import Aborted, FailedPrecondition, Unavailable
-from placement_service.rebalancer import next_chunk
+from epserve.placement_service.errors import Aborted, FailedPrecondition, Unavailable
+from epserve.placement_service.rebalancer import next_chunk
 from test_rebalance_fakes import FakeCluster, make_service, report_load, skewed_counts
 
 pytestmark = pytest.mark.timeout(60)

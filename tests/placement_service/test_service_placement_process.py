@@ -1,4 +1,4 @@
-"""``python -m placement_service`` as a real process: port on stdout, SIGTERM, restart with --state-db."""
+"""``python -m epserve.placement_service`` as a real process: port on stdout, SIGTERM, restart with --state-db."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epserve.grpc_server import wait_for_channel
 from epserve.placement_client import PlacementClient, WorkerRole
-from placement_service.__main__ import build_parser, main
-from protos import placement_pb2, placement_pb2_grpc
+from epserve.placement_service.__main__ import build_parser, main
+from epserve.protos import placement_pb2, placement_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ class PlacementProcess:
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "placement_service", *args], cwd=REPO_ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "epserve.placement_service", *args], cwd=REPO_ROOT,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()

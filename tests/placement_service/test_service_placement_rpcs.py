@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epserve.expert_map_codec import expert_map_from_proto
 from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole
-from protos import placement_pb2
+from epserve.protos import placement_pb2
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -356,7 +356,7 @@ def test_clients_re_register_with_a_placement_that_forgot_them(start_server, con
 
 
 def test_initial_map_from_a_snapshot_file(start_server, connect, fingerprint, tmp_path):
-    pytest.importorskip("placement_service.snapshot")
+    pytest.importorskip("epserve.placement_service.snapshot")
     phy2log = [[7, 6, 5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5, 6, 7], [1, 0, 3, 2, 5, 4, 7, 6]]
     path = tmp_path / "snapshot.json"
     path.write_text(json.dumps({"physical_to_logical_map": phy2log}))

@@ -11,14 +11,14 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.placement_client import WorkerRole, WorkerState, model_fingerprint
-from placement_service.broadcast import Broadcaster, SubscriptionClosed
-from placement_service.config import PlacementConfig
-from placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from placement_service.model_info import ModelInfo
-from placement_service.registry import WorkerRegistry
-from placement_service.server import start_placement_server
-from placement_service.state import LoadStats, MapHistory, balancedness
-from placement_service.state_db import StateDB
+from epserve.placement_service.broadcast import Broadcaster, SubscriptionClosed
+from epserve.placement_service.config import PlacementConfig
+from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from epserve.placement_service.model_info import ModelInfo
+from epserve.placement_service.registry import WorkerRegistry
+from epserve.placement_service.server import start_placement_server
+from epserve.placement_service.state import LoadStats, MapHistory, balancedness
+from epserve.placement_service.state_db import StateDB
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epserve.expert_map import ExpertMap
-from placement_service.snapshot import (ExpertSnapshot, load_snapshot, placement_from_snapshot,
+from epserve.placement_service.snapshot import (ExpertSnapshot, load_snapshot, placement_from_snapshot,
                                         save_snapshot)
 
 L, E, P = 3, 8, 12  # MoE layers, logical experts, physical slots
