@@ -1,14 +1,16 @@
-"""The attention worker's engine: scheduler + model + KV cache + MoE executor + sampler.
+"""The attention worker's engine: scheduler + KV cache + a step runner (model, MoE executor, sampler).
 
 Threads: ``step()`` runs on one engine thread only (the worker's loop, or the caller in the
 colocated ``epserve generate``). ``add_request``/``abort`` may be called from any thread:
 they only enqueue; the engine thread applies them at the next step boundary, which is also
 where a new expert map is picked up (``set_expert_map``), so a step never mixes versions.
 
-Flow of a step: apply queued adds/aborts → ``Scheduler.schedule`` → build one ``ForwardBatch``
-per micro-batch → drive the model's ``forward_steps`` generators through the MoE executor
-(ping-pong) → sample for sequences whose chunk reached their end → emit ``StepOutput``s and
-free finished sequences' KV blocks.
+Flow of a step: apply queued adds/aborts → ``Scheduler.schedule`` → the step runner runs the
+forward pass and samples a token for each sequence whose chunk reached its end
+(``cpu_runner.py``: per micro-batch ``ForwardBatch``es driven through the MoE executor in
+ping-pong, host sampling; ``gpu_runner.py``: device metadata, CUDA graphs for decode steps,
+batched GPU sampling, one device-to-host copy) → emit ``StepOutput``s and free finished
+sequences' KV blocks.
 
 Telemetry (both optional, off by default): a sampled step (``StepSampler``) runs inside an
 ``attention.step`` span linked to the traced requests it serves (a child of the first), whose
@@ -34,18 +36,16 @@ import torch
 from epserve.attention_worker.expert_heatmap import HeatmapCollector
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder
 from epserve.attention_worker.kv_cache import PagedKVCache
-from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
+from epserve.attention_worker.moe_executor import MoEExecutor
 from epserve.attention_worker.request_spans import record_request_spans
-from epserve.attention_worker.sampler import SamplingParams, sample_one
+from epserve.attention_worker.sampler import SamplingParams
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
 from epserve.attention_worker.sequence import FinishReason, Sequence
 from epserve.expert_map import ExpertMap
-from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
+from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Tracing, setup_tracing
 
 logger = logging.getLogger(__name__)
-
-NO_TOKENS = torch.empty(0, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class EngineLimits:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     num_micro_batches: int = 2
+    cuda_graph_max_bs: int = 256         # GPU: decode steps of up to this many sequences replay a graph
+    disable_cuda_graph: bool = False     # GPU: run every step eagerly
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Engine:
         self.kv_cache = PagedKVCache(spec.num_hidden_layers, limits.num_kv_blocks, limits.kv_block_size,
                                      spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
         self.scheduler = Scheduler(self.kv_cache.allocator, limits.max_num_batched_tokens, limits.max_num_seqs)
+        self.runner = make_step_runner(model, executor, self.kv_cache, limits, max_context)
         self.eos_token_ids = set(spec.eos_token_ids)
         self._expert_map = expert_map
         self._pending_map: tuple[ExpertMap, Callable[[ExpertMap], None] | None] | None = None
@@ -114,7 +117,7 @@ class Engine:
             raise RequestRejected(f"request needs {blocks} KV blocks, the cache has {self.limits.num_kv_blocks}; "
                                   "lower max_new_tokens or raise --num-kv-blocks")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids) - num_generated_before, params,
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids) - num_generated_before, params, seed,
                        torch.Generator().manual_seed(seed), trace_context=trace_context,
                        submit_ns=time.time_ns() if trace_context else 0)
         with self._lock:
@@ -174,18 +177,14 @@ class Engine:
                 if chunk.seq.trace_context and not chunk.seq.scheduled_ns:
                     chunk.seq.scheduled_ns = now_ns
         with self._step_span(chunks) if traced else NO_SPAN:
-            logits = self._forward(chunks)
-            row = 0
-            for chunk in chunks:
+            completes = [chunk.completes for chunk in chunks]
+            tokens = iter(self.runner.run(chunks, self._expert_map))
+            for chunk, complete in zip(chunks, completes):
                 seq = chunk.seq
-                completes = chunk.completes
                 seq.num_cached += chunk.num_tokens
-                if not completes:
+                if not complete:
                     continue
-                seen = (torch.as_tensor(seq.token_ids) if seq.params.repetition_penalty != 1.0
-                        else NO_TOKENS)                 # only the penalty reads the history
-                token = sample_one(logits[row], seq.params, seen, seq.generator)
-                row += 1
+                token = next(tokens)
                 seq.token_ids.append(token)
                 seq.num_generated += 1
                 if seq.trace_context and not seq.first_token_ns:
@@ -235,46 +234,6 @@ class Engine:
         metrics.kv_cache_blocks_used.set_function(lambda: allocator.num_blocks - allocator.num_free)
         metrics.map_version.set_function(lambda: self._expert_map.version)
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [sampling sequences, V] in chunk order."""
-        groups = self._split(chunks)
-        generators = [self.model.forward_steps(self._batch(group), self.kv_cache) for group in groups]
-        return torch.cat(run_micro_batches(generators, self.executor, self._expert_map))
-
-    def _split(self, chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-        n = min(self.limits.num_micro_batches, len(chunks))
-        if n <= 1:
-            return [chunks]
-        total = sum(c.num_tokens for c in chunks)
-        groups: list[list[ScheduledChunk]] = [[]]
-        acc = 0
-        for chunk in chunks:          # contiguous split by token count keeps logits in chunk order
-            if acc >= total * len(groups) / n and len(groups) < n and groups[-1]:
-                groups.append([])
-            groups[-1].append(chunk)
-            acc += chunk.num_tokens
-        return groups
-
-    def _batch(self, chunks: list[ScheduledChunk]) -> ForwardBatch:
-        device = self.model.embed.device
-        block_size = self.kv_cache.block_size
-        ids, positions, slots, logits_rows = [], [], [], []
-        for chunk in chunks:
-            seq = chunk.seq
-            start, end = seq.num_cached, seq.num_cached + chunk.num_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            if chunk.completes:
-                logits_rows.append(len(ids) - 1)
-        as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-        return ForwardBatch(
-            input_ids=as_long(ids), positions=as_long(positions),
-            seq_lens=[c.num_tokens for c in chunks],
-            context_lens=[c.seq.num_cached + c.num_tokens for c in chunks],
-            block_tables=[c.seq.block_table for c in chunks], slot_mapping=as_long(slots),
-            logits_rows=as_long(logits_rows))
-
     def _check_finished(self, seq: Sequence, token: int) -> None:
         params = seq.params
         if token in params.stop_token_ids:
@@ -301,6 +260,7 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
+        self.runner.release(seq)
         with self._lock:
             self._sequences.pop(seq.request_id, None)
         if seq.trace_context:
@@ -310,3 +270,13 @@ class Engine:
     def _output(seq: Sequence, tokens: list[int]) -> StepOutput:
         return StepOutput(seq.request_id, tokens, seq.finished, seq.finish_reason, seq.num_prompt_tokens,
                           seq.num_generated, seq.matched_stop_token)
+
+
+def make_step_runner(model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache,
+                     limits: EngineLimits, max_context: int):
+    """The GPU runner on a CUDA device, the host runner everywhere else."""
+    if model.device.type == "cuda":
+        from epserve.attention_worker.gpu_runner import GpuStepRunner
+        return GpuStepRunner(model, executor, kv_cache, limits, max_context)
+    from epserve.attention_worker.cpu_runner import CpuStepRunner
+    return CpuStepRunner(model, executor, kv_cache, limits.num_micro_batches)

@@ -5,17 +5,13 @@ Legend: N blocks, Bs block size (tokens), Hkv KV heads, Dh head dim, T tokens in
 A sequence owns a list of block ids (its block table); token i of the sequence lives in block
 ``table[i // Bs]`` at offset ``i % Bs``, i.e. flat slot ``table[i // Bs] * Bs + i % Bs``.
 ``BlockAllocator`` hands out and takes back block ids (free list, no fragmentation).
-``PagedKVCache`` holds ``k[layer], v[layer]: [N, Bs, Hkv, Dh]`` and is also the attention
-backend: it writes the step's new keys/values, gathers each sequence's context and runs
-causal scaled-dot-product attention sequence by sequence.
+``PagedKVCache`` holds ``k[layer], v[layer]: [N, Bs, Hkv, Dh]``; the attention backends
+(``attention_torch.py`` on the CPU, ``attention_triton.py`` on a GPU) read and write them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from epserve.models.qwen3_moe import ForwardBatch
 
 
 class OutOfBlocks(RuntimeError):
@@ -54,27 +50,3 @@ class PagedKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks, block_size)
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                batch: ForwardBatch) -> torch.Tensor:
-        """q [T, H, Dh], k/v [T, Hkv, Dh] → [T, H, Dh]; stores k/v at batch.slot_mapping."""
-        k_pool, v_pool = self.k[layer], self.v[layer]
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        k_pool.view(-1, *k_pool.shape[2:])[batch.slot_mapping] = k
-        v_pool.view(-1, *v_pool.shape[2:])[batch.slot_mapping] = v
-        out = torch.empty_like(q)
-        start = 0
-        for new, context, table in zip(batch.seq_lens, batch.context_lens, batch.block_tables):
-            blocks = torch.as_tensor(table[: -(-context // self.block_size)], device=q.device)
-            keys = k_pool[blocks].reshape(-1, *k_pool.shape[2:])[:context]      # [C, Hkv, Dh]
-            values = v_pool[blocks].reshape(-1, *v_pool.shape[2:])[:context]
-            query = q[start:start + new]                                          # [n, H, Dh]
-            # new token j sits at position context - new + j and sees positions <= its own
-            causal = (torch.arange(context, device=q.device).unsqueeze(0)
-                      <= torch.arange(context - new, context, device=q.device).unsqueeze(1))  # [n, C]
-            attn = F.scaled_dot_product_attention(
-                query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                attn_mask=causal, scale=head_dim ** -0.5, enable_gqa=num_heads != keys.shape[1])
-            out[start:start + new] = attn.transpose(0, 1)
-            start += new
-        return out

@@ -10,6 +10,7 @@ import torch
 
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
+from epserve.attention_worker.attention_torch import TorchPagedAttention
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import InProcessExperts, run_micro_batches
 from epserve.attention_worker.sampler import SamplingParams
@@ -40,6 +41,7 @@ def ragged_logits(model_dir, prompts_ids, dtype, num_micro_batches=1):
     executor = InProcessExperts(load_expert_slots(spec, reader, expert_map.phy2log, dtype),
                                 make_moe_runner("torch"), ExpertRouter(DispatchAlgorithm.STATIC, 0))
     cache = PagedKVCache(spec.num_hidden_layers, 64, 4, spec.num_key_value_heads, spec.head_dim, dtype)
+    attention = TorchPagedAttention(cache, spec)
     groups = [prompts_ids[i::num_micro_batches] for i in range(num_micro_batches)]
     generators, next_block = [], 0
     for group in groups:
@@ -52,7 +54,7 @@ def ragged_logits(model_dir, prompts_ids, dtype, num_micro_batches=1):
         batch = ForwardBatch(torch.tensor([t for ids in group for t in ids]),
                              torch.tensor([p for ids in group for p in range(len(ids))]),
                              [len(ids) for ids in group], [len(ids) for ids in group], tables, torch.tensor(slots))
-        generators.append(model.forward_steps(batch, cache))
+        generators.append(model.forward_steps(batch, attention))
     outs = run_micro_batches(generators, executor, expert_map)
     per_prompt = {}
     for group_index, (group, logits) in enumerate(zip(groups, outs)):
