@@ -10,6 +10,7 @@ from epserve.attention_worker.config import (DTYPES, HEATMAP_ENV, AttentionWorke
                                      heatmap_interval_from_env)
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
+from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
 
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stable worker id (default: generated; env EPSERVE_WORKER_ID)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model dtype (default bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
     p.add_argument("--num-kv-blocks", type=int, default=EngineLimits.num_kv_blocks, help="KV cache blocks")
     p.add_argument("--kv-block-size", type=int, default=EngineLimits.kv_block_size, help="tokens per KV block")
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineLimits.max_num_batched_tokens,
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         config = AttentionWorkerConfig(
             model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
             advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
+            load_format=args.load_format,
             limits=EngineLimits(args.num_kv_blocks, args.kv_block_size, args.max_num_batched_tokens,
                                 args.max_running_requests, args.num_micro_batches),
             max_context=args.context_length, ep_dispatch_algorithm=args.ep_dispatch_algorithm,

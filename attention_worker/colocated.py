@@ -13,22 +13,23 @@ from epserve.attention_worker.expert_heatmap import HeatmapCollector
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from epserve.attention_worker.moe_executor import InProcessExperts
+from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots
 from epserve.models.qwen3_moe import load_attention_side
 from epserve.moe_runner import make_moe_runner
-from epserve.weights import CheckpointReader
 
 
 def build_colocated_engine(model_path: str, dtype: torch.dtype, device: str = "cpu",
                            moe_runner_backend: str = "auto", limits: EngineLimits = EngineLimits(),
                            max_context: int | None = None, recorder_mode: RecorderMode | None = None,
-                           heatmap: HeatmapCollector | None = None) -> Engine:
+                           heatmap: HeatmapCollector | None = None, load_format: str = "auto") -> Engine:
     """``recorder_mode``: record expert load (``engine.recorder``) as an attention worker does;
-    ``heatmap``: also feed it every pass (the recorder then tracks passes)."""
+    ``heatmap``: also feed it every pass (the recorder then tracks passes); ``load_format``:
+    ``--load-format`` (dummy: random weights, only config.json is read)."""
     spec = load_model_spec(model_path)
-    reader = CheckpointReader(model_path)
+    reader = open_weights(model_path, load_format, spec)
     model = load_attention_side(spec, reader, dtype, device)
     expert_map = ExpertMap.trivial(spec.num_moe_layers, spec.num_experts, 0, ("local",))
     slots = load_expert_slots(spec, reader, expert_map.phy2log, dtype, device)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
+from epserve.dummy_weights import check_load_format
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 HEATMAP_ENV = ("EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL", "SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL")
@@ -50,6 +51,7 @@ class AttentionWorkerConfig:
     worker_id: str = field(default_factory=lambda: f"attn-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     dtype: str = "bfloat16"
     device: str = "cpu"
+    load_format: str = "auto"               # auto | safetensors | dummy (random weights, no checkpoint read)
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_context: int = 0                    # 0 = the model's max_position_embeddings
     ep_dispatch_algorithm: str = "dynamic"
@@ -70,6 +72,7 @@ class AttentionWorkerConfig:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if ":" not in self.placement:
             raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
+        check_load_format(self.load_format)
         try:
             DispatchAlgorithm(self.ep_dispatch_algorithm)
         except ValueError:

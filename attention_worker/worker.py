@@ -31,6 +31,7 @@ from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, Recorde
 from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from epserve.attention_worker.moe_executor import RemoteExperts
 from epserve.attention_worker.service import AttentionWorkerService
+from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec
@@ -39,7 +40,7 @@ from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase
 from epserve.process import start_daemon_thread
 from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, AttentionWorkerMetrics, StepSampler, Tracing,
                                setup_tracing)
-from epserve.weights import CheckpointReader, parse_dtype
+from epserve.weights import parse_dtype
 from epserve.protos import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class AttentionWorker:
         self.tracing = tracing if tracing is not None else setup_tracing(TRACING_SERVICE_NAME, None)
         self.metrics = metrics
         self.spec = load_model_spec(config.model_path)
-        self.model = load_attention_side(self.spec, CheckpointReader(config.model_path), parse_dtype(config.dtype),
-                                         config.device)
+        weights = open_weights(config.model_path, config.load_format, self.spec)
+        self.model = load_attention_side(self.spec, weights, parse_dtype(config.dtype), config.device)
         self.loop: EngineLoop | None = None
         self.ready = threading.Event()
         self._stopped = threading.Event()
@@ -75,7 +76,8 @@ class AttentionWorker:
             interceptors=self.tracing.server_interceptors(untraced=UNTRACED_RPCS))
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.ATTENTION, self.address,
-                                         device=config.device, model_fingerprint=model_fingerprint(config.model_path),
+                                         device=config.device,
+                                         model_fingerprint=model_fingerprint(config.model_path, config.load_format),
                                          timeout_s=config.rpc_timeout_s)
 
     def start(self, register_deadline_s: float = 120.0) -> None:

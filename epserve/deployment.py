@@ -13,6 +13,9 @@ its own port line; ``metrics_endpoints`` maps child name → ``host:port`` of it
 worker load series; ``expert_distribution_recorder_mode`` / ``expert_distribution_dir`` go to
 the attention workers, which also inherit this process's environment (e.g.
 ``EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL``).
+
+``load_format`` (``--load-format``) goes to every worker and to placement, which accepts only
+workers whose weights match it (dummy weights have their own model fingerprint).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from epserve.protos import placement_pb2, placement_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+# epserve.dummy_weights.LOAD_FORMATS (not imported: that module pulls torch into the launcher)
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
 
 @dataclass
 class DeploymentConfig:
@@ -43,6 +49,7 @@ class DeploymentConfig:
     num_redundant_experts: int = 0
     dtype: str = "bfloat16"
     device: str = "cpu"
+    load_format: str = "auto"               # every worker's --load-format; dummy = random weights
     host: str = "127.0.0.1"
     gateway_port: int = 0
     placement_port: int = 0
@@ -68,6 +75,8 @@ class DeploymentConfig:
             raise ValueError("--attention-workers and --expert-workers must be >= 1")
         if self.num_redundant_experts < 0:
             raise ValueError("--ep-num-redundant-experts must be >= 0")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"--load-format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.enable_expert_distribution_metrics and not self.metrics:
             raise ValueError("--enable-expert-distribution-metrics adds series to the attention workers' /metrics, "
                              "which is off: add --metrics")
@@ -127,14 +136,15 @@ class LocalDeployment:
             placement_args = ["--dp-size", str(c.num_attention_workers), "--ep-size", str(c.num_expert_workers),
                               "--ep-num-redundant-experts", str(c.num_redundant_experts),
                               "--moe-a2a-backend", c.moe_a2a_backend,
-                              "--init-expert-location", c.init_expert_location, "--port", str(c.placement_port)]
+                              "--init-expert-location", c.init_expert_location, "--port", str(c.placement_port),
+                              "--load-format", c.load_format]
             if c.state_db:
                 placement_args += ["--state-db", c.state_db]
             placement = self._spawn("placement", "epserve.placement_service", placement_args + c.extra_placement_args,
                                     "PLACEMENT_PORT")
             self.placement_port = placement.port
             address = f"{c.host}:{self.placement_port}"
-            common = ["--placement", address, "--dtype", c.dtype, "--device", c.device]
+            common = ["--placement", address, "--dtype", c.dtype, "--device", c.device, "--load-format", c.load_format]
             # Workers and gateway start in parallel: each imports torch for seconds.
             pending = [self._launch(f"expert-{i}", "epserve.expert_worker",
                                     common + ["--worker-id", f"expert-{i}", "--moe-runner-backend",

@@ -15,7 +15,7 @@
 An exception escaping either thread (a bug, or a raising callback) logs and exits the
 process: a worker must not keep serving half-connected. Unary RPCs all carry ``timeout_s``.
 
-``model_fingerprint(model_path)`` is the one definition of "the same model" for both sides.
+``model_fingerprint(model_path, load_format)`` is the one definition of "the same model" for both sides.
 """
 
 from __future__ import annotations
@@ -74,11 +74,14 @@ class UpdatePhase(enum.IntEnum):
     ROLLBACK = 4
 
 
-def model_fingerprint(model_path: str | Path) -> str:
-    """sha256 of the model's config.json, canonicalized (key order and whitespace do not count)."""
+def model_fingerprint(model_path: str | Path, load_format: str = "auto") -> str:
+    """sha256 of the model's config.json, canonicalized (key order and whitespace do not count),
+    marked ``+dummy-weights`` for ``--load-format dummy``: random weights are another model than
+    the checkpoint's, so placement refuses to mix them (its message shows both fingerprints)."""
     config = json.loads((Path(model_path) / "config.json").read_text())
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return f"{digest}+dummy-weights" if load_format == "dummy" else digest
 
 
 @dataclass(frozen=True)

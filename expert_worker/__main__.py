@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
 from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stable worker id (default: generated; env EPSERVE_WORKER_ID)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="expert weights dtype (default bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
     p.add_argument("--moe-runner-backend", default="auto",
                    help="expert kernels: auto|torch|triton|deep_gemm|flashinfer_cutlass (default auto)")
     p.add_argument("--capacity", type=float, default=1.0,
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ExpertWorkerConfig(
             model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
             advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
-            moe_runner_backend=args.moe_runner_backend, capacity=args.capacity, num_threads=args.num_threads,
+            load_format=args.load_format, moe_runner_backend=args.moe_runner_backend, capacity=args.capacity,
+            num_threads=args.num_threads,
             expert_load_duty_cycle=args.expert_load_duty_cycle,
             metrics_port=args.metrics_port,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""), **kwargs)

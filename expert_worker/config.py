@@ -6,6 +6,8 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from epserve.dummy_weights import check_load_format
+
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 DEFAULT_DUTY_CYCLE = 0.25  # bench/results/rebalance_live_cpu.md: p99 ITL x1.32 at 1.0, x1.15 at 0.25
 
@@ -20,6 +22,7 @@ class ExpertWorkerConfig:
     worker_id: str = field(default_factory=lambda: f"expert-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     dtype: str = "bfloat16"
     device: str = "cpu"
+    load_format: str = "auto"               # auto | safetensors | dummy (random weights, no checkpoint read)
     moe_runner_backend: str = "auto"
     capacity: float = 1.0                   # relative expert throughput, for placement
     rpc_timeout_s: float = 10.0
@@ -33,6 +36,7 @@ class ExpertWorkerConfig:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if ":" not in self.placement:
             raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
+        check_load_format(self.load_format)
         if self.capacity <= 0:
             raise ValueError(f"--capacity must be > 0, got {self.capacity}")
         if not 0 < self.expert_load_duty_cycle <= 1:

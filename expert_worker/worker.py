@@ -20,6 +20,7 @@ import os
 import threading
 import time
 
+from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec
@@ -27,7 +28,7 @@ from epserve.moe_runner import make_moe_runner
 from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
 from epserve.process import start_daemon_thread
 from epserve.telemetry import ExpertWorkerMetrics, Tracing, setup_tracing
-from epserve.weights import CheckpointReader, parse_dtype
+from epserve.weights import parse_dtype
 from epserve.expert_worker.config import ExpertWorkerConfig
 from epserve.expert_worker.expert_store import ExpertStore
 from epserve.expert_worker.load_pacer import LoadPacer
@@ -46,7 +47,8 @@ class ExpertWorker:
         self.tracing = tracing if tracing is not None else setup_tracing(TRACING_SERVICE_NAME, None)
         self.metrics = metrics
         self.spec = load_model_spec(config.model_path)
-        self.store = ExpertStore(self.spec, CheckpointReader(config.model_path), config.worker_id,
+        weights = open_weights(config.model_path, config.load_format, self.spec)   # read again on map changes
+        self.store = ExpertStore(self.spec, weights, config.worker_id,
                                  make_moe_runner(config.moe_runner_backend, config.device),
                                  parse_dtype(config.dtype), config.device)
         self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False,
@@ -54,7 +56,7 @@ class ExpertWorker:
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.EXPERT, self.address,
                                          capacity=config.capacity, device=config.device,
-                                         model_fingerprint=model_fingerprint(config.model_path),
+                                         model_fingerprint=model_fingerprint(config.model_path, config.load_format),
                                          timeout_s=config.rpc_timeout_s)
         self.expert_server = None
         self.ready = threading.Event()

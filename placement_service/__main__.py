@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 
+from epserve.dummy_weights import LOAD_FORMATS
 from epserve.placement_service.config import EPLB_ALGORITHMS, MOE_A2A_BACKENDS, PlacementConfig
 from epserve.placement_service.server import start_placement_server
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "ranks, owns the versioned expert map and pushes it to workers, tracks worker health.")
     parser.add_argument("--model-path", required=True,
                         help="model directory; only its config.json is read (MoE layers, experts, fingerprint)")
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                        help="the workers' --load-format: workers on dummy (random) weights have another model "
+                             "fingerprint than workers reading the checkpoint, and only those matching this are "
+                             "accepted (default: auto)")
     parser.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0,
                         help="gRPC port; 0 picks a free one (default: 0). The bound port is printed as "
@@ -111,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = PlacementConfig(
-            model_path=args.model_path, host=args.host, port=args.port, dp_size=args.dp_size,
-            ep_size=args.ep_size, ep_num_redundant_experts=args.ep_num_redundant_experts,
+            model_path=args.model_path, load_format=args.load_format, host=args.host, port=args.port,
+            dp_size=args.dp_size, ep_size=args.ep_size, ep_num_redundant_experts=args.ep_num_redundant_experts,
             init_expert_location=args.init_expert_location, moe_a2a_backend=args.moe_a2a_backend,
             dist_port=args.dist_port, advertise_host=args.advertise_host,
             heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,

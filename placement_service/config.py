@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epserve.dummy_weights import check_load_format
 from epserve.placement_service.model_info import ModelInfo
 
 MOE_A2A_BACKENDS = ("local", "torch", "cuda_ipc", "mooncake", "deepep")
@@ -36,6 +37,7 @@ class PlacementConfig:
     metrics_port: int | None = None  # hook for Prometheus metrics (not built yet)
     otlp_endpoint: str = ""  # hook for OTel tracing (not built yet); accepted so launchers can pass it
     shutdown_grace_s: float = 2.0
+    load_format: str = "auto"  # the workers' --load-format: dummy (random) weights have another fingerprint
     # -- EPLB and map changes (see docs/operations.md) --
     enable_eplb: bool = False  # rebalance automatically from reported load
     eplb_algorithm: str = "auto"  # EPLB_ALGORITHMS; auto = SGLang's rule
@@ -51,7 +53,8 @@ class PlacementConfig:
     model: ModelInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.model = ModelInfo.read(self.model_path)
+        check_load_format(self.load_format)
+        self.model = ModelInfo.read(self.model_path, self.load_format)
         for name in ("port", "dist_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:

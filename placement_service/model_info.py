@@ -47,13 +47,14 @@ class ModelInfo:
         return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
 
     @classmethod
-    def read(cls, model_path: str | Path) -> ModelInfo:
+    def read(cls, model_path: str | Path, load_format: str = "auto") -> ModelInfo:
+        """``load_format``: the workers' ``--load-format`` (dummy weights have their own fingerprint)."""
         config_path = Path(model_path) / "config.json"
         if not config_path.is_file():
             raise ValueError(f"--model-path {model_path}: no config.json there; point it at a "
                              "HuggingFace model directory")
         config = json.loads(config_path.read_text())
-        return cls.from_config(config, model_fingerprint(model_path))
+        return cls.from_config(config, model_fingerprint(model_path, load_format))
 
     @classmethod
     def from_config(cls, config: dict, fingerprint: str) -> ModelInfo:

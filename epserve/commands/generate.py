@@ -30,6 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=["float64", "float32", "bfloat16", "float16"],
                         help="weights/activations dtype in colocated mode (default bfloat16)")
     parser.add_argument("--device", default="cpu", help="torch device in colocated mode (default cpu)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                        help="weights in colocated mode: auto (default) and safetensors read the checkpoint; "
+                             "dummy draws random weights on --device from a fixed seed (the values `epserve up "
+                             "--load-format dummy` serves) and reads only config.json and the tokenizer from "
+                             "--model-path")
     parser.add_argument("--moe-runner-backend", default="auto", help="expert kernels in colocated mode")
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch CPU threads in colocated mode (default 1: small models are latency-bound "
@@ -60,7 +65,7 @@ def _run_colocated(args: argparse.Namespace) -> int:
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
         tokenizer = Tokenizer.from_dir(args.model_path)
         engine = build_colocated_engine(args.model_path, parse_dtype(args.dtype), args.device,
-                                        args.moe_runner_backend)
+                                        args.moe_runner_backend, load_format=args.load_format)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:
             raise ValueError("--prompt encodes to no tokens")

@@ -29,6 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float64", "float32", "bfloat16", "float16"],
                    help="model dtype (default bfloat16; float64 for exact parity checks)")
     p.add_argument("--device", default="cpu", help="torch device for workers (default cpu)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="where every worker's weights come from: auto (default) and safetensors read the "
+                        "checkpoint; dummy draws random weights on --device from a fixed seed, the same values "
+                        "in every worker, and reads only config.json from --model-path (benchmarks at real "
+                        "model sizes without a checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address every process binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="gateway port (default 50050; 0 picks one)")
     p.add_argument("--placement-port", type=int, default=0, help="placement service port (default: pick one)")
@@ -97,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         config = DeploymentConfig(
             model_path=model_path, num_attention_workers=args.attention_workers,
             num_expert_workers=args.expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
-            dtype=args.dtype, device=args.device, host=args.host, gateway_port=args.port,
-            placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
+            dtype=args.dtype, device=args.device, load_format=args.load_format, host=args.host,
+            gateway_port=args.port, placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
             init_expert_location=args.init_expert_location, state_db=args.state_db,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
