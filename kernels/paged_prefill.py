@@ -1,0 +1,184 @@
+"""Batched causal attention for prefill and mixed steps over the paged KV cache.
+
+Legend: T new tokens in the step (B sequences' runs concatenated), B sequences, H query heads,
+Hkv KV heads, G = H / Hkv, Dh head dim, N cache blocks, Bs tokens per block, M block-table
+width, n a sequence's new tokens (q_len), C its context length (new tokens included).
+
+The new tokens' keys and values are already in the cache (layout: kernels/paged_attention.py).
+Query token i of sequence b sits at position ``C - n + i`` and sees cache positions ``0 ..= C -
+n + i``, so a chunk continuing a prompt and a decode row (n = 1) are the same case.
+
+``paged_prefill_attention``: grid (cdiv(max n, TOKENS), B, Hkv). A program packs TOKENS query
+tokens × the G heads of one KV head into BLOCK_M rows (row r: token r // G, head r % G), so a
+K/V tile is loaded once per group and short runs (decode rows) fill rows with heads rather
+than padding. Key tiles of BLOCK_N run from 0 to the program's last position: those wholly
+before its first position without a mask, the rest with the causal mask; tiles past it are
+skipped. Programs with the most keys (last query blocks) start first. Programs past a
+sequence's n exit at once; n = 0 contributes nothing. Online softmax in float32 with exp2.
+No host sync; on Hopper the kernel launches with PDL (kernels/pdl.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from epserve.kernels.paged_attention import (LOG2E, MIN_DOT_ROWS, check_paged_cache, attend_reference, dot_precision,
+                                             gather_context)
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int = 128          # query rows (tokens × heads) per program, at most; fewer for short runs
+    block_n: int = 64           # keys per tile
+    num_warps: int = 8          # at block_m >= 128; 4 below
+    num_stages: int = 2
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, head_off, n0, pos, kv_end, qk_scale,
+                 stride_kn, stride_kt,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, CAUSAL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One key tile [n0, n0 + BLOCK_N) into the online softmax of q [BLOCK_M, DH] at positions
+    pos [BLOCK_M]. CAUSAL: mask keys past each row's position and past kv_end; otherwise all
+    keys of the tile are before every row's position."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DH)
+    if CAUSAL:
+        live = keys < kv_end
+        block = tl.load(table_ptr + keys // BS, mask=live, other=0).to(tl.int64)
+    else:
+        block = tl.load(table_ptr + keys // BS).to(tl.int64)
+    row = block * stride_kn + (keys % BS).to(tl.int64) * stride_kt + head_off
+    kv_off = row[:, None] + offs_d[None, :]                                  # [BLOCK_N, DH]
+    if CAUSAL:
+        k = tl.load(k_cache_ptr + kv_off, mask=live[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=live[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_off)
+        v = tl.load(v_cache_ptr + kv_off)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale      # [BLOCK_M, BLOCK_N]
+    if CAUSAL:
+        s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))      # finite: key 0 was in the first tile of every row
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_ptr, context_lens_ptr, out_ptr,
+                    qk_scale, num_q_blocks,
+                    stride_qt, stride_qh, stride_kn, stride_kt, stride_kh, stride_tb, stride_ot, stride_oh,
+                    G: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BS: tl.constexpr, DH: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    q_block = num_q_blocks - 1 - tl.program_id(0)                           # most keys first
+    b = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + b)
+    q_len = tl.load(query_start_ptr + b + 1) - q_start
+    tok0 = q_block * TOKENS
+    if tok0 >= q_len:
+        return
+    prefix = tl.load(context_lens_ptr + b) - q_len                          # cached before this step
+    r = tl.arange(0, BLOCK_M)
+    tok = tok0 + r // G
+    heads = kv_head * G + r % G
+    row_ok = (r < TOKENS * G) & (tok < q_len)
+    pos = prefix + tl.where(row_ok, tok, tok0)                              # padding rows: a real position
+    t_off = (q_start + tok).to(tl.int64)[:, None]
+    h_off = heads.to(tl.int64)[:, None]
+    offs_d = tl.arange(0, DH)[None, :]
+    q = tl.load(q_ptr + t_off * stride_qt + h_off * stride_qh + offs_d, mask=row_ok[:, None], other=0.0)
+
+    table = table_ptr + b.to(tl.int64) * stride_tb
+    head_off = kv_head.to(tl.int64) * stride_kh
+    kv_end = prefix + tl.minimum(tok0 + TOKENS, q_len)                      # past the last row's position
+    unmasked_end = (prefix + tok0) // BLOCK_N * BLOCK_N                     # tiles before the first row's
+    acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, head_off, n0, pos,
+                                     kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, DOT_PRECISION)
+    for n0 in range(unmasked_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, head_off, n0, pos,
+                                     kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, DOT_PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + t_off * stride_ot + h_off * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def prefill_block_m(max_query_len: int, group: int, config: PrefillConfig) -> int:
+    """Rows per program: config.block_m, or fewer (>= 16) when every run is short."""
+    wanted = max(MIN_DOT_ROWS, triton.next_power_of_2(max_query_len * group))
+    block_m = min(config.block_m, wanted)
+    assert group <= block_m, f"G={group} query heads per KV head exceed block_m={block_m}"
+    return block_m
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            context_lens: torch.Tensor, max_query_len: int, scale: float,
+                            out: torch.Tensor | None = None,
+                            config: PrefillConfig = PrefillConfig()) -> torch.Tensor:
+    """q [T, H, Dh], caches [N, Bs, Hkv, Dh], block_tables [B, M] int32, query_start_loc [B + 1]
+    int32 (cumulative n, [0] = 0), context_lens [B] int32 (this step's tokens included) →
+    out [T, H, Dh] in q's dtype. ``max_query_len`` (host int, >= every n) sizes the grid."""
+    check_paged_cache(q, k_cache, v_cache)
+    assert q.dim() == 3, f"q must be [T, H, Dh], got {tuple(q.shape)}"
+    num_tokens, num_heads, head_dim = q.shape
+    batch = context_lens.shape[0]
+    assert context_lens.dim() == 1 and context_lens.dtype == torch.int32, "context_lens must be [B] int32"
+    assert query_start_loc.shape == (batch + 1,) and query_start_loc.dtype == torch.int32, \
+        f"query_start_loc must be [B + 1 = {batch + 1}] int32, got {tuple(query_start_loc.shape)}"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32, \
+        f"block_tables must be [B={batch}, M] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    assert batch <= MAX_GRID_Y, f"B={batch} sequences exceed the grid's {MAX_GRID_Y}"
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return out
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_m = prefill_block_m(max_query_len, group, config)
+    tokens = block_m // group
+    num_q_blocks = triton.cdiv(max_query_len, tokens)
+    _prefill_kernel[(num_q_blocks, batch, num_kv_heads)](
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, scale * LOG2E, num_q_blocks,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=group, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=config.block_n, BS=k_cache.shape[1], DH=head_dim,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps if block_m >= 128 else 4,
+        num_stages=config.num_stages, **launch_options(pdl_enabled(q.device)))
+    return out
+
+
+def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                                      context_lens: torch.Tensor, scale: float,
+                                      compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Same contract, sequence by sequence in ``compute_dtype`` (returned in it); host syncs."""
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    starts = query_start_loc.tolist()
+    for b, context in enumerate(context_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        if end == start:
+            continue
+        keys, values = gather_context(k_cache, v_cache, block_tables[b], context)
+        positions = torch.arange(context - (end - start), context, device=q.device)
+        out[start:end] = attend_reference(q[start:end].to(compute_dtype), keys.to(compute_dtype),
+                                          values.to(compute_dtype), positions, scale)
+    return out
