@@ -17,6 +17,7 @@ from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots
+from epserve.models.ops import layer_ops_for
 from epserve.models.qwen3_moe import load_attention_side
 from epserve.moe_runner import make_moe_runner
 
@@ -30,7 +31,7 @@ def build_colocated_engine(model_path: str, dtype: torch.dtype, device: str = "c
     ``--load-format`` (dummy: random weights, only config.json is read)."""
     spec = load_model_spec(model_path)
     reader = open_weights(model_path, load_format, spec)
-    model = load_attention_side(spec, reader, dtype, device)
+    model = load_attention_side(spec, reader, dtype, device, layer_ops_for(device))
     expert_map = ExpertMap.trivial(spec.num_moe_layers, spec.num_experts, 0, ("local",))
     slots = load_expert_slots(spec, reader, expert_map.phy2log, dtype, device)
     recorder = None
@@ -38,7 +39,7 @@ def build_colocated_engine(model_path: str, dtype: torch.dtype, device: str = "c
         recorder = ExpertLoadRecorder(recorder_mode or RecorderMode.STAT, expert_map.num_layers,
                                       expert_map.num_physical_slots, track_passes=heatmap is not None)
     executor = InProcessExperts(slots, make_moe_runner(moe_runner_backend, device),
-                                ExpertRouter(DispatchAlgorithm.STATIC, rank=0),
+                                ExpertRouter(DispatchAlgorithm.STATIC, rank=0, map_is_fixed=True),
                                 record_load=recorder.record if recorder is not None else None)
     return Engine(model, executor, expert_map, limits, max_context or spec.max_position_embeddings,
                   recorder=recorder, heatmap=heatmap)

@@ -45,6 +45,9 @@ class CpuStepRunner:
             tokens.append(sample_one(logits[len(tokens)], seq.params, seen, seq.generator))
         return tokens
 
+    def warmup(self, expert_map: ExpertMap) -> None:
+        """Nothing to prepare on the host."""
+
     def release(self, seq: Sequence) -> None:
         """The sequence left the engine (nothing is held per sequence here)."""
 

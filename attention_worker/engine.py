@@ -24,6 +24,7 @@ per-slot counts ``[L, P]`` and the map the pass used.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -48,8 +49,13 @@ from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Trac
 logger = logging.getLogger(__name__)
 
 
+ATTENTION_BACKENDS = ("auto", "triton", "torch_native", "flashinfer")
+
+
 @dataclass(frozen=True)
 class EngineLimits:
+    """The engine's sizes and its step path (SGLang's flag names where SGLang has them)."""
+
     num_kv_blocks: int = 512
     kv_block_size: int = 16
     max_num_batched_tokens: int = 2048
@@ -57,6 +63,16 @@ class EngineLimits:
     num_micro_batches: int = 2
     cuda_graph_max_bs: int = 256         # GPU: decode steps of up to this many sequences replay a graph
     disable_cuda_graph: bool = False     # GPU: run every step eagerly
+    attention_backend: str = "auto"      # auto: triton on CUDA, torch_native elsewhere
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend == "flashinfer":
+            raise ValueError("--attention-backend flashinfer is not built in epserve yet; use triton (the default "
+                             "on CUDA) or torch_native")
+        if self.cuda_graph_max_bs < 0:
+            raise ValueError(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
 
 
 @dataclass
@@ -90,6 +106,7 @@ class Engine:
                                      spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
         self.scheduler = Scheduler(self.kv_cache.allocator, limits.max_num_batched_tokens, limits.max_num_seqs)
         self.runner = make_step_runner(model, executor, self.kv_cache, limits, max_context)
+        self.runner.warmup(expert_map)
         self.eos_token_ids = set(spec.eos_token_ids)
         self._expert_map = expert_map
         self._pending_map: tuple[ExpertMap, Callable[[ExpertMap], None] | None] | None = None
@@ -274,8 +291,16 @@ class Engine:
 
 def make_step_runner(model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache,
                      limits: EngineLimits, max_context: int):
-    """The GPU runner on a CUDA device, the host runner everywhere else."""
-    if model.device.type == "cuda":
+    """``--attention-backend``: ``triton`` → the batched GPU runner (on a CPU device only under the
+    Triton interpreter, for tests), ``torch_native`` → the host runner; ``auto`` picks triton on
+    CUDA devices. ``torch_native`` on a GPU works but launches per sequence and layer: slow."""
+    backend = limits.attention_backend
+    if backend == "auto":
+        backend = "triton" if model.device.type == "cuda" else "torch_native"
+    if backend == "triton":
+        if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"--attention-backend triton needs a CUDA device (got {model.device}); use "
+                             "torch_native, or TRITON_INTERPRET=1 for the Triton interpreter")
         from epserve.attention_worker.gpu_runner import GpuStepRunner
         return GpuStepRunner(model, executor, kv_cache, limits, max_context)
     from epserve.attention_worker.cpu_runner import CpuStepRunner

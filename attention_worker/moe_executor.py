@@ -32,6 +32,10 @@ from epserve.moe_runner import MoERunner
 
 
 class MoEExecutor(Protocol):
+    def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
+        """Host, once per step before the forward pass: what routing on ``device`` needs."""
+        ...
+
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> object: ...
 
     def combine(self, handle: object) -> torch.Tensor: ...
@@ -45,6 +49,9 @@ class InProcessExperts:
     def __init__(self, slots: ExpertSlots, runner: MoERunner, router: ExpertRouter,
                  record_load: LoadSink | None = None) -> None:
         self.slots, self.runner, self.router, self.record_load = slots, runner, router, record_load
+
+    def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
+        self.router.prepare(expert_map, device)
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> torch.Tensor:
         physical = self.router.to_physical(expert_map, call.moe_layer, call.topk_ids)   # [T, K]
@@ -74,6 +81,9 @@ class RemoteExperts:
         self.dispatcher, self.router, self.timeout_s = dispatcher, router, timeout_s
         self.record_load, self.on_timeout = record_load, on_timeout
         self.tracing = tracing if tracing is not None else setup_tracing("epserve-attention-worker", None)
+
+    def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
+        self.router.prepare(expert_map, device)
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int, record: bool = True,
                  trace_context: bytes | None = None) -> _Pending:

@@ -12,6 +12,14 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Without CUDA, Triton kernels run in Triton's interpreter. It must be chosen before any kernel is
+# defined (``triton.jit`` reads it then), i.e. before the first test module imports epserve.kernels
+# — set here, at the top of the collection, for every test directory (the engine tests use the
+# batched GPU runner's kernels too). The interpreter mishandles bfloat16 loads: CPU tests use
+# float32 and float16.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

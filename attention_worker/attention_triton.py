@@ -1,0 +1,71 @@
+"""The GPU attention backend: fused Triton kernels over the paged KV cache, whole batches at once.
+
+Legend: T tokens in the step, B sequences, M block-table width, H query heads, Hkv KV heads,
+Dh head dim.
+
+Per layer, two or three launches and no host work:
+1. ``qk_norm_rope_store`` (kernels/rope.py): per-head q/k RMSNorm, RoPE, and the new keys/values
+   written into the cache at ``slot_mapping`` (-1: a padding row, nothing stored);
+2. a decode step (every sequence has one new token): ``paged_decode_attention``
+   (kernels/paged_attention.py, split-KV with ``num_splits`` chosen once per batch size);
+   any other step: ``paged_prefill_attention`` (kernels/paged_prefill.py, causal, variable
+   query lengths, context read from the cache).
+
+Everything the kernels read about the batch is in ``GpuAttentionMetadata`` (device tensors, built
+once per step by the runner, or static buffers that a captured CUDA graph reads), so a decode step
+can be replayed from a graph with other lengths and block tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.model_config import ModelSpec
+from epserve.models.layers import RotaryEmbedding
+from epserve.models.qwen3_moe import ForwardBatch
+
+
+@dataclass
+class GpuAttentionMetadata:
+    """One step's batch as the kernels read it (``ForwardBatch.device``)."""
+
+    block_tables: torch.Tensor       # [B, M] int32 KV block ids per sequence
+    context_lens: torch.Tensor       # [B] int32 tokens in the cache after this step (0: padding row)
+    query_start_loc: torch.Tensor | None  # [B + 1] int32 first token of each sequence (prefill steps)
+    max_query_len: int               # host int: the longest run of new tokens (sizes the prefill grid)
+    decode: bool                     # every sequence has exactly one new token
+    num_splits: int = 1              # decode: KV splits per (sequence, KV head)
+
+
+class TritonPagedAttention:
+    def __init__(self, kv_cache: PagedKVCache, spec: ModelSpec) -> None:
+        from epserve.kernels.paged_attention import paged_decode_attention
+        from epserve.kernels.paged_prefill import paged_prefill_attention
+        from epserve.kernels.rope import qk_norm_rope_store
+
+        self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
+        self.kv_cache = kv_cache
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        self.eps = spec.rms_norm_eps
+        self.scale = spec.head_dim ** -0.5
+        device = kv_cache.k[0].device
+        self.inv_freq = RotaryEmbedding(spec.head_dim, spec.rope_theta).inv_freq.to(device)   # [Dh/2] float32
+
+    def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        """qkv [T, (H + 2 Hkv) Dh] → [T, H Dh]."""
+        meta: GpuAttentionMetadata = batch.device
+        k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        q = self._rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim, batch.positions, self.inv_freq,
+                             k_cache, v_cache, batch.slot_mapping, q_norm_weight=q_norm, k_norm_weight=k_norm,
+                             eps=self.eps)                                                  # [T, H, Dh]
+        if meta.decode:
+            out = self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
+                               meta.num_splits)
+        else:
+            out = self._prefill(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
+                                meta.max_query_len, self.scale)
+        return out.view(qkv.shape[0], self.num_heads * self.head_dim)

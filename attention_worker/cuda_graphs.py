@@ -1,0 +1,115 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+Legend: b a bucket's batch size, B the step's sequences (B <= b), R device rows, V vocab.
+
+A decode step (one new token per sequence) is the same sequence of kernels whatever the
+sequences are: only the data differs. ``capture`` records the whole forward pass — embedding,
+every layer's attention and MoE (in-process experts, or the data-plane hand-offs), the logits —
+once per bucket, largest first, into one shared memory pool. Its inputs live in one static
+device buffer laid out per bucket as ``[ids b | positions b | cache slots b | rows b | context b]``
+(int64); the captured region itself derives what the kernels read (``block_table_pool[rows]``,
+int32 context lengths). ``replay`` copies the step's packed integers into that buffer (one copy),
+pads the bucket with rows that store nothing and attend to nothing (slot -1, context 0, the
+padding row), replays, and returns the first B rows of the bucket's logits.
+
+Captured once, at start-up: a new expert map reaches the graphs through the router's device
+buffers (updated in place), a sequence's new blocks through ``block_table_pool``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from epserve.attention_worker.attention_triton import GpuAttentionMetadata
+from epserve.attention_worker.scheduler import ScheduledChunk
+from epserve.expert_map import ExpertMap
+from epserve.models.qwen3_moe import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+NUM_FIELDS = 5      # ids, positions, slots, rows, context
+
+
+def batch_size_buckets(max_bs: int) -> list[int]:
+    """SGLang's spacing: 1, 2, 4, 8, then every 8 to 256, then every 16; always ends at max_bs."""
+    sizes = [1, 2, 4] + list(range(8, 257, 8)) + list(range(272, max_bs + 1, 16))
+    return [b for b in sizes if b < max_bs] + [max_bs]
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_bs: int) -> None:
+        self.runner = runner
+        self.max_bs = max_bs
+        self.buckets = batch_size_buckets(max_bs)
+        self.inputs = torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64, device=runner.device)
+        self._host = torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64).pin_memory()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}       # [b, V] float32 logits per bucket
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def _fields(self, bucket: int) -> list[torch.Tensor]:
+        return list(self.inputs[:NUM_FIELDS * bucket].view(NUM_FIELDS, bucket))
+
+    def _batch(self, bucket: int) -> ForwardBatch:
+        ids, positions, slots, rows, context = self._fields(bucket)
+        meta = GpuAttentionMetadata(block_tables=self.runner.block_table_pool[rows],
+                                    context_lens=context.to(torch.int32), query_start_loc=None,
+                                    max_query_len=1, decode=True, num_splits=self.runner.num_splits(bucket))
+        return ForwardBatch(ids, positions, [], [], [], slots, logits_rows=None, device=meta)
+
+    def _pad(self, bucket: int) -> None:
+        ids, positions, slots, rows, context = self._fields(bucket)
+        ids.zero_(), positions.zero_(), context.zero_()
+        slots.fill_(-1)
+        rows.fill_(self.runner.num_rows)          # the padding row of block_table_pool (all zeros)
+
+    def capture(self, expert_map: ExpertMap) -> None:
+        """Warm up and capture every bucket (largest first, so smaller ones reuse its memory)."""
+        start = time.perf_counter()
+        self.runner.executor.prepare(expert_map, self.runner.device)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.runner.device)
+        for bucket in reversed(self.buckets):
+            self._pad(bucket)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):               # compile and autotune outside the capture
+                for _ in range(2):
+                    self.runner.forward(self._batch(bucket), expert_map)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                self.outputs[bucket] = self.runner.forward(self._batch(bucket), expert_map)
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize(self.runner.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.buckets),
+                    f"{self.buckets[0]}..{self.buckets[-1]}", time.perf_counter() - start)
+
+    def replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """A decode step of len(chunks) <= max_bs sequences → logits [B, V]."""
+        num_seqs = len(chunks)
+        bucket = next(b for b in self.buckets if b >= num_seqs)
+        host = self._host[:NUM_FIELDS * bucket].view(NUM_FIELDS, bucket)
+        ids, positions, slots, rows, context = host.numpy()
+        block_size = self.runner.block_size
+        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            position = seq.num_cached
+            ids[i] = seq.token_ids[position]
+            positions[i] = position
+            slots[i] = seq.block_table[position // block_size] * block_size + position % block_size
+            rows[i] = seq.row
+            context[i] = position + 1
+        ids[num_seqs:] = 0
+        positions[num_seqs:] = 0
+        slots[num_seqs:] = -1
+        rows[num_seqs:] = self.runner.num_rows
+        context[num_seqs:] = 0
+        self.inputs[:NUM_FIELDS * bucket].copy_(self._host[:NUM_FIELDS * bucket], non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:num_seqs]

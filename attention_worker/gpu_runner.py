@@ -1,0 +1,171 @@
+"""Runs a step on a GPU: batch metadata on the device, CUDA graphs for decode steps, GPU sampling.
+
+Legend: T tokens in the step, B sequences in it, B' of them sampled, R device rows (one per
+running sequence, ``max_num_seqs``), M block-table width (blocks of the longest context), V vocab.
+
+Threads: everything runs on the engine thread.
+
+Device state, kept across steps so a step copies only what changed:
+- every running sequence owns a row of ``block_table_pool [R + 1, M]`` (row R: padding) for as
+  long as it is in the engine (``release`` frees it); a step appends only the blocks a sequence
+  gained since the last step (``_block_table_updates``), so host work per step does not grow with
+  context length;
+- ``GpuSampler`` keeps, per row, which tokens a sequence has seen (repetition penalty only).
+
+A step (``run``): route with the current expert map (``executor.prepare``: device copies, in
+place) → pack the step's integers (token ids, positions, cache slots, rows, context lengths,
+block-table updates) into one pinned buffer and copy it to the device once → a decode step of at
+most ``cuda_graph_max_bs`` sequences replays the captured graph of the smallest batch-size bucket
+that fits (``cuda_graphs.DecodeGraphs``); any other step (prefill chunks, mixed, larger) runs the
+same forward eagerly → ``GpuSampler`` samples every completing sequence at once → one
+device-to-host copy of the token ids.
+
+On a CPU device (tests, with the Triton interpreter) the same code runs without pinned memory or
+graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from epserve.attention_worker.attention_triton import GpuAttentionMetadata, TritonPagedAttention
+from epserve.attention_worker.gpu_sampling import GpuSampler
+from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
+from epserve.attention_worker.scheduler import ScheduledChunk
+from epserve.attention_worker.sequence import Sequence
+from epserve.expert_map import ExpertMap
+from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
+
+logger = logging.getLogger(__name__)
+
+
+class GpuStepRunner:
+    def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache,
+                 limits, max_context: int) -> None:
+        from epserve.kernels.paged_attention import decode_num_splits
+
+        self.model, self.executor, self.kv_cache = model, executor, kv_cache
+        self.device = model.device
+        self.attention = TritonPagedAttention(kv_cache, model.spec)
+        self.block_size = kv_cache.block_size
+        self.max_blocks = -(-max_context // self.block_size)
+        self.num_rows = limits.max_num_seqs
+        self.block_table_pool = torch.zeros(self.num_rows + 1, self.max_blocks, dtype=torch.int32,
+                                            device=self.device)
+        self._free_rows = list(range(self.num_rows - 1, -1, -1))
+        self._synced: dict[int, list[int]] = {}          # row -> the block ids its device row holds
+        self.sampler = GpuSampler(self.device, self.num_rows, model.spec.vocab_size)
+        num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                   if self.device.type == "cuda" else 1)
+        num_kv_heads = model.spec.num_key_value_heads
+        self.num_splits = lambda batch: decode_num_splits(batch, num_kv_heads, max_context, num_sms)
+        self.graphs = None
+        if self.device.type == "cuda" and not limits.disable_cuda_graph and limits.cuda_graph_max_bs > 0:
+            from epserve.attention_worker.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self, min(limits.cuda_graph_max_bs, self.num_rows))
+
+    # -- the step ------------------------------------------------------------------------
+    def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> list[int]:
+        """The sampled token of each completing chunk, in chunk order."""
+        self.executor.prepare(expert_map, self.device)
+        for chunk in chunks:
+            if chunk.seq.row is None:
+                self._admit(chunk.seq)
+        self._apply_block_table_updates(self._block_table_updates(chunks))
+        decode = all(chunk.num_tokens == 1 for chunk in chunks)
+        if decode and self.graphs is not None and self.graphs.captured and len(chunks) <= self.graphs.max_bs:
+            logits = self.graphs.replay(chunks)                                   # [B, V]
+        else:
+            logits = self.forward(self.eager_batch(chunks, decode), expert_map)  # [B', V]
+        completing = [chunk.seq for chunk in chunks if chunk.completes]
+        return self.sampler.sample(logits, completing)
+
+    def warmup(self, expert_map: ExpertMap) -> None:
+        """Capture the decode graphs (start-up: seconds, so no request waits for it)."""
+        if self.graphs is not None and not self.graphs.captured:
+            self.graphs.capture(expert_map)
+
+    def forward(self, batch: ForwardBatch, expert_map: ExpertMap) -> torch.Tensor:
+        """One micro-batch through the model and the in-process or remote experts → logits."""
+        return run_micro_batches([self.model.forward_steps(batch, self.attention)], self.executor, expert_map)[0]
+
+    def release(self, seq: Sequence) -> None:
+        if seq.row is not None:
+            self._synced.pop(seq.row, None)
+            self._free_rows.append(seq.row)
+            seq.row = None
+
+    def _admit(self, seq: Sequence) -> None:
+        assert self._free_rows, "more running sequences than --max-running-requests rows"
+        seq.row = self._free_rows.pop()
+        self._synced[seq.row] = []
+        self.sampler.admit(seq)
+
+    # -- device metadata -----------------------------------------------------------------
+    def _block_table_updates(self, chunks: list[ScheduledChunk]) -> list[int]:
+        """Flat indexes into block_table_pool followed by the block ids to write there, for the
+        blocks each sequence gained since its row was last written (all of them after a
+        preemption gave the sequence new blocks)."""
+        index: list[int] = []
+        value: list[int] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            table, synced = seq.block_table, self._synced[seq.row]
+            if len(table) > self.max_blocks:
+                raise ValueError(f"sequence {seq.request_id} needs {len(table)} KV blocks; rows hold "
+                                 f"{self.max_blocks} (the context limit)")
+            start = len(synced)
+            if start > len(table) or table[:start] != synced:
+                start = 0                       # preempted and re-admitted: new blocks from the start
+            if start == len(table):
+                continue
+            base = seq.row * self.max_blocks
+            index.extend(range(base + start, base + len(table)))
+            value.extend(table[start:])
+            self._synced[seq.row] = list(table)
+        return index + value
+
+    def _apply_block_table_updates(self, packed: list[int]) -> None:
+        if not packed:
+            return
+        device = self.to_device(packed, torch.int64)
+        half = len(packed) // 2
+        self.block_table_pool.view(-1)[device[:half]] = device[half:].to(torch.int32)
+
+    def to_device(self, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
+        """One host-to-device copy (from pinned memory on a GPU, so it does not stall the host)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def eager_batch(self, chunks: list[ScheduledChunk], decode: bool) -> ForwardBatch:
+        """The step as device tensors, from one packed copy: [ids T | positions T | slots T |
+        rows B | context B | query starts B+1 | logits rows B']."""
+        block_size = self.block_size
+        ids, positions, slots, rows, context, starts, logits_rows = [], [], [], [], [], [0], []
+        for chunk in chunks:
+            seq = chunk.seq
+            begin, end = seq.num_cached, seq.num_cached + chunk.num_tokens
+            ids.extend(seq.token_ids[begin:end])
+            positions.extend(range(begin, end))
+            table = seq.block_table
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(begin, end))
+            rows.append(seq.row)
+            context.append(end)
+            starts.append(starts[-1] + chunk.num_tokens)
+            if chunk.completes:
+                logits_rows.append(len(ids) - 1)
+        num_tokens, num_seqs = len(ids), len(chunks)
+        packed = self.to_device(ids + positions + slots + rows + context + starts + logits_rows, torch.int64)
+        fields = packed.split([num_tokens] * 3 + [num_seqs, num_seqs, num_seqs + 1, len(logits_rows)])
+        ids_t, positions_t, slots_t, rows_t, context_t, starts_t, logits_rows_t = fields
+        meta = GpuAttentionMetadata(
+            block_tables=self.block_table_pool[rows_t], context_lens=context_t.to(torch.int32),
+            query_start_loc=starts_t.to(torch.int32), max_query_len=max(c.num_tokens for c in chunks),
+            decode=decode, num_splits=self.num_splits(num_seqs) if decode else 1)
+        return ForwardBatch(ids_t, positions_t, [c.num_tokens for c in chunks], context,
+                            [], slots_t, logits_rows=logits_rows_t, device=meta)

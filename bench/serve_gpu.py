@@ -1,0 +1,309 @@
+"""One GPU, end to end: decode speed and time to first token against the memory roofline.
+
+Run from the repository root on the GPU machine (epserve need not be installed):
+    PYTHONPATH=. python3 bench/serve_gpu.py --out-dir bench/results [--layers 48] [--modes colocated transformers]
+
+Model: Qwen3-30B-A3B's shape (hidden 2048, 48 layers, GQA 32q/4kv, head 128, 128 experts top-8,
+expert width 768, vocab 151936), bf16, dummy weights drawn on the device (``--load-format dummy``).
+
+Modes (rows of the result table, in the same run):
+- ``colocated``: epserve's engine with attention and all experts in this process
+  (``--moe-a2a-backend local``): Triton paged attention, decode steps replayed from CUDA graphs,
+  GPU sampling. Measured through ``Engine.step`` — scheduler, metadata, sampling and the host
+  copy of the tokens included — as a server runs it.
+- ``transformers``: ``AutoModelForCausalLM.generate`` (greedy) with the same weights copied in.
+
+Per batch size B (prompt ``--prompt-len`` random tokens each, greedy, EOS ignored):
+- ``step_ms``: median decode step (colocated: every step of the run once all prompts are in;
+  transformers: (time for 1 + N new tokens - time for 1) / N);
+- ``tok_per_s`` = B / step;
+- ``roofline_frac`` = (bytes a decode step must read at least / copy bandwidth measured in this
+  run) / step, where bytes = dense weights (attention, router, norms, lm_head; B rows of the
+  embedding) + the experts the step's routing hits (counted per layer from one step's routing) +
+  the KV cache read (every sequence's context, all layers, at the run's mean context).
+And TTFT of one ``--ttft-prompt``-token prompt (prefill plus the first token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "num_experts": 128, "num_experts_per_tok": 8,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "attention_bias": False,
+    "attention_dropout": 0.0, "initializer_range": 0.02, "output_router_logits": False,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "use_sliding_window": False, "torch_dtype": "bfloat16",
+}
+
+
+def write_model_dir(layers: int) -> Path:
+    model_dir = Path(tempfile.mkdtemp(prefix="serve_gpu_"))
+    config = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    (model_dir / "config.json").write_text(json.dumps(config, indent=1))
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645}))
+    return model_dir
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times[5:])
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+# -- accounting -------------------------------------------------------------------------------
+def dense_bytes(spec, batch: int) -> int:
+    d, heads, kv, hd = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    per_layer = ((heads + 2 * kv) * hd * d + d * heads * hd + spec.num_experts * d + 2 * d + 2 * hd) * 2
+    return spec.num_hidden_layers * per_layer + spec.vocab_size * d * 2 + d * 2 + batch * d * 2
+
+
+def expert_bytes(spec, experts_hit: int) -> int:
+    return experts_hit * 3 * spec.hidden_size * spec.moe_intermediate_size * 2
+
+
+def kv_bytes(spec, total_context: int) -> int:
+    return total_context * spec.num_hidden_layers * 2 * spec.num_key_value_heads * spec.head_dim * 2
+
+
+# -- epserve, colocated --------------------------------------------------------------------------
+def run_colocated(model_dir: Path, batches: list[int], prompt_len: int, new_tokens: int, ttft_prompt: int,
+                  bandwidth: float, log) -> tuple[list[dict], dict]:
+    from epserve.attention_worker.colocated import build_colocated_engine
+    from epserve.attention_worker.engine import EngineLimits
+    from epserve.attention_worker.sampler import SamplingParams
+
+    max_bs = max(batches)
+    context = prompt_len + new_tokens
+    blocks = max_bs * -(-context // 16) + -(-ttft_prompt // 16) + 64
+    limits = EngineLimits(num_kv_blocks=blocks, kv_block_size=16, max_num_batched_tokens=max(8192, ttft_prompt),
+                          max_num_seqs=max_bs, num_micro_batches=1, cuda_graph_max_bs=max_bs)
+    start = time.perf_counter()
+    engine = build_colocated_engine(str(model_dir), torch.bfloat16, "cuda", "auto", limits,
+                                    max_context=max(context, ttft_prompt) + 16, load_format="dummy")
+    torch.cuda.synchronize()
+    setup_s = time.perf_counter() - start
+    log(f"colocated engine ready in {setup_s:.1f} s (dummy weights + CUDA graph capture)")
+    spec = engine.model.spec
+    rows = []
+    for batch in batches:
+        params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+        for i, ids in enumerate(prompts(batch, prompt_len, spec.vocab_size, seed=batch)):
+            engine.add_request(f"b{batch}-{i}", ids, params)
+        step_times, decode = [], False
+        while engine.has_work:
+            t0 = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - t0
+            if decode and engine.scheduler.running and len(engine.scheduler.running) == batch:
+                step_times.append(elapsed)
+            decode = not engine.scheduler.waiting and all(s.num_generated >= 1 for s in engine.scheduler.running)
+        hit = experts_hit_per_step(engine, batch, prompt_len, spec)
+        step = statistics.median(step_times[2:] or step_times)
+        mean_context = prompt_len + new_tokens / 2
+        need = dense_bytes(spec, batch) + expert_bytes(spec, hit) + kv_bytes(spec, int(batch * mean_context))
+        rows.append({"mode": "colocated", "batch": batch, "step_ms": step * 1e3, "tok_per_s": batch / step,
+                     "roofline_frac": need / bandwidth / step, "roofline_ms": need / bandwidth * 1e3,
+                     "bytes_per_step": need, "experts_hit": hit, "decode_steps_timed": len(step_times)})
+        log(f"colocated B={batch}: {step * 1e3:.2f} ms/step, {batch / step:.0f} tok/s, "
+            f"{need / bandwidth / step:.2f} of roofline ({hit} experts hit)")
+    ttft = []
+    for i in range(3):
+        engine.add_request(f"ttft-{i}", prompts(1, ttft_prompt, spec.vocab_size, seed=1000 + i)[0],
+                           SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        ttft.append(time.perf_counter() - t0)
+    ttft_row = {"mode": "colocated", "prompt": ttft_prompt, "ttft_ms": statistics.median(ttft) * 1e3,
+                "setup_s": setup_s}
+    log(f"colocated TTFT({ttft_prompt}) {ttft_row['ttft_ms']:.1f} ms")
+    del engine
+    torch.cuda.empty_cache()
+    return rows, ttft_row
+
+
+def experts_hit_per_step(engine, batch: int, prompt_len: int, spec) -> int:
+    """Distinct experts one decode step of ``batch`` sequences routes to, summed over layers:
+    one eager step of fresh sequences with the executor's dispatch observed."""
+    from epserve.attention_worker.sampler import SamplingParams
+
+    runner = engine.runner
+    executor = runner.executor
+    hits: list[int] = []
+    dispatch = executor.dispatch
+
+    def observed(call, expert_map, micro_batch, *args, **kwargs):
+        hits.append(int(torch.unique(call.topk_ids).numel()))
+        return dispatch(call, expert_map, micro_batch, *args, **kwargs)
+
+    for i, ids in enumerate(prompts(batch, prompt_len, spec.vocab_size, seed=batch)):
+        engine.add_request(f"hit-{batch}-{i}", ids, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True))
+    while any(s.num_generated == 0 for s in list(engine.scheduler.running) + list(engine.scheduler.waiting)):
+        engine.step()
+    graphs, runner.graphs = runner.graphs, None
+    executor.dispatch = observed
+    try:
+        engine.step()
+    finally:
+        executor.dispatch = dispatch
+        runner.graphs = graphs
+    while engine.has_work:
+        engine.step()
+    return sum(hits)
+
+
+# -- transformers ---------------------------------------------------------------------------------
+def run_transformers(model_dir: Path, batches: list[int], prompt_len: int, new_tokens: int, ttft_prompt: int,
+                     bandwidth: float, log) -> tuple[list[dict], dict]:
+    import transformers
+
+    from epserve.dummy_weights import open_weights
+    from epserve.model_config import load_model_spec
+
+    spec = load_model_spec(model_dir)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model.to_empty(device="cuda")
+    copied = copy_dummy_weights(model, spec, open_weights(str(model_dir), "dummy", spec))
+    model.eval()
+    log(f"transformers {transformers.__version__}: model ready in {time.perf_counter() - start:.1f} s "
+        f"({copied} tensors copied from the dummy weights)")
+    rows = []
+    for batch in batches:
+        ids = torch.tensor(prompts(batch, prompt_len, spec.vocab_size, seed=batch), device="cuda")
+
+        def timed(n: int) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        timed(2)                                                   # warm-up
+        first = statistics.median(timed(1) for _ in range(2))
+        full = timed(1 + new_tokens)
+        step = (full - first) / new_tokens
+        need = dense_bytes(spec, batch) + expert_bytes(spec, min(spec.num_experts, batch * spec.num_experts_per_tok)
+                                                       * spec.num_moe_layers) \
+            + kv_bytes(spec, int(batch * (prompt_len + new_tokens / 2)))
+        rows.append({"mode": "transformers", "batch": batch, "step_ms": step * 1e3, "tok_per_s": batch / step,
+                     "roofline_frac": need / bandwidth / step, "new_tokens_timed": new_tokens})
+        log(f"transformers B={batch}: {step * 1e3:.2f} ms/step, {batch / step:.0f} tok/s")
+    ids = torch.tensor(prompts(1, ttft_prompt, spec.vocab_size, seed=1000), device="cuda")
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ttft_row = {"mode": "transformers", "prompt": ttft_prompt, "ttft_ms": statistics.median(times) * 1e3}
+    log(f"transformers TTFT({ttft_prompt}) {ttft_row['ttft_ms']:.1f} ms")
+    del model
+    torch.cuda.empty_cache()
+    return rows, ttft_row
+
+
+def copy_dummy_weights(model, spec, reader) -> int:
+    """Fill a transformers Qwen3-MoE with the tensors epserve's dummy loader draws (experts fused as
+    transformers 5 holds them: gate_up_proj [E, 2I, D], down_proj [E, D, I])."""
+    copied = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mlp.experts." in name:
+                layer = int(name.split(".")[2])
+                experts = reader.read_experts(layer, range(spec.num_experts), param.dtype, param.device)
+                which = 0 if name.endswith("gate_up_proj") else 1
+                for e, tensors in experts.items():
+                    param[e].copy_(tensors[which])
+            else:
+                param.copy_(reader.read([name], param.dtype, param.device)[name])
+            copied += 1
+    return copied
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128, 256])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--hf-new-tokens", type=int, default=8, help="decode steps timed for transformers")
+    parser.add_argument("--ttft-prompt", type=int, default=4096)
+    parser.add_argument("--modes", nargs="+", default=["colocated", "transformers"])
+    parser.add_argument("--name", default="serve_gpu_h200")
+    args = parser.parse_args()
+
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    log(f"{device}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    model_dir = write_model_dir(args.layers)
+    rows, ttfts = [], []
+    for mode in args.modes:
+        run = {"colocated": run_colocated, "transformers": run_transformers}[mode]
+        new_tokens = args.hf_new_tokens if mode == "transformers" else args.new_tokens
+        mode_rows, ttft = run(model_dir, args.batches, args.prompt_len, new_tokens, args.ttft_prompt, bandwidth, log)
+        rows += mode_rows
+        ttfts.append(ttft)
+    record = {"machine": f"{device} ({platform.node()})", "date": datetime.date.today().isoformat(),
+              "command": " ".join(sys.argv), "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
+              "model": f"Qwen3-30B-A3B shape, {args.layers} layers, bf16, dummy weights", "rows": rows,
+              "ttft": ttfts, "log": lines}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=1))
+    table = ["| mode | batch | ms/step | tok/s | roofline ms | fraction of roofline |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        table.append(f"| {row['mode']} | {row['batch']} | {row['step_ms']:.2f} | {row['tok_per_s']:.0f} | "
+                     f"{row.get('roofline_ms', float('nan')):.2f} | {row['roofline_frac']:.2f} |")
+    table += ["", "| mode | prompt | TTFT ms |", "|---|---|---|"]
+    table += [f"| {t['mode']} | {t['prompt']} | {t['ttft_ms']:.1f} |" for t in ttfts]
+    print("\n".join(table))
+    (args.out_dir / f"{args.name}.table.md").write_text("\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
