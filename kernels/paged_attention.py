@@ -32,8 +32,9 @@ from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16               # tl.dot needs at least 16 rows
-SPLIT_MIN_CONTEXT = 512         # below this one launch beats splitting (latency-bound)
-MIN_TOKENS_PER_SPLIT = 128      # two BLOCK_N tiles: fewer and the merge costs more than it saves
+# decode_num_splits' thresholds: estimates, not yet measured (bench/gpu/attention_kernels.py times every S)
+SPLIT_MIN_CONTEXT = 512         # below this one launch should beat splitting (latency-bound)
+MIN_TOKENS_PER_SPLIT = 128      # two BLOCK_N tiles: fewer and the merge would cost more than it saves
 MERGE_CHUNK = 16                # splits merged per step of the merge kernel
 
 
@@ -65,8 +66,9 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     """A split count S for ``paged_decode_attention``: enough (B, Hkv, S) programs for ~4 per SM,
     each split at least MIN_TOKENS_PER_SPLIT tokens of ``max_context``, and 1 for short contexts.
 
-    For a CUDA graph pass the longest context it may serve: splits beyond a shorter context
-    exit at once, so too many costs little, too few leaves SMs idle on long contexts."""
+    For a CUDA graph pass the longest context it may serve: a split beyond a shorter context
+    only writes an empty partial, so too many costs little, too few leaves SMs idle on long
+    contexts."""
     assert batch > 0 and num_kv_heads > 0 and num_sms > 0
     if max_context < SPLIT_MIN_CONTEXT:
         return 1

@@ -52,7 +52,8 @@ SPLITS = (1, 2, 4, 8, 16, 32, 64)
 COLD_BYTES = 128 << 20                            # per graph replay: well past the L2
 MAX_INSTANCES = 256
 CHECK_TOKENS = 16384                              # the pool holds at least --check's contexts
-DECODE_CONFIGS = [DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3), DecodeConfig(128, 8, 2), DecodeConfig(32, 4, 2)]
+DECODE_CONFIGS = [DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3), DecodeConfig(128, 4, 2), DecodeConfig(128, 8, 2),
+                  DecodeConfig(32, 4, 2)]
 PREFILL_CONFIGS = [PrefillConfig(128, 64, 8, 2), PrefillConfig(128, 64, 8, 3), PrefillConfig(64, 64, 4, 2),
                    PrefillConfig(128, 128, 8, 2)]
 

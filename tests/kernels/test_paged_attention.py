@@ -1,8 +1,9 @@
 """Paged decode (split-KV) and prefill attention kernels against float64 references.
 
-CPU: the Triton interpreter at small odd shapes, float32 and float16, small tiles so that
-contexts span several key tiles, splits and query blocks. GPU (marked): bf16 at Qwen3's
-attention shape, and a decode replayed from a CUDA graph after its inputs change in place.
+Small odd shapes, float32 and float16, small tiles so that contexts span several key tiles,
+splits and query blocks (CPU: the Triton interpreter; with CUDA: compiled, on the GPU). GPU only
+(marked): bf16 at Qwen3's attention shape, and a decode replayed from a CUDA graph after its
+inputs change in place.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from epserve.kernels.paged_attention import (DecodeConfig, DecodeWorkspace, deco
 from epserve.kernels.paged_prefill import (PrefillConfig, paged_prefill_attention,
                                            paged_prefill_attention_reference)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (H, Hkv, Dh, Bs): every value of each dimension appears; G = 2, 6 and 1
 SHAPES = [(4, 2, 16, 4), (6, 1, 32, 16), (2, 2, 16, 16), (4, 2, 32, 16), (6, 1, 16, 4)]
 DTYPES = [torch.float32, torch.float16]
@@ -25,14 +27,14 @@ UNUSED_ENTRY = 2 ** 31 - 1          # table entries past a sequence's blocks: fa
 
 
 def make_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               device: str = DEVICE, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return (torch.randn(shape, generator=g, device=device).to(dtype),
             torch.randn(shape, generator=g, device=device).to(dtype))
 
 
-def make_tables(contexts: list[int], block_size: int, num_blocks: int, width: int, device: str = "cpu",
+def make_tables(contexts: list[int], block_size: int, num_blocks: int, width: int, device: str = DEVICE,
                 seed: int = 0) -> torch.Tensor:
     """[B, width] int32: distinct shuffled blocks per sequence; unused entries alternate -1 and huge."""
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +47,7 @@ def make_tables(contexts: list[int], block_size: int, num_blocks: int, width: in
     return tables.to(device)
 
 
-def decode_case(shape, dtype, contexts, device="cpu", seed=0):
+def decode_case(shape, dtype, contexts, device=DEVICE, seed=0):
     num_heads, num_kv_heads, head_dim, block_size = shape
     width = max(-(-c // block_size) for c in contexts) + 2
     num_blocks = len(contexts) * width
@@ -57,7 +59,7 @@ def decode_case(shape, dtype, contexts, device="cpu", seed=0):
     return q, k_cache, v_cache, tables, context_lens, head_dim ** -0.5
 
 
-def prefill_case(shape, dtype, q_lens, contexts, device="cpu", seed=0):
+def prefill_case(shape, dtype, q_lens, contexts, device=DEVICE, seed=0):
     _, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, contexts, device, seed)
     num_heads, _, head_dim, _ = shape
     g = torch.Generator(device=device).manual_seed(seed + 2)
@@ -92,7 +94,7 @@ def test_decode_default_tiles_many_splits_and_a_static_workspace():
     ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
     assert rel_err(paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 1), ref) < 1e-5
     # 20 splits: more than the merge handles per step, most empty at these contexts
-    workspace = DecodeWorkspace.allocate(8, 4, 20, 32, "cpu")          # sized for a larger batch
+    workspace = DecodeWorkspace.allocate(8, 4, 20, 32, DEVICE)          # sized for a larger batch
     out = torch.full_like(q, float("nan"))
     paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 20, out=out, workspace=workspace)
     assert rel_err(out, ref) < 1e-5 and torch.equal(out[1], torch.zeros_like(out[1]))
@@ -102,9 +104,9 @@ def test_decode_reads_strided_q_and_writes_strided_out():
     """q as a view into a fused qkv buffer (row stride > H * Dh), out a view too."""
     shape, dtype = (4, 2, 16, 4), torch.float32
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, [9, 40], seed=5)
-    qkv = torch.zeros(2, 8, 16)
+    qkv = torch.zeros(2, 8, 16, device=DEVICE)
     qkv[:, :4] = q
-    out_buf = torch.zeros(2, 6, 16)
+    out_buf = torch.zeros(2, 6, 16, device=DEVICE)
     out = paged_decode_attention(qkv[:, :4], k_cache, v_cache, tables, context_lens, scale, 2,
                                  out=out_buf[:, 1:5], config=SMALL_DECODE)
     ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
@@ -142,7 +144,7 @@ def test_prefill_default_tiles():
 def test_prefill_rows_of_q_len_1_equal_decode(shape):
     contexts = [1, 5, 17, 33, 70]
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, torch.float32, contexts, seed=2)
-    starts = torch.arange(len(contexts) + 1, dtype=torch.int32)
+    starts = torch.arange(len(contexts) + 1, dtype=torch.int32, device=DEVICE)
     prefill = paged_prefill_attention(q, k_cache, v_cache, tables, starts, context_lens, 1, scale)
     decode = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 1)
     torch.testing.assert_close(prefill, decode, rtol=1e-6, atol=1e-6)
@@ -187,16 +189,17 @@ def test_kernels_compute_what_the_engine_computes():
                                        spec.rms_norm_eps), cos, sin)
 
     width = max(len(t) for t in tables)
-    table_tensor = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
-    starts = torch.tensor([0] + new).cumsum(0).to(torch.int32)
-    context_lens = torch.tensor(contexts, dtype=torch.int32)
+    table_tensor = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0] + new).cumsum(0).to(torch.int32).to(DEVICE)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    q, k_cache, v_cache = q.to(DEVICE), cache.k[0].to(DEVICE), cache.v[0].to(DEVICE)   # the cache after the step
     scale = head_dim ** -0.5
-    prefill = paged_prefill_attention(q, cache.k[0], cache.v[0], table_tensor, starts, context_lens, max(new),
-                                      scale, config=SMALL_PREFILL)
-    assert rel_err(prefill, engine) < 1e-5
-    decode = paged_decode_attention(q[-1:], cache.k[0], cache.v[0], table_tensor[2:], context_lens[2:], scale, 2,
+    prefill = paged_prefill_attention(q, k_cache, v_cache, table_tensor, starts, context_lens, max(new), scale,
+                                      config=SMALL_PREFILL)
+    assert rel_err(prefill.cpu(), engine) < 1e-5
+    decode = paged_decode_attention(q[-1:], k_cache, v_cache, table_tensor[2:], context_lens[2:], scale, 2,
                                     config=SMALL_DECODE)
-    assert rel_err(decode, engine[-1:]) < 1e-5
+    assert rel_err(decode.cpu(), engine[-1:]) < 1e-5
 
 
 def test_wrappers_reject_bad_inputs():
@@ -209,9 +212,9 @@ def test_wrappers_reject_bad_inputs():
         paged_decode_attention(q[:, :3], k_cache, v_cache, tables, context_lens, scale, 1)
     with pytest.raises(AssertionError, match="workspace"):
         paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 2,
-                               workspace=DecodeWorkspace.allocate(2, 4, 3, 16, "cpu"))
+                               workspace=DecodeWorkspace.allocate(2, 4, 3, 16, DEVICE))
     with pytest.raises(AssertionError, match="query_start_loc"):
-        paged_prefill_attention(q, k_cache, v_cache, tables, torch.tensor([0, 1], dtype=torch.int32),
+        paged_prefill_attention(q, k_cache, v_cache, tables, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE),
                                 context_lens, 1, scale)
 
 
