@@ -10,7 +10,9 @@ device buffer laid out per bucket as ``[ids b | positions b | cache slots b | ro
 (int64); the captured region itself derives what the kernels read (``block_table_pool[rows]``,
 int32 context lengths). ``replay`` copies the step's packed integers into that buffer (one copy),
 pads the bucket with rows that store nothing and attend to nothing (slot -1, context 0, the
-padding row), replays, and returns the first B rows of the bucket's logits.
+padding row), replays, and returns the first B rows of the logits. Every graph writes its logits
+into one buffer ``[max_bs, V]`` allocated outside the graphs' pool, so the pool holds one
+bucket's intermediates at a time rather than every bucket's outputs.
 
 Captured once, at start-up: a new expert map reaches the graphs through the router's device
 buffers (updated in place), a sequence's new blocks through ``block_table_pool``.
@@ -47,7 +49,7 @@ class DecodeGraphs:
         self.inputs = torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64, device=runner.device)
         self._host = torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}       # [b, V] float32 logits per bucket
+        self.logits = torch.empty(max_bs, runner.model.spec.vocab_size, dtype=torch.float32, device=runner.device)
 
     @property
     def captured(self) -> bool:
@@ -84,7 +86,7 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.outputs[bucket] = self.runner.forward(self._batch(bucket), expert_map)
+                self.logits[:bucket].copy_(self.runner.forward(self._batch(bucket), expert_map))
             self.graphs[bucket] = graph
         torch.cuda.synchronize(self.runner.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.buckets),
@@ -112,4 +114,4 @@ class DecodeGraphs:
         context[num_seqs:] = 0
         self.inputs[:NUM_FIELDS * bucket].copy_(self._host[:NUM_FIELDS * bucket], non_blocking=True)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:num_seqs]
+        return self.logits[:num_seqs]
