@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from epserve.attention_worker.config import (DTYPES, HEATMAP_ENV, AttentionWorkerConfig, default_expert_distribution_dir,
-                                     heatmap_interval_from_env)
+from epserve.attention_worker.config import (DTYPES, HEATMAP_ENV, MOE_A2A_BACKENDS, AttentionWorkerConfig,
+                                             default_expert_distribution_dir, heatmap_interval_from_env)
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
 from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m epserve.attention_worker",
         description="Attention/data-parallel worker: embeddings, attention with a paged KV cache, router, "
                     "sampling and continuous batching; routed experts run on expert workers reached through "
-                    "the data plane. Registers with the placement service and serves epserve.v1.AttentionWorker.",
+                    "the data plane, or in this process with --moe-a2a-backend local. Registers with the "
+                    "placement service and serves epserve.v1.AttentionWorker.",
         epilog=f"environment: {HEATMAP_ENV[0]}=N (or SGLang's {HEATMAP_ENV[1]} when it is unset): every N forward "
                "passes, log a summary of the [MoE layer, expert worker] token counts of those passes and append "
                "the matrix to --expert-distribution-dir as one JSON line; 0 or unset = off. "
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model dtype (default bfloat16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
+    p.add_argument("--moe-a2a-backend", default="torch", choices=MOE_A2A_BACKENDS,
+                   help="local: hold every routed expert in this process and start serving right after "
+                        "registering (a colocated deployment: placement runs with --moe-a2a-backend local --ep-size "
+                        "0, no expert workers); any other value: experts live on expert workers, reached over the "
+                        "data-plane backend placement names (default torch)")
+    p.add_argument("--moe-runner-backend", default="auto",
+                   help="expert kernels with --moe-a2a-backend local: auto|torch|triton|deep_gemm|flashinfer_cutlass "
+                        "(default auto: triton on CUDA, torch elsewhere); unused otherwise")
     p.add_argument("--num-kv-blocks", type=int, default=EngineLimits.num_kv_blocks, help="KV cache blocks")
     p.add_argument("--kv-block-size", type=int, default=EngineLimits.kv_block_size, help="tokens per KV block")
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineLimits.max_num_batched_tokens,
@@ -43,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-micro-batches", type=int, default=EngineLimits.num_micro_batches, choices=[1, 2],
                    help="2 overlaps one micro-batch's expert exchange with the other's attention (default 2)")
     p.add_argument("--context-length", type=int, default=0, help="context limit; 0 = the model's")
+    add_gpu_engine_arguments(p)
     p.add_argument("--ep-dispatch-algorithm", default="dynamic", choices=[a.value for a in DispatchAlgorithm],
                    help="how a logical expert's replica is chosen (default dynamic: random per choice, which "
-                        "spreads load evenly over replicas as EPLB plans assume; static: replica rank mod R)")
+                        "spreads load evenly over replicas as EPLB plans assume; static: replica rank mod R); "
+                        "--moe-a2a-backend local has one replica per expert and ignores it")
     p.add_argument("--expert-distribution-recorder-mode", default="stat", choices=["stat", "per_pass", "per_token"],
                    help="expert-load recording: stat = per-window [layer, slot] counts reported to placement; "
                         "per_pass / per_token also keep per-pass [layer, slot] counts / per-token slot choices in "
@@ -60,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert worker] token count matrix) is appended as JSON lines, one file per worker "
                         "(default %(default)s)")
     p.add_argument("--load-report-interval-s", type=float, default=2.0,
-                   help="how often the expert-load window is reported to placement (default 2)")
-    p.add_argument("--dataplane-timeout-s", type=float, default=30.0, help="deadline of one expert exchange")
+                   help="how often the expert-load window is reported to placement (default 2; --moe-a2a-backend "
+                        "local reports none: a colocated deployment has no placement to rebalance)")
+    p.add_argument("--dataplane-timeout-s", type=float, default=30.0,
+                   help="deadline of one expert exchange over the data plane")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
@@ -76,29 +89,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_gpu_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """SGLang's names for the GPU step path (``EngineLimits``); the same flags on ``epserve generate``
+    and ``epserve up``."""
+    p.add_argument("--attention-backend", default=EngineLimits.attention_backend,
+                   choices=["auto", "triton", "torch_native"],
+                   help="attention and step path: triton = batched GPU runner (Triton paged attention, CUDA "
+                        "graphs for decode, GPU sampling); torch_native = host runner (per-sequence SDPA); auto "
+                        "(default) = triton on CUDA devices, torch_native elsewhere")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=EngineLimits.cuda_graph_max_bs,
+                   help="with the triton backend, decode steps of up to this many sequences replay a captured "
+                        f"CUDA graph; larger ones run eagerly (default {EngineLimits.cuda_graph_max_bs})")
+    p.add_argument("--disable-cuda-graph", action="store_true",
+                   help="with the triton backend, run every step eagerly (no graph capture at start-up)")
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> AttentionWorkerConfig:
+    """The config from parsed flags and the environment (read here only). ValueError naming the flag."""
+    kwargs = {"worker_id": args.worker_id} if args.worker_id else {}
+    return AttentionWorkerConfig(
+        model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
+        advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
+        load_format=args.load_format, moe_a2a_backend=args.moe_a2a_backend,
+        moe_runner_backend=args.moe_runner_backend,
+        limits=EngineLimits(num_kv_blocks=args.num_kv_blocks, kv_block_size=args.kv_block_size,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_num_seqs=args.max_running_requests, num_micro_batches=args.num_micro_batches,
+                            cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
+                            attention_backend=args.attention_backend),
+        max_context=args.context_length, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
+        expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
+        enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,
+        expert_distribution_dir=args.expert_distribution_dir,
+        eplb_heatmap_collection_interval=heatmap_interval_from_env(environ),
+        load_report_interval_s=args.load_report_interval_s,
+        dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
+        metrics_port=args.metrics_port,
+        otlp_endpoint=args.otlp_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        trace_step_every=args.trace_step_every, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from epserve.process import configure_logging
 
     configure_logging(args.log_level)
     try:
-        kwargs = {"worker_id": args.worker_id} if args.worker_id else {}
-        config = AttentionWorkerConfig(
-            model_path=args.model_path, placement=args.placement, host=args.host, port=args.port,
-            advertise_host=args.advertise_host, dtype=args.dtype, device=args.device,
-            load_format=args.load_format,
-            limits=EngineLimits(args.num_kv_blocks, args.kv_block_size, args.max_num_batched_tokens,
-                                args.max_running_requests, args.num_micro_batches),
-            max_context=args.context_length, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
-            expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
-            enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,
-            expert_distribution_dir=args.expert_distribution_dir,
-            eplb_heatmap_collection_interval=heatmap_interval_from_env(os.environ),
-            load_report_interval_s=args.load_report_interval_s,
-            dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
-            metrics_port=args.metrics_port,
-            otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-            trace_step_every=args.trace_step_every, **kwargs)
+        config = config_from_args(args, dict(os.environ))
         if config.eplb_heatmap_collection_interval:    # fail at start, not at the first interval
             from epserve.attention_worker.expert_heatmap import HeatmapWriter
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
+from epserve.dataplane import BACKENDS as MOE_A2A_BACKENDS
 from epserve.dummy_weights import check_load_format
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -41,6 +42,23 @@ def heatmap_interval_from_env(environ: Mapping[str, str]) -> int:
     return 0
 
 
+def check_engine_limits(limits: EngineLimits, max_context: int) -> None:
+    """ValueError naming the flag for engine sizes ``EngineLimits`` does not check itself
+    (it checks --attention-backend and --cuda-graph-max-bs). ``max_context``: --context-length,
+    0 = the model's."""
+    if limits.kv_block_size < 1 or limits.num_kv_blocks < 1:
+        raise ValueError(f"--kv-block-size and --num-kv-blocks must be >= 1, got {limits.kv_block_size} and "
+                         f"{limits.num_kv_blocks}")
+    if limits.max_num_batched_tokens < 1:
+        raise ValueError(f"--max-num-batched-tokens must be >= 1, got {limits.max_num_batched_tokens}")
+    if limits.max_num_seqs < 1:
+        raise ValueError(f"--max-running-requests must be >= 1, got {limits.max_num_seqs}")
+    if limits.num_micro_batches not in (1, 2):
+        raise ValueError(f"--num-micro-batches must be 1 or 2, got {limits.num_micro_batches}")
+    if max_context < 0:
+        raise ValueError(f"--context-length must be >= 0 (0 = the model's), got {max_context}")
+
+
 @dataclass
 class AttentionWorkerConfig:
     model_path: str
@@ -52,6 +70,8 @@ class AttentionWorkerConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     load_format: str = "auto"               # auto | safetensors | dummy (random weights, no checkpoint read)
+    moe_a2a_backend: str = "torch"          # local: all experts in this process (colocated); else expert workers
+    moe_runner_backend: str = "auto"        # expert kernels; used by local only (expert workers run the others)
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_context: int = 0                    # 0 = the model's max_position_embeddings
     ep_dispatch_algorithm: str = "dynamic"
@@ -73,6 +93,8 @@ class AttentionWorkerConfig:
         if ":" not in self.placement:
             raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
         check_load_format(self.load_format)
+        if self.moe_a2a_backend not in MOE_A2A_BACKENDS:
+            raise ValueError(f"--moe-a2a-backend must be one of {MOE_A2A_BACKENDS}, got {self.moe_a2a_backend!r}")
         try:
             DispatchAlgorithm(self.ep_dispatch_algorithm)
         except ValueError:
@@ -85,10 +107,7 @@ class AttentionWorkerConfig:
             raise ValueError(f"--load-report-interval-s must be > 0, got {self.load_report_interval_s}")
         if self.dataplane_timeout_s <= 0 or self.rpc_timeout_s <= 0:
             raise ValueError("--dataplane-timeout-s and --rpc-timeout-s must be > 0")
-        if self.limits.kv_block_size < 1 or self.limits.num_kv_blocks < 1:
-            raise ValueError("--kv-block-size and --num-kv-blocks must be >= 1")
-        if self.limits.num_micro_batches not in (1, 2):
-            raise ValueError(f"--num-micro-batches must be 1 or 2, got {self.limits.num_micro_batches}")
+        check_engine_limits(self.limits, self.max_context)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
         if self.enable_expert_distribution_metrics and self.metrics_port is None:
@@ -102,6 +121,11 @@ class AttentionWorkerConfig:
             raise ValueError(f"--trace-step-every must be >= 0 (0 = no per-step spans), got {self.trace_step_every}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def colocated(self) -> bool:
+        """``--moe-a2a-backend local``: this worker holds every expert; the deployment has no expert workers."""
+        return self.moe_a2a_backend == "local"
 
     @property
     def track_expert_passes(self) -> bool:

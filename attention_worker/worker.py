@@ -6,6 +6,12 @@ watch placement. The first committed map (which comes once every worker has regi
 joins the data-plane group, builds the engine and its loop, and flips health to SERVING.
 Later maps are handed to the engine, which switches at its next step boundary.
 
+Colocated (``--moe-a2a-backend local``, placement's backend too): every routed expert is loaded
+with the attention side (``colocated.ColocatedExperts``: the trivial map, no redundancy, never
+changed); right after registering, the engine starts with that map and in-process experts, and
+health flips to SERVING. Nothing is watched and no load is reported: placement holds no map in
+such a deployment (it is the registry the gateway discovers workers from, and the health view).
+
 Telemetry (made in ``main()``, passed in; default off): the gRPC server records a SERVER span
 per RPC (GetLoad, polled by the gateway, is not traced); Generate hands its span's context to
 the engine; the engine and the MoE executor record step spans on sampled steps and feed
@@ -23,19 +29,19 @@ import logging
 import threading
 from collections.abc import Callable
 
+from epserve.attention_worker.colocated import ColocatedExperts, load_attention_model
 from epserve.attention_worker.config import AttentionWorkerConfig
 from epserve.attention_worker.engine import Engine
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_heatmap import HeatmapCollector, HeatmapWriter
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
-from epserve.attention_worker.moe_executor import RemoteExperts
+from epserve.attention_worker.moe_executor import MoEExecutor, RemoteExperts
 from epserve.attention_worker.service import AttentionWorkerService
 from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec
-from epserve.models.qwen3_moe import load_attention_side
 from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
 from epserve.process import start_daemon_thread
 from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, AttentionWorkerMetrics, StepSampler, Tracing,
@@ -58,7 +64,11 @@ class AttentionWorker:
         self.metrics = metrics
         self.spec = load_model_spec(config.model_path)
         weights = open_weights(config.model_path, config.load_format, self.spec)
-        self.model = load_attention_side(self.spec, weights, parse_dtype(config.dtype), config.device)
+        dtype = parse_dtype(config.dtype)
+        self.model = load_attention_model(self.spec, weights, dtype, config.device)
+        self.local_experts: ColocatedExperts | None = None
+        if config.colocated:
+            self.local_experts = ColocatedExperts(self.spec, weights, dtype, config.device, config.moe_runner_backend)
         self.loop: EngineLoop | None = None
         self.ready = threading.Event()
         self._stopped = threading.Event()
@@ -81,8 +91,20 @@ class AttentionWorker:
                                          timeout_s=config.rpc_timeout_s)
 
     def start(self, register_deadline_s: float = 120.0) -> None:
+        """Raises RuntimeError when placement runs another kind of deployment (colocated or not)."""
         self.registration = self.placement.register(register_deadline_s)
         logger.info("registered as rank %d of %d", self.registration.rank, self.registration.world_size)
+        placement_colocated = self.registration.backend == "local"
+        if placement_colocated != self.config.colocated:
+            raise RuntimeError(
+                f"placement {self.config.placement} runs --moe-a2a-backend {self.registration.backend}, this worker "
+                f"--moe-a2a-backend {self.config.moe_a2a_backend}: start the worker with --moe-a2a-backend "
+                + ("local (a colocated deployment has no expert workers)" if placement_colocated
+                   else f"{self.registration.backend} (expert workers hold the experts)"))
+        if self.local_experts is not None:
+            with self._lock:
+                self._start_engine(self.local_experts.expert_map, None)
+            return
         self.placement.watch(self._on_update)
 
     def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
@@ -107,7 +129,36 @@ class AttentionWorker:
 
         threading.Thread(target=ack, name=f"ack-commit-{applied.version}", daemon=True).start()
 
-    def _start_engine(self, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
+    def _start_engine(self, expert_map: ExpertMap, data_plane: DataPlaneInfo | None) -> None:
+        """``data_plane``: placement's, for remote experts; None for this worker's own (colocated)."""
+        config = self.config
+        self.recorder = ExpertLoadRecorder(RecorderMode(config.expert_distribution_recorder_mode),
+                                           expert_map.num_layers, expert_map.num_physical_slots,
+                                           track_passes=config.track_expert_passes, map_version=expert_map.version)
+        heatmap = None
+        if self.heatmap_writer is not None:
+            self.heatmap_writer.start()
+            heatmap = HeatmapCollector(config.worker_id, config.eplb_heatmap_collection_interval,
+                                       self.heatmap_writer.put)
+        if self.local_experts is not None:
+            executor: MoEExecutor = self.local_experts.executor(record_load=self.recorder.record)
+        else:
+            executor = self._remote_experts(data_plane)
+        engine = Engine(self.model, executor, expert_map, config.limits,
+                        config.max_context or self.spec.max_position_embeddings, recorder=self.recorder,
+                        tracing=self.tracing, step_sampler=StepSampler(config.trace_step_every),
+                        metrics=self.metrics, heatmap=heatmap)
+        self.loop = EngineLoop(engine)
+        self.loop.start()
+        if self.local_experts is None:
+            start_daemon_thread(self._report_load, "load-reporter")
+        self.server.set_serving(True)
+        self.ready.set()
+        logger.info("serving on %s with expert map version %d%s", self.address, expert_map.version,
+                    " (colocated: every expert in this process)" if self.local_experts is not None else "")
+
+    def _remote_experts(self, data_plane: DataPlaneInfo) -> RemoteExperts:
+        """Join the data-plane group placement describes; experts answer from expert workers."""
         from epserve import dataplane
 
         config = self.config
@@ -117,27 +168,8 @@ class AttentionWorker:
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
             timeout_s=config.dataplane_timeout_s)
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
-        self.recorder = ExpertLoadRecorder(RecorderMode(config.expert_distribution_recorder_mode),
-                                           expert_map.num_layers, expert_map.num_physical_slots,
-                                           track_passes=config.track_expert_passes, map_version=expert_map.version)
-        heatmap = None
-        if self.heatmap_writer is not None:
-            self.heatmap_writer.start()
-            heatmap = HeatmapCollector(config.worker_id, config.eplb_heatmap_collection_interval,
-                                       self.heatmap_writer.put)
-        executor = RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s,
-                                 record_load=self.recorder.record, tracing=self.tracing,
-                                 on_timeout=self._timeout_counter(data_plane))
-        engine = Engine(self.model, executor, expert_map, config.limits,
-                        config.max_context or self.spec.max_position_embeddings, recorder=self.recorder,
-                        tracing=self.tracing, step_sampler=StepSampler(config.trace_step_every),
-                        metrics=self.metrics, heatmap=heatmap)
-        self.loop = EngineLoop(engine)
-        self.loop.start()
-        start_daemon_thread(self._report_load, "load-reporter")
-        self.server.set_serving(True)
-        self.ready.set()
-        logger.info("serving on %s with expert map version %d", self.address, expert_map.version)
+        return RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s, record_load=self.recorder.record,
+                             tracing=self.tracing, on_timeout=self._timeout_counter(data_plane))
 
     def _timeout_counter(self, data_plane: DataPlaneInfo) -> Callable[[int | None], None] | None:
         if self.metrics is None:

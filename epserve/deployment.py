@@ -1,6 +1,6 @@
 """A whole deployment as local processes: what ``epserve up`` (and end-to-end tests) start.
 
-Order: placement service → expert workers → attention workers → gateway. Each child prints
+Order: placement service → expert workers (none when colocated) → attention workers → gateway. Each child prints
 ``NAME_PORT=<port>`` on stdout when bound; its stderr goes to our stderr (or a log file).
 Readiness = placement lists every worker ALIVE and the gateway's health says SERVING.
 Children are placed in their own process group and asked to die with this process
@@ -16,6 +16,12 @@ the attention workers, which also inherit this process's environment (e.g.
 
 ``load_format`` (``--load-format``) goes to every worker and to placement, which accepts only
 workers whose weights match it (dummy weights have their own model fingerprint).
+
+Colocated (``moe_a2a_backend`` local): no expert workers (``num_expert_workers`` 0, placement
+``--ep-size 0``); every attention worker holds all experts and runs them with
+``moe_runner_backend``; readiness waits for the attention workers and the gateway only. The
+engine flags (``attention_backend``, ``cuda_graph_max_bs``, ``disable_cuda_graph`` and the sizes)
+go to the attention workers; None = the worker's default.
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ logger = logging.getLogger(__name__)
 
 # epserve.dummy_weights.LOAD_FORMATS (not imported: that module pulls torch into the launcher)
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# The attention worker's --attention-backend choices (EngineLimits also names flashinfer, not built)
+ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
+COLOCATED = "local"        # the --moe-a2a-backend of a colocated deployment
 
 
 @dataclass
 class DeploymentConfig:
     model_path: str
     num_attention_workers: int = 1
-    num_expert_workers: int = 1
+    num_expert_workers: int | None = None   # None = 1, or 0 for a colocated deployment (the only value it takes)
     num_redundant_experts: int = 0
     dtype: str = "bfloat16"
     device: str = "cpu"
@@ -53,8 +62,8 @@ class DeploymentConfig:
     host: str = "127.0.0.1"
     gateway_port: int = 0
     placement_port: int = 0
-    moe_a2a_backend: str = "torch"
-    moe_runner_backend: str = "auto"
+    moe_a2a_backend: str = "torch"          # local = colocated: attention workers hold every expert
+    moe_runner_backend: str = "auto"        # expert kernels: the expert workers', or colocated the attention workers'
     ep_dispatch_algorithm: str = "dynamic"
     init_expert_location: str = "trivial"
     state_db: str = ""
@@ -64,6 +73,14 @@ class DeploymentConfig:
     expert_distribution_recorder_mode: str = "stat"     # stat | per_pass | per_token
     expert_distribution_dir: str = ""                   # heatmap files; empty = the workers' default
     log_dir: str = ""                       # per-process log files; empty = inherit stderr
+    # -- attention workers' engine (SGLang's flag names); None = the worker's default --
+    attention_backend: str = "auto"         # auto | triton | torch_native
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+    max_running_requests: int | None = None
+    num_kv_blocks: int | None = None
+    max_num_batched_tokens: int | None = None
+    context_length: int | None = None       # 0 = the model's
     extra_placement_args: list[str] = field(default_factory=list)
     extra_attention_args: list[str] = field(default_factory=list)
     extra_expert_args: list[str] = field(default_factory=list)
@@ -71,10 +88,19 @@ class DeploymentConfig:
     startup_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        if self.num_attention_workers < 1 or self.num_expert_workers < 1:
-            raise ValueError("--attention-workers and --expert-workers must be >= 1")
+        if self.num_attention_workers < 1:
+            raise ValueError(f"--attention-workers must be >= 1, got {self.num_attention_workers}")
+        if self.colocated:
+            self._check_colocated()
+        elif self.num_expert_workers is None:
+            self.num_expert_workers = 1
+        elif self.num_expert_workers < 1:
+            raise ValueError(f"--expert-workers (--ep-size) must be >= 1, got {self.num_expert_workers} (for "
+                             f"no expert workers: --moe-a2a-backend {COLOCATED}, every attention worker holds all "
+                             "experts)")
         if self.num_redundant_experts < 0:
             raise ValueError("--ep-num-redundant-experts must be >= 0")
+        self._check_engine()
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"--load-format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.enable_expert_distribution_metrics and not self.metrics:
@@ -84,10 +110,56 @@ class DeploymentConfig:
             raise ValueError("--expert-distribution-recorder-mode must be stat, per_pass or per_token, got "
                              f"{self.expert_distribution_recorder_mode!r}")
 
+    def _check_colocated(self) -> None:
+        reason = (f"with --moe-a2a-backend {COLOCATED} every attention worker holds all experts itself (no expert "
+                  "workers)")
+        if self.num_expert_workers:
+            raise ValueError(f"--expert-workers (--ep-size) {self.num_expert_workers}: {reason}; leave it out (or "
+                             "set it to 0), or choose --moe-a2a-backend torch to run expert workers")
+        self.num_expert_workers = 0
+        if self.num_redundant_experts:
+            raise ValueError(f"--ep-num-redundant-experts {self.num_redundant_experts}: {reason}, one copy of "
+                             "each; leave it at 0")
+        if self.init_expert_location != "trivial":
+            raise ValueError(f"--init-expert-location {self.init_expert_location!r}: {reason}, in the trivial "
+                             "placement; leave it at trivial")
+        if self.extra_expert_args:
+            raise ValueError(f"expert worker flags {self.extra_expert_args}: {reason}")
+
+    def _check_engine(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
+            raise ValueError(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
+        for flag, value in (("--max-running-requests", self.max_running_requests),
+                            ("--num-kv-blocks", self.num_kv_blocks),
+                            ("--max-num-batched-tokens", self.max_num_batched_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.context_length is not None and self.context_length < 0:
+            raise ValueError(f"--context-length must be >= 0 (0 = the model's), got {self.context_length}")
+
+    @property
+    def colocated(self) -> bool:
+        return self.moe_a2a_backend == COLOCATED
+
     def attention_args(self) -> list[str]:
         """Flags every attention worker gets besides the common ones."""
-        args = ["--ep-dispatch-algorithm", self.ep_dispatch_algorithm,
-                "--expert-distribution-recorder-mode", self.expert_distribution_recorder_mode]
+        args = ["--moe-a2a-backend", self.moe_a2a_backend,
+                "--ep-dispatch-algorithm", self.ep_dispatch_algorithm,
+                "--expert-distribution-recorder-mode", self.expert_distribution_recorder_mode,
+                "--attention-backend", self.attention_backend]
+        if self.colocated:
+            args += ["--moe-runner-backend", self.moe_runner_backend]
+        if self.disable_cuda_graph:
+            args.append("--disable-cuda-graph")
+        for flag, value in (("--cuda-graph-max-bs", self.cuda_graph_max_bs),
+                            ("--max-running-requests", self.max_running_requests),
+                            ("--num-kv-blocks", self.num_kv_blocks),
+                            ("--max-num-batched-tokens", self.max_num_batched_tokens),
+                            ("--context-length", self.context_length)):
+            if value is not None:
+                args += [flag, str(value)]
         if self.enable_expert_distribution_metrics:
             args.append("--enable-expert-distribution-metrics")
         if self.expert_distribution_dir:

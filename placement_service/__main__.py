@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gRPC port; 0 picks a free one (default: 0). The bound port is printed as "
                              "PLACEMENT_PORT=<port> on stdout")
     parser.add_argument("--dp-size", type=int, default=1, help="number of attention (DP) workers expected (default: 1)")
-    parser.add_argument("--ep-size", type=int, default=1, help="number of expert workers expected (default: 1)")
+    parser.add_argument("--ep-size", type=int, default=1,
+                        help="number of expert workers expected; 0 (and only 0) with --moe-a2a-backend local "
+                             "(default: 1)")
     parser.add_argument("--ep-num-redundant-experts", type=int, default=0,
                         help="redundant physical expert slots R per MoE layer; (experts + R) must divide "
                              "evenly by --ep-size (default: 0)")
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="initial placement: 'trivial' (slot p holds expert p %% E) or a snapshot file "
                              "(.json / .pt) (default: trivial)")
     parser.add_argument("--moe-a2a-backend", default="torch", choices=MOE_A2A_BACKENDS,
-                        help="data-plane backend, passed on to workers (default: torch)")
+                        help="data-plane backend, passed on to workers; local = a colocated deployment: every "
+                             "attention worker holds all experts, no expert workers (--ep-size 0), no expert map, "
+                             "EPLB and map-changing admin RPCs answer FAILED_PRECONDITION (default: torch)")
     parser.add_argument("--dist-port", type=int, default=0,
                         help="port of the torch.distributed rendezvous store hosted here; 0 picks one "
                              "(reused across restarts with --state-db) (default: 0)")

@@ -11,6 +11,9 @@ Load used for planning: the EPLB window (since the last EPLB decision) when it h
 tokens, else everything reported since start-up. Rebalance and PlanRebalance need load;
 SetRedundancy and DrainWorker plan from uniform load when none was reported.
 
+A colocated deployment (``--moe-a2a-backend local``) has no map: every operation on it raises
+FailedPrecondition (``PlacementController.check_has_placement``) before looking at its request.
+
 ``dump_expert_distribution`` changes nothing: it asks the attention workers to write what their
 expert-load recorders kept (``expert_dump.py``).
 """
@@ -69,6 +72,7 @@ class AdminOps:
     # -- planning --------------------------------------------------------------------------
     def plan(self, algorithm: str = "", layers: list[int] | None = None) -> RebalancePlan:
         """Dry run: what Rebalance would do now."""
+        self.controller.check_has_placement()
         _check_algorithm(algorithm)
         current = self.controller.current_map()
         layers = _check_layers(layers, current.num_layers)
@@ -110,6 +114,7 @@ class AdminOps:
 
     # -- map changes -----------------------------------------------------------------------
     def rebalance(self, algorithm: str = "", layers: list[int] | None = None) -> ChangeResult:
+        self.controller.check_has_placement()
         _check_algorithm(algorithm)
         self.controller.current_map()  # Unavailable before the first map
         weight = self.load(required=True)
@@ -121,6 +126,7 @@ class AdminOps:
         return self.rebalancer.apply("rebalance", change)
 
     def set_redundancy(self, num_redundant: int) -> ChangeResult:
+        self.controller.check_has_placement()
         num_experts = self.model.num_experts
         if num_redundant < 0:
             raise InvalidArgument(f"num_redundant_experts must be >= 0, got {num_redundant}")
@@ -144,6 +150,8 @@ class AdminOps:
         """Back to the map in service before the operation that made the current version (all
         its chunks), as a make-before-break change to a new version number. Rollbacks walk
         back: rolling back a rollback goes one operation further, not forward again."""
+        self.controller.check_has_placement()
+
         def change(current: ExpertMap) -> MapChange:
             operation, back_to = self.controller.version_meta(current.version)
             if not operation:  # a version from before operations were recorded
@@ -160,6 +168,7 @@ class AdminOps:
         return self.rebalancer.apply("rollback", change)
 
     def drain(self, worker_id: str) -> ChangeResult:
+        self.controller.check_has_placement()
         info = self.controller.worker(worker_id)  # NotFound
         if info.role != WorkerRole.EXPERT:
             raise InvalidArgument(f"worker {worker_id} is an attention worker; only expert workers hold slots")
@@ -184,6 +193,7 @@ class AdminOps:
     # -- snapshots -------------------------------------------------------------------------
     def export_snapshot(self) -> str:
         """The current map (and load since start-up, if any) in the --init-expert-location JSON format."""
+        self.controller.check_has_placement()
         current = self.controller.current_map()
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / "snapshot.json"
@@ -195,6 +205,7 @@ class AdminOps:
     def import_snapshot(self, text: str) -> ChangeResult:
         """Apply a snapshot's map as is, or a plan from its logical_count. Another model's
         snapshot → FailedPrecondition; malformed content → InvalidArgument."""
+        self.controller.check_has_placement()
         loaded = _parse_snapshot(text)
         num_layers, num_experts = self.model.num_moe_layers, self.model.num_experts
         for field, theirs, ours in (("num_layers", loaded.num_layers, num_layers),

@@ -4,6 +4,10 @@ Built by ``__main__.main`` from flags (and the environment, read only there); ev
 of the service gets it through its constructor. ``__post_init__`` reads the model's
 config.json (no weights) into ``model`` and checks that the deployment adds up, with
 messages that say which flag to change.
+
+``--moe-a2a-backend local`` is a colocated deployment: every attention worker holds all experts
+itself, there are no expert workers (``--ep-size 0``, required) and no expert placement to keep
+(no redundancy, no snapshot, no EPLB).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class PlacementConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
     dp_size: int = 1  # D attention workers
-    ep_size: int = 1  # N expert workers
+    ep_size: int = 1  # N expert workers; 0 with moe_a2a_backend local (colocated)
     ep_num_redundant_experts: int = 0  # R
     init_expert_location: str = "trivial"  # "trivial" or a snapshot path (.json / .pt)
     moe_a2a_backend: str = "torch"
@@ -63,19 +67,23 @@ class PlacementConfig:
             raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.dp_size < 1:
             raise ValueError(f"--dp-size must be >= 1 (attention workers), got {self.dp_size}")
-        if self.ep_size < 1:
-            raise ValueError(f"--ep-size must be >= 1 (expert workers), got {self.ep_size}")
+        if self.moe_a2a_backend not in MOE_A2A_BACKENDS:
+            raise ValueError(f"--moe-a2a-backend {self.moe_a2a_backend!r} is unknown; "
+                             f"choose one of {', '.join(MOE_A2A_BACKENDS)}")
+        if self.colocated:
+            self._check_colocated()
+        elif self.ep_size < 1:
+            raise ValueError(f"--ep-size must be >= 1 (expert workers), got {self.ep_size}"
+                             + ("; --ep-size 0 (no expert workers) needs --moe-a2a-backend local" if self.ep_size == 0
+                                else ""))
         if self.ep_num_redundant_experts < 0:
             raise ValueError(f"--ep-num-redundant-experts must be >= 0, got {self.ep_num_redundant_experts}")
-        if self.num_physical_slots % self.ep_size != 0:
+        if not self.colocated and self.num_physical_slots % self.ep_size != 0:
             raise ValueError(
                 f"{self.model.num_experts} experts + {self.ep_num_redundant_experts} redundant = "
                 f"{self.num_physical_slots} slots do not split evenly over --ep-size {self.ep_size}; "
                 f"choose --ep-num-redundant-experts so that (E + R) % ep_size == 0 "
                 f"(e.g. {(-self.model.num_experts) % self.ep_size})")
-        if self.moe_a2a_backend not in MOE_A2A_BACKENDS:
-            raise ValueError(f"--moe-a2a-backend {self.moe_a2a_backend!r} is unknown; "
-                             f"choose one of {', '.join(MOE_A2A_BACKENDS)}")
         if self.init_expert_location != "trivial" and not Path(self.init_expert_location).is_file():
             raise ValueError(f"--init-expert-location {self.init_expert_location!r} is neither 'trivial' "
                              "nor an existing snapshot file")
@@ -89,6 +97,20 @@ class PlacementConfig:
         self._check_eplb()
         if self.advertise_host is None:
             self.advertise_host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+    def _check_colocated(self) -> None:
+        reason = "with --moe-a2a-backend local every attention worker holds all experts itself (no expert workers)"
+        if self.ep_size != 0:
+            raise ValueError(f"--ep-size {self.ep_size}: {reason}; set --ep-size 0, or choose another "
+                             "--moe-a2a-backend (e.g. torch) to run expert workers")
+        if self.ep_num_redundant_experts:
+            raise ValueError(f"--ep-num-redundant-experts {self.ep_num_redundant_experts}: {reason}, one copy of "
+                             "each; set it to 0")
+        if self.init_expert_location != "trivial":
+            raise ValueError(f"--init-expert-location {self.init_expert_location!r}: {reason}, in the trivial "
+                             "placement; leave it at trivial")
+        if self.enable_eplb:
+            raise ValueError(f"--enable-eplb: {reason}, so there is no expert placement to rebalance; drop the flag")
 
     def _check_eplb(self) -> None:
         if self.eplb_algorithm not in EPLB_ALGORITHMS:
@@ -114,6 +136,11 @@ class PlacementConfig:
         if self.num_groups < 0 or (self.num_groups and self.model.num_experts % self.num_groups != 0):
             raise ValueError(f"--num-groups must be 0 (none) or divide the {self.model.num_experts} experts, "
                              f"got {self.num_groups}")
+
+    @property
+    def colocated(self) -> bool:
+        """``--moe-a2a-backend local``: no expert workers, no expert map in placement."""
+        return self.moe_a2a_backend == "local"
 
     @property
     def num_physical_slots(self) -> int:

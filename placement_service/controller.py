@@ -16,6 +16,12 @@ fanned out through the ``Broadcaster`` (one queue per watcher). PREPARE, RETIRE 
 ROLLBACK go to every watcher but attention workers (they act on COMMIT only). A watcher
 that subscribes while a PREPARE is in flight gets it right after the current map, so a
 worker that reconnects mid-rebalance still prepares.
+
+Colocated deployments (``--moe-a2a-backend local``, ``--ep-size 0``): attention workers hold
+every expert themselves, so there is no map at all. The deployment is ready once every attention
+worker registered; nothing is ever published; reading or changing the map (and ReportLoad,
+which feeds EPLB) raises FailedPrecondition (``check_has_placement``). Registry, health and
+ListWorkers (the gateway's discovery) work as for every deployment.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from epserve.placement_service.state import LoadStats, MapHistory, PlacementUpda
 from epserve.placement_service.state_db import StateDB
 
 logger = logging.getLogger(__name__)
+
+NO_PLACEMENT = ("this is a colocated deployment (--moe-a2a-backend local): every attention worker holds all "
+                "experts itself, so there is no expert placement to read or change")
 
 # JSON-valued settings of the map-change machinery (state_db.py describes each).
 JSON_SETTINGS = ("last_reserved_version", "prepare_version", "operation", "eplb_paused", "drained_workers",
@@ -86,6 +95,10 @@ class PlacementController:
             raise FailedPrecondition(f"model_fingerprint {model_fingerprint!r} does not match placement's model "
                                      f"{self.config.model_path} ({self.config.model.fingerprint}); start the "
                                      "worker on the same model")
+        if self.config.colocated and role == WorkerRole.EXPERT:
+            raise FailedPrecondition(f"expert worker {worker_id} refused: this is a colocated deployment "
+                                     "(--moe-a2a-backend local, --ep-size 0): every attention worker holds all "
+                                     "experts itself and there are no expert workers")
         with self._lock:
             self._check_open()
             record, is_new = self._registry.register(worker_id, role, address, capacity, device, previous_rank)
@@ -133,6 +146,7 @@ class PlacementController:
 
     def report_load(self, worker_id: str, map_version: int, num_layers: int, num_physical_slots: int,
                     slot_token_counts: list[int], num_passes: int) -> None:
+        self.check_has_placement()
         with self._lock:
             self._check_open()
             self._registry.get(worker_id)
@@ -147,7 +161,8 @@ class PlacementController:
         PREPARE in flight, if any)."""
         with self._lock:
             self._check_open()
-            initial = [self._update(UpdatePhase.COMMIT, self._maps.current)] if self._ready else []
+            has_map = self._ready and self._maps.current is not None      # never in a colocated deployment
+            initial = [self._update(UpdatePhase.COMMIT, self._maps.current)] if has_map else []
             if self._ready and self._preparing is not None and not self._is_attention(name):
                 initial.append(self._preparing)
             try:
@@ -161,12 +176,14 @@ class PlacementController:
     # -- reads -----------------------------------------------------------------------------
     def get_placement(self, version: int) -> tuple[ExpertMap, float, list[int]]:
         """(map, balancedness of its recorded load, all versions); version 0 = current."""
+        self.check_has_placement()
         with self._lock:
             expert_map = self._maps.get(version)
             return expert_map, balancedness(expert_map, self._load.physical(expert_map.version)), self._maps.versions()
 
     def current_map(self) -> ExpertMap:
-        """Raises Unavailable before the first map."""
+        """Raises Unavailable before the first map, FailedPrecondition in a colocated deployment."""
+        self.check_has_placement()
         with self._lock:
             return self._maps.get(0)
 
@@ -214,9 +231,15 @@ class PlacementController:
             capacity = torch.tensor([r.capacity for r in records], dtype=torch.float64)
         return live, (None if bool((capacity == capacity[0]).all()) else capacity)
 
+    def check_has_placement(self) -> None:
+        """FailedPrecondition in a colocated deployment: it has no expert map to read or change."""
+        if self.config.colocated:
+            raise FailedPrecondition(NO_PLACEMENT)
+
     @property
     def is_ready(self) -> bool:
-        """A map exists and every worker of both roles has registered."""
+        """A map exists and every worker of both roles has registered (colocated: every attention
+        worker has registered; there is no map)."""
         return self._ready
 
     @property
@@ -321,6 +344,7 @@ class PlacementController:
                  slot_owners: tuple[str, ...] | None = None) -> ExpertMap:
         """Append phy2log [L, P] as the next version, persist it, and send it to every watcher
         (once the deployment is ready). Raises ValueError for an invalid map."""
+        self.check_has_placement()
         with self._lock:
             self._check_open()
             current = self._maps.current
@@ -372,7 +396,14 @@ class PlacementController:
                               f"{self.config.ep_size} expert workers registered)")
 
     def _advance(self) -> None:
-        """Build map version 1 once all expert workers are in; announce once everyone is in."""
+        """Build map version 1 once all expert workers are in; announce once everyone is in.
+        Colocated: ready once every attention worker is in; no map is built or announced."""
+        if self.config.colocated:
+            if not self._ready and self._registry.is_complete():
+                self._ready = True
+                logger.info("all %d attention workers registered (colocated: no expert workers, no expert map)",
+                            self.config.dp_size)
+            return
         if self._maps.current is None and self._registry.is_complete(WorkerRole.EXPERT):
             expert_map = self._maps.next(self._initial_phy2log, self.config.model.num_experts,
                                          self._registry.expert_ids())

@@ -62,9 +62,12 @@ class EplbLoop:
         return bool(self.controller.load_json("eplb_paused", False))
 
     def pause(self) -> None:
+        """FailedPrecondition in a colocated deployment (nothing to rebalance)."""
+        self.controller.check_has_placement()
         self.controller.save_json({"eplb_paused": True})
 
     def resume(self) -> None:
+        self.controller.check_has_placement()
         self.controller.save_json({"eplb_paused": None})
         self.notify()
 

@@ -39,6 +39,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch CPU threads in colocated mode (default 1: small models are latency-bound "
                              "and extra OpenMP threads only contend)")
+    engine = parser.add_argument_group("engine in colocated mode (SGLang's names, as on the attention worker)")
+    engine.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch_native"],
+                        help="triton = batched GPU runner (Triton paged attention, CUDA graphs for decode, GPU "
+                             "sampling); torch_native = host runner (per-sequence SDPA); auto (default) = triton on "
+                             "CUDA devices, torch_native elsewhere")
+    engine.add_argument("--cuda-graph-max-bs", type=int, default=256,
+                        help="with the triton backend, decode steps of up to this many sequences replay a captured "
+                             "CUDA graph; larger ones run eagerly (default 256)")
+    engine.add_argument("--disable-cuda-graph", action="store_true",
+                        help="with the triton backend, run every step eagerly (no graph capture at start-up)")
+    engine.add_argument("--max-running-requests", type=int, default=64, help="sequences in flight at most (default 64)")
+    engine.add_argument("--num-kv-blocks", type=int, default=512,
+                        help="KV cache blocks (default 512); a prompt plus --max-new-tokens must fit")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="token budget of one step; longer prefills are split into chunks (default 2048)")
+    engine.add_argument("--context-length", type=int, default=0, help="context limit; 0 = the model's (default)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait in gateway mode")
     return parser
 
@@ -47,6 +63,18 @@ def run(args: argparse.Namespace) -> int:
     if args.gateway:
         return _run_client(args)
     return _run_colocated(args)
+
+
+def engine_limits(args: argparse.Namespace):
+    """The colocated engine's ``EngineLimits`` from the flags; ValueError naming the flag."""
+    from epserve.attention_worker.config import check_engine_limits
+    from epserve.attention_worker.engine import EngineLimits
+
+    limits = EngineLimits(num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_running_requests, cuda_graph_max_bs=args.cuda_graph_max_bs,
+                          disable_cuda_graph=args.disable_cuda_graph, attention_backend=args.attention_backend)
+    check_engine_limits(limits, args.context_length)
+    return limits
 
 
 def _run_colocated(args: argparse.Namespace) -> int:
@@ -63,9 +91,11 @@ def _run_colocated(args: argparse.Namespace) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+        limits = engine_limits(args)
         tokenizer = Tokenizer.from_dir(args.model_path)
         engine = build_colocated_engine(args.model_path, parse_dtype(args.dtype), args.device,
-                                        args.moe_runner_backend, load_format=args.load_format)
+                                        args.moe_runner_backend, limits, max_context=args.context_length,
+                                        load_format=args.load_format)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:
             raise ValueError("--prompt encodes to no tokens")

@@ -11,15 +11,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "up", help="start placement, expert workers, attention workers and a gateway as local processes",
         description="Start a whole epserve deployment as local processes: the placement service, "
-                    "--expert-workers expert workers, --attention-workers attention workers and the gateway. "
-                    "Waits until all are healthy, prints the endpoints, and stops every process it started "
-                    "on Ctrl-C or SIGTERM. Without --model-path an embedded tiny model is made once into "
+                    "--expert-workers expert workers, --attention-workers attention workers and the gateway "
+                    "(with --moe-a2a-backend local: no expert workers, every attention worker holds all "
+                    "experts). Waits until all are healthy, prints the endpoints, and stops every process it "
+                    "started on Ctrl-C or SIGTERM. Without --model-path an embedded tiny model is made once into "
                     "the cache directory ($EPSERVE_CACHE_DIR or ~/.cache/epserve).")
     p.add_argument("--model-path", default=None, help="Hugging Face model directory (default: embedded tiny model)")
     p.add_argument("--attention-workers", "--dp-size", dest="attention_workers", type=int, default=2,
                    help="attention/data-parallel workers (default 2)")
-    p.add_argument("--expert-workers", "--ep-size", dest="expert_workers", type=int, default=2,
-                   help="expert-parallel workers (default 2)")
+    p.add_argument("--expert-workers", "--ep-size", dest="expert_workers", type=int, default=None,
+                   help="expert-parallel workers (default 2; with --moe-a2a-backend local none: 0 is the only "
+                        "value it takes)")
     p.add_argument("--tp-size", type=int, default=None,
                    help="tensor-parallel size of the MoE layers (SGLang's meaning; default: --expert-workers, i.e. "
                         "each expert is whole on one worker). Must be a multiple of --ep-size, and "
@@ -38,8 +40,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50050, help="gateway port (default 50050; 0 picks one)")
     p.add_argument("--placement-port", type=int, default=0, help="placement service port (default: pick one)")
     p.add_argument("--moe-a2a-backend", default="torch", choices=["torch", "local", "cuda_ipc", "mooncake", "deepep"],
-                   help="data plane between attention and expert workers (default torch: gloo on CPU)")
-    p.add_argument("--moe-runner-backend", default="auto", help="expert kernels (default auto)")
+                   help="data plane between attention and expert workers (default torch: gloo on CPU); local = "
+                        "colocated: no expert workers, every attention worker loads all experts and runs them "
+                        "in-process (one GPU per attention worker with --device cuda)")
+    p.add_argument("--moe-runner-backend", default="auto",
+                   help="expert kernels of the expert workers, or with --moe-a2a-backend local of the attention "
+                        "workers (default auto)")
     p.add_argument("--expert-load-duty-cycle", type=float, default=None, metavar="FRACTION",
                    help="expert workers load a live map change's experts for at most this fraction of the "
                         "wall time (default: the expert worker's, 0.25; 1 = full speed)")
@@ -59,6 +65,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="MoE layers changed per map version; 0 = all at once")
     eplb.add_argument("--load-report-interval-s", type=float, default=None,
                       help="how often attention workers report expert load (default 2)")
+    engine = p.add_argument_group("attention workers' engine (SGLang's names; default: the attention worker's)")
+    engine.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch_native"],
+                        help="triton = batched GPU runner (Triton paged attention, CUDA graphs for decode, GPU "
+                             "sampling); torch_native = host runner; auto (default) = triton on CUDA devices, "
+                             "torch_native elsewhere")
+    engine.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                        help="with the triton backend, decode steps of up to this many sequences replay a CUDA "
+                             "graph (default 256)")
+    engine.add_argument("--disable-cuda-graph", action="store_true",
+                        help="with the triton backend, run every step eagerly (no graph capture)")
+    engine.add_argument("--max-running-requests", type=int, default=None,
+                        help="sequences in flight per attention worker (default 64)")
+    engine.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV cache blocks per attention worker (default 512)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one engine step (default 2048)")
+    engine.add_argument("--context-length", type=int, default=None, help="context limit; 0 = the model's (default)")
     p.add_argument("--otlp-endpoint", default="",
                    help="OTLP gRPC collector HOST:PORT every process sends traces to (default: "
                         "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
@@ -93,21 +116,31 @@ def run(args: argparse.Namespace) -> int:
     from epserve.model_config import ModelConfigError, check_parallel_sizes, load_model_spec
 
     try:
-        check_parallel_sizes(load_model_spec(model_path), args.tp_size or args.expert_workers, args.expert_workers)
-        if (args.tp_size or args.expert_workers) != args.expert_workers:
-            raise ValueError(f"--tp-size {args.tp_size} > --ep-size {args.expert_workers}: slicing one expert "
-                             "over several expert workers is not built yet; use --tp-size equal to --ep-size")
+        spec = load_model_spec(model_path)
+        if args.moe_a2a_backend == "local":
+            _check_colocated_flags(args)
+            expert_workers = args.expert_workers
+        else:
+            expert_workers = 2 if args.expert_workers is None else args.expert_workers
+            if expert_workers >= 1:       # fewer: DeploymentConfig says what to change
+                check_parallel_sizes(spec, args.tp_size or expert_workers, expert_workers)
+                if (args.tp_size or expert_workers) != expert_workers:
+                    raise ValueError(f"--tp-size {args.tp_size} > --ep-size {expert_workers}: slicing one expert "
+                                     "over several expert workers is not built yet; use --tp-size equal to --ep-size")
         if args.expert_load_duty_cycle is not None and not 0 < args.expert_load_duty_cycle <= 1:
             raise ValueError(f"--expert-load-duty-cycle must be in (0, 1], got {args.expert_load_duty_cycle}")
         config = DeploymentConfig(
             model_path=model_path, num_attention_workers=args.attention_workers,
-            num_expert_workers=args.expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
+            num_expert_workers=expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
             dtype=args.dtype, device=args.device, load_format=args.load_format, host=args.host,
             gateway_port=args.port, placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
             init_expert_location=args.init_expert_location, state_db=args.state_db,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-            metrics=args.metrics, log_dir=args.log_dir,
+            metrics=args.metrics, log_dir=args.log_dir, attention_backend=args.attention_backend,
+            cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
+            max_running_requests=args.max_running_requests, num_kv_blocks=args.num_kv_blocks,
+            max_num_batched_tokens=args.max_num_batched_tokens, context_length=args.context_length,
             enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,
             expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
             expert_distribution_dir=args.expert_distribution_dir,
@@ -139,6 +172,18 @@ def run(args: argparse.Namespace) -> int:
     code = deployment.wait(stop)
     deployment.stop()
     return code
+
+
+def _check_colocated_flags(args: argparse.Namespace) -> None:
+    """The flags only expert workers or expert placement use make no sense with --moe-a2a-backend
+    local (DeploymentConfig checks the expert-worker count, redundancy and the initial placement)."""
+    reason = "with --moe-a2a-backend local every attention worker holds all experts itself (no expert workers)"
+    if args.tp_size not in (None, 1):
+        raise ValueError(f"--tp-size {args.tp_size}: {reason}, each whole; leave --tp-size out")
+    if args.expert_load_duty_cycle is not None:
+        raise ValueError(f"--expert-load-duty-cycle: {reason}, loaded once at start-up; drop the flag")
+    if args.enable_eplb:
+        raise ValueError(f"--enable-eplb: {reason}, so there is no expert placement to rebalance; drop the flag")
 
 
 def _eplb_args(args: argparse.Namespace) -> list[str]:
