@@ -16,7 +16,7 @@ class FinishReason(enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(eq=False)         # an entity: compared by identity (the scheduler's list lookups stay O(1) each)
 class Sequence:
     request_id: str
     token_ids: list[int]                 # prompt followed by generated tokens

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the GPU engine: GPU tests, attention kernel benchmark, end-to-end serve benchmark.
 # Run from the repo root on the GPU machine, carrying .whl (opentelemetry etc., missing there).
-# Env: OUT (results), BUDGET (seconds), STAGES (subset of "tests attn serve"), SERVE_ARGS, TESTS.
+# Env: OUT (results), BUDGET (seconds), STAGES (subset of "tests attn profile serve"), SERVE_ARGS, TESTS,
+# PROFILE_ARGS.
 set -u
 START=$SECONDS
 BUDGET=${BUDGET:-580}
@@ -22,9 +23,9 @@ SMI=$!
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
 case " $STAGES " in *" tests "*)
     echo "--- tests ($(left)s left)" >> "$LOG"
-    timeout "${TESTS_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -x --timeout 300 \
+    timeout "${TESTS_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 300 \
         ${TESTS:-tests/kernels/test_paged_attention.py tests/kernels/test_rope.py tests/kernels/test_rms_norm.py tests/kernels/test_sampling.py tests/attention_worker/test_gpu_engine.py tests/epserve/test_dummy_weights.py} > "$OUT/tests.txt" 2>&1
-    echo "tests exit $?" >> "$LOG"; tail -30 "$OUT/tests.txt" >> "$LOG" ;;
+    echo "tests exit $?" >> "$LOG"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.txt" | tail -30 >> "$LOG" ;;
 esac
 case " $STAGES " in *" attn "*)
     echo "--- attention kernels ($(left)s left)" >> "$LOG"
@@ -32,10 +33,16 @@ case " $STAGES " in *" attn "*)
         > "$OUT/attn.txt" 2>&1
     echo "attention exit $?" >> "$LOG"; tail -25 "$OUT/attn.txt" >> "$LOG" ;;
 esac
+case " $STAGES " in *" profile "*)
+    echo "--- profile ($(left)s left)" >> "$LOG"
+    timeout "${PROFILE_S:-150}" python3 bench/gpu/profile_decode.py --out "$OUT/profile.json" ${PROFILE_ARGS:-} \
+        > "$OUT/profile.txt" 2>&1
+    echo "profile exit $?" >> "$LOG"; grep -v "drawing\|loading" "$OUT/profile.txt" | tail -90 >> "$LOG" ;;
+esac
 case " $STAGES " in *" serve "*)
     echo "--- serve ($(left)s left)" >> "$LOG"
     timeout "$(( $(left) - 10 ))" python3 bench/serve_gpu.py --out-dir "$OUT" ${SERVE_ARGS:-} > "$OUT/serve.txt" 2>&1
-    echo "serve exit $?" >> "$LOG"; tail -30 "$OUT/serve.txt" >> "$LOG" ;;
+    echo "serve exit $?" >> "$LOG"; grep -v "drawing\|loading" "$OUT/serve.txt" | tail -30 >> "$LOG" ;;
 esac
 kill $SMI 2>/dev/null
 cat "$LOG"
