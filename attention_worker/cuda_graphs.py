@@ -63,7 +63,9 @@ class DecodeGraphs:
         meta = GpuAttentionMetadata(block_tables=self.runner.block_table_pool[rows],
                                     context_lens=context.to(torch.int32), query_start_loc=None,
                                     max_query_len=1, decode=True, num_splits=self.runner.num_splits(bucket))
-        return ForwardBatch(ids, positions, [], [], [], slots, logits_rows=None, device=meta)
+        # A bucket above 1 may hold padding rows: marked, they route to no expert.
+        padding = (slots < 0).unsqueeze(1) if bucket > 1 else None
+        return ForwardBatch(ids, positions, [], [], [], slots, logits_rows=None, padding_rows=padding, device=meta)
 
     def _pad(self, bucket: int) -> None:
         ids, positions, slots, rows, context = self._fields(bucket)

@@ -23,6 +23,7 @@ per-slot counts ``[L, P]`` and the map the pass used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from epserve.attention_worker.expert_heatmap import HeatmapCollector
-from epserve.attention_worker.expert_recorder import ExpertLoadRecorder
+from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor
 from epserve.attention_worker.request_spans import record_request_spans
@@ -105,8 +106,16 @@ class Engine:
         self.kv_cache = PagedKVCache(spec.num_hidden_layers, limits.num_kv_blocks, limits.kv_block_size,
                                      spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
         self.scheduler = Scheduler(self.kv_cache.allocator, limits.max_num_batched_tokens, limits.max_num_seqs)
+        if recorder is not None and recorder.mode is RecorderMode.PER_TOKEN and not limits.disable_cuda_graph \
+                and model.device.type == "cuda":
+            logger.warning("--expert-distribution-recorder-mode per_token copies every token's expert slots to the "
+                           "host each layer: CUDA graphs are off")
+            limits = dataclasses.replace(limits, disable_cuda_graph=True)
+        self.limits = limits
         self.runner = make_step_runner(model, executor, self.kv_cache, limits, max_context)
         self.runner.warmup(expert_map)
+        if recorder is not None:
+            recorder.discard_device_counts()        # the warm-up passes routed padding, not requests
         self.eos_token_ids = set(spec.eos_token_ids)
         self._expert_map = expert_map
         self._pending_map: tuple[ExpertMap, Callable[[ExpertMap], None] | None] | None = None

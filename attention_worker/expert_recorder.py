@@ -13,7 +13,13 @@ tokens per expert worker (metrics) and the per-layer heatmap.
 
 ``record`` runs on the engine thread; ``take_window``/``dump`` may be called from other threads.
 A new map version resets the window: counts are per physical slot of one map. Per-pass and
-per-token entries carry the map version they were routed with.
+per-token entries carry the map version they were routed with. Slot id -1 (a padding row, or a
+choice routed nowhere) is not counted.
+
+On a GPU, ``record`` adds into a device-side ``[L, P]`` count (no host sync, so it runs inside
+CUDA graphs); ``end_pass`` — on the engine thread, after the step's tokens reached the host —
+folds it into the host counts once per step. ``per_token`` needs every token's slots on the host,
+which a graph cannot provide: the GPU engine runs without CUDA graphs in that mode.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class ExpertLoadRecorder:
         self._token_versions: list[int] = []
         self._current_pass: torch.Tensor | None = None
         self._num_passes_undumped = 0
+        self._device_counts: torch.Tensor | None = None   # [L, P + 1] on the GPU (column P: the -1s)
 
     def _reset(self, num_layers: int, num_slots: int, map_version: int = 0) -> None:
         self.window = torch.zeros(num_layers, num_slots, dtype=torch.int64)
@@ -53,8 +60,39 @@ class ExpertLoadRecorder:
         self.map_version = map_version
 
     def record(self, moe_layer: int, physical: torch.Tensor) -> None:
-        """physical [T, K] slot ids chosen for one MoE layer of one micro-batch."""
-        counts = torch.bincount(physical.flatten().cpu(), minlength=self.window.shape[1])
+        """physical [T, K] slot ids chosen for one MoE layer of one micro-batch (-1: not counted)."""
+        if physical.device.type != "cpu" and self.mode is not RecorderMode.PER_TOKEN:
+            self._record_on_device(moe_layer, physical)
+            return
+        flat = physical.flatten().cpu()
+        counts = torch.bincount(flat[flat >= 0], minlength=self.window.shape[1])
+        self._add(moe_layer, counts, physical)
+
+    def _record_on_device(self, moe_layer: int, physical: torch.Tensor) -> None:
+        num_layers, num_slots = self.window.shape
+        if self._device_counts is None or self._device_counts.device != physical.device \
+                or self._device_counts.shape[1] != num_slots + 1:
+            self._device_counts = torch.zeros(num_layers, num_slots + 1, dtype=torch.int64, device=physical.device)
+        flat = physical.flatten().long()
+        # column P collects the -1s; one scatter, no host sync
+        self._device_counts[moe_layer].index_add_(0, torch.where(flat >= 0, flat, num_slots),
+                                                  torch.ones_like(flat))
+
+    def _fold_device_counts(self) -> None:
+        """Engine thread, between steps: the device counts join the host ones, then restart at 0."""
+        if self._device_counts is None:
+            return
+        counts = self._device_counts[:, :-1].cpu()                                   # [L, P]
+        self._device_counts.zero_()
+        for layer in counts.nonzero()[:, 0].unique().tolist():
+            self._add(layer, counts[layer], None)
+
+    def discard_device_counts(self) -> None:
+        """Forget what was recorded on the device and not folded yet (warm-up passes)."""
+        if self._device_counts is not None:
+            self._device_counts.zero_()
+
+    def _add(self, moe_layer: int, counts: torch.Tensor, physical: torch.Tensor | None) -> None:
         with self._lock:
             self.window[moe_layer] += counts
             if self._track_passes:
@@ -65,7 +103,7 @@ class ExpertLoadRecorder:
                 if self._current_pass is None:
                     self._current_pass = torch.zeros_like(self.window)
                 self._current_pass[moe_layer] += counts
-            elif self.mode is RecorderMode.PER_TOKEN:
+            elif self.mode is RecorderMode.PER_TOKEN and physical is not None:
                 self._tokens.append((moe_layer, physical.cpu().clone()))
                 self._token_versions.append(self.map_version)
 
@@ -81,6 +119,7 @@ class ExpertLoadRecorder:
         """Called once per engine step with the map the step used; a new version starts a new window.
         Returns the pass's per-slot counts [L, P] with ``track_passes`` (None otherwise or if nothing
         was recorded)."""
+        self._fold_device_counts()
         with self._lock:
             pass_counts, self._pass_counts = self._pass_counts, None
             if self._current_pass is not None:

@@ -42,7 +42,16 @@ class MoEExecutor(Protocol):
 
 
 STALE_RETRY_S = 0.05
-LoadSink = Callable[[int, torch.Tensor], None]   # (moe_layer, physical slot ids [T, K])
+LoadSink = Callable[[int, torch.Tensor], None]   # (moe_layer, physical slot ids [T, K], -1 = none)
+
+
+def route(router: ExpertRouter, call: MoECall, expert_map: ExpertMap) -> torch.Tensor:
+    """Physical slot ids [T, K] of a call's choices; padding rows (``call.padding_rows``) get -1,
+    which every expert runner and data plane skips: padding costs no expert compute."""
+    physical = router.to_physical(expert_map, call.moe_layer, call.topk_ids)
+    if call.padding_rows is not None:
+        physical = physical.masked_fill(call.padding_rows, -1)
+    return physical
 
 
 class InProcessExperts:
@@ -54,7 +63,7 @@ class InProcessExperts:
         self.router.prepare(expert_map, device)
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> torch.Tensor:
-        physical = self.router.to_physical(expert_map, call.moe_layer, call.topk_ids)   # [T, K]
+        physical = route(self.router, call, expert_map)                                # [T, K]
         if self.record_load is not None:
             self.record_load(call.moe_layer, physical)
         return self.slots.compute(self.runner, call.moe_layer, call.hidden, physical, call.topk_weights)
@@ -95,7 +104,7 @@ class RemoteExperts:
         span = self.tracing.span("moe.dispatch", attributes=_span_attributes(call, micro_batch, num_tokens)) \
             if trace_context else NO_SPAN
         with span:
-            physical = self.router.to_physical(expert_map, call.moe_layer, call.topk_ids)
+            physical = route(self.router, call, expert_map)
             if record and self.record_load is not None:
                 self.record_load(call.moe_layer, physical)
             header = BatchHeader(map_version=expert_map.version, layer=call.moe_layer, micro_batch=micro_batch,

@@ -45,6 +45,7 @@ class ForwardBatch:
     block_tables: list[list[int]]    # KV blocks per sequence
     slot_mapping: torch.Tensor       # [T] flat KV-cache slot of each new token (-1: store nothing)
     logits_rows: torch.Tensor | None = None  # [B'] rows to compute logits for; None = all rows
+    padding_rows: torch.Tensor | None = None  # [T, 1] bool, True = a padding row (CUDA graphs); None = none
     device: Any = None               # backend-specific device metadata (see attention_worker/)
     backend_state: dict = field(default_factory=dict)   # per-forward scratch of the backend
 
@@ -70,6 +71,7 @@ class MoECall:
     hidden: torch.Tensor             # [T, D] post-attention-normed hidden states
     topk_ids: torch.Tensor           # [T, K] logical expert ids
     topk_weights: torch.Tensor       # [T, K]
+    padding_rows: torch.Tensor | None = None  # [T, 1] bool: True rows are padding, routed nowhere
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Qwen3MoeAttentionSide:
             if w.router is not None:
                 topk_ids, topk_weights = ops.route(F.linear(x, w.router), spec.num_experts_per_tok,
                                                    spec.norm_topk_prob)
-                delta = yield MoECall(spec.moe_index(index), x, topk_ids, topk_weights)
+                delta = yield MoECall(spec.moe_index(index), x, topk_ids, topk_weights, batch.padding_rows)
             else:
                 gate, up, down = w.dense_mlp
                 delta = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

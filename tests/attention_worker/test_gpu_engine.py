@@ -127,3 +127,29 @@ def test_real_shape_dummy_weights_bf16_follows_float32(tmp_path):
     bf16 = generate_tokens(gpu_engine(tmp_path, torch.bfloat16, "dummy"), ids, greedy)
     same = sum(a == b for x, y in zip(fp32, bf16) for a, b in zip(x, y))
     assert same / sum(map(len, fp32)) >= 0.95
+
+
+def test_expert_load_recorded_on_the_device_under_graphs(tiny_model):
+    """Every real token's K choices per MoE layer are counted once, padding rows never (4 prompts
+    decode in bucket 4 with 3 real rows once one finishes early)."""
+    from epserve.attention_worker.expert_recorder import RecorderMode
+
+    engine = build_colocated_engine(str(tiny_model), torch.bfloat16, "cuda", limits=EngineLimits(
+        num_kv_blocks=256, kv_block_size=16, max_num_batched_tokens=512, max_num_seqs=16, num_micro_batches=1,
+        cuda_graph_max_bs=16), recorder_mode=RecorderMode.STAT)
+    assert engine.runner.graphs.captured
+    lengths = [5, 23, 3, 37]
+    new_tokens = [6, 6, 2, 6]
+    outputs = {str(i): [] for i in range(4)}
+    for i, (n, m) in enumerate(zip(lengths, new_tokens)):
+        engine.add_request(str(i), list(range(1, n + 1)), SamplingParams(temperature=0, max_new_tokens=m,
+                                                                        ignore_eos=True))
+    while engine.has_work:
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+    window, passes, _ = engine.recorder.take_window()
+    spec = engine.model.spec
+    # every prompt token and every generated token but the last passes through the layers once
+    tokens = sum(lengths) + sum(m - 1 for m in new_tokens)
+    assert passes > 0
+    assert window.sum().item() == tokens * spec.num_experts_per_tok * spec.num_moe_layers
