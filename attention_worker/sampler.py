@@ -56,11 +56,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                generator: torch.Generator) -> int:
-    """logits [V] float32 → token id."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    """logits [V] float32 → token id. In float64, with the maximum subtracted before the temperature
+    divides: a penalty or temperature as small as 1e-45 gives huge but finite logits and a valid
+    distribution (in float32 they overflowed to inf and NaN probabilities ended the process)."""
+    logits = apply_repetition_penalty(logits.double(), seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
