@@ -32,6 +32,10 @@ from epserve.moe_runner import MoERunner
 
 
 class MoEExecutor(Protocol):
+    # Whether dispatch/combine only launch device work (no host sync), so a forward pass through
+    # them can be captured in a CUDA graph.
+    capturable: bool
+
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
         """Host, once per step before the forward pass: what routing on ``device`` needs."""
         ...
@@ -55,6 +59,8 @@ def route(router: ExpertRouter, call: MoECall, expert_map: ExpertMap) -> torch.T
 
 
 class InProcessExperts:
+    capturable = True
+
     def __init__(self, slots: ExpertSlots, runner: MoERunner, router: ExpertRouter,
                  record_load: LoadSink | None = None) -> None:
         self.slots, self.runner, self.router, self.record_load = slots, runner, router, record_load
@@ -89,6 +95,8 @@ class RemoteExperts:
                  tracing: Tracing | None = None, on_timeout: Callable[[int | None], None] | None = None) -> None:
         self.dispatcher, self.router, self.timeout_s = dispatcher, router, timeout_s
         self.record_load, self.on_timeout = record_load, on_timeout
+        # host-mediated transports (gloo, NCCL point to point) wait on the host in combine
+        self.capturable = bool(getattr(dispatcher, "capturable", False))
         self.tracing = tracing if tracing is not None else setup_tracing("epserve-attention-worker", None)
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
