@@ -6,7 +6,7 @@ Legend: T tokens, E logical experts, K top-k.
 the K largest (descending; ties go to the lower expert id), weights renormalised to sum to 1.
 Since softmax is monotonic and the renormalisation cancels the softmax denominator, the
 kernel picks the top-k logits and normalises ``exp(l - max)`` over them alone.
-One program per token; no host sync.
+One program per token; no host sync; programmatic dependent launch on Hopper (kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+
 
 @triton.jit
 def _softmax_topk_renorm_kernel(logits_ptr, weights_ptr, ids_ptr, E, top_k, stride_lt,
-                                E_P2: tl.constexpr, K_P2: tl.constexpr):
+                                E_P2: tl.constexpr, K_P2: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E_P2)
     ks = tl.arange(0, K_P2)
@@ -49,7 +52,8 @@ def softmax_topk_renorm(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
         _softmax_topk_renorm_kernel[(num_tokens,)](logits, weights, ids, num_experts, top_k,
                                                    logits.stride(0),
                                                    E_P2=triton.next_power_of_2(num_experts),
-                                                   K_P2=triton.next_power_of_2(top_k))
+                                                   K_P2=triton.next_power_of_2(top_k),
+                                                   **launch_options(pdl_enabled(logits.device)))
     return weights, ids
 
 

@@ -7,6 +7,9 @@ Legend: T tokens, N normalised width, E logical experts, K top-k.
 - ``add_rms_norm(x [T, N], residual [T, N], weight [N], eps) -> (normed [T, N], summed [T, N])``:
   ``summed = x + residual`` (the new residual stream), ``normed = rms_norm(summed)``.
 - ``route(router_logits [T, E], top_k, renormalize) -> (topk_ids [T, K], topk_weights [T, K])``.
+- ``add_norm_route(x, residual, weight, eps, router [E, D], top_k, renormalize) -> (normed, summed,
+  topk_ids, topk_weights)``: a MoE layer's post-attention residual add, norm and routing together
+  (one launch at decode sizes on a GPU, ``kernels/moe_router.py``).
 
 ``TORCH_OPS`` composes torch operations exactly as transformers' reference computes them (the
 float64 parity path, and any device). ``triton_ops()`` uses one fused Triton kernel per
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from epserve.models.layers import rms_norm, softmax_topk
 
@@ -30,6 +34,7 @@ class LayerOps:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     route: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+    add_norm_route: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -38,11 +43,22 @@ def _torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     return rms_norm(summed, weight, eps), summed
 
 
-TORCH_OPS = LayerOps("torch", rms_norm, _torch_add_rms_norm, softmax_topk)
+def _composed_add_norm_route(add_rms_norm, route):
+    def add_norm_route(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       router: torch.Tensor, top_k: int, renormalize: bool):
+        normed, summed = add_rms_norm(x, residual, weight, eps)
+        topk_ids, topk_weights = route(F.linear(normed, router), top_k, renormalize)
+        return normed, summed, topk_ids, topk_weights
+    return add_norm_route
+
+
+TORCH_OPS = LayerOps("torch", rms_norm, _torch_add_rms_norm, softmax_topk,
+                     _composed_add_norm_route(_torch_add_rms_norm, softmax_topk))
 
 
 def triton_ops() -> LayerOps:
     """The fused-kernel operations (CUDA devices; the Triton interpreter in CPU tests)."""
+    from epserve.kernels.moe_router import FUSED_MAX_TOKENS, add_norm_router_topk
     from epserve.kernels.rms_norm import add_rms_norm, rms_norm as triton_rms_norm
     from epserve.kernels.topk_softmax import softmax_topk_renorm
 
@@ -52,7 +68,17 @@ def triton_ops() -> LayerOps:
         weights, ids = softmax_topk_renorm(router_logits, top_k)
         return ids, weights
 
-    return LayerOps("triton", triton_rms_norm, add_rms_norm, route)
+    composed = _composed_add_norm_route(add_rms_norm, route)
+
+    def add_norm_route(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       router: torch.Tensor, top_k: int, renormalize: bool):
+        if x.shape[0] > FUSED_MAX_TOKENS:      # past decode sizes the GEMM library does the router better
+            return composed(x, residual, weight, eps, router, top_k, renormalize)
+        normed, summed, topk_ids, topk_weights = add_norm_router_topk(x, residual, weight, router, eps, top_k,
+                                                                      renormalize)
+        return normed, summed, topk_ids, topk_weights
+
+    return LayerOps("triton", triton_rms_norm, add_rms_norm, route, add_norm_route)
 
 
 def layer_ops_for(device: torch.device | str) -> LayerOps:

@@ -114,12 +114,13 @@ class Qwen3MoeAttentionSide:
             else:
                 x, residual = ops.add_rms_norm(delta, residual, w.input_norm, eps)
             attn = attention.forward(index, F.linear(x, w.qkv_proj), w.q_norm, w.k_norm, batch)  # [T, H Dh]
-            x, residual = ops.add_rms_norm(F.linear(attn, w.o_proj), residual, w.post_norm, eps)
+            attn = F.linear(attn, w.o_proj)
             if w.router is not None:
-                topk_ids, topk_weights = ops.route(F.linear(x, w.router), spec.num_experts_per_tok,
-                                                   spec.norm_topk_prob)
+                x, residual, topk_ids, topk_weights = ops.add_norm_route(
+                    attn, residual, w.post_norm, eps, w.router, spec.num_experts_per_tok, spec.norm_topk_prob)
                 delta = yield MoECall(spec.moe_index(index), x, topk_ids, topk_weights, batch.padding_rows)
             else:
+                x, residual = ops.add_rms_norm(attn, residual, w.post_norm, eps)
                 gate, up, down = w.dense_mlp
                 delta = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
         if batch.logits_rows is not None:
