@@ -24,7 +24,7 @@ SMI=$!
 case " $STAGES " in *" tests "*)
     echo "--- tests ($(left)s left)" >> "$LOG"
     timeout "${TESTS_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 300 \
-        ${TESTS:-tests/kernels/test_paged_attention.py tests/kernels/test_rope.py tests/kernels/test_rms_norm.py tests/kernels/test_sampling.py tests/attention_worker/test_gpu_engine.py tests/epserve/test_dummy_weights.py tests/e2e/test_colocated_serving.py} > "$OUT/tests.txt" 2>&1
+        ${TESTS:-tests/kernels/test_paged_attention.py tests/kernels/test_rope.py tests/kernels/test_rms_norm.py tests/kernels/test_sampling.py tests/kernels/test_moe_router.py tests/attention_worker/test_gpu_engine.py tests/epserve/test_dummy_weights.py tests/e2e/test_colocated_serving.py} > "$OUT/tests.txt" 2>&1
     echo "tests exit $?" >> "$LOG"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.txt" | tail -30 >> "$LOG" ;;
 esac
 case " $STAGES " in *" attn "*)
