@@ -36,7 +36,7 @@ class ColocatedExperts:
 
     def __init__(self, spec: ModelSpec, reader: CheckpointReader | DummyReader, dtype: torch.dtype,
                  device: str = "cpu", moe_runner_backend: str = "auto") -> None:
-        self.runner = make_moe_runner(moe_runner_backend, device)     # a bad backend fails before loading
+        self.runner = make_moe_runner(moe_runner_backend, device, dtype=dtype)     # a bad backend fails before loading
         self.expert_map = ExpertMap.trivial(spec.num_moe_layers, spec.num_experts, 0, (LOCAL_OWNER,))
         self.slots = load_expert_slots(spec, reader, self.expert_map.phy2log, dtype, device)
 

@@ -168,8 +168,9 @@ def experts_hit_per_step(engine, batch: int, prompt_len: int, spec) -> int:
         hits.append(int(torch.unique(call.topk_ids).numel()))
         return dispatch(call, expert_map, micro_batch, *args, **kwargs)
 
-    for i, ids in enumerate(prompts(batch, prompt_len, spec.vocab_size, seed=batch)):
-        engine.add_request(f"hit-{batch}-{i}", ids, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True))
+    names = [f"hit-{batch}-{i}" for i in range(batch)]
+    for name, ids in zip(names, prompts(batch, prompt_len, spec.vocab_size, seed=batch)):
+        engine.add_request(name, ids, SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True))
     engine.step()                       # admits them (requests wait in the inbox until a step)
     while engine.scheduler.waiting or any(s.num_generated == 0 for s in engine.scheduler.running):
         engine.step()
@@ -181,6 +182,8 @@ def experts_hit_per_step(engine, batch: int, prompt_len: int, spec) -> int:
     finally:
         executor.dispatch = dispatch
         runner.graphs = graphs
+    for name in names:
+        engine.abort(name)
     while engine.has_work:
         engine.step()
     return sum(hits)

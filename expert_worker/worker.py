@@ -49,7 +49,7 @@ class ExpertWorker:
         self.spec = load_model_spec(config.model_path)
         weights = open_weights(config.model_path, config.load_format, self.spec)   # read again on map changes
         self.store = ExpertStore(self.spec, weights, config.worker_id,
-                                 make_moe_runner(config.moe_runner_backend, config.device),
+                                 make_moe_runner(config.moe_runner_backend, config.device, dtype=parse_dtype(config.dtype)),
                                  parse_dtype(config.dtype), config.device)
         self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False,
                                              interceptors=self.tracing.server_interceptors())

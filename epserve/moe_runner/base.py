@@ -15,8 +15,10 @@ Backends (``--moe-runner-backend``), chosen once by ``make_moe_runner``:
 - ``triton``: the Triton kernels in ``kernels/`` (CUDA, or the interpreter with TRITON_INTERPRET=1).
 - ``deep_gemm``: DeepGEMM's bf16 grouped GEMMs (contiguous layout for prefill, masked for decode).
 - ``flashinfer_cutlass``: FlashInfer's CUTLASS MoE; needs modelopt_fp4 weights (guardrails only).
-- ``auto``: ``triton`` on CUDA when Triton imports, ``torch`` otherwise. An explicitly named
-  backend never falls back: if it cannot run it raises, naming what is missing.
+- ``auto``: ``triton`` on CUDA for bfloat16/float16 when Triton imports, ``torch`` otherwise (the
+  Triton kernels are tuned for 16-bit weights and compute float32 dots in TF32: float32/float64
+  runs are parity runs, which want the exact reference). An explicitly named backend never falls
+  back: if it cannot run it raises, naming what is missing.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class MoERunner(Protocol):
 class MoERunnerConfig:
     """What a backend may need to decide whether it can run (SGLang's flag names)."""
     device: torch.device
+    dtype: torch.dtype | None = None     # weights/activations; None = not known (no dtype check)
     ep_size: int = 1
     tp_size: int = 1
     quantization: str | None = None
@@ -67,8 +70,8 @@ def _load_builtin_backends() -> None:
     from epserve.moe_runner import deep_gemm_runner, flashinfer_cutlass_runner, torch_runner, triton_runner  # noqa: F401
 
 
-def _auto_backend(device: torch.device) -> str:
-    if device.type != "cuda":
+def _auto_backend(device: torch.device, dtype: torch.dtype | None) -> str:
+    if device.type != "cuda" or dtype in (torch.float32, torch.float64):
         return "torch"
     try:
         import triton  # noqa: F401
@@ -77,13 +80,13 @@ def _auto_backend(device: torch.device) -> str:
     return "triton"
 
 
-def make_moe_runner(name: str, device: torch.device | str = "cpu", *, ep_size: int = 1,
-                    tp_size: int = 1, quantization: str | None = None) -> MoERunner:
+def make_moe_runner(name: str, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None,
+                    ep_size: int = 1, tp_size: int = 1, quantization: str | None = None) -> MoERunner:
     """Build the runner named by ``--moe-runner-backend``. Unknown names fail loudly."""
     _load_builtin_backends()
-    config = MoERunnerConfig(torch.device(device), ep_size, tp_size, quantization)
+    config = MoERunnerConfig(torch.device(device), dtype, ep_size, tp_size, quantization)
     if name == "auto":
-        name = _auto_backend(config.device)
+        name = _auto_backend(config.device, dtype)
     if name not in _BACKENDS:
         raise ValueError(f"unknown --moe-runner-backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
     return _BACKENDS[name](config)

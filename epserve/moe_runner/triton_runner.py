@@ -43,6 +43,10 @@ def make_triton_runner(config: MoERunnerConfig) -> TritonMoERunner:
         raise ImportError("--moe-runner-backend triton needs the `triton` package "
                           "(pip install 'epserve[triton]')") from e
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if config.dtype in (torch.float32, torch.float64) and not interpreted:
+        raise ValueError(f"--moe-runner-backend triton runs bfloat16/float16 weights (its configs are tuned for "
+                         f"16-bit tiles and float32 dots run in TF32), not {config.dtype}; use --moe-runner-backend "
+                         "torch (what auto picks) for float32/float64")
     if not interpreted:
         if config.device.type != "cuda":
             raise ValueError(f"--moe-runner-backend triton needs a CUDA device (got {config.device}); "
