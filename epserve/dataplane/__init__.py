@@ -11,7 +11,8 @@ the shared split/combine helpers in ``split``.
 | `local`    | local.py                 | in-process experts; colocated mode, parity ref    |
 | `torch`    | torch_p2p.py (+ _server, | point to point over torch.distributed: gloo on    |
 |            | _group, _wire)           | CPU, NCCL on GPU                                  |
-| `cuda_ipc` | not built                | needs a CUDA GPU                                  |
+| `cuda_ipc` | cuda_ipc.py (+ _server,  | same host: fixed shared-memory channels; host     |
+|            | _join, _layout, _step...)| shared memory on CPU, CUDA IPC buffers on GPU     |
 | `mooncake` | not built                | needs mooncake-transfer-engine (+ a GPU for EP)   |
 | `deepep`   | not built                | needs deep_ep and a CUDA GPU                      |
 """
@@ -44,6 +45,11 @@ def make_dispatcher(backend: str, **options) -> ExpertDispatcher:
     torch: ``rank``, ``world_size``, ``dist_init_addr`` ("host:port" of the rendezvous store),
     ``expert_ranks`` (must be the last W ranks), ``timeout_s`` (joining, and each link
     operation), ``device`` ("cpu" → gloo, "cuda" → NCCL); or ``group`` from ``join_group``.
+    cuda_ipc: ``rank``, ``world_size``, ``dist_init_addr``, ``expert_ranks``, ``timeout_s``, ``device``
+    (where the channels live: "cuda[:i]" (default) → CUDA IPC buffers, "cpu" → host shared memory), the channel
+    shape ``max_tokens`` (the most tokens of one micro-batch), ``hidden_size``, ``top_k``, ``dtype``,
+    ``num_micro_batches`` (channel slots per expert, default 2), ``readiness`` (None: poll on CPU,
+    flags on CUDA; or "events").
     """
     return _factory(backend, _DISPATCHERS)(**options)
 
@@ -54,6 +60,9 @@ def make_expert_server(backend: str, **options) -> ExpertServer:
     torch: ``rank``, ``world_size``, ``dist_init_addr``, ``attention_ranks`` (must be the first D
     ranks), ``timeout_s``, ``device``, ``batch_window_s`` (how long to wait for more requests
     to batch, default 0: batch only what already arrived); or ``group`` from ``join_group``.
+    cuda_ipc: ``rank``, ``world_size``, ``dist_init_addr``, ``attention_ranks``, ``timeout_s``,
+    ``batch_window_s``, ``device`` (where ``compute`` wants its inputs; None: where the attention
+    ranks put the channels). Channel shape and readiness come from the attention ranks.
     """
     return _factory(backend, _SERVERS)(**options)
 
@@ -112,21 +121,56 @@ def _not_built(backend: str, module: str, package: str, needs: str) -> Callable[
     return fail
 
 
-def _cuda_ipc(**_options) -> object:
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("moe-a2a-backend 'cuda_ipc' needs a CUDA GPU (torch.cuda.is_available() is "
-                                 "False); use 'torch' or 'local' instead")
-    raise BackendUnavailable("moe-a2a-backend 'cuda_ipc' is not built yet in epserve; use 'torch'")
+def _cuda_ipc_device(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"moe-a2a-backend 'cuda_ipc' on device {device} needs a CUDA GPU "
+                                 "(torch.cuda.is_available() is False); on a CPU machine use --device cpu "
+                                 "(host shared memory, same host only)")
+
+
+def _cuda_ipc_dispatcher(*, device: torch.device | str = "cuda", **options) -> ExpertDispatcher:
+    _cuda_ipc_device(device)     # first: without a GPU, a call for CUDA fails on that, whatever else is missing
+    return _join_cuda_ipc_dispatcher(device=device, **options)
+
+
+def _join_cuda_ipc_dispatcher(*, rank: int, world_size: int, dist_init_addr: str, expert_ranks: Sequence[int],
+                              max_tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype,
+                              device: torch.device | str, timeout_s: float = 30.0, num_micro_batches: int = 2,
+                              readiness: str | None = None) -> ExpertDispatcher:
+    from epserve.dataplane.cuda_ipc import CudaIpcDispatcher
+    from epserve.dataplane.cuda_ipc_join import join_attention
+    from epserve.dataplane.cuda_ipc_layout import ChannelShape
+
+    if rank in expert_ranks or not 0 <= rank < world_size or any(not 0 <= e < world_size for e in expert_ranks):
+        raise ValueError(f"attention rank {rank} and expert ranks {list(expert_ranks)} must be distinct ranks "
+                         f"of a world of {world_size}")
+    side = join_attention(rank, expert_ranks, dist_init_addr, timeout_s,
+                          ChannelShape(max_tokens, hidden_size, top_k, dtype), num_micro_batches, device, readiness)
+    return CudaIpcDispatcher(side, link_timeout_s=timeout_s)
+
+
+def _cuda_ipc_server(*, rank: int, world_size: int, dist_init_addr: str, attention_ranks: Sequence[int],
+                     timeout_s: float = 30.0, batch_window_s: float = 0.0,
+                     device: torch.device | str | None = None) -> ExpertServer:
+    from epserve.dataplane.cuda_ipc_join import join_expert
+    from epserve.dataplane.cuda_ipc_server import CudaIpcExpertServer
+
+    _cuda_ipc_device(device)
+    if rank in attention_ranks or not 0 <= rank < world_size:
+        raise ValueError(f"expert rank {rank} must be a rank of a world of {world_size}, not an attention rank "
+                         f"{list(attention_ranks)}")
+    links = join_expert(rank, attention_ranks, dist_init_addr, timeout_s)
+    return CudaIpcExpertServer(links, link_timeout_s=timeout_s, batch_window_s=batch_window_s, compute_device=device)
 
 
 _UNBUILT = {
-    "cuda_ipc": _cuda_ipc,
     "mooncake": _not_built("mooncake", "mooncake", "mooncake-transfer-engine",
                            "the mooncake-transfer-engine package (module mooncake) and a CUDA GPU for Mooncake EP"),
     "deepep": _not_built("deepep", "deep_ep", "deep_ep", "the deep_ep package and a CUDA GPU"),
 }
-_DISPATCHERS = {"local": _local_dispatcher, "torch": _torch_dispatcher, **_UNBUILT}
-_SERVERS = {"local": _local_server, "torch": _torch_server, **_UNBUILT}
+_DISPATCHERS = {"local": _local_dispatcher, "torch": _torch_dispatcher, "cuda_ipc": _cuda_ipc_dispatcher,
+                **_UNBUILT}
+_SERVERS = {"local": _local_server, "torch": _torch_server, "cuda_ipc": _cuda_ipc_server, **_UNBUILT}
 
 
 def _factory(backend: str, table: dict[str, Callable[..., object]]) -> Callable[..., object]:

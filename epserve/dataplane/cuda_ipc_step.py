@@ -1,0 +1,251 @@
+"""The ``cuda_ipc`` step path: per-layer hand-offs that are device launches only (CUDA-graph capturable).
+
+Legend: T tokens of the step (the graph's bucket size), D hidden, K top-k, L MoE layers of a
+step, W expert workers, S slots per worker.
+
+Why a second path: ``CudaIpcDispatcher.dispatch`` splits tokens by worker on the host
+(``split_by_worker`` needs a sync) and ``combine`` waits on the host; neither fits in a graph.
+Here the host talks once per step, the layers are device work:
+
+- attention, host, once per step: ``begin_step(T, map_version, L, S)`` bumps the step number,
+  writes it to a device counter (one small fill on the stream, before the graph replay) and
+  announces (T, version, L, S, dtypes, trace) in every channel's host-shared step header,
+  STEP_SEQ last.
+- attention, device, per layer (what the graph captures): ``send(layer, hidden, slot_ids,
+  weights)``: copy all T rows — physical slot ids, not split — into each expert's input
+  region of this slot, then ``signal_step(STEP_IN)``; ``receive(layer)``: ``wait_step(STEP_OUT)``
+  per worker, then the partials added in worker order in float32 (float64 for float64), the same
+  sum as ``CombineSum``. Flag values are ``step * FLAG_STEP_STRIDE + layer + 1`` computed on the
+  device from the counter, so every replay signals and awaits new values.
+- expert (``StepServer``, one thread per attention rank): on an announcement, for each layer:
+  ``wait_step(STEP_IN)`` → local slot ids (slot − w·S where the owner is w, else -1, weights 0
+  there: ``split_by_worker``'s rule on all T rows) → ``compute`` → copy the partial →
+  ``signal_step(STEP_OUT)``; then the step status (OK, STALE_VERSION with the held versions,
+  ERROR), STEP_STATUS_SEQ last. With device flags all L layers are enqueued at once on this
+  rank's own stream (the compute must not sync with the host, or the thread waits with it);
+  a stale map version is known when ``compute`` is called for layer 0, before anything runs:
+  the remaining layers get zero partials so the attention's graph still completes.
+- attention, host, after the step (when it reads the sampled tokens anyway): ``finish_step()``
+  raises StaleMapVersion (the caller redoes the step with the new map), RemoteExpertError,
+  PeerLost, or DataPlaneTimeout (a device wait that ran out of its budget).
+
+Partials of rows routed to no slot of a worker are that worker's compute on all -1 choices,
+expected to be zeros (every epserve runner skips -1). Outputs equal the per-message path's when
+the compute is row-independent. On host memory (readiness poll) the same calls run on the
+host and ``receive`` waits on the host — the CPU tests drive the protocol that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, ExpertCompute, PeerLost, RemoteExpertError,
+                                    StaleMapVersion)
+from epserve.dataplane.cuda_ipc_join import AttentionSide, ExpertLink
+from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, DTYPES, EXPERT_STATE,
+                                               STEP_DTYPE, STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS,
+                                               STEP_SEQ, STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ,
+                                               STEP_TRACE, STEP_WEIGHT_DTYPE, AttentionState, Channel, ExpertState,
+                                               Flag, Status, read_status, read_trace, write_status, write_trace)
+from epserve.dataplane.cuda_ipc_peers import PeerGone, wait_until
+
+logger = logging.getLogger(__name__)
+
+MAX_STEP_LAYERS = (1 << 16) - 2     # layer + 1 must stay below FLAG_STEP_STRIDE
+
+
+class StepExchange:
+    """The attention side of one micro-batch slot's step path, to every expert worker."""
+
+    def __init__(self, side: AttentionSide, slot: int, timeout_s: float) -> None:
+        self.side, self.slot, self.timeout_s = side, slot, timeout_s
+        self.channels = [row[slot] for row in side.channels]                      # [W]
+        self.counter = torch.zeros(1, dtype=torch.int64, device=side.device)       # the step number, on the device
+        self.step, self.num_tokens, self.weight_dtype = 0, 0, torch.float32
+        self._acc_dtype = side.shape.dtype if side.shape.dtype == torch.float64 else torch.float32
+
+    def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
+                   trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32) -> None:
+        """Host, before the step's launches (or its graph replay): announce it to every expert rank."""
+        if not 0 < num_tokens <= self.side.shape.max_tokens:
+            raise ValueError(f"a step of {num_tokens} tokens; the cuda_ipc channels hold 1 to "
+                             f"{self.side.shape.max_tokens} (the attention worker's --max-num-batched-tokens)")
+        if not 0 < num_layers <= MAX_STEP_LAYERS or slots_per_worker < 1 or weight_dtype not in DTYPE_CODES:
+            raise ValueError(f"bad step: {num_layers} layers, {slots_per_worker} slots per worker, {weight_dtype}")
+        for worker in range(len(self.channels)):
+            reason = self._gone(worker)
+            if reason:
+                rank = self.side.expert_ranks[worker]
+                raise PeerLost(f"expert rank {rank} is unreachable ({reason}); step not announced", peer_rank=rank)
+        self.step += 1
+        self.num_tokens, self.weight_dtype = num_tokens, weight_dtype
+        self.counter.fill_(self.step)
+        for channel in self.channels:
+            words = channel.words
+            words[STEP_NUM_TOKENS], words[STEP_MAP_VERSION] = num_tokens, map_version
+            words[STEP_NUM_LAYERS] = num_layers
+            words[STEP_SLOTS_PER_WORKER] = slots_per_worker
+            words[STEP_DTYPE], words[STEP_WEIGHT_DTYPE] = DTYPE_CODES[self.side.shape.dtype], DTYPE_CODES[weight_dtype]
+            write_trace(words, STEP_TRACE, trace_context)
+            words[STEP_SEQ] = self.step                          # last
+        self._map_version = map_version
+
+    def send(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """hidden [T, D], slot_ids [T, K] physical (-1 = none), weights [T, K]: launches only."""
+        t = self.num_tokens
+        if hidden.shape != (t, self.side.shape.hidden_size) or slot_ids.shape != (t, self.side.shape.top_k) \
+                or weights.shape != slot_ids.shape or weights.dtype != self.weight_dtype:
+            raise ValueError(f"step of T={t}: need hidden [T, {self.side.shape.hidden_size}], slot_ids and weights "
+                             f"[T, {self.side.shape.top_k}] {self.weight_dtype}; got {tuple(hidden.shape)}, "
+                             f"{tuple(slot_ids.shape)}, {tuple(weights.shape)} {weights.dtype}")
+        for channel in self.channels:
+            channel.hidden[:t].copy_(hidden)
+            channel.slot_ids[:t].copy_(slot_ids)
+            channel.weights(t, self.weight_dtype).copy_(weights)
+            self.side.readiness.signal_step(channel, Flag.STEP_IN, self.counter, layer)
+
+    def receive(self, layer: int) -> torch.Tensor:
+        """→ out [T, D]: every worker's partial of ``layer``, added in worker order. Launches only on GPUs."""
+        t = self.num_tokens
+        out = torch.zeros(t, self.side.shape.hidden_size, dtype=self._acc_dtype, device=self.side.device)
+        deadline = time.monotonic() + self.timeout_s
+        for worker, channel in enumerate(self.channels):
+            rank = self.side.expert_ranks[worker]
+            try:
+                ready = self.side.readiness.wait_step(channel, Flag.STEP_OUT, self.counter, layer, deadline,
+                                                      lambda: self._gone(worker), rank)
+            except PeerGone as exc:
+                raise PeerLost(f"expert rank {rank} lost during layer {layer} of step {self.step}: {exc}",
+                               peer_rank=rank) from None
+            if not ready:
+                raise DataPlaneTimeout(f"expert rank {rank} did not answer layer {layer} of step {self.step} "
+                                       f"(micro-batch slot {self.slot}) within {self.timeout_s}s", peer_rank=rank,
+                                       layer=layer, micro_batch=self.slot)
+            out += channel.partial[:t]
+        return out.to(self.side.shape.dtype)
+
+    def finish_step(self) -> None:
+        """Host, after the step ran: raise what went wrong on the expert side, if anything (syncs on GPUs)."""
+        deadline = time.monotonic() + self.timeout_s
+        errors: list[Exception] = []
+        for worker, channel in enumerate(self.channels):
+            rank, words = self.side.expert_ranks[worker], channel.words
+            try:
+                done = wait_until(lambda: int(words[STEP_STATUS_SEQ]) == self.step, deadline,
+                                  lambda: self._gone(worker))
+            except PeerGone as exc:
+                errors.append(PeerLost(f"expert rank {rank} lost during step {self.step}: {exc}", peer_rank=rank))
+                continue
+            if not done:
+                errors.append(DataPlaneTimeout(f"expert rank {rank} did not finish step {self.step} within "
+                                               f"{self.timeout_s}s", peer_rank=rank, micro_batch=self.slot))
+                continue
+            status, held, error = read_status(words, STEP_STATUS)
+            if status == Status.STALE_VERSION:
+                errors.append(StaleMapVersion(f"expert rank {rank} does not hold map version {self._map_version} "
+                                              f"(step {self.step}): {error}", requested=self._map_version,
+                                              held_versions=held, peer_rank=rank))
+            elif status == Status.ERROR:
+                errors.append(RemoteExpertError(f"expert rank {rank} failed step {self.step}: {error}",
+                                                peer_rank=rank))
+        late = self.side.readiness.take_device_error()
+        if late is not None:
+            errors.append(DataPlaneTimeout(f"a device-side wait for expert rank {late} ran out of budget in step "
+                                           f"{self.step}: its results are not valid", peer_rank=late))
+        if errors:
+            for other in errors[1:]:
+                errors[0].add_note(f"also: {type(other).__name__}: {other}")
+            raise errors[0]
+
+    def _gone(self, worker: int) -> str:
+        rank, channel = self.side.expert_ranks[worker], self.channels[worker]
+        if int(channel.words[EXPERT_STATE]) == ExpertState.STOPPED:
+            return f"expert rank {rank} stopped serving"
+        if not self.side.peers[worker].alive():
+            return f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
+        return ""
+
+
+class StepServer:
+    """The expert side of the step path for one attention rank (run by one thread of the server)."""
+
+    def __init__(self, link: ExpertLink, compute: ExpertCompute, timeout_s: float,
+                 compute_device: torch.device | None, stopping: threading.Event) -> None:
+        self.link, self.compute, self.timeout_s = link, compute, timeout_s
+        self.compute_device, self.stopping = compute_device, stopping
+        self.counter = torch.zeros(1, dtype=torch.int64, device=link.device)
+        self.stream = torch.cuda.Stream(link.device) if link.device.type == "cuda" else None
+
+    def serve_step(self, channel: Channel, seq: int) -> None:
+        if self.stream is None:
+            self._serve_step(channel, seq)
+            return
+        with torch.cuda.stream(self.stream):
+            self._serve_step(channel, seq)
+
+    def _serve_step(self, channel: Channel, seq: int) -> None:
+        words, link = channel.words, self.link
+        n, version, num_layers = int(words[STEP_NUM_TOKENS]), int(words[STEP_MAP_VERSION]), int(words[STEP_NUM_LAYERS])
+        slots_per_worker = int(words[STEP_SLOTS_PER_WORKER])
+        dtype, weight_dtype = DTYPES.get(int(words[STEP_DTYPE])), DTYPES.get(int(words[STEP_WEIGHT_DTYPE]))
+        trace = read_trace(words, STEP_TRACE)
+        status, held, error = Status.OK, (), ""
+        if not 0 < n <= channel.shape.max_tokens or dtype != channel.shape.dtype or weight_dtype is None \
+                or not 0 < num_layers <= MAX_STEP_LAYERS or slots_per_worker < 1:
+            status, error = Status.ERROR, f"malformed step {seq}: {n} tokens, {num_layers} layers, dtype {dtype}"
+            n, num_layers = max(min(n, channel.shape.max_tokens), 0), max(min(num_layers, MAX_STEP_LAYERS), 0)
+        self.counter.fill_(seq)
+        try:
+            for layer in range(num_layers):
+                deadline = time.monotonic() + self.timeout_s
+                if not link.readiness.wait_step(channel, Flag.STEP_IN, self.counter, layer, deadline,
+                                                lambda: self._gone(channel), link.attention_rank):
+                    logger.warning("attention rank %d did not send layer %d of step %d within %.1fs; step dropped",
+                                   link.attention_rank, layer, seq, self.timeout_s)
+                    return
+                if status == Status.OK:
+                    try:
+                        header = BatchHeader(version, layer, channel.slot, n, trace)
+                        channel.partial[:n].copy_(self._compute(header, channel, n, weight_dtype, slots_per_worker))
+                    except StaleMapVersion as exc:
+                        status, held, error = Status.STALE_VERSION, exc.held_versions, str(exc)
+                    except Exception as exc:  # the compute's failure goes back to the attention rank
+                        logger.exception("expert compute failed for step %d layer %d", seq, layer)
+                        status, error = Status.ERROR, f"{type(exc).__name__}: {exc}"
+                if status != Status.OK:
+                    channel.partial[:n].zero_()
+                link.readiness.signal_step(channel, Flag.STEP_OUT, self.counter, layer)
+        except PeerGone as exc:
+            logger.info("step %d of attention rank %d abandoned: %s", seq, link.attention_rank, exc)
+            return
+        write_status(words, STEP_STATUS, status, held, error)
+        words[STEP_STATUS_SEQ] = seq                                  # last
+
+    def _compute(self, header: BatchHeader, channel: Channel, n: int, weight_dtype: torch.dtype,
+                 slots_per_worker: int) -> torch.Tensor:
+        """This worker's partial [n, D] of all n rows (split_by_worker's local ids and weights)."""
+        worker = self.link.worker
+        slot_ids, weights = channel.slot_ids[:n], channel.weights(n, weight_dtype)                # [n, K]
+        mine = (slot_ids >= 0) & (slot_ids // slots_per_worker == worker)                          # [n, K]
+        local = torch.where(mine, slot_ids - worker * slots_per_worker, -1)
+        local_weights = torch.where(mine, weights, 0).to(weight_dtype)
+        hidden = channel.hidden[:n]
+        if self.compute_device is not None:
+            hidden, local, local_weights = (x.to(self.compute_device) for x in (hidden, local, local_weights))
+        out = self.compute(header, hidden, local, local_weights)
+        if out.shape != hidden.shape:
+            raise ValueError(f"ExpertCompute returned {tuple(out.shape)} for {tuple(hidden.shape)} tokens")
+        return out
+
+    def _gone(self, channel: Channel) -> str:
+        if self.stopping.is_set():
+            return "the expert server is stopping"
+        if int(channel.words[ATTENTION_STATE]) == AttentionState.CLOSED:
+            return f"attention rank {self.link.attention_rank} closed its channels"
+        if not self.link.peer.alive():
+            return f"attention rank {self.link.attention_rank} exited"
+        return ""
