@@ -163,10 +163,16 @@ class AttentionWorker:
 
         config = self.config
         rank = self.registration.rank
+        options = {}
+        if data_plane.backend == "cuda_ipc":    # fixed channels, sized once at join
+            limits = config.limits
+            options = dict(device=config.device, max_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
+                           hidden_size=self.spec.hidden_size, top_k=self.spec.num_experts_per_tok,
+                           dtype=parse_dtype(config.dtype), num_micro_batches=limits.num_micro_batches)
         self._dispatcher = dataplane.make_dispatcher(
             data_plane.backend, rank=rank, world_size=data_plane.world_size,
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
-            timeout_s=config.dataplane_timeout_s)
+            timeout_s=config.dataplane_timeout_s, **options)
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
         return RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s, record_load=self.recorder.record,
                              tracing=self.tracing, on_timeout=self._timeout_counter(data_plane))

@@ -40,7 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50050, help="gateway port (default 50050; 0 picks one)")
     p.add_argument("--placement-port", type=int, default=0, help="placement service port (default: pick one)")
     p.add_argument("--moe-a2a-backend", default="torch", choices=["torch", "local", "cuda_ipc", "mooncake", "deepep"],
-                   help="data plane between attention and expert workers (default torch: gloo on CPU); local = "
+                   help="data plane between attention and expert workers (default torch: gloo on CPU); cuda_ipc = "
+                        "shared memory, every process on this host (CUDA IPC buffers with --device cuda, host "
+                        "shared memory with --device cpu); local = "
                         "colocated: no expert workers, every attention worker loads all experts and runs them "
                         "in-process (one GPU per attention worker with --device cuda)")
     p.add_argument("--moe-runner-backend", default="auto",
