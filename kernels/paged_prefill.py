@@ -13,9 +13,12 @@ tokens × the G heads of one KV head into BLOCK_M rows (row r: token r // G, hea
 K/V tile is loaded once per group and short runs (decode rows) fill rows with heads rather
 than padding. Key tiles of BLOCK_N run from 0 to the program's last position: those wholly
 before its first position without a mask, the rest with the causal mask; tiles past it are
-skipped. Programs with the most keys (last query blocks) start first. Programs past a
-sequence's n exit at once; n = 0 contributes nothing. Online softmax in float32 with exp2.
-No host sync; on Hopper the kernel launches with PDL (kernels/pdl.py).
+skipped. Each tile's block-table entries are loaded a tile ahead, so the K/V loads of
+``num_stages`` - 1 tiles overlap the MMAs. Programs with the most keys (last query blocks)
+start first. Programs past a sequence's n exit at once; n = 0 contributes nothing. Online
+softmax in float32 with exp2. No host sync; on Hopper the kernel launches with PDL
+(kernels/pdl.py). Tile configs: ``PrefillConfig`` (``PREFILL_SWEEP``: the candidates the
+benchmark times).
 """
 
 from __future__ import annotations
@@ -35,30 +38,54 @@ MAX_GRID_Y = 65535
 
 @dataclass(frozen=True)
 class PrefillConfig:
+    """H200, Qwen3-30B-A3B's shape, bf16, before the table entries were loaded a tile ahead: 1x4096
+    tokens 497 µs = 276 TFLOP/s, 8x512 109 µs (torch SDPA, contiguous: 262 and 57 µs). Then
+    Triton 3.6's pipeliner, seeing the K/V addresses come from a load in the same iteration,
+    issued each K/V tile only after the previous tile's MMAs (one buffer at num_stages 2 to 4).
+    With the entries a tile ahead, num_stages = 3 keeps two K/V tiles in flight (sm_90: 128 KiB
+    of shared memory, 184 registers, no spills at 128x64, 8 warps). Not yet timed:
+    PREFILL_SWEEP is what --sweep tries."""
+
     block_m: int = 128          # query rows (tokens × heads) per program, at most; fewer for short runs
     block_n: int = 64           # keys per tile
     num_warps: int = 8          # at block_m >= 128; 4 below
-    num_stages: int = 2
+    num_stages: int = 3         # K/V tiles in flight + 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            assert value >= 16 and value & (value - 1) == 0, f"{name}={value} must be a power of 2, >= 16"
+        assert self.num_stages >= 1 and self.num_warps >= 1, "num_stages and num_warps must be >= 1"
+
+
+# configs bench/gpu/attention_kernels.py --sweep times beside the default (tests run each at small shapes);
+# on sm_90 each compiles without spills and within the 227 KiB of shared memory a program may use
+PREFILL_SWEEP = (PrefillConfig(num_stages=2), PrefillConfig(num_stages=4), PrefillConfig(block_n=128, num_stages=2),
+                 PrefillConfig(block_n=128, num_stages=3), PrefillConfig(block_m=64, num_warps=4),
+                 PrefillConfig(block_n=32, num_stages=4), PrefillConfig(block_m=256, block_n=32))
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, head_off, n0, pos, kv_end, qk_scale,
+def _table_tile(table_ptr, n0, kv_end, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block ids of key positions [n0, n0 + BLOCK_N) ([BLOCK_N] int32; 0 at and past kv_end)."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(table_ptr + keys // BS, mask=keys < kv_end, other=0)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos, kv_end, qk_scale,
                  stride_kn, stride_kt,
                  BS: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, CAUSAL: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """One key tile [n0, n0 + BLOCK_N) into the online softmax of q [BLOCK_M, DH] at positions
-    pos [BLOCK_M]. CAUSAL: mask keys past each row's position and past kv_end; otherwise all
-    keys of the tile are before every row's position."""
+    """One key tile [n0, n0 + BLOCK_N) (its block ids ``block``) into the online softmax of
+    q [BLOCK_M, DH] at positions pos [BLOCK_M]. CAUSAL: mask keys past each row's position and
+    past kv_end; otherwise all keys of the tile are before every row's position."""
     keys = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DH)
-    if CAUSAL:
-        live = keys < kv_end
-        block = tl.load(table_ptr + keys // BS, mask=live, other=0).to(tl.int64)
-    else:
-        block = tl.load(table_ptr + keys // BS).to(tl.int64)
-    row = block * stride_kn + (keys % BS).to(tl.int64) * stride_kt + head_off
+    row = block.to(tl.int64) * stride_kn + (keys % BS).to(tl.int64) * stride_kt + head_off
     kv_off = row[:, None] + offs_d[None, :]                                  # [BLOCK_N, DH]
     if CAUSAL:
+        live = keys < kv_end
         k = tl.load(k_cache_ptr + kv_off, mask=live[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=live[:, None], other=0.0)
     else:
@@ -108,12 +135,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_ptr,
     acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # each tile's block ids are loaded a tile ahead: the K/V loads then depend on no load of their own
+    # iteration and the pipeliner keeps num_stages - 1 of them in flight
+    block = _table_tile(table, 0, kv_end, BS, BLOCK_N)
     for n0 in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, head_off, n0, pos,
+        next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
                                      kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, DOT_PRECISION)
+        block = next_block
     for n0 in range(unmasked_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, head_off, n0, pos,
+        next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
                                      kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, DOT_PRECISION)
+        block = next_block
     out = acc / l_i[:, None]
     tl.store(out_ptr + t_off * stride_ot + h_off * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])

@@ -1,9 +1,9 @@
-"""Paged decode (split-KV) and prefill attention kernels against float64 references.
+"""Paged decode (split-KV, adapted per row) and prefill attention kernels against float64 references.
 
 Small odd shapes, float32 and float16, small tiles so that contexts span several key tiles,
-splits and query blocks (CPU: the Triton interpreter; with CUDA: compiled, on the GPU). GPU only
-(marked): bf16 at Qwen3's attention shape, and a decode replayed from a CUDA graph after its
-inputs change in place.
+splits and query blocks, and every config the benchmark sweeps (CPU: the Triton interpreter;
+with CUDA: compiled, on the GPU). GPU only (marked): bf16 at Qwen3's attention shape, and a
+decode replayed from a CUDA graph after its inputs change in place.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from kernel_test_utils import TOLERANCE, rel_err
-from epserve.kernels.paged_attention import (DecodeConfig, DecodeWorkspace, decode_num_splits,
-                                             paged_decode_attention, paged_decode_attention_reference)
-from epserve.kernels.paged_prefill import (PrefillConfig, paged_prefill_attention,
+from epserve.kernels.paged_attention import (DECODE_SWEEP, DecodeConfig, DecodeWorkspace, decode_num_splits,
+                                             decode_tokens_per_split, merge_heads, paged_decode_attention,
+                                             paged_decode_attention_reference)
+from epserve.kernels.paged_prefill import (PREFILL_SWEEP, PrefillConfig, paged_prefill_attention,
                                            paged_prefill_attention_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,11 +81,13 @@ CONTEXTS = [1, 5, 17, 33, 0, 70]        # 0: a CUDA-graph padding row
 def test_decode_matches_reference(shape, dtype):
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, CONTEXTS)
     ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
-    for num_splits in (1, 3):
+    # S = 1; rows split by context (16 keys a split: 1, 1, 2, 3, 1, 3 splits); every row 3 ways
+    # (tokens_per_split 1: C = 5 has one 16-key tile, so two of its splits are empty)
+    for num_splits, per_split in ((1, None), (3, 16), (3, 1)):
         out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits,
-                                     config=SMALL_DECODE)
+                                     config=SMALL_DECODE, tokens_per_split=per_split)
         assert out.dtype == dtype and out.shape == q.shape
-        assert rel_err(out, ref) < TOLERANCE[dtype], f"num_splits={num_splits}"
+        assert rel_err(out, ref) < TOLERANCE[dtype], f"num_splits={num_splits} tokens_per_split={per_split}"
         assert torch.equal(out[4], torch.zeros_like(out[4])), "context 0 must give zeros"
 
 
@@ -93,11 +96,64 @@ def test_decode_default_tiles_many_splits_and_a_static_workspace():
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, [200, 0, 3, 130], seed=3)
     ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
     assert rel_err(paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 1), ref) < 1e-5
-    # 20 splits: more than the merge handles per step, most empty at these contexts
+    # 20 splits: more than a merge step takes; rows split 4, 1, 1, 3 ways by context, or 20 (most empty)
     workspace = DecodeWorkspace.allocate(8, 4, 20, 32, DEVICE)          # sized for a larger batch
+    for per_split in (64, 1):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 20, out=out, workspace=workspace,
+                               tokens_per_split=per_split)
+        assert rel_err(out, ref) < 1e-5 and torch.equal(out[1], torch.zeros_like(out[1])), per_split
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_adaptive_splits_and_rows_of_one_split_bypass_the_workspace(dtype):
+    """S = 8, 16 keys a split: contexts 1, 5, 64, 200, 0 split 1, 1, 4, 8 (13 capped), 1 ways.
+    The workspace starts as NaN: rows of one split must not read it (nor write it), and a row
+    of 4 splits must not read its splits 4..7."""
+    shape = (6, 2, 16, 4)
+    contexts = [1, 5, 64, 200, 0]
+    q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, contexts, seed=11)
+    ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
+    workspace = DecodeWorkspace.allocate(len(contexts), 6, 8, 16, DEVICE)
+    workspace.partial_out.fill_(float("nan"))
+    workspace.lse.fill_(float("nan"))
     out = torch.full_like(q, float("nan"))
-    paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 20, out=out, workspace=workspace)
-    assert rel_err(out, ref) < 1e-5 and torch.equal(out[1], torch.zeros_like(out[1]))
+    paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 8, out=out, workspace=workspace,
+                           config=SMALL_DECODE, tokens_per_split=16)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+    written = ~workspace.lse.isnan()                                    # [B, H, S]
+    expected = torch.zeros_like(written)
+    for b, splits in enumerate([1, 1, 4, 8, 1]):
+        if splits > 1:
+            expected[b, :, :splits] = True
+    assert torch.equal(written, expected)
+    assert torch.equal(~workspace.partial_out.isnan().all(dim=-1), expected)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 8])
+def test_decode_merge_programs_of_several_heads(heads):
+    """H = 6 merged 1, 2 or 8 heads a program (8: two heads masked off)."""
+    shape, dtype = (6, 1, 16, 4), torch.float32
+    q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, CONTEXTS, seed=6)
+    ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
+    config = DecodeConfig(block_n=16, merge_heads=heads)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 5, config=config,
+                                 tokens_per_split=16)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("config", DECODE_SWEEP, ids=str)
+def test_decode_sweep_configs(config):
+    """Every config the benchmark sweeps, at S = 1 and with rows split by context."""
+    shape, dtype = (4, 2, 16, 16), torch.float16
+    contexts = [1, 40, 0, 300, 129]
+    q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, contexts, seed=8)
+    ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
+    for num_splits, per_split in ((1, None), (6, decode_tokens_per_split(1, 2, 132, config))):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits, config=config,
+                                     tokens_per_split=per_split)
+        assert rel_err(out, ref) < TOLERANCE[dtype], f"num_splits={num_splits}"
 
 
 def test_decode_reads_strided_q_and_writes_strided_out():
@@ -138,6 +194,18 @@ def test_prefill_default_tiles():
     ref = paged_prefill_attention_reference(*as_double(q, k_cache, v_cache), tables, starts, context_lens, scale)
     out = paged_prefill_attention(q, k_cache, v_cache, tables, starts, context_lens, max(q_lens), scale)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("config", PREFILL_SWEEP, ids=str)
+def test_prefill_sweep_configs(config):
+    """Every config the benchmark sweeps; runs long enough for unmasked tiles and several query blocks."""
+    shape, dtype = (8, 2, 16, 16), torch.float16
+    q_lens, contexts = [140, 1, 0, 45], [140, 300, 7, 200]
+    q, k_cache, v_cache, tables, starts, context_lens, scale = prefill_case(shape, dtype, q_lens, contexts, seed=9)
+    ref = paged_prefill_attention_reference(*as_double(q, k_cache, v_cache), tables, starts, context_lens, scale)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, starts, context_lens, max(q_lens), scale,
+                                  config=config)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("shape", [(4, 2, 16, 4), (6, 1, 32, 16)])
@@ -218,13 +286,21 @@ def test_wrappers_reject_bad_inputs():
                                 context_lens, 1, scale)
 
 
-def test_decode_num_splits():
-    assert decode_num_splits(1, 4, 256, 132) == 1                    # latency-bound: one launch
-    assert decode_num_splits(256, 4, 2048, 132) == 1                 # enough programs already
-    long_one = decode_num_splits(1, 4, 32768, 132)
-    assert 32 <= long_one <= 256 and 32768 / long_one >= 128
-    assert decode_num_splits(32, 4, 2048, 132) > 1
-    assert decode_num_splits(1, 4, 600, 132) == 5                    # >= 128 tokens per split
+def test_decode_split_policy_at_h200_sizes():
+    """132 SMs, Hkv = 4 (Qwen3-30B-A3B): the keys per split grow with the batch, and the engine's
+    graphs (contexts up to 4112) get S from 65 at B = 1 down to 1 from B = 50 (3 programs per SM)."""
+    assert [decode_tokens_per_split(b, 4, 132) for b in (1, 8, 32, 64, 128, 256)] == [64, 128, 512, 1024, 2048, 4032]
+    assert [decode_num_splits(b, 4, 4112, 132) for b in (1, 8, 32, 33, 34, 49, 50, 256)] == [65, 12, 3, 3, 2, 2, 1, 1]
+    assert decode_num_splits(1, 4, 32768, 132) == 99                   # at most 3 programs per SM
+    assert decode_num_splits(1, 4, 200, 132) == 4 and decode_num_splits(32, 4, 256, 132) == 1
+    assert decode_num_splits(1, 4, 0, 132) == 1
+    assert decode_num_splits(32, 4, 4112, 132, DecodeConfig(max_programs_per_sm=4)) == 4
+    config = DecodeConfig(block_n=32, min_split_tokens=40, sm_split_tokens=0)
+    assert decode_tokens_per_split(256, 4, 132, config) == 64          # rounded up to whole tiles
+    # merge programs: one head each while few, more heads when B·H is large; never past the tile
+    assert merge_heads(1, 32, 65, 128, 132) == 1 and merge_heads(32, 32, 4, 128, 132) == 2
+    assert merge_heads(256, 32, 2, 128, 132) == 16 and merge_heads(256, 32, 2, 128, 1) == 32
+    assert merge_heads(64, 32, 4096, 128, 1) == 1
 
 
 # ---- GPU: bf16 at Qwen3-30B-A3B's attention shape --------------------------------------------
@@ -235,12 +311,13 @@ QWEN3 = (32, 4, 128, 16)
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("num_splits", [1, 4, 32])
-def test_decode_bf16_real_shape(num_splits):
+@pytest.mark.parametrize("num_splits,per_split", [(1, None), (4, None), (32, None), (32, 1), (65, 64)])
+def test_decode_bf16_real_shape(num_splits, per_split):
     contexts = [1, 17, 300, 1024, 4096, 0, 2049, 16]
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(QWEN3, torch.bfloat16, contexts, "cuda")
     ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, scale, torch.float32)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits,
+                                 tokens_per_split=per_split)
     assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
     assert torch.equal(out[5], torch.zeros_like(out[5]))
 
