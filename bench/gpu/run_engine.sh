@@ -29,7 +29,7 @@ case " $STAGES " in *" tests "*)
 esac
 case " $STAGES " in *" attn "*)
     echo "--- attention kernels ($(left)s left)" >> "$LOG"
-    timeout "${ATTN_S:-90}" python3 bench/gpu/attention_kernels.py --out "$OUT/attention_kernels.json" \
+    timeout "${ATTN_S:-90}" python3 bench/gpu/attention_kernels.py --out "$OUT/attention_kernels.json" ${ATTN_ARGS:-} \
         > "$OUT/attn.txt" 2>&1
     echo "attention exit $?" >> "$LOG"; tail -25 "$OUT/attn.txt" >> "$LOG" ;;
 esac
