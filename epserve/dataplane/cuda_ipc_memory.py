@@ -11,7 +11,8 @@ allocated per message.
 - ``CudaSegment``: one ``torch.empty`` on the creator's GPU exported with
   ``UntypedStorage._share_cuda_()`` (a cudaIpcMemHandle plus torch's producer ref-counter, so
   the block stays allocated while a consumer holds it) and opened with ``_new_shared_cuda``.
-  The peer must run on the same host; on another GPU of the host it needs peer access.
+  The peer must run on the same host, with the same device numbering (CUDA_VISIBLE_DEVICES); on
+  another GPU of the host it needs peer access.
 - ``IpcEvents``: ``torch.cuda.Event(interprocess=True)`` created by the attention rank, shared
   by ``ipc_handle()`` and opened with ``Event.from_ipc_handle``; either side records them.
 """
@@ -88,11 +89,12 @@ class CudaSegment:
     def open(cls, description: dict) -> CudaSegment:
         (device, handle, size, offset, ref_handle, ref_offset, event_handle,
          event_sync) = description["share"]
-        storage = torch.UntypedStorage._new_shared_cuda(
-            int(device), _unb64(handle), int(size), int(offset), _unb64(ref_handle), int(ref_offset),
-            _unb64(event_handle), bool(event_sync))
-        tensor = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", int(device)))
-        tensor.set_(storage, 0, (int(description["nbytes"]),), (1,))
+        with torch.cuda.device(int(device)):    # the storage is tagged with the current device
+            storage = torch.UntypedStorage._new_shared_cuda(
+                int(device), _unb64(handle), int(size), int(offset), _unb64(ref_handle), int(ref_offset),
+                _unb64(event_handle), bool(event_sync))
+            tensor = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", int(device)))
+            tensor.set_(storage, 0, (int(description["nbytes"]),), (1,))
         return cls(tensor)
 
     def describe(self) -> dict:

@@ -63,10 +63,11 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def process_identity() -> dict:
-    """This process as its peers see it: pid, start time (clock ticks since boot), host name."""
-    fields = _stat_fields(os.getpid())
-    return {"pid": os.getpid(), "start_time": int(fields[19]) if fields else 0, "host": socket.gethostname()}
+def process_identity(pid: int | None = None) -> dict:
+    """A process (default: this one) as its peers see it: pid, start time (clock ticks since boot), host name."""
+    pid = os.getpid() if pid is None else pid
+    fields = _stat_fields(pid)
+    return {"pid": pid, "start_time": int(fields[19]) if fields else 0, "host": socket.gethostname()}
 
 
 class PeerProcess:

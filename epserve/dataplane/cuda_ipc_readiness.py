@@ -149,7 +149,7 @@ class EventReadiness:
         self.backoff = backoff if backoff is not None else Backoff()
 
     def after_write(self, channel: Channel, flag: Flag, seq: int) -> None:
-        channel.events[flag].record()
+        channel.events[flag].record(torch.cuda.current_stream(channel.device))
 
     def before_read(self, channel: Channel, flag: Flag, seq: int, deadline: float, gone: GoneCheck,
                     peer_rank: int) -> bool:

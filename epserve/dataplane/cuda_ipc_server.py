@@ -88,6 +88,9 @@ class CudaIpcExpertServer:
         if self._started:
             raise RuntimeError("serve() runs once per CudaIpcExpertServer")
         self._started = True
+        on_gpu = [link.device for link in self.links.values() if link.device.type == "cuda"]
+        if on_gpu:      # this thread launches the flag kernels: on the channels' device
+            torch.cuda.set_device(on_gpu[0])
         self._set_state(ExpertState.SERVING)
         next_liveness = time.monotonic() + LIVENESS_EVERY_S
         try:
