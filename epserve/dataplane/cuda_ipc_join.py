@@ -32,7 +32,7 @@ from epserve.dataplane.base import BackendUnavailable
 from epserve.dataplane.cuda_ipc_layout import CTRL_BYTES, Channel, ChannelShape, Flag
 from epserve.dataplane.cuda_ipc_memory import CudaSegment, HostSegment, IpcEvents
 from epserve.dataplane.cuda_ipc_peers import PeerProcess, connect_store, fetch, process_identity, publish
-from epserve.dataplane.cuda_ipc_readiness import Readiness, check_readiness, make_readiness
+from epserve.dataplane.cuda_ipc_readiness import Readiness, check_readiness, make_readiness, make_step_readiness
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class AttentionSide:
     shape: ChannelShape
     num_slots: int
     device: torch.device            # where channel data lives
-    readiness: Readiness
+    readiness: Readiness            # the per-message path's
+    step_readiness: Readiness       # the step path's (device flags on GPUs)
     channels: list[list[Channel]]
     peers: list[PeerProcess]
     keep_alive: list = field(default_factory=list)   # segments and events the channels view
@@ -61,6 +62,7 @@ class ExpertLink:
     shape: ChannelShape
     device: torch.device
     readiness: Readiness
+    step_readiness: Readiness
     channels: list[Channel]
     peer: PeerProcess
     keep_alive: list = field(default_factory=list)
@@ -121,8 +123,9 @@ def join_attention(rank: int, expert_ranks: Sequence[int], dist_init_addr: str, 
         host.unlink()
     logger.info("attention rank %d joined the cuda_ipc data plane: %d expert ranks x %d slots, %s memory, "
                 "readiness %s, %d tokens max", rank, len(expert_ranks), num_slots, device, kind, shape.max_tokens)
-    return AttentionSide(rank, list(expert_ranks), shape, num_slots, device, make_readiness(kind, device), channels,
-                         peers, [host, gpu, events])
+    messages = make_readiness(kind, device)
+    return AttentionSide(rank, list(expert_ranks), shape, num_slots, device, messages,
+                         make_step_readiness(messages, device), channels, peers, [host, gpu, events])
 
 
 def join_expert(rank: int, attention_ranks: Sequence[int], dist_init_addr: str,
@@ -161,5 +164,6 @@ def _open_link(rank: int, attention_rank: int, desc: dict) -> ExpertLink:
     events = IpcEvents.open(desc["events"]) if desc["events"] is not None else None
     channels = _carve(attention_rank, worker, num_slots, shape, host.tensor[:ctrl_bytes], data,
                       events.events if events is not None else None)
-    return ExpertLink(attention_rank, worker, shape, device, make_readiness(desc["readiness"], device), channels, peer,
-                      [host, gpu, events])
+    messages = make_readiness(desc["readiness"], device)
+    return ExpertLink(attention_rank, worker, shape, device, messages, make_step_readiness(messages, device), channels,
+                      peer, [host, gpu, events])

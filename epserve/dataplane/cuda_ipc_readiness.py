@@ -13,7 +13,8 @@ a readiness kind makes the *data* behind a sequence number safe to read:
 
 ``flags`` also runs on CPU memory under the Triton interpreter (tests only: ``cuda_ipc_flags``
 says how it waits there). The step path (``cuda_ipc_step``) uses ``signal_step``/``wait_step``: values
-``step * FLAG_STEP_STRIDE + layer + 1`` from a device counter, so captured graphs replay them.
+``step * FLAG_STEP_STRIDE + layer + 1`` from a device counter, so captured graphs replay them; on
+GPUs it always runs on device flags (``make_step_readiness``), with either per-message kind.
 A device wait that runs out of budget records the peer in an error word (``take_device_error``).
 """
 
@@ -158,11 +159,11 @@ class EventReadiness:
         return wait_until(event.query, deadline, gone, self.backoff)
 
     def signal_step(self, channel: Channel, flag: Flag, counter: torch.Tensor, layer: int) -> None:
-        raise NotImplementedError("the step path needs readiness 'flags' (events wait on the host)")
+        raise NotImplementedError("the step path runs on device flags (make_step_readiness)")
 
     def wait_step(self, channel: Channel, flag: Flag, counter: torch.Tensor, layer: int, deadline: float,
                   gone: GoneCheck, peer_rank: int) -> bool:
-        raise NotImplementedError("the step path needs readiness 'flags' (events wait on the host)")
+        raise NotImplementedError("the step path runs on device flags (make_step_readiness)")
 
     def take_device_error(self) -> int | None:
         return None
@@ -176,6 +177,12 @@ def make_readiness(kind: str, device: torch.device) -> Readiness:
     if kind == "events":
         return EventReadiness()
     raise ValueError(f"cuda_ipc readiness must be one of {READINESS_KINDS}, got {kind!r}")
+
+
+def make_step_readiness(messages: Readiness, device: torch.device) -> Readiness:
+    """The step path's readiness: device flags on GPUs whatever the per-message kind (events wait on
+    the host, which a CUDA graph cannot); on host memory the per-message one (poll, or interpreted flags)."""
+    return FlagReadiness(device) if isinstance(messages, EventReadiness) else messages
 
 
 def check_readiness(kind: str | None, device: torch.device) -> str:

@@ -106,7 +106,7 @@ class StepExchange:
             channel.hidden[:t].copy_(hidden)
             channel.slot_ids[:t].copy_(slot_ids)
             channel.weights(t, self.weight_dtype).copy_(weights)
-            self.side.readiness.signal_step(channel, Flag.STEP_IN, self.counter, layer)
+            self.side.step_readiness.signal_step(channel, Flag.STEP_IN, self.counter, layer)
 
     def receive(self, layer: int) -> torch.Tensor:
         """→ out [T, D]: every worker's partial of ``layer``, added in worker order. Launches only on GPUs."""
@@ -116,7 +116,7 @@ class StepExchange:
         for worker, channel in enumerate(self.channels):
             rank = self.side.expert_ranks[worker]
             try:
-                ready = self.side.readiness.wait_step(channel, Flag.STEP_OUT, self.counter, layer, deadline,
+                ready = self.side.step_readiness.wait_step(channel, Flag.STEP_OUT, self.counter, layer, deadline,
                                                       lambda: self._gone(worker), rank)
             except PeerGone as exc:
                 raise PeerLost(f"expert rank {rank} lost during layer {layer} of step {self.step}: {exc}",
@@ -152,7 +152,7 @@ class StepExchange:
             elif status == Status.ERROR:
                 errors.append(RemoteExpertError(f"expert rank {rank} failed step {self.step}: {error}",
                                                 peer_rank=rank))
-        late = self.side.readiness.take_device_error()
+        late = self.side.step_readiness.take_device_error()
         if late is not None:
             errors.append(DataPlaneTimeout(f"a device-side wait for expert rank {late} ran out of budget in step "
                                            f"{self.step}: its results are not valid", peer_rank=late))
@@ -202,7 +202,7 @@ class StepServer:
         try:
             for layer in range(num_layers):
                 deadline = time.monotonic() + self.timeout_s
-                if not link.readiness.wait_step(channel, Flag.STEP_IN, self.counter, layer, deadline,
+                if not link.step_readiness.wait_step(channel, Flag.STEP_IN, self.counter, layer, deadline,
                                                 lambda: self._gone(channel), link.attention_rank):
                     logger.warning("attention rank %d did not send layer %d of step %d within %.1fs; step dropped",
                                    link.attention_rank, layer, seq, self.timeout_s)
@@ -218,7 +218,7 @@ class StepServer:
                         status, error = Status.ERROR, f"{type(exc).__name__}: {exc}"
                 if status != Status.OK:
                     channel.partial[:n].zero_()
-                link.readiness.signal_step(channel, Flag.STEP_OUT, self.counter, layer)
+                link.step_readiness.signal_step(channel, Flag.STEP_OUT, self.counter, layer)
         except PeerGone as exc:
             logger.info("step %d of attention rank %d abandoned: %s", seq, link.attention_rank, exc)
             return

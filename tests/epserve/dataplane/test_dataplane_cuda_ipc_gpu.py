@@ -1,7 +1,7 @@
 """cuda_ipc on one GPU with real processes: 1 attention rank + 2 expert ranks, channels in GPU memory
 shared by CUDA IPC handle, readiness by device flags and by IPC events; bf16 outputs equal the local
-backend's bit for bit (diagonal test experts on the GPU). The step path runs eagerly and replayed
-from a CUDA graph. Skipped without CUDA."""
+backend's bit for bit (diagonal test experts on the GPU). The step path (device flags in both cases)
+runs eagerly and replayed from a CUDA graph. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -65,8 +65,7 @@ def attention_main(port: int, readiness: str, results) -> None:
             dispatcher.combine(dispatcher.dispatch(BatchHeader(7, 0, 0, 3), *gpu_batch(20, 3), SLOTS_PER_WORKER), 60)
         except Exception as exc:
             obs["stale"] = (type(exc).__name__, getattr(exc, "held_versions", None))
-        if readiness == "flags":
-            obs["steps_equal"] = run_steps(dispatcher, experts)
+        obs["steps_equal"] = run_steps(dispatcher, experts)     # device flags with either per-message kind
         dispatcher.check_device_errors()
         dispatcher.close()
     except BaseException:
@@ -163,5 +162,4 @@ def test_two_processes_on_one_gpu_equal_local(readiness: str) -> None:
     attention = observed[("attention", 0)]
     assert attention["host_path_equal"] and all(attention["host_path_equal"]), attention["host_path_equal"]
     assert attention["stale"] == ("StaleMapVersion", (1, 2))
-    if readiness == "flags":
-        assert len(attention["steps_equal"]) == 5 * STEP_LAYERS and all(attention["steps_equal"])
+    assert len(attention["steps_equal"]) == 5 * STEP_LAYERS and all(attention["steps_equal"])
