@@ -29,6 +29,11 @@ Here the host talks once per step, the layers are device work:
   raises StaleMapVersion (the caller redoes the step with the new map), RemoteExpertError,
   PeerLost, or DataPlaneTimeout (a device wait that ran out of its budget).
 
+Flags only grow and waits are ``>=``: if the attention side abandons a step midway (an error),
+its next step's first signal releases every wait the expert still has queued for the old one;
+those layers compute on the new data and signal old values, which nobody awaits, before the new
+step's layers run in stream order.
+
 Partials of rows routed to no slot of a worker are that worker's compute on all -1 choices,
 expected to be zeros (every epserve runner skips -1). Outputs equal the per-message path's when
 the compute is row-independent. On host memory (readiness poll) the same calls run on the
