@@ -173,6 +173,16 @@ def run_steps(rank: int, dispatcher) -> dict:
         stale = None
     except StaleMapVersion as exc:
         stale = (exc.requested, exc.held_versions, exc.peer_rank)
+    exchange.begin_step(STEP_TOKENS, map_version=1, num_layers=STEP_LAYERS, slots_per_worker=SLOTS_PER_WORKER,
+                        weight_dtype=torch.float64)       # abandoned after its first layer
+    exchange.send(0, *step_batch(rank, 3, 0))
+    exchange.receive(0)
+    exchange.begin_step(STEP_TOKENS, map_version=1, num_layers=STEP_LAYERS, slots_per_worker=SLOTS_PER_WORKER,
+                        weight_dtype=torch.float64)
+    for layer in range(STEP_LAYERS):
+        exchange.send(layer, *step_batch(rank, 4, layer))
+        outs.append(exchange.receive(layer).clone())
+    exchange.finish_step()
     return {"outs": outs, "stale": stale}
 
 
@@ -334,12 +344,14 @@ def test_zero_tokens_need_no_traffic(world) -> None:
     assert 3 not in seen[1] and {0, 1, 2, 3} <= seen[0]           # layer 3 routes to worker 0 only
 
 
-def test_step_path_equals_local_and_reports_stale_versions(world) -> None:
+def test_step_path_equals_local_reports_stale_versions_and_survives_an_abandoned_step(world) -> None:
     attention, _, _, _ = world
     for rank in range(NUM_ATTENTION):
         steps = attention[rank]["steps"]
+        assert len(steps["outs"]) == 3 * STEP_LAYERS
         for i, got in enumerate(steps["outs"]):
             step, layer = divmod(i, STEP_LAYERS)
+            step = 4 if step == 2 else step                       # the step after the abandoned one
             hidden, slot_ids, weights = step_batch(rank, step, layer)
             local = make_dispatcher("local", experts=EXPERTS)
             want = local.combine(local.dispatch(BatchHeader(1, layer, 1, STEP_TOKENS), hidden, slot_ids, weights,
