@@ -64,8 +64,8 @@ class GpuStepRunner:
         self.num_splits = lambda batch: decode_num_splits(batch, num_kv_heads, max_context, num_sms)
         self.graphs = None
         if not executor.capturable and not limits.disable_cuda_graph:
-            logger.info("the expert exchange waits on the host (data plane %s): decode steps run without CUDA "
-                        "graphs", type(getattr(executor, "dispatcher", executor)).__name__)
+            logger.info("the experts wait on the host (%s): decode steps run without CUDA graphs",
+                        type(getattr(executor, "dispatcher", getattr(executor, "runner", executor))).__name__)
         elif self.device.type == "cuda" and not limits.disable_cuda_graph and limits.cuda_graph_max_bs > 0:
             from epserve.attention_worker.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self, min(limits.cuda_graph_max_bs, self.num_rows))

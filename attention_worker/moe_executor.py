@@ -59,11 +59,10 @@ def route(router: ExpertRouter, call: MoECall, expert_map: ExpertMap) -> torch.T
 
 
 class InProcessExperts:
-    capturable = True
-
     def __init__(self, slots: ExpertSlots, runner: MoERunner, router: ExpertRouter,
                  record_load: LoadSink | None = None) -> None:
         self.slots, self.runner, self.router, self.record_load = slots, runner, router, record_load
+        self.capturable = bool(getattr(runner, "capturable", False))
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
         self.router.prepare(expert_map, device)

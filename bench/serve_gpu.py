@@ -220,9 +220,16 @@ def run_transformers(model_dir: Path, batches: list[int], prompt_len: int, new_t
             torch.cuda.synchronize()
             return time.perf_counter() - t0
 
-        timed(2)                                                   # warm-up
-        first = statistics.median(timed(1) for _ in range(2))
-        full = timed(1 + new_tokens)
+        try:
+            timed(2)                                               # warm-up
+            first = statistics.median(timed(1) for _ in range(2))
+            full = timed(1 + new_tokens)
+        except torch.OutOfMemoryError as exc:
+            log(f"transformers B={batch}: out of memory ({str(exc).splitlines()[0]})")
+            rows.append({"mode": "transformers", "batch": batch, "step_ms": float("nan"), "tok_per_s": 0.0,
+                         "roofline_frac": 0.0, "roofline_ms": float("nan"), "out_of_memory": True})
+            torch.cuda.empty_cache()
+            continue
         step = (full - first) / new_tokens
         # expert hits as if routing were uniform; main() replaces this with the colocated run's count
         hit = spec.num_moe_layers * spec.num_experts * (1 - (1 - spec.num_experts_per_tok / spec.num_experts) ** batch)

@@ -32,6 +32,7 @@ import torch
 
 class MoERunner(Protocol):
     name: str
+    capturable: bool            # run() launches device work only (no host sync): CUDA-graph capturable
 
     def run(self, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
             w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

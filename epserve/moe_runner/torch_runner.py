@@ -14,6 +14,7 @@ from epserve.moe_runner.base import register_backend
 
 class TorchMoERunner:
     name = "torch"
+    capturable = False          # loops over the slots hit, found on the host
 
     def run(self, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
             w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

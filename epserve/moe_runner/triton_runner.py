@@ -19,6 +19,7 @@ from epserve.moe_runner.base import MoERunnerConfig, register_backend
 
 class TritonMoERunner:
     name = "triton"
+    capturable = True           # no host sync: replays from CUDA graphs
 
     def __init__(self, device: torch.device) -> None:
         from epserve.kernels.fused_moe import fused_moe
