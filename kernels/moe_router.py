@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.topk_softmax import top_k_exp
 
 FUSED_MAX_TOKENS = 32
 TILE_ELEMENTS = 8192        # a program's router tile [BLOCK_E, D], held in registers
@@ -67,17 +68,9 @@ def _add_norm_router_topk_kernel(delta_ptr, res_ptr, norm_w_ptr, router_ptr, x_p
     if done == NUM_EB - 1:                      # every block of this token has stored its logits
         all_e = tl.arange(0, E_P2)
         row = tl.load(logits_ptr + t * E + all_e, mask=all_e < E, other=-float("inf"), volatile=True)
-        row_max = tl.max(row, axis=0)
-        denominator = tl.sum(tl.exp(row - row_max), axis=0)
+        denominator = tl.sum(tl.exp(row - tl.max(row, axis=0)), axis=0)
+        vals, ids = top_k_exp(row, top_k, E_P2, K_P2)
         ks = tl.arange(0, K_P2)
-        vals = tl.zeros([K_P2], dtype=tl.float32)
-        ids = tl.zeros([K_P2], dtype=tl.int32)
-        for k in range(top_k):
-            best = tl.max(row, axis=0)
-            idx = tl.min(tl.where(row == best, all_e, E_P2), axis=0)
-            vals = tl.where(ks == k, tl.exp(best - row_max), vals)
-            ids = tl.where(ks == k, idx, ids)
-            row = tl.where(all_e == idx, -float("inf"), row)
         if RENORMALIZE:
             vals = vals / tl.sum(vals, axis=0)
         else:

@@ -19,6 +19,24 @@ from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
 @triton.jit
+def top_k_exp(row, top_k, E_P2: tl.constexpr, K_P2: tl.constexpr):
+    """row [E_P2] float32 (-inf past the E real entries) → (``exp(v - max(row))`` of the K largest v,
+    descending [K_P2]; their indexes [K_P2] int32). Ties go to the lower index; K_P2 >= top_k."""
+    offs = tl.arange(0, E_P2)
+    ks = tl.arange(0, K_P2)
+    row_max = tl.max(row, axis=0)
+    vals = tl.zeros([K_P2], dtype=tl.float32)
+    ids = tl.zeros([K_P2], dtype=tl.int32)
+    for k in range(top_k):
+        best = tl.max(row, axis=0)
+        idx = tl.min(tl.where(row == best, offs, E_P2), axis=0)
+        vals = tl.where(ks == k, tl.exp(best - row_max), vals)
+        ids = tl.where(ks == k, idx, ids)
+        row = tl.where(offs == idx, -float("inf"), row)
+    return vals, ids
+
+
+@triton.jit
 def _softmax_topk_renorm_kernel(logits_ptr, weights_ptr, ids_ptr, E, top_k, stride_lt,
                                 E_P2: tl.constexpr, K_P2: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
@@ -26,15 +44,7 @@ def _softmax_topk_renorm_kernel(logits_ptr, weights_ptr, ids_ptr, E, top_k, stri
     offs = tl.arange(0, E_P2)
     ks = tl.arange(0, K_P2)
     x = tl.load(logits_ptr + t * stride_lt + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
-    row_max = tl.max(x, axis=0)
-    vals = tl.zeros([K_P2], dtype=tl.float32)
-    ids = tl.zeros([K_P2], dtype=tl.int32)
-    for k in range(top_k):
-        best = tl.max(x, axis=0)
-        idx = tl.min(tl.where(x == best, offs, E_P2), axis=0)
-        vals = tl.where(ks == k, tl.exp(best - row_max), vals)
-        ids = tl.where(ks == k, idx, ids)
-        x = tl.where(offs == idx, -float("inf"), x)
+    vals, ids = top_k_exp(x, top_k, E_P2, K_P2)
     vals = vals / tl.sum(vals, axis=0)
     tl.store(weights_ptr + t * top_k + ks, vals, mask=ks < top_k)
     tl.store(ids_ptr + t * top_k + ks, ids, mask=ks < top_k)

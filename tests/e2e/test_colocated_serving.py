@@ -4,22 +4,20 @@ gateway, and no expert workers; real processes, greedy text equal to ``epserve g
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
 from epserve.gateway.client import generate
+from epserve_up import REPO_ROOT, epserve_up
 from epserve.protos import placement_pb2, placement_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The colour of the sea is"]
 
 
@@ -45,21 +43,9 @@ def serve_and_compare(tiny_model, tmp_path, model_args: list[str], num_attention
         assert colocated.returncode == 0, colocated.stderr
         expected.append(colocated.stdout)
     assert all(expected)
-    up = subprocess.Popen([sys.executable, "-m", "epserve", "up", "--model-path", str(tiny_model),
-                           "--moe-a2a-backend", "local", "--attention-workers", str(num_attention_workers),
-                           *model_args, "--port", "0", "--log-dir", str(tmp_path / "logs")],
-                          stdout=subprocess.PIPE, stderr=open(tmp_path / "up.log", "w"), text=True, cwd=REPO_ROOT,
-                          env=env)
-    try:
-        endpoints = {}
-        for line in up.stdout:          # printed once the deployment is ready
-            name, _, rest = line.partition(" ")
-            if name in ("gateway", "placement"):
-                endpoints[name] = rest.split()[0]
-            if len(endpoints) == 2:
-                break
-        assert len(endpoints) == 2, (tmp_path / "up.log").read_text()
-
+    up_args = ["--model-path", str(tiny_model), "--moe-a2a-backend", "local",
+               "--attention-workers", str(num_attention_workers), *model_args]
+    with epserve_up(up_args, tmp_path / "logs") as endpoints:
         served = subprocess.run([sys.executable, "-m", "epserve", "generate", "--gateway", endpoints["gateway"],
                                  "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--temperature", "0"],
                                 capture_output=True, text=True, timeout=180, cwd=REPO_ROOT, env=env)
@@ -75,11 +61,3 @@ def serve_and_compare(tiny_model, tmp_path, model_args: list[str], num_attention
                 placement_pb2.ListWorkersRequest(), timeout=5).workers
         assert sorted(w.worker_id for w in workers) == [f"attention-{i}" for i in range(num_attention_workers)]
         assert not list((tmp_path / "logs").glob("expert-*.log"))
-    finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
-    assert up.returncode == 0, (tmp_path / "up.log").read_text()

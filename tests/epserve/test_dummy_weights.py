@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from epserve_up import epserve_up
 from epserve.dummy_weights import LOAD_FORMATS, DummyReader, checkpoint_shapes, open_weights
 from epserve.model_config import ModelConfigError, load_model_spec
 from epserve.models.expert_side import load_expert_slots
@@ -368,27 +368,11 @@ def test_up_serves_the_tokens_generate_computes(dummy_model, tmp_path):
                                capture_output=True, text=True, timeout=180, cwd=REPO_ROOT, env=env)
     assert colocated.returncode == 0, colocated.stderr
     assert colocated.stdout
-    up = subprocess.Popen([sys.executable, "-m", "epserve", "up", "--model-path", str(dummy_model), *common,
-                           "--attention-workers", "1", "--expert-workers", "2", "--ep-num-redundant-experts", "2",
-                           "--port", "0", "--log-dir", str(tmp_path / "logs")],
-                          stdout=subprocess.PIPE, stderr=open(tmp_path / "up.log", "w"), text=True, cwd=REPO_ROOT,
-                          env=env)
-    try:
-        gateway = None
-        for line in up.stdout:
-            if line.startswith("gateway"):
-                gateway = line.split()[1]
-                break
-        assert gateway is not None, (tmp_path / "up.log").read_text()
-        served = subprocess.run([sys.executable, "-m", "epserve", "generate", "--gateway", gateway, "--prompt", prompt,
-                                 "--max-new-tokens", "24", "--temperature", "0"],
+    args = ["--model-path", str(dummy_model), *common, "--attention-workers", "1", "--expert-workers", "2",
+            "--ep-num-redundant-experts", "2"]
+    with epserve_up(args, tmp_path / "logs") as endpoints:
+        served = subprocess.run([sys.executable, "-m", "epserve", "generate", "--gateway", endpoints["gateway"],
+                                 "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0"],
                                 capture_output=True, text=True, timeout=180, cwd=REPO_ROOT, env=env)
         assert served.returncode == 0, served.stderr
         assert served.stdout == colocated.stdout
-    finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()

@@ -3,52 +3,27 @@ expert workers, real processes; greedy completions equal those of ``--moe-a2a-ba
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from epserve.gateway.client import generate
+from epserve_up import epserve_up
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["Once upon a time", "The colour of the sea is", "1, 2, 3,"]
 
 
 def serve(tiny_model: Path, logs: Path, backend: str) -> list[str]:
     """Start a deployment with ``backend``, run every prompt twice at once (both attention workers
     serve some), stop it; → the completions in prompt order."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    logs.mkdir(parents=True)
-    up = subprocess.Popen([sys.executable, "-m", "epserve", "up", "--model-path", str(tiny_model),
-                           "--moe-a2a-backend", backend, "--attention-workers", "2", "--expert-workers", "2",
-                           "--dtype", "float64", "--port", "0", "--log-dir", str(logs)],
-                          stdout=subprocess.PIPE, stderr=open(logs / "up.log", "w"), text=True, cwd=REPO_ROOT,
-                          env=env)
-    try:
-        gateway = ""
-        for line in up.stdout:          # printed once the deployment is ready
-            name, _, rest = line.partition(" ")
-            if name == "gateway":
-                gateway = rest.split()[0]
-                break
-        assert gateway, (logs / "up.log").read_text()
-        with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(lambda p: generate(gateway, p, max_new_tokens=16, temperature=0.0,
-                                                       timeout_s=180), PROMPTS * 2))
-    finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
-    assert up.returncode == 0, (logs / "up.log").read_text()
+    args = ["--model-path", str(tiny_model), "--moe-a2a-backend", backend, "--attention-workers", "2",
+            "--expert-workers", "2", "--dtype", "float64"]
+    with epserve_up(args, logs) as endpoints, ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda p: generate(endpoints["gateway"], p, max_new_tokens=16, temperature=0.0,
+                                                   timeout_s=180), PROMPTS * 2))
     texts = [r.text for r in results]
     assert texts[:len(PROMPTS)] == texts[len(PROMPTS):]
     return texts[:len(PROMPTS)]
