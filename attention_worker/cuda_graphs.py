@@ -82,11 +82,15 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             self._pad(bucket)
             stream.wait_stream(torch.cuda.current_stream())
+            executor = self.runner.executor
             with torch.cuda.stream(stream):               # compile and autotune outside the capture
                 for _ in range(2):
+                    executor.begin_step(bucket, expert_map)
                     self.runner.forward(self._batch(bucket), expert_map)
+                    executor.finish_step()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
+            executor.expect_step(bucket)
             with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self.logits[:bucket].copy_(self.runner.forward(self._batch(bucket), expert_map))
             self.graphs[bucket] = graph
@@ -94,8 +98,9 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.buckets),
                     f"{self.buckets[0]}..{self.buckets[-1]}", time.perf_counter() - start)
 
-    def replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """A decode step of len(chunks) <= max_bs sequences → logits [B, V]."""
+    def replay(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> torch.Tensor:
+        """A decode step of len(chunks) <= max_bs sequences → logits [B, V] (the executor's
+        ``finish_step`` is the caller's)."""
         num_seqs = len(chunks)
         bucket = next(b for b in self.buckets if b >= num_seqs)
         host = self._host[:NUM_FIELDS * bucket].view(NUM_FIELDS, bucket)
@@ -115,5 +120,6 @@ class DecodeGraphs:
         rows[num_seqs:] = self.runner.num_rows
         context[num_seqs:] = 0
         self.inputs[:NUM_FIELDS * bucket].copy_(self._host[:NUM_FIELDS * bucket], non_blocking=True)
+        self.runner.executor.begin_step(bucket, expert_map)
         self.graphs[bucket].replay()
         return self.logits[:num_seqs]

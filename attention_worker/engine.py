@@ -298,14 +298,19 @@ class Engine:
                           seq.num_generated, seq.matched_stop_token)
 
 
+def resolved_attention_backend(limits: EngineLimits, device: torch.device | str) -> str:
+    """``--attention-backend`` with ``auto`` resolved: triton on CUDA devices, torch_native elsewhere."""
+    if limits.attention_backend != "auto":
+        return limits.attention_backend
+    return "triton" if torch.device(device).type == "cuda" else "torch_native"
+
+
 def make_step_runner(model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache,
                      limits: EngineLimits, max_context: int):
     """``--attention-backend``: ``triton`` → the batched GPU runner (on a CPU device only under the
     Triton interpreter, for tests), ``torch_native`` → the host runner; ``auto`` picks triton on
     CUDA devices. ``torch_native`` on a GPU works but launches per sequence and layer: slow."""
-    backend = limits.attention_backend
-    if backend == "auto":
-        backend = "triton" if model.device.type == "cuda" else "torch_native"
+    backend = resolved_attention_backend(limits, model.device)
     if backend == "triton":
         if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"--attention-backend triton needs a CUDA device (got {model.device}); use "

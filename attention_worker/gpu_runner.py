@@ -18,7 +18,9 @@ block-table updates) into one pinned buffer and copy it to the device once → a
 most ``cuda_graph_max_bs`` sequences replays the captured graph of the smallest batch-size bucket
 that fits (``cuda_graphs.DecodeGraphs``); any other step (prefill chunks, mixed, larger) runs the
 same forward eagerly → ``GpuSampler`` samples every completing sequence at once → one
-device-to-host copy of the token ids.
+device-to-host copy of the token ids. An exchange announced per step (the cuda_ipc step path,
+``step_experts.py``) gets ``begin_step`` before the launches and ``finish_step`` after them; a map
+version an expert worker does not hold yet makes the step run again.
 
 On a CPU device (tests, with the Triton interpreter) the same code runs without pinned memory or
 graphs.
@@ -27,6 +29,7 @@ graphs.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -36,10 +39,14 @@ from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
+from epserve.dataplane.base import StaleMapVersion
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
 
 logger = logging.getLogger(__name__)
+
+STALE_RETRY_S = 0.05            # an expert worker still loading the step's map version: wait, redo
+STALE_RETRY_TIMEOUT_S = 30.0
 
 
 class GpuStepRunner:
@@ -79,10 +86,22 @@ class GpuStepRunner:
                 self._admit(chunk.seq)
         self._apply_block_table_updates(self._block_table_updates(chunks))
         decode = all(chunk.num_tokens == 1 for chunk in chunks)
-        if decode and self.graphs is not None and self.graphs.captured and len(chunks) <= self.graphs.max_bs:
-            logits = self.graphs.replay(chunks)                                   # [B, V]
-        else:
-            logits = self.forward(self.eager_batch(chunks, decode), expert_map)  # [B', V]
+        graphed = decode and self.graphs is not None and self.graphs.captured and len(chunks) <= self.graphs.max_bs
+        deadline = time.monotonic() + STALE_RETRY_TIMEOUT_S
+        while True:
+            if graphed:
+                logits = self.graphs.replay(chunks, expert_map)                       # [B, V]
+            else:
+                batch = self.eager_batch(chunks, decode)
+                self.executor.begin_step(batch.num_tokens, expert_map)
+                logits = self.forward(batch, expert_map)                              # [B', V]
+            try:
+                self.executor.finish_step()
+                break
+            except StaleMapVersion:     # an expert worker is still loading this map: redo the step
+                if time.monotonic() + STALE_RETRY_S > deadline:
+                    raise
+                time.sleep(STALE_RETRY_S)
         completing = [chunk.seq for chunk in chunks if chunk.completes]
         return self.sampler.sample(logits, completing)
 

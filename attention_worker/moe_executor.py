@@ -40,6 +40,16 @@ class MoEExecutor(Protocol):
         """Host, once per step before the forward pass: what routing on ``device`` needs."""
         ...
 
+    # Step hooks of the GPU runner (no-ops unless the exchange is announced per step, as the
+    # cuda_ipc step path is: attention_worker/step_experts.py). ``begin_step`` before a step's
+    # launches or graph replay, ``finish_step`` after them (raises what the expert side reported),
+    # ``expect_step`` before capturing a graph of ``num_tokens`` rows.
+    def begin_step(self, num_tokens: int, expert_map: ExpertMap) -> None: ...
+
+    def expect_step(self, num_tokens: int) -> None: ...
+
+    def finish_step(self) -> None: ...
+
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> object: ...
 
     def combine(self, handle: object) -> torch.Tensor: ...
@@ -58,7 +68,20 @@ def route(router: ExpertRouter, call: MoECall, expert_map: ExpertMap) -> torch.T
     return physical
 
 
-class InProcessExperts:
+class NoStepHooks:
+    """The step hooks of an executor whose exchange needs no per-step announcement."""
+
+    def begin_step(self, num_tokens: int, expert_map: ExpertMap) -> None:
+        pass
+
+    def expect_step(self, num_tokens: int) -> None:
+        pass
+
+    def finish_step(self) -> None:
+        pass
+
+
+class InProcessExperts(NoStepHooks):
     def __init__(self, slots: ExpertSlots, runner: MoERunner, router: ExpertRouter,
                  record_load: LoadSink | None = None) -> None:
         self.slots, self.runner, self.router, self.record_load = slots, runner, router, record_load
@@ -86,7 +109,7 @@ class _Pending:
     trace_context: bytes = b""       # the step span's, b"" when the step is not traced
 
 
-class RemoteExperts:
+class RemoteExperts(NoStepHooks):
     """``tracing``: the process's handle (default off). ``on_timeout(peer_rank)``: called when a
     combine passes its deadline, before the ``DataPlaneTimeout`` propagates (metrics)."""
 

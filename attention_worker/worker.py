@@ -31,13 +31,14 @@ from collections.abc import Callable
 
 from epserve.attention_worker.colocated import ColocatedExperts, load_attention_model
 from epserve.attention_worker.config import AttentionWorkerConfig
-from epserve.attention_worker.engine import Engine
+from epserve.attention_worker.engine import Engine, resolved_attention_backend
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_heatmap import HeatmapCollector, HeatmapWriter
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from epserve.attention_worker.moe_executor import MoEExecutor, RemoteExperts
 from epserve.attention_worker.service import AttentionWorkerService
+from epserve.attention_worker.step_experts import StepExperts
 from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
@@ -157,7 +158,7 @@ class AttentionWorker:
         logger.info("serving on %s with expert map version %d%s", self.address, expert_map.version,
                     " (colocated: every expert in this process)" if self.local_experts is not None else "")
 
-    def _remote_experts(self, data_plane: DataPlaneInfo) -> RemoteExperts:
+    def _remote_experts(self, data_plane: DataPlaneInfo) -> MoEExecutor:
         """Join the data-plane group placement describes; experts answer from expert workers."""
         from epserve import dataplane
 
@@ -174,6 +175,11 @@ class AttentionWorker:
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
             timeout_s=config.dataplane_timeout_s, **options)
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
+        if data_plane.backend == "cuda_ipc" and resolved_attention_backend(config.limits, config.device) == "triton":
+            # the batched runner announces each step once and captures the per-layer hand-offs
+            logger.info("expert exchange: the cuda_ipc step path (one announcement per step)")
+            return StepExperts(self._dispatcher, router, self.spec.num_moe_layers, config.dataplane_timeout_s,
+                               record_load=self.recorder.record)
         return RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s, record_load=self.recorder.record,
                              tracing=self.tracing, on_timeout=self._timeout_counter(data_plane))
 

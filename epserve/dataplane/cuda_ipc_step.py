@@ -99,6 +99,14 @@ class StepExchange:
             words[STEP_SEQ] = self.step                          # last
         self._map_version = map_version
 
+    def expect_step(self, num_tokens: int, weight_dtype: torch.dtype = torch.float32) -> None:
+        """Host: the shapes of the next ``send``/``receive`` calls, announcing nothing — for capturing
+        them in a CUDA graph (nothing runs then; each replay is preceded by a ``begin_step``)."""
+        if not 0 < num_tokens <= self.side.shape.max_tokens or weight_dtype not in DTYPE_CODES:
+            raise ValueError(f"a step of {num_tokens} tokens ({weight_dtype}); the channels hold 1 to "
+                             f"{self.side.shape.max_tokens}")
+        self.num_tokens, self.weight_dtype = num_tokens, weight_dtype
+
     def send(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
         """hidden [T, D], slot_ids [T, K] physical (-1 = none), weights [T, K]: launches only."""
         t = self.num_tokens
