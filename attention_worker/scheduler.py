@@ -54,8 +54,9 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        preempted: set[int] = set()            # ids: a membership test per sequence stays O(1)
         for seq in list(self.running):
-            if seq not in self.running:
+            if id(seq) in preempted:
                 continue                       # preempted below by an earlier iteration
             n = min(seq.num_uncached, budget)
             if n == 0:
@@ -63,9 +64,10 @@ class Scheduler:
             while not self._reserve(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
+                preempted.add(id(victim))
                 if victim is seq:
                     break
-            if seq in self.running:
+            if id(seq) not in preempted:
                 chunks.append(ScheduledChunk(seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -87,7 +89,9 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """``seq`` is the most recently admitted running sequence (the list's last)."""
+        assert self.running[-1] is seq
+        self.running.pop()
         self._release(seq)
         self.waiting.appendleft(seq)
         seq.num_preemptions += 1
