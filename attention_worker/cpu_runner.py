@@ -5,7 +5,8 @@ Legend: T tokens in a micro-batch, B sequences, V vocab.
 ``run`` splits the scheduled chunks into micro-batches by token count (contiguous, so logits stay
 in chunk order), builds one ``ForwardBatch`` per micro-batch from Python lists, drives the model's
 ``forward_steps`` generators through the MoE executor in ping-pong (``run_micro_batches``) and
-samples each completing sequence on its own ``torch.Generator``. A GPU uses ``gpu_runner.py``.
+samples each completing sequence on its own ``torch.Generator`` (and, when it asked, computes its
+logprobs: ``sampler.token_logprobs``). A GPU uses ``gpu_runner.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from epserve.attention_worker.attention_torch import TorchPagedAttention
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
-from epserve.attention_worker.sampler import sample_one
+from epserve.attention_worker.sampler import SampledTokens, TokenLogprobs, sample_one, token_logprobs
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
 from epserve.expert_map import ExpertMap
@@ -31,19 +32,22 @@ class CpuStepRunner:
         self.attention = TorchPagedAttention(kv_cache, model.spec)
         self.num_micro_batches = num_micro_batches
 
-    def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> list[int]:
-        """The sampled token of each completing chunk, in chunk order."""
+    def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:
+        """The sampled token of each completing chunk, in chunk order (and its logprobs if asked)."""
         groups = self._split(chunks)
         generators = [self.model.forward_steps(self._batch(group), self.attention) for group in groups]
         logits = torch.cat(run_micro_batches(generators, self.executor, expert_map))     # [B', V]
-        tokens = []
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
         for chunk in chunks:
             if not chunk.completes:
                 continue
             seq = chunk.seq
+            row = logits[len(tokens)]
             seen = torch.as_tensor(seq.token_ids) if seq.params.repetition_penalty != 1.0 else NO_TOKENS
-            tokens.append(sample_one(logits[len(tokens)], seq.params, seen, seq.generator))
-        return tokens
+            tokens.append(sample_one(row, seq.params, seen, seq.generator))
+            logprobs.append(token_logprobs(row, seq.params, seen, tokens[-1]) if seq.params.return_logprob else None)
+        return SampledTokens(tokens, logprobs if any(lp is not None for lp in logprobs) else None)
 
     def warmup(self, expert_map: ExpertMap) -> None:
         """Nothing to prepare on the host."""

@@ -40,7 +40,7 @@ from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, Recorde
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor
 from epserve.attention_worker.request_spans import record_request_spans
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.attention_worker.sampler import SamplingParams, TokenLogprobs
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
 from epserve.attention_worker.sequence import FinishReason, Sequence
 from epserve.expert_map import ExpertMap
@@ -85,6 +85,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_generated: int
     matched_stop_token: int | None = None
+    logprobs: list[TokenLogprobs] | None = None   # one per new token when the request asked (return_logprob)
 
 
 class RequestRejected(ValueError):
@@ -204,19 +205,22 @@ class Engine:
                     chunk.seq.scheduled_ns = now_ns
         with self._step_span(chunks) if traced else NO_SPAN:
             completes = [chunk.completes for chunk in chunks]
-            tokens = iter(self.runner.run(chunks, self._expert_map))
+            sampled = self.runner.run(chunks, self._expert_map)
+            tokens = iter(sampled.token_ids)
+            logprobs = iter(sampled.logprobs) if sampled.logprobs is not None else None
             for chunk, complete in zip(chunks, completes):
                 seq = chunk.seq
                 seq.num_cached += chunk.num_tokens
                 if not complete:
                     continue
                 token = next(tokens)
+                token_logprobs = next(logprobs) if logprobs is not None else None
                 seq.token_ids.append(token)
                 seq.num_generated += 1
                 if seq.trace_context and not seq.first_token_ns:
                     seq.first_token_ns = time.time_ns()
                 self._check_finished(seq, token)
-                outputs.append(self._output(seq, [token]))
+                outputs.append(self._output(seq, [token], [token_logprobs] if token_logprobs is not None else None))
                 if seq.finished:
                     self._retire(seq)
         pass_counts = None
@@ -293,9 +297,9 @@ class Engine:
             record_request_spans(self.tracing, seq, time.time_ns())
 
     @staticmethod
-    def _output(seq: Sequence, tokens: list[int]) -> StepOutput:
+    def _output(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> StepOutput:
         return StepOutput(seq.request_id, tokens, seq.finished, seq.finish_reason, seq.num_prompt_tokens,
-                          seq.num_generated, seq.matched_stop_token)
+                          seq.num_generated, seq.matched_stop_token, logprobs)
 
 
 def resolved_attention_backend(limits: EngineLimits, device: torch.device | str) -> str:

@@ -1,12 +1,19 @@
 """Samples every completing sequence of a step at once on the device (``kernels/sampling.py``).
 
-Legend: B' sequences sampled this step, R device rows, V vocab.
+Legend: B' sequences sampled this step, A of them asking for logprobs, N top logprobs, R device
+rows, V vocab.
 
 Per step: the sequences' parameters go to the device in one copy per dtype, the batched sampler
 draws all tokens (greedy rows by argmax; the others with temperature, top-k/top-p/min-p and the
 repetition penalty, each from a counter-based random stream keyed by the request's seed and the
 token's position, so a seeded request draws the same tokens whatever else shares the batch), and
 the token ids come back in one device-to-host copy — the step's only synchronisation.
+
+Logprobs (``return_logprob``, sampler.py says what they are): only for a step where a sequence
+asked, on the device — the asking rows' logits, penalised (``seen``, before this step's tokens are
+marked) and divided by the temperature, log-softmax in float32, the sampled token's value and the
+top N — packed after the token ids into the same one device-to-host copy (float64: token ids are
+exact). A step where no sequence asked runs exactly as without the feature.
 
 The repetition penalty needs the tokens a sequence has seen: ``seen [R + 1, V]`` (allocated the
 first time a request asks for a penalty) holds them per device row, filled with the prompt when
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from epserve.attention_worker.sampler import SampledTokens, TokenLogprobs
 from epserve.attention_worker.sequence import Sequence
 
 
@@ -37,13 +45,18 @@ class GpuSampler:
         self.seen[seq.row].zero_()
         self.seen[seq.row, torch.tensor(seq.token_ids, dtype=torch.int64).to(self.device)] = True
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits [B', V] float32 (row i belongs to seqs[i]) → one token id per sequence."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """logits [B', V] float32 (row i belongs to seqs[i]) → one token id per sequence (and the
+        logprobs of those that asked)."""
         if not seqs:
-            return []
+            return SampledTokens([])
         params = [seq.params for seq in seqs]
+        asking = [i for i, p in enumerate(params) if p.return_logprob]
         if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-            return torch.argmax(logits, dim=-1).tolist()
+            tokens = torch.argmax(logits, dim=-1)
+            if asking:
+                return self._with_logprobs(logits, tokens, seqs, asking)
+            return SampledTokens(tokens.tolist())
         floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
                                [p.min_p for p in params], [p.repetition_penalty for p in params]],
                               dtype=torch.float32)
@@ -60,6 +73,44 @@ class GpuSampler:
         seen = self.seen[rows] if penalised else None
         filters = any(p.top_k > 1 or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
         tokens = self._sample(logits, tensors, seen, use_filters=filters)             # [B'] int64
+        sampled = self._with_logprobs(logits, tokens, seqs, asking) if asking else None
         if penalised:
-            self.seen[rows, tokens] = True
-        return tokens.tolist()
+            self.seen[rows, tokens] = True      # after the logprobs: they see the tokens before this one
+        return sampled if sampled is not None else SampledTokens(tokens.tolist())
+
+    def _with_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
+                       asking: list[int]) -> SampledTokens:
+        """tokens [B'] on the device → the tokens and the asking rows' logprobs, in one device-to-host
+        copy of ``[tokens B' | logprob A | top ids A*N | top logprobs A*N]`` (float64)."""
+        params = [seqs[i].params for i in asking]
+        n = max(p.top_logprobs_num for p in params)
+        host = torch.tensor([asking, [p.repetition_penalty for p in params], [p.logprob_temperature for p in params],
+                             [seqs[i].row for i in asking]], dtype=torch.float64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        index, penalty, temperature, rows = host.to(self.device, non_blocking=True)           # [A] each
+        index = index.long()
+        x = logits[index].float()                                                             # [A, V]
+        if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+            penalty = penalty.float()[:, None]
+            x = torch.where(self.seen[rows.long()], torch.where(x > 0, x / penalty, x * penalty), x)
+        if any(p.logprob_temperature != 1.0 for p in params):
+            x = x / temperature.float()[:, None]
+        logprobs = torch.log_softmax(x, dim=-1)                                               # [A, V]
+        parts = [tokens.double(), logprobs.gather(1, tokens[index][:, None]).view(-1).double()]
+        if n:
+            top = torch.topk(logprobs, min(n, logprobs.shape[1]), dim=-1)                      # [A, N]
+            parts += [top.indices.view(-1).double(), top.values.view(-1).double()]
+        packed = torch.cat(parts).tolist()
+        num_tokens, num_asking = len(seqs), len(asking)
+        n = min(n, logprobs.shape[1])
+        token_ids = [int(t) for t in packed[:num_tokens]]
+        chosen = packed[num_tokens:num_tokens + num_asking]
+        top_ids = packed[num_tokens + num_asking:num_tokens + num_asking * (1 + n)]
+        top_values = packed[num_tokens + num_asking * (1 + n):]
+        result: list[TokenLogprobs | None] = [None] * num_tokens
+        for a, (i, p) in enumerate(zip(asking, params)):
+            k = p.top_logprobs_num
+            result[i] = TokenLogprobs(chosen[a], tuple(int(t) for t in top_ids[a * n:a * n + k]),
+                                      tuple(top_values[a * n:a * n + k]))
+        return SampledTokens(token_ids, result)

@@ -1,9 +1,14 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, per-request seeds.
 
-Legend: B sequences sampled this step, V vocab.
+Legend: B sequences sampled this step, V vocab, N top logprobs.
 
 Each sequence carries its own ``torch.Generator`` (seeded from the request's seed, or from a
 random seed), so a seeded request draws the same tokens whatever else is in the batch.
+
+Logprobs (``return_logprob``): log-softmax of the *processed* logits — after the repetition
+penalty and the temperature (none for greedy rows), before top-k/top-p/min-p — at the sampled
+token, plus the ``top_logprobs_num`` most likely tokens. Both step runners compute them this way
+(``token_logprobs`` on the host, ``gpu_sampling.py`` on the device).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_TOP_LOGPROBS = 20                    # OpenAI's limit on top_logprobs
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +30,8 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0            # with return_logprob: the N most likely tokens too
 
     def __post_init__(self) -> None:
         checks = [
@@ -33,6 +41,8 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("top_logprobs_num", 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS,
+             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -41,6 +51,29 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def logprob_temperature(self) -> float:
+        """What the logits are divided by before the log-softmax (1 for temperature 0)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's logprob and the N most likely tokens (most likely first)."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """What a step runner sampled: one token per completing sequence, in chunk order, and (None
+    when no sequence of the step asked) each one's logprobs, None where its sequence did not ask."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -52,6 +85,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     logits = logits.clone()
     logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def token_logprobs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, token: int) -> TokenLogprobs:
+    """logits [V] → the logprobs of ``token`` and of the top ``params.top_logprobs_num`` tokens, from
+    the processed logits (repetition penalty, temperature) in float64."""
+    processed = apply_repetition_penalty(logits.double(), seen, params.repetition_penalty)
+    logprobs = torch.log_softmax(processed / params.logprob_temperature, dim=-1)           # [V]
+    if params.top_logprobs_num == 0:
+        return TokenLogprobs(float(logprobs[token]))
+    top = torch.topk(logprobs, min(params.top_logprobs_num, logprobs.numel()))
+    return TokenLogprobs(float(logprobs[token]), tuple(top.indices.tolist()), tuple(top.values.tolist()))
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,

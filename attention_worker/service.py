@@ -40,7 +40,8 @@ def sampling_from_proto(message: generation_pb2.SamplingParams) -> SamplingParam
         temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0),
         min_p=get("min_p", 0.0), repetition_penalty=get("repetition_penalty", 1.0),
         seed=get("seed", None), max_new_tokens=get("max_new_tokens", 128),
-        stop_token_ids=tuple(message.stop_token_ids), ignore_eos=message.ignore_eos)
+        stop_token_ids=tuple(message.stop_token_ids), ignore_eos=message.ignore_eos,
+        return_logprob=message.return_logprob, top_logprobs_num=message.top_logprobs_num)
 
 
 class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
@@ -97,7 +98,9 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
             token_ids=output.new_token_ids, finished=output.finished,
             finish_reason=FINISH_REASONS.get(output.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED),
             prompt_tokens=output.num_prompt_tokens, completion_tokens=output.num_generated,
-            matched_stop=str(output.matched_stop_token) if output.matched_stop_token is not None else "")
+            matched_stop=str(output.matched_stop_token) if output.matched_stop_token is not None else "",
+            logprobs=[generation_pb2.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                                  top_logprobs=lp.top_logprobs) for lp in output.logprobs or ()])
 
     def Abort(self, request: generation_pb2.AbortRequest, context: grpc.ServicerContext
               ) -> generation_pb2.AbortResponse:

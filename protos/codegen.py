@@ -22,7 +22,8 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["grpc_tools.protoc", f"-I{REPO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+    well_known = Path(protoc.__file__).parent / "_proto"     # google/protobuf/*.proto, shipped with grpcio-tools
+    args = ["grpc_tools.protoc", f"-I{REPO_ROOT}", f"-I{well_known}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}", *PROTO_FILES]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {PROTO_FILES}")
