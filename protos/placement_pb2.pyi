@@ -119,18 +119,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., capacity: _Optional[float] = ..., device: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., previous_rank: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "dist_init_addr", "heartbeat_interval_ms", "backend")
+    __slots__ = ("rank", "world_size", "dist_init_addr", "heartbeat_interval_ms", "backend", "elastic_ep_backend")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     DIST_INIT_ADDR_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ELASTIC_EP_BACKEND_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     dist_init_addr: str
     heartbeat_interval_ms: int
     backend: str
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dist_init_addr: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    elastic_ep_backend: str
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dist_init_addr: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., backend: _Optional[str] = ..., elastic_ep_backend: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "map_version")
@@ -201,6 +203,26 @@ class ReportLoadRequest(_message.Message):
 class ReportLoadResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReportSuspicionRequest(_message.Message):
+    __slots__ = ("worker_id", "suspect_rank", "reason", "map_version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SUSPECT_RANK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    suspect_rank: int
+    reason: str
+    map_version: int
+    def __init__(self, worker_id: _Optional[str] = ..., suspect_rank: _Optional[int] = ..., reason: _Optional[str] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class ReportSuspicionResponse(_message.Message):
+    __slots__ = ("state", "latest_version")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    state: WorkerState
+    latest_version: int
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., latest_version: _Optional[int] = ...) -> None: ...
 
 class GetPlacementRequest(_message.Message):
     __slots__ = ("version",)

@@ -59,6 +59,11 @@ class PlacementStub:
                 request_serializer=epserve_dot_protos_dot_placement__pb2.ReportLoadRequest.SerializeToString,
                 response_deserializer=epserve_dot_protos_dot_placement__pb2.ReportLoadResponse.FromString,
                 _registered_method=True)
+        self.ReportSuspicion = channel.unary_unary(
+                '/epserve.v1.Placement/ReportSuspicion',
+                request_serializer=epserve_dot_protos_dot_placement__pb2.ReportSuspicionRequest.SerializeToString,
+                response_deserializer=epserve_dot_protos_dot_placement__pb2.ReportSuspicionResponse.FromString,
+                _registered_method=True)
 
 
 class PlacementServicer:
@@ -95,6 +100,14 @@ class PlacementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportSuspicion(self, request, context):
+        """Elastic EP: a worker tells placement that a peer failed it on the data plane (a timeout or a
+        broken link). Placement probes the suspect at once and answers with its verdict.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlacementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +135,11 @@ def add_PlacementServicer_to_server(servicer, server):
                     servicer.ReportLoad,
                     request_deserializer=epserve_dot_protos_dot_placement__pb2.ReportLoadRequest.FromString,
                     response_serializer=epserve_dot_protos_dot_placement__pb2.ReportLoadResponse.SerializeToString,
+            ),
+            'ReportSuspicion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportSuspicion,
+                    request_deserializer=epserve_dot_protos_dot_placement__pb2.ReportSuspicionRequest.FromString,
+                    response_serializer=epserve_dot_protos_dot_placement__pb2.ReportSuspicionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +277,33 @@ class Placement:
             '/epserve.v1.Placement/ReportLoad',
             epserve_dot_protos_dot_placement__pb2.ReportLoadRequest.SerializeToString,
             epserve_dot_protos_dot_placement__pb2.ReportLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportSuspicion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.Placement/ReportSuspicion',
+            epserve_dot_protos_dot_placement__pb2.ReportSuspicionRequest.SerializeToString,
+            epserve_dot_protos_dot_placement__pb2.ReportSuspicionResponse.FromString,
             options,
             channel_credentials,
             insecure,
