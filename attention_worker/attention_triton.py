@@ -46,6 +46,10 @@ class TritonPagedAttention:
         from epserve.kernels.paged_prefill import paged_prefill_attention
         from epserve.kernels.rope import qk_norm_rope_store
 
+        if spec.mla is not None:
+            raise ValueError(f"{spec.architecture} uses multi-head latent attention, which the batched GPU runner "
+                             "(--attention-backend triton, the default on CUDA) does not serve yet: pass "
+                             "--attention-backend torch_native")
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim

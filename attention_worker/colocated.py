@@ -21,7 +21,8 @@ from epserve.expert_map import ExpertMap
 from epserve.model_config import ModelSpec, load_model_spec
 from epserve.models.expert_side import load_expert_slots
 from epserve.models.ops import layer_ops_for
-from epserve.models.qwen3_moe import Qwen3MoeAttentionSide, load_attention_side
+from epserve.attention_worker.model_family import model_family
+from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 from epserve.moe_runner import make_moe_runner
 from epserve.weights import CheckpointReader
 
@@ -50,7 +51,7 @@ class ColocatedExperts:
 def load_attention_model(spec: ModelSpec, reader: CheckpointReader | DummyReader, dtype: torch.dtype,
                          device: str = "cpu") -> Qwen3MoeAttentionSide:
     """The attention side with the layer operations for ``device`` (fused kernels on CUDA)."""
-    return load_attention_side(spec, reader, dtype, device, layer_ops_for(device))
+    return model_family(spec).load_attention_side(spec, reader, dtype, device, layer_ops_for(device))
 
 
 def build_colocated_engine(model_path: str, dtype: torch.dtype, device: str = "cpu",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from epserve.attention_worker.attention_torch import TorchPagedAttention
+from epserve.attention_worker.model_family import model_family
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
 from epserve.attention_worker.sampler import SampledTokens, TokenLogprobs, sample_one, token_logprobs
@@ -29,7 +29,7 @@ class CpuStepRunner:
     def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache,
                  num_micro_batches: int) -> None:
         self.model, self.executor, self.kv_cache = model, executor, kv_cache
-        self.attention = TorchPagedAttention(kv_cache, model.spec)
+        self.attention = model_family(model.spec).make_cpu_attention(kv_cache, model.spec)
         self.num_micro_batches = num_micro_batches
 
     def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:

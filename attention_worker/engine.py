@@ -38,6 +38,7 @@ import torch
 from epserve.attention_worker.expert_heatmap import HeatmapCollector
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.attention_worker.model_family import model_family
 from epserve.attention_worker.moe_executor import MoEExecutor
 from epserve.attention_worker.request_spans import record_request_spans
 from epserve.attention_worker.sampler import SamplingParams, TokenLogprobs
@@ -104,8 +105,8 @@ class Engine:
         self.step_sampler = step_sampler if step_sampler is not None else StepSampler()
         self.metrics = metrics
         self.model, self.executor, self.limits, self.max_context = model, executor, limits, max_context
-        self.kv_cache = PagedKVCache(spec.num_hidden_layers, limits.num_kv_blocks, limits.kv_block_size,
-                                     spec.num_key_value_heads, spec.head_dim, model.dtype, model.embed.device)
+        self.kv_cache = model_family(spec).make_kv_cache(spec, limits.num_kv_blocks, limits.kv_block_size,
+                                                         model.dtype, model.embed.device)
         self.scheduler = Scheduler(self.kv_cache.allocator, limits.max_num_batched_tokens, limits.max_num_seqs)
         if recorder is not None and recorder.mode is RecorderMode.PER_TOKEN and not limits.disable_cuda_graph \
                 and model.device.type == "cuda":

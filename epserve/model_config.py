@@ -4,6 +4,10 @@
 decoder layers are MoE layers, routing settings. ``load_model_spec(dir)`` reads and validates;
 errors name the field and say what to change. ``check_parallel_sizes`` enforces SGLang's
 EP sizing rules.
+
+Families: Qwen3-MoE (GQA attention, softmax top-k) and DeepSeek-V3 (multi-head latent attention,
+``MlaSpec``; YaRN RoPE, ``RopeScaling``; sigmoid grouped top-k with a correction bias and shared
+experts, ``RoutingSpec``). The family's fields stay at their neutral defaults for other families.
 """
 
 from __future__ import annotations
@@ -12,11 +16,60 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe"}
+SUPPORTED_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
 
 
 class ModelConfigError(ValueError):
     """A model directory or config.json that epserve cannot serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class MlaSpec:
+    """Multi-head latent attention (DeepSeek-V2/V3). Per token the cache holds the normed latent
+    (``kv_lora_rank``) and the shared rotary key (``qk_rope_head_dim``)."""
+
+    q_lora_rank: int | None      # None: one q_proj (V2-Lite); else q_a_proj → norm → q_b_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool        # rotary pairs (x0, x1), (x2, x3), ... (DeepSeek's checkpoints)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Values cached per token and layer."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN (the only scaling supported), with transformers' defaults for missing keys."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How router logits become top-k choices. Qwen: softmax, greedy. DeepSeek-V3: sigmoid
+    scores, ``noaux_tc`` (selection on scores + ``e_score_correction_bias``, inside the
+    ``topk_group`` best of ``n_group`` groups). Weights are scaled by ``routed_scaling_factor``."""
+
+    scoring_func: str = "softmax"            # softmax | sigmoid
+    topk_method: str = "greedy"              # greedy | group_limited_greedy | noaux_tc
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +95,10 @@ class ModelSpec:
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    mla: MlaSpec | None = None               # multi-head latent attention (DeepSeek); None = GQA
+    rope_scaling: RopeScaling | None = None  # None = default RoPE
+    routing: RoutingSpec = RoutingSpec()
+    n_shared_experts: int = 0                # always-on experts of every MoE layer (DeepSeek)
 
     @property
     def num_moe_layers(self) -> int:
@@ -63,7 +120,8 @@ def moe_layer_indices(config: dict, num_layers: int, num_experts: int) -> tuple[
     if num_experts <= 0:
         return ()
     if config.get("model_type") in DEEPSEEK_MODEL_TYPES or "first_k_dense_replace" in config:
-        first_dense = int(config.get("first_k_dense_replace", 0))
+        # transformers' defaults when the key is missing: DeepSeek-V3 3, DeepSeek-V2 0
+        first_dense = int(config.get("first_k_dense_replace", 3 if config.get("model_type") == "deepseek_v3" else 0))
         freq = int(config.get("moe_layer_freq", 1))
         if freq < 1:
             raise ValueError(f"moe_layer_freq must be >= 1, got {freq}")
@@ -110,24 +168,32 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         raise ModelConfigError(f"{config_file}: architecture {architectures or config.get('model_type')} is not "
                                f"supported; supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}")
     architecture = supported[0]
+    model_type = SUPPORTED_ARCHITECTURES[architecture]
+    deepseek = model_type in DEEPSEEK_MODEL_TYPES
+    if model_type == "deepseek_v3":
+        config = {**DEEPSEEK_V3_DEFAULTS, **config}        # what transformers' DeepseekV3Config assumes
     get = lambda key: _require(config, key, config_file)  # noqa: E731
     num_layers = int(get("num_hidden_layers"))
     num_heads = int(get("num_attention_heads"))
     hidden = int(get("hidden_size"))
-    num_experts = int(get("num_experts"))
+    num_experts = int(get("n_routed_experts" if deepseek else "num_experts"))
     try:
         moe_layers = moe_layer_indices(config, num_layers, num_experts)
     except ValueError as exc:
         raise ModelConfigError(f"{config_file}: {exc}") from exc
-    rope_params = config.get("rope_parameters") or {}
-    rope_theta = float(rope_params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    if rope_params.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise ModelConfigError(f"{config_file}: only default RoPE is supported, got "
-                               f"{rope_params or config.get('rope_scaling')}")
-    spec = ModelSpec(
+    if deepseek:
+        rope_theta, family = _deepseek_fields(config, config_file, get)
+    else:
+        rope_params = config.get("rope_parameters") or {}
+        rope_theta = float(rope_params.get("rope_theta", config.get("rope_theta", 10000.0)))
+        if rope_params.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+            raise ModelConfigError(f"{config_file}: only default RoPE is supported, got "
+                                   f"{rope_params or config.get('rope_scaling')}")
+        family = {}
+    fields = dict(
         model_path=str(model_dir),
         architecture=architecture,
-        model_type=SUPPORTED_ARCHITECTURES[architecture],
+        model_type=model_type,
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(config.get("intermediate_size", 0)),
@@ -147,11 +213,88 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         eos_token_ids=_eos_ids(config, model_dir),
         bos_token_id=config.get("bos_token_id"),
     )
+    spec = ModelSpec(**{**fields, **family})
     _validate(spec, config_file)
     return spec
 
 
+# transformers' DeepseekV3Config defaults: a config.json without these keys means these values
+DEEPSEEK_V3_DEFAULTS = {
+    "n_shared_experts": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4,
+    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True, "rope_interleave": True,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "max_position_embeddings": 4096,
+}
+
+
+def _deepseek_fields(config: dict, where: Path, get) -> tuple[float, dict]:
+    """(rope_theta, the ModelSpec fields of the DeepSeek family) from a DeepSeek config.json."""
+    scoring, method = config.get("scoring_func", "sigmoid"), config.get("topk_method", "noaux_tc")
+    if (scoring, method) != ("sigmoid", "noaux_tc"):
+        raise ModelConfigError(f"{where}: DeepseekV3ForCausalLM routes with scoring_func 'sigmoid' and "
+                               f"topk_method 'noaux_tc' (as transformers does); got {scoring!r}, {method!r}")
+    q_lora_rank = config.get("q_lora_rank")
+    mla = MlaSpec(q_lora_rank=int(q_lora_rank) if q_lora_rank else None, kv_lora_rank=int(get("kv_lora_rank")),
+                  qk_nope_head_dim=int(get("qk_nope_head_dim")), qk_rope_head_dim=int(get("qk_rope_head_dim")),
+                  v_head_dim=int(get("v_head_dim")), rope_interleave=bool(config.get("rope_interleave", True)))
+    routing = RoutingSpec(scoring_func=scoring, topk_method=method, n_group=int(config.get("n_group") or 1),
+                          topk_group=int(config.get("topk_group") or 1),
+                          routed_scaling_factor=float(config.get("routed_scaling_factor") or 1.0))
+    rope_theta, rope_scaling = _rope_scaling(config, where)
+    return rope_theta, dict(mla=mla, routing=routing, rope_scaling=rope_scaling,
+                            n_shared_experts=int(config.get("n_shared_experts") or 0),
+                            num_key_value_heads=int(get("num_attention_heads")),   # K/V expand to every head
+                            head_dim=mla.qk_rope_head_dim)                        # the rotary width, as transformers
+
+
+def _rope_scaling(config: dict, where: Path) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, YaRN parameters or None) as transformers reads them (``rope_scaling`` wins over
+    ``rope_parameters``; a top-level ``original_max_position_embeddings`` wins over the dict's)."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise ModelConfigError(f"{where}: rope scaling {kind!r} is not supported; supported: default, yarn")
+    original = int(config.get("original_max_position_embeddings")
+                   or params.get("original_max_position_embeddings") or config["max_position_embeddings"])
+    factor = params.get("factor")
+    optional = lambda key: None if params.get(key) is None else float(params[key])  # noqa: E731
+    return theta, RopeScaling(
+        factor=float(factor) if factor is not None else config["max_position_embeddings"] / original,
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"),
+        attention_factor=optional("attention_factor"), truncate=bool(params.get("truncate", True)))
+
+
+def _validate_deepseek(spec: ModelSpec, where: Path) -> None:
+    mla, routing, num_experts = spec.mla, spec.routing, spec.num_experts
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if getattr(mla, name) < 1:
+            raise ModelConfigError(f"{where}: {name} must be >= 1, got {getattr(mla, name)}")
+    if mla.qk_rope_head_dim % 2:
+        raise ModelConfigError(f"{where}: qk_rope_head_dim ({mla.qk_rope_head_dim}) must be even for RoPE")
+    if routing.n_group < 1 or num_experts % routing.n_group:
+        raise ModelConfigError(f"{where}: n_group ({routing.n_group}) must divide n_routed_experts ({num_experts})")
+    per_group = num_experts // routing.n_group
+    if per_group < 2:
+        raise ModelConfigError(f"{where}: each of the n_group={routing.n_group} groups needs at least 2 experts "
+                               "(a group scores the sum of its top two)")
+    if not 1 <= routing.topk_group <= routing.n_group:
+        raise ModelConfigError(f"{where}: topk_group ({routing.topk_group}) must be in [1, n_group={routing.n_group}]")
+    if spec.num_experts_per_tok > routing.topk_group * per_group:
+        raise ModelConfigError(f"{where}: num_experts_per_tok ({spec.num_experts_per_tok}) exceeds the "
+                               f"{routing.topk_group * per_group} experts of the topk_group={routing.topk_group} "
+                               "kept groups")
+    if spec.n_shared_experts < 0:
+        raise ModelConfigError(f"{where}: n_shared_experts must be >= 0, got {spec.n_shared_experts}")
+
+
 def _validate(spec: ModelSpec, where: Path) -> None:
+    if spec.mla is not None:
+        _validate_deepseek(spec, where)
     if spec.num_attention_heads % spec.num_key_value_heads:
         raise ModelConfigError(f"{where}: num_attention_heads ({spec.num_attention_heads}) must be a multiple "
                                f"of num_key_value_heads ({spec.num_key_value_heads})")

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from epserve import tokenizer_build
+from epserve.tiny_deepseek import DeepseekV3Arch
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class Qwen3MoeArch:
             h = h + out.view(B, S, -1)
 
 
-ARCHS: dict[str, TinyArch] = {"qwen3_moe": Qwen3MoeArch()}
+ARCHS: dict[str, TinyArch] = {"qwen3_moe": Qwen3MoeArch(), "deepseek_v3": DeepseekV3Arch()}
 
 # The model `epserve up` serves when no --model-path is given.
 DEFAULT_SERVING_OPTIONS = TinyModelOptions(
@@ -393,7 +394,7 @@ def skew_routers(arch: TinyArch, weights: dict[str, torch.Tensor], opts: TinyMod
     ranks = expert_ranks(opts.seed, opts.num_layers, opts.num_experts)
     target_by_rank = zipf_load_share(opts.num_experts, opts.top_k, opts.router_skew)
     targets = target_by_rank[ranks]  # [L, E]
-    measured = torch.empty_like(targets)
+    measured = torch.zeros_like(targets)     # dense layers (no router) stay 0
     for layer, gate_name, x in arch.router_inputs(weights, opts, input_ids):
         gate = weights[gate_name]
         new_gate, _ = fit_router_bias(gate, x, opts.top_k, targets[layer])

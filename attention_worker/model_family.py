@@ -1,0 +1,73 @@
+"""What differs per model family on the attention side, picked once from the model's spec.
+
+A ``ModelFamily`` says how to load the attention side (``epserve/models/<family>.py``), which KV
+cache layout to allocate (GQA: ``PagedKVCache`` keys and values per KV head; MLA: ``MlaKVCache``,
+one latent + rotary key per token) and which CPU attention backend reads it. The engine and the CPU
+runner ask ``model_family(spec)`` instead of testing the family themselves; the batched GPU runner
+(Triton paged attention) serves GQA families only and refuses the others
+(``attention_triton.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from epserve.model_config import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    # (spec, reader, dtype, device, ops) -> the attention side (forward_steps, spec, device, dtype, embed)
+    load_attention_side: Callable
+    # (spec, num_blocks, block_size, dtype, device) -> the paged cache (block_size, allocator, ...)
+    make_kv_cache: Callable
+    # (kv_cache, spec) -> the CPU attention backend the model's forward_steps takes
+    make_cpu_attention: Callable
+
+
+def _load_qwen3_moe(spec, reader, dtype, device, ops):
+    from epserve.models.qwen3_moe import load_attention_side
+    return load_attention_side(spec, reader, dtype, device, ops)
+
+
+def _qwen3_moe_kv_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+    from epserve.attention_worker.kv_cache import PagedKVCache
+    return PagedKVCache(spec.num_hidden_layers, num_blocks, block_size, spec.num_key_value_heads, spec.head_dim,
+                        dtype, device)
+
+
+def _qwen3_moe_attention(kv_cache, spec: ModelSpec):
+    from epserve.attention_worker.attention_torch import TorchPagedAttention
+    return TorchPagedAttention(kv_cache, spec)
+
+
+def _load_deepseek(spec, reader, dtype, device, ops):
+    from epserve.models.deepseek_v3 import load_attention_side
+    return load_attention_side(spec, reader, dtype, device, ops)
+
+
+def _mla_kv_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+    from epserve.attention_worker.mla_kv_cache import MlaKVCache
+    return MlaKVCache(spec.num_hidden_layers, num_blocks, block_size, spec.mla.kv_lora_rank,
+                      spec.mla.qk_rope_head_dim, dtype, device)
+
+
+def _mla_attention(kv_cache, spec: ModelSpec):
+    from epserve.attention_worker.attention_mla import TorchMlaAttention
+    return TorchMlaAttention(kv_cache, spec)
+
+
+FAMILIES = {
+    "qwen3_moe": ModelFamily("qwen3_moe", _load_qwen3_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
+    "deepseek_v3": ModelFamily("deepseek_v3", _load_deepseek, _mla_kv_cache, _mla_attention),
+}
+
+
+def model_family(spec: ModelSpec) -> ModelFamily:
+    if spec.model_type not in FAMILIES:
+        raise ValueError(f"model type {spec.model_type!r} has no attention side; supported: {sorted(FAMILIES)}")
+    return FAMILIES[spec.model_type]
