@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     eplb.add_argument("--num-nodes", type=int, default=1,
                       help="nodes the expert workers span, for hierarchical planning (default: 1)")
     eplb.add_argument("--num-groups", type=int, default=0,
-                      help="the model's expert groups, for hierarchical planning (default: 0 = none)")
+                      help="expert groups, for hierarchical planning (default: 0 = the model's: DeepSeek's "
+                           "n_group, none for other families)")
     parser.add_argument("--log-level", default=None,
                         help="stderr log level (default: $EPSERVE_LOG_LEVEL or INFO)")
     return parser

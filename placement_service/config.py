@@ -53,12 +53,14 @@ class PlacementConfig:
     eplb_commit_timeout_s: float = 30.0  # attention workers must switch (ack COMMIT) within this
     eplb_expert_dtype_bytes: int = 2  # bytes per expert weight element, for bytes_moved (2 = bf16)
     num_nodes: int = 1  # nodes the expert workers span (hierarchical planning)
-    num_groups: int = 0  # the model's expert groups (hierarchical planning); 0 = none
+    num_groups: int = 0  # expert groups (hierarchical planning); 0 = the model's (DeepSeek's n_group, else none)
     model: ModelInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_load_format(self.load_format)
         self.model = ModelInfo.read(self.model_path, self.load_format)
+        if not self.num_groups:
+            self.num_groups = self.model.num_groups
         for name in ("port", "dist_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:

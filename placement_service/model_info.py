@@ -32,6 +32,7 @@ class ModelInfo:
     fingerprint: str
     hidden_size: int = 0  # D (0 when config.json does not say)
     moe_intermediate_size: int = 0  # I, per routed expert (0 when config.json does not say)
+    num_groups: int = 0  # G, expert groups of group-limited routing (DeepSeek's n_group; 0 = none)
 
     @property
     def num_moe_layers(self) -> int:
@@ -68,8 +69,12 @@ class ModelInfo:
         if not moe_layers:
             raise ValueError("config.json describes no MoE layers (check decoder_sparse_step, "
                              "mlp_only_layers / first_k_dense_replace); placement needs at least one")
+        num_groups = 0
+        if model_type in DEEPSEEK_STYLE:     # transformers' DeepseekV3Config assumes 8 when the key is missing
+            num_groups = config.get("n_group", 8 if model_type == "deepseek_v3" else None) or 0
         return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint,
-                   _optional_size(config, "hidden_size"), _optional_size(config, "moe_intermediate_size"))
+                   _optional_size(config, "hidden_size"), _optional_size(config, "moe_intermediate_size"),
+                   num_groups if isinstance(num_groups, int) and num_groups > 0 else 0)
 
 
 def _optional_size(config: dict, key: str) -> int:
