@@ -169,6 +169,11 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
                                f"supported; supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}")
     architecture = supported[0]
     model_type = SUPPORTED_ARCHITECTURES[architecture]
+    quantization = config.get("quantization_config")
+    if quantization:
+        raise ModelConfigError(f"{config_file}: quantized checkpoints ({quantization.get('quant_method', '?')}) are "
+                               "not supported yet; the weights would be read without their scales. Use a bf16 "
+                               "checkpoint (DeepSeek's fp8_cast_bf16.py converts FP8 block-quantized weights)")
     deepseek = model_type in DEEPSEEK_MODEL_TYPES
     if model_type == "deepseek_v3":
         config = {**DEEPSEEK_V3_DEFAULTS, **config}        # what transformers' DeepseekV3Config assumes
