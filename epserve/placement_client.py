@@ -138,6 +138,7 @@ class Registration:
     dist_init_addr: str
     heartbeat_interval_ms: int
     backend: str
+    elastic_ep_backend: str = "none"    # placement's --elastic-ep-backend
 
 
 WatchCallback = Callable[[UpdatePhase, ExpertMap, DataPlaneInfo], None]
@@ -230,7 +231,8 @@ class PlacementClient:
             previous_rank=previous)
         response = self._stub.Register(request, timeout=timeout_s)
         registration = Registration(response.rank, response.world_size, response.dist_init_addr,
-                                    response.heartbeat_interval_ms, response.backend)
+                                    response.heartbeat_interval_ms, response.backend,
+                                    response.elastic_ep_backend or "none")
         if previous >= 0 and registration.rank != previous:
             logger.error("placement gave worker %s rank %d, it had rank %d: its data-plane group is stale",
                          self.worker_id, registration.rank, previous)
@@ -330,6 +332,14 @@ class PlacementClient:
             worker_id=self.worker_id, map_version=map_version, num_layers=num_layers,
             num_physical_slots=num_slots, slot_token_counts=slot_token_counts.flatten().tolist(),
             num_passes=num_passes), timeout=self.timeout_s)
+
+    def report_suspicion(self, suspect_rank: int, reason: str, map_version: int = 0) -> tuple[WorkerState, int]:
+        """Elastic EP: the peer at ``suspect_rank`` failed a data-plane exchange. → (its state after
+        placement probed it, the newest map version). Raises grpc.RpcError."""
+        response = self._stub.ReportSuspicion(placement_pb2.ReportSuspicionRequest(
+            worker_id=self.worker_id, suspect_rank=suspect_rank, reason=reason[:500], map_version=map_version),
+            timeout=self.timeout_s)
+        return WorkerState(response.state), response.latest_version
 
     def close(self) -> None:
         """Stop both threads (bounded wait) and close the channel. Idempotent."""

@@ -24,7 +24,8 @@ import sys
 import threading
 
 from epserve.dummy_weights import LOAD_FORMATS
-from epserve.placement_service.config import EPLB_ALGORITHMS, MOE_A2A_BACKENDS, PlacementConfig
+from epserve.placement_service.config import (ELASTIC_EP_BACKENDS, EPLB_ALGORITHMS, MOE_A2A_BACKENDS,
+                                              PlacementConfig)
 from epserve.placement_service.server import start_placement_server
 
 logger = logging.getLogger("epserve.placement_service")
@@ -110,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     eplb.add_argument("--num-groups", type=int, default=0,
                       help="expert groups, for hierarchical planning (default: 0 = the model's: DeepSeek's "
                            "n_group, none for other families)")
+    elastic = parser.add_argument_group("elastic expert parallelism (see docs/operations.md)")
+    elastic.add_argument("--elastic-ep-backend", default="none", choices=ELASTIC_EP_BACKENDS,
+                         help="placement: keep serving when expert workers die (routing-only map versions around "
+                              "them, their experts reloaded on survivors when no replica is left, an "
+                              "elasticity_aware rebalance, restarted and new expert workers taken in); mooncake: "
+                              "the same, for --moe-a2a-backend mooncake; implies --eplb-algorithm elasticity_aware "
+                              "when it is auto (default: none)")
+    elastic.add_argument("--elastic-ep-probe-timeout-ms", type=int, default=500,
+                         help="a worker reported by a peer (data-plane timeout or broken link) is probed at once: "
+                              "DEAD when its gRPC port does not accept a connection within this (default: 500)")
     parser.add_argument("--log-level", default=None,
                         help="stderr log level (default: $EPSERVE_LOG_LEVEL or INFO)")
     return parser
@@ -134,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             eplb_min_gain=args.eplb_min_gain, eplb_prepare_timeout_s=args.eplb_prepare_timeout_s,
             eplb_commit_timeout_s=args.eplb_commit_timeout_s, eplb_expert_dtype_bytes=args.eplb_expert_dtype_bytes,
             num_nodes=args.num_nodes, num_groups=args.num_groups,
+            elastic_ep_backend=args.elastic_ep_backend,
+            elastic_ep_probe_timeout_ms=args.elastic_ep_probe_timeout_ms,
             otlp_endpoint=args.otlp_endpoint if args.otlp_endpoint is not None
             else os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
         stop = threading.Event()

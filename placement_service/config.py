@@ -8,6 +8,11 @@ messages that say which flag to change.
 ``--moe-a2a-backend local`` is a colocated deployment: every attention worker holds all experts
 itself, there are no expert workers (``--ep-size 0``, required) and no expert placement to keep
 (no redundancy, no snapshot, no EPLB).
+
+``--elastic-ep-backend`` (SGLang's flag): ``placement`` makes this service keep serving through
+expert-worker losses (``failover.py``); ``mooncake`` does the same and is meant to drive Mooncake
+EP's active-ranks mask, so it needs ``--moe-a2a-backend mooncake``. As in SGLang, elastic EP turns
+``--eplb-algorithm auto`` into ``elasticity_aware``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from epserve.placement_service.model_info import ModelInfo
 
 MOE_A2A_BACKENDS = ("local", "torch", "cuda_ipc", "mooncake", "deepep")
 EPLB_ALGORITHMS = ("auto", "deepseek", "deepseek_hierarchical", "elasticity_aware", "movement_aware")
+ELASTIC_EP_BACKENDS = ("none", "placement", "mooncake")
+ELASTIC_EPLB_ALGORITHMS = ("elasticity_aware", "movement_aware")   # the planners that honour lost workers
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
@@ -54,6 +61,9 @@ class PlacementConfig:
     eplb_expert_dtype_bytes: int = 2  # bytes per expert weight element, for bytes_moved (2 = bf16)
     num_nodes: int = 1  # nodes the expert workers span (hierarchical planning)
     num_groups: int = 0  # expert groups (hierarchical planning); 0 = the model's (DeepSeek's n_group, else none)
+    # -- elastic EP (see docs/operations.md, "When a worker dies") --
+    elastic_ep_backend: str = "none"  # ELASTIC_EP_BACKENDS; none = a lost expert worker is not replaced
+    elastic_ep_probe_timeout_ms: int = 500  # a suspect that does not accept a connection within this is DEAD
     model: ModelInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +107,7 @@ class PlacementConfig:
                 f"({2 * self.heartbeat_interval_ms} ms): a worker is SUSPECT after 2 missed heartbeats "
                 "and DEAD only after the timeout")
         self._check_eplb()
+        self._check_elastic()
         if self.advertise_host is None:
             self.advertise_host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
 
@@ -113,6 +124,28 @@ class PlacementConfig:
                              "placement; leave it at trivial")
         if self.enable_eplb:
             raise ValueError(f"--enable-eplb: {reason}, so there is no expert placement to rebalance; drop the flag")
+
+    def _check_elastic(self) -> None:
+        if self.elastic_ep_backend not in ELASTIC_EP_BACKENDS:
+            raise ValueError(f"--elastic-ep-backend {self.elastic_ep_backend!r} is unknown; choose one of "
+                             f"{', '.join(ELASTIC_EP_BACKENDS)}")
+        if self.elastic_ep_probe_timeout_ms <= 0:
+            raise ValueError(f"--elastic-ep-probe-timeout-ms must be > 0, got {self.elastic_ep_probe_timeout_ms}")
+        if not self.elastic:
+            return
+        if self.colocated:
+            raise ValueError(f"--elastic-ep-backend {self.elastic_ep_backend}: a colocated deployment "
+                             "(--moe-a2a-backend local) has no expert workers to lose; use --elastic-ep-backend none")
+        if self.elastic_ep_backend == "mooncake" and self.moe_a2a_backend != "mooncake":
+            raise ValueError("--elastic-ep-backend mooncake drives Mooncake EP's active-ranks mask and needs "
+                             f"--moe-a2a-backend mooncake (got {self.moe_a2a_backend}); with other data planes use "
+                             "--elastic-ep-backend placement")
+        if self.eplb_algorithm == "auto":
+            self.eplb_algorithm = "elasticity_aware"
+        elif self.eplb_algorithm not in ELASTIC_EPLB_ALGORITHMS:
+            raise ValueError(f"--elastic-ep-backend {self.elastic_ep_backend} needs an EPLB algorithm that places "
+                             f"nothing on lost workers: --eplb-algorithm auto (= elasticity_aware) or one of "
+                             f"{', '.join(ELASTIC_EPLB_ALGORITHMS)}, not {self.eplb_algorithm}")
 
     def _check_eplb(self) -> None:
         if self.eplb_algorithm not in EPLB_ALGORITHMS:
@@ -138,6 +171,11 @@ class PlacementConfig:
         if self.num_groups < 0 or (self.num_groups and self.model.num_experts % self.num_groups != 0):
             raise ValueError(f"--num-groups must be 0 (none) or divide the {self.model.num_experts} experts, "
                              f"got {self.num_groups}")
+
+    @property
+    def elastic(self) -> bool:
+        """Elastic EP: survive expert-worker losses (``--elastic-ep-backend`` placement or mooncake)."""
+        return self.elastic_ep_backend != "none"
 
     @property
     def colocated(self) -> bool:

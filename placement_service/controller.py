@@ -22,6 +22,11 @@ every expert themselves, so there is no map at all. The deployment is ready once
 worker registered; nothing is ever published; reading or changing the map (and ReportLoad,
 which feeds EPLB) raises FailedPrecondition (``check_has_placement``). Registry, health and
 ListWorkers (the gateway's discovery) work as for every deployment.
+
+Elastic EP (``--elastic-ep-backend``): ``on_membership`` (set by ``failover.Failover``) is called,
+outside the lock, after anything that may call for a new map: a registration, a health change,
+a probe's verdict. A restarted expert worker (it registers with no previous rank: a new process)
+that had been drained is drained no more: starting it again is how an operator takes it back.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class PlacementController:
         self._initial_phy2log = initial_phy2log
         self._lock = threading.RLock()
         self._registry = WorkerRegistry(config.dp_size, config.ep_size, config.suspect_after_ms / 1000,
-                                        config.heartbeat_timeout_ms / 1000)
+                                        config.heartbeat_timeout_ms / 1000, elastic=config.elastic)
         self._maps = MapHistory()
         self._meta: dict[int, tuple[str, int]] = {}  # version -> (operation, base version)
         self._load = LoadStats()
@@ -72,6 +77,7 @@ class PlacementController:
         self._ready = False
         self._closing = False
         self.on_load_report: Callable[[], None] | None = None  # set by the EPLB loop
+        self.on_membership: Callable[[], None] | None = None  # set by the elastic failover
         self._settings: dict[str, object] = {}  # JSON_SETTINGS, mirrored in the db
         if db is not None:
             self._settings = {key: value for key in JSON_SETTINGS
@@ -104,6 +110,8 @@ class PlacementController:
             record, is_new = self._registry.register(worker_id, role, address, capacity, device, previous_rank)
             if self._db is not None:
                 self._db.save_worker(record)
+            if not is_new and previous_rank == -1 and record.drained and self.config.elastic:
+                self._undrain(record.worker_id)
             logger.info("%s worker %s at %s %s rank %d (%d/%d attention, %d/%d expert)", record.role.name.lower(),
                         worker_id, address, "got" if is_new else "re-registered with", record.rank,
                         self._registry.count(WorkerRole.ATTENTION), self.config.dp_size,
@@ -111,6 +119,7 @@ class PlacementController:
             self._advance()
             rank = record.rank
         self.acks.poke()
+        self._membership_changed()
         return rank
 
     def heartbeat(self, worker_id: str, map_version: int) -> int:
@@ -201,9 +210,21 @@ class PlacementController:
         with self._lock:
             return self._registry.get(worker_id).info()
 
+    @property
+    def latest_version(self) -> int:
+        """The newest committed map version (0 before the first map)."""
+        with self._lock:
+            return self._maps.latest_version
+
+    @property
+    def world_size(self) -> int:
+        """Attention + expert ranks: ``--dp-size + --ep-size``, plus expert workers added by scale-out."""
+        with self._lock:
+            return self._registry.world_size
+
     def data_plane(self) -> DataPlaneInfo:
         with self._lock:
-            return DataPlaneInfo(self.config.moe_a2a_backend, self.dist_init_addr, self.config.world_size,
+            return DataPlaneInfo(self.config.moe_a2a_backend, self.dist_init_addr, self._registry.world_size,
                                  tuple(self.list_workers()))
 
     def load_window(self) -> tuple[torch.Tensor | None, int]:
@@ -368,6 +389,39 @@ class PlacementController:
                                previous.name, record.last_heartbeat_unix_ms)
         if changes:
             self.acks.poke()
+            self._membership_changed()
+
+    def suspect(self, reporter_id: str, suspect_rank: int, reason: str) -> WorkerInfo:
+        """A worker reports the peer of ``suspect_rank`` (elastic EP). Raises NotFound for an
+        unknown reporter or rank."""
+        with self._lock:
+            self._check_open()
+            self._registry.get(reporter_id)
+            record = self._registry.by_rank(suspect_rank)
+            previous = record.state
+            state = self._registry.suspect(record.worker_id)
+            if state != previous:
+                logger.warning("worker %s (rank %d) is SUSPECT: %s reported %s", record.worker_id, record.rank,
+                               reporter_id, reason)
+            return record.info()
+
+    def mark_dead(self, worker_id: str, reason: str) -> None:
+        """DEAD now (placement's probe found nothing listening), not after the heartbeat timeout."""
+        with self._lock:
+            previous = self._registry.mark_dead(worker_id)
+            if previous != WorkerState.DEAD:
+                logger.warning("worker %s is DEAD (was %s): %s", worker_id, previous.name, reason)
+        self.acks.poke()
+        self._membership_changed()
+
+    def mark_alive(self, worker_id: str) -> None:
+        with self._lock:
+            self._registry.mark_alive(worker_id)
+        self._membership_changed()
+
+    def _membership_changed(self) -> None:
+        if self.on_membership is not None:
+            self.on_membership()
 
     def close(self) -> None:
         """Refuse further requests (UNAVAILABLE), stop waiters and end every watch stream."""
@@ -384,6 +438,12 @@ class PlacementController:
             return self._registry.get(name).role == WorkerRole.ATTENTION
         except NotFound:
             return False
+
+    def _undrain(self, worker_id: str) -> None:
+        drained = sorted(r.worker_id for r in self._registry.workers() if r.drained and r.worker_id != worker_id)
+        self._save_json({"drained_workers": drained})
+        self._registry.set_drained(worker_id, False)
+        logger.info("expert worker %s was drained and started again: it takes experts again", worker_id)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -405,8 +465,8 @@ class PlacementController:
                             self.config.dp_size)
             return
         if self._maps.current is None and self._registry.is_complete(WorkerRole.EXPERT):
-            expert_map = self._maps.next(self._initial_phy2log, self.config.model.num_experts,
-                                         self._registry.expert_ids())
+            owners = self._registry.expert_ids()[:self.config.ep_size]    # elastic: later ones come by scale-out
+            expert_map = self._maps.next(self._initial_phy2log, self.config.model.num_experts, owners)
             self._append(expert_map, "initial", 0)
             logger.info("initial expert map version %d: %d layers, %d slots over %d expert workers (%s)",
                         expert_map.version, expert_map.num_layers, expert_map.num_physical_slots,

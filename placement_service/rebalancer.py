@@ -77,6 +77,7 @@ class MapChange:
     plan: RebalancePlan | None = None
     drain: tuple[str, ...] = ()  # expert workers this change empties (DrainWorker)
     rollback_to: int | None = None  # what a later Rollback returns to; None = the version this change starts from
+    slot_owners: tuple[str, ...] = ()  # the target's slot owners when they change (scale-out); () = unchanged
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ class Rebalancer:
         start = self._clock()
         controller.save_json({"operation": {"operation": change.operation, "base_version": base_version,
                                             "target": change.target.tolist(), "drain": list(change.drain),
-                                            "rollback_to": change.rollback_to}})
+                                            "rollback_to": change.rollback_to,
+                                            "slot_owners": list(change.slot_owners)}})
         num_versions, message = 0, ""
         try:
             num_versions, message = self._run_chunks(change, base_version)
@@ -189,7 +191,7 @@ class Rebalancer:
             phy2log = change.target.clone() if change.target.shape != current.phy2log.shape else current.phy2log.clone()
             phy2log[list(layers)] = change.target[list(layers)]
             new_map = ExpertMap(phy2log, current.num_logical_experts, controller.reserve_version(),
-                                current.slot_owners)
+                                change.slot_owners or current.slot_owners)
             try:
                 with self._span("placement.prepare", to_version=new_map.version, layers=list(layers)):
                     self._prepare(new_map, layers)
@@ -269,7 +271,8 @@ class Rebalancer:
         if record is None:
             return None
         change = MapChange(record["operation"], torch.tensor(record["target"], dtype=torch.int64),
-                           drain=tuple(record.get("drain", ())), rollback_to=record.get("rollback_to"))
+                           drain=tuple(record.get("drain", ())), rollback_to=record.get("rollback_to"),
+                           slot_owners=tuple(record.get("slot_owners", ())))
         logger.info("completing %s (started from version %d) after a restart", change.operation,
                     record["base_version"])
         try:
@@ -296,16 +299,23 @@ class Rebalancer:
         if target.dim() != 2 or target.shape[0] != current.num_layers:
             raise InvalidArgument(f"target phy2log has shape {tuple(target.shape)}, expected [{current.num_layers} "
                                   "layers, physical slots]")
+        owners = change.slot_owners or current.slot_owners
         try:
-            ExpertMap(target, current.num_logical_experts, 0, current.slot_owners)
+            ExpertMap(target, current.num_logical_experts, 0, owners)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        per = target.shape[1] // current.num_workers
-        dead = [w.worker_id for w in self.controller.list_workers() if w.worker_id in current.slot_owners
+        per = target.shape[1] // len(owners)
+        dead = [w.worker_id for w in self.controller.list_workers() if w.worker_id in owners
                 and w.state == WorkerState.DEAD]
+        # A slot of a DEAD worker may keep what it held (an elastic routing-only version leaves an
+        # expert with no live replica where it was, until it is reloaded elsewhere), never gain one.
+        kept = torch.zeros_like(target, dtype=torch.bool)
+        if per == current.slots_per_worker:        # the same slots (a scale-out appends a worker's slots)
+            kept[:, :current.num_physical_slots] = target[:, :current.num_physical_slots] == current.phy2log
         for worker_id in dead:
-            index = current.slot_owners.index(worker_id)
-            if bool((target[:, index * per:(index + 1) * per] >= 0).any()):
+            index = owners.index(worker_id)
+            cells = slice(index * per, (index + 1) * per)
+            if bool(((target[:, cells] >= 0) & ~kept[:, cells]).any()):
                 raise FailedPrecondition(f"the new map puts experts on expert worker {worker_id}, which is DEAD")
 
 

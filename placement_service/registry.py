@@ -11,6 +11,10 @@ after ``dead_after_s``. Nothing else reacts yet (elastic failover is a later ste
 A *drained* expert worker (``set_drained``: every slot moved off it by DrainWorker) shows
 DRAINING while it is heard from, DEAD when silent; EPLB plans place nothing on it.
 
+Elastic EP (``elastic=True``): a new expert worker that finds every expert rank taken gets the
+next rank (``ep_size`` grows: scale-out); ``suspect`` marks a worker a peer reported, and
+``mark_dead`` / ``mark_alive`` record placement's probe of it, without waiting for the timers.
+
 Not thread-safe: ``PlacementController`` calls it under its lock. Times come from the
 injected clocks so tests can drive them.
 """
@@ -50,9 +54,10 @@ class WorkerRecord:
 
 class WorkerRegistry:
     def __init__(self, dp_size: int, ep_size: int, suspect_after_s: float, dead_after_s: float,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 elastic: bool = False) -> None:
         assert 0 < suspect_after_s < dead_after_s
-        self.dp_size, self.ep_size = dp_size, ep_size
+        self.dp_size, self.ep_size, self.elastic = dp_size, ep_size, elastic
         self.suspect_after_s, self.dead_after_s = suspect_after_s, dead_after_s
         self._clock, self._wall_clock = clock, wall_clock
         self._by_id: dict[str, WorkerRecord] = {}
@@ -107,6 +112,11 @@ class WorkerRegistry:
                 raise FailedPrecondition(f"previous_rank {previous_rank} is held by worker {holder.worker_id}")
             return previous_rank
         free = [rank for rank in ranks if rank not in self._by_rank]
+        if not free and self.elastic and role == WorkerRole.EXPERT:
+            self.ep_size += 1          # scale-out: the new expert worker gets the next rank
+            logger.info("expert worker %s is one more than the %d expert ranks: expert ranks grow to %d",
+                        worker_id, self.ep_size - 1, self.ep_size)
+            return ranks.stop
         if not free:
             flag = "--dp-size" if role == WorkerRole.ATTENTION else "--ep-size"
             raise ResourceExhausted(f"all {len(ranks)} {role.name} ranks are taken ({flag} {len(ranks)}); "
@@ -118,6 +128,8 @@ class WorkerRegistry:
         placement is down; a gateway listing them meanwhile must not drop them), not yet
         ``heard``; the usual timers make a silent one SUSPECT, then DEAD."""
         for record in records:
+            if self.elastic and record.role == WorkerRole.EXPERT:
+                self.ep_size = max(self.ep_size, record.rank - self.dp_size + 1)   # grown by a scale-out
             assert record.rank in self.rank_range(record.role), (
                 f"stored rank {record.rank} of {record.worker_id} is out of range")
             record.state = WorkerState.ALIVE
@@ -168,6 +180,33 @@ class WorkerRegistry:
         record.heard = True
         record.last_seen_s = self._clock()
         record.last_heartbeat_unix_ms = int(self._wall_clock() * 1000)
+
+    def by_rank(self, rank: int) -> WorkerRecord:
+        record = self._by_rank.get(rank)
+        if record is None:
+            raise NotFound(f"no worker holds data-plane rank {rank}")
+        return record
+
+    def suspect(self, worker_id: str) -> WorkerState:
+        """A peer reported ``worker_id`` (data-plane timeout or broken link): ALIVE → SUSPECT until
+        placement's probe (``mark_dead`` / ``mark_alive``) or its next heartbeat says otherwise."""
+        record = self.get(worker_id)
+        if record.state == WorkerState.ALIVE:
+            record.state = WorkerState.SUSPECT
+        return record.state
+
+    def mark_dead(self, worker_id: str) -> WorkerState:
+        """Placement's probe found nothing listening: DEAD now (a heartbeat from a restarted
+        process makes it ALIVE again). Returns the previous state."""
+        record = self.get(worker_id)
+        previous, record.state = record.state, WorkerState.DEAD
+        return previous
+
+    def mark_alive(self, worker_id: str) -> None:
+        """Placement's probe reached the suspect: back to ALIVE (DRAINING when drained)."""
+        record = self.get(worker_id)
+        if record.state == WorkerState.SUSPECT:
+            record.state = WorkerState.DRAINING if record.drained else WorkerState.ALIVE
 
     def check_health(self) -> list[tuple[WorkerRecord, WorkerState]]:
         """Downgrade silent workers. Returns (record, previous state) for each change."""

@@ -9,6 +9,8 @@ makes EPLB decisions). The rendezvous store is the torch.distributed TCPStore ev
 the data plane through (as a client); it holds nothing placement needs, so a restarted
 service hosts a fresh one, on the same port when it can.
 
+With ``--elastic-ep-backend`` a third thread runs the elastic failover (``failover.py``).
+
 ``PlacementServer.stop()`` undoes it in order: refuse new requests, wake every waiter and
 end watch streams (a map change in progress stops where it is, writing nothing more: the
 next start resumes it), stop the gRPC server (in-flight unary RPCs get the grace period),
@@ -37,6 +39,7 @@ from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.controller import PlacementController
 from epserve.placement_service.eplb_loop import EplbLoop
 from epserve.placement_service.errors import PlacementError
+from epserve.placement_service.failover import Failover
 from epserve.placement_service.initial_placement import initial_phy2log
 from epserve.placement_service.rebalancer import Rebalancer
 from epserve.placement_service.service import PlacementAdminServicer, PlacementServicer
@@ -56,8 +59,10 @@ UNTRACED_RPCS = (*DEFAULT_UNTRACED_SERVICES, "epserve.v1.Placement/Heartbeat", "
 class PlacementServer:
     def __init__(self, config: PlacementConfig, controller: PlacementController, grpc_server: GrpcServer,
                  store: dist.TCPStore, db: StateDB | None, eplb: EplbLoop, tracing: Tracing,
-                 metrics: PlacementMetrics | None = None, metrics_server: MetricsServer | None = None) -> None:
+                 metrics: PlacementMetrics | None = None, metrics_server: MetricsServer | None = None,
+                 failover: Failover | None = None) -> None:
         self.config, self.controller, self.grpc_server = config, controller, grpc_server
+        self.failover = failover
         self.eplb, self.rebalancer, self.admin = eplb, eplb.rebalancer, eplb.admin
         self.tracing, self.metrics, self._metrics_server = tracing, metrics, metrics_server
         self._store, self._db = store, db
@@ -66,6 +71,8 @@ class PlacementServer:
         tick_s = min(config.heartbeat_interval_ms / 4, 500) / 1000
         self._monitor = start_daemon_thread(lambda: self._monitor_loop(tick_s), "placement-health-monitor")
         self._rebalancer_thread = start_daemon_thread(lambda: eplb.run(self._stop_monitor), "placement-rebalancer")
+        self._failover_thread = (start_daemon_thread(lambda: failover.run(self._stop_monitor), "placement-failover")
+                                 if failover is not None else None)
 
     @property
     def port(self) -> int:
@@ -109,6 +116,9 @@ class PlacementServer:
         self._stop_monitor.set()
         self._monitor.join(timeout=2.0)
         self._rebalancer_thread.join(timeout=2.0)
+        if self._failover_thread is not None:
+            self.failover.notify()
+            self._failover_thread.join(timeout=2.0)
         self._store = None  # the TCPStore server stops with its last reference
         if self._db is not None:
             self._db.close()
@@ -131,8 +141,9 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
         rebalancer = Rebalancer(controller, tracing=tracing, metrics=metrics)
         admin = AdminOps(controller, rebalancer)
         eplb = EplbLoop(admin, rebalancer)
+        failover = Failover(controller, admin, rebalancer) if config.elastic else None
         grpc_server = serve_grpc(
-            [(placement_pb2_grpc.add_PlacementServicer_to_server, PlacementServicer(controller, tracing),
+            [(placement_pb2_grpc.add_PlacementServicer_to_server, PlacementServicer(controller, tracing, failover),
               placement_pb2.DESCRIPTOR.services_by_name["Placement"].full_name),
              (placement_pb2_grpc.add_PlacementAdminServicer_to_server, PlacementAdminServicer(controller, admin, eplb),
               placement_pb2.DESCRIPTOR.services_by_name["PlacementAdmin"].full_name)],
@@ -155,7 +166,12 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
                     "version%s", config.eplb_algorithm, config.eplb_rebalance_num_iterations,
                     config.eplb_min_rebalancing_utilization_threshold, config.eplb_min_gain,
                     config.eplb_rebalance_layers_per_chunk or "all", " (paused)" if eplb.paused else "")
-    return PlacementServer(config, controller, grpc_server, store, db, eplb, tracing, metrics, metrics_server)
+    if failover is not None:
+        logger.info("elastic EP on (%s): lost expert workers are routed around and replaced, suspects probed "
+                    "within %d ms; EPLB algorithm %s", config.elastic_ep_backend, config.elastic_ep_probe_timeout_ms,
+                    config.eplb_algorithm)
+    return PlacementServer(config, controller, grpc_server, store, db, eplb, tracing, metrics, metrics_server,
+                           failover)
 
 
 def _open_state_db(config: PlacementConfig) -> StateDB:

@@ -30,7 +30,8 @@ from epserve.placement_service.admin import AdminOps
 from epserve.placement_service.broadcast import SubscriptionClosed
 from epserve.placement_service.controller import PlacementController
 from epserve.placement_service.eplb_loop import EplbLoop
-from epserve.placement_service.errors import PlacementError
+from epserve.placement_service.errors import FailedPrecondition, PlacementError
+from epserve.placement_service.failover import Failover
 from epserve.placement_service.planner import RebalancePlan
 from epserve.placement_service.rebalancer import ChangeResult
 from epserve.placement_service.state import PlacementUpdate
@@ -62,10 +63,12 @@ def update_to_proto(update: PlacementUpdate) -> placement_pb2.PlacementUpdate:
 
 class PlacementServicer(placement_pb2_grpc.PlacementServicer):
     """``tracing``: each update sent on a watch stream is a ``placement.push`` span (from taking
-    it off the queue until gRPC asks for the next message, i.e. the send)."""
+    it off the queue until gRPC asks for the next message, i.e. the send). ``failover``: elastic
+    EP (ReportSuspicion), None without it."""
 
-    def __init__(self, controller: PlacementController, tracing: Tracing | None = None) -> None:
-        self.controller = controller
+    def __init__(self, controller: PlacementController, tracing: Tracing | None = None,
+                 failover: Failover | None = None) -> None:
+        self.controller, self.failover = controller, failover
         self.tracing = tracing if tracing is not None else setup_tracing("epserve-placement", None)
 
     @_status_errors
@@ -73,10 +76,11 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
         rank = self.controller.register(request.worker_id, request.role, request.address, request.capacity,
                                         request.device, request.model_fingerprint, request.previous_rank)
         config = self.controller.config
-        return placement_pb2.RegisterResponse(rank=rank, world_size=config.world_size,
+        return placement_pb2.RegisterResponse(rank=rank, world_size=self.controller.world_size,
                                               dist_init_addr=self.controller.dist_init_addr,
                                               heartbeat_interval_ms=config.heartbeat_interval_ms,
-                                              backend=config.moe_a2a_backend)
+                                              backend=config.moe_a2a_backend,
+                                              elastic_ep_backend=config.elastic_ep_backend)
 
     @_status_errors
     def Heartbeat(self, request: placement_pb2.HeartbeatRequest, context) -> placement_pb2.HeartbeatResponse:
@@ -120,6 +124,16 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
         self.controller.report_load(request.worker_id, request.map_version, request.num_layers,
                                     request.num_physical_slots, list(request.slot_token_counts), request.num_passes)
         return placement_pb2.ReportLoadResponse()
+
+    @_status_errors
+    def ReportSuspicion(self, request: placement_pb2.ReportSuspicionRequest,
+                        context) -> placement_pb2.ReportSuspicionResponse:
+        """Elastic EP: probe the suspect now (FAILED_PRECONDITION without --elastic-ep-backend)."""
+        if self.failover is None:
+            raise FailedPrecondition("suspicions are for elastic EP; this placement runs --elastic-ep-backend none")
+        suspect = self.failover.report_suspicion(request.worker_id, request.suspect_rank, request.reason)
+        return placement_pb2.ReportSuspicionResponse(state=int(suspect.state),
+                                                     latest_version=self.controller.latest_version)
 
 
 def plan_to_proto(plan: RebalancePlan, expert_map: ExpertMap) -> placement_pb2.PlanRebalanceResponse:
