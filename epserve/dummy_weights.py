@@ -83,7 +83,11 @@ def open_weights(model_path: str | Path, load_format: str, spec: ModelSpec,
 
 
 def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Checkpoint name → shape of every tensor in a Hub checkpoint of ``spec`` (Qwen3-MoE layout)."""
+    """Checkpoint name → shape of every tensor in a Hub checkpoint of ``spec`` (Qwen3-MoE layout;
+    DeepSeek's from its model file)."""
+    if spec.mla is not None:
+        from epserve.models.deepseek_v3 import checkpoint_shapes as deepseek_shapes
+        return deepseek_shapes(spec)
     D, Dh, V = spec.hidden_size, spec.head_dim, spec.vocab_size
     q_dim, kv_dim = spec.num_attention_heads * Dh, spec.num_key_value_heads * Dh
     I, F = spec.moe_intermediate_size, spec.intermediate_size
@@ -117,6 +121,8 @@ def tensor_seed(name: str, seed: int = DUMMY_SEED) -> int:
 
 def tensor_moments(name: str, shape: tuple[int, ...], num_layers: int) -> tuple[float, float]:
     """(mean, std) that checkpoint tensor ``name`` of ``shape`` is drawn with (module docstring)."""
+    if name.endswith(".e_score_correction_bias"):        # DeepSeek's router bias: none
+        return 0.0, 0.0
     if len(shape) == 1:
         assert name.endswith("norm.weight"), f"no dummy rule for 1-D tensor {name}"
         return 1.0, NORM_WEIGHT_STD

@@ -127,3 +127,17 @@ def test_tiny_deepseek_needs_a_head_dim_divisible_by_4(tmp_path):
 
     with pytest.raises(ValueError, match="head_dim divisible by 4"):
         make_tiny_model(tmp_path / "bad", arch="deepseek_v3", head_dim=6)
+
+
+def test_dummy_weights_serve_a_deepseek_config(tmp_path):
+    from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
+    from epserve.attention_worker.sampler import SamplingParams
+
+    small = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,
+                 num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, vocab_size=300)
+    engine = build_colocated_engine(str(write(tmp_path, **small)), torch.float32, load_format="dummy")
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    first = generate_tokens(engine, [[1, 2, 3, 4]], params)
+    assert len(first[0]) == 6 and first == generate_tokens(engine, [[1, 2, 3, 4]], params)
