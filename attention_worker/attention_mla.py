@@ -3,7 +3,7 @@
 Legend: T tokens in the step, n a sequence's new tokens, L its context (cached + new), H heads,
 C kv_lora_rank, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
 
-``forward`` rotates the query's and key's rotary parts (YaRN and the interleaved layout as the config
+``forward`` rotates the query's and key's rotary parts (YaRN and the rotary style as the config
 says, ``epserve.models.rope_scaling``), stores each new token's latent and rotated key in the
 latent cache (``MlaKVCache``: C + Dr values per token and layer), then attends per sequence over
 its gathered context in one of two equivalent forms:
@@ -38,7 +38,7 @@ class TorchMlaAttention:
         self.num_heads = spec.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim, self.latent_dim = (mla.qk_nope_head_dim, mla.qk_rope_head_dim,
                                                                      mla.v_head_dim, mla.kv_lora_rank)
-        self.rope = MlaRotaryEmbedding(mla.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling, mla.rope_interleave)
+        self.rope = MlaRotaryEmbedding(mla.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling, mla.rope_style)
         self.scale = mla_softmax_scale(mla.qk_head_dim, spec.rope_scaling)
         self.absorbed_max_new_tokens = absorbed_max_new_tokens
 
@@ -47,11 +47,11 @@ class TorchMlaAttention:
         """q [T, H, Dn + Dr], latent [T, C], k_rope [T, Dr], kv_b_proj [H (Dn + Dv), C] → [T, H Dv]."""
         num_tokens, heads = q.shape[0], self.num_heads
         if "mla_rope" not in batch.backend_state:             # once per forward, not per layer
-            batch.backend_state["mla_rope"] = self.rope.cos_sin(batch.positions, q.dtype)
-        cos, sin = batch.backend_state["mla_rope"]
+            batch.backend_state["mla_rope"] = self.rope.tables(batch.positions, q.dtype)
+        tables = batch.backend_state["mla_rope"]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = self.rope.apply(q_rope, cos, sin)                                      # [T, H, Dr]
-        k_rope = self.rope.apply(k_rope.unsqueeze(1), cos, sin).squeeze(1)             # [T, Dr]
+        q_rope = self.rope.apply(q_rope, tables)                                        # [T, H, Dr]
+        k_rope = self.rope.apply(k_rope.unsqueeze(1), tables).squeeze(1)               # [T, Dr]
         pool = self.kv_cache.kv[layer]                                                   # [N, Bs, C + Dr]
         pool.view(-1, pool.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_rope], dim=-1)
         w_kv = kv_b_proj.view(heads, self.nope_dim + self.v_dim, self.latent_dim)       # [H, Dn + Dv, C]

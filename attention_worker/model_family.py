@@ -64,6 +64,7 @@ def _mla_attention(kv_cache, spec: ModelSpec):
 FAMILIES = {
     "qwen3_moe": ModelFamily("qwen3_moe", _load_qwen3_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
     "deepseek_v3": ModelFamily("deepseek_v3", _load_deepseek, _mla_kv_cache, _mla_attention),
+    "deepseek_v2": ModelFamily("deepseek_v2", _load_deepseek, _mla_kv_cache, _mla_attention),
 }
 
 

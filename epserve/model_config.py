@@ -5,9 +5,11 @@ decoder layers are MoE layers, routing settings. ``load_model_spec(dir)`` reads 
 errors name the field and say what to change. ``check_parallel_sizes`` enforces SGLang's
 EP sizing rules.
 
-Families: Qwen3-MoE (GQA attention, softmax top-k) and DeepSeek-V3 (multi-head latent attention,
+Families: Qwen3-MoE (GQA attention, softmax top-k), DeepSeek-V3 (multi-head latent attention,
 ``MlaSpec``; YaRN RoPE, ``RopeScaling``; sigmoid grouped top-k with a correction bias and shared
-experts, ``RoutingSpec``). The family's fields stay at their neutral defaults for other families.
+experts, ``RoutingSpec``) and DeepSeek-V2/V2-Lite (MLA with or without ``q_lora_rank``, softmax
+scores, greedy or group-limited greedy top-k). The family's fields stay at their neutral defaults
+for other families. Keys missing from a DeepSeek config.json take transformers' defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3"}
+SUPPORTED_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
+                           "DeepseekV2ForCausalLM": "deepseek_v2"}
+ROPE_STYLES = ("interleave", "rotate_half", "complex")
 
 
 class ModelConfigError(ValueError):
@@ -33,7 +37,10 @@ class MlaSpec:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
-    rope_interleave: bool        # rotary pairs (x0, x1), (x2, x3), ... (DeepSeek's checkpoints)
+    # how the rotary part turns (ROPE_STYLES): DeepSeek-V3 "interleave" (pairs (x0, x1), (x2, x3), ...,
+    # config rope_interleave, the default) or "rotate_half"; DeepSeek-V2 "complex" (the same pairs as
+    # complex numbers, in float32 whatever the dtype, as transformers' DeepseekV2 computes them)
+    rope_style: str
 
     @property
     def qk_head_dim(self) -> int:
@@ -169,14 +176,14 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
                                f"supported; supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}")
     architecture = supported[0]
     model_type = SUPPORTED_ARCHITECTURES[architecture]
+    deepseek = model_type in DEEPSEEK_MODEL_TYPES
     quantization = config.get("quantization_config")
     if quantization:
         raise ModelConfigError(f"{config_file}: quantized checkpoints ({quantization.get('quant_method', '?')}) are "
                                "not supported yet; the weights would be read without their scales. Use a bf16 "
                                "checkpoint (DeepSeek's fp8_cast_bf16.py converts FP8 block-quantized weights)")
-    deepseek = model_type in DEEPSEEK_MODEL_TYPES
-    if model_type == "deepseek_v3":
-        config = {**DEEPSEEK_V3_DEFAULTS, **config}        # what transformers' DeepseekV3Config assumes
+    if deepseek:                                       # what transformers' DeepseekV2/V3Config assume
+        config = {**(DEEPSEEK_V3_DEFAULTS if model_type == "deepseek_v3" else DEEPSEEK_V2_DEFAULTS), **config}
     get = lambda key: _require(config, key, config_file)  # noqa: E731
     num_layers = int(get("num_hidden_layers"))
     num_heads = int(get("num_attention_heads"))
@@ -223,7 +230,13 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
     return spec
 
 
-# transformers' DeepseekV3Config defaults: a config.json without these keys means these values
+# transformers' DeepseekV2Config / DeepseekV3Config defaults: a config.json without these keys means these
+DEEPSEEK_V2_DEFAULTS = {
+    "n_shared_experts": 2, "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": None, "topk_group": None,
+    "topk_method": "greedy", "first_k_dense_replace": 0, "norm_topk_prob": False, "intermediate_size": 11008,
+    "moe_intermediate_size": 1407, "max_position_embeddings": 2048, "n_routed_experts": 64,
+}
 DEEPSEEK_V3_DEFAULTS = {
     "n_shared_experts": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
     "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4,
@@ -233,17 +246,28 @@ DEEPSEEK_V3_DEFAULTS = {
 
 
 def _deepseek_fields(config: dict, where: Path, get) -> tuple[float, dict]:
-    """(rope_theta, the ModelSpec fields of the DeepSeek family) from a DeepSeek config.json."""
-    scoring, method = config.get("scoring_func", "sigmoid"), config.get("topk_method", "noaux_tc")
-    if (scoring, method) != ("sigmoid", "noaux_tc"):
-        raise ModelConfigError(f"{where}: DeepseekV3ForCausalLM routes with scoring_func 'sigmoid' and "
-                               f"topk_method 'noaux_tc' (as transformers does); got {scoring!r}, {method!r}")
+    """(rope_theta, the ModelSpec fields of the DeepSeek family) from a DeepSeek-V2/V3 config.json. The
+    routing is what transformers computes for the version (it ignores ``scoring_func``)."""
+    v3 = config["model_type"] == "deepseek_v3"
+    scoring = "sigmoid" if v3 else "softmax"
+    method = config.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    allowed = ("noaux_tc",) if v3 else ("greedy", "group_limited_greedy")
+    if config.get("scoring_func", scoring) != scoring or method not in allowed:
+        raise ModelConfigError(f"{where}: {config['architectures'][0]} routes with scoring_func {scoring!r} and "
+                               f"topk_method {' or '.join(map(repr, allowed))} (as transformers does); got "
+                               f"{config.get('scoring_func')!r}, {method!r}")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise ModelConfigError(f"{where}: {key} true is not supported (DeepSeek checkpoints have no biases)")
     q_lora_rank = config.get("q_lora_rank")
+    rope_style = ("interleave" if config.get("rope_interleave", True) else "rotate_half") if v3 else "complex"
     mla = MlaSpec(q_lora_rank=int(q_lora_rank) if q_lora_rank else None, kv_lora_rank=int(get("kv_lora_rank")),
                   qk_nope_head_dim=int(get("qk_nope_head_dim")), qk_rope_head_dim=int(get("qk_rope_head_dim")),
-                  v_head_dim=int(get("v_head_dim")), rope_interleave=bool(config.get("rope_interleave", True)))
-    routing = RoutingSpec(scoring_func=scoring, topk_method=method, n_group=int(config.get("n_group") or 1),
-                          topk_group=int(config.get("topk_group") or 1),
+                  v_head_dim=int(get("v_head_dim")), rope_style=rope_style)
+    grouped = method != "greedy"
+    routing = RoutingSpec(scoring_func=scoring, topk_method=method,
+                          n_group=int(config.get("n_group") or 1) if grouped else 1,
+                          topk_group=int(config.get("topk_group") or 1) if grouped else 1,
                           routed_scaling_factor=float(config.get("routed_scaling_factor") or 1.0))
     rope_theta, rope_scaling = _rope_scaling(config, where)
     return rope_theta, dict(mla=mla, routing=routing, rope_scaling=rope_scaling,
@@ -284,7 +308,7 @@ def _validate_deepseek(spec: ModelSpec, where: Path) -> None:
     if routing.n_group < 1 or num_experts % routing.n_group:
         raise ModelConfigError(f"{where}: n_group ({routing.n_group}) must divide n_routed_experts ({num_experts})")
     per_group = num_experts // routing.n_group
-    if per_group < 2:
+    if per_group < 2 and routing.topk_method == "noaux_tc":
         raise ModelConfigError(f"{where}: each of the n_group={routing.n_group} groups needs at least 2 experts "
                                "(a group scores the sum of its top two)")
     if not 1 <= routing.topk_group <= routing.n_group:

@@ -1,19 +1,23 @@
-"""Tiny DeepSeek-V3 models (``make_tiny_model(dir, arch="deepseek_v3")``): the ``TinyArch`` of the family.
+"""Tiny DeepSeek models (``make_tiny_model(dir, arch="deepseek_v3" | "deepseek_v2")``): the family's ``TinyArch``.
 
 Legend: T tokens, B rows, S sequence length, D hidden, H heads, Q q_lora_rank, C kv_lora_rank,
 Dn/Dr/Dv nope/rope/value head dims, E routed experts, K top-k, I MoE intermediate size.
 
 The family's extra shapes derive from the generic options (``head_dim`` hd): Dn = Dv = hd,
-Dr = hd / 2 (so hd must be a multiple of 4), C = 2 hd, Q = D / 2; one shared expert of width I;
-the first layer dense (SwiGLU of width 3 D) when there are at least two layers; E / 4 groups
-(fewer when E is small) of which half are kept per token; ``routed_scaling_factor`` 2.5; a random
-``e_score_correction_bias``; YaRN RoPE (factor 4 over 512 original positions, mscale 1,
-mscale_all_dim 0.8, so both cos/sin and the softmax scale are scaled); interleaved rotary pairs.
+Dr = hd / 2 (so hd must be a multiple of 4), C = 2 hd; the first layer dense (SwiGLU of width 3 D)
+when there are at least two layers; E / 4 groups (fewer when E is small) of which half are kept per
+token; YaRN RoPE over 512 original positions, with mscale values that scale cos/sin and the softmax.
+- ``deepseek_v3``: Q = D / 2 (q_a_proj → norm → q_b_proj), sigmoid grouped top-k (``noaux_tc``) with a
+  random ``e_score_correction_bias``, renormalised, ``routed_scaling_factor`` 2.5, one shared expert,
+  interleaved rotary pairs, YaRN factor 4 with mscale 1 / mscale_all_dim 0.8;
+- ``deepseek_v2``: V2-Lite's attention (one q_proj, no q_lora_rank) with V2's routing (softmax,
+  ``group_limited_greedy``, not renormalised, ``routed_scaling_factor`` 2.0), two shared experts,
+  complex rotary, YaRN factor 4 with mscale 0.707 / mscale_all_dim 0.6.
 Every DeepSeek-specific path of the serving code is therefore exercised by a tiny model.
 
 ``router_inputs`` is an independent float64 forward (expanded MLA attention, dense first layers,
-sigmoid grouped routing with the bias, shared experts) used to fit the routers' load skew; the fit
-itself ranks experts by plain logits (sigmoid is monotonic; the bias and group limits move the
+the version's routing, shared experts) used to fit the routers' load skew; the fit itself ranks
+experts by plain logits (sigmoid and softmax are monotonic; the bias and group limits move the
 measured shares a little away from the target).
 """
 
@@ -32,12 +36,15 @@ from epserve.models.rope_scaling import MlaRotaryEmbedding, mla_softmax_scale
 
 class DeepseekV3Arch:
     name = "deepseek_v3"
+    architecture = "DeepseekV3ForCausalLM"
+    v3 = True                    # sigmoid noaux_tc routing with a bias, q_lora_rank, interleaved rotary
     rope_theta = 10000.0
     rms_norm_eps = 1e-6
     max_position_embeddings = 2048
     rope_scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32,
                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
     routed_scaling_factor = 2.5
+    n_shared_experts = 1
     embed_shared = 0.6  # norm of the direction all token embeddings share, relative to their random part
     lm_head_gain = 2.0  # logits std ~2: clear argmax gaps, so greedy parity is robust
 
@@ -53,15 +60,19 @@ class DeepseekV3Arch:
                 break
         if E < 2:
             raise ValueError(f"deepseek_v3 needs at least 2 experts (a group scores its top two), got {E}")
-        return {"q_lora_rank": max(opts.hidden_size // 2, 1), "kv_lora_rank": 2 * opts.head_dim,
+        return {"q_lora_rank": max(opts.hidden_size // 2, 1) if self.v3 else None, "kv_lora_rank": 2 * opts.head_dim,
                 "qk_nope_head_dim": opts.head_dim, "qk_rope_head_dim": opts.head_dim // 2,
                 "v_head_dim": opts.head_dim, "n_group": n_group, "topk_group": topk_group,
                 "first_k_dense_replace": 1 if opts.num_layers > 1 else 0, "intermediate_size": 3 * opts.hidden_size}
 
     def config(self, opts, special_ids: dict[str, int]) -> dict:
         d = self.dims(opts)
+        routing = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
+                   "rope_interleave": True} if self.v3 else \
+            {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+             "mlp_bias": False}
         return {
-            "architectures": ["DeepseekV3ForCausalLM"],
+            "architectures": [self.architecture],
             "attention_bias": False,
             "attention_dropout": 0.0,
             "bos_token_id": special_ids[tokenizer_build.ENDOFTEXT],
@@ -74,13 +85,12 @@ class DeepseekV3Arch:
             "intermediate_size": d["intermediate_size"],
             "kv_lora_rank": d["kv_lora_rank"],
             "max_position_embeddings": self.max_position_embeddings,
-            "model_type": "deepseek_v3",
+            "model_type": self.name,
             "moe_intermediate_size": opts.moe_intermediate_size,
             "moe_layer_freq": 1,
             "n_group": d["n_group"],
             "n_routed_experts": opts.num_experts,
-            "n_shared_experts": 1,
-            "norm_topk_prob": True,
+            "n_shared_experts": self.n_shared_experts,
             "num_attention_heads": opts.num_attention_heads,
             "num_experts_per_tok": opts.top_k,
             "num_hidden_layers": opts.num_layers,
@@ -90,18 +100,16 @@ class DeepseekV3Arch:
             "qk_nope_head_dim": d["qk_nope_head_dim"],
             "qk_rope_head_dim": d["qk_rope_head_dim"],
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_interleave": True,
             "rope_scaling": dict(self.rope_scaling),   # the published checkpoints' key and format
             "rope_theta": self.rope_theta,
             "routed_scaling_factor": self.routed_scaling_factor,
-            "scoring_func": "sigmoid",
             "tie_word_embeddings": False,
             "topk_group": d["topk_group"],
-            "topk_method": "noaux_tc",
             "torch_dtype": opts.dtype,
             "use_cache": True,
             "v_head_dim": d["v_head_dim"],
             "vocab_size": opts.vocab_size,
+            **routing,
         }
 
     def init_weights(self, opts, randn: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,9 +133,12 @@ class DeepseekV3Arch:
         for layer in range(opts.num_layers):
             p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
             w[p + "input_layernorm.weight"] = norm(p + "input_layernorm.weight", D)
-            w[a + "q_a_proj.weight"] = randn(a + "q_a_proj.weight", (Q, D), std=D**-0.5)
-            w[a + "q_a_layernorm.weight"] = norm(a + "q_a_layernorm.weight", Q)
-            w[a + "q_b_proj.weight"] = randn(a + "q_b_proj.weight", (H * qk, Q), std=Q**-0.5)
+            if Q is None:
+                w[a + "q_proj.weight"] = randn(a + "q_proj.weight", (H * qk, D), std=D**-0.5)
+            else:
+                w[a + "q_a_proj.weight"] = randn(a + "q_a_proj.weight", (Q, D), std=D**-0.5)
+                w[a + "q_a_layernorm.weight"] = norm(a + "q_a_layernorm.weight", Q)
+                w[a + "q_b_proj.weight"] = randn(a + "q_b_proj.weight", (H * qk, Q), std=Q**-0.5)
             w[a + "kv_a_proj_with_mqa.weight"] = randn(a + "kv_a_proj_with_mqa.weight", (C + Dr, D), std=D**-0.5)
             w[a + "kv_a_layernorm.weight"] = norm(a + "kv_a_layernorm.weight", C)
             w[a + "kv_b_proj.weight"] = randn(a + "kv_b_proj.weight", (H * (qk - Dr + Dv), C), std=C**-0.5)
@@ -137,10 +148,12 @@ class DeepseekV3Arch:
                 w.update(mlp(p + "mlp.", F_))
                 continue
             w[p + "mlp.gate.weight"] = randn(p + "mlp.gate.weight", (E, D), std=D**-0.5)
-            w[p + "mlp.gate.e_score_correction_bias"] = randn(p + "mlp.gate.e_score_correction_bias", (E,), std=0.05)
+            if self.v3:
+                w[p + "mlp.gate.e_score_correction_bias"] = randn(p + "mlp.gate.e_score_correction_bias", (E,),
+                                                                  std=0.05)
             for e in range(E):
                 w.update(mlp(p + f"mlp.experts.{e}.", I))
-            w.update(mlp(p + "mlp.shared_experts.", I))
+            w.update(mlp(p + "mlp.shared_experts.", I * self.n_shared_experts))
         w["model.norm.weight"] = norm("model.norm.weight", D)
         lm_head = randn("lm_head.weight", (V, D), std=self.lm_head_gain * D**-0.5)
         common = shared * w["model.norm.weight"]  # what the shared direction looks like after the final norm
@@ -156,8 +169,8 @@ class DeepseekV3Arch:
         H, C, Dn, Dr, Dv = opts.num_attention_heads, d["kv_lora_rank"], d["qk_nope_head_dim"], \
             d["qk_rope_head_dim"], d["v_head_dim"]
         scaling = RopeScaling(**{k: v for k, v in self.rope_scaling.items() if k != "type"})
-        rope = MlaRotaryEmbedding(Dr, self.rope_theta, scaling, interleaved=True)
-        cos, sin = rope.cos_sin(torch.arange(S), torch.float64)                      # [S, Dr/2]
+        rope = MlaRotaryEmbedding(Dr, self.rope_theta, scaling, "interleave" if self.v3 else "complex")
+        tables = tuple(t.repeat(B, 1) for t in rope.tables(torch.arange(S), torch.float64))   # [T, Dr/2] each
         scale = mla_softmax_scale(Dn + Dr, scaling)
 
         def rms(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -171,14 +184,16 @@ class DeepseekV3Arch:
         for layer in range(opts.num_layers):
             p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
             x = rms(h, p + "input_layernorm.weight")
-            q = rms(x @ W[a + "q_a_proj.weight"].T, a + "q_a_layernorm.weight") @ W[a + "q_b_proj.weight"].T
+            if d["q_lora_rank"] is None:
+                q = x @ W[a + "q_proj.weight"].T
+            else:
+                q = rms(x @ W[a + "q_a_proj.weight"].T, a + "q_a_layernorm.weight") @ W[a + "q_b_proj.weight"].T
             q_nope, q_rope = q.view(B * S, H, Dn + Dr).split([Dn, Dr], -1)
             latent, k_rope = (x @ W[a + "kv_a_proj_with_mqa.weight"].T).split([C, Dr], -1)
             kv = (rms(latent, a + "kv_a_layernorm.weight") @ W[a + "kv_b_proj.weight"].T).view(B * S, H, Dn + Dv)
             k_nope, v = kv.split([Dn, Dv], -1)
-            positions_cos, positions_sin = cos.repeat(B, 1), sin.repeat(B, 1)        # [T, Dr/2]
-            q_rope = rope.apply(q_rope, positions_cos, positions_sin)
-            k_rope = rope.apply(k_rope.unsqueeze(1), positions_cos, positions_sin).expand(-1, H, -1)
+            q_rope = rope.apply(q_rope, tables)
+            k_rope = rope.apply(k_rope.unsqueeze(1), tables).expand(-1, H, -1)
             query = torch.cat([q_nope, q_rope], -1).view(B, S, H, -1).transpose(1, 2)
             key = torch.cat([k_nope, k_rope], -1).view(B, S, H, -1).transpose(1, 2)
             attn = F.scaled_dot_product_attention(query, key, v.view(B, S, H, Dv).transpose(1, 2), is_causal=True,
@@ -190,9 +205,13 @@ class DeepseekV3Arch:
                 continue
             gate_name = p + "mlp.gate.weight"
             yield layer, gate_name, x
-            bias = weights[p + "mlp.gate.e_score_correction_bias"].double()
-            top_i, top_w = _route(x @ weights[gate_name].double().T, bias, opts.top_k, d["n_group"],
-                                  d["topk_group"], self.routed_scaling_factor)
+            logits = x @ weights[gate_name].double().T
+            if self.v3:
+                top_i, top_w = _route(logits, weights[p + "mlp.gate.e_score_correction_bias"].double(), opts.top_k,
+                                      d["n_group"], d["topk_group"], self.routed_scaling_factor)
+            else:
+                top_i, top_w = _route_softmax(logits, opts.top_k, d["n_group"], d["topk_group"],
+                                              self.routed_scaling_factor)
             out = swiglu(x, p + "mlp.shared_experts.")
             for e in top_i.unique().tolist():
                 tok, slot = (top_i == e).nonzero(as_tuple=True)
@@ -211,3 +230,24 @@ def _route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, t
     ids = biased.masked_fill(~keep, float("-inf")).topk(top_k, dim=-1)[1]
     weights = scores.gather(1, ids)
     return ids, weights / weights.sum(-1, keepdim=True) * scaling
+
+
+def _route_softmax(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's group-limited greedy: logits [T, E] → (ids [T, K], weights [T, K]), not renormalised."""
+    scores = logits.softmax(dim=-1)
+    group_scores = scores.view(logits.shape[0], n_group, -1).max(dim=-1).values                  # [T, G]
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
+    keep = keep.repeat_interleave(logits.shape[1] // n_group, dim=1).bool()
+    weights, ids = scores.masked_fill(~keep, 0.0).topk(top_k, dim=-1)
+    return ids, weights * scaling
+
+
+class DeepseekV2Arch(DeepseekV3Arch):
+    name = "deepseek_v2"
+    architecture = "DeepseekV2ForCausalLM"
+    v3 = False
+    rope_scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32,
+                    "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.6}
+    routed_scaling_factor = 2.0
+    n_shared_experts = 2

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from epserve import tokenizer_build
-from epserve.tiny_deepseek import DeepseekV3Arch
+from epserve.tiny_deepseek import DeepseekV2Arch, DeepseekV3Arch
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,8 @@ class Qwen3MoeArch:
             h = h + out.view(B, S, -1)
 
 
-ARCHS: dict[str, TinyArch] = {"qwen3_moe": Qwen3MoeArch(), "deepseek_v3": DeepseekV3Arch()}
+ARCHS: dict[str, TinyArch] = {"qwen3_moe": Qwen3MoeArch(), "deepseek_v3": DeepseekV3Arch(),
+                             "deepseek_v2": DeepseekV2Arch()}
 
 # The model `epserve up` serves when no --model-path is given.
 DEFAULT_SERVING_OPTIONS = TinyModelOptions(

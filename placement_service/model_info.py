@@ -70,8 +70,10 @@ class ModelInfo:
             raise ValueError("config.json describes no MoE layers (check decoder_sparse_step, "
                              "mlp_only_layers / first_k_dense_replace); placement needs at least one")
         num_groups = 0
-        if model_type in DEEPSEEK_STYLE:     # transformers' DeepseekV3Config assumes 8 when the key is missing
-            num_groups = config.get("n_group", 8 if model_type == "deepseek_v3" else None) or 0
+        if model_type == "deepseek_v3":     # transformers' DeepseekV3Config assumes 8 when the key is missing
+            num_groups = config.get("n_group", 8) or 0
+        elif model_type == "deepseek_v2" and config.get("topk_method") == "group_limited_greedy":
+            num_groups = config.get("n_group") or 0
         return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint,
                    _optional_size(config, "hidden_size"), _optional_size(config, "moe_intermediate_size"),
                    num_groups if isinstance(num_groups, int) and num_groups > 0 else 0)

@@ -1,4 +1,4 @@
-"""DeepSeek-V3, attention side: everything but the routed experts.
+"""DeepSeek-V3 and DeepSeek-V2/V2-Lite, attention side: everything but the routed experts.
 
 Legend: T tokens in the step, D hidden, H heads, Q q_lora_rank, C kv_lora_rank, Dn qk_nope_head_dim,
 Dr qk_rope_head_dim, Dv v_head_dim, E routed experts, G expert groups, K top-k, I MoE intermediate
@@ -6,8 +6,8 @@ size, V vocab.
 
 Per decoder layer: (residual add +) RMSNorm → multi-head latent attention → o_proj → residual add +
 RMSNorm → then either a dense SwiGLU MLP (the first ``first_k_dense_replace`` layers) or an MoE
-layer: sigmoid grouped top-k routing with ``e_score_correction_bias`` (``route_sigmoid_grouped``),
-the routed experts (yielded as a ``MoECall``, as ``qwen3_moe.py`` does) plus the shared experts,
+layer: routing — V3: sigmoid grouped top-k with ``e_score_correction_bias`` (``route_sigmoid_grouped``);
+V2: softmax, greedy or group-limited greedy (``route_softmax_limited``) — then the routed experts (yielded as a ``MoECall``, as ``qwen3_moe.py`` does) plus the shared experts,
 computed here on the attention side (docs/architecture.md says why).
 
 Attention: one GEMM gives the query's low-rank input (or the query itself without
@@ -18,7 +18,8 @@ Attention: one GEMM gives the query's low-rank input (or the query itself withou
 absorbing it into the query and output (``attention_worker/attention_mla.py``).
 
 Weights use the Hub checkpoint names (``checkpoint_shapes`` lists them: the one description of a
-DeepSeek-V3 checkpoint that loaders, dummy weights and tests share). The router weight and bias
+DeepSeek checkpoint that loaders, dummy weights and tests share; V2 has no correction bias and, in
+V2-Lite, one ``q_proj`` instead of ``q_a_proj``/``q_b_proj``). The router weight and bias
 stay float32 whatever the model dtype, as in transformers (logits in float32).
 """
 
@@ -57,7 +58,7 @@ class MlaLayerWeights:
     o_proj: torch.Tensor                # [D, H Dv]
     post_norm: torch.Tensor             # [D]
     router: torch.Tensor | None         # [E, D] float32 (MoE layers)
-    router_bias: torch.Tensor | None    # [E] float32: e_score_correction_bias
+    router_bias: torch.Tensor | None    # [E] float32: e_score_correction_bias (V3)
     shared_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up [Is, D], down [D, Is]
     dense_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # gate, up [F, D], down [D, F]
 
@@ -87,9 +88,33 @@ def route_sigmoid_grouped(spec: ModelSpec, hidden: torch.Tensor, router: torch.T
     return ids, weights * routing.routed_scaling_factor
 
 
+def route_softmax_limited(spec: ModelSpec, hidden: torch.Tensor, router: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [T, D], router [E, D] → (topk_ids [T, K] int64, topk_weights [T, K] float32).
+
+    transformers' ``DeepseekV2TopkRouter``: float32 softmax scores; ``group_limited_greedy`` zeroes
+    the experts outside the ``topk_group`` groups with the highest single score; the top-k scores are
+    the weights, renormalised when ``norm_topk_prob`` (DeepSeek's own code and SGLang do; the
+    published V2 configs say false) and scaled."""
+    routing, num_experts = spec.routing, spec.num_experts
+    scores = F.linear(hidden.float(), router.float()).softmax(dim=-1, dtype=torch.float32)   # [T, E]
+    if routing.topk_method == "group_limited_greedy":
+        group_scores = scores.view(-1, routing.n_group, num_experts // routing.n_group).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=routing.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        expert_mask = group_mask.repeat_interleave(num_experts // routing.n_group, dim=1).bool()
+        scores = scores.masked_fill(~expert_mask, 0.0)
+    weights, ids = torch.topk(scores, k=spec.num_experts_per_tok, dim=-1, sorted=False)
+    if spec.norm_topk_prob and spec.num_experts_per_tok > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * routing.routed_scaling_factor
+
+
 def make_router(spec: ModelSpec, device: torch.device | str) -> Router:
-    """The routing function: ``route_sigmoid_grouped`` (torch), or on CUDA the Triton grouped top-k
-    (``kernels/grouped_topk.py``, which always renormalises) when ``norm_topk_prob`` is set."""
+    """The routing function of the spec's ``topk_method``: torch, or for V3 on CUDA the Triton grouped
+    top-k (``kernels/grouped_topk.py``, which always renormalises) when ``norm_topk_prob`` is set."""
+    if spec.routing.topk_method != "noaux_tc":
+        return lambda hidden, router, bias: route_softmax_limited(spec, hidden, router)
     if torch.device(device).type == "cuda" and spec.norm_topk_prob:
         from epserve.kernels.grouped_topk import grouped_topk
         routing = spec.routing
@@ -165,7 +190,7 @@ class DeepseekV3AttentionSide:
 
 
 def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Checkpoint name → shape of every tensor in a Hub DeepSeek-V3 checkpoint of ``spec``
+    """Checkpoint name → shape of every tensor in a Hub DeepSeek-V2/V3 checkpoint of ``spec``
     (per-expert layout), in checkpoint order."""
     mla, D, H, V = spec.mla, spec.hidden_size, spec.num_attention_heads, spec.vocab_size
     I, F_, E = spec.moe_intermediate_size, spec.intermediate_size, spec.num_experts
@@ -184,7 +209,9 @@ def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
                        f"{a}.kv_b_proj.weight": (H * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank),
                        f"{a}.o_proj.weight": (D, H * mla.v_head_dim)})
         if i in spec.moe_layers:
-            shapes.update({f"{p}.mlp.gate.weight": (E, D), f"{p}.mlp.gate.e_score_correction_bias": (E,)})
+            shapes[f"{p}.mlp.gate.weight"] = (E, D)
+            if spec.routing.topk_method == "noaux_tc":
+                shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (E,)
             for e in range(E):
                 q = f"{p}.mlp.experts.{e}"
                 shapes.update({f"{q}.gate_proj.weight": (I, D), f"{q}.up_proj.weight": (I, D),
@@ -237,7 +264,7 @@ def load_attention_side(spec: ModelSpec, reader: CheckpointReader, dtype: torch.
             kv_a_norm=t[f"{a}.kv_a_layernorm.weight"], kv_b_proj=t[f"{a}.kv_b_proj.weight"],
             o_proj=t[f"{a}.o_proj.weight"],
             router=t[f"{p}.mlp.gate.weight"] if moe else None,
-            router_bias=t[f"{p}.mlp.gate.e_score_correction_bias"] if moe else None,
+            router_bias=t.get(f"{p}.mlp.gate.e_score_correction_bias"),
             shared_mlp=mlp(f"{p}.mlp.shared_experts") if moe and spec.n_shared_experts else None,
             dense_mlp=None if moe else mlp(f"{p}.mlp"),
         ))

@@ -5,9 +5,9 @@ Legend: T tokens, H heads, R rotary width (``qk_rope_head_dim``).
 Written to match transformers' DeepSeek-V3 reference bit for bit: inverse frequencies, cos and
 sin are computed in float32 (YaRN's ramp included) and cast to the model dtype, cos/sin carry
 YaRN's ``attention_factor``, and the softmax scale carries ``mscale(factor, mscale_all_dim)²``.
-DeepSeek's checkpoints rotate interleaved pairs ``(x0, x1), (x2, x3), ...``; the rotated output
-is laid out de-interleaved (even lanes' results, then odd lanes'), for queries and keys alike, so
-their dot products are unchanged.
+DeepSeek's checkpoints rotate interleaved pairs ``(x0, x1), (x2, x3), ...``: V3's reference lays
+the rotated output out de-interleaved (even lanes' results, then odd lanes'), V2's computes it as
+complex numbers in float32; queries and keys are laid out alike, so their dot products are unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from epserve.model_config import RopeScaling
+from epserve.model_config import ROPE_STYLES, RopeScaling
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -63,27 +63,38 @@ def mla_softmax_scale(qk_head_dim: int, scaling: RopeScaling | None) -> float:
 
 
 class MlaRotaryEmbedding:
-    """cos/sin of the rotary part of MLA queries and keys, and the rotation itself."""
+    """The rotation of the rotary part of MLA queries and keys, in one of three styles (``ROPE_STYLES``):
+    ``interleave`` (DeepSeek-V3: pairs (x0, x1), (x2, x3), ...; output de-interleaved), ``rotate_half``
+    (halves) and ``complex`` (DeepSeek-V2: the same pairs as complex numbers, computed in float32 and
+    cast back, output in place). ``tables(positions, dtype)`` once per forward, ``apply`` per layer."""
 
-    def __init__(self, dim: int, theta: float, scaling: RopeScaling | None, interleaved: bool) -> None:
+    def __init__(self, dim: int, theta: float, scaling: RopeScaling | None, style: str) -> None:
+        if style not in ROPE_STYLES:
+            raise ValueError(f"unknown rotary style {style!r}; one of {ROPE_STYLES}")
         if scaling is None:
             self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
             self.attention_factor = 1.0
         else:
             self.inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, scaling)
-        self.interleaved = interleaved
+        self.style = style
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] → cos, sin [T, R/2] (interleaved) or [T, R] (rotate-half)."""
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """positions [T] → (cos, sin) [T, R/2] (interleave), [T, R] (rotate_half), or (freqs [T, R/2]
+        complex64,) (complex)."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)          # [T, R/2]
-        if not self.interleaved:
+        if self.style == "complex":
+            return (torch.polar(torch.ones_like(freqs), freqs) * self.attention_factor,)
+        if self.style == "rotate_half":
             freqs = torch.cat((freqs, freqs), dim=-1)
         return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, R] → rotated [T, H, R] (de-interleaved layout when interleaved)."""
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        if self.interleaved:
+    def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x [T, H, R] → rotated [T, H, R]."""
+        if self.style == "complex":
+            pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))             # [T, H, R/2]
+            return torch.view_as_real(pairs * tables[0].unsqueeze(1)).flatten(-2).type_as(x)
+        cos, sin = tables[0].unsqueeze(1), tables[1].unsqueeze(1)
+        if self.style == "interleave":
             even, odd = x[..., 0::2], x[..., 1::2]
             return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
         half = x.shape[-1] // 2

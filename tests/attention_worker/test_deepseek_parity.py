@@ -1,5 +1,6 @@
 """DeepSeek-V3 (multi-head latent attention, YaRN, sigmoid grouped routing with a correction bias,
-shared experts, a dense first layer): parity of our attention side + experts with transformers."""
+shared experts, a dense first layer) and DeepSeek-V2 (V2-Lite's attention without q_lora_rank, complex
+rotary, softmax group-limited greedy routing): parity of our attention side + experts with transformers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from epserve.attention_worker.moe_executor import InProcessExperts, run_micro_ba
 from epserve.attention_worker.sampler import SamplingParams
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
-from epserve.models.deepseek_v3 import load_attention_side, route_sigmoid_grouped
+from epserve.models.deepseek_v3 import load_attention_side, route_sigmoid_grouped, route_softmax_limited
 from epserve.models.expert_side import load_expert_slots
 from epserve.models.qwen3_moe import ForwardBatch
 from epserve.models.rope_scaling import MlaRotaryEmbedding, mla_softmax_scale
@@ -27,14 +28,20 @@ transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["Hello world, this is a test of the engine.", "The quick brown fox", "café naïve 東京 🙂 ok",
            "def f(x):\n    return x * 2"]
-# 3 layers (the first dense), 16 experts in 4 groups of which 2 are kept, top-4, one shared expert
-OPTIONS = dict(arch="deepseek_v3", num_layers=3, num_experts=16, top_k=4, hidden_size=64, moe_intermediate_size=32,
+# 3 layers (the first dense), 16 experts in 4 groups of which 2 are kept, top-4, shared experts
+OPTIONS = dict(num_layers=3, num_experts=16, top_k=4, hidden_size=64, moe_intermediate_size=32,
                num_attention_heads=4, head_dim=16)
+ARCHS = ["deepseek_v3", "deepseek_v2"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def deepseek_model(tiny_model_factory, request):
+    return tiny_model_factory(seed=0, arch=request.param, **OPTIONS)
 
 
 @pytest.fixture(scope="module")
-def deepseek_model(tiny_model_factory):
-    return tiny_model_factory(seed=0, **OPTIONS)
+def deepseek_v3_model(tiny_model_factory):
+    return tiny_model_factory(seed=0, arch="deepseek_v3", **OPTIONS)
 
 
 def reference(model_dir, dtype):
@@ -80,12 +87,20 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+def float64_tolerance(model_dir) -> float:
+    """DeepSeek-V2's reference rotates in float32 whatever the dtype: a float64 input that differs in
+    its last bits (our fused q/kv GEMM) can round to another float32, ~1e-8 relative in the logits."""
+    return 1e-6 if load_model_spec(model_dir).mla.rope_style == "complex" else 1e-9
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("num_micro_batches", [1, 2])
 def test_ragged_batch_logits_match_transformers(deepseek_model, dtype, tolerance, num_micro_batches):
     ref, tok = reference(deepseek_model, dtype)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     ours = ragged_logits(deepseek_model, ids, dtype, num_micro_batches)
+    if dtype == torch.float64:
+        tolerance = float64_tolerance(deepseek_model)
     for prompt_ids, got in zip(ids, ours):
         with torch.no_grad():
             want = ref(torch.tensor([prompt_ids])).logits[0].float()
@@ -99,6 +114,8 @@ def test_absorbed_attention_matches_expanded_and_transformers(deepseek_model, dt
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     absorbed = ragged_logits(deepseek_model, ids, dtype, absorbed_max_new_tokens=10**9)
     expanded = ragged_logits(deepseek_model, ids, dtype, absorbed_max_new_tokens=0)
+    if dtype == torch.float64:
+        tolerance = float64_tolerance(deepseek_model)
     for prompt_ids, got, other in zip(ids, absorbed, expanded):
         with torch.no_grad():
             want = ref(torch.tensor([prompt_ids])).logits[0].float()
@@ -106,10 +123,11 @@ def test_absorbed_attention_matches_expanded_and_transformers(deepseek_model, dt
         assert relative_error(got, other) <= tolerance
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_greedy_continuations_identical(tiny_model_factory, seed):
+def test_greedy_continuations_identical(tiny_model_factory, arch, seed):
     """Prefill (expanded attention) then 24 decode steps (absorbed attention) through the colocated engine."""
-    model_dir = tiny_model_factory(seed=seed, **OPTIONS)
+    model_dir = tiny_model_factory(seed=seed, arch=arch, **OPTIONS)
     ref, tok = reference(model_dir, torch.float64)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     engine = build_colocated_engine(str(model_dir), torch.float64)
@@ -132,8 +150,8 @@ def test_chunked_prefill_matches_one_shot(deepseek_model):
     assert got == want
 
 
-def test_latent_cache_holds_kv_lora_rank_plus_rope_values_per_token_and_layer(deepseek_model, tiny_model):
-    engine = build_colocated_engine(str(deepseek_model), torch.float64)
+def test_latent_cache_holds_kv_lora_rank_plus_rope_values_per_token_and_layer(deepseek_v3_model, tiny_model):
+    engine = build_colocated_engine(str(deepseek_v3_model), torch.float64)
     spec, cache, limits = engine.model.spec, engine.kv_cache, engine.limits
     assert isinstance(cache, MlaKVCache)
     token_layers = limits.num_kv_blocks * limits.kv_block_size * spec.num_hidden_layers
@@ -156,7 +174,10 @@ def test_router_matches_transformers(deepseek_model):
     ref, _ = reference(deepseek_model, torch.float64)
     gate = ref.model.layers[spec.moe_layers[0]].mlp.gate
     hidden = torch.randn(37, spec.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    ids, weights = route_sigmoid_grouped(spec, hidden, gate.weight.detach(), gate.e_score_correction_bias)
+    if spec.routing.topk_method == "noaux_tc":
+        ids, weights = route_sigmoid_grouped(spec, hidden, gate.weight.detach(), gate.e_score_correction_bias)
+    else:
+        ids, weights = route_softmax_limited(spec, hidden, gate.weight.detach())
     with torch.no_grad():
         _, want_weights, want_ids = gate(hidden)
     order, want_order = ids.sort(-1), want_ids.sort(-1)
@@ -167,18 +188,39 @@ def test_router_matches_transformers(deepseek_model):
     assert max(len(set((row // per_group).tolist())) for row in ids) <= spec.routing.topk_group
 
 
-def test_yarn_rotary_matches_transformers(deepseek_model):
+def test_v2_greedy_router_matches_transformers(tiny_model_factory):
+    """V2-Lite's plain greedy top-k (the tiny V2 model routes group-limited)."""
+    import dataclasses
+
+    model_dir = tiny_model_factory(seed=0, arch="deepseek_v2", **OPTIONS)
+    spec = load_model_spec(model_dir)
+    spec = dataclasses.replace(spec, routing=dataclasses.replace(spec.routing, topk_method="greedy"))
+    config = transformers.AutoConfig.from_pretrained(model_dir, topk_method="greedy")
+    gate = transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter(config)
+    torch.nn.init.normal_(gate.weight, generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(29, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids, weights = route_softmax_limited(spec, hidden, gate.weight.detach())
+    with torch.no_grad():
+        _, want_weights, want_ids = gate(hidden)
+    order, want_order = ids.sort(-1), want_ids.sort(-1)
+    assert torch.equal(order.values, want_order.values)
+    assert torch.equal(weights.gather(1, order.indices), want_weights.gather(1, want_order.indices))
+
+
+def test_yarn_rotary_matches_transformers(deepseek_v3_model):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
 
+    deepseek_model = deepseek_v3_model
     spec = load_model_spec(deepseek_model)
     config = transformers.AutoConfig.from_pretrained(deepseek_model)
     want_inv_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
-    rope = MlaRotaryEmbedding(spec.mla.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling, interleaved=True)
+    rope = MlaRotaryEmbedding(spec.mla.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling, "interleave")
     assert torch.equal(rope.inv_freq, want_inv_freq) and rope.attention_factor == want_factor != 1.0
     scale = mla_softmax_scale(spec.mla.qk_head_dim, spec.rope_scaling)
     assert scale == yarn_apply_mscale(config.rope_parameters, spec.mla.qk_head_dim ** -0.5) != spec.mla.qk_head_dim ** -0.5
 
 
 def test_gpu_runner_refuses_latent_attention(deepseek_model):
+    """Both versions: the batched GPU runner has no MLA path."""
     with pytest.raises(ValueError, match="multi-head latent attention.*--attention-backend torch_native"):
         build_colocated_engine(str(deepseek_model), torch.float32, limits=EngineLimits(attention_backend="triton"))

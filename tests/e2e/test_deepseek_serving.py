@@ -1,4 +1,4 @@
-"""DeepSeek-V3 served end to end (real processes, float64): greedy text equals transformers', colocated and
+"""DeepSeek-V3 and DeepSeek-V2 served end to end (real processes, float64): greedy text equals transformers', colocated and
 disaggregated (2 attention + 2 expert workers, 2 redundant experts), also while the expert map changes
 under traffic (a group-aware EPLB plan and a snapshot import that moves every expert)."""
 
@@ -27,9 +27,9 @@ PROMPTS = [f"Story {i}: the {w} was" for i, w in enumerate(
 MAX_NEW_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def deepseek_model(tiny_model_factory) -> Path:
-    return tiny_model_factory(seed=3, arch="deepseek_v3", num_layers=3, num_experts=16, top_k=2, router_skew=1.2)
+@pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v2"])
+def deepseek_model(tiny_model_factory, request) -> Path:
+    return tiny_model_factory(seed=3, arch=request.param, num_layers=3, num_experts=16, top_k=2, router_skew=1.2)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_published_deepseek_v3_config(tmp_path):
     assert spec.model_type == "deepseek_v3" and spec.num_experts == 256 and spec.num_experts_per_tok == 8
     assert spec.moe_layers == tuple(range(3, 61)) and spec.num_moe_layers == 58
     assert (spec.mla.q_lora_rank, spec.mla.kv_lora_rank, spec.mla.qk_nope_head_dim, spec.mla.qk_rope_head_dim,
-            spec.mla.v_head_dim, spec.mla.rope_interleave) == (1536, 512, 128, 64, 128, True)
+            spec.mla.v_head_dim, spec.mla.rope_style) == (1536, 512, 128, 64, 128, "interleave")
     assert spec.mla.cache_width == 576 and spec.num_key_value_heads == 128 and spec.head_dim == 64
     assert (spec.routing.scoring_func, spec.routing.topk_method, spec.routing.n_group, spec.routing.topk_group,
             spec.routing.routed_scaling_factor) == ("sigmoid", "noaux_tc", 8, 4, 2.5)
@@ -55,7 +55,7 @@ def test_published_deepseek_v3_config(tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
     config = transformers.DeepseekV3Config.from_pretrained(tmp_path)
     inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config)
-    rope = MlaRotaryEmbedding(64, spec.rope_theta, spec.rope_scaling, interleaved=True)
+    rope = MlaRotaryEmbedding(64, spec.rope_theta, spec.rope_scaling, "interleave")
     assert torch.equal(rope.inv_freq, inv_freq) and rope.attention_factor == factor
     assert mla_softmax_scale(192, spec.rope_scaling) == yarn_apply_mscale(config.rope_parameters, 192 ** -0.5)
 
@@ -141,3 +141,60 @@ def test_dummy_weights_serve_a_deepseek_config(tmp_path):
     params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
     first = generate_tokens(engine, [[1, 2, 3, 4]], params)
     assert len(first[0]) == 6 and first == generate_tokens(engine, [[1, 2, 3, 4]], params)
+
+
+# DeepSeek-V2-Lite's published config.json (the keys epserve and transformers read)
+DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False,
+    "scoring_func": "softmax", "max_position_embeddings": 163840, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
+}
+
+
+def write_v2(tmp_path, **changes):
+    (tmp_path / "config.json").write_text(json.dumps({**DEEPSEEK_V2_LITE, **changes}))
+    return tmp_path
+
+
+def test_published_deepseek_v2_lite_config(tmp_path):
+    spec = load_model_spec(write_v2(tmp_path))
+    assert spec.model_type == "deepseek_v2" and spec.moe_layers == tuple(range(1, 27))
+    assert spec.mla.q_lora_rank is None and spec.mla.rope_style == "complex" and spec.mla.cache_width == 576
+    assert (spec.routing.scoring_func, spec.routing.topk_method, spec.routing.n_group) == ("softmax", "greedy", 1)
+    assert spec.n_shared_experts == 2 and not spec.norm_topk_prob and spec.rope_scaling.mscale == 0.707
+    # DeepSeek-V2: q_lora_rank and group-limited greedy routing over 8 groups
+    v2 = load_model_spec(write_v2(tmp_path, q_lora_rank=1536, topk_method="group_limited_greedy", n_group=8,
+                                  topk_group=3, routed_scaling_factor=16.0, n_routed_experts=160))
+    assert v2.mla.q_lora_rank == 1536 and (v2.routing.n_group, v2.routing.topk_group) == (8, 3)
+    assert v2.routing.routed_scaling_factor == 16.0
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(topk_method="noaux_tc"), "topk_method 'greedy' or 'group_limited_greedy'"),
+    (dict(scoring_func="sigmoid"), "scoring_func 'softmax'"),
+    (dict(topk_method="group_limited_greedy", n_group=5), "n_group \\(5\\) must divide"),
+    (dict(mlp_bias=True), "mlp_bias true is not supported"),
+])
+def test_bad_v2_fields_are_named(tmp_path, changes, message):
+    with pytest.raises(ModelConfigError, match=message):
+        load_model_spec(write_v2(tmp_path, **changes))
+
+
+def test_v2_lite_checkpoint_names_match_transformers(tmp_path):
+    small = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                 kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, vocab_size=300)
+    spec = load_model_spec(write_v2(tmp_path, **small))
+    config = transformers.DeepseekV2Config.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    theirs = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if "rotary_emb" not in name and ".mlp.experts." not in name}
+    assert {n: s for n, s in checkpoint_shapes(spec).items() if ".mlp.experts." not in n} == theirs

@@ -42,3 +42,13 @@ def test_hierarchical_plan_keeps_each_group_on_one_node(write_model, tmp_path):
         for node_slots in (layer[:half], layer[half:]):
             groups = set((node_slots // group_size).tolist())
             assert len(groups) == config.num_groups // config.num_nodes        # whole groups, 4 per node
+
+
+def test_deepseek_v2_groups_only_with_group_limited_routing(write_model, tmp_path):
+    v2 = {**{k: v for k, v in DEEPSEEK.items() if k != "topk_group"}, "architectures": ["DeepseekV2ForCausalLM"],
+          "model_type": "deepseek_v2", "first_k_dense_replace": 1}
+    greedy = PlacementConfig(model_path=str(write_model(tmp_path / "lite", **v2, topk_method="greedy")), ep_size=4)
+    assert greedy.num_groups == 0
+    limited = PlacementConfig(model_path=str(write_model(tmp_path / "v2", **v2, topk_method="group_limited_greedy")),
+                              ep_size=4)
+    assert limited.num_groups == 8
