@@ -224,3 +224,21 @@ def test_gpu_runner_refuses_latent_attention(deepseek_model):
     """Both versions: the batched GPU runner has no MLA path."""
     with pytest.raises(ValueError, match="multi-head latent attention.*--attention-backend torch_native"):
         build_colocated_engine(str(deepseek_model), torch.float32, limits=EngineLimits(attention_backend="triton"))
+
+
+def test_rotate_half_layout_matches_transformers(deepseek_v3_model, tmp_path):
+    """A V3 checkpoint with rope_interleave false rotates halves, in both implementations."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "halves"
+    shutil.copytree(deepseek_v3_model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "rope_interleave": False}))
+    assert load_model_spec(model_dir).mla.rope_style == "rotate_half"
+    ref, tok = reference(model_dir, torch.float64)
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    for prompt_ids, got in zip(ids, ragged_logits(model_dir, ids, torch.float64)):
+        with torch.no_grad():
+            want = ref(torch.tensor([prompt_ids])).logits[0].float()
+        assert relative_error(got, want) <= 1e-9
