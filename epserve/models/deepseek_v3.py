@@ -6,9 +6,10 @@ size, V vocab.
 
 Per decoder layer: (residual add +) RMSNorm → multi-head latent attention → o_proj → residual add +
 RMSNorm → then either a dense SwiGLU MLP (the first ``first_k_dense_replace`` layers) or an MoE
-layer: routing — V3: sigmoid grouped top-k with ``e_score_correction_bias`` (``route_sigmoid_grouped``);
-V2: softmax, greedy or group-limited greedy (``route_softmax_limited``) — then the routed experts (yielded as a ``MoECall``, as ``qwen3_moe.py`` does) plus the shared experts,
-computed here on the attention side (docs/architecture.md says why).
+layer: routing (V3: sigmoid grouped top-k with ``e_score_correction_bias``, ``route_sigmoid_grouped``;
+V2: softmax, greedy or group-limited greedy, ``route_softmax_limited``), the routed experts (yielded
+as a ``MoECall``, as ``qwen3_moe.py`` does) plus the shared experts, computed here on the attention
+side (docs/architecture.md says why).
 
 Attention: one GEMM gives the query's low-rank input (or the query itself without
 ``q_lora_rank``) and the compressed KV (``kv_a_proj_with_mqa``: latent [C] + shared rotary key
@@ -202,7 +203,8 @@ def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if mla.q_lora_rank is None:
             shapes[f"{a}.q_proj.weight"] = (H * mla.qk_head_dim, D)
         else:
-            shapes.update({f"{a}.q_a_proj.weight": (mla.q_lora_rank, D), f"{a}.q_a_layernorm.weight": (mla.q_lora_rank,),
+            shapes.update({f"{a}.q_a_proj.weight": (mla.q_lora_rank, D),
+                           f"{a}.q_a_layernorm.weight": (mla.q_lora_rank,),
                            f"{a}.q_b_proj.weight": (H * mla.qk_head_dim, mla.q_lora_rank)})
         shapes.update({f"{a}.kv_a_proj_with_mqa.weight": (mla.cache_width, D),
                        f"{a}.kv_a_layernorm.weight": (mla.kv_lora_rank,),

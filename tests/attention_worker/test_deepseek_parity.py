@@ -217,7 +217,8 @@ def test_yarn_rotary_matches_transformers(deepseek_v3_model):
     rope = MlaRotaryEmbedding(spec.mla.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling, "interleave")
     assert torch.equal(rope.inv_freq, want_inv_freq) and rope.attention_factor == want_factor != 1.0
     scale = mla_softmax_scale(spec.mla.qk_head_dim, spec.rope_scaling)
-    assert scale == yarn_apply_mscale(config.rope_parameters, spec.mla.qk_head_dim ** -0.5) != spec.mla.qk_head_dim ** -0.5
+    plain = spec.mla.qk_head_dim ** -0.5
+    assert scale == yarn_apply_mscale(config.rope_parameters, plain) != plain
 
 
 def test_gpu_runner_refuses_latent_attention(deepseek_model):

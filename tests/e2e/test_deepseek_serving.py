@@ -1,6 +1,7 @@
-"""DeepSeek-V3 and DeepSeek-V2 served end to end (real processes, float64): greedy text equals transformers', colocated and
-disaggregated (2 attention + 2 expert workers, 2 redundant experts), also while the expert map changes
-under traffic (a group-aware EPLB plan and a snapshot import that moves every expert)."""
+"""DeepSeek-V3 and DeepSeek-V2 served end to end (real processes, float64): greedy text equals
+transformers', colocated and disaggregated (2 attention + 2 expert workers, 2 redundant experts),
+also while the expert map changes under traffic (a group-aware EPLB plan and a snapshot import that
+moves every expert)."""
 
 from __future__ import annotations
 

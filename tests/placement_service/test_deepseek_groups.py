@@ -28,7 +28,8 @@ def test_groups_come_from_the_model(write_model, tmp_path):
 def test_qwen_models_have_no_groups(model_dir):
     config = PlacementConfig(model_path=str(model_dir), ep_size=2)
     assert config.num_groups == 0
-    assert resolve_algorithm(config.eplb_algorithm, config.num_groups or None, config.num_nodes) is EplbAlgorithm.deepseek
+    chosen = resolve_algorithm(config.eplb_algorithm, config.num_groups or None, config.num_nodes)
+    assert chosen is EplbAlgorithm.deepseek
 
 
 def test_hierarchical_plan_keeps_each_group_on_one_node(write_model, tmp_path):
