@@ -4,7 +4,8 @@
         print(response.text, end="")
 
 Sampling keyword arguments are the fields of ``epserve.v1.SamplingParams``: temperature, top_p,
-top_k, min_p, repetition_penalty, seed, max_new_tokens, stop, stop_token_ids, ignore_eos.
+top_k, min_p, repetition_penalty, seed, max_new_tokens, stop, stop_token_ids, ignore_eos, return_logprob,
+top_logprobs_num (each response's ``logprobs``: one per token id).
 Errors arrive as ``grpc.RpcError`` (``.code()``, ``.details()``). Closing the iterator early
 cancels the stream (the gateway then aborts the request at its worker).
 """
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from epserve.protos import generation_pb2, generation_pb2_grpc
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens",
-                   "stop", "stop_token_ids", "ignore_eos")
+                   "stop", "stop_token_ids", "ignore_eos", "return_logprob", "top_logprobs_num")
 
 
 def build_request(prompt: str | None = None, *, token_ids: Sequence[int] | None = None, request_id: str = "",

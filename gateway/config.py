@@ -31,6 +31,7 @@ class GatewayConfig:
     shutdown_grace_s: float = 10.0
     metrics_port: int | None = None                 # Prometheus /metrics; None = off, 0 = a free port
     otlp_endpoint: str = ""                         # OTLP gRPC collector HOST:PORT; "" = no tracing
+    sglang_default_seed: int | None = None          # SglangScheduler requests without a seed: this one (None: random)
 
     def __post_init__(self) -> None:
         path = Path(self.model_path)
@@ -63,6 +64,8 @@ class GatewayConfig:
             raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.sglang_default_seed is not None and not 0 <= self.sglang_default_seed < 2 ** 63:
+            raise ValueError(f"--sglang-default-seed must be in [0, 2**63), got {self.sglang_default_seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--otlp-endpoint", default="",
                         help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-gateway); "
                              "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
+    parser.add_argument("--sglang-default-seed", type=int, default=None, metavar="SEED",
+                        help="the sampling seed of SglangScheduler requests (SMG's) that bring none; sample i of "
+                             "n uses SEED + i, so equal requests get equal completions (SGLang's deterministic "
+                             "inference does the same with seed 42). SMG 1.13 does not forward OpenAI's seed. "
+                             "Default: a random seed per sample")
     parser.add_argument("--log-level", default="INFO", help="stderr logging level (default: %(default)s)")
     return parser
 
@@ -123,4 +131,4 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout_s, rpc_timeout_s=args.rpc_timeout_s,
         refresh_interval_s=args.refresh_interval_s, max_retries=args.max_retries,
         max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace_s,
-        metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint)
+        metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, sglang_default_seed=args.sglang_default_seed)

@@ -37,7 +37,8 @@ from epserve.gateway.errors import ErrorCode, GatewayError, ValidationError
 from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.observer import NullObserver, RequestObserver
 from epserve.gateway.output_processor import OutputProcessor
-from epserve.gateway.request_types import FinishReason, GenerateInput, GenerateOutput, SamplingParams, Usage
+from epserve.gateway.request_types import (FinishReason, GenerateInput, GenerateOutput, SamplingParams, TokenLogprob,
+                                           Usage)
 from epserve.gateway.router import Router
 from epserve.tokenizer import Tokenizer
 from epserve.gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
@@ -248,10 +249,11 @@ class RequestManager:
                                      error.message if error is not None else None, code)
 
     def _final(self, request: _Request, processor: OutputProcessor, text: str, token_ids: tuple[int, ...],
-               reason: FinishReason, matched_stop: str = "") -> GenerateOutput:
+               reason: FinishReason, matched_stop: str = "", logprobs: tuple[TokenLogprob, ...] = ()
+               ) -> GenerateOutput:
         return GenerateOutput(request.request_id, text, token_ids, finished=True, finish_reason=reason,
                               usage=Usage(len(request.prompt_ids), len(processor.completion_ids)),
-                              matched_stop=matched_stop)
+                              matched_stop=matched_stop, logprobs=logprobs)
 
     def _stream(self, request: _Request, processor: OutputProcessor) -> Iterator[GenerateOutput]:
         request_id, params = request.request_id, request.params
@@ -331,7 +333,7 @@ class RequestManager:
                 worker.abort_nowait(request_id)
                 stream.cancel()
                 yield self._final(request, processor, processed.text, step.token_ids, FinishReason.STOP,
-                                  processed.matched_stop)
+                                  processed.matched_stop, step.logprobs)
                 return
             overran = len(processor.completion_ids) >= request.params.max_new_tokens and not step.finished
             if step.finished or overran:
@@ -345,8 +347,9 @@ class RequestManager:
                     reason, matched = FinishReason.LENGTH, ""
                 else:
                     reason, matched = step.finish_reason or FinishReason.STOP, step.matched_stop
-                yield self._final(request, processor, processed.text + tail.text, step.token_ids, reason, matched)
+                yield self._final(request, processor, processed.text + tail.text, step.token_ids, reason, matched,
+                                  step.logprobs)
                 return
             if processed.text or step.token_ids:
-                yield GenerateOutput(request_id, processed.text, step.token_ids)
+                yield GenerateOutput(request_id, processed.text, step.token_ids, logprobs=step.logprobs)
         raise WorkerLost(f"the stream from {worker.address} ended without a final message")

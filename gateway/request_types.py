@@ -32,6 +32,8 @@ class SamplingRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0      # with return_logprob: the N most likely tokens too
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's logprob (of the processed logits: repetition penalty, temperature) and
+    the N most likely tokens, most likely first."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,3 +89,4 @@ class GenerateOutput:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None     # set on the final message
     matched_stop: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()   # return_logprob: one per token_ids entry

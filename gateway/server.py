@@ -23,6 +23,7 @@ from epserve.gateway.observer import RequestObserver
 from epserve.gateway.request_manager import RequestManager
 from epserve.gateway.router import Router
 from epserve.gateway.servicer import GenerationServicer
+from epserve.gateway.sglang_servicer import sglang_registration
 from epserve.tokenizer import Tokenizer
 from epserve.gateway.worker_pool import WorkerPool
 from epserve.protos import generation_pb2, generation_pb2_grpc
@@ -59,7 +60,10 @@ class Gateway:
         """Serves (health NOT_SERVING until a worker answers) after one round of discovery and
         probes (at most --rpc-timeout-s each); returns the bound port."""
         servicer = GenerationServicer(self.manager, self.model_info, self.pool, self.tracing)
-        self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)],
+        sglang = sglang_registration(self.manager, self.model_info, self.pool, self.config,   # for SMG (issue 16)
+                                     lambda: not self._stopping.is_set() and bool(self.pool.reachable()))
+        self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME),
+                                   sglang],
                                   self.config.host, self.config.port, serving=False,
                                   max_workers=self.config.max_concurrent_requests + EXTRA_RPC_THREADS,
                                   interceptors=self.tracing.server_interceptors())

@@ -35,7 +35,8 @@ def sampling_from_proto(proto: generation_pb2.SamplingParams) -> SamplingRequest
     return SamplingRequest(
         temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"), min_p=get("min_p"),
         repetition_penalty=get("repetition_penalty"), seed=get("seed"), max_new_tokens=get("max_new_tokens"),
-        stop=tuple(proto.stop), stop_token_ids=tuple(proto.stop_token_ids), ignore_eos=proto.ignore_eos)
+        stop=tuple(proto.stop), stop_token_ids=tuple(proto.stop_token_ids), ignore_eos=proto.ignore_eos,
+        return_logprob=proto.return_logprob, top_logprobs_num=proto.top_logprobs_num)
 
 
 def input_from_proto(request: generation_pb2.GenerateRequest, request_id: str) -> GenerateInput:
@@ -50,7 +51,9 @@ def input_from_proto(request: generation_pb2.GenerateRequest, request_id: str) -
 def output_to_proto(output: GenerateOutput) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(
         request_id=output.request_id, text=output.text, token_ids=list(output.token_ids),
-        finished=output.finished, matched_stop=output.matched_stop)
+        finished=output.finished, matched_stop=output.matched_stop,
+        logprobs=[generation_pb2.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
+                  for lp in output.logprobs])
     if output.finish_reason is not None:
         response.finish_reason = int(output.finish_reason)
     if output.usage is not None:

@@ -7,6 +7,7 @@ Rules (the public API's, see protos/generation.proto):
                      then lowers it to what fits in the context (``effective_max_new_tokens``)
   temperature >= 0 (default 1.0), top_p in (0, 1] (default 1.0), top_k >= 0 (0 = off),
   min_p in [0, 1), repetition_penalty > 0, stop strings non-empty, stop_token_ids in [0, vocab_size)
+  top_logprobs_num   in [0, 20] (OpenAI's limit), only with return_logprob
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from epserve.gateway.errors import ValidationError
 from epserve.gateway.request_types import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
                                    SamplingParams, SamplingRequest)
+
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,16 @@ def validate_sampling(sampling: SamplingRequest, limits: Limits) -> SamplingPara
         if not 0 <= token < limits.vocab_size:
             raise ValidationError(f"sampling.stop_token_ids[{i}]",
                                   f"unknown token id {token}: must be in [0, {limits.vocab_size})")
+    if not 0 <= sampling.top_logprobs_num <= MAX_TOP_LOGPROBS:
+        raise ValidationError("sampling.top_logprobs_num",
+                              f"must be in [0, {MAX_TOP_LOGPROBS}], got {sampling.top_logprobs_num}")
+    if sampling.top_logprobs_num and not sampling.return_logprob:
+        raise ValidationError("sampling.top_logprobs_num", "needs return_logprob")
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           repetition_penalty=penalty, seed=sampling.seed, max_new_tokens=max_new,
                           stop=tuple(sampling.stop), stop_token_ids=tuple(sampling.stop_token_ids),
-                          ignore_eos=sampling.ignore_eos)
+                          ignore_eos=sampling.ignore_eos, return_logprob=sampling.return_logprob,
+                          top_logprobs_num=sampling.top_logprobs_num)
 
 
 def effective_max_new_tokens(num_prompt_tokens: int, max_new_tokens: int, limits: Limits) -> int:

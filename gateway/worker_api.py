@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from epserve.gateway.request_types import FinishReason, SamplingParams
+from epserve.gateway.request_types import FinishReason, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class WorkerStep:
     finished: bool = False
     finish_reason: FinishReason | None = None
     matched_stop: str = ""             # the stop token that ended it, as the worker names it
+    logprobs: tuple[TokenLogprob, ...] = ()   # return_logprob: one per token_ids entry
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class WorkerLoad:
     num_running: int
     num_waiting: int
     outstanding_tokens: int | None     # None: the worker does not report load
+    kv_blocks_free: int | None = None
+    kv_blocks_total: int | None = None
 
 
 class WorkerLost(Exception):

@@ -17,7 +17,7 @@ import grpc
 from epserve.grpc_server import GRPC_OPTIONS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epserve.gateway.request_types import FinishReason, SamplingParams
+from epserve.gateway.request_types import FinishReason, SamplingParams, TokenLogprob
 from epserve.gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerSlow,
                                 WorkerStep, WorkerTimeout)
 from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
@@ -33,7 +33,8 @@ def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingParams:
     proto = generation_pb2.SamplingParams(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         repetition_penalty=params.repetition_penalty, max_new_tokens=params.max_new_tokens,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+        return_logprob=params.return_logprob, top_logprobs_num=params.top_logprobs_num)
     if params.seed is not None:
         proto.seed = params.seed
     return proto  # stop strings stay in the gateway
@@ -47,7 +48,9 @@ def request_to_proto(request: WorkerRequest) -> worker_pb2.WorkerGenerateRequest
 
 def step_from_proto(message: worker_pb2.WorkerGenerateResponse) -> WorkerStep:
     reason = FinishReason(message.finish_reason) if message.finish_reason else None
-    return WorkerStep(tuple(message.token_ids), message.finished, reason, message.matched_stop)
+    logprobs = tuple(TokenLogprob(lp.logprob, tuple(lp.top_token_ids), tuple(lp.top_logprobs))
+                     for lp in message.logprobs)
+    return WorkerStep(tuple(message.token_ids), message.finished, reason, message.matched_stop, logprobs)
 
 
 def _is_lost(error: grpc.RpcError) -> bool:
@@ -141,7 +144,8 @@ class GrpcWorkerClient:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise WorkerSlow(f"{self.address}: GetLoad: no answer within {self._rpc_timeout_s}s") from exc
             raise WorkerLost(f"{self.address}: {exc.code().name}: {exc.details()}") from exc
-        return WorkerLoad(load.num_running, load.num_waiting, load.outstanding_tokens)
+        return WorkerLoad(load.num_running, load.num_waiting, load.outstanding_tokens, load.kv_blocks_free,
+                          load.kv_blocks_total)
 
     def close(self) -> None:
         self._channel.close()

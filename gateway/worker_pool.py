@@ -46,9 +46,15 @@ class WorkerPool:
         self._clients: dict[str, GrpcWorkerClient] = {}   # every worker ever known (kept for in-flight streams)
         self._known: tuple[str, ...] = tuple(config.attention_workers)
         self._reachable: set[str] = set()
+        self._loads: dict[str, WorkerLoad | None] = {}     # the last probe of each known worker
         self._slow_rounds: dict[str, int] = {}             # consecutive probes that got no answer in time
         self.num_expert_workers: int | None = None        # known only from placement
         self._probe_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-probe")
+
+    def loads(self) -> dict[str, WorkerLoad | None]:
+        """The last probe's load of each known worker (None: it did not answer)."""
+        with self._lock:
+            return dict(self._loads)
 
     def known(self) -> tuple[str, ...]:
         with self._lock:
@@ -93,6 +99,8 @@ class WorkerPool:
         addresses = self.known()
         results = list(self._probe_pool.map(self._probe, addresses))
         loads = [r if isinstance(r, WorkerLoad) else None for r in results]
+        with self._lock:
+            self._loads = dict(zip(addresses, loads))
         with self._lock:
             before = set(self._reachable)
             for address, result in zip(addresses, results):

@@ -101,6 +101,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            "environment: a [MoE layer, expert worker] matrix every N passes); default: the "
                            "workers' (<tmp>/epserve_expert_distribution)")
     p.add_argument("--log-dir", default="", help="write each process's log to DIR/<name>.log instead of stderr")
+    p.add_argument("--sglang-default-seed", type=int, default=None, metavar="SEED",
+                   help="the gateway's sampling seed for requests through SGLang's protocol (SMG) that bring none; "
+                        "sample i of n uses SEED + i (default: random)")
     return p
 
 
@@ -150,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
             extra_attention_args=([] if args.load_report_interval_s is None
                                   else ["--load-report-interval-s", str(args.load_report_interval_s)]),
             extra_expert_args=([] if args.expert_load_duty_cycle is None
-                               else ["--expert-load-duty-cycle", str(args.expert_load_duty_cycle)]))
+                               else ["--expert-load-duty-cycle", str(args.expert_load_duty_cycle)]),
+            extra_gateway_args=([] if args.sglang_default_seed is None
+                                else ["--sglang-default-seed", str(args.sglang_default_seed)]))
     except (ValueError, ModelConfigError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
@@ -161,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 1
-    print(f"gateway    {args.host}:{deployment.gateway_port}   (epserve.v1.Generation)", flush=True)
+    print(f"gateway    {args.host}:{deployment.gateway_port}   (epserve.v1.Generation; SGLang's SglangScheduler for "
+          f"smg: --worker-urls grpc://{args.host}:{deployment.gateway_port})", flush=True)
     print(f"placement  {args.host}:{deployment.placement_port}   (epserve.v1.Placement, PlacementAdmin)",
           flush=True)
     if config.otlp_endpoint:

@@ -2,7 +2,8 @@
 
 Every request gets the same token script: completion token i (counted from the request's
 ``num_generated_before``, so a retry continues where the lost worker stopped) is
-``script[i % len(script)]``, one token per ``--token-delay-s``. It honours max_new_tokens
+``script[i % len(script)]``, one token per ``--token-delay-s`` (with made-up logprobs when asked:
+``fake_logprobs``). It honours max_new_tokens
 (finish LENGTH), stop_token_ids and the EOS id unless ignore_eos (finish STOP), Abort (the
 stream ends with finish ABORT) and a cancelled stream. Its health is NOT_SERVING for
 ``--serving-after-s`` after start (a worker still waiting for its expert map). Everything it sees is appended as JSON
@@ -32,6 +33,15 @@ class _Running:
     finished: bool = False
 
 
+def fake_logprobs(sampling, token: int, position: int) -> list[generation_pb2.TokenLogprob]:
+    """return_logprob: the token's logprob is -(position + 1) / 10, its top N are token, token + 1, ..."""
+    if not sampling.return_logprob:
+        return []
+    n = sampling.top_logprobs_num
+    return [generation_pb2.TokenLogprob(logprob=-(position + 1) / 10, top_token_ids=[token + k for k in range(n)],
+                                        top_logprobs=[-(position + 1 + k) / 10 for k in range(n)])]
+
+
 class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
     def __init__(self, worker_id: str, script: list[int], token_delay_s: float, eos_id: int,
                  events_path: str) -> None:
@@ -53,7 +63,8 @@ class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
         self._log(event="generate", request_id=request.request_id, prompt_ids=list(request.prompt_ids),
                   num_generated_before=request.num_generated_before, max_new_tokens=max_new,
                   stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
-                  stop=list(sampling.stop))
+                  stop=list(sampling.stop), seed=sampling.seed if sampling.HasField("seed") else None,
+                  return_logprob=sampling.return_logprob, top_logprobs_num=sampling.top_logprobs_num)
         state = _Running()
         with self._lock:
             self._running[request.request_id] = state
@@ -81,7 +92,7 @@ class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
                 yield worker_pb2.WorkerGenerateResponse(
                     token_ids=[token], finished=finished, finish_reason=reason,
                     prompt_tokens=len(request.prompt_ids) - start, completion_tokens=start + i + 1,
-                    matched_stop=str(token) if stopped else "")
+                    matched_stop=str(token) if stopped else "", logprobs=fake_logprobs(sampling, token, start + i))
                 if finished:
                     break
         finally:
