@@ -14,9 +14,10 @@
 #      it on local disk) and the host's extra CA certificates; `docker-compose build`.
 #   4. Beside the build: the same tiny model on the host (same command and seed as the
 #      image; the files must be byte-identical) and the colocated engine's completions.
-#   5. `up -d`, wait until all six services are healthy, two concurrent Generate calls
+#   5. `up -d`, wait until all seven services are healthy, two concurrent Generate calls
 #      through 127.0.0.1:<free port> (so both attention workers serve one), compare with
-#      step 4, `down -v`.
+#      step 4; the first prompt again through the `smg` service's OpenAI API
+#      (/v1/completions on another free port), compared with step 4 too; `down -v`.
 #
 # Exit status: 0 when it all passed, or when no Docker daemon can be started at all (no
 # permission, no kernel support): then it prints a line starting "SMOKE SKIPPED:". Any other
@@ -31,7 +32,7 @@ TORCH_VERSION=${EPSERVE_TORCH_VERSION:-2.13.0}
 MODEL_SEED=0
 MAX_NEW_TOKENS=8
 PROMPTS=("The quick brown fox" "Mixture of experts")
-SERVICES=(placement expert-0 expert-1 attention-0 attention-1 gateway)  # docker-compose.yml
+SERVICES=(placement expert-0 expert-1 attention-0 attention-1 gateway smg)  # docker-compose.yml
 # Debian's client first: /usr/local/bin/docker (28.x, no buildx) fails to build with BuildKit.
 export PATH=/usr/bin:/usr/sbin:$PATH
 export DOCKER=docker DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0 EPSERVE_DEVICE=cpu
@@ -220,6 +221,8 @@ show_stack() {
 }
 port=$(.venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 export EPSERVE_GATEWAY_PORT=$port
+openai_port=$(.venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+export EPSERVE_OPENAI_PORT=$openai_port
 run 90 "${compose[@]}" down -v -t 5 >/dev/null 2>&1 || true  # leftovers of an interrupted run
 log "compose up (gateway published on 127.0.0.1:$port)"
 run 300 "${compose[@]}" up -d >"$work/up.log" 2>&1 || { cat "$work/up.log" >&2; show_stack; die "compose up"; }
@@ -264,5 +267,23 @@ for i in "${!PROMPTS[@]}"; do
     fi
 done
 [ -z "$failed" ] || { show_stack; die "$failed"; }
+
+# The OpenAI API through SGLang's model gateway (the smg service) in front of the gateway.
+if ! timeout 120 .venv/bin/python - "$openai_port" "${PROMPTS[0]}" "$MAX_NEW_TOKENS" >"$work/openai-0" \
+        2>"$work/openai-0.log" <<'PY'
+import json, sys, urllib.request
+port, prompt, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+with urllib.request.urlopen(request, timeout=100) as response:
+    sys.stdout.write(json.load(response)["choices"][0]["text"])
+PY
+then
+    cat "$work/openai-0.log" >&2; show_stack; die "/v1/completions through the smg service failed"
+fi
+cmp -s "$work/expected-0" "$work/openai-0" || { show_stack; die "'${PROMPTS[0]}' through smg: \
+$(printf '%q' "$(cat "$work/openai-0")"), colocated engine $(printf '%q' "$(cat "$work/expected-0")")"; }
+log "'${PROMPTS[0]}' through smg's /v1/completions (127.0.0.1:$openai_port) -> same text"
 
 log "PASSED"
