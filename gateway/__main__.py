@@ -11,6 +11,9 @@ The epserve gateway: the public ``epserve.v1.Generation`` gRPC API in front of t
                          abort / cancel / retry on another worker when one is lost
     worker_pool.py       the attention workers known (static list and/or placement discovery),
                          which of them answer (GetLoad probes), one gRPC client each (worker_client.py)
+    sglang_servicer.py   SGLang's SglangScheduler on the same port, for SGLang's model gateway (smg):
+                         token ids in (sglang_convert.py), n samples (parallel_samples.py), the
+                         same request manager
     server.py            builds the objects above from a GatewayConfig (config.py), serves, shuts down
 
 Context length: a prompt must be shorter than the model's context (max_position_embeddings);

@@ -24,11 +24,12 @@ def hf(tiny_model):
                                                              experts_implementation="eager").eval()
 
 
-def run(model_dir, backend: str, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[list, list]]:
+def run(model_dir, backend: str, requests: list[tuple[list[int], SamplingParams]],
+        device: str = "cpu") -> list[tuple[list, list]]:
     """Every request to completion in one engine → (token ids, logprobs per token) per request."""
     limits = EngineLimits(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=48, max_num_seqs=8,
                           attention_backend=backend)
-    engine = build_colocated_engine(str(model_dir), torch.float32, "cpu", limits=limits)
+    engine = build_colocated_engine(str(model_dir), torch.float32, device, limits=limits)
     got = {str(i): ([], []) for i in range(len(requests))}
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(str(i), prompt, params)
@@ -104,6 +105,27 @@ def test_logprobs_do_not_change_the_tokens(tiny_model):
         without = run(tiny_model, backend, [(PROMPTS[0], base)])[0][0]
         with_logprobs = run(tiny_model, backend, [(PROMPTS[0], asking)])[0][0]
         assert with_logprobs == without
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_logprobs_match_transformers(tiny_model, hf):
+    """On a GPU: decode steps replay CUDA graphs; greedy rows, sampled rows with a penalty, and rows
+    asking nothing share steps."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True, return_logprob=True, top_logprobs_num=4)
+    hot = SamplingParams(temperature=0.8, repetition_penalty=1.2, seed=3, max_new_tokens=5, ignore_eos=True,
+                         return_logprob=True, top_logprobs_num=2)
+    silent = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    requests = [(PROMPTS[0], greedy), (PROMPTS[1], hot), (PROMPTS[2], silent)]
+    results = run(tiny_model, "triton", requests, device="cuda")
+    for (prompt, params), (tokens, logprobs) in zip(requests[:2], results[:2]):
+        want = reference(hf, prompt, tokens, params)
+        assert [lp.logprob for lp in logprobs] == pytest.approx([float(want[g, t]) for g, t in enumerate(tokens)],
+                                                                abs=TOLERANCE)
+        for g, lp in enumerate(logprobs):
+            assert list(lp.top_logprobs) == pytest.approx(torch.topk(want[g], params.top_logprobs_num).values.tolist(),
+                                                          abs=TOLERANCE)
+    assert results[2][1] == []
 
 
 def test_top_logprobs_num_is_bounded():
