@@ -11,6 +11,7 @@ from epserve.attention_worker.config import (DTYPES, HEATMAP_ENV, MOE_A2A_BACKEN
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
 from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
+from epserve.grpc_security import add_security_arguments, security_from_args
 
 
 
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-step-every", type=int, default=16,
                    help="record per-step spans (attention.step, moe.dispatch/combine, and expert.compute on the "
                         "expert workers) on every Nth engine step; 1 = every step, 0 = never (default 16)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests that may wait beyond --max-running-requests; more are refused with "
+                        "RESOURCE_EXHAUSTED (the gateway then tries another worker) (default 256)")
+    p.add_argument("--max-message-bytes", type=int, default=16 << 20,
+                   help="largest gRPC message a caller may send (default %(default)s)")
+    add_security_arguments(p, token_help="the deployment's token: callers (the gateway, placement) must send it, "
+                                         "and this worker sends it to placement")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -126,7 +134,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Atten
         dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
         metrics_port=args.metrics_port,
         otlp_endpoint=args.otlp_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-        trace_step_every=args.trace_step_every, **kwargs)
+        trace_step_every=args.trace_step_every, max_queued_requests=args.max_queued_requests,
+        max_message_bytes=args.max_message_bytes, security=security_from_args(args), **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
 from epserve.dataplane import BACKENDS as MOE_A2A_BACKENDS
 from epserve.dummy_weights import check_load_format
+from epserve.grpc_security import PLAINTEXT, Security
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 HEATMAP_ENV = ("EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL", "SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL")
@@ -86,6 +87,9 @@ class AttentionWorkerConfig:
     metrics_port: int | None = None         # Prometheus /metrics; None = off, 0 = a free port
     otlp_endpoint: str = ""                 # OTLP gRPC collector HOST:PORT; "" = no tracing
     trace_step_every: int = 16              # per-step spans on steps 0, N, 2N, ...; 0 = never
+    max_queued_requests: int = 256          # requests waiting beyond --max-running-requests; more: RESOURCE_EXHAUSTED
+    max_message_bytes: int = 16 << 20       # largest gRPC message a caller may send
+    security: Security = field(default=PLAINTEXT, repr=False)   # the deployment's token + TLS
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -117,6 +121,10 @@ class AttentionWorkerConfig:
             raise ValueError(f"{HEATMAP_ENV[0]} must be >= 0 (0 = off), got {self.eplb_heatmap_collection_interval}")
         if self.eplb_heatmap_collection_interval and not self.expert_distribution_dir:
             raise ValueError("--expert-distribution-dir is empty: the heatmap needs a directory to write to")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_message_bytes < 1 << 20:
+            raise ValueError(f"--max-message-bytes must be >= 1 MiB, got {self.max_message_bytes}")
         if self.trace_step_every < 0:
             raise ValueError(f"--trace-step-every must be >= 0 (0 = no per-step spans), got {self.trace_step_every}")
         if not self.advertise_host:

@@ -44,6 +44,7 @@ from epserve.attention_worker.request_spans import record_request_spans
 from epserve.attention_worker.sampler import SamplingParams, TokenLogprobs
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
 from epserve.attention_worker.sequence import FinishReason, Sequence
+from epserve.attention_worker.step_guard import run_guarded
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Tracing, setup_tracing
@@ -87,6 +88,7 @@ class StepOutput:
     num_generated: int
     matched_stop_token: int | None = None
     logprobs: list[TokenLogprobs] | None = None   # one per new token when the request asked (return_logprob)
+    error: str = ""                     # the request failed while served (finish_reason ABORT): why
 
 
 class RequestRejected(ValueError):
@@ -206,16 +208,16 @@ class Engine:
                     chunk.seq.scheduled_ns = now_ns
         with self._step_span(chunks) if traced else NO_SPAN:
             completes = [chunk.completes for chunk in chunks]
-            sampled = self.runner.run(chunks, self._expert_map)
-            tokens = iter(sampled.token_ids)
-            logprobs = iter(sampled.logprobs) if sampled.logprobs is not None else None
-            for chunk, complete in zip(chunks, completes):
+            guarded = run_guarded(self.runner, chunks, self._expert_map)   # a failing request fails alone
+            for i, (chunk, complete) in enumerate(zip(chunks, completes)):
                 seq = chunk.seq
+                if i in guarded.errors:
+                    outputs.append(self._fail(seq, guarded.errors[i]))
+                    continue
                 seq.num_cached += chunk.num_tokens
                 if not complete:
                     continue
-                token = next(tokens)
-                token_logprobs = next(logprobs) if logprobs is not None else None
+                token, token_logprobs = guarded.tokens[i], guarded.logprobs.get(i)
                 seq.token_ids.append(token)
                 seq.num_generated += 1
                 if seq.trace_context and not seq.first_token_ns:
@@ -288,6 +290,12 @@ class Engine:
                 outputs.append(self._output(seq, []))
                 self._retire(seq)
         return outputs
+
+    def _fail(self, seq: Sequence, error: str) -> StepOutput:
+        """The request failed while served (``step_guard``): it leaves, the engine goes on."""
+        seq.finish_reason = FinishReason.ABORT
+        self._retire(seq)
+        return dataclasses.replace(self._output(seq, []), error=error)
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

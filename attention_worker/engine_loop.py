@@ -13,15 +13,18 @@ import os
 import queue
 import threading
 
-from epserve.attention_worker.engine import Engine, StepOutput
+from epserve.attention_worker.engine import Engine, RequestRejected, StepOutput
 from epserve.attention_worker.sampler import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_requests: int | None = None) -> None:
+        """``max_requests``: requests running and waiting at most (None: no limit); past it ``submit``
+        raises RequestRejected (the service answers RESOURCE_EXHAUSTED)."""
         self.engine = engine
+        self.max_requests = max_requests
         self._streams: dict[str, queue.SimpleQueue[StepOutput]] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Condition()
@@ -42,6 +45,11 @@ class EngineLoop:
         """Raises RequestRejected / ValueError for requests that cannot be served."""
         stream: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
         with self._streams_lock:
+            if self.max_requests is not None and len(self._streams) >= self.max_requests:
+                raise RequestRejected(f"{len(self._streams)} requests are running or waiting here, this worker's "
+                                      "limit (--max-running-requests + --max-queued-requests); retry later")
+            if request_id in self._streams:     # keep the running request's stream
+                raise RequestRejected(f"request_id {request_id!r} is already running")
             self._streams[request_id] = stream
         try:
             self.engine.add_request(request_id, prompt_ids, params, num_generated_before, trace_context)

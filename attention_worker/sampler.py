@@ -13,6 +13,7 @@ token, plus the ``top_logprobs_num`` most likely tokens. Both step runners compu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("temperature", 0 <= self.temperature < math.inf, "must be finite and >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "must be finite and > 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("top_logprobs_num", 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS,
              f"must be in [0, {MAX_TOP_LOGPROBS}]"),

@@ -88,6 +88,8 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
                 if not context.is_active():
                     return
                 continue
+            if output.error:    # this request failed while served; the engine goes on with the others
+                context.abort(grpc.StatusCode.INTERNAL, f"the attention worker failed this request: {output.error}")
             yield self._response(output)
             if output.finished:
                 return

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 
 TRACING_SERVICE_NAME = "epserve-attention-worker"
+EXTRA_RPC_THREADS = 16     # Abort, GetLoad, health, DumpExpertDistribution beside the Generate streams
 UNTRACED_RPCS = (*DEFAULT_UNTRACED_SERVICES, "epserve.v1.AttentionWorker/GetLoad")
 
 
@@ -81,15 +82,18 @@ class AttentionWorker:
             self.heatmap_writer = HeatmapWriter(config.expert_distribution_dir, config.worker_id)
         service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop,
                                          self.tracing.current_trace_context)
+        max_streams = config.limits.max_num_seqs + config.max_queued_requests    # a Generate stream holds a thread
         self.server: GrpcServer = serve_grpc(
             [(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, service, "epserve.v1.AttentionWorker")],
             config.host, config.port, serving=False,
-            interceptors=self.tracing.server_interceptors(untraced=UNTRACED_RPCS))
+            interceptors=self.tracing.server_interceptors(untraced=UNTRACED_RPCS), security=config.security,
+            max_message_bytes=config.max_message_bytes, max_workers=max_streams + EXTRA_RPC_THREADS,
+            max_concurrent_rpcs=max_streams + EXTRA_RPC_THREADS)
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.ATTENTION, self.address,
                                          device=config.device,
                                          model_fingerprint=model_fingerprint(config.model_path, config.load_format),
-                                         timeout_s=config.rpc_timeout_s)
+                                         timeout_s=config.rpc_timeout_s, security=config.security)
 
     def start(self, register_deadline_s: float = 120.0) -> None:
         """Raises RuntimeError when placement runs another kind of deployment (colocated or not)."""
@@ -149,7 +153,7 @@ class AttentionWorker:
                         config.max_context or self.spec.max_position_embeddings, recorder=self.recorder,
                         tracing=self.tracing, step_sampler=StepSampler(config.trace_step_every),
                         metrics=self.metrics, heatmap=heatmap)
-        self.loop = EngineLoop(engine)
+        self.loop = EngineLoop(engine, max_requests=config.limits.max_num_seqs + config.max_queued_requests)
         self.loop.start()
         if self.local_experts is None:
             start_daemon_thread(self._report_load, "load-reporter")

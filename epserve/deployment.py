@@ -17,6 +17,16 @@ the attention workers, which also inherit this process's environment (e.g.
 ``load_format`` (``--load-format``) goes to every worker and to placement, which accepts only
 workers whose weights match it (dummy weights have their own model fingerprint).
 
+Security: with ``auth_token_file`` every child gets ``--auth-token-file`` (never the token itself on
+a command line) and the TLS files; ``security`` is what this launcher uses to check readiness.
+
+Supervision (``wait``): a child that dies is started again with the same flags (placement and the
+gateway on the ports they had, so clients and workers find them again; placement resumes from
+``state_db``), after a backoff, at most ``max_restarts`` times within ``restart_window_s``
+(``supervisor.py``). A worker given up on is left down while the rest serve; placement or the
+gateway given up on ends the deployment. ``max_restarts`` 0: the first death ends it. Failures
+quote the child's own last error line (its stderr is read through ``supervisor.ChildLog``).
+
 Colocated (``moe_a2a_backend`` local): no expert workers (``num_expert_workers`` 0, placement
 ``--ep-size 0``); every attention worker holds all experts and runs them with
 ``moe_runner_backend``; readiness waits for the attention workers and the gateway only. The
@@ -39,7 +49,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epserve.grpc_security import Security, open_channel, read_token_file, security_args
 from epserve.protos import placement_pb2, placement_pb2_grpc
+from epserve.supervisor import ChildLog, RestartMetrics, RestartPolicy, RestartState
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +98,14 @@ class DeploymentConfig:
     extra_expert_args: list[str] = field(default_factory=list)
     extra_gateway_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 180.0
+    # -- security (grpc_security.py): the token's 0600 file and TLS files every child gets --
+    auth_token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    # -- supervision (wait): restarts per child within the window; 0 = a death ends the deployment --
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.num_attention_workers < 1:
@@ -109,6 +129,9 @@ class DeploymentConfig:
         if self.expert_distribution_recorder_mode not in ("stat", "per_pass", "per_token"):
             raise ValueError("--expert-distribution-recorder-mode must be stat, per_pass or per_token, got "
                              f"{self.expert_distribution_recorder_mode!r}")
+        token = read_token_file(self.auth_token_file) if self.auth_token_file else ""
+        self.security = Security(token, self.tls_cert, self.tls_key, self.tls_ca)     # ValueError naming the flag
+        self.restart_policy = RestartPolicy(self.max_restarts, self.restart_window_s)
 
     def _check_colocated(self) -> None:
         reason = (f"with --moe-a2a-backend {COLOCATED} every attention worker holds all experts itself (no expert "
@@ -186,12 +209,34 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
-@dataclass
+@dataclass(eq=False)             # an entity: compared by identity
 class Child:
     name: str
     process: subprocess.Popen
     port: int = 0
     metrics_port: int = 0                   # 0 = no metrics endpoint announced
+    module: str = ""                        # what it runs, to start it again
+    args: list[str] = field(default_factory=list)
+    port_key: str = ""                      # its NAME_PORT= line
+    log: ChildLog | None = None
+
+    def error_line(self, wait_s: float = 0.0, strict: bool = False) -> str:
+        """Its last error line on stderr (after up to ``wait_s`` for the rest of its output); with
+        ``strict`` "" rather than a last line that does not read like an error."""
+        if self.log is None:
+            return ""
+        if wait_s:
+            self.log.wait_closed(wait_s)
+        return self.log.error_line(strict)
+
+    def describe_exit(self, code: int) -> str:
+        if code < 0:
+            how = f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else \
+                f"was killed by signal {-code}"
+            line = self.error_line(wait_s=2.0, strict=True)
+        else:
+            how, line = f"exited with code {code}", self.error_line(wait_s=2.0)
+        return f"{self.name} {how}" + (f": {line}" if line else "")
 
 
 class LocalDeployment:
@@ -200,6 +245,10 @@ class LocalDeployment:
         self.children: list[Child] = []
         self.placement_port = 0
         self.gateway_port = 0
+        self.restart_metrics = RestartMetrics()
+        self.num_restarts: dict[str, int] = {}        # child name → restarts so far
+        self._restarts: dict[str, RestartState] = {}
+        self._lock = threading.Lock()        # children list: the supervisor and port readers change it
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -214,6 +263,7 @@ class LocalDeployment:
                 placement_args += ["--state-db", c.state_db]
             placement = self._spawn("placement", "epserve.placement_service", placement_args + c.extra_placement_args,
                                     "PLACEMENT_PORT")
+            _set_flag(placement.args, "--port", str(placement.port))    # a restart binds the same port
             self.placement_port = placement.port
             address = f"{c.host}:{self.placement_port}"
             common = ["--placement", address, "--dtype", c.dtype, "--device", c.device, "--load-format", c.load_format]
@@ -232,6 +282,7 @@ class LocalDeployment:
                                  else "ATTENTION_WORKER_PORT")
             self._await_port(gateway, "GATEWAY_PORT")
             self.gateway_port = gateway.port
+            _set_flag(gateway.args, "--port", str(gateway.port))
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -243,24 +294,34 @@ class LocalDeployment:
         return child
 
     def _launch(self, name: str, module: str, args: list[str]) -> Child:
+        child = self._start_process(Child(name, None, module=module, args=list(args)))  # type: ignore[arg-type]
+        with self._lock:
+            self.children.append(child)
+        return child
+
+    def _start_process(self, child: Child) -> Child:
+        """Starts ``child.module`` with ``child.args`` (and the flags every child gets) as ``child.process``."""
         c = self.config
-        cmd = [sys.executable, "-c", _CHILD_PRELUDE, str(os.getpid()), module, "--model-path", c.model_path,
-               "--host", c.host, *args]
+        cmd = [sys.executable, "-c", _CHILD_PRELUDE, str(os.getpid()), child.module, "--model-path", c.model_path,
+               "--host", c.host, *child.args, *security_args(c.security, c.auth_token_file)]
         if c.otlp_endpoint:
             cmd += ["--otlp-endpoint", c.otlp_endpoint]
         if c.metrics:
             cmd += ["--metrics-port", "0"]
-        stderr = None
+        sink = None
         if c.log_dir:
             Path(c.log_dir).mkdir(parents=True, exist_ok=True)
-            stderr = open(Path(c.log_dir) / f"{name}.log", "ab")
+            sink = open(Path(c.log_dir) / f"{child.name}.log", "a")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
-        child = Child(name, process)
-        self.children.append(child)
+        child.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                         errors="replace")
+        child.log = ChildLog(child.name, child.process.stderr, sink)
+        child.port = child.metrics_port = 0
+        self.restart_metrics.up.labels(child=child.name).set(1)
         return child
 
     def _await_port(self, child: Child, port_key: str) -> None:
+        child.port_key = port_key
         child.port = self._read_port(child, port_key)
         threading.Thread(target=self._drain, args=(child,), daemon=True).start()
         logger.info("started %s (pid %d) on port %d", child.name, child.process.pid, child.port)
@@ -282,8 +343,11 @@ class LocalDeployment:
         reader.join(timeout_s)
         if not result:
             code = child.process.poll()
+            if code is not None:
+                raise RuntimeError(f"{child.describe_exit(code)} (before reporting its port)")
+            line = child.error_line()
             raise RuntimeError(f"{child.name} did not report its port within {timeout_s:.0f}s"
-                               + (f" (exited with {code}; see its log)" if code is not None else ""))
+                               + (f"; its last error: {line}" if line else ""))
         return result[0]
 
     @staticmethod
@@ -293,10 +357,10 @@ class LocalDeployment:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
-        channel = grpc.insecure_channel(f"{self.config.host}:{self.placement_port}")
+        channel = open_channel(f"{self.config.host}:{self.placement_port}", self.config.security)
         admin = placement_pb2_grpc.PlacementAdminStub(channel)
         expected = self.config.num_attention_workers + self.config.num_expert_workers
-        gateway = grpc.insecure_channel(f"{self.config.host}:{self.gateway_port}")
+        gateway = open_channel(f"{self.config.host}:{self.gateway_port}", self.config.security)
         health = health_pb2_grpc.HealthStub(gateway)
         try:
             while True:
@@ -307,8 +371,9 @@ class LocalDeployment:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                     if alive == expected and status == health_pb2.HealthCheckResponse.SERVING:
                         return
-                except grpc.RpcError:
-                    pass
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise RuntimeError(f"placement refused this launcher's token: {exc.details()}") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"deployment not ready after {self.config.startup_timeout_s:.0f}s")
                 time.sleep(0.2)
@@ -320,25 +385,67 @@ class LocalDeployment:
         for child in self.children:
             code = child.process.poll()
             if code is not None:
-                raise RuntimeError(f"{child.name} exited with code {code} during start-up")
+                raise RuntimeError(f"{child.describe_exit(code)} during start-up")
 
-    # -- run / stop ----------------------------------------------------------------------
+    # -- run / supervise / stop ----------------------------------------------------------
     def wait(self, stop: threading.Event) -> int:
-        """Block until ``stop`` is set or a child dies; returns an exit code."""
-        while not stop.wait(0.5):
-            for child in self.children:
+        """Supervise until ``stop`` is set: restart children that die (module docstring). Returns 0, or 1
+        when placement or the gateway died for good (the caller then stops the rest)."""
+        policy = self.config.restart_policy
+        pending: list[Child] = []            # dead, waiting for their backoff
+        while not stop.wait(0.2):
+            with self._lock:
+                children = list(self.children)
+            for child in children:
+                if child in pending or child.process.poll() is None:
+                    continue
                 code = child.process.poll()
-                if code is not None:
-                    logger.error("%s exited with code %d; stopping the deployment", child.name, code)
+                self.restart_metrics.up.labels(child=child.name).set(0)
+                state = self._restarts.setdefault(child.name, RestartState())
+                logger.error("%s", child.describe_exit(code))
+                if state.died(policy, time.monotonic()):
+                    logger.warning("restarting %s in %.1f s (restart %d within %.0f s)", child.name, state.backoff_s,
+                                   len(state.deaths), policy.window_s)
+                    pending.append(child)
+                    continue
+                essential = child.name in ("placement", "gateway") or policy.max_restarts == 0
+                logger.error("%s died %d times within %.0f s%s", child.name, len(state.deaths), policy.window_s,
+                             "; stopping the deployment" if essential else
+                             "; leaving it down (the rest keep serving)")
+                with self._lock:
+                    self.children.remove(child)
+                if essential:
                     return 1
+            for child in [c for c in pending if time.monotonic() >= self._restarts[c.name].next_start]:
+                pending.remove(child)
+                self._restart(child)
         return 0
 
+    def _restart(self, child: Child) -> None:
+        """Starts a dead child again with its flags; its port line is read on a thread of its own."""
+        self._start_process(child)
+        self.restart_metrics.restarts.labels(child=child.name).inc()
+        self.num_restarts[child.name] = self.num_restarts.get(child.name, 0) + 1
+        logger.info("restarted %s (pid %d)", child.name, child.process.pid)
+
+        def read_port() -> None:
+            try:
+                self._await_port(child, child.port_key)
+            except RuntimeError as exc:
+                logger.error("restarted %s: %s", child.name, exc)
+                if child.process.poll() is None:
+                    child.process.kill()        # the supervisor counts it as another death
+        threading.Thread(target=read_port, name=f"port-{child.name}", daemon=True).start()
+
+
     def stop(self, grace_s: float = 10.0) -> None:
-        for child in reversed(self.children):           # gateway first, placement last
+        with self._lock:
+            children = list(self.children)
+        for child in reversed(children):           # gateway first, placement last
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for child in self.children:
+        for child in children:
             try:
                 child.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -348,7 +455,8 @@ class LocalDeployment:
                 except ProcessLookupError:   # not its own group yet
                     child.process.kill()
                 child.process.wait()
-        self.children.clear()
+        with self._lock:
+            self.children.clear()
 
     @property
     def metrics_endpoints(self) -> dict[str, str]:
@@ -361,3 +469,11 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> None:
+    """Sets ``flag``'s value in ``args`` in place (appends it when absent)."""
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]

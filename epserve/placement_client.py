@@ -36,6 +36,7 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_from_proto
+from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
 from epserve.process import start_daemon_thread
 from epserve.protos import placement_pb2, placement_pb2_grpc
@@ -162,13 +163,13 @@ class Backoff:
 class PlacementClient:
     def __init__(self, address: str, worker_id: str, role: WorkerRole, worker_address: str,
                  capacity: float = 1.0, device: str = "cpu", model_fingerprint: str = "",
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, security: Security = PLAINTEXT) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.address, self.worker_id, self.role = address, worker_id, WorkerRole(role)
         self.worker_address, self.capacity, self.device = worker_address, capacity, device
         self.model_fingerprint, self.timeout_s = model_fingerprint, timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, security, CHANNEL_OPTIONS)     # TLS and the deployment's token
         self._stub = placement_pb2_grpc.PlacementStub(self._channel)
         self._closed = threading.Event()
         self._lock = threading.Lock()

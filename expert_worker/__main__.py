@@ -7,6 +7,7 @@ import os
 import sys
 
 from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
+from epserve.grpc_security import add_security_arguments, security_from_args
 from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig
 
 
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--otlp-endpoint", default="",
                    help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-expert-worker); "
                         "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
+    add_security_arguments(p, token_help="the deployment's token: callers must send it, and this worker sends it "
+                                         "to placement")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.num_threads,
             expert_load_duty_cycle=args.expert_load_duty_cycle,
             metrics_port=args.metrics_port,
-            otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""), **kwargs)
+            otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            security=security_from_args(args), **kwargs)
     except ValueError as exc:
         print(f"expert_worker: {exc}", file=sys.stderr)
         return 2

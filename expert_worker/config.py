@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from epserve.dummy_weights import check_load_format
+from epserve.grpc_security import PLAINTEXT, Security
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 DEFAULT_DUTY_CYCLE = 0.25  # bench/results/rebalance_live_cpu.md: p99 ITL x1.32 at 1.0, x1.15 at 0.25
@@ -30,6 +31,7 @@ class ExpertWorkerConfig:
     expert_load_duty_cycle: float = DEFAULT_DUTY_CYCLE    # share of wall time a live map change may spend loading
     metrics_port: int | None = None         # Prometheus /metrics; None = off, 0 = a free port
     otlp_endpoint: str = ""                 # OTLP gRPC collector HOST:PORT; "" = no tracing
+    security: Security = field(default=PLAINTEXT, repr=False)   # the deployment's token + TLS
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

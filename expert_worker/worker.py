@@ -52,12 +52,13 @@ class ExpertWorker:
                                  make_moe_runner(config.moe_runner_backend, config.device, dtype=parse_dtype(config.dtype)),
                                  parse_dtype(config.dtype), config.device)
         self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False,
-                                             interceptors=self.tracing.server_interceptors())
+                                             interceptors=self.tracing.server_interceptors(),
+                                             security=config.security)
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.EXPERT, self.address,
                                          capacity=config.capacity, device=config.device,
                                          model_fingerprint=model_fingerprint(config.model_path, config.load_format),
-                                         timeout_s=config.rpc_timeout_s)
+                                         timeout_s=config.rpc_timeout_s, security=config.security)
         self.expert_server = None
         self.ready = threading.Event()
         self._lock = threading.Lock()

@@ -7,7 +7,8 @@ Sampling keyword arguments are the fields of ``epserve.v1.SamplingParams``: temp
 top_k, min_p, repetition_penalty, seed, max_new_tokens, stop, stop_token_ids, ignore_eos, return_logprob,
 top_logprobs_num (each response's ``logprobs``: one per token id).
 Errors arrive as ``grpc.RpcError`` (``.code()``, ``.details()``). Closing the iterator early
-cancels the stream (the gateway then aborts the request at its worker).
+cancels the stream (the gateway then aborts the request at its worker). ``security``
+(``grpc_security.Security``): the gateway's API token (``--api-token-file``) and TLS files, if any.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.protos import generation_pb2, generation_pb2_grpc
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens",
@@ -42,16 +44,16 @@ def build_request(prompt: str | None = None, *, token_ids: Sequence[int] | None 
 
 
 def stream_generate(address: str, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
-                    request_id: str = "", timeout_s: float = 60.0,
+                    request_id: str = "", timeout_s: float = 60.0, security: Security = PLAINTEXT,
                     **sampling: object) -> Iterator[generation_pb2.GenerateResponse]:
     """Streams the responses of one Generate call; the last one has finished=True."""
     request = build_request(prompt, token_ids=token_ids, request_id=request_id, **sampling)
-    return _stream(address, request, timeout_s)
+    return _stream(address, request, timeout_s, security)
 
 
 def _stream(address: str, request: generation_pb2.GenerateRequest,
-            timeout_s: float) -> Iterator[generation_pb2.GenerateResponse]:
-    channel = grpc.insecure_channel(address)
+            timeout_s: float, security: Security = PLAINTEXT) -> Iterator[generation_pb2.GenerateResponse]:
+    channel = open_channel(address, security)
     call = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout_s)
     try:
         yield from call
@@ -80,8 +82,8 @@ def generate(address: str, prompt: str | None = None, **kwargs: object) -> Gener
     return GenerateResult("".join(text), ids, final)
 
 
-def abort(address: str, request_id: str, timeout_s: float = 5.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def abort(address: str, request_id: str, timeout_s: float = 5.0, security: Security = PLAINTEXT) -> bool:
+    with open_channel(address, security) as channel:
         return generation_pb2_grpc.GenerationStub(channel).Abort(
             generation_pb2.AbortRequest(request_id=request_id), timeout=timeout_s).found
 

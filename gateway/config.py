@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from epserve.grpc_security import Security, add_security_arguments, read_token_file, security_from_args
 
 
 def check_address(flag: str, address: str) -> str:
@@ -27,7 +29,17 @@ class GatewayConfig:
     rpc_timeout_s: float = 5.0                      # deadline of every unary RPC (Abort, GetLoad, ListWorkers)
     refresh_interval_s: float = 1.0                 # placement re-listing and worker probes
     max_retries: int = 3                            # re-submissions after losing a worker, per request
+    max_worker_failures: int = 2                    # poison-request guard: workers a request may lose or fail on
     max_concurrent_requests: int = 256
+    max_pending_prompts: int = 64                   # prompts tokenizing or waiting for the tokenizer
+    max_prompt_bytes: int = 1 << 20                 # UTF-8 bytes of a text prompt, checked before tokenizing
+    max_message_bytes: int = 4 << 20                # largest gRPC message a client may send
+    tokenizer_processes: int = 1                    # tokenize in this many processes; 0 = on the RPC's thread
+    auth_token: str = field(default="", repr=False)  # the deployment's token (sent to workers and placement)
+    tls_cert: str = ""                              # TLS of the deployment (grpc_security.py)
+    tls_key: str = ""
+    tls_ca: str = ""
+    api_token: str = field(default="", repr=False)  # clients of the Generation API must send it; "" = open
     shutdown_grace_s: float = 10.0
     metrics_port: int | None = None                 # Prometheus /metrics; None = off, 0 = a free port
     otlp_endpoint: str = ""                         # OTLP gRPC collector HOST:PORT; "" = no tracing
@@ -62,10 +74,28 @@ class GatewayConfig:
             raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_worker_failures < 1:
+            raise ValueError(f"--max-worker-failures must be >= 1, got {self.max_worker_failures}")
+        for flag, value, least in (("--max-pending-prompts", self.max_pending_prompts, 1),
+                                   ("--max-prompt-bytes", self.max_prompt_bytes, 1),
+                                   ("--max-message-bytes", self.max_message_bytes, 64 * 1024),
+                                   ("--tokenizer-processes", self.tokenizer_processes, 0)):
+            if value < least:
+                raise ValueError(f"{flag} must be >= {least}, got {value}")
+        self.security  # noqa: B018 - checks the token and TLS files
+        if self.max_message_bytes <= self.max_prompt_bytes:
+            raise ValueError(f"--max-message-bytes ({self.max_message_bytes}) must exceed --max-prompt-bytes "
+                             f"({self.max_prompt_bytes}): a prompt travels in one message")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.sglang_default_seed is not None and not 0 <= self.sglang_default_seed < 2 ** 63:
             raise ValueError(f"--sglang-default-seed must be in [0, 2**63), got {self.sglang_default_seed}")
+
+
+    @property
+    def security(self) -> Security:
+        """The token and TLS this gateway's calls to workers and placement use."""
+        return Security(self.auth_token, self.tls_cert, self.tls_key, self.tls_ca)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-retries", type=int, default=defaults["max_retries"],
                         help="how many times one request may be re-submitted after losing its worker "
                              "(default: %(default)s)")
+    parser.add_argument("--max-worker-failures", type=int, default=defaults["max_worker_failures"],
+                        help="poison-request guard: a request whose stream broke, or that failed with INTERNAL, on "
+                             "this many attention workers is failed (INTERNAL) instead of sent to another one "
+                             "(default: %(default)s)")
     parser.add_argument("--max-concurrent-requests", type=int, default=defaults["max_concurrent_requests"],
                         help="streams served at once; more are refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--max-pending-prompts", type=int, default=defaults["max_pending_prompts"],
+                        help="prompts being tokenized or waiting for the tokenizer; more are refused with "
+                             "RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--max-prompt-bytes", type=int, default=defaults["max_prompt_bytes"],
+                        help="largest text prompt in UTF-8 bytes, checked before tokenizing; larger ones are "
+                             "refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=defaults["max_message_bytes"],
+                        help="largest gRPC message a client may send (gRPC answers RESOURCE_EXHAUSTED past it "
+                             "without reading it) (default: %(default)s)")
+    parser.add_argument("--tokenizer-processes", type=int, default=defaults["tokenizer_processes"],
+                        help="tokenize prompts in this many helper processes, so a long prompt never holds the "
+                             "threads that stream other requests' tokens; 0 = tokenize on the request's own thread "
+                             "(default: %(default)s)")
+    parser.add_argument("--api-token", default="", metavar="TOKEN",
+                        help="clients of the Generation API must send TOKEN (gRPC metadata authorization: Bearer "
+                             "TOKEN); default: the API is open (health always is); prefer --api-token-file")
+    parser.add_argument("--api-token-file", default="", metavar="FILE", help="read --api-token from FILE (mode 0600)")
+    add_security_arguments(parser, token_help="the deployment's token: the gateway sends it to the attention "
+                                              "workers and placement")
     parser.add_argument("--shutdown-grace-s", type=float, default=defaults["shutdown_grace_s"],
                         help="on SIGTERM/SIGINT: how long in-flight streams may run to completion before they "
                              "are aborted (finish_reason ABORT) (default: %(default)s)")
@@ -131,4 +184,19 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout_s, rpc_timeout_s=args.rpc_timeout_s,
         refresh_interval_s=args.refresh_interval_s, max_retries=args.max_retries,
         max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace_s,
-        metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, sglang_default_seed=args.sglang_default_seed)
+        metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, sglang_default_seed=args.sglang_default_seed,
+        max_worker_failures=args.max_worker_failures, max_pending_prompts=args.max_pending_prompts,
+        max_prompt_bytes=args.max_prompt_bytes, max_message_bytes=args.max_message_bytes,
+        tokenizer_processes=args.tokenizer_processes, api_token=_api_token(args), **_security_fields(args))
+
+
+def _api_token(args: argparse.Namespace) -> str:
+    if args.api_token and args.api_token_file:
+        raise ValueError("give --api-token or --api-token-file, not both")
+    return read_token_file(args.api_token_file) if args.api_token_file else args.api_token
+
+
+def _security_fields(args: argparse.Namespace) -> dict[str, str]:
+    security = security_from_args(args)
+    return {"auth_token": security.token, "tls_cert": security.tls_cert, "tls_key": security.tls_key,
+            "tls_ca": security.tls_ca}

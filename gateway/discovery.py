@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
 from epserve.protos import placement_pb2, placement_pb2_grpc
 
@@ -30,10 +31,10 @@ def workers_from_proto(response: placement_pb2.ListWorkersResponse) -> Discovere
 
 
 class PlacementDiscovery:
-    def __init__(self, address: str, rpc_timeout_s: float) -> None:
+    def __init__(self, address: str, rpc_timeout_s: float, security: Security = PLAINTEXT) -> None:
         self.address = address
         self._rpc_timeout_s = rpc_timeout_s
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = open_channel(address, security, GRPC_OPTIONS)
         self._stub = placement_pb2_grpc.PlacementAdminStub(self._channel)
 
     def list_workers(self) -> DiscoveredWorkers:

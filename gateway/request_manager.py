@@ -18,7 +18,11 @@ Flow of a request:
             streamed so far to another worker (num_generated_before, max_new_tokens reduced);
             no worker left -> UNAVAILABLE. A worker refusing with RESOURCE_EXHAUSTED (KV cache
             full) -> try the others, then RESOURCE_EXHAUSTED. Deadline -> DEADLINE_EXCEEDED
-            (aborted at the worker).
+            (aborted at the worker). A worker rejecting it with INVALID_ARGUMENT -> the client,
+            never retried; failing it with INTERNAL -> another worker. Poison-request guard: a
+            request that lost or failed on --max-worker-failures workers (2) is not sent to
+            another one (INTERNAL). A worker still ending an earlier request of the same id
+            (ALREADY_EXISTS) gets this one under an id of its own (``worker_request_id``).
   abort:    aborts at the worker, cancels the stream; the stream ends with finish_reason ABORT.
   cancel:   the client went away: the same, with nothing more sent.
 """
@@ -37,6 +41,7 @@ from epserve.gateway.errors import ErrorCode, GatewayError, ValidationError
 from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.observer import NullObserver, RequestObserver
 from epserve.gateway.output_processor import OutputProcessor
+from epserve.gateway.prompt_tokenizer import PromptTokenizer
 from epserve.gateway.request_types import (FinishReason, GenerateInput, GenerateOutput, SamplingParams, TokenLogprob,
                                            Usage)
 from epserve.gateway.router import Router
@@ -47,6 +52,7 @@ from epserve.gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDir
 
 logger = logging.getLogger(__name__)
 
+MAX_REQUEST_ID_CHARS = 256
 ABORTED = "aborted"        # Abort RPC
 CANCELLED = "cancelled"    # the client went away
 SHUTDOWN = "shutdown"      # the gateway is stopping
@@ -55,6 +61,7 @@ SHUTDOWN = "shutdown"      # the gateway is stopping
 class _Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deadline: float) -> None:
         self.request_id = request_id
+        self.worker_request_id = request_id   # the id at the worker: a fresh one when the worker still holds it
         self.prompt_ids = prompt_ids
         self.params = params
         self.deadline = deadline           # time.monotonic()
@@ -106,6 +113,9 @@ class RequestManager:
         self._observer = observer or NullObserver()
         self.limits = Limits(vocab_size=model_info.vocab_size, max_context_length=model_info.max_context_length,
                              max_new_tokens_limit=config.max_new_tokens_limit)
+        self._prompts = PromptTokenizer(config.model_path, tokenizer, model_info.max_context_length - 1,
+                                        config.max_prompt_bytes, config.max_pending_prompts,
+                                        config.tokenizer_processes)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._requests: dict[str, _Request] = {}
@@ -132,7 +142,10 @@ class RequestManager:
         return RequestHandle(self, request)
 
     def _register(self, inp: GenerateInput, timeout_s: float | None) -> _Request:
-        prompt_ids = self._prompt_ids(inp)
+        if len(inp.request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValidationError("request_id", f"is {len(inp.request_id)} characters long; at most "
+                                                f"{MAX_REQUEST_ID_CHARS}")
+        prompt_ids = self._prompt_ids(inp, timeout_s)
         params = validate_sampling(inp.sampling, self.limits)
         params = replace(params, max_new_tokens=effective_max_new_tokens(
             len(prompt_ids), params.max_new_tokens, self.limits))
@@ -152,13 +165,13 @@ class RequestManager:
             self._requests[request_id] = request
         return request
 
-    def _prompt_ids(self, inp: GenerateInput) -> list[int]:
+    def _prompt_ids(self, inp: GenerateInput, timeout_s: float | None = None) -> list[int]:
         if (inp.text is None) == (inp.token_ids is None):
             raise ValidationError("input", "set exactly one of text and token_ids")
         if inp.text is not None:
             if not inp.text:
                 raise ValidationError("text", "the prompt is empty")
-            ids = self._tokenizer.encode(inp.text)
+            ids = self._prompts.encode(inp.text, timeout_s)   # limits; long prompts off this thread
             validate_prompt("text", ids, self.limits)
         else:
             ids = list(inp.token_ids or ())
@@ -173,6 +186,10 @@ class RequestManager:
             return False
         self._stop(request, ABORTED, wait=True)
         return True
+
+    def close(self) -> None:
+        """Stops the tokenizer processes (after the last request)."""
+        self._prompts.close()
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -206,9 +223,9 @@ class RequestManager:
             return
         if worker is not None and stream is not None:
             if wait:
-                worker.abort(request.request_id)
+                worker.abort(request.worker_request_id)
             else:
-                worker.abort_nowait(request.request_id)
+                worker.abort_nowait(request.worker_request_id)
             stream.cancel()
 
     def _unregister(self, request: _Request) -> None:
@@ -259,6 +276,7 @@ class RequestManager:
         request_id, params = request.request_id, request.params
         lost: list[str] = []        # workers this request lost (at most --max-retries + 1)
         full: list[str] = []        # workers that refused it with RESOURCE_EXHAUSTED
+        failed: list[str] = []      # workers that failed it (INTERNAL): with ``lost``, the poison-request guard
         while True:
             if request.stop_reason is not None:
                 if request.stop_reason != CANCELLED:
@@ -269,9 +287,9 @@ class RequestManager:
                 raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"request {request_id} passed its deadline")
             generated = processor.completion_ids
             worker_request = WorkerRequest(
-                request_id, tuple(request.prompt_ids + generated),
+                request.worker_request_id, tuple(request.prompt_ids + generated),
                 replace(params, max_new_tokens=params.max_new_tokens - len(generated)), len(generated))
-            candidates = [a for a in self._workers.reachable() if a not in lost and a not in full]
+            candidates = [a for a in self._workers.reachable() if a not in lost and a not in full and a not in failed]
             address = self._router.route(request_id, candidates, len(worker_request.prompt_ids)
                                          + worker_request.sampling.max_new_tokens)
             if address is None:
@@ -287,7 +305,7 @@ class RequestManager:
             try:
                 stream = worker.generate(worker_request, timeout_s=remaining_s)
                 if not request.attach(worker, stream):
-                    worker.abort_nowait(request_id)
+                    worker.abort_nowait(worker_request.request_id)
                     stream.cancel()
                     continue  # the loop's top sends the ABORT message
                 yield from self._relay(request, processor, worker, stream)
@@ -298,9 +316,10 @@ class RequestManager:
                 continue
             except WorkerLost as exc:
                 request.detach()
-                worker.abort_nowait(request_id)  # in case it still runs there
+                worker.abort_nowait(worker_request.request_id)  # in case it still runs there
                 self._workers.mark_lost(address, str(exc))
                 lost.append(address)
+                self._check_poison(request_id, lost, failed, exc)
                 if len(lost) > self._config.max_retries:
                     raise GatewayError(ErrorCode.UNAVAILABLE, f"request {request_id} lost its attention worker "
                                        f"{len(lost)} times ({', '.join(lost)}); giving up") from exc
@@ -308,7 +327,7 @@ class RequestManager:
                                request_id, address, len(processor.completion_ids), exc)
                 self._observer.on_retry(request_id, address)
             except WorkerTimeout as exc:
-                worker.abort_nowait(request_id)
+                worker.abort_nowait(worker_request.request_id)
                 raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
                                    f"request {request_id} passed its deadline waiting on {address}") from exc
             except WorkerFailed as exc:
@@ -317,20 +336,39 @@ class RequestManager:
                     logger.info("request %s: attention worker %s is full: %s", request_id, address, exc.message)
                     full.append(address)
                     continue
-                raise GatewayError(ErrorCode.INTERNAL, f"attention worker {address} failed the request: {exc}") from exc
+                if exc.code == "INVALID_ARGUMENT":      # bad input is bad on every worker: no retry
+                    raise GatewayError(ErrorCode.INVALID_ARGUMENT, exc.message) from exc
+                if exc.code == "ALREADY_EXISTS" and request.worker_request_id == request_id:
+                    # the worker still ends the previous request of this id (a stop or cancel a moment
+                    # ago): this one runs under an id of its own there
+                    request.worker_request_id = f"{request_id}~{uuid.uuid4().hex[:8]}"
+                    continue
+                failed.append(address)
+                logger.warning("request %s: attention worker %s failed it: %s", request_id, address, exc)
+                self._check_poison(request_id, lost, failed, exc)
+                self._observer.on_retry(request_id, address)
+
+    def _check_poison(self, request_id: str, lost: list[str], failed: list[str], exc: Exception) -> None:
+        """The poison-request guard: a request that broke --max-worker-failures workers (their stream
+        cut, or failed with INTERNAL) is not sent to another one."""
+        broken = list(dict.fromkeys(lost + failed))
+        if len(broken) >= self._config.max_worker_failures:
+            raise GatewayError(ErrorCode.INTERNAL, f"request {request_id} failed on {len(broken)} attention workers "
+                               f"({', '.join(broken)}); not retried on another (--max-worker-failures): "
+                               f"{str(exc)[:300]}") from exc
 
     def _relay(self, request: _Request, processor: OutputProcessor, worker: WorkerClient,
                stream: WorkerStream) -> Iterator[GenerateOutput]:
         """Streams one worker's steps to the client until the request finishes. Raises what the
         worker stream raises; ending without a finished step means the worker was lost."""
-        request_id = request.request_id
+        request_id, worker_request_id = request.request_id, request.worker_request_id
         for step in stream:
             if step.token_ids:
                 self._router.consume(request_id, len(step.token_ids))
                 self._observer.on_tokens(request_id, len(step.token_ids))
             processed = processor.add(step.token_ids)
             if processed.matched_stop is not None:
-                worker.abort_nowait(request_id)
+                worker.abort_nowait(worker_request_id)
                 stream.cancel()
                 yield self._final(request, processor, processed.text, step.token_ids, FinishReason.STOP,
                                   processed.matched_stop, step.logprobs)
@@ -338,7 +376,7 @@ class RequestManager:
             overran = len(processor.completion_ids) >= request.params.max_new_tokens and not step.finished
             if step.finished or overran:
                 if overran:  # the worker should have finished: do it here
-                    worker.abort_nowait(request_id)
+                    worker.abort_nowait(worker_request_id)
                     stream.cancel()
                 tail = processor.finish()
                 if tail.matched_stop is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from epserve.grpc_security import Security
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.telemetry import Tracing, setup_tracing
 from epserve.gateway.config import GatewayConfig
@@ -46,7 +47,8 @@ class Gateway:
         self.model_info = load_model_info(config.model_path)
         self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.router = Router()
-        discovery = PlacementDiscovery(config.placement, config.rpc_timeout_s) if config.placement else None
+        discovery = (PlacementDiscovery(config.placement, config.rpc_timeout_s, config.security)
+                     if config.placement else None)
         self.pool = WorkerPool(config, self.router, discovery, on_health=self._set_health,
                                intercept=self.tracing.intercept_channel)
         self.manager = RequestManager(config, self.tokenizer, self.model_info, self.pool, self.router, observer)
@@ -60,13 +62,19 @@ class Gateway:
         """Serves (health NOT_SERVING until a worker answers) after one round of discovery and
         probes (at most --rpc-timeout-s each); returns the bound port."""
         servicer = GenerationServicer(self.manager, self.model_info, self.pool, self.tracing)
-        sglang = sglang_registration(self.manager, self.model_info, self.pool, self.config,   # for SMG (issue 16)
+        config = self.config
+        # the public API: the optional client token (--api-token-file), the deployment's TLS
+        public = Security(token=config.api_token, tls_cert=config.security.tls_cert,
+                          tls_key=config.security.tls_key, tls_ca=config.security.tls_ca)
+        sglang = sglang_registration(self.manager, self.model_info, self.pool, config,   # for SMG (issue 16)
                                      lambda: not self._stopping.is_set() and bool(self.pool.reachable()))
         self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME),
                                    sglang],
-                                  self.config.host, self.config.port, serving=False,
-                                  max_workers=self.config.max_concurrent_requests + EXTRA_RPC_THREADS,
-                                  interceptors=self.tracing.server_interceptors())
+                                  config.host, config.port, serving=False,
+                                  max_workers=config.max_concurrent_requests + EXTRA_RPC_THREADS,
+                                  interceptors=self.tracing.server_interceptors(), security=public,
+                                  max_message_bytes=config.max_message_bytes,
+                                  max_concurrent_rpcs=config.max_concurrent_requests + EXTRA_RPC_THREADS)
         self.pool.refresh()
         self._refresh_thread.start()
         logger.info("gateway serving %s on %s:%d (model %s, context %d tokens)", SERVICE_NAME, self.config.host,
@@ -94,4 +102,5 @@ class Gateway:
         self._refresh_thread.join(timeout=self.config.rpc_timeout_s + 1.0)
         self._server.stop(grace_s=1.0)
         self.pool.close()
+        self.manager.close()
         logger.info("gateway stopped")

@@ -40,12 +40,12 @@ def _finite(field: str, value: float) -> float:
 def validate_prompt(field: str, ids: Sequence[int], limits: Limits) -> None:
     if not ids:
         raise ValidationError(field, "the prompt is empty")
+    if len(ids) >= limits.max_context_length:     # before looking at each id: a huge list costs nothing
+        raise ValidationError(field, f"the prompt has {len(ids)} tokens; the model's context is "
+                                     f"{limits.max_context_length} tokens and the prompt must be shorter")
     for i, token in enumerate(ids):
         if not 0 <= token < limits.vocab_size:
             raise ValidationError(f"{field}[{i}]", f"token id {token} is out of range [0, {limits.vocab_size})")
-    if len(ids) >= limits.max_context_length:
-        raise ValidationError(field, f"the prompt has {len(ids)} tokens; the model's context is "
-                                     f"{limits.max_context_length} tokens and the prompt must be shorter")
 
 
 def validate_sampling(sampling: SamplingRequest, limits: Limits) -> SamplingParams:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -88,10 +89,11 @@ class GrpcWorkerClient:
     trace context as W3C ``traceparent`` metadata)."""
 
     def __init__(self, address: str, rpc_timeout_s: float,
-                 intercept: Callable[[grpc.Channel], grpc.Channel] | None = None) -> None:
+                 intercept: Callable[[grpc.Channel], grpc.Channel] | None = None,
+                 security: Security = PLAINTEXT) -> None:
         self.address = address
         self._rpc_timeout_s = rpc_timeout_s
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = open_channel(address, security, CHANNEL_OPTIONS)   # TLS and the deployment's token
         self._channel = intercept(channel) if intercept is not None else channel
         self._stub = worker_pb2_grpc.AttentionWorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -69,7 +69,7 @@ class WorkerPool:
             client = self._clients.get(address)
             if client is None:
                 client = self._clients[address] = GrpcWorkerClient(address, self._config.rpc_timeout_s,
-                                                                    self._intercept)
+                                                                    self._intercept, self._config.security)
             return client
 
     def mark_lost(self, address: str, reason: str) -> None:

@@ -24,6 +24,7 @@ import sys
 import threading
 
 from epserve.dummy_weights import LOAD_FORMATS
+from epserve.grpc_security import add_security_arguments, security_from_args
 from epserve.placement_service.config import (ELASTIC_EP_BACKENDS, EPLB_ALGORITHMS, MOE_A2A_BACKENDS,
                                               PlacementConfig)
 from epserve.placement_service.server import start_placement_server
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     elastic.add_argument("--elastic-ep-probe-timeout-ms", type=int, default=500,
                          help="a worker reported by a peer (data-plane timeout or broken link) is probed at once: "
                               "DEAD when its gRPC port does not accept a connection within this (default: 500)")
+    parser.add_argument("--max-message-bytes", type=int, default=64 << 20,
+                        help="largest gRPC message a caller may send; larger ones get RESOURCE_EXHAUSTED unread "
+                             "(default: %(default)s)")
+    add_security_arguments(parser, token_help="the deployment's token: workers and `epserve admin` must send it "
+                                              "(UNAUTHENTICATED otherwise), and placement sends it to the "
+                                              "attention workers")
     parser.add_argument("--log-level", default=None,
                         help="stderr log level (default: $EPSERVE_LOG_LEVEL or INFO)")
     return parser
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             num_nodes=args.num_nodes, num_groups=args.num_groups,
             elastic_ep_backend=args.elastic_ep_backend,
             elastic_ep_probe_timeout_ms=args.elastic_ep_probe_timeout_ms,
+            security=security_from_args(args), max_message_bytes=args.max_message_bytes,
             otlp_endpoint=args.otlp_endpoint if args.otlp_endpoint is not None
             else os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
         stop = threading.Event()

@@ -7,6 +7,12 @@ workers / versions, FailedPrecondition for a snapshot of another model or a plan
 cannot be made), then hands a target to the ``Rebalancer``, which applies it make-before-
 break — so on any error before the first commit the map in service is untouched.
 
+Requests are bounded before any work: redundancy at most E × (W - 1) (beyond that some expert would
+have two replicas on one worker: memory spent for nothing), snapshots of the deployment's own shape
+(L layers, E experts, the P slots in service: change P with SetRedundancy), snapshot JSON at most
+MAX_SNAPSHOT_BYTES and MAX_JSON_DEPTH deep, worker ids at most MAX_ID_CHARS; messages quote request
+strings clipped (``grpc_guard.clip``), never whole.
+
 Load used for planning: the EPLB window (since the last EPLB decision) when it holds any
 tokens, else everything reported since start-up. Rebalance and PlanRebalance need load;
 SetRedundancy and DrainWorker plan from uniform load when none was reported.
@@ -21,6 +27,7 @@ expert-load recorders kept (``expert_dump.py``).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,7 @@ from pathlib import Path
 import torch
 
 from epserve.expert_map import ExpertMap
+from epserve.grpc_guard import clip
 from epserve.placement_client import WorkerRole, WorkerState
 from epserve.placement_service import snapshot
 from epserve.placement_service.config import EPLB_ALGORITHMS
@@ -37,6 +45,10 @@ from epserve.placement_service.errors import FailedPrecondition, InvalidArgument
 from epserve.placement_service.planner import (PlanSettings, RebalancePlan, measure_change, plan_rebalance,
                                        predicted_balancedness)
 from epserve.placement_service.rebalancer import ChangeResult, MapChange, Rebalancer
+
+MAX_SNAPSHOT_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32          # a snapshot nests 3 deep; RecursionError (UNKNOWN) came at a few thousand
+MAX_ID_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,13 @@ class AdminOps:
 
         def change(current: ExpertMap) -> MapChange | None:
             num_slots, num_workers = num_experts + num_redundant, current.num_workers
+            most = num_experts * (num_workers - 1)
+            if num_redundant > most:
+                raise InvalidArgument(
+                    f"num_redundant_experts {num_redundant} is more than {most} = {num_experts} experts × "
+                    f"({num_workers} expert workers - 1): with that many some expert would have two replicas on "
+                    f"one worker; each redundant slot holds {self.model.num_moe_layers} layers of one expert "
+                    f"({self.expert_bytes * self.model.num_moe_layers / 2**20:.1f} MiB) on its worker")
             if num_slots % num_workers:
                 raise InvalidArgument(
                     f"num_redundant_experts {num_redundant}: {num_experts} experts + {num_redundant} = {num_slots} "
@@ -169,6 +188,9 @@ class AdminOps:
 
     def drain(self, worker_id: str) -> ChangeResult:
         self.controller.check_has_placement()
+        if len(worker_id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"worker_id is {len(worker_id)} characters long; worker ids have at most "
+                                  f"{MAX_ID_CHARS}")
         info = self.controller.worker(worker_id)  # NotFound
         if info.role != WorkerRole.EXPERT:
             raise InvalidArgument(f"worker {worker_id} is an attention worker; only expert workers hold slots")
@@ -188,7 +210,8 @@ class AdminOps:
         (on its own machine); one result per worker, failures included. InvalidArgument for a bad
         directory, Unavailable when no attention worker is live."""
         timeout_s = check_request(directory, worker_timeout_s)
-        return dump_on_workers(dump_targets(self.controller.list_workers()), directory, timeout_s)
+        return dump_on_workers(dump_targets(self.controller.list_workers()), directory, timeout_s,
+                               self.config.security)
 
     # -- snapshots -------------------------------------------------------------------------
     def export_snapshot(self) -> str:
@@ -218,9 +241,9 @@ class AdminOps:
         def change(current: ExpertMap) -> MapChange:
             phy2log = loaded.physical_to_logical_map
             num_slots = None if phy2log is None else phy2log.shape[1]
-            if num_slots is not None and num_slots % current.num_workers:
-                raise InvalidArgument(f"physical_to_logical_map has {num_slots} slots per layer, which do not "
-                                      f"split evenly over {current.num_workers} expert workers")
+            if num_slots is not None and num_slots != current.num_physical_slots:
+                raise InvalidArgument(f"physical_to_logical_map has {num_slots} slots per layer; the map in service "
+                                      f"has {current.num_physical_slots} (change that with SetRedundancy first)")
             try:
                 loaded.validate(num_layers=num_layers, num_logical_experts=num_experts, num_physical_slots=num_slots)
             except ValueError as exc:
@@ -237,10 +260,14 @@ class AdminOps:
 
 def _parse_snapshot(text: str) -> snapshot.ExpertSnapshot:
     """snapshot.py's own loader on the request's JSON (one format, one parser)."""
+    if len(text) > MAX_SNAPSHOT_BYTES:
+        raise InvalidArgument(f"snapshot json is {len(text)} characters; at most {MAX_SNAPSHOT_BYTES}")
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"snapshot json nests deeper than {MAX_JSON_DEPTH} levels; a snapshot nests 3")
     try:
         json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"snapshot json is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidArgument(f"snapshot json is not valid JSON: {clip(str(exc), 200)}") from None
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "request.json"
         path.write_text(text)
@@ -251,9 +278,28 @@ def _parse_snapshot(text: str) -> snapshot.ExpertSnapshot:
     return loaded
 
 
+def _json_depth(text: str) -> int:
+    """How deep ``[``/``{`` nest in ``text`` (brackets inside strings count too: an upper bound), in C speed:
+    drop everything but brackets, then peel the innermost pairs until none are left."""
+    brackets = _NOT_BRACKETS.sub("", text)
+    depth = 0
+    while brackets:
+        shorter = _INNERMOST.sub("", brackets)       # one level per pass (the result is not rescanned)
+        if len(shorter) == len(brackets):        # unbalanced: what is left nests at least this deep
+            return depth + len(shorter)
+        brackets, depth = shorter, depth + 1
+        if depth > MAX_JSON_DEPTH:
+            return depth
+    return depth
+
+
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"[\[{][\]}]")
+
+
 def _check_algorithm(algorithm: str) -> None:
     if algorithm and algorithm not in EPLB_ALGORITHMS:
-        raise InvalidArgument(f"algorithm {algorithm!r} is unknown; choose one of {', '.join(EPLB_ALGORITHMS)} "
+        raise InvalidArgument(f"algorithm {clip(algorithm, 64)!r} is unknown; choose one of {', '.join(EPLB_ALGORITHMS)} "
                               "(empty = the service's --eplb-algorithm)")
 
 
@@ -262,8 +308,8 @@ def _check_layers(layers: list[int] | None, num_layers: int) -> list[int] | None
         return None
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
-        raise InvalidArgument(f"layers {bad} are out of range: the model has {num_layers} MoE layers "
+        raise InvalidArgument(f"layers {clip(str(bad), 200)} are out of range: the model has {num_layers} MoE layers "
                               f"(0..{num_layers - 1})")
     if len(set(layers)) != len(layers):
-        raise InvalidArgument(f"layers {list(layers)} holds duplicates")
+        raise InvalidArgument(f"layers {clip(str(list(layers)), 200)} holds duplicates")
     return sorted(layers)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epserve.dummy_weights import check_load_format
+from epserve.grpc_security import PLAINTEXT, Security
 from epserve.placement_service.model_info import ModelInfo
 
 MOE_A2A_BACKENDS = ("local", "torch", "cuda_ipc", "mooncake", "deepep")
@@ -64,6 +65,8 @@ class PlacementConfig:
     # -- elastic EP (see docs/operations.md, "When a worker dies") --
     elastic_ep_backend: str = "none"  # ELASTIC_EP_BACKENDS; none = a lost expert worker is not replaced
     elastic_ep_probe_timeout_ms: int = 500  # a suspect that does not accept a connection within this is DEAD
+    security: Security = field(default=PLAINTEXT, repr=False)  # the deployment's token + TLS (grpc_security.py)
+    max_message_bytes: int = 64 << 20  # largest gRPC message a caller may send (snapshots, load reports)
     model: ModelInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,9 @@ class PlacementConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 65535], got {value}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        if self.max_message_bytes < 1 << 20:
+            raise ValueError(f"--max-message-bytes must be >= 1 MiB (expert maps and load reports), got "
+                             f"{self.max_message_bytes}")
         if self.dp_size < 1:
             raise ValueError(f"--dp-size must be >= 1 (attention workers), got {self.dp_size}")
         if self.moe_a2a_backend not in MOE_A2A_BACKENDS:

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 
 import grpc
 
+from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
 from epserve.placement_service.errors import InvalidArgument, Unavailable
 
@@ -55,15 +56,16 @@ def dump_targets(workers: list[WorkerInfo]) -> list[WorkerInfo]:
     return targets
 
 
-def dump_on_workers(workers: list[WorkerInfo], directory: str, timeout_s: float) -> list[WorkerDump]:
+def dump_on_workers(workers: list[WorkerInfo], directory: str, timeout_s: float,
+                    security: Security = PLAINTEXT) -> list[WorkerDump]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="dump") as pool:
-        return list(pool.map(lambda worker: _dump_one(worker, directory, timeout_s), workers))
+        return list(pool.map(lambda worker: _dump_one(worker, directory, timeout_s, security), workers))
 
 
-def _dump_one(worker: WorkerInfo, directory: str, timeout_s: float) -> WorkerDump:
+def _dump_one(worker: WorkerInfo, directory: str, timeout_s: float, security: Security) -> WorkerDump:
     from epserve.protos import worker_pb2, worker_pb2_grpc
 
-    channel = grpc.insecure_channel(worker.address)
+    channel = open_channel(worker.address, security)
     try:
         response = worker_pb2_grpc.AttentionWorkerStub(channel).DumpExpertDistribution(
             worker_pb2.DumpExpertDistributionRequest(directory=directory), timeout=timeout_s)

@@ -149,7 +149,8 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
               placement_pb2.DESCRIPTOR.services_by_name["PlacementAdmin"].full_name)],
             config.host, config.port,
             max_workers=2 * config.world_size + 16,  # each watch stream holds a thread
-            interceptors=tracing.server_interceptors(untraced=UNTRACED_RPCS))
+            interceptors=tracing.server_interceptors(untraced=UNTRACED_RPCS), security=config.security,
+            max_message_bytes=config.max_message_bytes)
         metrics_server = (start_metrics_server(config.metrics_port, metrics.registry, config.host)
                           if metrics is not None else None)
     except BaseException:

@@ -7,7 +7,9 @@
 
 The deployment prints one ``NAME ADDRESS`` line per endpoint once it is ready; the context manager
 yields them as a dict, then sends SIGTERM and checks that ``epserve up`` exited with 0 (its
-stderr and the children's logs are in ``log_dir``, shown when something fails).
+stderr and the children's logs are in ``log_dir``, shown when something fails). The deployment runs
+without a token (``--no-auth-token``) so tests may call placement directly; ``auth=True`` keeps
+``epserve up``'s default (a token in ``$EPSERVE_CACHE_DIR/auth_token``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ ENDPOINTS = ("gateway", "placement")
 
 
 @contextlib.contextmanager
-def epserve_up(args: list[str], log_dir: Path, start_timeout_s: float = 240.0) -> Iterator[dict[str, str]]:
+def epserve_up(args: list[str], log_dir: Path, start_timeout_s: float = 240.0, auth: bool = False,
+               env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "up.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    auth_args = [] if auth else ["--no-auth-token"]
     with open(log, "w") as stderr:
-        up = subprocess.Popen([sys.executable, "-m", "epserve", "up", "--port", "0", "--log-dir", str(log_dir), *args],
+        up = subprocess.Popen([sys.executable, "-m", "epserve", "up", "--port", "0", "--log-dir", str(log_dir),
+                               *auth_args, *args],
                               stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO_ROOT, env=env)
     try:
         endpoints: dict[str, str] = {}

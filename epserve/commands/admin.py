@@ -8,6 +8,10 @@ Readable tables by default; ``--json`` prints one JSON object. Every call carrie
 (``--timeout``). A gRPC error prints ``epserve admin: COMMAND: STATUS: message`` on stderr and
 exits 1 (so does a dump that failed on some worker, one line per worker, after the results); a
 file that cannot be read or written exits 2. docs/operations.md has examples.
+
+Every call carries the deployment's token: ``--auth-token-file``, by default the file ``epserve up``
+made (``<cache>/auth_token``) when it exists; ``--tls-ca`` (+ ``--tls-cert``/``--tls-key`` for mTLS)
+for a deployment that speaks TLS.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "commands (rebalance, set-redundancy, rollback, import-snapshot, drain) run the "
                     "make-before-break protocol and return once the new map is committed; serving never pauses.")
     parser.add_argument("--placement", required=True, metavar="HOST:PORT", help="placement service address")
+    parser.add_argument("--auth-token-file", default=None, metavar="FILE",
+                        help="the deployment's token (default: the one `epserve up` made, <cache>/auth_token, when "
+                             "it exists)")
+    parser.add_argument("--tls-ca", default="", metavar="PEM", help="trust placement's certificate through this CA")
+    parser.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate (mTLS)")
+    parser.add_argument("--tls-key", default="", metavar="PEM", help="its private key")
     _add_common(parser, None)
     commands = parser.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -81,13 +91,19 @@ def _add_common(parser: argparse.ArgumentParser, default) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from epserve.grpc_security import open_channel
     from epserve.protos import placement_pb2_grpc
 
     if args.timeout <= 0:
         print("epserve admin: --timeout must be > 0", file=sys.stderr)
         return 2
     command = args.admin_command
-    channel = grpc.insecure_channel(args.placement)
+    try:
+        security = _security(args)
+    except ValueError as exc:
+        print(f"epserve admin: {exc}", file=sys.stderr)
+        return 2
+    channel = open_channel(args.placement, security)
     stub = placement_pb2_grpc.PlacementAdminStub(channel)
     try:
         result = HANDLERS[command](stub, args)
@@ -253,6 +269,16 @@ assert set(HANDLERS) == set(COMMANDS)
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _security(args):
+    from epserve.grpc_security import Security, default_token_path, read_token_file
+
+    path = args.auth_token_file
+    if path is None and default_token_path().is_file():
+        path = str(default_token_path())
+    token = read_token_file(path) if path else ""
+    return Security(token, args.tls_cert, args.tls_key, args.tls_ca)
+
+
 def _rebalance_request(args):
     from epserve.protos import placement_pb2
 

@@ -56,6 +56,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="token budget of one step; longer prefills are split into chunks (default 2048)")
     engine.add_argument("--context-length", type=int, default=0, help="context limit; 0 = the model's (default)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait in gateway mode")
+    parser.add_argument("--api-token-file", default="", metavar="FILE",
+                        help="gateway mode: the token the gateway's API asks for (its --api-token-file)")
+    parser.add_argument("--tls-ca", default="", metavar="PEM", help="gateway mode: trust the gateway through this CA")
+    parser.add_argument("--tls-cert", default="", metavar="PEM", help="gateway mode: client certificate (mTLS)")
+    parser.add_argument("--tls-key", default="", metavar="PEM", help="gateway mode: its private key")
     return parser
 
 
@@ -124,14 +129,22 @@ def _run_client(args: argparse.Namespace) -> int:
     import grpc
 
     from epserve.gateway.client import stream_generate
+    from epserve.grpc_security import Security, read_token_file
 
+    try:
+        security = Security(read_token_file(args.api_token_file) if args.api_token_file else "", args.tls_cert,
+                            args.tls_key, args.tls_ca)
+    except ValueError as exc:
+        print(f"epserve generate: {exc}", file=sys.stderr)
+        return 2
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                     stop=args.stop, ignore_eos=args.ignore_eos)
     if args.seed is not None:
         sampling["seed"] = args.seed
     try:
-        for response in stream_generate(args.gateway, prompt=args.prompt, timeout_s=args.timeout, **sampling):
+        for response in stream_generate(args.gateway, prompt=args.prompt, timeout_s=args.timeout, security=security,
+                                        **sampling):
             sys.stdout.write(response.text)
             sys.stdout.flush()
     except grpc.RpcError as exc:

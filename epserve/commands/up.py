@@ -1,4 +1,12 @@
-"""``epserve up``: start a whole deployment as local processes and wait for Ctrl-C / SIGTERM."""
+"""``epserve up``: start a whole deployment as local processes, keep it alive, stop it on Ctrl-C / SIGTERM.
+
+Before any process starts: the flags and files are checked (``startup_checks.py``). Security is on by
+default: the deployment's token is read from ``--auth-token-file`` (default ``<cache>/auth_token``,
+made with mode 0600 when missing; ``epserve admin`` reads the same file), and every listener binds
+``--host`` (127.0.0.1). Placement keeps its state in ``--state-db`` (default: a file under
+``<cache>/state`` for this run, removed at a clean exit), so a restarted placement resumes at the same
+map version. Children that die are restarted (``--max-restarts``, ``deployment.LocalDeployment.wait``).
+"""
 
 from __future__ import annotations
 
@@ -55,7 +63,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="replica choice per token (default dynamic: spreads load over replicas as the "
                         "EPLB planners assume; static pins attention rank r to replica r mod R)")
     p.add_argument("--init-expert-location", default="trivial", help="'trivial' or a snapshot file (.json/.pt)")
-    p.add_argument("--state-db", default="", help="SQLite file for the placement service's state")
+    p.add_argument("--state-db", default="auto", metavar="FILE",
+                   help="SQLite file for the placement service's state, so a restarted placement resumes at the "
+                        "same map version and ranks (default auto: <cache>/state/placement-<pid>.db, removed at a "
+                        "clean exit; none: in memory only)")
+    security = p.add_argument_group("security and supervision (docs/operations.md)")
+    security.add_argument("--auth-token-file", default="", metavar="FILE",
+                          help="the deployment's token (every RPC between the processes and from `epserve admin` "
+                               "carries it; mode 0600); made when missing (default: <cache>/auth_token, which "
+                               "`epserve admin` reads by default)")
+    security.add_argument("--no-auth-token", action="store_true",
+                          help="run without a token: any local user who reaches a port may use the admin and "
+                               "worker APIs (listeners still bind --host)")
+    security.add_argument("--api-token-file", default="", metavar="FILE",
+                          help="clients of the public Generation API must send the token in FILE (default: open)")
+    security.add_argument("--tls-cert", default="", metavar="PEM", help="TLS certificate of every process")
+    security.add_argument("--tls-key", default="", metavar="PEM", help="its private key")
+    security.add_argument("--tls-ca", default="", metavar="PEM",
+                          help="CA that signed the certificates: every server then requires client certificates "
+                               "(mTLS)")
+    security.add_argument("--max-restarts", type=int, default=5,
+                          help="a child that dies is started again, at most this many times within "
+                               "--restart-window-s (then a worker is left down, placement or the gateway end the "
+                               "deployment); 0 = the first death stops everything (default 5)")
+    security.add_argument("--restart-window-s", type=float, default=600.0,
+                          help="the window of --max-restarts in seconds (default 600)")
     eplb = p.add_argument_group("expert-parallel load balancing (passed to the placement service)")
     eplb.add_argument("--enable-eplb", action="store_true", help="rebalance automatically from reported load")
     eplb.add_argument("--eplb-algorithm", default="auto",
@@ -111,11 +143,14 @@ def run(args: argparse.Namespace) -> int:
     from epserve.deployment import DeploymentConfig, LocalDeployment
     from epserve.process import shutdown_event
 
+    from epserve.grpc_security import default_cache_dir
+    from epserve.startup_checks import check_deployment
+
+    cache_dir = default_cache_dir()
     model_path = args.model_path
     if model_path is None:
         from epserve.tiny_model import default_model_dir
 
-        cache_dir = os.environ.get("EPSERVE_CACHE_DIR") or os.path.expanduser("~/.cache/epserve")
         model_path = str(default_model_dir(cache_dir))
         print(f"epserve up: using the embedded tiny model at {model_path}", file=sys.stderr)
     from epserve.model_config import ModelConfigError, check_parallel_sizes, load_model_spec
@@ -134,13 +169,17 @@ def run(args: argparse.Namespace) -> int:
                                      "over several expert workers is not built yet; use --tp-size equal to --ep-size")
         if args.expert_load_duty_cycle is not None and not 0 < args.expert_load_duty_cycle <= 1:
             raise ValueError(f"--expert-load-duty-cycle must be in (0, 1], got {args.expert_load_duty_cycle}")
+        token_file = _token_file(args)
+        state_db = _state_db(args.state_db, cache_dir)
         config = DeploymentConfig(
             model_path=model_path, num_attention_workers=args.attention_workers,
             num_expert_workers=expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
             dtype=args.dtype, device=args.device, load_format=args.load_format, host=args.host,
             gateway_port=args.port, placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
-            init_expert_location=args.init_expert_location, state_db=args.state_db,
+            init_expert_location=args.init_expert_location, state_db=state_db, auth_token_file=token_file,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, max_restarts=args.max_restarts,
+            restart_window_s=args.restart_window_s,
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             metrics=args.metrics, log_dir=args.log_dir, attention_backend=args.attention_backend,
             cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
@@ -156,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
                                else ["--expert-load-duty-cycle", str(args.expert_load_duty_cycle)]),
             extra_gateway_args=([] if args.sglang_default_seed is None
                                 else ["--sglang-default-seed", str(args.sglang_default_seed)]))
+        if args.api_token_file:
+            config.extra_gateway_args += ["--api-token-file", args.api_token_file]
+        check_deployment(config)
     except (ValueError, ModelConfigError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
@@ -165,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         deployment.start()
     except (RuntimeError, TimeoutError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
+        _remove_state_db(args.state_db, state_db)
         return 1
     print(f"gateway    {args.host}:{deployment.gateway_port}   (epserve.v1.Generation; SGLang's SglangScheduler for "
           f"smg: --worker-urls grpc://{args.host}:{deployment.gateway_port})", flush=True)
@@ -176,10 +219,70 @@ def run(args: argparse.Namespace) -> int:
         print(f"metrics    {name:<12} http://{endpoint}/metrics", flush=True)
     if args.metrics and "placement" not in deployment.metrics_endpoints:
         print("metrics    placement    (not served by this placement service)", flush=True)
+    up_metrics = None
+    if args.metrics:        # this launcher's own: child restarts
+        from epserve.telemetry import start_metrics_server
+
+        up_metrics = start_metrics_server(0, deployment.restart_metrics.registry, args.host)
+        print(f"metrics    {'up':<12} http://{args.host}:{up_metrics.port}/metrics", flush=True)
+        print(f"epserve up: child restarts on http://{args.host}:{up_metrics.port}/metrics", file=sys.stderr)
+    if token_file:
+        print(f"auth       token in {token_file} (epserve admin reads it; clients of the gateway need "
+              + (f"{args.api_token_file})" if args.api_token_file else "none)"), flush=True)
     print(f"try: epserve generate --gateway {args.host}:{deployment.gateway_port} --prompt 'Hello'", flush=True)
     code = deployment.wait(stop)
     deployment.stop()
+    if up_metrics is not None:
+        up_metrics.stop()
+    _remove_state_db(args.state_db, state_db)
     return code
+
+
+def _token_file(args: argparse.Namespace) -> str:
+    """The token file children read ("" with --no-auth-token), made (0600) when missing."""
+    from epserve.grpc_security import default_token_path, ensure_token_file
+
+    if args.no_auth_token:
+        if args.auth_token_file:
+            raise ValueError("--no-auth-token and --auth-token-file contradict each other: drop one")
+        return ""
+    path = args.auth_token_file or str(default_token_path())
+    ensure_token_file(path)
+    return path
+
+
+def _state_db(flag: str, cache_dir) -> str:
+    """--state-db: auto = a file of this run under <cache>/state (files of runs that are gone are removed)."""
+    if flag == "none":
+        return ""
+    if flag != "auto":
+        return flag
+    directory = cache_dir / "state"
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("placement-*.db*"):       # left by an `epserve up` that was killed
+        pid = old.name.removeprefix("placement-").split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    return str(directory / f"placement-{os.getpid()}.db")
+
+
+def _remove_state_db(flag: str, path: str) -> None:
+    if flag == "auto" and path:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except FileNotFoundError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_colocated_flags(args: argparse.Namespace) -> None:

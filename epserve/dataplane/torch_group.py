@@ -52,6 +52,7 @@ joins one data plane once.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,8 +70,23 @@ FOREVER = timedelta(days=3650)
 
 
 def start_rendezvous_store(host: str, port: int = 0) -> tuple[dist.TCPStore, int]:
-    """Host the rendezvous store (server side). port 0 picks a free port. → (store, port)."""
-    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
+    """Host the rendezvous store (server side) listening on ``host`` only (a wildcard host: every
+    interface). port 0 picks a free port. → (store, port). torch's TCPStore server binds every
+    interface whatever ``host`` says; given a listening socket (``master_listen_fd``) it uses that."""
+    wildcard = host in ("", "0.0.0.0", "::", "[::]")
+    bind_host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("" if wildcard else bind_host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    bound = sock.getsockname()[1]
+    store = dist.TCPStore(bind_host if not wildcard else "127.0.0.1", bound, is_master=True, wait_for_workers=False,
+                          master_listen_fd=sock.detach())      # the store owns the socket now
     return store, store.port
 
 

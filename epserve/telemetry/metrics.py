@@ -48,7 +48,7 @@ class MetricsServer:
         self._thread.join(timeout=5.0)
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> MetricsServer:
+def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "127.0.0.1") -> MetricsServer:
     """Serve ``registry`` as Prometheus text (at ``/metrics``, and any path) from a daemon thread.
     ``port`` 0 picks a free port: read it back from ``.port``."""
     if not 0 <= port <= 65535:
