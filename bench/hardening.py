@@ -80,6 +80,7 @@ def load_fuzz_module():
 
     spec = importlib.util.spec_from_file_location("fuzz_requests", REPO / "tests" / "fuzz_requests.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_requests"] = module           # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -2,7 +2,8 @@
 
 Known workers: the static --attention-workers plus, with --placement, the ALIVE attention workers
 placement lists (re-listed every refresh; the last list is kept while placement does not
-answer). Reachable: passed the last probe and was not lost since. A worker whose stream
+answer, and a worker placement stops listing stays known while it answers its probes: a
+restarted placement lists nobody until the workers re-register). Reachable: passed the last probe and was not lost since. A worker whose stream
 broke is marked lost at once (``mark_lost``) and comes back when a probe answers again. A probe
 is the worker's grpc.health.v1 Check (SERVING once it has its expert map) plus GetLoad (its
 outstanding tokens, for the router).
@@ -90,8 +91,11 @@ class WorkerPool:
             except DiscoveryError as exc:
                 logger.warning("%s; keeping the last list of workers", exc)
             else:
-                known = tuple(dict.fromkeys((*self._config.attention_workers, *found.attention)))
                 with self._lock:
+                    # A worker placement does not list (yet: a restarted placement before the workers
+                    # re-register) stays while it answers its probes; one that stops drops out.
+                    answering = [a for a in self._known if a in self._reachable]
+                    known = tuple(dict.fromkeys((*self._config.attention_workers, *found.attention, *answering)))
                     if known != self._known:
                         logger.info("attention workers: %s", ", ".join(known) or "none")
                     self._known = known
@@ -107,8 +111,9 @@ class WorkerPool:
                 self._slow_rounds[address] = self._slow_rounds.get(address, 0) + 1 if result == SLOW else 0
             # A reachable worker that answers one probe late (CPU contention) stays routable for a
             # round; refused connections, NOT_SERVING and a second late round take it out at once.
-            self._reachable = {a for a, load in zip(addresses, loads)
-                               if load is not None or (a in before and self._slow_rounds[a] < MAX_SLOW_ROUNDS)}
+            self._reachable = {a for a, load, result in zip(addresses, loads, results)
+                               if load is not None or (result == SLOW and a in before
+                                                       and self._slow_rounds[a] < MAX_SLOW_ROUNDS)}
             healthy = bool(self._reachable)
             newly = self._reachable - before
         for address, load in zip(addresses, loads):

@@ -212,3 +212,33 @@ def test_pending_prompt_limit(gateway_model_dir, gateway_tokenizer):
     gate.set()
     worker.join()
     assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED and "--max-pending-prompts" in info.value.message
+
+
+def test_a_restarted_placement_listing_nobody_does_not_empty_the_pool(gateway_model_dir):
+    from epserve.gateway.discovery import DiscoveredWorkers
+    from epserve.gateway.worker_api import WorkerLoad
+    from epserve.gateway.worker_pool import WorkerPool
+
+    a, b = "10.0.0.1:1", "10.0.0.2:1"
+    lists = [(a, b), (), (b,), (b,)]
+
+    class Discovery:
+        def list_workers(self):
+            return DiscoveredWorkers(lists.pop(0), 2)
+
+        def close(self):
+            pass
+
+    answering = {a, b}
+    config = GatewayConfig(model_path=str(gateway_model_dir), placement="127.0.0.1:1")
+    pool = WorkerPool(config, Router(), Discovery(), on_health=lambda healthy: None)
+    pool._probe = lambda address: WorkerLoad(0, 0, 0) if address in answering else None
+    pool.refresh()
+    assert pool.reachable() == [a, b]
+    pool.refresh()                                  # placement restarted: it lists nobody yet
+    assert pool.reachable() == [a, b]
+    answering.discard(a)                            # one worker really went away
+    pool.refresh()
+    pool.refresh()
+    assert pool.known() == (b,) and pool.reachable() == [b]
+    pool.close()
