@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -57,8 +59,18 @@ def encode_limited(tokenizer: Tokenizer, text: str, max_tokens: int) -> tuple[li
 
 
 def _start_helper(model_path: str) -> None:
+    """Runs first in a helper process: its tokenizer, and an exit when the gateway is gone (a gateway
+    killed with SIGKILL would otherwise leave it behind, blocked on its task queue)."""
     global _process_tokenizer
     _process_tokenizer = Tokenizer.from_dir(model_path)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-gateway", daemon=True).start()
 
 
 def _encode_in_helper(text: str, max_tokens: int) -> tuple[list[int] | None, int]:
