@@ -50,6 +50,14 @@ class TritonPagedAttention:
             raise ValueError(f"{spec.architecture} uses multi-head latent attention, which the batched GPU runner "
                              "(--attention-backend triton, the default on CUDA) does not serve yet: pass "
                              "--attention-backend torch_native")
+        if spec.rotary_dim != spec.head_dim:
+            raise ValueError(f"{spec.architecture} rotates {spec.rotary_dim} of each head's {spec.head_dim} dims "
+                             "(partial rotary), which the batched GPU runner (--attention-backend triton, the default "
+                             "on CUDA) does not compute yet: pass --attention-backend torch_native")
+        if spec.sliding_window is not None:
+            raise ValueError(f"{spec.architecture} attends within a sliding window of {spec.sliding_window} positions, "
+                             "which the batched GPU runner (--attention-backend triton, the default on CUDA) does not "
+                             "compute yet: pass --attention-backend torch_native")
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim

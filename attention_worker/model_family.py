@@ -4,8 +4,11 @@ A ``ModelFamily`` says how to load the attention side (``epserve/models/<family>
 cache layout to allocate (GQA: ``PagedKVCache`` keys and values per KV head; MLA: ``MlaKVCache``,
 one latent + rotary key per token) and which CPU attention backend reads it. The engine and the CPU
 runner ask ``model_family(spec)`` instead of testing the family themselves; the batched GPU runner
-(Triton paged attention) serves GQA families only and refuses the others
-(``attention_triton.py``).
+(Triton paged attention) serves GQA families only and refuses the others, and GQA models whose
+attention it does not compute (partial rotary, sliding windows: ``attention_triton.py``).
+
+Families: qwen3_moe, mixtral (Qwen3's attention side without q/k norms, ``models/mixtral.py``),
+glm4_moe (``models/glm4_moe.py``) on the GQA cache; deepseek_v3, deepseek_v2 on the MLA cache.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ def _qwen3_moe_attention(kv_cache, spec: ModelSpec):
     return TorchPagedAttention(kv_cache, spec)
 
 
+def _load_mixtral(spec, reader, dtype, device, ops):
+    from epserve.models.mixtral import load_attention_side
+    return load_attention_side(spec, reader, dtype, device, ops)
+
+
+def _load_glm4_moe(spec, reader, dtype, device, ops):
+    from epserve.models.glm4_moe import load_attention_side
+    return load_attention_side(spec, reader, dtype, device, ops)
+
+
 def _load_deepseek(spec, reader, dtype, device, ops):
     from epserve.models.deepseek_v3 import load_attention_side
     return load_attention_side(spec, reader, dtype, device, ops)
@@ -65,6 +78,8 @@ FAMILIES = {
     "qwen3_moe": ModelFamily("qwen3_moe", _load_qwen3_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
     "deepseek_v3": ModelFamily("deepseek_v3", _load_deepseek, _mla_kv_cache, _mla_attention),
     "deepseek_v2": ModelFamily("deepseek_v2", _load_deepseek, _mla_kv_cache, _mla_attention),
+    "mixtral": ModelFamily("mixtral", _load_mixtral, _qwen3_moe_kv_cache, _qwen3_moe_attention),
+    "glm4_moe": ModelFamily("glm4_moe", _load_glm4_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
 }
 
 

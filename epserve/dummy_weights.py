@@ -39,6 +39,7 @@ layers at a reduced width, which predicts the full width because fan-in scaling 
   between tokens stays ~0.01 after 48 layers and every expert gets a share of the routing.
   (With tied embeddings the lm_head is this N(0, 1) matrix too: logits of std sqrt(D).)
 - RMSNorm weights (layer, final, q/k norms) ~ N(1, 0.1²): around 1, not all exactly 1.
+- projection biases (GLM-4-MoE's q/k/v) ~ N(0, 0.1²); DeepSeek's and GLM's router correction bias 0.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from epserve.model_config import ModelConfigError, ModelSpec
+from epserve.model_config import ExpertNames, ModelConfigError, ModelSpec
 from epserve.weights import CheckpointReader
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -62,8 +63,7 @@ LOAD_FORMAT_HELP = ("where weights come from: auto (default) and safetensors rea
                     "and tests at real model sizes)")
 DUMMY_SEED = 0
 NORM_WEIGHT_STD = 0.1
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight")   # matrices that write into the residual stream
+RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", ".w2.weight")   # matrices that write into the residual stream
 
 
 def check_load_format(load_format: str) -> None:
@@ -84,10 +84,16 @@ def open_weights(model_path: str | Path, load_format: str, spec: ModelSpec,
 
 def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Checkpoint name → shape of every tensor in a Hub checkpoint of ``spec`` (Qwen3-MoE layout;
-    DeepSeek's from its model file)."""
+    the other families' from their model files)."""
     if spec.mla is not None:
         from epserve.models.deepseek_v3 import checkpoint_shapes as deepseek_shapes
         return deepseek_shapes(spec)
+    if spec.model_type == "mixtral":
+        from epserve.models.mixtral import checkpoint_shapes as mixtral_shapes
+        return mixtral_shapes(spec)
+    if spec.model_type == "glm4_moe":
+        from epserve.models.glm4_moe import checkpoint_shapes as glm4_moe_shapes
+        return glm4_moe_shapes(spec)
     D, Dh, V = spec.hidden_size, spec.head_dim, spec.vocab_size
     q_dim, kv_dim = spec.num_attention_heads * Dh, spec.num_key_value_heads * Dh
     I, F = spec.moe_intermediate_size, spec.intermediate_size
@@ -123,6 +129,8 @@ def tensor_moments(name: str, shape: tuple[int, ...], num_layers: int) -> tuple[
     """(mean, std) that checkpoint tensor ``name`` of ``shape`` is drawn with (module docstring)."""
     if name.endswith(".e_score_correction_bias"):        # DeepSeek's router bias: none
         return 0.0, 0.0
+    if name.endswith(".bias"):                           # GLM's q/k/v biases: small
+        return 0.0, NORM_WEIGHT_STD
     if len(shape) == 1:
         assert name.endswith("norm.weight"), f"no dummy rule for 1-D tensor {name}"
         return 1.0, NORM_WEIGHT_STD
@@ -164,16 +172,14 @@ class DummyReader:
 
     def read_experts(self, layer: int, experts: Iterable[int], dtype: torch.dtype,
                      device: torch.device | str = "cpu", desc: str = "drawing dummy experts",
-                     out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     names: ExpertNames = ExpertNames()) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Decoder layer ``layer``'s experts → {expert: (w13 [2I, D], w2 [D, I])}; w13 is gate over up.
 
         With ``out`` ({expert: (w13, w2)} destinations of those shapes) the experts are drawn
-        straight into them and ``out`` is returned."""
+        straight into them and ``out`` is returned. ``names``: the family's expert tensor names."""
         experts = list(dict.fromkeys(experts))
-        prefix = f"model.layers.{layer}.mlp.experts"
-        names = [f"{prefix}.{e}.{p}.weight" for e in experts for p in EXPERT_PROJECTIONS]
-        self._check_known(names)
+        self._check_known([name for e in experts for name in names.per_expert(layer, e)])
         if out is None:
             out = {}
         inter, hidden = self.spec.moe_intermediate_size, self.spec.hidden_size
@@ -185,9 +191,10 @@ class DummyReader:
                 w13, w2 = out[e]
                 assert w13.shape == (2 * inter, hidden) and w2.shape == (hidden, inter), \
                     f"expert {e} destinations {tuple(w13.shape)}, {tuple(w2.shape)} are not [2I, D], [D, I]"
-                self.draw_into(f"{prefix}.{e}.gate_proj.weight", w13[:inter])
-                self.draw_into(f"{prefix}.{e}.up_proj.weight", w13[inter:])
-                self.draw_into(f"{prefix}.{e}.down_proj.weight", w2)
+                gate, up, down = names.per_expert(layer, e)
+                self.draw_into(gate, w13[:inter])
+                self.draw_into(up, w13[inter:])
+                self.draw_into(down, w2)
                 bar.update(1)
         return out
 

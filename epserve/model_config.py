@@ -7,9 +7,12 @@ EP sizing rules.
 
 Families: Qwen3-MoE (GQA attention, softmax top-k), DeepSeek-V3 (multi-head latent attention,
 ``MlaSpec``; YaRN RoPE, ``RopeScaling``; sigmoid grouped top-k with a correction bias and shared
-experts, ``RoutingSpec``) and DeepSeek-V2/V2-Lite (MLA with or without ``q_lora_rank``, softmax
-scores, greedy or group-limited greedy top-k). The family's fields stay at their neutral defaults
-for other families. Keys missing from a DeepSeek config.json take transformers' defaults.
+experts, ``RoutingSpec``), DeepSeek-V2/V2-Lite (MLA with or without ``q_lora_rank``, softmax
+scores, greedy or group-limited greedy top-k), Mixtral (GQA without q/k norms, renormalised softmax
+top-k, optional sliding window, ``block_sparse_moe`` expert names: ``ExpertNames``) and GLM-4-MoE
+(GQA with q/k/v biases, optional q/k norms and partial rotary; DeepSeek-V3's routing, shared
+experts and dense first layers). The family's fields stay at their neutral defaults for other
+families. Keys missing from a DeepSeek, Mixtral or GLM-4-MoE config.json take transformers' defaults.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
-                           "DeepseekV2ForCausalLM": "deepseek_v2"}
+                           "DeepseekV2ForCausalLM": "deepseek_v2", "MixtralForCausalLM": "mixtral",
+                           "Glm4MoeForCausalLM": "glm4_moe"}
 ROPE_STYLES = ("interleave", "rotate_half", "complex")
 
 
@@ -80,6 +84,31 @@ class RoutingSpec:
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """Where a routed expert's tensors sit in a checkpoint: per expert
+    ``model.layers.{layer}.{prefix}.{e}.{gate|up|down}.weight``, or fused ``{prefix}.gate_up_proj``
+    [E, 2I, D] and ``{prefix}.down_proj`` [E, D, I]."""
+
+    prefix: str = "mlp.experts"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def per_expert(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """(gate, up, down) tensor names of one expert."""
+        p = f"model.layers.{layer}.{self.prefix}.{expert}"
+        return f"{p}.{self.gate}.weight", f"{p}.{self.up}.weight", f"{p}.{self.down}.weight"
+
+    def fused(self, layer: int) -> tuple[str, str]:
+        """(gate_up, down) names of a layer's experts stored as one tensor each."""
+        p = f"model.layers.{layer}.{self.prefix}"
+        return f"{p}.gate_up_proj", f"{p}.down_proj"
+
+
+MIXTRAL_EXPERT_NAMES = ExpertNames("block_sparse_moe.experts", "w1", "w3", "w2")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_path: str
     architecture: str          # HF class name, e.g. Qwen3MoeForCausalLM
@@ -105,7 +134,17 @@ class ModelSpec:
     mla: MlaSpec | None = None               # multi-head latent attention (DeepSeek); None = GQA
     rope_scaling: RopeScaling | None = None  # None = default RoPE
     routing: RoutingSpec = RoutingSpec()
-    n_shared_experts: int = 0                # always-on experts of every MoE layer (DeepSeek)
+    n_shared_experts: int = 0                # always-on experts of every MoE layer (DeepSeek, GLM)
+    qk_norm: bool = True                     # per-head RMSNorm of q and k before RoPE (Qwen3; GLM's use_qk_norm)
+    attention_bias: bool = False             # q/k/v projections carry biases (GLM)
+    partial_rotary_factor: float = 1.0       # share of each head's leading dims RoPE turns (GLM: 0.5)
+    sliding_window: int | None = None        # a token sees the last this many positions (Mixtral); None = all
+    expert_names: ExpertNames = ExpertNames()
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each q/k head that RoPE turns (transformers: int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def num_moe_layers(self) -> int:
@@ -117,18 +156,22 @@ class ModelSpec:
 
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# first_k_dense_replace when config.json lacks it (transformers' defaults); other families: no dense layers
+FIRST_DENSE_DEFAULTS = {"deepseek_v3": 3, "deepseek_v2": 0, "glm4_moe": 1}
+# the config.json key counting routed experts per MoE layer
+NUM_EXPERTS_KEYS = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+                    "glm4_moe": "n_routed_experts", "mixtral": "num_local_experts"}
 
 
 def moe_layer_indices(config: dict, num_layers: int, num_experts: int) -> tuple[int, ...]:
     """Decoder layers with routed experts, by the model family's rule (the one definition used by
-    every process). DeepSeek: ``first_k_dense_replace`` dense layers first, then every
+    every process). DeepSeek and GLM-4-MoE: ``first_k_dense_replace`` dense layers first, then every
     ``moe_layer_freq``-th. Qwen-MoE (and Mixtral, which has neither key): every
     ``decoder_sparse_step``-th layer not in ``mlp_only_layers``. ValueError names a bad field."""
     if num_experts <= 0:
         return ()
-    if config.get("model_type") in DEEPSEEK_MODEL_TYPES or "first_k_dense_replace" in config:
-        # transformers' defaults when the key is missing: DeepSeek-V3 3, DeepSeek-V2 0
-        first_dense = int(config.get("first_k_dense_replace", 3 if config.get("model_type") == "deepseek_v3" else 0))
+    if config.get("model_type") in FIRST_DENSE_DEFAULTS or "first_k_dense_replace" in config:
+        first_dense = int(config.get("first_k_dense_replace", FIRST_DENSE_DEFAULTS.get(config.get("model_type"), 0)))
         freq = int(config.get("moe_layer_freq", 1))
         if freq < 1:
             raise ValueError(f"moe_layer_freq must be >= 1, got {freq}")
@@ -182,13 +225,16 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         raise ModelConfigError(f"{config_file}: quantized checkpoints ({quantization.get('quant_method', '?')}) are "
                                "not supported yet; the weights would be read without their scales. Use a bf16 "
                                "checkpoint (DeepSeek's fp8_cast_bf16.py converts FP8 block-quantized weights)")
-    if deepseek:                                       # what transformers' DeepseekV2/V3Config assume
-        config = {**(DEEPSEEK_V3_DEFAULTS if model_type == "deepseek_v3" else DEEPSEEK_V2_DEFAULTS), **config}
+    # what transformers' DeepseekV2/V3Config, MixtralConfig, Glm4MoeConfig assume for missing keys
+    config = {**FAMILY_DEFAULTS.get(model_type, {}), **config}
+    if config.get("hidden_act", "silu") != "silu":
+        raise ModelConfigError(f"{config_file}: hidden_act {config['hidden_act']!r} is not supported; the experts "
+                               "and MLPs compute SwiGLU with silu")
     get = lambda key: _require(config, key, config_file)  # noqa: E731
     num_layers = int(get("num_hidden_layers"))
     num_heads = int(get("num_attention_heads"))
     hidden = int(get("hidden_size"))
-    num_experts = int(get("n_routed_experts" if deepseek else "num_experts"))
+    num_experts = int(get(NUM_EXPERTS_KEYS.get(model_type, "num_experts")))
     try:
         moe_layers = moe_layer_indices(config, num_layers, num_experts)
     except ValueError as exc:
@@ -201,7 +247,7 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         if rope_params.get("rope_type", "default") != "default" or config.get("rope_scaling"):
             raise ModelConfigError(f"{config_file}: only default RoPE is supported, got "
                                    f"{rope_params or config.get('rope_scaling')}")
-        family = {}
+        family = {"mixtral": _mixtral_fields, "glm4_moe": _glm4_moe_fields}.get(model_type, lambda _: {})(config)
     fields = dict(
         model_path=str(model_dir),
         architecture=architecture,
@@ -209,7 +255,7 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(config.get("intermediate_size", 0)),
-        moe_intermediate_size=int(get("moe_intermediate_size")),
+        moe_intermediate_size=int(get("intermediate_size" if model_type == "mixtral" else "moe_intermediate_size")),
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=int(config.get("num_key_value_heads", num_heads)),
@@ -243,6 +289,42 @@ DEEPSEEK_V3_DEFAULTS = {
     "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True, "rope_interleave": True,
     "intermediate_size": 18432, "moe_intermediate_size": 2048, "max_position_embeddings": 4096,
 }
+
+
+MIXTRAL_DEFAULTS = {
+    "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096 * 32,
+}
+GLM4_MOE_DEFAULTS = {
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072, "num_experts_per_tok": 8, "n_shared_experts": 1, "n_routed_experts": 128,
+    "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+    "use_qk_norm": False, "attention_bias": False,
+}
+FAMILY_DEFAULTS = {"deepseek_v2": DEEPSEEK_V2_DEFAULTS, "deepseek_v3": DEEPSEEK_V3_DEFAULTS,
+                   "mixtral": MIXTRAL_DEFAULTS, "glm4_moe": GLM4_MOE_DEFAULTS}
+
+
+def _mixtral_fields(config: dict) -> dict:
+    """Mixtral: no q/k norms, the top-k softmax weights always renormalised (transformers' MixtralTopKRouter),
+    ``block_sparse_moe`` names; a sliding window no shorter than the positions has no effect."""
+    window = config.get("sliding_window")
+    window = int(window) if window and int(window) < int(config["max_position_embeddings"]) else None
+    return dict(norm_topk_prob=True, qk_norm=False, sliding_window=window, expert_names=MIXTRAL_EXPERT_NAMES)
+
+
+def _glm4_moe_fields(config: dict) -> dict:
+    """GLM-4-MoE: DeepSeek-V3's routing (sigmoid scores, correction bias, groups), shared experts, dense first
+    layers; q/k/v biases (``attention_bias``), q/k norms (``use_qk_norm``), RoPE on the leading
+    ``partial_rotary_factor`` of each head (transformers' default 0.5; also read from ``rope_parameters``)."""
+    rope_params = config.get("rope_parameters") or {}
+    routing = RoutingSpec(scoring_func="sigmoid", topk_method="noaux_tc", n_group=int(config["n_group"] or 1),
+                          topk_group=int(config["topk_group"] or 1),
+                          routed_scaling_factor=float(config["routed_scaling_factor"] or 1.0))
+    return dict(routing=routing, n_shared_experts=int(config["n_shared_experts"] or 0),
+                qk_norm=bool(config["use_qk_norm"]), attention_bias=bool(config["attention_bias"]),
+                partial_rotary_factor=float(rope_params.get("partial_rotary_factor",
+                                                            config.get("partial_rotary_factor", 0.5))))
 
 
 def _deepseek_fields(config: dict, where: Path, get) -> tuple[float, dict]:
@@ -299,12 +381,17 @@ def _rope_scaling(config: dict, where: Path) -> tuple[float, RopeScaling | None]
 
 
 def _validate_deepseek(spec: ModelSpec, where: Path) -> None:
-    mla, routing, num_experts = spec.mla, spec.routing, spec.num_experts
+    mla = spec.mla
     for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         if getattr(mla, name) < 1:
             raise ModelConfigError(f"{where}: {name} must be >= 1, got {getattr(mla, name)}")
     if mla.qk_rope_head_dim % 2:
         raise ModelConfigError(f"{where}: qk_rope_head_dim ({mla.qk_rope_head_dim}) must be even for RoPE")
+
+
+def _validate_routing(spec: ModelSpec, where: Path) -> None:
+    """Expert groups and shared experts (DeepSeek, GLM-4-MoE)."""
+    routing, num_experts = spec.routing, spec.num_experts
     if routing.n_group < 1 or num_experts % routing.n_group:
         raise ModelConfigError(f"{where}: n_group ({routing.n_group}) must divide n_routed_experts ({num_experts})")
     per_group = num_experts // routing.n_group
@@ -324,6 +411,8 @@ def _validate_deepseek(spec: ModelSpec, where: Path) -> None:
 def _validate(spec: ModelSpec, where: Path) -> None:
     if spec.mla is not None:
         _validate_deepseek(spec, where)
+    if spec.mla is not None or spec.routing.topk_method != "greedy":
+        _validate_routing(spec, where)
     if spec.num_attention_heads % spec.num_key_value_heads:
         raise ModelConfigError(f"{where}: num_attention_heads ({spec.num_attention_heads}) must be a multiple "
                                f"of num_key_value_heads ({spec.num_key_value_heads})")
@@ -335,6 +424,11 @@ def _validate(spec: ModelSpec, where: Path) -> None:
     if spec.intermediate_size <= 0 and spec.num_moe_layers < spec.num_hidden_layers:
         raise ModelConfigError(f"{where}: dense layers exist (mlp_only_layers / decoder_sparse_step) but "
                                "intermediate_size is missing")
+    if spec.rotary_dim < 2 or spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim:
+        raise ModelConfigError(f"{where}: partial_rotary_factor ({spec.partial_rotary_factor}) must turn an even "
+                               f"number of dims in [2, head_dim={spec.head_dim}], got {spec.rotary_dim}")
+    if spec.sliding_window is not None and spec.sliding_window < 1:
+        raise ModelConfigError(f"{where}: sliding_window must be >= 1 or null, got {spec.sliding_window}")
 
 
 def check_parallel_sizes(spec: ModelSpec, tp_size: int, ep_size: int) -> None:

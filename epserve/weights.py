@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from epserve.model_config import ModelConfigError
+from epserve.model_config import ExpertNames, ModelConfigError
 
 
 class CheckpointReader:
@@ -107,19 +107,18 @@ class CheckpointReader:
 
     def read_experts(self, layer: int, experts: Iterable[int], dtype: torch.dtype,
                      device: torch.device | str = "cpu", desc: str = "loading experts",
-                     out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     names: ExpertNames = ExpertNames()) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Decoder layer ``layer``'s experts → {expert: (w13 [2I, D], w2 [D, I])}.
 
         With ``out`` ({expert: (w13, w2)} destinations of those shapes), the tensors are copied
-        into them (no intermediate [2I, D] concatenation) and ``out`` is returned."""
+        into them (no intermediate [2I, D] concatenation) and ``out`` is returned. ``names``: the
+        family's expert tensor names (``ModelSpec.expert_names``)."""
         experts = list(dict.fromkeys(experts))
         if out is None:
             out = {}
-        prefix = f"model.layers.{layer}.mlp.experts"
-        fused = f"{prefix}.gate_up_proj"
+        fused, down_name = names.fused(layer)
         if self.has(fused):
-            down_name = f"{prefix}.down_proj"
             if all(e in out for e in experts):                 # straight from the mapped file
                 gate_up, down = self.view(fused), self.view(down_name)
                 for e in experts:
@@ -131,21 +130,21 @@ class CheckpointReader:
                 down = self._open(self.weight_map[down_name]).get_slice(down_name)
                 for e in experts:
                     out[e] = (w13[e], _store(out.get(e, (None, None))[1], down[e], device, dtype))
-            self.tensors_read.extend(f"{prefix}.{e}" for e in experts)
+            self.tensors_read.extend(f"{fused.removesuffix('.gate_up_proj')}.{e}" for e in experts)
             return out
-        names = [f"{prefix}.{e}.{p}.weight" for e in experts for p in ("gate_proj", "up_proj", "down_proj")]
+        per_expert = {e: names.per_expert(layer, e) for e in experts}
         if all(e in out for e in experts):                     # straight from the mapped file
             for e in experts:
-                gate, up, down = (self.view(f"{prefix}.{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
+                gate, up, down = (self.view(name) for name in per_expert[e])
                 w13_out, w2_out = out[e]
                 w13_out[:gate.shape[0]].copy_(gate)
                 w13_out[gate.shape[0]:].copy_(up)
                 w2_out.copy_(down)
-            self.tensors_read.extend(names)
+            self.tensors_read.extend(name for e in experts for name in per_expert[e])
             return out
-        tensors = self.read(names, dtype, device, desc)
+        tensors = self.read([name for e in experts for name in per_expert[e]], dtype, device, desc)
         for e in experts:
-            gate, up, down = (tensors[f"{prefix}.{e}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+            gate, up, down = (tensors[name] for name in per_expert[e])
             out[e] = (torch.cat([gate, up], dim=0), down)
         return out
 

@@ -11,13 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from epserve.model_config import moe_layer_indices
+from epserve.model_config import NUM_EXPERTS_KEYS, moe_layer_indices
 from epserve.placement_client import model_fingerprint
 
-# model_type values whose MoE layers follow Qwen's rule (decoder_sparse_step, mlp_only_layers).
-QWEN_STYLE = ("qwen2_moe", "qwen3_moe")
+# model_type values whose MoE layers follow Qwen's rule (decoder_sparse_step, mlp_only_layers; Mixtral has neither).
+QWEN_STYLE = ("qwen2_moe", "qwen3_moe", "mixtral")
 # model_type values whose MoE layers follow DeepSeek's rule (first_k_dense_replace, moe_layer_freq).
-DEEPSEEK_STYLE = ("deepseek_v2", "deepseek_v3")
+DEEPSEEK_STYLE = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 SUPPORTED_MODEL_TYPES = (*QWEN_STYLE, *DEEPSEEK_STYLE)
 
 
@@ -64,7 +64,7 @@ class ModelInfo:
             raise ValueError(f"config.json model_type {model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         num_hidden_layers = _positive(config, "num_hidden_layers")
-        num_experts = _positive(config, "num_experts" if model_type in QWEN_STYLE else "n_routed_experts")
+        num_experts = _positive(config, NUM_EXPERTS_KEYS.get(model_type, "num_experts"))
         moe_layers = moe_layer_indices(config, num_hidden_layers, num_experts)
         if not moe_layers:
             raise ValueError("config.json describes no MoE layers (check decoder_sparse_step, "
@@ -74,8 +74,12 @@ class ModelInfo:
             num_groups = config.get("n_group", 8) or 0
         elif model_type == "deepseek_v2" and config.get("topk_method") == "group_limited_greedy":
             num_groups = config.get("n_group") or 0
+        elif model_type == "glm4_moe":      # GLM-4.5's n_group is 1: no groups to keep whole
+            num_groups = config.get("n_group", 1) or 0
+            num_groups = num_groups if isinstance(num_groups, int) and num_groups > 1 else 0
+        expert_width = "intermediate_size" if model_type == "mixtral" else "moe_intermediate_size"
         return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint,
-                   _optional_size(config, "hidden_size"), _optional_size(config, "moe_intermediate_size"),
+                   _optional_size(config, "hidden_size"), _optional_size(config, expert_width),
                    num_groups if isinstance(num_groups, int) and num_groups > 0 else 0)
 
 

@@ -86,7 +86,7 @@ def _load_slots(spec: ModelSpec, reader: CheckpointReader, slot_experts: torch.T
         for expert, slot in first_slot.items():
             if expert not in resident:
                 reader.read_experts(decoder_layer, [expert], dtype, device,
-                                    out={expert: (layer_w13[slot], layer_w2[slot])})
+                                    out={expert: (layer_w13[slot], layer_w2[slot])}, names=spec.expert_names)
                 after_each()
         for slot, expert in enumerate(row):    # further replicas on this worker
             if expert >= 0 and first_slot[expert] != slot:

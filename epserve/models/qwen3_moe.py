@@ -55,11 +55,12 @@ class ForwardBatch:
 
 
 class AttentionBackend(Protocol):
-    def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
+    def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                 batch: ForwardBatch) -> torch.Tensor:
         """qkv [T, (H + 2 Hkv) Dh] (q heads, then k, then v) → attention output [T, H Dh]:
-        per-head RMSNorm of q and k, RoPE at ``batch.positions``, the new k/v stored in the paged
-        cache at ``batch.slot_mapping``, causal attention over each sequence's cached context."""
+        per-head RMSNorm of q and k (none when q_norm/k_norm are None), RoPE at ``batch.positions``,
+        the new k/v stored in the paged cache at ``batch.slot_mapping``, causal attention over each
+        sequence's cached context."""
         ...
 
 
@@ -79,8 +80,8 @@ class LayerWeights:
     input_norm: torch.Tensor         # [D]
     qkv_proj: torch.Tensor           # [(H + 2 Hkv) Dh, D]: q_proj, k_proj, v_proj rows
     o_proj: torch.Tensor             # [D, H*Dh]
-    q_norm: torch.Tensor             # [Dh]
-    k_norm: torch.Tensor             # [Dh]
+    q_norm: torch.Tensor | None      # [Dh] (None: no q/k norm, Mixtral)
+    k_norm: torch.Tensor | None      # [Dh]
     post_norm: torch.Tensor          # [D]
     router: torch.Tensor | None      # [E, D] (MoE layers)
     dense_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down (dense layers)

@@ -38,7 +38,8 @@ def test_spec_reads_qwen3_moe(tiny_model):
 def test_unsupported_architecture_names_the_supported_ones(model_copy):
     edit_config(model_copy, architectures=["LlamaForCausalLM"], model_type="llama")
     with pytest.raises(ModelConfigError, match="supported architectures: \\['DeepseekV2ForCausalLM', "
-                       "'DeepseekV3ForCausalLM', 'Qwen3MoeForCausalLM'\\]"):
+                       "'DeepseekV3ForCausalLM', 'Glm4MoeForCausalLM', 'MixtralForCausalLM', "
+                       "'Qwen3MoeForCausalLM'\\]"):
         load_model_spec(model_copy)
 
 
@@ -79,7 +80,7 @@ def test_ep_sizing_rules(tiny_model):
 
 
 def test_generate_cli_reports_bad_config_with_exit_code_2(model_copy):
-    edit_config(model_copy, architectures=["MixtralForCausalLM"])
+    edit_config(model_copy, architectures=["LlamaForCausalLM"])
     result = subprocess.run([sys.executable, "-m", "epserve", "generate", "--model-path", str(model_copy),
                              "--prompt", "hi"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "not supported" in result.stderr and result.stdout == ""
