@@ -37,6 +37,7 @@ from epserve.attention_worker.attention_triton import GpuAttentionMetadata, Trit
 from epserve.attention_worker.gpu_sampling import GpuSampler
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
+from epserve.attention_worker.sampler import SampledTokens
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
 from epserve.dataplane.base import StaleMapVersion
@@ -78,8 +79,8 @@ class GpuStepRunner:
             self.graphs = DecodeGraphs(self, min(limits.cuda_graph_max_bs, self.num_rows))
 
     # -- the step ------------------------------------------------------------------------
-    def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> list[int]:
-        """The sampled token of each completing chunk, in chunk order."""
+    def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:
+        """The sampled token of each completing chunk, in chunk order (and its logprobs if asked)."""
         self.executor.prepare(expert_map, self.device)
         for chunk in chunks:
             if chunk.seq.row is None:
