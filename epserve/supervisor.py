@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -119,7 +118,3 @@ class RestartMetrics:
                                 ["child"], registry=self.registry)
         self.up = Gauge("epserve_up_child_up", "1 while the child process runs, 0 while it is down",
                         ["child"], registry=self.registry)
-
-
-def now() -> float:
-    return time.monotonic()
