@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "local reports none: a colocated deployment has no placement to rebalance)")
     p.add_argument("--dataplane-timeout-s", type=float, default=30.0,
                    help="deadline of one expert exchange over the data plane")
+    p.add_argument("--elastic-ep-recovery-timeout-s", type=float, default=60.0,
+                   help="with placement's --elastic-ep-backend: how long a MoE layer interrupted by an expert worker's "
+                        "loss waits for a map that serves it (routed around, or its experts reloaded) before the "
+                        "worker gives up (default 60)")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
@@ -132,6 +136,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Atten
         eplb_heatmap_collection_interval=heatmap_interval_from_env(environ),
         load_report_interval_s=args.load_report_interval_s,
         dataplane_timeout_s=args.dataplane_timeout_s, num_threads=args.num_threads,
+        elastic_ep_recovery_timeout_s=args.elastic_ep_recovery_timeout_s,
         metrics_port=args.metrics_port,
         otlp_endpoint=args.otlp_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         trace_step_every=args.trace_step_every, max_queued_requests=args.max_queued_requests,

@@ -82,6 +82,7 @@ class AttentionWorkerConfig:
     eplb_heatmap_collection_interval: int = 0           # heatmap every N passes; 0 = off (from the env)
     load_report_interval_s: float = 2.0     # how often expert load goes to placement
     dataplane_timeout_s: float = 30.0
+    elastic_ep_recovery_timeout_s: float = 60.0   # elastic EP: how long an interrupted MoE layer waits for a map
     rpc_timeout_s: float = 10.0
     num_threads: int = 1
     metrics_port: int | None = None         # Prometheus /metrics; None = off, 0 = a free port
@@ -111,6 +112,8 @@ class AttentionWorkerConfig:
             raise ValueError(f"--load-report-interval-s must be > 0, got {self.load_report_interval_s}")
         if self.dataplane_timeout_s <= 0 or self.rpc_timeout_s <= 0:
             raise ValueError("--dataplane-timeout-s and --rpc-timeout-s must be > 0")
+        if self.elastic_ep_recovery_timeout_s <= 0:
+            raise ValueError(f"--elastic-ep-recovery-timeout-s must be > 0, got {self.elastic_ep_recovery_timeout_s}")
         check_engine_limits(self.limits, self.max_context)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -29,6 +29,9 @@ from epserve.telemetry import NO_SPAN, Tracing, setup_tracing
 from epserve.models.expert_side import ExpertSlots
 from epserve.models.qwen3_moe import MoECall
 from epserve.moe_runner import MoERunner
+
+if TYPE_CHECKING:
+    from epserve.attention_worker.elastic import ElasticRecovery
 
 
 class MoEExecutor(Protocol):
@@ -111,23 +114,35 @@ class _Pending:
 
 class RemoteExperts(NoStepHooks):
     """``tracing``: the process's handle (default off). ``on_timeout(peer_rank)``: called when a
-    combine passes its deadline, before the ``DataPlaneTimeout`` propagates (metrics)."""
+    combine passes its deadline, before the ``DataPlaneTimeout`` propagates (metrics).
+    ``recovery`` (elastic EP, ``elastic.py``): a layer whose exchange fails with ``PeerLost`` or
+    ``DataPlaneTimeout`` is redone — under a newer map, or on a new link — instead of raising;
+    every dispatch is a new attempt (``BatchHeader.attempt``)."""
 
     def __init__(self, dispatcher, router: ExpertRouter, timeout_s: float, record_load: LoadSink | None = None,
-                 tracing: Tracing | None = None, on_timeout: Callable[[int | None], None] | None = None) -> None:
+                 tracing: Tracing | None = None, on_timeout: Callable[[int | None], None] | None = None,
+                 recovery: ElasticRecovery | None = None) -> None:
         self.dispatcher, self.router, self.timeout_s = dispatcher, router, timeout_s
-        self.record_load, self.on_timeout = record_load, on_timeout
+        self.record_load, self.on_timeout, self.recovery = record_load, on_timeout, recovery
+        self._num_attempts = 0
         # host-mediated transports (gloo, NCCL point to point) wait on the host in combine
         self.capturable = bool(getattr(dispatcher, "capturable", False))
         self.tracing = tracing if tracing is not None else setup_tracing("epserve-attention-worker", None)
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
-        self.router.prepare(expert_map, device)
+        self.router.prepare(self._effective(expert_map), device)
+
+    def _effective(self, expert_map: ExpertMap) -> ExpertMap:
+        """A newer map adopted mid-step by the recovery routes the rest of the step."""
+        return expert_map if self.recovery is None else self.recovery.effective(expert_map)
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int, record: bool = True,
                  trace_context: bytes | None = None) -> _Pending:
-        from epserve.dataplane import BatchHeader
+        from epserve.dataplane import BatchHeader, PeerLost
 
+        effective = self._effective(expert_map)
+        record, expert_map = record and effective is expert_map, effective     # the recorder counts the step's map
+        self._num_attempts += 1
         if trace_context is None:
             trace_context = self.tracing.current_trace_context()
         num_tokens = int(call.hidden.shape[0])
@@ -138,9 +153,14 @@ class RemoteExperts(NoStepHooks):
             if record and self.record_load is not None:
                 self.record_load(call.moe_layer, physical)
             header = BatchHeader(map_version=expert_map.version, layer=call.moe_layer, micro_batch=micro_batch,
-                                 num_tokens=num_tokens, trace_context=trace_context)
-            handle = self.dispatcher.dispatch(header, call.hidden, physical, call.topk_weights,
-                                              expert_map.slots_per_worker)
+                                 num_tokens=num_tokens, trace_context=trace_context, attempt=self._num_attempts)
+            try:
+                handle = self.dispatcher.dispatch(header, call.hidden, physical, call.topk_weights,
+                                                  expert_map.slots_per_worker)
+            except PeerLost as exc:          # a link known lost: combine recovers (or raises it)
+                if self.recovery is None:
+                    raise
+                handle = exc
         return _Pending(handle, call, expert_map, micro_batch, trace_context)
 
     def combine(self, handle: _Pending) -> torch.Tensor:
@@ -154,11 +174,13 @@ class RemoteExperts(NoStepHooks):
             return self._combine(handle)
 
     def _combine(self, handle: _Pending) -> torch.Tensor:
-        from epserve.dataplane import DataPlaneTimeout, StaleMapVersion
+        from epserve.dataplane import DataPlaneTimeout, PeerLost, StaleMapVersion
 
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
+                if isinstance(handle.dispatcher_handle, PeerLost):
+                    raise handle.dispatcher_handle
                 return self.dispatcher.combine(handle.dispatcher_handle, max(deadline - time.monotonic(), 0.001))
             except StaleMapVersion:
                 if time.monotonic() + STALE_RETRY_S > deadline:
@@ -166,10 +188,15 @@ class RemoteExperts(NoStepHooks):
                 time.sleep(STALE_RETRY_S)
                 handle = self.dispatch(handle.call, handle.expert_map, handle.micro_batch, record=False,
                                        trace_context=handle.trace_context)
-            except DataPlaneTimeout as exc:
-                if self.on_timeout is not None:
+            except (DataPlaneTimeout, PeerLost) as exc:
+                if isinstance(exc, DataPlaneTimeout) and self.on_timeout is not None:
                     self.on_timeout(exc.peer_rank)
-                raise
+                if self.recovery is None:
+                    raise
+                expert_map = self.recovery.recover(handle.expert_map, exc)       # raises exc when out of time
+                handle = self.dispatch(handle.call, expert_map, handle.micro_batch, record=False,
+                                       trace_context=handle.trace_context)
+                deadline = time.monotonic() + self.timeout_s
 
 
 def _span_attributes(call: MoECall, micro_batch: int, num_tokens: int) -> dict[str, int]:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from epserve.attention_worker.colocated import ColocatedExperts, load_attention_model
 from epserve.attention_worker.config import AttentionWorkerConfig
 from epserve.attention_worker.engine import Engine, resolved_attention_backend
+from epserve.attention_worker.elastic import ElasticRecovery, MapBoard
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_heatmap import HeatmapCollector, HeatmapWriter
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
@@ -43,7 +44,8 @@ from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec
-from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
+from epserve.placement_client import (DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, WorkerState,
+                                      model_fingerprint)
 from epserve.process import start_daemon_thread
 from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, AttentionWorkerMetrics, StepSampler, Tracing,
                                setup_tracing)
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 
 TRACING_SERVICE_NAME = "epserve-attention-worker"
+ELASTIC_CONNECT_TIMEOUT_S = 2.0     # elastic EP: forming a link with a peer that may have just died
 EXTRA_RPC_THREADS = 16     # Abort, GetLoad, health, DumpExpertDistribution beside the Generate streams
 UNTRACED_RPCS = (*DEFAULT_UNTRACED_SERVICES, "epserve.v1.AttentionWorker/GetLoad")
 
@@ -77,6 +80,7 @@ class AttentionWorker:
         self.recorder: ExpertLoadRecorder | None = None
         self._lock = threading.Lock()
         self._dispatcher = None
+        self.board = MapBoard()               # the newest committed map (elastic EP waits on it)
         self.heatmap_writer: HeatmapWriter | None = None
         if config.eplb_heatmap_collection_interval:
             self.heatmap_writer = HeatmapWriter(config.expert_distribution_dir, config.worker_id)
@@ -115,6 +119,7 @@ class AttentionWorker:
     def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
         if phase is not UpdatePhase.COMMIT:
             return
+        self.board.publish(expert_map)       # elastic EP: an interrupted layer may be waiting for it
         with self._lock:
             if self.loop is None:
                 self._start_engine(expert_map, data_plane)
@@ -174,6 +179,9 @@ class AttentionWorker:
             options = dict(device=config.device, max_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
                            hidden_size=self.spec.hidden_size, top_k=self.spec.num_experts_per_tok,
                            dtype=parse_dtype(config.dtype), num_micro_batches=limits.num_micro_batches)
+        elastic = self.registration.elastic_ep_backend != "none"
+        if elastic and data_plane.backend == "torch":      # links formed on use, and again after failures
+            options = dict(eager=False, connect_timeout_s=min(config.dataplane_timeout_s, ELASTIC_CONNECT_TIMEOUT_S))
         self._dispatcher = dataplane.make_dispatcher(
             data_plane.backend, rank=rank, world_size=data_plane.world_size,
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
@@ -184,8 +192,23 @@ class AttentionWorker:
             logger.info("expert exchange: the cuda_ipc step path (one announcement per step)")
             return StepExperts(self._dispatcher, router, self.spec.num_moe_layers, config.dataplane_timeout_s,
                                record_load=self.recorder.record)
+        recovery = None
+        if elastic:
+            reconnect = getattr(self._dispatcher, "reconnect", None)    # the torch data plane re-forms links
+            recovery = ElasticRecovery(self.board, self._report_suspicion, reconnect, self._ack_commit_later,
+                                       config.elastic_ep_recovery_timeout_s)
         return RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s, record_load=self.recorder.record,
-                             tracing=self.tracing, on_timeout=self._timeout_counter(data_plane))
+                             tracing=self.tracing, on_timeout=self._timeout_counter(data_plane), recovery=recovery)
+
+    def _report_suspicion(self, peer_rank: int, reason: str, map_version: int) -> WorkerState | None:
+        """Elastic EP: placement's verdict on a peer that failed an exchange (None: unreachable)."""
+        try:
+            state, _ = self.placement.report_suspicion(peer_rank, reason, map_version)
+        except Exception as exc:  # placement down or restarting: recover without its verdict
+            logger.warning("could not report data-plane rank %d to placement: %s", peer_rank, exc)
+            return None
+        logger.info("placement says data-plane rank %d is %s", peer_rank, state.name)
+        return state
 
     def _timeout_counter(self, data_plane: DataPlaneInfo) -> Callable[[int | None], None] | None:
         if self.metrics is None:

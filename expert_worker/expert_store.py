@@ -48,7 +48,8 @@ class ExpertStore:
             if expert_map.version in self._versions:
                 return self._versions[expert_map.version]
             held = list(self._versions.values())
-        slots = expert_map.slots_of_worker(self.worker_id)
+        # a worker that owns no slots yet (it joined after this map was made) holds nothing in it
+        slots = expert_map.slots_of_worker(self.worker_id) if self.worker_id in expert_map.slot_owners else range(0)
         wanted = expert_map.phy2log[:, slots.start:slots.stop]                       # [L, S]
         reuse = {}
         for layer in range(wanted.shape[0]):

@@ -8,6 +8,11 @@ Map updates (make-before-break, see docs/architecture.md):
 The first COMMIT also joins the data-plane group and starts the expert server thread, which
 serves batches from every attention worker until shutdown. Health turns SERVING then.
 
+Elastic EP (placement's ``--elastic-ep-backend``, ``elastic.py``): the torch data plane accepts
+links as attention workers offer them (again after failures); a PREPARE that reloads experts no
+live worker holds loads at full speed; a drained worker exits (SIGTERM to itself, exit code 0)
+once placement retires the last version that gave it slots.
+
 Telemetry (made in ``main()``, passed in; default off): each batch's compute runs through
 ``ObservedCompute`` (``expert.compute`` span linked to its senders, batch metrics); map updates
 refresh the held-versions and resident-bytes gauges.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -29,6 +35,7 @@ from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase
 from epserve.process import start_daemon_thread
 from epserve.telemetry import ExpertWorkerMetrics, Tracing, setup_tracing
 from epserve.weights import parse_dtype
+from epserve.expert_worker import elastic
 from epserve.expert_worker.config import ExpertWorkerConfig
 from epserve.expert_worker.expert_store import ExpertStore
 from epserve.expert_worker.load_pacer import LoadPacer
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 TRACING_SERVICE_NAME = "epserve-expert-worker"
+ELASTIC_ACCEPT_TIMEOUT_S = 5.0    # elastic EP: forming a link an attention worker offered
 
 
 class ExpertWorker:
@@ -63,6 +71,7 @@ class ExpertWorker:
         self.ready = threading.Event()
         self._lock = threading.Lock()
         self._pacer = LoadPacer(config.expert_load_duty_cycle)
+        self._serving_map: ExpertMap | None = None     # the last COMMIT (elastic: is a PREPARE urgent?)
 
     def start(self, register_deadline_s: float = 120.0) -> None:
         self.registration = self.placement.register(register_deadline_s)
@@ -71,11 +80,13 @@ class ExpertWorker:
 
     def _on_update(self, phase: UpdatePhase, expert_map: ExpertMap, data_plane: DataPlaneInfo) -> None:
         lower_this_thread_priority()
+        leaving = False
         if phase in (UpdatePhase.COMMIT, UpdatePhase.PREPARE):
-            try:   # the first map loads at full speed; later ones while serving, paced
+            try:   # the first map loads at full speed; later ones while serving, paced (unless requests wait)
                 started, slept = time.perf_counter(), self._pacer.slept_s
                 held = expert_map.version in self.store.versions     # COMMIT after its PREPARE: nothing to load
-                self.store.install(expert_map, self._pacer if self.expert_server is not None else None)
+                paced = self.expert_server is not None and not elastic.urgent(self._serving_map, data_plane)
+                self.store.install(expert_map, self._pacer if paced else None)
                 if self.metrics is not None and not held:
                     self.metrics.map_load_duration.observe(time.perf_counter() - started)
                     self.metrics.map_load_paced_sleep.inc(self._pacer.slept_s - slept)
@@ -85,24 +96,35 @@ class ExpertWorker:
                 return
         elif phase is UpdatePhase.RETIRE:
             self.store.retire_below(expert_map.version)
+            leaving = (self.registration.elastic_ep_backend != "none"
+                       and elastic.drained_out(self.config.worker_id, expert_map, data_plane))
         elif phase is UpdatePhase.ROLLBACK:
             self.store.drop(expert_map.version)
         if self.metrics is not None:
             self.metrics.set_held_versions(self.store.versions)
             self.metrics.resident_weight_bytes.set(self.store.resident_bytes())
+        if phase is UpdatePhase.COMMIT:
+            self._serving_map = expert_map
         with self._lock:
             if phase is UpdatePhase.COMMIT and self.expert_server is None:
                 self._start_serving(data_plane)
         self.placement.ack(expert_map.version, phase)
+        if leaving:
+            logger.info("drained: map version %d gives this worker no slot and every attention worker uses it; "
+                        "exiting", expert_map.version)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _start_serving(self, data_plane: DataPlaneInfo) -> None:
         from epserve import dataplane
 
+        options = {}
+        if self.registration.elastic_ep_backend != "none" and data_plane.backend == "torch":
+            options = dict(eager=False, connect_timeout_s=ELASTIC_ACCEPT_TIMEOUT_S)    # accept links as offered
         self.expert_server = dataplane.make_expert_server(
             data_plane.backend, rank=self.registration.rank, world_size=data_plane.world_size,
             dist_init_addr=data_plane.dist_init_addr,
             attention_ranks=sorted(w.rank for w in data_plane.workers if w.role == WorkerRole.ATTENTION),
-            timeout_s=self.config.rpc_timeout_s * 6)
+            timeout_s=self.config.rpc_timeout_s * 6, **options)
         compute = self.store.compute
         if self.tracing.enabled or self.metrics is not None:
             compute = ObservedCompute(compute, self.tracing, self.metrics)

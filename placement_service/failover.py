@@ -26,8 +26,8 @@ a change already running is waited for). ``plan_change`` decides, in this order:
 
 Suspicions (``report_suspicion``, on the ReportSuspicion RPC's thread): a worker reports a
 data-plane peer that timed out or broke a link. The suspect is marked SUSPECT and its gRPC port
-probed at once (a TCP connect within ``--elastic-ep-probe-timeout-ms``): refused or no answer →
-DEAD now, else ALIVE again (the reporter then re-forms its link). Workers SUSPECT from missed
+probed at once (a TCP connect within ``--elastic-ep-probe-timeout-ms``, three times over 250 ms):
+refused or no answer → DEAD now, else ALIVE again (the reporter then re-forms its link). Workers SUSPECT from missed
 heartbeats are probed the same way, so a silent death is found after about two heartbeat
 intervals instead of the heartbeat timeout. A hung process still accepts connections: it is
 found by the heartbeat timeout.
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 LIVE_STATES = (WorkerState.ALIVE, WorkerState.SUSPECT)      # DRAINING and DEAD workers hold no slots
 BUSY_RETRY_S = 0.05          # another map change runs: look again this soon
 MAX_BACKOFF_S = 5.0          # after a failed change or a plan that cannot be made
+SUSPICION_PROBES_S = (0.0, 0.1, 0.25)   # when a reported suspect is probed (DEAD at the first refusal)
 
 
 def probe_address(address: str, timeout_s: float) -> bool:
@@ -128,14 +129,20 @@ class Failover:
         """The suspect after probing it (ALIVE, SUSPECT or DEAD). Raises NotFound."""
         info = self.controller.suspect(reporter_id, suspect_rank, reason)
         if info.state in (WorkerState.SUSPECT, WorkerState.ALIVE):
-            self._judge(info, f"{reporter_id} reported {reason}")
+            self._judge(info, f"{reporter_id} reported {reason}", SUSPICION_PROBES_S)
         return self.controller.worker(info.worker_id)
 
-    def _judge(self, info: WorkerInfo, why: str) -> None:
-        if self._probe(info.address, self.probe_timeout_s):
-            self.controller.mark_alive(info.worker_id)
-        else:
-            self.controller.mark_dead(info.worker_id, f"{why}; nothing accepts connections at {info.address}")
+    def _judge(self, info: WorkerInfo, why: str, probes_s: tuple[float, ...] = (0.0,)) -> None:
+        """Probe at each offset of ``probes_s``: DEAD at the first refusal, ALIVE when all answer. A
+        process being killed can still complete a TCP handshake for a moment after its peers saw
+        its links break, so a reported suspect is probed a few times."""
+        started = time.monotonic()
+        for offset in probes_s:
+            time.sleep(max(started + offset - time.monotonic(), 0.0))
+            if not self._probe(info.address, self.probe_timeout_s):
+                self.controller.mark_dead(info.worker_id, f"{why}; nothing accepts connections at {info.address}")
+                return
+        self.controller.mark_alive(info.worker_id)
 
     # -- the thread ----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -99,6 +99,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="MoE layers changed per map version; 0 = all at once")
     eplb.add_argument("--load-report-interval-s", type=float, default=None,
                       help="how often attention workers report expert load (default 2)")
+    eplb.add_argument("--elastic-ep-backend", default="none", choices=["none", "placement", "mooncake"],
+                      help="placement: keep serving when expert workers die, come back, are added or drained "
+                           "(docs/operations.md, \"When a worker dies\"); implies --eplb-algorithm elasticity_aware "
+                           "for auto (default none)")
     engine = p.add_argument_group("attention workers' engine (SGLang's names; default: the attention worker's)")
     engine.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch_native"],
                         help="triton = batched GPU runner (Triton paged attention, CUDA graphs for decode, GPU "
@@ -307,4 +311,6 @@ def _eplb_args(args: argparse.Namespace) -> list[str]:
         extra += ["--eplb-rebalance-num-iterations", str(args.eplb_rebalance_num_iterations)]
     if args.eplb_rebalance_layers_per_chunk is not None:
         extra += ["--eplb-rebalance-layers-per-chunk", str(args.eplb_rebalance_layers_per_chunk)]
+    if args.elastic_ep_backend != "none":
+        extra += ["--elastic-ep-backend", args.elastic_ep_backend]
     return extra

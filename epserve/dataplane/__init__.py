@@ -44,7 +44,9 @@ def make_dispatcher(backend: str, **options) -> ExpertDispatcher:
     local: ``experts`` (one ExpertCompute per expert worker index).
     torch: ``rank``, ``world_size``, ``dist_init_addr`` ("host:port" of the rendezvous store),
     ``expert_ranks`` (must be the last W ranks), ``timeout_s`` (joining, and each link
-    operation), ``device`` ("cpu" → gloo, "cuda" → NCCL); or ``group`` from ``join_group``.
+    operation), ``device`` ("cpu" → gloo, "cuda" → NCCL), ``eager`` (default True: links to every
+    expert rank before returning; False: each formed on first use), ``connect_timeout_s`` (forming
+    one link; default ``timeout_s``); or ``group`` from ``join_group``.
     cuda_ipc: ``rank``, ``world_size``, ``dist_init_addr``, ``expert_ranks``, ``timeout_s``, ``device``
     (where the channels live: "cuda[:i]" (default) → CUDA IPC buffers, "cpu" → host shared memory), the channel
     shape ``max_tokens`` (the most tokens of one micro-batch), ``hidden_size``, ``top_k``, ``dtype``,
@@ -59,7 +61,10 @@ def make_expert_server(backend: str, **options) -> ExpertServer:
 
     torch: ``rank``, ``world_size``, ``dist_init_addr``, ``attention_ranks`` (must be the first D
     ranks), ``timeout_s``, ``device``, ``batch_window_s`` (how long to wait for more requests
-    to batch, default 0: batch only what already arrived); or ``group`` from ``join_group``.
+    to batch, default 0: batch only what already arrived), ``eager`` (default True: a link from
+    every attention rank before returning; False: links are accepted as they are offered),
+    ``connect_timeout_s`` (forming one offered link; default ``timeout_s``); or ``group`` from
+    ``join_group``.
     cuda_ipc: ``rank``, ``world_size``, ``dist_init_addr``, ``attention_ranks``, ``timeout_s``,
     ``batch_window_s``, ``device`` (where ``compute`` wants its inputs; None: where the attention
     ranks put the channels). Channel shape and readiness come from the attention ranks.
@@ -80,7 +85,8 @@ def _local_server(**_options) -> ExpertServer:
 
 def _torch_dispatcher(*, rank: int | None = None, world_size: int | None = None, dist_init_addr: str = "",
                       expert_ranks: Sequence[int] | None = None, timeout_s: float = 30.0,
-                      device: torch.device | str = "cpu", group=None) -> ExpertDispatcher:
+                      device: torch.device | str = "cpu", eager: bool = True, connect_timeout_s: float | None = None,
+                      group=None) -> ExpertDispatcher:
     from epserve.dataplane.torch_group import join_group
     from epserve.dataplane.torch_p2p import TorchDispatcher
 
@@ -90,13 +96,14 @@ def _torch_dispatcher(*, rank: int | None = None, world_size: int | None = None,
             raise ValueError(f"expert ranks must be the last ranks [{num_attention}, {world_size}); got "
                              f"{list(expert_ranks)}")
         group = join_group(rank, world_size, dist_init_addr, timeout_s, num_attention_ranks=num_attention,
-                           device=device)
-    return TorchDispatcher(group, link_timeout_s=timeout_s)
+                           device=device, eager=eager)
+    return TorchDispatcher(group, link_timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
 
 
 def _torch_server(*, rank: int | None = None, world_size: int | None = None, dist_init_addr: str = "",
                   attention_ranks: Sequence[int] | None = None, timeout_s: float = 30.0,
-                  device: torch.device | str = "cpu", batch_window_s: float = 0.0, group=None) -> ExpertServer:
+                  device: torch.device | str = "cpu", batch_window_s: float = 0.0, eager: bool = True,
+                  connect_timeout_s: float | None = None, group=None) -> ExpertServer:
     from epserve.dataplane.torch_group import join_group
     from epserve.dataplane.torch_server import TorchExpertServer
 
@@ -105,8 +112,9 @@ def _torch_server(*, rank: int | None = None, world_size: int | None = None, dis
             raise ValueError(f"attention ranks must be the first ranks [0, {len(attention_ranks)}); got "
                              f"{list(attention_ranks)}")
         group = join_group(rank, world_size, dist_init_addr, timeout_s,
-                           num_attention_ranks=len(attention_ranks), device=device)
-    return TorchExpertServer(group, link_timeout_s=timeout_s, batch_window_s=batch_window_s)
+                           num_attention_ranks=len(attention_ranks), device=device, eager=eager)
+    return TorchExpertServer(group, link_timeout_s=timeout_s, batch_window_s=batch_window_s,
+                             connect_timeout_s=connect_timeout_s)
 
 
 def _not_built(backend: str, module: str, package: str, needs: str) -> Callable[..., object]:

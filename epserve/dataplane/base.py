@@ -18,7 +18,9 @@ Flow of one MoE layer of one micro-batch (point to point, MegaScale-Infer's M2N)
    errors below. Nothing waits without a deadline.
 
 Every message carries a ``BatchHeader``: the expert-map version the tokens were routed with,
-the MoE layer, the micro-batch and a W3C trace context for tracing.
+the MoE layer, the micro-batch, the attempt (elastic EP redoes an interrupted layer under a new
+map version as a new attempt; an answer to an older attempt is never taken for it) and a W3C
+trace context for tracing.
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ class BatchHeader:
     # Set by an expert server on the header it hands ``ExpertCompute`` for a batch of several
     # requests: every request's ``trace_context``, in order (not sent on the wire).
     trace_contexts: tuple[bytes, ...] = ()
+    attempt: int = 0             # the sender's id of this try (a retry of the layer is a new attempt)
 
     def __post_init__(self) -> None:
         if len(self.trace_context) > MAX_TRACE_CONTEXT_BYTES:
             raise ValueError(f"trace_context is {len(self.trace_context)} bytes; "
                              f"at most {MAX_TRACE_CONTEXT_BYTES} fit in a data-plane header")
-        if self.num_tokens < 0 or self.layer < 0 or self.map_version < 0:
-            raise ValueError(f"num_tokens, layer and map_version must be >= 0: {self}")
+        if self.num_tokens < 0 or self.layer < 0 or self.map_version < 0 or self.attempt < 0:
+            raise ValueError(f"num_tokens, layer, map_version and attempt must be >= 0: {self}")
 
 
 class DataPlaneTimeout(TimeoutError):

@@ -1,16 +1,16 @@
-"""Joining the ``torch`` data plane: rendezvous store, world group, one link per pair.
+"""Joining the ``torch`` data plane: rendezvous store, one link per (attention, expert) pair.
 
 Legend: D attention ranks, W expert ranks. Attention workers are ranks [0, D), expert
-workers ranks [D, D+W); expert worker w is rank D+w.
+workers ranks [D, D+W); expert worker w is rank D+w (W grows when expert workers are added).
 
 - The placement service hosts a ``torch.distributed.TCPStore`` server
-  (``start_rendezvous_store``); every worker connects to it as a client and joins one
-  process group of D+W ranks (``join_group`` → ``init_process_group``).
-- For every (attention rank a, expert rank e) pair, ``join_group`` then creates a *link*:
-  two 2-rank groups, ``request`` (a → e) and ``reply`` (e → a). All ranks create all links
-  in the same global order (``new_group`` is collective over the world group; non-members
-  return at once), which cannot deadlock: the earliest link not yet built always has both
-  members at it.
+  (``start_rendezvous_store``); every worker connects to it as a client.
+- For every (attention rank a, expert rank e) pair there is a *link*: two 2-rank groups,
+  ``request`` (a → e) and ``reply`` (e → a), each formed by a rendezvous of its own on the store
+  (``torch_links``: no world group, nothing collective over all ranks), so a link can be formed
+  again whenever a peer restarts or a link breaks, without the other ranks. ``join_group``
+  forms this rank's links to every peer before returning (``eager``) or none (the dispatcher
+  forms them on first use and the expert server accepts them as they come).
 
 Why one group per pair and direction, not one shared group (see also torch_p2p):
 - gloo has no way to cancel a posted receive: a wait that passes its timeout closes *every*
@@ -45,8 +45,8 @@ the tests in tests/epserve/dataplane and ``bench/dataplane.py --probe-gloo-threa
 - Idle: a thread blocked in a receive sleeps on a condition variable and gloo's loop thread in
   epoll; measured < 0.01 s CPU per second per process.
 
-``init_process_group`` keeps the world group in torch's process-wide state, so a process
-joins one data plane once.
+Nothing here touches torch's process-wide default group, so a process may form links at any
+time and as often as membership changes.
 """
 
 from __future__ import annotations
@@ -65,8 +65,6 @@ from epserve.dataplane.torch_wire import TAG_CLOSE_LINK
 logger = logging.getLogger(__name__)
 
 STORE_PREFIX = "epserve/dataplane/"
-# Receives that wait for the next request have no deadline; gloo needs a finite one.
-FOREVER = timedelta(days=3650)
 
 
 def start_rendezvous_store(host: str, port: int = 0) -> tuple[dist.TCPStore, int]:
@@ -108,17 +106,23 @@ class Link:
     expert_rank: int
     request: dist.ProcessGroup    # attention → expert
     reply: dist.ProcessGroup      # expert → attention
+    epoch: int = 0                # which formation of this pair's link (torch_links)
 
 
 @dataclass(frozen=True)
 class TorchGroup:
-    """This process's membership: its rank, the layout, and its links (peer rank → Link)."""
+    """This process's membership: its rank, the layout, the links formed at join (peer rank →
+    Link), and what forming more takes: the store's address, the deadline, and on an expert
+    rank the token its links are offered under (``torch_links``)."""
 
     rank: int
     world_size: int
     num_attention_ranks: int
     device: torch.device
     links: dict[int, Link]
+    dist_init_addr: str = ""
+    timeout_s: float = 30.0
+    token: str = ""
 
     @property
     def num_expert_ranks(self) -> int:
@@ -133,50 +137,64 @@ class TorchGroup:
 
 
 def join_group(rank: int, world_size: int, dist_init_addr: str, timeout_s: float, *,
-               num_attention_ranks: int, device: torch.device | str = "cpu") -> TorchGroup:
-    """Join the data plane as ``rank``; returns once every link of this rank is connected.
+               num_attention_ranks: int, device: torch.device | str = "cpu", eager: bool = True) -> TorchGroup:
+    """Join the data plane as ``rank``: an expert rank publishes its incarnation token. With
+    ``eager`` this returns once this rank has a link with every peer of the other role.
 
     gloo on CPU, NCCL on CUDA. Raises DataPlaneTimeout when the store or a peer does not show up
     within ``timeout_s`` (every step has that deadline).
     """
+    from epserve.dataplane import torch_links
+
     if not 0 < num_attention_ranks < world_size or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size and 0 < attention ranks < world_size; got rank {rank}, "
                          f"world_size {world_size}, {num_attention_ranks} attention ranks")
-    if dist.is_initialized():
-        raise RuntimeError("this process already joined a torch.distributed group; join the data plane once")
     device = torch.device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    host, port = parse_addr(dist_init_addr)
-    timeout = timedelta(seconds=timeout_s)
+    client = torch_links.StoreClient(dist_init_addr, timeout_s)
+    is_attention = rank < num_attention_ranks
+    token = "" if is_attention else torch_links.new_token()
+    links: dict[int, Link] = {}
     try:
-        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    except (RuntimeError, TimeoutError) as exc:   # DistNetworkError, DistStoreError
-        raise DataPlaneTimeout(f"rendezvous store {dist_init_addr} not reachable within {timeout_s}s: {exc}",
-                               peer_rank=None) from exc
-    try:
-        dist.init_process_group(backend, store=dist.PrefixStore(STORE_PREFIX, store), rank=rank,
-                                world_size=world_size, timeout=timeout)
-        links = _create_links(rank, world_size, num_attention_ranks, timeout)
-    except (RuntimeError, TimeoutError) as exc:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not is_attention:
+            torch_links.publish_incarnation(client, rank, token)
+        if eager:
+            links = _join_eagerly(client, rank, world_size, num_attention_ranks, timeout_s, device, token)
+    except (RuntimeError, TimeoutError, ConnectionError) as exc:   # DistError, DataPlaneTimeout, PeerLost
         raise DataPlaneTimeout(f"rank {rank} could not join the data plane of {world_size} ranks at "
                                f"{dist_init_addr} within {timeout_s}s: {exc}") from exc
-    logger.info("rank %d joined the %s data plane: %d attention + %d expert ranks, %d links",
-                rank, backend, num_attention_ranks, world_size - num_attention_ranks, len(links))
-    return TorchGroup(rank, world_size, num_attention_ranks, device, links)
+    logger.info("rank %d joined the %s data plane: %d attention + %d expert ranks, %d links formed",
+                rank, "nccl" if device.type == "cuda" else "gloo", num_attention_ranks,
+                world_size - num_attention_ranks, len(links))
+    return TorchGroup(rank, world_size, num_attention_ranks, device, links, dist_init_addr, timeout_s, token)
 
 
-def _create_links(rank: int, world_size: int, num_attention: int, timeout: timedelta) -> dict[int, Link]:
+def _join_eagerly(client, rank: int, world_size: int, num_attention: int, timeout_s: float, device: torch.device,
+                  token: str) -> dict[int, Link]:
+    """Attention: a link to every expert rank (each waited for, within the deadline); expert: the
+    first offer of every attention rank."""
+    import threading
+    import time
+
+    from epserve.dataplane import torch_links
+
+    deadline = time.monotonic() + timeout_s
     links = {}
-    for attention_rank in range(num_attention):
+    if rank < num_attention:
         for expert_rank in range(num_attention, world_size):
-            pair = [attention_rank, expert_rank]
-            request = dist.new_group(pair, timeout=timeout)
-            reply = dist.new_group(pair, timeout=timeout)
-            if rank in pair:
-                peer = expert_rank if rank == attention_rank else attention_rank
-                links[peer] = Link(attention_rank, expert_rank, request, reply)
+            key = torch_links.incarnation_key(expert_rank)
+            remaining = max(deadline - time.monotonic(), 0.001)
+            client.call(lambda s: s.wait([key], timedelta(seconds=remaining)))
+            links[expert_rank] = torch_links.connect(client, rank, expert_rank, max(deadline - time.monotonic(),
+                                                                                   0.001), device)
+        return links
+    never = threading.Event()
+    for attention_rank in range(num_attention):
+        acceptor = torch_links.LinkAcceptor(client.address, attention_rank, rank, token, timeout_s, device,
+                                            lambda link: None, never)
+        link = acceptor.accept_one(max(deadline - time.monotonic(), 0.001))
+        if link is None:
+            raise DataPlaneTimeout(f"attention rank {attention_rank} did not offer a link within {timeout_s}s")
+        links[attention_rank] = link
     return links
 
 
@@ -188,7 +206,7 @@ def close_group(group: dist.ProcessGroup) -> None:
     passing its timeout closes every pair of the group. So: wait 1 ms on a receive that no
     one ever sends. Blocked receivers wake with an error, the peer sees "Connection closed".
     """
-    if group.size() > 1 and dist.get_backend(group) != "gloo":
+    if group.size() > 1 and not isinstance(group, dist.ProcessGroupGloo):
         group.abort()
         return
     try:

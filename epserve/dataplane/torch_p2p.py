@@ -20,9 +20,17 @@ Failures (each exchange ends in exactly one of these):
 - the peer dies or the link breaks → ``PeerLost``, fast: the kernel closes a killed
   process's sockets and gloo fails the pending operations ("Connection closed by peer").
 - later dispatches touching a lost link raise ``PeerLost`` before sending anything; links
-  to other expert workers are unaffected. Reconnecting needs a new group (not built).
+  to other expert workers are unaffected. ``reconnect(peer_rank)`` forms a new link epoch with
+  that rank (``torch_links``: a new rendezvous, e.g. with a restarted expert worker); the
+  caller decides when (elastic EP asks placement first whether the peer is alive).
 - the expert answers STALE_VERSION → ``StaleMapVersion`` with the versions it holds; an
   exception in its compute → ``RemoteExpertError``. The link stays healthy.
+Links are formed on first use (a new expert worker, or every worker when the group was joined
+lazily), and formed again before use when idle for ``IDLE_REFRESH_S`` (the expert side ends a
+link idle for ``IDLE_TIMEOUT_S``: its receive has that deadline). Expert workers are indexed by
+slot owner position w = rank − D; a map with more owners than at join reaches new ranks.
+Every message carries the caller's ``attempt``; a reply must carry its request's.
+
 Buffers of an exchange stay referenced (by its link's ``in_flight``) until its reply was
 received or its link is closed: gloo writes into a posted receive's memory, and a reply whose
 receive buffer is gone would sit unread at the head of the link, blocking every later reply.
@@ -52,6 +60,7 @@ from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, PeerLost, Pen
                                     RemoteExpertError, StaleMapVersion)
 from epserve.dataplane.split import CombineSum, WorkerShare, check_dispatch_inputs, split_by_worker
 from epserve.dataplane.torch_group import Link, TorchGroup, close_group
+from epserve.dataplane.torch_links import IDLE_REFRESH_S, StoreClient, connect
 from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, RequestLayout,
                                           Status, WireHeader, decode_header, encode_header, reply_nbytes,
                                           reply_views, request_capacity, tag_for)
@@ -66,6 +75,7 @@ class _ExpertLink:
     next_seq: int = 0
     lost: str = ""            # why the link is unusable; "" while healthy
     in_flight: dict[int, _Exchange] = field(default_factory=dict)   # seq → exchange not yet finished
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def peer_rank(self) -> int:
@@ -96,17 +106,49 @@ class _TorchPending(PendingCombine):
 class TorchDispatcher:
     """The attention side of the torch data plane. Use from one thread."""
 
-    def __init__(self, group: TorchGroup, link_timeout_s: float = 30.0) -> None:
+    def __init__(self, group: TorchGroup, link_timeout_s: float = 30.0, connect_timeout_s: float | None = None) -> None:
+        """``connect_timeout_s``: how long forming a link may take (default ``link_timeout_s``)."""
         if not group.is_attention:
             raise ValueError(f"rank {group.rank} is an expert rank; a dispatcher runs on ranks "
                              f"[0, {group.num_attention_ranks})")
         self.group, self.link_timeout_s = group, link_timeout_s
-        self._links = [_ExpertLink(w, group.links[group.expert_rank(w)]) for w in range(group.num_expert_ranks)]
+        self.connect_timeout_s = link_timeout_s if connect_timeout_s is None else connect_timeout_s
+        self._links = {rank - group.num_attention_ranks: _ExpertLink(rank - group.num_attention_ranks, link)
+                       for rank, link in group.links.items()}
+        self._store = StoreClient(group.dist_init_addr, self.connect_timeout_s)
         self._closed = False
 
     @property
     def num_workers(self) -> int:
-        return len(self._links)
+        return max(self.group.num_expert_ranks, max(self._links, default=-1) + 1)
+
+    def reconnect(self, peer_rank: int, dist_init_addr: str = "") -> None:
+        """Form a new link epoch with expert rank ``peer_rank`` (dropping the old link); raises
+        PeerLost when it does not answer within ``connect_timeout_s``. ``dist_init_addr``: the
+        store's address when placement moved it."""
+        worker = peer_rank - self.group.num_attention_ranks
+        old = self._links.get(worker)
+        if old is not None:
+            self._lose(old, "replaced by a new link")
+        if dist_init_addr:
+            self._store.set_address(dist_init_addr)
+        link = connect(self._store, self.group.rank, peer_rank, self.connect_timeout_s, self.group.device)
+        self._links[worker] = _ExpertLink(worker, link)        # (on PeerLost the old, lost link stays: fail fast)
+
+    def _link(self, worker: int) -> _ExpertLink:
+        """The link to ``worker``, formed now on first use or after a long idle time."""
+        link = self._links.get(worker)
+        if link is not None and not link.lost and not link.in_flight \
+                and time.monotonic() - link.last_used > IDLE_REFRESH_S:
+            self.reconnect(link.peer_rank)      # the expert side ends idle links; use a fresh one
+            link = None
+        if link is None:
+            if worker not in self._links:
+                self._links[worker] = _ExpertLink(worker, connect(self._store, self.group.rank,
+                                                                  self.group.expert_rank(worker),
+                                                                  self.connect_timeout_s, self.group.device))
+            link = self._links[worker]
+        return link
 
     def dispatch(self, header: BatchHeader, hidden: torch.Tensor, slot_ids: torch.Tensor,
                  weights: torch.Tensor, slots_per_worker: int) -> PendingCombine:
@@ -117,10 +159,10 @@ class TorchDispatcher:
         pending = _TorchPending(header, int(hidden.shape[1]), hidden.dtype, hidden.device)
         if header.num_tokens == 0:
             return pending
-        shares = [s for s in split_by_worker(slot_ids, weights, slots_per_worker, self.num_workers)
-                  if s.num_tokens]
+        num_workers = max(self.num_workers, int(slot_ids.max()) // slots_per_worker + 1)
+        shares = [s for s in split_by_worker(slot_ids, weights, slots_per_worker, num_workers) if s.num_tokens]
         for share in shares:
-            link = self._links[share.worker]
+            link = self._link(share.worker)
             if link.lost:
                 raise PeerLost(f"expert rank {link.peer_rank} is unreachable ({link.lost}); layer "
                                f"{header.layer} micro-batch {header.micro_batch} not sent", peer_rank=link.peer_rank)
@@ -149,7 +191,9 @@ class TorchDispatcher:
         d = hidden.shape[1]
         layout = RequestLayout(n, d, k, hidden.dtype, share.weights.dtype)
         inline = HEADER_BYTES + layout.total <= request_capacity(device)
-        share_header = BatchHeader(header.map_version, header.layer, header.micro_batch, n, header.trace_context)
+        link.last_used = time.monotonic()
+        share_header = BatchHeader(header.map_version, header.layer, header.micro_batch, n, header.trace_context,
+                                   attempt=header.attempt)
         words = encode_header(WireHeader(Kind.REQUEST, seq, share_header, k, d, hidden.dtype, share.weights.dtype,
                                          flags=FLAG_INLINE if inline else 0))
         message = torch.empty(HEADER_BYTES + (layout.total if inline else 0), dtype=torch.uint8, device=device)
@@ -214,8 +258,9 @@ class TorchDispatcher:
         words, out = reply_views(ex.reply_buf, ex.share.num_tokens, ex.hidden_size, ex.dtype)
         try:
             reply = decode_header(words.cpu())
-            if reply.kind != Kind.REPLY or reply.seq != ex.seq:
-                raise ProtocolError(f"expected reply {ex.seq}, got {reply.kind.name} {reply.seq}")
+            if reply.kind != Kind.REPLY or reply.seq != ex.seq or reply.batch.attempt != ex.header.attempt:
+                raise ProtocolError(f"expected reply {ex.seq} of attempt {ex.header.attempt}, got {reply.kind.name} "
+                                    f"{reply.seq} of attempt {reply.batch.attempt}")
         except ProtocolError as exc:
             self._lose(link, str(exc))
             raise PeerLost(f"expert rank {link.peer_rank}: {exc}", peer_rank=link.peer_rank) from exc
@@ -258,7 +303,7 @@ class TorchDispatcher:
         if self._closed:
             return
         self._closed = True
-        for link in self._links:
+        for link in self._links.values():
             if link.lost:
                 continue
             words = encode_header(WireHeader(Kind.CLOSE, link.next_seq, BatchHeader(0, 0, 0, 0)))

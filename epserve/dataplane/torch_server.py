@@ -3,11 +3,16 @@
 Legend: n tokens of one request, N tokens of a batch, D hidden, K top-k.
 
 Threads and queue:
+- one link acceptor per attention rank a ("dataplane-accept-a", ``torch_links.LinkAcceptor``):
+  forms each link epoch a offers (a restarted attention worker, a link a gave up on) and
+  installs it as a's current link, closing the one it replaces.
 - one receiver thread per attention rank a ("dataplane-recv-a"): a blocking receive of the
-  next request from a on the (a, e) request group (no deadline: an idle worker sleeps in
-  the kernel, it does not poll); small requests arrive whole, larger ones need a second
-  receive for the payload (deadline ``link_timeout_s``); then ``queue.put(request)``. It ends on a CLOSE message, when the link breaks (the
-  attention rank died: logged, other ranks are unaffected) or on ``stop()``.
+  next request from a on a's current request group (deadline ``torch_links.IDLE_TIMEOUT_S``:
+  an idle worker sleeps in the kernel, it does not poll; a link idle that long is ended and
+  the attention side forms a new one before it uses it again); small requests arrive whole,
+  larger ones need a second receive for the payload (deadline ``link_timeout_s``); then
+  ``queue.put(request)``. On a CLOSE message, a broken link (the attention rank died: logged,
+  other ranks are unaffected) or a replaced one it waits for a's next link, until ``stop()``.
 - the thread that called ``serve`` computes: it blocks on ``queue.get()``, takes whatever
   else is already queued (and, when ``batch_window_s`` > 0, what arrives within that
   window), groups it by (layer, map version, shapes, dtypes) in order of arrival, calls
@@ -43,7 +48,8 @@ from datetime import timedelta
 import torch
 
 from epserve.dataplane.base import BatchHeader, ExpertCompute, StaleMapVersion
-from epserve.dataplane.torch_group import FOREVER, Link, TorchGroup, close_group
+from epserve.dataplane.torch_group import Link, TorchGroup, close_group
+from epserve.dataplane.torch_links import IDLE_TIMEOUT_S, LinkAcceptor
 from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, Status,
                                           WireHeader, decode_header, encode_header, layout_of, reply_nbytes,
                                           reply_views, request_capacity, tag_for)
@@ -54,9 +60,17 @@ _ATTENTION = 0   # group rank of the attention side inside a link's groups
 _STOP = object()
 
 
+@dataclass(eq=False)
+class _Served:
+    """A link this server received on; ``lost`` says why it ended ("" while usable)."""
+    link: Link
+    lost: str = ""
+
+
 @dataclass
 class _Request:
     attention_rank: int
+    served: _Served               # the link it came on; its reply goes back on the same one
     wire: WireHeader
     hidden: torch.Tensor          # [n, D]
     local_slot_ids: torch.Tensor  # [n, K]
@@ -77,16 +91,19 @@ class _ReceiverCrash:
 class TorchExpertServer:
     """The expert side of the torch data plane for expert rank ``group.rank``."""
 
-    def __init__(self, group: TorchGroup, link_timeout_s: float = 30.0, batch_window_s: float = 0.0) -> None:
+    def __init__(self, group: TorchGroup, link_timeout_s: float = 30.0, batch_window_s: float = 0.0,
+                 connect_timeout_s: float | None = None) -> None:
+        """``connect_timeout_s``: forming one link an attention rank offered (default: the group's)."""
         if group.is_attention:
             raise ValueError(f"rank {group.rank} is an attention rank; an expert server runs on ranks "
                              f"[{group.num_attention_ranks}, {group.world_size})")
         self.group, self.link_timeout_s, self.batch_window_s = group, link_timeout_s, batch_window_s
-        self._links = {a: group.links[a] for a in range(group.num_attention_ranks)}
+        self.connect_timeout_s = group.timeout_s if connect_timeout_s is None else connect_timeout_s
+        self._links: dict[int, _Served | None] = {a: _Served(group.links[a]) if a in group.links else None
+                                                  for a in range(group.num_attention_ranks)}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
-        self._lost: set[int] = set()          # attention ranks whose link is unusable
-        self._lost_lock = threading.Lock()
+        self._lock = threading.Condition()    # guards _links and each _Served.lost; notified on a change
         self._started = False
         self.num_batches = 0                  # compute calls
         self.num_requests = 0                 # requests answered
@@ -95,9 +112,16 @@ class TorchExpertServer:
         if self._started:
             raise RuntimeError("serve() runs once per TorchExpertServer")
         self._started = True
-        receivers = [threading.Thread(target=self._receive_from, args=(a, link), daemon=True,
-                                      name=f"dataplane-recv-{a}") for a, link in self._links.items()]
-        for thread in receivers:
+        group = self.group
+        receivers = [threading.Thread(target=self._receive_from, args=(a,), daemon=True, name=f"dataplane-recv-{a}")
+                     for a in self._links]
+        acceptors = []
+        for a, served in self._links.items():
+            acceptor = LinkAcceptor(group.dist_init_addr, a, group.rank, group.token, self.connect_timeout_s,
+                                    group.device, lambda new, a=a: self._install(a, new), self._stopping)
+            acceptor.next_epoch = (served.link.epoch + 1) if served is not None else 1
+            acceptors.append(threading.Thread(target=acceptor.run, daemon=True, name=f"dataplane-accept-{a}"))
+        for thread in receivers + acceptors:
             thread.start()
         try:
             while not self._stopping.is_set():
@@ -106,7 +130,10 @@ class TorchExpertServer:
                     self._serve_batch(compute, batch)
         finally:
             self._stopping.set()
-            for link in self._links.values():
+            with self._lock:
+                current = [served.link for served in self._links.values() if served is not None]
+                self._lock.notify_all()
+            for link in current:
                 close_group(link.request)
                 close_group(link.reply)
             for thread in receivers:
@@ -115,6 +142,16 @@ class TorchExpertServer:
     def stop(self) -> None:
         self._stopping.set()
         self._queue.put(_STOP)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _install(self, attention_rank: int, link: Link) -> None:
+        """A new link epoch with ``attention_rank`` (acceptor thread): it replaces the current one."""
+        with self._lock:
+            old, self._links[attention_rank] = self._links[attention_rank], _Served(link)
+            self._lock.notify_all()
+        if old is not None:
+            self._lose(old, f"replaced by link epoch {link.epoch}", quiet=True)
 
     def _next_batch(self) -> list[_Request]:
         """Block for one request, then take what else is queued (within batch_window_s)."""
@@ -150,11 +187,11 @@ class TorchExpertServer:
                 waiting = unanswered[attention_rank]
                 while waiting and waiting[0].reply is not None:
                     sends += self._send_reply(waiting.popleft())
-        for attention_rank, work in sends:
+        for served, work in sends:
             try:
                 work.wait(timedelta(seconds=self.link_timeout_s))
             except RuntimeError as exc:
-                self._lose(attention_rank, f"reply not delivered: {exc}")
+                self._lose(served, f"reply not delivered: {exc}")
 
     def _compute(self, compute: ExpertCompute, requests: list[_Request]) -> None:
         """One ``compute`` call for requests of one key; sets each request's ``reply`` buffer."""
@@ -195,44 +232,59 @@ class TorchExpertServer:
             request.reply = buf
 
     def _send_reply(self, request: _Request) -> list:
-        a = request.attention_rank
-        if a in self._lost:
+        served = request.served
+        if served.lost:
             return []
         try:
-            work = self._links[a].reply.send([request.reply], _ATTENTION, tag_for(request.wire.seq))
+            work = served.link.reply.send([request.reply], _ATTENTION, tag_for(request.wire.seq))
         except RuntimeError as exc:
-            self._lose(a, f"reply not sent: {exc}")
+            self._lose(served, f"reply not sent: {exc}")
             return []
         self.num_requests += 1
-        return [(a, work)]
+        return [(served, work)]
 
-    def _receive_from(self, attention_rank: int, link: Link) -> None:
+    def _receive_from(self, attention_rank: int) -> None:
         try:
             while not self._stopping.is_set():
-                request = self._receive_one(attention_rank, link)
-                if request is None:
+                served = self._next_link(attention_rank)
+                if served is None:
                     return
-                self._queue.put(request)
+                request = self._receive_one(attention_rank, served)
+                if request is not None:
+                    self._queue.put(request)
         except BaseException as exc:  # a bug, not a broken link: make serve() fail loudly
             self._queue.put(_ReceiverCrash(exc))
 
-    def _receive_one(self, attention_rank: int, link: Link) -> _Request | None:
-        """Next request from ``attention_rank``, or None when this receiver should end."""
+    def _next_link(self, attention_rank: int) -> _Served | None:
+        """The link to receive on: the current one while usable, else the next one the acceptor
+        installs (None on stop)."""
+        with self._lock:
+            while not self._stopping.is_set():
+                served = self._links[attention_rank]
+                if served is not None and not served.lost:
+                    return served
+                self._lock.wait()
+        return None
+
+    def _receive_one(self, attention_rank: int, served: _Served) -> _Request | None:
+        """Next request from ``attention_rank`` on ``served``, or None when the link ended."""
+        link = served.link
         device = self.group.device
         message = torch.empty(request_capacity(device), dtype=torch.uint8, device=device)
         try:
-            link.request.recv([message], _ATTENTION, TAG_HEADER).wait(FOREVER)
+            link.request.recv([message], _ATTENTION, TAG_HEADER).wait(timedelta(seconds=IDLE_TIMEOUT_S))
         except RuntimeError as exc:
             if not self._stopping.is_set():
-                self._lose(attention_rank, str(exc))
+                idle = "Timed out" in str(exc)
+                self._lose(served, f"idle for {IDLE_TIMEOUT_S:g} s" if idle else str(exc), quiet=idle)
             return None
         try:
             wire = decode_header(message[:HEADER_BYTES].view(torch.int64).cpu())
         except ProtocolError as exc:
-            self._lose(attention_rank, str(exc))
+            self._lose(served, str(exc))
             return None
         if wire.kind == Kind.CLOSE:
-            logger.info("attention rank %d closed its data-plane link", attention_rank)
+            self._lose(served, "closed by the attention rank", quiet=True)
             return None
         layout = layout_of(wire)
         if wire.flags & FLAG_INLINE:
@@ -244,17 +296,19 @@ class TorchExpertServer:
                     timedelta(seconds=self.link_timeout_s))
             except RuntimeError as exc:
                 if not self._stopping.is_set():
-                    self._lose(attention_rank, f"payload of request {wire.seq} not received: {exc}")
+                    self._lose(served, f"payload of request {wire.seq} not received: {exc}")
                 return None
         hidden, ids, weights = layout.views(payload)
-        return _Request(attention_rank, wire, hidden, ids, weights)
+        return _Request(attention_rank, served, wire, hidden, ids, weights)
 
-    def _lose(self, attention_rank: int, reason: str) -> None:
-        with self._lost_lock:
-            if attention_rank in self._lost:
+    def _lose(self, served: _Served, reason: str, quiet: bool = False) -> None:
+        with self._lock:
+            if served.lost:
                 return
-            self._lost.add(attention_rank)
-        logger.warning("data-plane link to attention rank %d lost: %s", attention_rank, reason)
-        link = self._links[attention_rank]
+            served.lost = reason
+            self._lock.notify_all()
+        link = served.link
+        (logger.info if quiet else logger.warning)("data-plane link %d ↔ %d (epoch %d) ended: %s",
+                                                   link.attention_rank, link.expert_rank, link.epoch, reason)
         close_group(link.request)
         close_group(link.reply)

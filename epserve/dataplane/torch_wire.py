@@ -30,8 +30,9 @@ is never sent; ``torch_group.close_group`` waits on it to break a link.
 
 Header words (int64): magic, kind, seq, map_version, layer, micro_batch, num_tokens (n of
 this exchange), K, D, hidden dtype code, weights dtype code, status, trace-context length,
-flags, 8 words of trace context (≤ 64 bytes), number of held versions, 8 held versions,
-error length, 32 words of UTF-8 error text (≤ 256 bytes).
+flags, attempt (the sender's id of this try of the layer: a reply carries its request's),
+8 words of trace context (≤ 64 bytes), number of held versions, 8 held versions, error
+length, 31 words of UTF-8 error text (≤ 248 bytes).
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ TAG_HEADER = 1
 TAG_CLOSE_LINK = 2
 TAG_FIRST_EXCHANGE = 16
 MAX_HELD_VERSIONS = 8
-MAX_ERROR_BYTES = 256
+MAX_ERROR_BYTES = 248
 INLINE_CAPACITY = 256 * 1024   # bytes of a request the expert side receives in one message (gloo)
 FLAG_INLINE = 1                 # the payload follows the header in the same message
 _ALIGN = 64
 
-_FIXED_WORDS = 14
-# positions in the unpacked tuple: 14 fixed words, trace bytes, held count, held versions, error length, error
-_TRACE, _HELD_COUNT, _HELD, _ERROR_LEN, _ERROR = 14, 15, 16, 16 + MAX_HELD_VERSIONS, 17 + MAX_HELD_VERSIONS
+_FIXED_WORDS = 15
+# positions in the unpacked tuple: 15 fixed words, trace bytes, held count, held versions, error length, error
+_TRACE, _HELD_COUNT, _HELD, _ERROR_LEN, _ERROR = 15, 16, 17, 17 + MAX_HELD_VERSIONS, 18 + MAX_HELD_VERSIONS
 _HEADER_FORMAT = f"<{_FIXED_WORDS}q{MAX_TRACE_CONTEXT_BYTES}sq{MAX_HELD_VERSIONS}qq{MAX_ERROR_BYTES}s"
 assert struct.calcsize(_HEADER_FORMAT) == 512
 
@@ -108,7 +109,7 @@ def encode_header(h: WireHeader) -> torch.Tensor:
     error = h.error.encode("utf-8")[:MAX_ERROR_BYTES]
     data = struct.pack(_HEADER_FORMAT, MAGIC, int(h.kind), h.seq, b.map_version, b.layer, b.micro_batch,
                        b.num_tokens, h.top_k, h.hidden_size, DTYPE_CODES[h.dtype], DTYPE_CODES[h.weight_dtype],
-                       int(h.status), len(b.trace_context), h.flags, b.trace_context, len(held),
+                       int(h.status), len(b.trace_context), h.flags, b.attempt, b.trace_context, len(held),
                        *held, *[0] * (MAX_HELD_VERSIONS - len(held)), len(error), error)
     return torch.frombuffer(bytearray(data), dtype=torch.int64)
 
@@ -129,7 +130,7 @@ def decode_header(words: torch.Tensor) -> WireHeader:
     held = fields[_HELD:_HELD + fields[_HELD_COUNT]]
     error = fields[_ERROR][:fields[_ERROR_LEN]]
     batch = BatchHeader(map_version=fields[3], layer=fields[4], micro_batch=fields[5], num_tokens=fields[6],
-                        trace_context=trace)
+                        trace_context=trace, attempt=fields[14])
     return WireHeader(kind, fields[2], batch, fields[7], fields[8], dtype, weight_dtype, status, tuple(held),
                       error.decode("utf-8", "replace"), fields[13])
 
