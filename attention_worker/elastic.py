@@ -12,7 +12,8 @@ redo it with:
    with it, and placement is told this worker switched) and redo the layer under it: placement
    publishes a routing-only version around a DEAD worker within milliseconds;
 3. the peer is alive (or placement cannot be asked) → form a new link epoch with it
-   (``reconnect``) and redo the layer under the same version;
+   (``reconnect``: nothing to do when another micro-batch re-formed it already) and redo the
+   layer under the same version;
 4. otherwise wait for a newer map (experts that had no other replica are being reloaded:
    requests wait, they do not fail), asking placement again now and then,
 until ``timeout_s`` has passed; then the original error propagates (the engine exits and the
@@ -97,8 +98,8 @@ class ElasticRecovery:
                 try:
                     self.reconnect(peer)
                     self.num_recoveries += 1
-                    logger.info("redoing the layer under map version %d on a new link to rank %d", failed.version,
-                                peer)
+                    logger.info("redoing the layer under map version %d: rank %d is alive, its link formed anew",
+                                failed.version, peer)
                     return failed
                 except PeerLost as exc:
                     reason = f"PeerLost: {exc}"

@@ -116,8 +116,9 @@ class Streams:
             except grpc.RpcError as exc:
                 request.error = f"{exc.code().name}: {exc.details()}"
 
-    def waits(self, start: float, end: float) -> list[float]:
-        """Every wait for a token (from the previous token, or from the submission) ending in [start, end)."""
+    def waits(self, start: float, end: float) -> list[tuple[float, float]]:
+        """(wait, when it ended) for every wait for a token (from the previous token, or from the
+        submission) that ends in [start, end)."""
         out = []
         with self._lock:
             requests = list(self.requests)
@@ -125,7 +126,7 @@ class Streams:
             previous = request.submitted
             for arrival in list(request.arrivals):
                 if start <= arrival < end:
-                    out.append(arrival - previous)
+                    out.append((arrival - previous, arrival))
                 previous = arrival
         return out
 
@@ -286,13 +287,14 @@ def main() -> None:
             monitor.stop()
         drained = {f.target: processes.current(f.target).process.poll() for f, _ in applied if f.action == "drain"}
     first_fault = applied[0][1] if applied else time.monotonic()
-    steady = streams.waits(start, first_fault)
+    steady = [wait for wait, _ in streams.waits(start, first_fault)]
     rows = []
     for fault, at in applied:
         waits = streams.waits(at, at + args.window_s)
+        longest, ended = max(waits, default=(0.0, at))
         recovered = drain_s.get(fault.target) if fault.action == "drain" else recovery_s(fault, at, monitor, processes)
         rows.append({"at_s": round(at - start, 2), "action": fault.action, "target": fault.target,
-                     "interruption_s": round(max(waits, default=0.0), 3),
+                     "interruption_s": round(longest, 3), "interruption_ended_s": round(ended - at, 3),
                      "recovery_s": None if recovered is None else round(recovered, 3),
                      "drained_exit_code": drained.get(fault.target) if fault.action == "drain" else None})
         print(f"{fault.action} {fault.target}: interruption {rows[-1]['interruption_s']:.3f} s, recovery "
@@ -348,13 +350,14 @@ def write_results(out: Path, label: str, run: dict) -> None:
                   f"{x['mismatches']}** (vs an undisturbed run); **max interruption {x['max_interruption_s']:.2f} s**; "
                   f"steady waits: median {x['steady_median_wait_s'] * 1000:.0f} ms, max "
                   f"{x['steady_max_wait_s'] * 1000:.0f} ms.\n",
-                  "| at (s) | fault | interruption (s) | recovery (s) |", "|---|---|---|---|"]
+                  "| at (s) | fault | interruption (s) | it ended at (s after the fault) | recovery (s) |",
+                  "|---|---|---|---|---|"]
         for row in r["faults"]:
             recovery = "—" if row["recovery_s"] is None else f"{row['recovery_s']:.2f}"
             if row["action"] == "drain":
                 recovery += f" (exited with {row['drained_exit_code']})"
             lines.append(f"| {row['at_s']:.1f} | {row['action']} {row['target']} | {row['interruption_s']:.3f} | "
-                         f"{recovery} |")
+                         f"{row['interruption_ended_s']:.2f} | {recovery} |")
         if x["errors"]:
             lines += ["", "Errors: " + "; ".join(x["errors"])]
         lines.append("")

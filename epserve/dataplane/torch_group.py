@@ -107,6 +107,7 @@ class Link:
     request: dist.ProcessGroup    # attention → expert
     reply: dist.ProcessGroup      # expert → attention
     epoch: int = 0                # which formation of this pair's link (torch_links)
+    incarnation: str = ""         # the expert process's token when it was formed
 
 
 @dataclass(frozen=True)

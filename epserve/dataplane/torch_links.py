@@ -126,7 +126,16 @@ def connect(client: StoreClient, attention_rank: int, expert_rank: int, timeout_
                        peer_rank=expert_rank) from exc
     logger.info("data-plane link %d ↔ %d formed (epoch %d of expert incarnation %s)", attention_rank, expert_rank,
                 epoch, token[:8])
-    return Link(attention_rank, expert_rank, request, reply, epoch)
+    return Link(attention_rank, expert_rank, request, reply, epoch, token)
+
+
+def incarnation(client: StoreClient, expert_rank: int) -> str:
+    """The token of the process serving ``expert_rank`` now ("" when none, or the store is away)."""
+    key = incarnation_key(expert_rank)
+    try:
+        return client.call(lambda s: s.get(key).decode() if s.check([key]) else "")
+    except (RuntimeError, TimeoutError):
+        return ""
 
 
 def new_token() -> str:
@@ -192,7 +201,7 @@ class LinkAcceptor:
             logger.warning("link epoch %d with attention rank %d not formed: %s", epoch, self.attention_rank, exc)
             return None
         logger.info("data-plane link %d ↔ %d formed (epoch %d)", self.attention_rank, self.expert_rank, epoch)
-        return Link(self.attention_rank, self.expert_rank, request, reply, epoch)
+        return Link(self.attention_rank, self.expert_rank, request, reply, epoch, self.token)
 
     def _resync(self) -> None:
         """Between offers: skip to the newest offer, follow a restarted store, keep the token published."""

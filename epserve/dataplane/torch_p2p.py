@@ -27,7 +27,8 @@ Failures (each exchange ends in exactly one of these):
   exception in its compute → ``RemoteExpertError``. The link stays healthy.
 Links are formed on first use (a new expert worker, or every worker when the group was joined
 lazily), and formed again before use when idle for ``IDLE_REFRESH_S`` (the expert side ends a
-link idle for ``IDLE_TIMEOUT_S``: its receive has that deadline). Expert workers are indexed by
+link idle for ``IDLE_TIMEOUT_S``: its receive has that deadline) or when the link is lost and
+another process serves that rank now (a restarted expert worker: a new incarnation token). Expert workers are indexed by
 slot owner position w = rank − D; a map with more owners than at join reaches new ranks.
 Every message carries the caller's ``attempt``; a reply must carry its request's.
 
@@ -60,12 +61,13 @@ from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, PeerLost, Pen
                                     RemoteExpertError, StaleMapVersion)
 from epserve.dataplane.split import CombineSum, WorkerShare, check_dispatch_inputs, split_by_worker
 from epserve.dataplane.torch_group import Link, TorchGroup, close_group
-from epserve.dataplane.torch_links import IDLE_REFRESH_S, StoreClient, connect
+from epserve.dataplane.torch_links import IDLE_REFRESH_S, StoreClient, connect, incarnation
 from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, RequestLayout,
                                           Status, WireHeader, decode_header, encode_header, reply_nbytes,
                                           reply_views, request_capacity, tag_for)
 
 _ATTENTION, _EXPERT = 0, 1   # group ranks inside a link's groups
+INCARNATION_CHECK_S = 0.2    # a lost link looks this often for a restarted peer (a store read)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _ExpertLink:
     lost: str = ""            # why the link is unusable; "" while healthy
     in_flight: dict[int, _Exchange] = field(default_factory=dict)   # seq → exchange not yet finished
     last_used: float = field(default_factory=time.monotonic)
+    checked_at: float = 0.0   # when a lost link last looked for a restarted peer
 
     @property
     def peer_rank(self) -> int:
@@ -123,31 +126,39 @@ class TorchDispatcher:
         return max(self.group.num_expert_ranks, max(self._links, default=-1) + 1)
 
     def reconnect(self, peer_rank: int, dist_init_addr: str = "") -> None:
-        """Form a new link epoch with expert rank ``peer_rank`` (dropping the old link); raises
-        PeerLost when it does not answer within ``connect_timeout_s``. ``dist_init_addr``: the
-        store's address when placement moved it."""
+        """Form a new link epoch with expert rank ``peer_rank`` unless the link to it is healthy
+        (another micro-batch re-formed it already); raises PeerLost when it does not answer within
+        ``connect_timeout_s``. ``dist_init_addr``: the store's address when placement moved it."""
+        if dist_init_addr:
+            self._store.set_address(dist_init_addr)
         worker = peer_rank - self.group.num_attention_ranks
+        current = self._links.get(worker)
+        if current is None or current.lost:
+            self._form(worker)
+
+    def _form(self, worker: int) -> _ExpertLink:
+        """A new link epoch with ``worker`` replacing the one it had; on PeerLost the old (lost)
+        link stays, so later dispatches to it fail fast."""
         old = self._links.get(worker)
         if old is not None:
             self._lose(old, "replaced by a new link")
-        if dist_init_addr:
-            self._store.set_address(dist_init_addr)
-        link = connect(self._store, self.group.rank, peer_rank, self.connect_timeout_s, self.group.device)
-        self._links[worker] = _ExpertLink(worker, link)        # (on PeerLost the old, lost link stays: fail fast)
+        link = connect(self._store, self.group.rank, self.group.expert_rank(worker), self.connect_timeout_s,
+                       self.group.device)
+        self._links[worker] = _ExpertLink(worker, link)
+        return self._links[worker]
 
     def _link(self, worker: int) -> _ExpertLink:
-        """The link to ``worker``, formed now on first use or after a long idle time."""
+        """The link to ``worker``: formed now on first use, after a long idle time, or when the
+        one it had is lost and another process now serves that rank (the expert restarted)."""
         link = self._links.get(worker)
-        if link is not None and not link.lost and not link.in_flight \
-                and time.monotonic() - link.last_used > IDLE_REFRESH_S:
-            self.reconnect(link.peer_rank)      # the expert side ends idle links; use a fresh one
-            link = None
         if link is None:
-            if worker not in self._links:
-                self._links[worker] = _ExpertLink(worker, connect(self._store, self.group.rank,
-                                                                  self.group.expert_rank(worker),
-                                                                  self.connect_timeout_s, self.group.device))
-            link = self._links[worker]
+            return self._form(worker)
+        if not link.lost and not link.in_flight and time.monotonic() - link.last_used > IDLE_REFRESH_S:
+            return self._form(worker)            # the expert side ends idle links; use a fresh one
+        if link.lost and time.monotonic() - link.checked_at > INCARNATION_CHECK_S:
+            link.checked_at = time.monotonic()
+            if incarnation(self._store, link.peer_rank) not in ("", link.link.incarnation):
+                return self._form(worker)
         return link
 
     def dispatch(self, header: BatchHeader, hidden: torch.Tensor, slot_ids: torch.Tensor,
