@@ -50,6 +50,10 @@ class TritonPagedAttention:
             raise ValueError(f"{spec.architecture} uses multi-head latent attention, which the batched GPU runner "
                              "(--attention-backend triton, the default on CUDA) does not serve yet: pass "
                              "--attention-backend torch_native")
+        if spec.attention_sinks:
+            raise ValueError(f"{spec.architecture} uses attention sinks, which the batched GPU runner "
+                             "(--attention-backend triton, the default on CUDA) does not compute yet: pass "
+                             "--attention-backend torch_native")
         if spec.rotary_dim != spec.head_dim:
             raise ValueError(f"{spec.architecture} rotates {spec.rotary_dim} of each head's {spec.head_dim} dims "
                              "(partial rotary), which the batched GPU runner (--attention-backend triton, the default "

@@ -19,7 +19,7 @@ from epserve.attention_worker.moe_executor import InProcessExperts, LoadSink
 from epserve.dummy_weights import DummyReader, open_weights
 from epserve.expert_map import ExpertMap
 from epserve.model_config import ModelSpec, load_model_spec
-from epserve.models.expert_side import load_expert_slots
+from epserve.models.expert_side import check_moe_runner, load_expert_slots
 from epserve.models.ops import layer_ops_for
 from epserve.attention_worker.model_family import model_family
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
@@ -38,6 +38,7 @@ class ColocatedExperts:
     def __init__(self, spec: ModelSpec, reader: CheckpointReader | DummyReader, dtype: torch.dtype,
                  device: str = "cpu", moe_runner_backend: str = "auto") -> None:
         self.runner = make_moe_runner(moe_runner_backend, device, dtype=dtype)     # a bad backend fails before loading
+        check_moe_runner(spec, self.runner)
         self.expert_map = ExpertMap.trivial(spec.num_moe_layers, spec.num_experts, 0, (LOCAL_OWNER,))
         self.slots = load_expert_slots(spec, reader, self.expert_map.phy2log, dtype, device)
 

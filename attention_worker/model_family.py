@@ -8,7 +8,8 @@ runner ask ``model_family(spec)`` instead of testing the family themselves; the 
 attention it does not compute (partial rotary, sliding windows: ``attention_triton.py``).
 
 Families: qwen3_moe, mixtral (Qwen3's attention side without q/k norms, ``models/mixtral.py``),
-glm4_moe (``models/glm4_moe.py``) on the GQA cache; deepseek_v3, deepseek_v2 on the MLA cache.
+glm4_moe (``models/glm4_moe.py``) and gpt_oss (``models/gpt_oss.py``, with the attention-sink backend
+``attention_sinks.py``) on the GQA cache; deepseek_v3, deepseek_v2 on the MLA cache.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def _load_glm4_moe(spec, reader, dtype, device, ops):
     return load_attention_side(spec, reader, dtype, device, ops)
 
 
+def _load_gpt_oss(spec, reader, dtype, device, ops):
+    from epserve.models.gpt_oss import load_attention_side
+    return load_attention_side(spec, reader, dtype, device)
+
+
+def _sink_attention(kv_cache, spec: ModelSpec):
+    from epserve.attention_worker.attention_sinks import TorchSinkAttention
+    return TorchSinkAttention(kv_cache, spec)
+
+
 def _load_deepseek(spec, reader, dtype, device, ops):
     from epserve.models.deepseek_v3 import load_attention_side
     return load_attention_side(spec, reader, dtype, device, ops)
@@ -80,6 +91,7 @@ FAMILIES = {
     "deepseek_v2": ModelFamily("deepseek_v2", _load_deepseek, _mla_kv_cache, _mla_attention),
     "mixtral": ModelFamily("mixtral", _load_mixtral, _qwen3_moe_kv_cache, _qwen3_moe_attention),
     "glm4_moe": ModelFamily("glm4_moe", _load_glm4_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
+    "gpt_oss": ModelFamily("gpt_oss", _load_gpt_oss, _qwen3_moe_kv_cache, _sink_attention),
 }
 
 

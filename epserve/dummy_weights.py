@@ -39,7 +39,9 @@ layers at a reduced width, which predicts the full width because fan-in scaling 
   between tokens stays ~0.01 after 48 layers and every expert gets a share of the routing.
   (With tied embeddings the lm_head is this N(0, 1) matrix too: logits of std sqrt(D).)
 - RMSNorm weights (layer, final, q/k norms) ~ N(1, 0.1²): around 1, not all exactly 1.
-- projection biases (GLM-4-MoE's q/k/v) ~ N(0, 0.1²); DeepSeek's and GLM's router correction bias 0.
+- projection biases (GLM-4-MoE's q/k/v, GPT-OSS's) ~ N(0, 0.1²); DeepSeek's and GLM's router correction
+  bias 0; GPT-OSS's attention sinks ~ N(0, 1); its fused experts [E, in, out] by fan-in ``in``, each
+  expert (row) drawn by its own generator (``read_rows``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -94,6 +96,9 @@ def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     if spec.model_type == "glm4_moe":
         from epserve.models.glm4_moe import checkpoint_shapes as glm4_moe_shapes
         return glm4_moe_shapes(spec)
+    if spec.model_type == "gpt_oss":
+        from epserve.models.gpt_oss import checkpoint_shapes as gpt_oss_shapes
+        return gpt_oss_shapes(spec)
     D, Dh, V = spec.hidden_size, spec.head_dim, spec.vocab_size
     q_dim, kv_dim = spec.num_attention_heads * Dh, spec.num_key_value_heads * Dh
     I, F = spec.moe_intermediate_size, spec.intermediate_size
@@ -129,8 +134,15 @@ def tensor_moments(name: str, shape: tuple[int, ...], num_layers: int) -> tuple[
     """(mean, std) that checkpoint tensor ``name`` of ``shape`` is drawn with (module docstring)."""
     if name.endswith(".e_score_correction_bias"):        # DeepSeek's router bias: none
         return 0.0, 0.0
-    if name.endswith(".bias"):                           # GLM's q/k/v biases: small
+    if name.endswith((".bias", "_bias")):                # GLM's, GPT-OSS's biases: small
         return 0.0, NORM_WEIGHT_STD
+    if name.endswith(".sinks"):                          # GPT-OSS's attention sinks: logits of order 1
+        return 0.0, 1.0
+    if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):   # GPT-OSS's fused [E, in, out] experts
+        std = shape[-2] ** -0.5
+        if name.endswith("down_proj"):
+            std /= (2 * num_layers) ** 0.5
+        return 0.0, std
     if len(shape) == 1:
         assert name.endswith("norm.weight"), f"no dummy rule for 1-D tensor {name}"
         return 1.0, NORM_WEIGHT_STD
@@ -203,19 +215,37 @@ class DummyReader:
         drawn in float32 (in place when the destination is contiguous float32), then cast."""
         shape = self.shapes[name]
         assert tuple(destination.shape) == shape, f"{name} is {shape}, destination is {tuple(destination.shape)}"
-        mean, std = tensor_moments(name, shape, self.spec.num_hidden_layers)
+        self._draw(name, tensor_moments(name, shape, self.spec.num_hidden_layers), destination)
+        self.tensors_read.append(name)
+        return destination
+
+    def read_rows(self, name: str, rows: Sequence[int], dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows ``rows`` of tensor ``name`` along its first dim: [len(rows), ...]. Each row is drawn by its own
+        generator (seeded by ``name[row]``), so one expert of a fused [E, ...] tensor (GPT-OSS) is drawn
+        without the others."""
+        self._check_known([name])
+        shape = self.shapes[name]
+        moments = tensor_moments(name, shape, self.spec.num_hidden_layers)
+        out = torch.empty(len(rows), *shape[1:], dtype=dtype, device=device)
+        for j, row in enumerate(rows):
+            self._draw(f"{name}[{row}]", moments, out[j])
+            self.tensors_read.append(f"{name}[{row}]")
+        return out
+
+    def _draw(self, seed_name: str, moments: tuple[float, float], destination: torch.Tensor) -> None:
+        mean, std = moments
         in_place = destination.dtype == torch.float32 and destination.is_contiguous()
-        buffer = destination if in_place else torch.empty(shape, dtype=torch.float32, device=destination.device)
+        buffer = destination if in_place else torch.empty(destination.shape, dtype=torch.float32,
+                                                          device=destination.device)
         with self._lock:
             generator = self._generators.get(buffer.device)
             if generator is None:
                 generator = self._generators[buffer.device] = torch.Generator(device=buffer.device)
-            generator.manual_seed(tensor_seed(name, self.seed))
+            generator.manual_seed(tensor_seed(seed_name, self.seed))
             buffer.normal_(mean, std, generator=generator)
         if not in_place:
             destination.copy_(buffer)
-        self.tensors_read.append(name)
-        return destination
 
     def progress(self, total: int, desc: str):
         """A progress bar on stderr (off for small totals or ``show_progress=False``)."""

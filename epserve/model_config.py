@@ -9,10 +9,13 @@ Families: Qwen3-MoE (GQA attention, softmax top-k), DeepSeek-V3 (multi-head late
 ``MlaSpec``; YaRN RoPE, ``RopeScaling``; sigmoid grouped top-k with a correction bias and shared
 experts, ``RoutingSpec``), DeepSeek-V2/V2-Lite (MLA with or without ``q_lora_rank``, softmax
 scores, greedy or group-limited greedy top-k), Mixtral (GQA without q/k norms, renormalised softmax
-top-k, optional sliding window, ``block_sparse_moe`` expert names: ``ExpertNames``) and GLM-4-MoE
+top-k, optional sliding window, ``block_sparse_moe`` expert names: ``ExpertNames``), GLM-4-MoE
 (GQA with q/k/v biases, optional q/k norms and partial rotary; DeepSeek-V3's routing, shared
-experts and dense first layers). The family's fields stay at their neutral defaults for other
-families. Keys missing from a DeepSeek, Mixtral or GLM-4-MoE config.json take transformers' defaults.
+experts and dense first layers) and GPT-OSS (GQA with biases and attention sinks, sliding-window
+and full layers alternating, YaRN; a biased router whose top-k logits are softmaxed; experts with
+biases and a clamped SwiGLU). The family's fields stay at their neutral defaults for other
+families. Keys missing from a DeepSeek, Mixtral, GLM-4-MoE or GPT-OSS config.json take
+transformers' defaults.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                            "DeepseekV2ForCausalLM": "deepseek_v2", "MixtralForCausalLM": "mixtral",
-                           "Glm4MoeForCausalLM": "glm4_moe"}
+                           "Glm4MoeForCausalLM": "glm4_moe", "GptOssForCausalLM": "gpt_oss"}
 ROPE_STYLES = ("interleave", "rotate_half", "complex")
 
 
@@ -77,7 +80,8 @@ class RoutingSpec:
     ``topk_group`` best of ``n_group`` groups). Weights are scaled by ``routed_scaling_factor``."""
 
     scoring_func: str = "softmax"            # softmax | sigmoid
-    topk_method: str = "greedy"              # greedy | group_limited_greedy | noaux_tc
+    # greedy | group_limited_greedy | noaux_tc | topk_softmax (GPT-OSS: top-k of the logits, softmax over those)
+    topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -139,7 +143,16 @@ class ModelSpec:
     attention_bias: bool = False             # q/k/v projections carry biases (GLM)
     partial_rotary_factor: float = 1.0       # share of each head's leading dims RoPE turns (GLM: 0.5)
     sliding_window: int | None = None        # a token sees the last this many positions (Mixtral); None = all
+    full_attention_layers: tuple[int, ...] = ()  # layers that ignore sliding_window (GPT-OSS's full_attention)
+    attention_sinks: bool = False            # a learnt per-head logit joins each softmax (GPT-OSS)
+    expert_bias: bool = False                # routed experts' projections carry biases (GPT-OSS)
+    swiglu_alpha: float | None = None        # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha g),
+    swiglu_limit: float | None = None        # g = min(gate, limit); None: silu(gate) * up
     expert_names: ExpertNames = ExpertNames()
+
+    def attention_window(self, layer: int) -> int | None:
+        """Positions decoder layer ``layer`` attends to (None = the whole context)."""
+        return None if layer in self.full_attention_layers else self.sliding_window
 
     @property
     def rotary_dim(self) -> int:
@@ -160,7 +173,9 @@ DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 FIRST_DENSE_DEFAULTS = {"deepseek_v3": 3, "deepseek_v2": 0, "glm4_moe": 1}
 # the config.json key counting routed experts per MoE layer
 NUM_EXPERTS_KEYS = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
-                    "glm4_moe": "n_routed_experts", "mixtral": "num_local_experts"}
+                    "glm4_moe": "n_routed_experts", "mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}
+# families whose config.json calls the expert width intermediate_size
+EXPERT_WIDTH_IS_INTERMEDIATE_SIZE = ("mixtral", "gpt_oss")
 
 
 def moe_layer_indices(config: dict, num_layers: int, num_experts: int) -> tuple[int, ...]:
@@ -241,6 +256,8 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         raise ModelConfigError(f"{config_file}: {exc}") from exc
     if deepseek:
         rope_theta, family = _deepseek_fields(config, config_file, get)
+    elif model_type == "gpt_oss":
+        rope_theta, family = _gpt_oss_fields(config, config_file)
     else:
         rope_params = config.get("rope_parameters") or {}
         rope_theta = float(rope_params.get("rope_theta", config.get("rope_theta", 10000.0)))
@@ -255,7 +272,8 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(config.get("intermediate_size", 0)),
-        moe_intermediate_size=int(get("intermediate_size" if model_type == "mixtral" else "moe_intermediate_size")),
+        moe_intermediate_size=int(get("intermediate_size" if model_type in EXPERT_WIDTH_IS_INTERMEDIATE_SIZE
+                                      else "moe_intermediate_size")),
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=int(config.get("num_key_value_heads", num_heads)),
@@ -301,8 +319,15 @@ GLM4_MOE_DEFAULTS = {
     "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
     "use_qk_norm": False, "attention_bias": False,
 }
+GPT_OSS_DEFAULTS = {
+    "num_local_experts": 128, "num_experts_per_tok": 4, "intermediate_size": 2880, "head_dim": 64,
+    "num_key_value_heads": 8, "sliding_window": 128, "rms_norm_eps": 1e-5, "rope_theta": 150000.0,
+    "max_position_embeddings": 131072, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "attention_bias": True,
+}
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
 FAMILY_DEFAULTS = {"deepseek_v2": DEEPSEEK_V2_DEFAULTS, "deepseek_v3": DEEPSEEK_V3_DEFAULTS,
-                   "mixtral": MIXTRAL_DEFAULTS, "glm4_moe": GLM4_MOE_DEFAULTS}
+                   "mixtral": MIXTRAL_DEFAULTS, "glm4_moe": GLM4_MOE_DEFAULTS, "gpt_oss": GPT_OSS_DEFAULTS}
 
 
 def _mixtral_fields(config: dict) -> dict:
@@ -325,6 +350,30 @@ def _glm4_moe_fields(config: dict) -> dict:
                 qk_norm=bool(config["use_qk_norm"]), attention_bias=bool(config["attention_bias"]),
                 partial_rotary_factor=float(rope_params.get("partial_rotary_factor",
                                                             config.get("partial_rotary_factor", 0.5))))
+
+
+def _gpt_oss_fields(config: dict, where: Path) -> tuple[float, dict]:
+    """(rope_theta, the GPT-OSS fields): attention sinks, ``layer_types`` (transformers' default: sliding
+    windows on even layers, full attention on odd ones), YaRN (transformers' default when the config has
+    no rope parameters), the biased router (top-k logits, then softmax), biased clamped-SwiGLU experts."""
+    if not config["attention_bias"]:
+        raise ModelConfigError(f"{where}: attention_bias false is not supported for GPT-OSS (its checkpoints have "
+                               "q/k/v/o biases)")
+    num_layers = int(config["num_hidden_layers"])
+    layer_types = config.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                                for i in range(num_layers)]
+    if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise ModelConfigError(f"{where}: layer_types must list sliding_attention or full_attention for each of the "
+                               f"{num_layers} layers, got {layer_types}")
+    if not (config.get("rope_scaling") or config.get("rope_parameters")):
+        config = {**config, "rope_scaling": GPT_OSS_YARN}
+    rope_theta, rope_scaling = _rope_scaling(config, where)
+    window = config.get("sliding_window")
+    return rope_theta, dict(
+        routing=RoutingSpec(scoring_func="softmax", topk_method="topk_softmax"), rope_scaling=rope_scaling,
+        qk_norm=False, attention_bias=True, attention_sinks=True, sliding_window=int(window) if window else None,
+        full_attention_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention"),
+        expert_bias=True, swiglu_alpha=float(config["swiglu_alpha"]), swiglu_limit=float(config["swiglu_limit"]))
 
 
 def _deepseek_fields(config: dict, where: Path, get) -> tuple[float, dict]:
@@ -411,7 +460,7 @@ def _validate_routing(spec: ModelSpec, where: Path) -> None:
 def _validate(spec: ModelSpec, where: Path) -> None:
     if spec.mla is not None:
         _validate_deepseek(spec, where)
-    if spec.mla is not None or spec.routing.topk_method != "greedy":
+    if spec.mla is not None or spec.routing.topk_method in ("group_limited_greedy", "noaux_tc"):
         _validate_routing(spec, where)
     if spec.num_attention_heads % spec.num_key_value_heads:
         raise ModelConfigError(f"{where}: num_attention_heads ({spec.num_attention_heads}) must be a multiple "

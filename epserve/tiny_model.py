@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from epserve import tokenizer_build
 from epserve.tiny_deepseek import DeepseekV2Arch, DeepseekV3Arch
+from epserve.tiny_gpt_oss import GptOssArch
 from epserve.tiny_gqa_moe import Glm4MoeArch, MixtralArch
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,8 @@ class Qwen3MoeArch:
 
 
 ARCHS: dict[str, TinyArch] = {"qwen3_moe": Qwen3MoeArch(), "deepseek_v3": DeepseekV3Arch(),
-                             "deepseek_v2": DeepseekV2Arch(), "mixtral": MixtralArch(), "glm4_moe": Glm4MoeArch()}
+                             "deepseek_v2": DeepseekV2Arch(), "mixtral": MixtralArch(), "glm4_moe": Glm4MoeArch(),
+                             "gpt_oss": GptOssArch()}
 
 # The model `epserve up` serves when no --model-path is given.
 DEFAULT_SERVING_OPTIONS = TinyModelOptions(

@@ -7,7 +7,8 @@ tensors may be stored per expert (Hub format, ``...mlp.experts.{e}.gate_proj.wei
 fused (``...mlp.experts.gate_up_proj [E, 2I, D]``); ``read_experts`` handles both and, for
 fused tensors, reads only the rows of the requested experts. Given destination tensors it
 copies straight from the mapped file into them (one copy: a live map change on a CPU expert
-worker competes with serving for the same cores).
+worker competes with serving for the same cores). ``read_rows`` reads single rows of a stored
+tensor (one expert of GPT-OSS's fused, transposed layout, which ``models/gpt_oss.py`` unpacks).
 
 ``tensors_read`` counts what was read, so callers (and tests) can see that an expert
 worker given a list of slots touched only those experts.
@@ -21,7 +22,7 @@ import struct
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -146,6 +147,17 @@ class CheckpointReader:
         for e in experts:
             gate, up, down = (tensors[name] for name in per_expert[e])
             out[e] = (torch.cat([gate, up], dim=0), down)
+        return out
+
+    def read_rows(self, name: str, rows: Sequence[int], dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows ``rows`` of tensor ``name`` along its first dim: [len(rows), ...] in ``dtype`` on ``device``;
+        only those rows are read (one expert of a fused [E, ...] tensor, GPT-OSS's layout)."""
+        if name not in self.weight_map:
+            raise ModelConfigError(f"checkpoint {self.model_dir} lacks tensor {name}")
+        sliced = self._open(self.weight_map[name]).get_slice(name)
+        out = torch.stack([sliced[row] for row in rows]).to(device=device, dtype=dtype)
+        self.tensors_read.extend(f"{name}[{row}]" for row in rows)
         return out
 
     def progress(self, total: int, desc: str):

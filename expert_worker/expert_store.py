@@ -20,7 +20,7 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.model_config import ModelSpec
-from epserve.models.expert_side import ExpertSlots, load_expert_slots
+from epserve.models.expert_side import ExpertSlots, check_moe_runner, load_expert_slots
 from epserve.moe_runner import MoERunner
 from epserve.weights import CheckpointReader
 from epserve.expert_worker.load_pacer import LoadPacer
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 class ExpertStore:
     def __init__(self, spec: ModelSpec, reader: CheckpointReader, worker_id: str, runner: MoERunner,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        check_moe_runner(spec, runner)                  # GPT-OSS's experts: the torch runner only
         self.spec, self.reader, self.worker_id, self.runner = spec, reader, worker_id, runner
         self.dtype, self.device = dtype, device
         self._versions: dict[int, ExpertSlots] = {}
@@ -55,7 +56,7 @@ class ExpertStore:
         for layer in range(wanted.shape[0]):
             for old in held:
                 if torch.equal(old.slot_experts[layer], wanted[layer]):
-                    reuse[layer] = (old.w13[layer], old.w2[layer])
+                    reuse[layer] = old.layer_tensors(layer)
                     break
         missing = [layer for layer in range(wanted.shape[0]) if layer not in reuse]
         if missing:
@@ -65,9 +66,8 @@ class ExpertStore:
                 pacer.start()
             loaded = load_expert_slots(self.spec, self.reader, to_load, self.dtype, self.device, held,
                                        after_each=pacer.tick if pacer is not None else None)
-        w13 = [reuse[l][0] if l in reuse else loaded.w13[l] for l in range(wanted.shape[0])]
-        w2 = [reuse[l][1] if l in reuse else loaded.w2[l] for l in range(wanted.shape[0])]
-        installed = ExpertSlots(wanted.clone(), w13, w2)
+        layers = [reuse[l] if l in reuse else loaded.layer_tensors(l) for l in range(wanted.shape[0])]
+        installed = ExpertSlots.from_layers(wanted.clone(), layers, self.spec)
         with self._lock:
             self._versions[expert_map.version] = installed
         logger.info("map version %d resident: %d layers loaded, %d shared with held versions",
@@ -90,7 +90,7 @@ class ExpertStore:
             held = list(self._versions.values())
         storages: dict[tuple[str, int], int] = {}
         for slots in held:
-            for tensor in (*slots.w13, *slots.w2):
+            for tensor in (*slots.w13, *slots.w2, *(slots.b13 or ()), *(slots.b2 or ())):
                 storage = tensor.untyped_storage()
                 storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
         return sum(storages.values())

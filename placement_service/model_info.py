@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from epserve.model_config import NUM_EXPERTS_KEYS, moe_layer_indices
+from epserve.model_config import EXPERT_WIDTH_IS_INTERMEDIATE_SIZE, NUM_EXPERTS_KEYS, moe_layer_indices
 from epserve.placement_client import model_fingerprint
 
-# model_type values whose MoE layers follow Qwen's rule (decoder_sparse_step, mlp_only_layers; Mixtral has neither).
-QWEN_STYLE = ("qwen2_moe", "qwen3_moe", "mixtral")
+# model_type values whose MoE layers follow Qwen's rule (decoder_sparse_step, mlp_only_layers; Mixtral and
+# GPT-OSS have neither: every layer).
+QWEN_STYLE = ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss")
 # model_type values whose MoE layers follow DeepSeek's rule (first_k_dense_replace, moe_layer_freq).
 DEEPSEEK_STYLE = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 SUPPORTED_MODEL_TYPES = (*QWEN_STYLE, *DEEPSEEK_STYLE)
@@ -77,7 +78,9 @@ class ModelInfo:
         elif model_type == "glm4_moe":      # GLM-4.5's n_group is 1: no groups to keep whole
             num_groups = config.get("n_group", 1) or 0
             num_groups = num_groups if isinstance(num_groups, int) and num_groups > 1 else 0
-        expert_width = "intermediate_size" if model_type == "mixtral" else "moe_intermediate_size"
+        expert_width = "moe_intermediate_size"
+        if model_type in EXPERT_WIDTH_IS_INTERMEDIATE_SIZE:
+            expert_width = "intermediate_size"
         return cls(model_type, num_hidden_layers, moe_layers, num_experts, fingerprint,
                    _optional_size(config, "hidden_size"), _optional_size(config, expert_width),
                    num_groups if isinstance(num_groups, int) and num_groups > 0 else 0)

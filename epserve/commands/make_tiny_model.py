@@ -40,11 +40,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = DEFAULTS
     p.add_argument("dir", metavar="DIR", help="output directory (created; model files in it are replaced)")
     p.add_argument("--arch", default=d["arch"], choices=["qwen3_moe", "deepseek_v3", "deepseek_v2", "mixtral",
-                                                         "glm4_moe"],
+                                                         "glm4_moe", "gpt_oss"],
                    help="model architecture; deepseek_v3 and deepseek_v2 derive their latent-attention sizes from "
                         "--head-dim (a multiple of 4) and make the first layer dense (epserve/tiny_deepseek.py); "
                         "glm4_moe also needs a --head-dim multiple of 4 and makes the first layer dense "
-                        "(epserve/tiny_gqa_moe.py)")
+                        "(epserve/tiny_gqa_moe.py); gpt_oss: epserve/tiny_gpt_oss.py")
     p.add_argument("--seed", type=int, default=d["seed"], help="seed for every random tensor")
     p.add_argument("--num-layers", type=int, default=d["num_layers"], help="decoder layers (all MoE)")
     p.add_argument("--num-experts", type=int, default=d["num_experts"], help="routed experts per layer (E)")

@@ -1,4 +1,4 @@
-"""Mixtral and GLM-4-MoE served end to end by ``epserve up`` (real processes, float64): greedy text equals
+"""Mixtral, GLM-4-MoE and GPT-OSS served end to end by ``epserve up`` (real processes, float64): greedy text equals
 transformers', colocated (2 attention workers) and disaggregated (2 attention + 2 expert workers, 2 redundant
 experts), also while the expert map changes under traffic (a snapshot import that moves every expert, then
 an EPLB rebalance from the load served)."""
@@ -28,7 +28,7 @@ PROMPTS = [f"Story {i}: the {w} was" for i, w in enumerate(
 MAX_NEW_TOKENS = 16
 
 
-@pytest.fixture(scope="module", params=["mixtral", "glm4_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "glm4_moe", "gpt_oss"])
 def family_model(tiny_model_factory, request) -> Path:
     return tiny_model_factory(seed=3, arch=request.param, num_layers=3, num_experts=16, top_k=2, router_skew=1.2)
 

@@ -38,8 +38,8 @@ def test_spec_reads_qwen3_moe(tiny_model):
 def test_unsupported_architecture_names_the_supported_ones(model_copy):
     edit_config(model_copy, architectures=["LlamaForCausalLM"], model_type="llama")
     with pytest.raises(ModelConfigError, match="supported architectures: \\['DeepseekV2ForCausalLM', "
-                       "'DeepseekV3ForCausalLM', 'Glm4MoeForCausalLM', 'MixtralForCausalLM', "
-                       "'Qwen3MoeForCausalLM'\\]"):
+                       "'DeepseekV3ForCausalLM', 'Glm4MoeForCausalLM', 'GptOssForCausalLM', "
+                       "'MixtralForCausalLM', 'Qwen3MoeForCausalLM'\\]"):
         load_model_spec(model_copy)
 
 
