@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 
 TRACING_SERVICE_NAME = "epserve-attention-worker"
-ELASTIC_CONNECT_TIMEOUT_S = 2.0     # elastic EP: forming a link with a peer that may have just died
 EXTRA_RPC_THREADS = 16     # Abort, GetLoad, health, DumpExpertDistribution beside the Generate streams
 UNTRACED_RPCS = (*DEFAULT_UNTRACED_SERVICES, "epserve.v1.AttentionWorker/GetLoad")
 
@@ -181,7 +180,9 @@ class AttentionWorker:
                            dtype=parse_dtype(config.dtype), num_micro_batches=limits.num_micro_batches)
         elastic = self.registration.elastic_ep_backend != "none"
         if elastic and data_plane.backend == "torch":      # links formed on use, and again after failures
-            options = dict(eager=False, connect_timeout_s=min(config.dataplane_timeout_s, ELASTIC_CONNECT_TIMEOUT_S))
+            from epserve.dataplane.torch_links import ELASTIC_FORM_TIMEOUT_S
+
+            options = dict(eager=False, connect_timeout_s=min(config.dataplane_timeout_s, ELASTIC_FORM_TIMEOUT_S))
         self._dispatcher = dataplane.make_dispatcher(
             data_plane.backend, rank=rank, world_size=data_plane.world_size,
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 
 TRACING_SERVICE_NAME = "epserve-expert-worker"
-ELASTIC_ACCEPT_TIMEOUT_S = 5.0    # elastic EP: forming a link an attention worker offered
 
 
 class ExpertWorker:
@@ -119,7 +118,9 @@ class ExpertWorker:
 
         options = {}
         if self.registration.elastic_ep_backend != "none" and data_plane.backend == "torch":
-            options = dict(eager=False, connect_timeout_s=ELASTIC_ACCEPT_TIMEOUT_S)    # accept links as offered
+            from epserve.dataplane.torch_links import ELASTIC_FORM_TIMEOUT_S
+
+            options = dict(eager=False, connect_timeout_s=ELASTIC_FORM_TIMEOUT_S)     # accept links as offered
         self.expert_server = dataplane.make_expert_server(
             data_plane.backend, rank=self.registration.rank, world_size=data_plane.world_size,
             dist_init_addr=data_plane.dist_init_addr,

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 ROUND_S = 1.0          # an acceptor's store wait; also how soon it notices a restarted store
 IDLE_TIMEOUT_S = 300.0  # the expert side's wait for the next request: a link idle this long is ended
 IDLE_REFRESH_S = IDLE_TIMEOUT_S / 2   # the attention side forms a fresh link before using one idle this long
+# Elastic EP forms links with peers that may have just died: each side gives up after this. The expert
+# side starts forming a moment after the attention side offered, so its deadline ends a moment later.
+ELASTIC_FORM_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
