@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -173,9 +175,6 @@ def _join_eagerly(client, rank: int, world_size: int, num_attention: int, timeou
                   token: str) -> dict[int, Link]:
     """Attention: a link to every expert rank (each waited for, within the deadline); expert: the
     first offer of every attention rank."""
-    import threading
-    import time
-
     from epserve.dataplane import torch_links
 
     deadline = time.monotonic() + timeout_s
