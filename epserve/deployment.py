@@ -401,6 +401,12 @@ class LocalDeployment:
                     continue
                 code = child.process.poll()
                 self.restart_metrics.up.labels(child=child.name).set(0)
+                if code == 0 and child.name.startswith(("expert-", "attention-")):
+                    # a worker that exits cleanly meant to (a drained expert worker): not a death
+                    logger.info("%s exited cleanly; not restarting it", child.name)
+                    with self._lock:
+                        self.children.remove(child)
+                    continue
                 state = self._restarts.setdefault(child.name, RestartState())
                 logger.error("%s", child.describe_exit(code))
                 if state.died(policy, time.monotonic()):

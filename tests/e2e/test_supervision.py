@@ -110,3 +110,23 @@ def all_alive(address: str, security: Security, expected: int) -> bool:
     except grpc.RpcError:
         return False
     return sum(w.state == placement_pb2.WORKER_STATE_ALIVE for w in workers) == expected
+
+
+def test_a_drained_expert_worker_is_not_started_again(tiny_model, tmp_path):
+    """Draining an expert worker ends it with code 0 on purpose: the supervisor leaves it down (a
+    restart would hand it experts again and undo the drain)."""
+    env = dict(os.environ, EPSERVE_CACHE_DIR=str(tmp_path / "cache"))
+    logs = tmp_path / "logs"
+    args = ["--model-path", str(tiny_model), "--attention-workers", "1", "--expert-workers", "3",
+            "--ep-num-redundant-experts", "4", "--dtype", "float64", "--elastic-ep-backend", "placement"]
+    with epserve_up(args, logs, env=env) as endpoints:
+        up_log = logs / "up.log"
+        drained = pids(up_log)["expert-1"]
+        with open_channel(endpoints["placement"], Security()) as channel:
+            placement_pb2_grpc.PlacementAdminStub(channel).DrainWorker(
+                placement_pb2.DrainWorkerRequest(worker_id="expert-1"), timeout=120)
+        wait_for(lambda: "expert-1 exited cleanly" in up_log.read_text(), 60, "the drained worker to exit")
+        time.sleep(3.0)                                  # longer than the first restart backoff (1 s)
+        assert pids(up_log)["expert-1"] == drained       # not started again
+        text = generate(endpoints["gateway"], PROMPTS[0], max_new_tokens=8, temperature=0.0, timeout_s=120).text
+        assert text
