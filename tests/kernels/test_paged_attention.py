@@ -229,7 +229,7 @@ def test_kernels_compute_what_the_engine_computes():
     from epserve.models.qwen3_moe import ForwardBatch
     num_heads, num_kv_heads, head_dim, block_size = 6, 2, 16, 4
     spec = SimpleNamespace(num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
-                           rms_norm_eps=1e-6, rope_theta=10000.0)
+                           rms_norm_eps=1e-6, rope_theta=10000.0, rotary_dim=head_dim, sliding_window=None)
     cache = PagedKVCache(1, 32, block_size, num_kv_heads, head_dim, torch.float32)
     g = torch.Generator().manual_seed(7)
     cached = [10, 0, 12]                          # tokens already in the cache per sequence
