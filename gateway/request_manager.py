@@ -53,6 +53,7 @@ from epserve.gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDir
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 256
+REUSE_GRACE_S = 2.0          # how long a reused request id waits for its cancelled predecessor to leave
 ABORTED = "aborted"        # Abort RPC
 CANCELLED = "cancelled"    # the client went away
 SHUTDOWN = "shutdown"      # the gateway is stopping
@@ -153,9 +154,12 @@ class RequestManager:
                                                                                self._config.request_timeout_s)
         request_id = inp.request_id or self.new_request_id()
         request = _Request(request_id, prompt_ids, params, time.monotonic() + timeout)
-        with self._lock:
+        with self._idle:
             if not self._accepting:
                 raise GatewayError(ErrorCode.UNAVAILABLE, "the gateway is shutting down")
+            # A client that cancelled a stream and at once reuses its id can arrive before the
+            # cancellation has reached this manager: give the old request a moment to leave.
+            self._idle.wait_for(lambda: request_id not in self._requests, timeout=REUSE_GRACE_S)
             if request_id in self._requests:
                 raise GatewayError(ErrorCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running")
             if len(self._requests) >= self._config.max_concurrent_requests:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epserve.placement_client import UpdatePhase, WorkerRole
+from epserve.placement_client import UpdatePhase, WorkerRole, WorkerState
 from epserve.placement_service.admin import AdminOps
 from epserve.placement_service.broadcast import SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig
@@ -96,7 +96,10 @@ class FakeWorker:
         else:
             if phase is not UpdatePhase.COMMIT or (self.commit == "silent" and self.version):
                 return  # a silent attention worker still starts on its first map
-            missing = [e.worker_id for e in self.cluster.experts if version not in e.held]
+            # make-before-break: every expert worker placement counts as alive holds the version
+            # (a dead one is routed around and never asked; whether its fake acked is a race)
+            missing = [e.worker_id for e in self.cluster.experts
+                       if version not in e.held and not self.cluster.is_dead(e.worker_id)]
             if missing and self.version:  # the very first map is installed on COMMIT itself
                 self.cluster.violations.append(f"{self.worker_id} switched to {version} before {missing} held it")
             self.version = version
@@ -107,6 +110,12 @@ class FakeWorker:
 
 
 class FakeCluster:
+    def is_dead(self, worker_id: str) -> bool:
+        try:
+            return self.controller.worker(worker_id).state is WorkerState.DEAD
+        except PlacementError:
+            return False
+
     def __init__(self, controller: PlacementController, dp_size: int = 2, ep_size: int = 2,
                  expert_options: dict[str, dict] | None = None, attention_options: dict[str, dict] | None = None):
         self.controller = controller
