@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from epserve.attention_worker.mla_kv_cache import MlaKVCache
 from epserve.model_config import ModelSpec
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 from epserve.models.rope_scaling import MlaRotaryEmbedding, mla_softmax_scale
 
 

@@ -19,7 +19,7 @@ import torch
 
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.model_config import ModelSpec
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 from epserve.models.rope_scaling import MlaRotaryEmbedding
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.model_config import ModelSpec
 from epserve.models.layers import RotaryEmbedding, rms_norm
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 
 
 class TorchPagedAttention:

@@ -25,7 +25,7 @@ import torch
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.model_config import ModelSpec
 from epserve.models.layers import RotaryEmbedding
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 
 
 @dataclass

@@ -20,7 +20,8 @@ from epserve.attention_worker.sampler import SampledTokens, TokenLogprobs, sampl
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
 from epserve.expert_map import ExpertMap
-from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
+from epserve.models.decoder import ForwardBatch
+from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 
 NO_TOKENS = torch.empty(0, dtype=torch.int64)
 

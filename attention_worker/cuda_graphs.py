@@ -28,7 +28,7 @@ import torch
 from epserve.attention_worker.attention_triton import GpuAttentionMetadata
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.expert_map import ExpertMap
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
 from epserve.dataplane.base import StaleMapVersion
 from epserve.expert_map import ExpertMap
-from epserve.models.qwen3_moe import ForwardBatch, Qwen3MoeAttentionSide
+from epserve.models.decoder import ForwardBatch
+from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 
 logger = logging.getLogger(__name__)
 

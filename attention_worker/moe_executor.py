@@ -27,7 +27,7 @@ from epserve.attention_worker.expert_routing import ExpertRouter
 from epserve.expert_map import ExpertMap
 from epserve.telemetry import NO_SPAN, Tracing, setup_tracing
 from epserve.models.expert_side import ExpertSlots
-from epserve.models.qwen3_moe import MoECall
+from epserve.models.decoder import MoECall
 from epserve.moe_runner import MoERunner
 
 if TYPE_CHECKING:

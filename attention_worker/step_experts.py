@@ -29,7 +29,7 @@ import torch
 from epserve.attention_worker.expert_routing import ExpertRouter
 from epserve.attention_worker.moe_executor import LoadSink, route
 from epserve.expert_map import ExpertMap
-from epserve.models.qwen3_moe import MoECall
+from epserve.models.decoder import MoECall
 
 WEIGHT_DTYPE = torch.float32       # the GPU routing kernels give float32 top-k weights
 

@@ -26,7 +26,7 @@ stay float32 whatever the model dtype, as in transformers (logits in float32).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from epserve.model_config import ModelSpec
+from epserve.models.decoder import DecoderSide, ForwardBatch
 from epserve.models.ops import TORCH_OPS, LayerOps
-from epserve.models.qwen3_moe import ForwardBatch, MoECall
 from epserve.weights import CheckpointReader
 
 
@@ -129,54 +129,25 @@ def make_router(spec: ModelSpec, device: torch.device | str) -> Router:
     return lambda hidden, router, bias: route_sigmoid_grouped(spec, hidden, router, bias)
 
 
-def swiglu(x: torch.Tensor, mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    gate, up, down = mlp
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+class DeepseekV3AttentionSide(DecoderSide):
+    """DeepSeek-V2/V3: multi-head latent attention (``_attention``), routing by ``self.route``
+    (sigmoid grouped top-k with correction bias, or softmax group-limited), shared experts."""
 
-
-class DeepseekV3AttentionSide:
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[MlaLayerWeights],
                  final_norm: torch.Tensor, lm_head: torch.Tensor, ops: LayerOps = TORCH_OPS,
                  router: Router | None = None) -> None:
         assert spec.mla is not None, "DeepseekV3AttentionSide needs a spec with multi-head latent attention"
-        self.spec = spec
-        self.embed = embed               # [V, D]
-        self.layers = layers
-        self.final_norm = final_norm     # [D]
-        self.lm_head = lm_head           # [V, D]
-        self.ops = ops
+        super().__init__(spec, embed, layers, final_norm, lm_head, ops)
         self.route = router or make_router(spec, embed.device)
-        self.dtype = embed.dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
+    def attention_out(self, index: int, x: torch.Tensor, w: MlaLayerWeights, batch: ForwardBatch,
+                      attention: MlaAttentionBackend) -> torch.Tensor:
+        return F.linear(self._attention(index, x, w, batch, attention), w.o_proj)
 
-    @torch.inference_mode()
-    def forward_steps(self, batch: ForwardBatch, attention: MlaAttentionBackend
-                      ) -> Generator[MoECall, torch.Tensor, torch.Tensor]:
-        """Yields a MoECall per MoE layer (send back [T, D]); returns logits [rows, V] (float32)."""
-        spec, ops, eps = self.spec, self.ops, self.spec.rms_norm_eps
-        residual = F.embedding(batch.input_ids, self.embed)                      # [T, D]
-        delta = None                     # what the next norm adds to the residual stream
-        for index, w in enumerate(self.layers):
-            if delta is None:
-                x = ops.rms_norm(residual, w.input_norm, eps)
-            else:
-                x, residual = ops.add_rms_norm(delta, residual, w.input_norm, eps)
-            attn = F.linear(self._attention(index, x, w, batch, attention), w.o_proj)
-            x, residual = ops.add_rms_norm(attn, residual, w.post_norm, eps)
-            if w.router is None:
-                delta = swiglu(x, w.dense_mlp)
-                continue
-            topk_ids, topk_weights = self.route(x, w.router, w.router_bias)
-            delta = yield MoECall(spec.moe_index(index), x, topk_ids, topk_weights.to(x.dtype), batch.padding_rows)
-            if w.shared_mlp is not None:
-                delta = delta + swiglu(x, w.shared_mlp)
-        if batch.logits_rows is not None:
-            delta, residual = delta[batch.logits_rows], residual[batch.logits_rows]
-        hidden, _ = ops.add_rms_norm(delta, residual, self.final_norm, eps)
-        return F.linear(hidden, self.lm_head).float()
+    def norm_and_route(self, attn: torch.Tensor, residual: torch.Tensor, w: MlaLayerWeights):
+        x, residual = self.ops.add_rms_norm(attn, residual, w.post_norm, self.spec.rms_norm_eps)
+        topk_ids, topk_weights = self.route(x, w.router, w.router_bias)
+        return x, residual, topk_ids, topk_weights.to(x.dtype)
 
     def _attention(self, index: int, x: torch.Tensor, w: MlaLayerWeights, batch: ForwardBatch,
                    attention: MlaAttentionBackend) -> torch.Tensor:

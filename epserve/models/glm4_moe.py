@@ -20,16 +20,15 @@ prediction layer(s) after the last decoder layer (``num_nextn_predict_layers``);
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from epserve.model_config import ModelSpec
-from epserve.models.deepseek_v3 import Router, is_float32_tensor, make_router, swiglu
+from epserve.models.decoder import AttentionBackend, DecoderSide, ForwardBatch
+from epserve.models.deepseek_v3 import Router, is_float32_tensor, make_router
 from epserve.models.ops import TORCH_OPS, LayerOps
-from epserve.models.qwen3_moe import AttentionBackend, ForwardBatch, MoECall
 from epserve.weights import CheckpointReader
 
 
@@ -48,49 +47,25 @@ class Glm4MoeLayerWeights:
     dense_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # gate, up [F, D], down [D, F]
 
 
-class Glm4MoeAttentionSide:
+class Glm4MoeAttentionSide(DecoderSide):
+    """GLM-4-MoE: GQA with q/k/v biases (one fused projection), optional q/k norms and partial
+    rotary in the attention backend; DeepSeek-V3's routing and shared experts."""
+
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[Glm4MoeLayerWeights],
                  final_norm: torch.Tensor, lm_head: torch.Tensor, ops: LayerOps = TORCH_OPS,
                  router: Router | None = None) -> None:
-        self.spec = spec
-        self.embed = embed               # [V, D]
-        self.layers = layers
-        self.final_norm = final_norm     # [D]
-        self.lm_head = lm_head           # [V, D]
-        self.ops = ops
+        super().__init__(spec, embed, layers, final_norm, lm_head, ops)
         self.route = router or make_router(spec, embed.device)
-        self.dtype = embed.dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
+    def attention_out(self, index: int, x: torch.Tensor, w: Glm4MoeLayerWeights, batch: ForwardBatch,
+                      attention: AttentionBackend) -> torch.Tensor:
+        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)                                # [T, (H + 2 Hkv) Dh]
+        return F.linear(attention.forward(index, qkv, w.q_norm, w.k_norm, batch), w.o_proj)
 
-    @torch.inference_mode()
-    def forward_steps(self, batch: ForwardBatch, attention: AttentionBackend
-                      ) -> Generator[MoECall, torch.Tensor, torch.Tensor]:
-        """Yields a MoECall per MoE layer (send back [T, D]); returns logits [rows, V] (float32)."""
-        spec, ops, eps = self.spec, self.ops, self.spec.rms_norm_eps
-        residual = F.embedding(batch.input_ids, self.embed)                      # [T, D]
-        delta = None                     # what the next norm adds to the residual stream
-        for index, w in enumerate(self.layers):
-            if delta is None:
-                x = ops.rms_norm(residual, w.input_norm, eps)
-            else:
-                x, residual = ops.add_rms_norm(delta, residual, w.input_norm, eps)
-            qkv = F.linear(x, w.qkv_proj, w.qkv_bias)                            # [T, (H + 2 Hkv) Dh]
-            attn = F.linear(attention.forward(index, qkv, w.q_norm, w.k_norm, batch), w.o_proj)
-            x, residual = ops.add_rms_norm(attn, residual, w.post_norm, eps)
-            if w.router is None:
-                delta = swiglu(x, w.dense_mlp)
-                continue
-            topk_ids, topk_weights = self.route(x, w.router, w.router_bias)
-            delta = yield MoECall(spec.moe_index(index), x, topk_ids, topk_weights.to(x.dtype), batch.padding_rows)
-            if w.shared_mlp is not None:
-                delta = delta + swiglu(x, w.shared_mlp)
-        if batch.logits_rows is not None:
-            delta, residual = delta[batch.logits_rows], residual[batch.logits_rows]
-        hidden, _ = ops.add_rms_norm(delta, residual, self.final_norm, eps)
-        return F.linear(hidden, self.lm_head).float()
+    def norm_and_route(self, attn: torch.Tensor, residual: torch.Tensor, w: Glm4MoeLayerWeights):
+        x, residual = self.ops.add_rms_norm(attn, residual, w.post_norm, self.spec.rms_norm_eps)
+        topk_ids, topk_weights = self.route(x, w.router, w.router_bias)
+        return x, residual, topk_ids, topk_weights.to(x.dtype)
 
 
 def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from epserve.model_config import ModelSpec
-from epserve.models.qwen3_moe import ForwardBatch, MoECall
+from epserve.models.decoder import ForwardBatch, MoECall
 from epserve.weights import CheckpointReader
 
 

@@ -20,7 +20,7 @@ from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots
 from epserve.models.ops import TORCH_OPS
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 from epserve.moe_runner import make_moe_runner
 from epserve.weights import CheckpointReader
 

@@ -19,7 +19,7 @@ from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.deepseek_v3 import load_attention_side, route_sigmoid_grouped, route_softmax_limited
 from epserve.models.expert_side import load_expert_slots
-from epserve.models.qwen3_moe import ForwardBatch
+from epserve.models.decoder import ForwardBatch
 from epserve.models.rope_scaling import MlaRotaryEmbedding, mla_softmax_scale
 from epserve.moe_runner import make_moe_runner
 from epserve.weights import CheckpointReader

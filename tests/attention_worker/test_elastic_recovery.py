@@ -20,7 +20,7 @@ from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRou
 from epserve.attention_worker.moe_executor import RemoteExperts
 from epserve.dataplane import DataPlaneTimeout, PeerLost, PendingCombine, split_by_worker
 from epserve.expert_map import ExpertMap
-from epserve.models.qwen3_moe import MoECall
+from epserve.models.decoder import MoECall
 from epserve.placement_client import WorkerState
 
 OWNERS = ("expert-0", "expert-1")

@@ -8,7 +8,7 @@ from epserve.attention_worker.moe_executor import InProcessExperts
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots
-from epserve.models.qwen3_moe import MoECall
+from epserve.models.decoder import MoECall
 from epserve.moe_runner import make_moe_runner
 from epserve.weights import CheckpointReader
 

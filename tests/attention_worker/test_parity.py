@@ -17,7 +17,8 @@ from epserve.attention_worker.sampler import SamplingParams
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots
-from epserve.models.qwen3_moe import ForwardBatch, load_attention_side
+from epserve.models.decoder import ForwardBatch
+from epserve.models.qwen3_moe import load_attention_side
 from epserve.moe_runner import make_moe_runner
 from epserve.weights import CheckpointReader
 

@@ -226,7 +226,7 @@ def test_kernels_compute_what_the_engine_computes():
     from epserve.attention_worker.attention_torch import TorchPagedAttention
     from epserve.attention_worker.kv_cache import PagedKVCache
     from epserve.models.layers import RotaryEmbedding, rms_norm
-    from epserve.models.qwen3_moe import ForwardBatch
+    from epserve.models.decoder import ForwardBatch
     num_heads, num_kv_heads, head_dim, block_size = 6, 2, 16, 4
     spec = SimpleNamespace(num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
                            rms_norm_eps=1e-6, rope_theta=10000.0, rotary_dim=head_dim, sliding_window=None)
