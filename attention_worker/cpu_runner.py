@@ -16,7 +16,8 @@ import torch
 from epserve.attention_worker.model_family import model_family
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
-from epserve.attention_worker.sampler import SampledTokens, TokenLogprobs, sample_one, token_logprobs
+from epserve.attention_worker.sampler import SampledTokens, sample_one, token_logprobs
+from epserve.sampling import TokenLogprob
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
 from epserve.expert_map import ExpertMap
@@ -39,7 +40,7 @@ class CpuStepRunner:
         generators = [self.model.forward_steps(self._batch(group), self.attention) for group in groups]
         logits = torch.cat(run_micro_batches(generators, self.executor, expert_map))     # [B', V]
         tokens: list[int] = []
-        logprobs: list[TokenLogprobs | None] = []
+        logprobs: list[TokenLogprob | None] = []
         for chunk in chunks:
             if not chunk.completes:
                 continue

@@ -41,9 +41,9 @@ from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.model_family import model_family
 from epserve.attention_worker.moe_executor import MoEExecutor
 from epserve.attention_worker.request_spans import record_request_spans
-from epserve.attention_worker.sampler import SamplingParams, TokenLogprobs
+from epserve.sampling import FinishReason, SamplingParams, TokenLogprob
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
-from epserve.attention_worker.sequence import FinishReason, Sequence
+from epserve.attention_worker.sequence import Sequence
 from epserve.attention_worker.step_guard import run_guarded
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
@@ -87,12 +87,16 @@ class StepOutput:
     num_prompt_tokens: int
     num_generated: int
     matched_stop_token: int | None = None
-    logprobs: list[TokenLogprobs] | None = None   # one per new token when the request asked (return_logprob)
+    logprobs: list[TokenLogprob] | None = None   # one per new token when the request asked (return_logprob)
     error: str = ""                     # the request failed while served (finish_reason ABORT): why
 
 
 class RequestRejected(ValueError):
-    """The request cannot be served by this engine (too long for the KV cache, duplicate id)."""
+    """The request cannot be served by this engine (too long for the KV cache, the worker full)."""
+
+
+class DuplicateRequest(RequestRejected):
+    """A request of this id is already running here (the service answers ALREADY_EXISTS)."""
 
 
 class Engine:
@@ -152,7 +156,7 @@ class Engine:
                        submit_ns=time.time_ns() if trace_context else 0)
         with self._lock:
             if request_id in self._sequences:
-                raise RequestRejected(f"request_id {request_id!r} is already running")
+                raise DuplicateRequest(f"request_id {request_id!r} is already running")
             self._sequences[request_id] = seq
         self._inbox.put(("add", seq))
 
@@ -306,7 +310,7 @@ class Engine:
             record_request_spans(self.tracing, seq, time.time_ns())
 
     @staticmethod
-    def _output(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> StepOutput:
+    def _output(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> StepOutput:
         return StepOutput(seq.request_id, tokens, seq.finished, seq.finish_reason, seq.num_prompt_tokens,
                           seq.num_generated, seq.matched_stop_token, logprobs)
 

@@ -13,8 +13,8 @@ import os
 import queue
 import threading
 
-from epserve.attention_worker.engine import Engine, RequestRejected, StepOutput
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.attention_worker.engine import DuplicateRequest, Engine, RequestRejected, StepOutput
+from epserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,15 @@ class EngineLoop:
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                num_generated_before: int = 0, trace_context: bytes = b"") -> queue.SimpleQueue[StepOutput]:
-        """Raises RequestRejected / ValueError for requests that cannot be served."""
+        """Raises RequestRejected (DuplicateRequest for an id already here) / ValueError for requests that
+        cannot be served."""
         stream: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
         with self._streams_lock:
             if self.max_requests is not None and len(self._streams) >= self.max_requests:
                 raise RequestRejected(f"{len(self._streams)} requests are running or waiting here, this worker's "
                                       "limit (--max-running-requests + --max-queued-requests); retry later")
             if request_id in self._streams:     # keep the running request's stream
-                raise RequestRejected(f"request_id {request_id!r} is already running")
+                raise DuplicateRequest(f"request_id {request_id!r} is already running")
             self._streams[request_id] = stream
         try:
             self.engine.add_request(request_id, prompt_ids, params, num_generated_before, trace_context)

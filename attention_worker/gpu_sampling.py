@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from epserve.attention_worker.sampler import SampledTokens, TokenLogprobs
+from epserve.attention_worker.sampler import SampledTokens
+from epserve.sampling import TokenLogprob
 from epserve.attention_worker.sequence import Sequence
 
 
@@ -108,9 +109,9 @@ class GpuSampler:
         chosen = packed[num_tokens:num_tokens + num_asking]
         top_ids = packed[num_tokens + num_asking:num_tokens + num_asking * (1 + n)]
         top_values = packed[num_tokens + num_asking * (1 + n):]
-        result: list[TokenLogprobs | None] = [None] * num_tokens
+        result: list[TokenLogprob | None] = [None] * num_tokens
         for a, (i, p) in enumerate(zip(asking, params)):
             k = p.top_logprobs_num
-            result[i] = TokenLogprobs(chosen[a], tuple(int(t) for t in top_ids[a * n:a * n + k]),
+            result[i] = TokenLogprob(chosen[a], tuple(int(t) for t in top_ids[a * n:a * n + k]),
                                       tuple(top_values[a * n:a * n + k]))
         return SampledTokens(token_ids, result)

@@ -29,4 +29,4 @@ def record_request_spans(tracing: Tracing, seq: Sequence, end_ns: int) -> None:
     if seq.first_token_ns:
         tracing.record_span("decode", context, first_token, end_ns, attributes={
             **base, "epserve.completion_tokens": seq.num_generated,
-            "epserve.finish_reason": seq.finish_reason.value if seq.finish_reason is not None else ""})
+            "epserve.finish_reason": seq.finish_reason.label if seq.finish_reason is not None else ""})

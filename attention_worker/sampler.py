@@ -13,59 +13,11 @@ token, plus the ``top_logprobs_num`` most likely tokens. Both step runners compu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-MAX_TOP_LOGPROBS = 20                    # OpenAI's limit on top_logprobs
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 128
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    return_logprob: bool = False
-    top_logprobs_num: int = 0            # with return_logprob: the N most likely tokens too
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("temperature", 0 <= self.temperature < math.inf, "must be finite and >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k >= 0, "must be >= 0"),
-            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
-            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "must be finite and > 0"),
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("top_logprobs_num", 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS,
-             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    @property
-    def logprob_temperature(self) -> float:
-        """What the logits are divided by before the log-softmax (1 for temperature 0)."""
-        return self.temperature if self.temperature > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """One sampled token's logprob and the N most likely tokens (most likely first)."""
-
-    logprob: float
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
+from epserve.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -74,7 +26,7 @@ class SampledTokens:
     when no sequence of the step asked) each one's logprobs, None where its sequence did not ask."""
 
     token_ids: list[int]
-    logprobs: list[TokenLogprobs | None] | None = None
+    logprobs: list[TokenLogprob | None] | None = None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -88,15 +40,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
-def token_logprobs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, token: int) -> TokenLogprobs:
+def token_logprobs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, token: int) -> TokenLogprob:
     """logits [V] → the logprobs of ``token`` and of the top ``params.top_logprobs_num`` tokens, from
     the processed logits (repetition penalty, temperature) in float64."""
     processed = apply_repetition_penalty(logits.double(), seen, params.repetition_penalty)
     logprobs = torch.log_softmax(processed / params.logprob_temperature, dim=-1)           # [V]
     if params.top_logprobs_num == 0:
-        return TokenLogprobs(float(logprobs[token]))
+        return TokenLogprob(float(logprobs[token]))
     top = torch.topk(logprobs, min(params.top_logprobs_num, logprobs.numel()))
-    return TokenLogprobs(float(logprobs[token]), tuple(top.indices.tolist()), tuple(top.values.tolist()))
+    return TokenLogprob(float(logprobs[token]), tuple(top.indices.tolist()), tuple(top.values.tolist()))
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
-from epserve.attention_worker.sampler import SamplingParams
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"          # EOS or a stop token
-    LENGTH = "length"      # max_new_tokens or the context limit
-    ABORT = "abort"
+from epserve.sampling import FinishReason, SamplingParams
 
 
 @dataclass(eq=False)         # an entity: compared by identity (the scheduler's list lookups stay O(1) each)

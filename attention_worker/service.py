@@ -3,7 +3,8 @@
 A Generate call submits to the ``EngineLoop`` and streams that request's outputs; when the
 call ends for any reason (client cancel, deadline, gateway gone) the request is aborted so
 its KV blocks are freed. Bad fields → INVALID_ARGUMENT naming the field; a request the
-engine cannot hold → RESOURCE_EXHAUSTED; not ready → UNAVAILABLE.
+engine cannot hold → RESOURCE_EXHAUSTED; an id already running here → ALREADY_EXISTS; not
+ready → UNAVAILABLE.
 
 DumpExpertDistribution writes the engine's expert-load recorder to a file (``expert_dump.py``)
 on its gRPC thread; the engine keeps stepping meanwhile.
@@ -17,32 +18,13 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from epserve.attention_worker.engine import RequestRejected, StepOutput
+from epserve.attention_worker.engine import DuplicateRequest, RequestRejected, StepOutput
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_dump import DumpRejected, dump_expert_distribution
-from epserve.attention_worker.sampler import SamplingParams
-from epserve.attention_worker.sequence import FinishReason
 from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
+from epserve.sampling import logprob_to_proto, sampling_from_proto
 
 logger = logging.getLogger(__name__)
-
-FINISH_REASONS = {
-    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: generation_pb2.FINISH_REASON_ABORT,
-}
-
-
-def sampling_from_proto(message: generation_pb2.SamplingParams) -> SamplingParams:
-    """Raises ValueError naming the field."""
-    get = lambda name, default: getattr(message, name) if message.HasField(name) else default  # noqa: E731
-    return SamplingParams(
-        temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0),
-        min_p=get("min_p", 0.0), repetition_penalty=get("repetition_penalty", 1.0),
-        seed=get("seed", None), max_new_tokens=get("max_new_tokens", 128),
-        stop_token_ids=tuple(message.stop_token_ids), ignore_eos=message.ignore_eos,
-        return_logprob=message.return_logprob, top_logprobs_num=message.top_logprobs_num)
-
 
 class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
     """``trace_context``: the current span's context (``Tracing.current_trace_context``), taken
@@ -74,10 +56,10 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
             params = sampling_from_proto(request.sampling)
             stream = loop.submit(request.request_id, list(request.prompt_ids), params,
                                  request.num_generated_before, self._trace_context())
+        except DuplicateRequest as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except RequestRejected as exc:
-            code = (grpc.StatusCode.ALREADY_EXISTS if "already running" in str(exc)
-                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.abort(code, str(exc))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         context.add_callback(lambda: loop.abort(request.request_id))
@@ -98,11 +80,10 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
     def _response(output: StepOutput) -> worker_pb2.WorkerGenerateResponse:
         return worker_pb2.WorkerGenerateResponse(
             token_ids=output.new_token_ids, finished=output.finished,
-            finish_reason=FINISH_REASONS.get(output.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED),
+            finish_reason=output.finish_reason or generation_pb2.FINISH_REASON_UNSPECIFIED,
             prompt_tokens=output.num_prompt_tokens, completion_tokens=output.num_generated,
-            matched_stop=str(output.matched_stop_token) if output.matched_stop_token is not None else "",
-            logprobs=[generation_pb2.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids,
-                                                  top_logprobs=lp.top_logprobs) for lp in output.logprobs or ()])
+            matched_stop_token=output.matched_stop_token,
+            logprobs=[logprob_to_proto(lp) for lp in output.logprobs or ()])
 
     def Abort(self, request: generation_pb2.AbortRequest, context: grpc.ServicerContext
               ) -> generation_pb2.AbortResponse:

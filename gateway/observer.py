@@ -17,9 +17,9 @@ from typing import Protocol
 from opentelemetry import trace
 
 from epserve.telemetry import GatewayMetrics
-from epserve.gateway.request_types import FinishReason, Usage
+from epserve.gateway.request_types import Usage
+from epserve.sampling import FinishReason
 
-FINISH_LABELS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
 
 class RequestObserver(Protocol):
@@ -113,7 +113,7 @@ class TelemetryObserver:
 
     def on_finish(self, request_id: str, finish_reason: FinishReason | None, usage: Usage,
                   error: str | None, code: str = "OK") -> None:
-        reason = FINISH_LABELS.get(finish_reason, "") if error is None else ""
+        reason = finish_reason.label if error is None and finish_reason is not None else ""
         with self._lock:
             timing = self._timings.pop(request_id, None)
         span = trace.get_current_span()

@@ -42,11 +42,11 @@ from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.observer import NullObserver, RequestObserver
 from epserve.gateway.output_processor import OutputProcessor
 from epserve.gateway.prompt_tokenizer import PromptTokenizer
-from epserve.gateway.request_types import (FinishReason, GenerateInput, GenerateOutput, SamplingParams, TokenLogprob,
-                                           Usage)
+from epserve.gateway.request_types import GenerateInput, GenerateOutput, Usage
 from epserve.gateway.router import Router
 from epserve.tokenizer import Tokenizer
 from epserve.gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
+from epserve.sampling import FinishReason, SamplingParams, TokenLogprob
 from epserve.gateway.worker_api import (StreamCancelled, WorkerClient, WorkerDirectory, WorkerFailed, WorkerLost,
                                 WorkerRequest, WorkerStream, WorkerTimeout)
 
@@ -270,11 +270,11 @@ class RequestManager:
                                      error.message if error is not None else None, code)
 
     def _final(self, request: _Request, processor: OutputProcessor, text: str, token_ids: tuple[int, ...],
-               reason: FinishReason, matched_stop: str = "", logprobs: tuple[TokenLogprob, ...] = ()
-               ) -> GenerateOutput:
+               reason: FinishReason, matched_stop: str = "", logprobs: tuple[TokenLogprob, ...] = (),
+               matched_stop_token: int | None = None) -> GenerateOutput:
         return GenerateOutput(request.request_id, text, token_ids, finished=True, finish_reason=reason,
                               usage=Usage(len(request.prompt_ids), len(processor.completion_ids)),
-                              matched_stop=matched_stop, logprobs=logprobs)
+                              matched_stop=matched_stop, matched_stop_token=matched_stop_token, logprobs=logprobs)
 
     def _stream(self, request: _Request, processor: OutputProcessor) -> Iterator[GenerateOutput]:
         request_id, params = request.request_id, request.params
@@ -383,14 +383,15 @@ class RequestManager:
                     worker.abort_nowait(worker_request_id)
                     stream.cancel()
                 tail = processor.finish()
+                stop_token = None
                 if tail.matched_stop is not None:
                     reason, matched = FinishReason.STOP, tail.matched_stop
                 elif overran:
                     reason, matched = FinishReason.LENGTH, ""
                 else:
-                    reason, matched = step.finish_reason or FinishReason.STOP, step.matched_stop
+                    reason, matched, stop_token = step.finish_reason or FinishReason.STOP, "", step.matched_stop_token
                 yield self._final(request, processor, processed.text + tail.text, step.token_ids, reason, matched,
-                                  step.logprobs)
+                                  step.logprobs, stop_token)
                 return
             if processed.text or step.token_ids:
                 yield GenerateOutput(request_id, processed.text, step.token_ids, logprobs=step.logprobs)

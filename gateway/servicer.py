@@ -19,6 +19,7 @@ from epserve.gateway.request_manager import RequestManager
 from epserve.gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
 from epserve.gateway.worker_pool import WorkerPool
 from epserve.protos import generation_pb2, generation_pb2_grpc
+from epserve.sampling import logprob_to_proto
 
 
 SERVER_ERRORS = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL)  # span status ERROR
@@ -51,9 +52,8 @@ def input_from_proto(request: generation_pb2.GenerateRequest, request_id: str) -
 def output_to_proto(output: GenerateOutput) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(
         request_id=output.request_id, text=output.text, token_ids=list(output.token_ids),
-        finished=output.finished, matched_stop=output.matched_stop,
-        logprobs=[generation_pb2.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
-                  for lp in output.logprobs])
+        finished=output.finished, matched_stop=output.matched_stop, matched_stop_token=output.matched_stop_token,
+        logprobs=[logprob_to_proto(lp) for lp in output.logprobs])
     if output.finish_reason is not None:
         response.finish_reason = int(output.finish_reason)
     if output.usage is not None:

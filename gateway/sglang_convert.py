@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 from google.protobuf.json_format import MessageToDict
 
 from epserve.gateway.errors import ValidationError
-from epserve.gateway.request_types import FinishReason, GenerateInput, SamplingRequest, TokenLogprob
+from epserve.gateway.request_types import GenerateInput, SamplingRequest
+from epserve.sampling import FinishReason, TokenLogprob
 from epserve.protos import sglang_scheduler_pb2 as sglang_pb2
 
 MAX_SAMPLES = 64                      # n
-FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 SEED_KEY = "seed"
 
 
@@ -159,18 +159,19 @@ def chunk_response(request_id: str, index: int, token_ids: Sequence[int], logpro
 
 
 def complete_response(request_id: str, index: int, output_ids: Sequence[int], logprobs: Sequence[TokenLogprob],
-                      reason: FinishReason, matched_stop: str, stop_strings: Sequence[str], prompt_tokens: int,
-                      completion_tokens: int) -> sglang_pb2.GenerateResponse:
+                      reason: FinishReason, matched_stop: str, matched_stop_token: int | None,
+                      stop_strings: Sequence[str], prompt_tokens: int, completion_tokens: int
+                      ) -> sglang_pb2.GenerateResponse:
     """The end of sample ``index``: all its tokens when not streaming, none when streaming (the
-    chunks carried them). ``matched_stop``: the gateway's (a stop string, or a stop token id as
-    text)."""
-    complete = sglang_pb2.GenerateComplete(output_ids=list(output_ids), finish_reason=FINISH_REASONS[reason],
+    chunks carried them). ``matched_stop``: the stop string that ended it ("" for none);
+    ``matched_stop_token``: the stop token that ended it (None for none)."""
+    complete = sglang_pb2.GenerateComplete(output_ids=list(output_ids), finish_reason=reason.label,
                                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                            index=index)
     if logprobs:
         complete.output_logprobs.CopyFrom(output_logprobs(output_ids, logprobs))
     if matched_stop in stop_strings:
         complete.matched_stop_str = matched_stop
-    elif matched_stop.isdigit():
-        complete.matched_token_id = int(matched_stop)
+    elif matched_stop_token is not None:
+        complete.matched_token_id = matched_stop_token
     return sglang_pb2.GenerateResponse(request_id=request_id, complete=complete)

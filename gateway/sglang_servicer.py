@@ -41,7 +41,7 @@ from epserve.gateway.errors import GatewayError
 from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.parallel_samples import ParallelSamples
 from epserve.gateway.request_manager import RequestManager
-from epserve.gateway.request_types import TokenLogprob
+from epserve.sampling import TokenLogprob
 from epserve.gateway.sglang_convert import SglangRequest, chunk_response, complete_response, request_from_proto
 from epserve.gateway.tokenizer_archive import TokenizerArchive, build_tokenizer_archive
 from epserve.gateway.worker_api import WorkerLoad
@@ -117,7 +117,8 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
                 assert output.finish_reason is not None
                 output_ids, logprobs = ((), ()) if request.stream else (sample.token_ids, sample.logprobs)
                 yield complete_response(request.request_id, index, output_ids, logprobs, output.finish_reason,
-                                        output.matched_stop, stops, prompt_tokens, completion_tokens)
+                                        output.matched_stop, output.matched_stop_token, stops, prompt_tokens,
+                                        completion_tokens)
 
     def Abort(self, request, context):
         with self._lock:

@@ -1,6 +1,7 @@
 """Request validation: every check names the field it rejects (``ValidationError.field``).
 
-Rules (the public API's, see protos/generation.proto):
+Rules (the public API's, see protos/generation.proto; the defaults are ``SamplingParams``' in
+epserve/sampling.py):
   prompt             text or token_ids, non-empty after tokenization; every id in [0, vocab_size);
                      fewer tokens than the context (max_position_embeddings)
   max_new_tokens     in [1, --max-new-tokens-limit], default 128 (or the limit when lower); the gateway
@@ -17,11 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epserve.gateway.errors import ValidationError
-from epserve.gateway.request_types import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
-                                   SamplingParams, SamplingRequest)
-
-
-MAX_TOP_LOGPROBS = 20
+from epserve.gateway.request_types import SamplingRequest
+from epserve.sampling import DEFAULT_SAMPLING, MAX_TOP_LOGPROBS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -49,24 +47,24 @@ def validate_prompt(field: str, ids: Sequence[int], limits: Limits) -> None:
 
 
 def validate_sampling(sampling: SamplingRequest, limits: Limits) -> SamplingParams:
-    temperature = DEFAULT_TEMPERATURE if sampling.temperature is None else _finite(
+    temperature = DEFAULT_SAMPLING.temperature if sampling.temperature is None else _finite(
         "sampling.temperature", sampling.temperature)
     if temperature < 0:
         raise ValidationError("sampling.temperature", f"must be >= 0 (0 = greedy), got {temperature}")
-    top_p = DEFAULT_TOP_P if sampling.top_p is None else _finite("sampling.top_p", sampling.top_p)
+    top_p = DEFAULT_SAMPLING.top_p if sampling.top_p is None else _finite("sampling.top_p", sampling.top_p)
     if not 0 < top_p <= 1:
         raise ValidationError("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    top_k = sampling.top_k or 0
+    top_k = DEFAULT_SAMPLING.top_k if sampling.top_k is None else sampling.top_k
     if top_k < 0:
         raise ValidationError("sampling.top_k", f"must be >= 0 (0 = off), got {top_k}")
-    min_p = 0.0 if sampling.min_p is None else _finite("sampling.min_p", sampling.min_p)
+    min_p = DEFAULT_SAMPLING.min_p if sampling.min_p is None else _finite("sampling.min_p", sampling.min_p)
     if not 0 <= min_p < 1:
         raise ValidationError("sampling.min_p", f"must be in [0, 1), got {min_p}")
-    penalty = 1.0 if sampling.repetition_penalty is None else _finite(
+    penalty = DEFAULT_SAMPLING.repetition_penalty if sampling.repetition_penalty is None else _finite(
         "sampling.repetition_penalty", sampling.repetition_penalty)
     if penalty <= 0:
         raise ValidationError("sampling.repetition_penalty", f"must be > 0, got {penalty}")
-    max_new = (min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_limit) if sampling.max_new_tokens is None
+    max_new = (min(DEFAULT_SAMPLING.max_new_tokens, limits.max_new_tokens_limit) if sampling.max_new_tokens is None
                else sampling.max_new_tokens)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise ValidationError("sampling.max_new_tokens",

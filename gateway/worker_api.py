@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from epserve.gateway.request_types import FinishReason, SamplingParams, TokenLogprob
+from epserve.sampling import FinishReason, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class WorkerStep:
     token_ids: tuple[int, ...]
     finished: bool = False
     finish_reason: FinishReason | None = None
-    matched_stop: str = ""             # the stop token that ended it, as the worker names it
+    matched_stop_token: int | None = None   # the stop token (EOS or stop_token_ids) that ended it
     logprobs: tuple[TokenLogprob, ...] = ()   # return_logprob: one per token_ids entry
 
 

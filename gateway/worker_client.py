@@ -18,27 +18,16 @@ from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epserve.gateway.request_types import FinishReason, SamplingParams, TokenLogprob
 from epserve.gateway.worker_api import (StreamCancelled, WorkerFailed, WorkerLoad, WorkerLost, WorkerRequest, WorkerSlow,
                                 WorkerStep, WorkerTimeout)
 from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
+from epserve.sampling import FinishReason, logprob_from_proto, sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
 # Reconnect quickly to a worker that comes back (the default backoff grows to 120 s).
 CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
                    ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingParams:
-    proto = generation_pb2.SamplingParams(
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty, max_new_tokens=params.max_new_tokens,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-        return_logprob=params.return_logprob, top_logprobs_num=params.top_logprobs_num)
-    if params.seed is not None:
-        proto.seed = params.seed
-    return proto  # stop strings stay in the gateway
 
 
 def request_to_proto(request: WorkerRequest) -> worker_pb2.WorkerGenerateRequest:
@@ -49,9 +38,9 @@ def request_to_proto(request: WorkerRequest) -> worker_pb2.WorkerGenerateRequest
 
 def step_from_proto(message: worker_pb2.WorkerGenerateResponse) -> WorkerStep:
     reason = FinishReason(message.finish_reason) if message.finish_reason else None
-    logprobs = tuple(TokenLogprob(lp.logprob, tuple(lp.top_token_ids), tuple(lp.top_logprobs))
-                     for lp in message.logprobs)
-    return WorkerStep(tuple(message.token_ids), message.finished, reason, message.matched_stop, logprobs)
+    stop_token = message.matched_stop_token if message.HasField("matched_stop_token") else None
+    return WorkerStep(tuple(message.token_ids), message.finished, reason, stop_token,
+                      tuple(logprob_from_proto(lp) for lp in message.logprobs))
 
 
 def _is_lost(error: grpc.RpcError) -> bool:

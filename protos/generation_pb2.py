@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65pserve/protos/generation.proto\x12\nepserve.v1\"\x84\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0ereturn_logprob\x18\x0b \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x0c \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\x42\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xee\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x07 \x01(\t\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.epserve.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x9a\x02\n\tModelInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x1a\n\x12max_context_length\x18\x04 \x01(\x05\x12\x16\n\x0enum_moe_layers\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\x1b\n\x13num_experts_per_tok\x18\x07 \x01(\x05\x12\x1d\n\x15num_attention_workers\x18\x08 \x01(\x05\x12\x1a\n\x12num_expert_workers\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x17\n\x0fmoe_a2a_backend\x18\x0b \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65pserve/protos/generation.proto\x12\nepserve.v1\"\x84\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0ereturn_logprob\x18\x0b \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x0c \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\x42\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x14\n\x0cmatched_stop\x18\x07 \x01(\t\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.epserve.v1.TokenLogprob\x12\x1f\n\x12matched_stop_token\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x15\n\x13_matched_stop_token\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x9a\x02\n\tModelInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x1a\n\x12max_context_length\x18\x04 \x01(\x05\x12\x16\n\x0enum_moe_layers\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\x1b\n\x13num_experts_per_tok\x18\x07 \x01(\x05\x12\x1d\n\x15num_attention_workers\x18\x08 \x01(\x05\x12\x1a\n\x12num_expert_workers\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x17\n\x0fmoe_a2a_backend\x18\x0b \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.protos.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1400
-  _globals['_FINISHREASON']._serialized_end=1520
+  _globals['_FINISHREASON']._serialized_start=1456
+  _globals['_FINISHREASON']._serialized_end=1576
   _globals['_SAMPLINGPARAMS']._serialized_start=48
   _globals['_SAMPLINGPARAMS']._serialized_end=436
   _globals['_TOKENLOGPROB']._serialized_start=438
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=724
   _globals['_USAGE']._serialized_end=781
   _globals['_GENERATERESPONSE']._serialized_start=784
-  _globals['_GENERATERESPONSE']._serialized_end=1022
-  _globals['_ABORTREQUEST']._serialized_start=1024
-  _globals['_ABORTREQUEST']._serialized_end=1058
-  _globals['_ABORTRESPONSE']._serialized_start=1060
-  _globals['_ABORTRESPONSE']._serialized_end=1090
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1092
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1113
-  _globals['_MODELINFO']._serialized_start=1116
-  _globals['_MODELINFO']._serialized_end=1398
-  _globals['_GENERATION']._serialized_start=1523
-  _globals['_GENERATION']._serialized_end=1742
+  _globals['_GENERATERESPONSE']._serialized_end=1078
+  _globals['_ABORTREQUEST']._serialized_start=1080
+  _globals['_ABORTREQUEST']._serialized_end=1114
+  _globals['_ABORTRESPONSE']._serialized_start=1116
+  _globals['_ABORTRESPONSE']._serialized_end=1146
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1148
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1169
+  _globals['_MODELINFO']._serialized_start=1172
+  _globals['_MODELINFO']._serialized_end=1454
+  _globals['_GENERATION']._serialized_start=1579
+  _globals['_GENERATION']._serialized_end=1798
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from epserve.protos import generation_pb2 as epserve_dot_protos_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65pserve/protos/worker.proto\x12\nepserve.v1\x1a\x1f\x65pserve/protos/generation.proto\"\x8b\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x1c\n\x14num_generated_before\x18\x04 \x01(\x05\"\xe2\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.epserve.v1.TokenLogprob\"\x10\n\x0eGetLoadRequest\"\xab\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x1a\n\x12outstanding_tokens\x18\x04 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x03\x12\x13\n\x0bmap_version\x18\x07 \x01(\x04\"2\n\x1d\x44umpExpertDistributionRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"~\n\x1e\x44umpExpertDistributionResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x12\n\nnum_passes\x18\x04 \x01(\x03\x12\x19\n\x11num_token_records\x18\x05 \x01(\x03\x32\xd4\x02\n\x0f\x41ttentionWorker\x12S\n\x08Generate\x12!.epserve.v1.WorkerGenerateRequest\x1a\".epserve.v1.WorkerGenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.epserve.v1.GetLoadRequest\x1a\x16.epserve.v1.WorkerLoad\x12o\n\x16\x44umpExpertDistribution\x12).epserve.v1.DumpExpertDistributionRequest\x1a*.epserve.v1.DumpExpertDistributionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65pserve/protos/worker.proto\x12\nepserve.v1\x1a\x1f\x65pserve/protos/generation.proto\"\x8b\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x1c\n\x14num_generated_before\x18\x04 \x01(\x05\"\x98\x02\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.epserve.v1.TokenLogprob\x12\x1f\n\x12matched_stop_token\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x15\n\x13_matched_stop_tokenJ\x04\x08\x06\x10\x07R\x0cmatched_stop\"\x10\n\x0eGetLoadRequest\"\xab\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x1a\n\x12outstanding_tokens\x18\x04 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x03\x12\x13\n\x0bmap_version\x18\x07 \x01(\x04\"2\n\x1d\x44umpExpertDistributionRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"~\n\x1e\x44umpExpertDistributionResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x12\n\nnum_passes\x18\x04 \x01(\x03\x12\x19\n\x11num_token_records\x18\x05 \x01(\x03\x32\xd4\x02\n\x0f\x41ttentionWorker\x12S\n\x08Generate\x12!.epserve.v1.WorkerGenerateRequest\x1a\".epserve.v1.WorkerGenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.epserve.v1.GetLoadRequest\x1a\x16.epserve.v1.WorkerLoad\x12o\n\x16\x44umpExpertDistribution\x12).epserve.v1.DumpExpertDistributionRequest\x1a*.epserve.v1.DumpExpertDistributionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERGENERATEREQUEST']._serialized_start=77
   _globals['_WORKERGENERATEREQUEST']._serialized_end=216
   _globals['_WORKERGENERATERESPONSE']._serialized_start=219
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=445
-  _globals['_GETLOADREQUEST']._serialized_start=447
-  _globals['_GETLOADREQUEST']._serialized_end=463
-  _globals['_WORKERLOAD']._serialized_start=466
-  _globals['_WORKERLOAD']._serialized_end=637
-  _globals['_DUMPEXPERTDISTRIBUTIONREQUEST']._serialized_start=639
-  _globals['_DUMPEXPERTDISTRIBUTIONREQUEST']._serialized_end=689
-  _globals['_DUMPEXPERTDISTRIBUTIONRESPONSE']._serialized_start=691
-  _globals['_DUMPEXPERTDISTRIBUTIONRESPONSE']._serialized_end=817
-  _globals['_ATTENTIONWORKER']._serialized_start=820
-  _globals['_ATTENTIONWORKER']._serialized_end=1160
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=499
+  _globals['_GETLOADREQUEST']._serialized_start=501
+  _globals['_GETLOADREQUEST']._serialized_end=517
+  _globals['_WORKERLOAD']._serialized_start=520
+  _globals['_WORKERLOAD']._serialized_end=691
+  _globals['_DUMPEXPERTDISTRIBUTIONREQUEST']._serialized_start=693
+  _globals['_DUMPEXPERTDISTRIBUTIONREQUEST']._serialized_end=743
+  _globals['_DUMPEXPERTDISTRIBUTIONRESPONSE']._serialized_start=745
+  _globals['_DUMPEXPERTDISTRIBUTIONRESPONSE']._serialized_end=871
+  _globals['_ATTENTIONWORKER']._serialized_start=874
+  _globals['_ATTENTIONWORKER']._serialized_end=1214
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from epserve.sampling import DEFAULT_SAMPLING, SamplingParams
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -18,12 +20,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--model-path", help="HF model directory: run attention and experts in this process")
     where.add_argument("--gateway", metavar="HOST:PORT", help="address of a running epserve gateway")
     parser.add_argument("--prompt", required=True, help="prompt text")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    defaults = DEFAULT_SAMPLING
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help="tokens to generate at most (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="0 = greedy (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p,
+                        help="nucleus sampling mass in (0, 1] (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k,
+                        help="sample from the k most likely tokens; 0 = off")
+    parser.add_argument("--min-p", type=float, default=defaults.min_p,
+                        help="drop tokens below min_p × the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                        help="> 1 discourages repeats")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible output")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable; gateway mode)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
@@ -84,7 +93,6 @@ def engine_limits(args: argparse.Namespace):
 
 def _run_colocated(args: argparse.Namespace) -> int:
     from epserve.attention_worker.colocated import build_colocated_engine
-    from epserve.attention_worker.sampler import SamplingParams
     from epserve.model_config import ModelConfigError
     from epserve.tokenizer import Tokenizer
     from epserve.weights import parse_dtype

@@ -15,7 +15,7 @@ from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRouter
 from epserve.attention_worker.model_family import model_family
 from epserve.attention_worker.moe_executor import InProcessExperts, run_micro_batches
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.expert_side import load_expert_slots

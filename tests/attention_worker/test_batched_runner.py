@@ -8,7 +8,7 @@ import torch
 
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.engine import EngineLimits
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
 PROMPTS = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3], list(range(40, 77))]

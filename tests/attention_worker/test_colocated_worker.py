@@ -14,7 +14,7 @@ from epserve.attention_worker.__main__ import build_parser, config_from_args, ma
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.config import AttentionWorkerConfig
 from epserve.attention_worker.engine import EngineLimits
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)

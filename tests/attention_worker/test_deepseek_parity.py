@@ -14,7 +14,7 @@ from epserve.attention_worker.expert_routing import DispatchAlgorithm, ExpertRou
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.attention_worker.mla_kv_cache import MlaKVCache
 from epserve.attention_worker.moe_executor import InProcessExperts, run_micro_batches
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 from epserve.expert_map import ExpertMap
 from epserve.model_config import load_model_spec
 from epserve.models.deepseek_v3 import load_attention_side, route_sigmoid_grouped, route_softmax_limited

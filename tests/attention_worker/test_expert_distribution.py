@@ -16,7 +16,7 @@ from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_heatmap import (HeatmapCollector, HeatmapInterval, HeatmapWriter, fold_to_workers,
                                              layer_balancedness)
 from epserve.attention_worker.expert_recorder import RecorderMode
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 from epserve.attention_worker.service import AttentionWorkerService
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import serve_grpc, wait_for_channel

@@ -10,7 +10,7 @@ import torch
 
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.engine import EngineLimits
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 transformers = pytest.importorskip("transformers")

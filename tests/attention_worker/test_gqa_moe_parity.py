@@ -9,7 +9,7 @@ import torch
 
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.engine import EngineLimits
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 from epserve.model_config import load_model_spec
 from epserve.models.deepseek_v3 import route_sigmoid_grouped
 from family_parity import (FLOAT64_TOLERANCE, OPTIONS, PROMPTS, assert_greedy_matches, assert_logits_match,

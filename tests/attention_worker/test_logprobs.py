@@ -9,7 +9,7 @@ import torch
 
 from epserve.attention_worker.colocated import build_colocated_engine
 from epserve.attention_worker.engine import EngineLimits
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 

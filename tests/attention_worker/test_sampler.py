@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epserve.attention_worker.sampler import SamplingParams, sample_one
+from epserve.attention_worker.sampler import sample_one
+from epserve.sampling import SamplingParams
 
 NONE_SEEN = torch.empty(0, dtype=torch.int64)
 

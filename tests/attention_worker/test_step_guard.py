@@ -9,10 +9,9 @@ import torch
 
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.engine import EngineLimits
-from epserve.attention_worker.sampler import SamplingParams
-from epserve.attention_worker.sequence import FinishReason
 from epserve.attention_worker.step_guard import MAX_ERROR_CHARS, describe
 from epserve.dataplane.base import PeerLost
+from epserve.sampling import FinishReason, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
 PROMPTS = {"a": [5, 17, 300, 42, 7], "b": [9] * 11, "poison": [1, 2, 3], "c": list(range(40, 60))}

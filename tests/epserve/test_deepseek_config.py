@@ -131,7 +131,7 @@ def test_tiny_deepseek_needs_a_head_dim_divisible_by_4(tmp_path):
 
 def test_dummy_weights_serve_a_deepseek_config(tmp_path):
     from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
-    from epserve.attention_worker.sampler import SamplingParams
+    from epserve.sampling import SamplingParams
 
     small = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,

@@ -183,7 +183,7 @@ def test_dense_layers_and_tied_embeddings(tmp_path):
 
 def test_a_model_directory_without_safetensors_serves(dummy_model):
     from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
-    from epserve.attention_worker.sampler import SamplingParams
+    from epserve.sampling import SamplingParams
 
     with pytest.raises(ModelConfigError, match="neither model.safetensors"):
         open_weights(dummy_model, "auto", load_model_spec(dummy_model))

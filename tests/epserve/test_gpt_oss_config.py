@@ -102,7 +102,7 @@ def test_tiny_model_loads_in_transformers_without_missing_keys(tmp_path):
 
 def test_dummy_weights_serve_the_config(tmp_path):
     from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
-    from epserve.attention_worker.sampler import SamplingParams
+    from epserve.sampling import SamplingParams
     from epserve.dummy_weights import DummyReader
     from epserve.models.expert_side import load_expert_slots
 

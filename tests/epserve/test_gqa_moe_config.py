@@ -158,7 +158,7 @@ def test_tiny_glm_needs_a_head_dim_divisible_by_4(tmp_path):
 @pytest.mark.parametrize("base,small", [(MIXTRAL, SMALL_MIXTRAL), (GLM4_5, SMALL_GLM)])
 def test_dummy_weights_serve_the_config(tmp_path, base, small):
     from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
-    from epserve.attention_worker.sampler import SamplingParams
+    from epserve.sampling import SamplingParams
 
     engine = build_colocated_engine(str(write(tmp_path, base, **small)), torch.float32, load_format="dummy")
     params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)

@@ -92,7 +92,7 @@ class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
                 yield worker_pb2.WorkerGenerateResponse(
                     token_ids=[token], finished=finished, finish_reason=reason,
                     prompt_tokens=len(request.prompt_ids) - start, completion_tokens=start + i + 1,
-                    matched_stop=str(token) if stopped else "", logprobs=fake_logprobs(sampling, token, start + i))
+                    matched_stop_token=token if stopped else None, logprobs=fake_logprobs(sampling, token, start + i))
                 if finished:
                     break
         finally:

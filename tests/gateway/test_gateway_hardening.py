@@ -16,7 +16,8 @@ from epserve.gateway.errors import ErrorCode, GatewayError
 from epserve.gateway.model_info import load_model_info
 from epserve.gateway.prompt_tokenizer import PIECE_CHARS, PromptTokenizer, encode_limited
 from epserve.gateway.request_manager import MAX_REQUEST_ID_CHARS, RequestManager
-from epserve.gateway.request_types import FinishReason, GenerateInput, SamplingRequest
+from epserve.gateway.request_types import GenerateInput, SamplingRequest
+from epserve.sampling import FinishReason
 from epserve.gateway.router import Router
 from epserve.gateway.worker_api import WorkerFailed, WorkerLost, WorkerRequest, WorkerStep
 

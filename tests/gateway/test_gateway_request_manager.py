@@ -13,7 +13,8 @@ from epserve.gateway.config import GatewayConfig
 from epserve.gateway.errors import ErrorCode, GatewayError
 from epserve.gateway.model_info import load_model_info
 from epserve.gateway.request_manager import RequestManager
-from epserve.gateway.request_types import FinishReason, GenerateInput, SamplingRequest
+from epserve.gateway.request_types import GenerateInput, SamplingRequest
+from epserve.sampling import FinishReason
 from epserve.gateway.router import Router
 from epserve.gateway.worker_api import StreamCancelled, WorkerFailed, WorkerLost, WorkerRequest, WorkerStep, WorkerTimeout
 

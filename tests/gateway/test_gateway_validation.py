@@ -7,7 +7,8 @@ import math
 import pytest
 
 from epserve.gateway.errors import ErrorCode, ValidationError
-from epserve.gateway.request_types import SamplingParams, SamplingRequest
+from epserve.gateway.request_types import SamplingRequest
+from epserve.sampling import SamplingParams
 from epserve.gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
 
 LIMITS = Limits(vocab_size=100, max_context_length=16, max_new_tokens_limit=32)

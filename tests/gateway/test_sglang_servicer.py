@@ -15,7 +15,7 @@ from gateway_testlib import FakeWorker, GatewayProcess
 from google.protobuf.struct_pb2 import Struct
 
 from epserve.gateway import client
-from epserve.gateway.request_types import FinishReason, TokenLogprob
+from epserve.sampling import FinishReason, TokenLogprob
 from epserve.gateway.sglang_convert import complete_response, request_from_proto
 from epserve.gateway.errors import ValidationError
 from epserve.protos import sglang_scheduler_pb2 as pb, sglang_scheduler_pb2_grpc, smg_common_pb2
@@ -210,9 +210,10 @@ def test_request_conversion_maps_sglang_conventions():
 
 def test_complete_names_the_matched_stop():
     logprobs = [TokenLogprob(-0.5, (9, 3), (-0.5, -0.7))]
-    by_token = complete_response("r", 1, [9], logprobs, FinishReason.STOP, "9", (), 3, 1).complete
+    by_token = complete_response("r", 1, [9], logprobs, FinishReason.STOP, "", 9, (), 3, 1).complete
     assert by_token.matched_token_id == 9 and by_token.index == 1 and by_token.finish_reason == "stop"
     assert list(by_token.output_logprobs.top_logprobs[0].token_ids) == [9, 3]
-    by_string = complete_response("r", 0, [9], [], FinishReason.STOP, "42", ("42",), 3, 1).complete
+    by_string = complete_response("r", 0, [9], [], FinishReason.STOP, "42", None, ("42",), 3, 1).complete
     assert by_string.matched_stop_str == "42" and not by_string.HasField("output_logprobs")
-    assert complete_response("r", 0, [], [], FinishReason.LENGTH, "", (), 3, 0).complete.WhichOneof("matched_stop") is None
+    by_length = complete_response("r", 0, [], [], FinishReason.LENGTH, "", None, (), 3, 0).complete
+    assert by_length.WhichOneof("matched_stop") is None

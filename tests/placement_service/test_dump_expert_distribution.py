@@ -16,7 +16,7 @@ import torch
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_recorder import RecorderMode
-from epserve.attention_worker.sampler import SamplingParams
+from epserve.sampling import SamplingParams
 from epserve.attention_worker.service import AttentionWorkerService
 from epserve.grpc_server import serve_grpc
 from epserve.protos import placement_pb2, worker_pb2_grpc
