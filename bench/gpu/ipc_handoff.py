@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, CTRL_BYTES, REQ_
                                                RSP_SEQ, STEP_NUM_TOKENS, STEP_SEQ, AttentionState, Channel,
                                                ChannelShape, Flag)
 from epserve.dataplane.cuda_ipc_memory import CudaSegment, HostSegment, IpcEvents  # noqa: E402
+from epserve.mps import MpsUnavailable, UserMps  # noqa: E402
 
 HIDDEN = 2048
 DTYPE = torch.bfloat16
@@ -271,24 +271,6 @@ def run_pair(args, env: dict) -> dict:
     return result
 
 
-def start_mps(tmp: Path) -> tuple[dict | None, str]:
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        return None, "nvidia-cuda-mps-control not found"
-    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=str(tmp / "pipe"), CUDA_MPS_LOG_DIRECTORY=str(tmp / "log"))
-    (tmp / "pipe").mkdir()
-    (tmp / "log").mkdir()
-    done = subprocess.run([control, "-d"], env=env, capture_output=True, text=True, timeout=20)
-    if done.returncode != 0:
-        return None, f"nvidia-cuda-mps-control -d failed: {done.stderr.strip() or done.stdout.strip()}"
-    return env, "user-space daemon in " + str(tmp)
-
-
-def stop_mps(env: dict) -> None:
-    control = shutil.which("nvidia-cuda-mps-control")
-    subprocess.run([control], input="quit\n", env=env, capture_output=True, text=True, timeout=20)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 32, 128])
@@ -309,15 +291,16 @@ def main() -> None:
     settings = {"no_mps": {"note": "default pipe /tmp/nvidia-mps exists: a system MPS daemon may serve this run"
                            if Path("/tmp/nvidia-mps").exists() else "no MPS daemon", **run_pair(args, env)}}
     if not args.no_mps:
-        with tempfile.TemporaryDirectory(prefix="epserve-mps-") as tmp:
-            mps_env, note = start_mps(Path(tmp))
-            if mps_env is None:
-                settings["mps"] = {"note": note, "error": "not run"}
-            else:
-                try:
-                    settings["mps"] = {"note": note, **run_pair(args, mps_env)}
-                finally:
-                    stop_mps(mps_env)
+        mps = UserMps()
+        try:
+            mps_env = mps.start()
+        except MpsUnavailable as e:
+            settings["mps"] = {"note": str(e), "error": "not run"}
+        else:
+            try:
+                settings["mps"] = {"note": f"user-space daemon in {mps.folder}", **run_pair(args, mps_env)}
+            finally:
+                mps.stop()
     print(f"{'setting':8s} {'T':>5s} {'flags µs':>10s} {'(min)':>8s} {'events µs':>10s} {'(min)':>8s} "
           f"{'local µs':>9s}  ok   (per hand-off: D={HIDDEN} bf16, {args.layers} layers per round, median of "
           f"{args.rounds} rounds)")

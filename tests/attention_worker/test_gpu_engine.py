@@ -42,6 +42,7 @@ def prompt_logits(engine, prompts_ids) -> list[torch.Tensor]:
     runner._apply_block_table_updates(runner._block_table_updates(chunks))
     batch = runner.eager_batch(chunks, decode=False)
     batch.logits_rows = None
+    runner.executor.prepare(engine.expert_map, runner.device)      # what run() does at a step boundary
     logits = runner.forward(batch, engine.expert_map)
     return list(logits.split([len(ids) for ids in prompts_ids]))
 
