@@ -1,9 +1,11 @@
 """Model specifications read from a Hugging Face ``config.json``, with validation.
 
 ``ModelSpec`` holds what every process needs to know about the model: shapes, which
-decoder layers are MoE layers, routing settings. ``load_model_spec(dir)`` reads and validates;
-errors name the field and say what to change. ``check_parallel_sizes`` enforces SGLang's
-EP sizing rules.
+decoder layers are MoE layers, routing settings, and the model's fingerprint. Workers, the
+gateway and placement all read it with ``load_model_spec(dir, load_format)``, so they accept and
+refuse the same models; errors name the field and say what to change. ``model_fingerprint`` is
+the one definition of "the same model" (placement refuses a worker whose fingerprint differs).
+``check_parallel_sizes`` enforces SGLang's EP sizing rules.
 
 Families: Qwen3-MoE (GQA attention, softmax top-k), DeepSeek-V3 (multi-head latent attention,
 ``MlaSpec``; YaRN RoPE, ``RopeScaling``; sigmoid grouped top-k with a correction bias and shared
@@ -20,6 +22,7 @@ transformers' defaults.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +152,24 @@ class ModelSpec:
     swiglu_alpha: float | None = None        # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha g),
     swiglu_limit: float | None = None        # g = min(gate, limit); None: silu(gate) * up
     expert_names: ExpertNames = ExpertNames()
+    pad_token_id: int | None = None
+    fingerprint: str = ""                    # model_fingerprint of config.json and the load format
+
+    @property
+    def num_expert_groups(self) -> int:
+        """G, the expert groups of group-limited routing (DeepSeek's and GLM's ``n_group``; 0 = none):
+        hierarchical EPLB keeps each group's experts on one node."""
+        grouped = self.routing.topk_method in ("group_limited_greedy", "noaux_tc")
+        return self.routing.n_group if grouped and self.routing.n_group > 1 else 0
+
+    @property
+    def snapshot_name(self) -> str:
+        """The model identity written into exported expert-map snapshots and checked on import."""
+        return f"{self.model_type}:{self.fingerprint}"
+
+    def expert_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of one routed expert's weights: gate, up and down projections, 3 * D * I elements."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
 
     def attention_window(self, layer: int) -> int | None:
         """Positions decoder layer ``layer`` attends to (None = the whole context)."""
@@ -217,7 +238,22 @@ def _eos_ids(config: dict, model_dir: Path) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-def load_model_spec(model_path: str | Path) -> ModelSpec:
+def config_fingerprint(config: dict, load_format: str = "auto") -> str:
+    """sha256 of a config.json's contents, canonicalized (key order and whitespace do not count),
+    marked ``+dummy-weights`` for ``--load-format dummy``: random weights are another model than
+    the checkpoint's, so placement refuses to mix them (its message shows both fingerprints)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return f"{digest}+dummy-weights" if load_format == "dummy" else digest
+
+
+def model_fingerprint(model_path: str | Path, load_format: str = "auto") -> str:
+    """``config_fingerprint`` of ``model_path/config.json``."""
+    return config_fingerprint(json.loads((Path(model_path) / "config.json").read_text()), load_format)
+
+
+def load_model_spec(model_path: str | Path, load_format: str = "auto") -> ModelSpec:
+    """``load_format``: the workers' ``--load-format`` (dummy weights have a fingerprint of their own)."""
     model_dir = Path(model_path)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -227,6 +263,9 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{config_file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{config_file} must hold a JSON object")
+    fingerprint = config_fingerprint(config, load_format)
     architectures = config.get("architectures") or []
     supported = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
     if not supported:
@@ -241,7 +280,8 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
                                "not supported yet; the weights would be read without their scales. Use a bf16 "
                                "checkpoint (DeepSeek's fp8_cast_bf16.py converts FP8 block-quantized weights)")
     # what transformers' DeepseekV2/V3Config, MixtralConfig, Glm4MoeConfig assume for missing keys
-    config = {**FAMILY_DEFAULTS.get(model_type, {}), **config}
+    # (model_type from the architecture when config.json lacks it)
+    config = {**FAMILY_DEFAULTS.get(model_type, {}), "model_type": model_type, **config}
     if config.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"{config_file}: hidden_act {config['hidden_act']!r} is not supported; the experts "
                                "and MLPs compute SwiGLU with silu")
@@ -288,6 +328,8 @@ def load_model_spec(model_path: str | Path) -> ModelSpec:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         eos_token_ids=_eos_ids(config, model_dir),
         bos_token_id=config.get("bos_token_id"),
+        pad_token_id=config.get("pad_token_id"),
+        fingerprint=fingerprint,
     )
     spec = ModelSpec(**{**fields, **family})
     _validate(spec, config_file)
@@ -458,6 +500,11 @@ def _validate_routing(spec: ModelSpec, where: Path) -> None:
 
 
 def _validate(spec: ModelSpec, where: Path) -> None:
+    if spec.vocab_size < 1:
+        raise ModelConfigError(f"{where}: vocab_size must be >= 1, got {spec.vocab_size}")
+    if spec.max_position_embeddings < 2:
+        raise ModelConfigError(f"{where}: max_position_embeddings (the context length) must be >= 2, got "
+                               f"{spec.max_position_embeddings}")
     if spec.mla is not None:
         _validate_deepseek(spec, where)
     if spec.mla is not None or spec.routing.topk_method in ("group_limited_greedy", "noaux_tc"):

@@ -15,21 +15,19 @@
 An exception escaping either thread (a bug, or a raising callback) logs and exits the
 process: a worker must not keep serving half-connected. Unary RPCs all carry ``timeout_s``.
 
-``model_fingerprint(model_path, load_format)`` is the one definition of "the same model" for both sides.
+Workers register with ``model_fingerprint`` (epserve/model_config.py), the one definition of "the
+same model" for both sides.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import torch
@@ -38,6 +36,7 @@ from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_from_proto
 from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
+from epserve.model_config import model_fingerprint  # noqa: F401  (workers import it from here too)
 from epserve.process import start_daemon_thread
 from epserve.protos import placement_pb2, placement_pb2_grpc
 
@@ -73,16 +72,6 @@ class UpdatePhase(enum.IntEnum):
     PREPARE = 2
     RETIRE = 3
     ROLLBACK = 4
-
-
-def model_fingerprint(model_path: str | Path, load_format: str = "auto") -> str:
-    """sha256 of the model's config.json, canonicalized (key order and whitespace do not count),
-    marked ``+dummy-weights`` for ``--load-format dummy``: random weights are another model than
-    the checkpoint's, so placement refuses to mix them (its message shows both fingerprints)."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return f"{digest}+dummy-weights" if load_format == "dummy" else digest
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ from dataclasses import replace
 
 from epserve.gateway.config import GatewayConfig
 from epserve.gateway.errors import ErrorCode, GatewayError, ValidationError
-from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.observer import NullObserver, RequestObserver
 from epserve.gateway.output_processor import OutputProcessor
 from epserve.gateway.prompt_tokenizer import PromptTokenizer
 from epserve.gateway.request_types import GenerateInput, GenerateOutput, Usage
+from epserve.model_config import ModelSpec
 from epserve.gateway.router import Router
 from epserve.tokenizer import Tokenizer
 from epserve.gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
@@ -105,16 +105,16 @@ class RequestHandle:
 
 
 class RequestManager:
-    def __init__(self, config: GatewayConfig, tokenizer: Tokenizer, model_info: ModelInfo,
+    def __init__(self, config: GatewayConfig, tokenizer: Tokenizer, spec: ModelSpec,
                  workers: WorkerDirectory, router: Router, observer: RequestObserver | None = None) -> None:
         self._config = config
         self._tokenizer = tokenizer
         self._workers = workers
         self._router = router
         self._observer = observer or NullObserver()
-        self.limits = Limits(vocab_size=model_info.vocab_size, max_context_length=model_info.max_context_length,
+        self.limits = Limits(vocab_size=spec.vocab_size, max_context_length=spec.max_position_embeddings,
                              max_new_tokens_limit=config.max_new_tokens_limit)
-        self._prompts = PromptTokenizer(config.model_path, tokenizer, model_info.max_context_length - 1,
+        self._prompts = PromptTokenizer(config.model_path, tokenizer, spec.max_position_embeddings - 1,
                                         config.max_prompt_bytes, config.max_pending_prompts,
                                         config.tokenizer_processes)
         self._lock = threading.Lock()

@@ -19,7 +19,6 @@ from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.telemetry import Tracing, setup_tracing
 from epserve.gateway.config import GatewayConfig
 from epserve.gateway.discovery import PlacementDiscovery
-from epserve.gateway.model_info import load_model_info
 from epserve.gateway.observer import RequestObserver
 from epserve.gateway.request_manager import RequestManager
 from epserve.gateway.router import Router
@@ -27,6 +26,7 @@ from epserve.gateway.servicer import GenerationServicer
 from epserve.gateway.sglang_servicer import sglang_registration
 from epserve.tokenizer import Tokenizer
 from epserve.gateway.worker_pool import WorkerPool
+from epserve.model_config import load_model_spec
 from epserve.protos import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -44,14 +44,14 @@ class Gateway:
                  tracing: Tracing | None = None) -> None:
         self.config = config
         self.tracing = tracing if tracing is not None else setup_tracing(TRACING_SERVICE_NAME, None)
-        self.model_info = load_model_info(config.model_path)
+        self.spec = load_model_spec(config.model_path)   # the workers' reader: the same models refused
         self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.router = Router()
         discovery = (PlacementDiscovery(config.placement, config.rpc_timeout_s, config.security)
                      if config.placement else None)
         self.pool = WorkerPool(config, self.router, discovery, on_health=self._set_health,
                                intercept=self.tracing.intercept_channel)
-        self.manager = RequestManager(config, self.tokenizer, self.model_info, self.pool, self.router, observer)
+        self.manager = RequestManager(config, self.tokenizer, self.spec, self.pool, self.router, observer)
         self._server: GrpcServer | None = None
         self._stopping = threading.Event()
         self._stop_refresh = threading.Event()
@@ -61,12 +61,12 @@ class Gateway:
     def start(self) -> int:
         """Serves (health NOT_SERVING until a worker answers) after one round of discovery and
         probes (at most --rpc-timeout-s each); returns the bound port."""
-        servicer = GenerationServicer(self.manager, self.model_info, self.pool, self.tracing)
+        servicer = GenerationServicer(self.manager, self.spec, self.pool, self.tracing)
         config = self.config
         # the public API: the optional client token (--api-token-file), the deployment's TLS
         public = Security(token=config.api_token, tls_cert=config.security.tls_cert,
                           tls_key=config.security.tls_key, tls_ca=config.security.tls_ca)
-        sglang = sglang_registration(self.manager, self.model_info, self.pool, config,   # for SMG (issue 16)
+        sglang = sglang_registration(self.manager, self.spec, self.pool, config,   # for SMG (issue 16)
                                      lambda: not self._stopping.is_set() and bool(self.pool.reachable()))
         self._server = serve_grpc([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME),
                                    sglang],
@@ -78,7 +78,7 @@ class Gateway:
         self.pool.refresh()
         self._refresh_thread.start()
         logger.info("gateway serving %s on %s:%d (model %s, context %d tokens)", SERVICE_NAME, self.config.host,
-                    self._server.port, self.model_info.architecture, self.model_info.max_context_length)
+                    self._server.port, self.spec.architecture, self.spec.max_position_embeddings)
         return self._server.port
 
     def _set_health(self, healthy: bool) -> None:

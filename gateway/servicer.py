@@ -14,10 +14,10 @@ from opentelemetry.trace import Status, StatusCode
 from epserve.telemetry import Tracing
 
 from epserve.gateway.errors import ErrorCode, GatewayError
-from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.request_manager import RequestManager
 from epserve.gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
 from epserve.gateway.worker_pool import WorkerPool
+from epserve.model_config import ModelSpec
 from epserve.protos import generation_pb2, generation_pb2_grpc
 from epserve.sampling import logprob_to_proto
 
@@ -63,9 +63,9 @@ def output_to_proto(output: GenerateOutput) -> generation_pb2.GenerateResponse:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, manager: RequestManager, model_info: ModelInfo, pool: WorkerPool, tracing: Tracing) -> None:
+    def __init__(self, manager: RequestManager, spec: ModelSpec, pool: WorkerPool, tracing: Tracing) -> None:
         self._manager = manager
-        self._model_info = model_info
+        self._spec = spec
         self._pool = pool
         self._tracing = tracing
 
@@ -90,10 +90,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.AbortResponse(found=self._manager.abort(request.request_id))
 
     def GetModelInfo(self, request, context):
-        info = self._model_info
+        info = self._spec
         return generation_pb2.ModelInfo(
             model_path=info.model_path, architecture=info.architecture, vocab_size=info.vocab_size,
-            max_context_length=info.max_context_length, num_moe_layers=info.num_moe_layers,
+            max_context_length=info.max_position_embeddings, num_moe_layers=info.num_moe_layers,
             num_experts=info.num_experts, num_experts_per_tok=info.num_experts_per_tok,
             num_attention_workers=len(self._pool.known()),
             num_expert_workers=self._pool.num_expert_workers or 0,

@@ -27,7 +27,6 @@ guards the table of running SMG request ids.
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -38,13 +37,13 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from epserve.gateway.errors import GatewayError
-from epserve.gateway.model_info import ModelInfo
 from epserve.gateway.parallel_samples import ParallelSamples
 from epserve.gateway.request_manager import RequestManager
 from epserve.sampling import TokenLogprob
 from epserve.gateway.sglang_convert import SglangRequest, chunk_response, complete_response, request_from_proto
 from epserve.gateway.tokenizer_archive import TokenizerArchive, build_tokenizer_archive
 from epserve.gateway.worker_api import WorkerLoad
+from epserve.model_config import ModelSpec
 from epserve.protos import sglang_scheduler_pb2 as sglang_pb2, sglang_scheduler_pb2_grpc, smg_common_pb2
 
 SERVICE_NAME = sglang_pb2.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
@@ -63,16 +62,15 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
     probe of each attention worker (None: it did not answer). ``default_seed``: the seed of
     requests that bring none (``--sglang-default-seed``; None: random)."""
 
-    def __init__(self, manager: RequestManager, model_info: ModelInfo, is_serving: Callable[[], bool],
+    def __init__(self, manager: RequestManager, spec: ModelSpec, is_serving: Callable[[], bool],
                  loads: Callable[[], dict[str, WorkerLoad | None]], server_args: dict[str, object],
                  default_seed: int | None = None) -> None:
         self._manager = manager
-        self._model_info = model_info
+        self._spec = spec
         self._is_serving = is_serving
         self._loads = loads
         self._server_args = server_args
         self._default_seed = default_seed
-        self._config = _read_config(model_info.model_path)
         self._start = time.time()
         self._lock = threading.Lock()
         self._running: dict[str, ParallelSamples] = {}
@@ -137,13 +135,13 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
         return sglang_pb2.HealthCheckResponse(healthy=False, message="no attention worker answers, or shutting down")
 
     def GetModelInfo(self, request, context):
-        info, config = self._model_info, self._config
+        info = self._spec
         return sglang_pb2.GetModelInfoResponse(
             model_path=info.model_path, tokenizer_path=info.model_path, is_generation=True,
-            served_model_name=Path(info.model_path).name, max_context_length=info.max_context_length,
-            vocab_size=info.vocab_size, supports_vision=False, model_type=str(config.get("model_type", "")),
-            eos_token_ids=list(info.eos_token_ids), bos_token_id=_int_or_zero(config.get("bos_token_id")),
-            pad_token_id=_int_or_zero(config.get("pad_token_id")), max_req_input_len=info.max_context_length - 1,
+            served_model_name=Path(info.model_path).name, max_context_length=info.max_position_embeddings,
+            vocab_size=info.vocab_size, supports_vision=False, model_type=info.model_type,
+            eos_token_ids=list(info.eos_token_ids), bos_token_id=_int_or_zero(info.bos_token_id),
+            pad_token_id=_int_or_zero(info.pad_token_id), max_req_input_len=info.max_position_embeddings - 1,
             architectures=[info.architecture])
 
     def GetServerInfo(self, request, context):
@@ -152,7 +150,7 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
         loads = [load for load in self._loads().values() if load is not None]
         scheduler_info.update({"num_attention_workers": len(self._loads()),
                                "num_attention_workers_reachable": len(loads),
-                               "architecture": self._model_info.architecture})
+                               "architecture": self._spec.architecture})
         start = Timestamp()
         start.FromSeconds(int(self._start))
         return sglang_pb2.GetServerInfoResponse(
@@ -178,7 +176,7 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
     def GetTokenizer(self, request, context):
         if self._archive is None:
             try:
-                self._archive = build_tokenizer_archive(self._model_info.model_path)
+                self._archive = build_tokenizer_archive(self._spec.model_path)
             except ValueError as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         chunks = self._archive.chunks()
@@ -208,24 +206,18 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
                                                      "cache); poll GetLoads")
 
 
-def _read_config(model_path: str) -> dict:
-    path = Path(model_path) / "config.json"
-    config = json.loads(path.read_text())
-    return config.get("text_config", config) if "vocab_size" not in config else config
-
-
 def _int_or_zero(value: object) -> int:
     if isinstance(value, list):
         value = value[0] if value else None
     return int(value) if isinstance(value, int) else 0
 
 
-def sglang_registration(manager: RequestManager, model_info: ModelInfo, pool, config,
+def sglang_registration(manager: RequestManager, spec: ModelSpec, pool, config,
                         is_serving: Callable[[], bool]) -> tuple[Callable, SglangSchedulerServicer, str]:
     """The (add_to_server, servicer, service name) triple serve_grpc takes, from the gateway's parts
     (``pool``: the WorkerPool, ``config``: the GatewayConfig; secrets stay out of GetServerInfo)."""
     server_args = {name: value for name, value in dataclasses.asdict(config).items()
                    if isinstance(value, (str, int, float, bool)) and "token" not in name and "key" not in name}
-    servicer = SglangSchedulerServicer(manager, model_info, is_serving, pool.loads, server_args,
+    servicer = SglangSchedulerServicer(manager, spec, is_serving, pool.loads, server_args,
                                        default_seed=config.sglang_default_seed)
     return sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server, servicer, SERVICE_NAME

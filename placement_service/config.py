@@ -2,7 +2,8 @@
 
 Built by ``__main__.main`` from flags (and the environment, read only there); every object
 of the service gets it through its constructor. ``__post_init__`` reads the model's
-config.json (no weights) into ``model`` and checks that the deployment adds up, with
+config.json (no weights) into ``model``, the ``ModelSpec`` the workers read (so placement refuses
+the models they refuse), and checks that the deployment adds up, with
 messages that say which flag to change.
 
 ``--moe-a2a-backend local`` is a colocated deployment: every attention worker holds all experts
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from epserve.dummy_weights import check_load_format
 from epserve.grpc_security import PLAINTEXT, Security
-from epserve.placement_service.model_info import ModelInfo
+from epserve.model_config import ModelSpec, load_model_spec
 
 MOE_A2A_BACKENDS = ("local", "torch", "cuda_ipc", "mooncake", "deepep")
 EPLB_ALGORITHMS = ("auto", "deepseek", "deepseek_hierarchical", "elasticity_aware", "movement_aware")
@@ -67,13 +68,16 @@ class PlacementConfig:
     elastic_ep_probe_timeout_ms: int = 500  # a suspect that does not accept a connection within this is DEAD
     security: Security = field(default=PLAINTEXT, repr=False)  # the deployment's token + TLS (grpc_security.py)
     max_message_bytes: int = 64 << 20  # largest gRPC message a caller may send (snapshots, load reports)
-    model: ModelInfo = field(init=False, repr=False)
+    model: ModelSpec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_load_format(self.load_format)
-        self.model = ModelInfo.read(self.model_path, self.load_format)
+        self.model = load_model_spec(self.model_path, self.load_format)
+        if not self.model.moe_layers:
+            raise ValueError(f"{self.model_path}/config.json describes no MoE layers (check decoder_sparse_step, "
+                             "mlp_only_layers / first_k_dense_replace); placement needs at least one")
         if not self.num_groups:
-            self.num_groups = self.model.num_groups
+            self.num_groups = self.model.num_expert_groups
         for name in ("port", "dist_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:

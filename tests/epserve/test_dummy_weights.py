@@ -24,7 +24,8 @@ from epserve_up import epserve_up
 from epserve.dummy_weights import LOAD_FORMATS, DummyReader, checkpoint_shapes, open_weights
 from epserve.model_config import ModelConfigError, load_model_spec
 from epserve.models.expert_side import load_expert_slots
-from epserve.placement_client import PlacementClient, WorkerRole, model_fingerprint
+from epserve.model_config import model_fingerprint
+from epserve.placement_client import PlacementClient, WorkerRole
 from epserve.weights import CheckpointReader
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

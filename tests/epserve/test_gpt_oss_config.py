@@ -120,9 +120,9 @@ def test_dummy_weights_serve_the_config(tmp_path):
         assert torch.equal(got[1], want[0]) and want[0].std() > 0
 
 
-def test_placement_reads_gpt_oss():
-    from epserve.placement_service.model_info import ModelInfo
+def test_placement_reads_gpt_oss(tmp_path):
+    from epserve.placement_service.config import PlacementConfig
 
-    info = ModelInfo.from_config(GPT_OSS_20B, "fp")
-    assert (info.moe_layers, info.num_experts, info.num_groups) == (tuple(range(24)), 32, 0)
+    info = PlacementConfig(str(write(tmp_path)), ep_size=1).model
+    assert (info.moe_layers, info.num_experts, info.num_expert_groups) == (tuple(range(24)), 32, 0)
     assert info.expert_bytes(2) == 3 * 2880 * 2880 * 2

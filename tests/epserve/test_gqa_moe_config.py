@@ -167,13 +167,15 @@ def test_dummy_weights_serve_the_config(tmp_path, base, small):
 
 
 def test_placement_reads_the_families(tmp_path):
-    from epserve.placement_service.model_info import ModelInfo
+    from epserve.placement_service.config import PlacementConfig
 
-    mixtral = ModelInfo.from_config(MIXTRAL, "fp")
-    assert (mixtral.moe_layers, mixtral.num_experts, mixtral.num_groups) == (tuple(range(32)), 8, 0)
+    def placement_model(base, **changes):
+        return PlacementConfig(str(write(tmp_path, base, **changes)), ep_size=1).model
+
+    mixtral = placement_model(MIXTRAL)
+    assert (mixtral.moe_layers, mixtral.num_experts, mixtral.num_expert_groups) == (tuple(range(32)), 8, 0)
     assert mixtral.expert_bytes(2) == 3 * 4096 * 14336 * 2
-    glm = ModelInfo.from_config(GLM4_5, "fp")
-    assert (glm.moe_layers, glm.num_experts, glm.num_groups) == (tuple(range(3, 92)), 160, 0)
-    assert ModelInfo.from_config({**GLM4_5, "n_group": 8, "topk_group": 4}, "fp").num_groups == 8
-    assert ModelInfo.from_config({k: v for k, v in GLM4_5.items() if k != "first_k_dense_replace"},
-                                 "fp").moe_layers[0] == 1
+    glm = placement_model(GLM4_5)
+    assert (glm.moe_layers, glm.num_experts, glm.num_expert_groups) == (tuple(range(3, 92)), 160, 0)
+    assert placement_model(GLM4_5, n_group=8, topk_group=4).num_expert_groups == 8
+    assert placement_model(GLM4_5, first_k_dense_replace=None).moe_layers[0] == 1

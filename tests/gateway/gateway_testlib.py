@@ -56,7 +56,8 @@ def write_model_dir(path: Path, tokenizer: Tokenizer, *, add_bos: bool = False) 
     (path / "config.json").write_text(json.dumps({
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
         "vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": CONTEXT_LENGTH,
-        "num_hidden_layers": 2, "hidden_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+        "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
         "decoder_sparse_step": 1, "mlp_only_layers": [], "eos_token_id": eos, "bos_token_id": None}))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, im_end]}))
     return path

@@ -12,7 +12,7 @@ import pytest
 from gateway_testlib import CONTEXT_LENGTH, REPO_ROOT, build_tokenizer, write_model_dir
 
 from epserve.gateway.config import GatewayConfig, build_parser, config_from_args
-from epserve.gateway.model_info import load_model_info
+from epserve.model_config import load_model_spec
 from epserve.tokenizer import Tokenizer
 
 
@@ -58,8 +58,8 @@ def test_bad_flag_exits_2_with_message(gateway_model_dir) -> None:
 
 
 def test_model_info_qwen3_moe(gateway_model_dir) -> None:
-    info = load_model_info(gateway_model_dir)
-    assert info.architecture == "Qwen3MoeForCausalLM" and info.max_context_length == CONTEXT_LENGTH
+    info = load_model_spec(gateway_model_dir)
+    assert info.architecture == "Qwen3MoeForCausalLM" and info.max_position_embeddings == CONTEXT_LENGTH
     assert (info.num_moe_layers, info.num_experts, info.num_experts_per_tok) == (2, 8, 2)
     assert len(info.eos_token_ids) == 2        # generation_config.json wins over config.json
 
@@ -69,15 +69,17 @@ def test_model_info_deepseek_layers_and_eos_fallback(tmp_path, gateway_model_dir
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 320, "max_position_embeddings": 128,
         "num_hidden_layers": 5, "first_k_dense_replace": 2, "moe_layer_freq": 1, "n_routed_experts": 16,
-        "num_experts_per_tok": 4, "eos_token_id": 1}))
-    info = load_model_info(tmp_path)
+        "num_experts_per_tok": 4, "eos_token_id": 1, "hidden_size": 32, "num_attention_heads": 4}))
+    info = load_model_spec(tmp_path)
     assert (info.num_moe_layers, info.num_experts, info.eos_token_ids) == (3, 16, (1,))
 
 
-def test_model_info_needs_context_length(tmp_path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10}))
+def test_model_info_needs_context_length(tmp_path, gateway_model_dir) -> None:
+    config = json.loads((gateway_model_dir / "config.json").read_text())
+    del config["max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        load_model_info(tmp_path)
+        load_model_spec(tmp_path)
 
 
 def test_bos_added_only_when_tokenizer_config_says_so(tmp_path, gateway_tokenizer) -> None:

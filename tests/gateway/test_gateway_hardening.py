@@ -13,7 +13,7 @@ from gateway_testlib import CONTEXT_LENGTH
 
 from epserve.gateway.config import GatewayConfig
 from epserve.gateway.errors import ErrorCode, GatewayError
-from epserve.gateway.model_info import load_model_info
+from epserve.model_config import load_model_spec
 from epserve.gateway.prompt_tokenizer import PIECE_CHARS, PromptTokenizer, encode_limited
 from epserve.gateway.request_manager import MAX_REQUEST_ID_CHARS, RequestManager
 from epserve.gateway.request_types import GenerateInput, SamplingRequest
@@ -78,7 +78,7 @@ class Directory:
 def make_manager(gateway_model_dir, gateway_tokenizer):
     def make(*workers: Worker, **config) -> RequestManager:
         cfg = GatewayConfig(model_path=str(gateway_model_dir), attention_workers=("127.0.0.1:1",), **config)
-        return RequestManager(cfg, gateway_tokenizer, load_model_info(gateway_model_dir), Directory(*workers),
+        return RequestManager(cfg, gateway_tokenizer, load_model_spec(gateway_model_dir), Directory(*workers),
                               Router())
     return make
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from epserve.grpc_server import wait_for_channel
-from epserve.placement_client import model_fingerprint
+from epserve.model_config import model_fingerprint
 from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.server import PlacementServer, start_placement_server
 from epserve.protos import placement_pb2, placement_pb2_grpc
@@ -32,6 +32,11 @@ MODEL_CONFIG = {
     "mlp_only_layers": [1],
     "hidden_size": 32,
     "moe_intermediate_size": 16,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "max_position_embeddings": 128,
 }
 ATTENTION = placement_pb2.WORKER_ROLE_ATTENTION
 EXPERT = placement_pb2.WORKER_ROLE_EXPERT
@@ -45,7 +50,7 @@ def _write_model(directory: Path, **overrides) -> Path:
 
 @pytest.fixture
 def write_model() -> Callable[..., Path]:
-    """write_model(directory, **config.json overrides) → directory holding a minimal Qwen3-MoE config.json."""
+    """write_model(directory, **config.json overrides) → directory holding a small Qwen3-MoE config.json."""
     return _write_model
 
 

@@ -15,7 +15,7 @@ DEEPSEEK = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_
 
 def test_groups_come_from_the_model(write_model, tmp_path):
     config = PlacementConfig(model_path=str(write_model(tmp_path / "ds", **DEEPSEEK)), ep_size=4)
-    assert config.model.moe_layers == (1, 2, 3) and config.model.num_groups == 8
+    assert config.model.moe_layers == (1, 2, 3) and config.model.num_expert_groups == 8
     assert config.num_groups == 8
     assert resolve_algorithm(config.eplb_algorithm, config.num_groups, config.num_nodes) \
         is EplbAlgorithm.deepseek_hierarchical

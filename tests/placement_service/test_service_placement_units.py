@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import WorkerRole, WorkerState, model_fingerprint
+from epserve.model_config import model_fingerprint
+from epserve.placement_client import WorkerRole, WorkerState
 from epserve.placement_service.broadcast import Broadcaster, SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from epserve.placement_service.model_info import ModelInfo
 from epserve.placement_service.registry import WorkerRegistry
 from epserve.placement_service.server import start_placement_server
 from epserve.placement_service.state import LoadStats, MapHistory, balancedness
@@ -25,15 +25,17 @@ pytestmark = pytest.mark.timeout(20)
 
 # -- model info and config ----------------------------------------------------------------------
 def test_moe_layers_follow_sparse_step_and_mlp_only_layers(tmp_path, write_model):
-    info = ModelInfo.read(write_model(tmp_path / "m", num_hidden_layers=8, decoder_sparse_step=2, mlp_only_layers=[3]))
+    info = PlacementConfig(str(write_model(tmp_path / "m", num_hidden_layers=8, decoder_sparse_step=2,
+                                           mlp_only_layers=[3]))).model
     assert info.moe_layers == (1, 5, 7) and info.num_experts == 8
-    deepseek = ModelInfo.from_config({"model_type": "deepseek_v3", "num_hidden_layers": 5, "n_routed_experts": 16,
-                                      "first_k_dense_replace": 2}, "f")
+    deepseek = PlacementConfig(str(write_model(tmp_path / "ds", architectures=["DeepseekV3ForCausalLM"],
+                                               model_type="deepseek_v3", num_hidden_layers=5, n_routed_experts=16,
+                                               first_k_dense_replace=2))).model
     assert deepseek.moe_layers == (2, 3, 4) and deepseek.num_experts == 16
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
-        ModelInfo.from_config({"model_type": "llama", "num_hidden_layers": 2}, "f")
+    with pytest.raises(ValueError, match=r"\['LlamaForCausalLM'\] is not supported"):
+        PlacementConfig(str(write_model(tmp_path / "llama", architectures=["LlamaForCausalLM"], model_type="llama")))
     with pytest.raises(ValueError, match="no config.json"):
-        ModelInfo.read(tmp_path / "missing")
+        PlacementConfig(str(tmp_path / "missing"))
 
 
 def test_fingerprint_ignores_formatting_but_not_content(tmp_path, write_model, model_dir):
