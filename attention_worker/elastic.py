@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from epserve.dataplane import PeerLost
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import WorkerState
+from epserve.placement_types import WorkerState
 
 logger = logging.getLogger(__name__)
 

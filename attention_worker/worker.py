@@ -44,7 +44,8 @@ from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
 from epserve.model_config import load_model_spec, model_fingerprint
-from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, WorkerState
+from epserve.placement_client import PlacementClient
+from epserve.placement_types import DataPlaneInfo, UpdatePhase, WorkerRole, WorkerState
 from epserve.process import start_daemon_thread
 from epserve.telemetry import (DEFAULT_UNTRACED_SERVICES, AttentionWorkerMetrics, StepSampler, Tracing,
                                setup_tracing)

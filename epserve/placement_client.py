@@ -1,4 +1,5 @@
-"""What a worker uses to talk to the placement service, and the types both sides share.
+"""What a worker uses to talk to the placement service (the types both sides share are in
+epserve/placement_types.py).
 
 ``PlacementClient`` owns one gRPC channel and up to two daemon threads:
 
@@ -21,13 +22,12 @@ same model" for both sides.
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -37,6 +37,7 @@ from epserve.expert_map_codec import expert_map_from_proto
 from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
 from epserve.model_config import model_fingerprint  # noqa: F401  (workers import it from here too)
+from epserve.placement_types import DataPlaneInfo, UpdatePhase, WorkerRole, WorkerState, data_plane_from_proto
 from epserve.process import start_daemon_thread
 from epserve.protos import placement_pb2, placement_pb2_grpc
 
@@ -50,74 +51,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-class WorkerRole(enum.IntEnum):
-    """Values equal protos.placement_pb2.WorkerRole."""
-    ATTENTION = 1
-    EXPERT = 2
-
-
-class WorkerState(enum.IntEnum):
-    """Values equal protos.placement_pb2.WorkerState."""
-    ALIVE = 1
-    SUSPECT = 2  # missed heartbeats
-    DEAD = 3
-    DRAINING = 4
-
-
-class UpdatePhase(enum.IntEnum):
-    """Values equal protos.placement_pb2.UpdatePhase."""
-    COMMIT = 1
-    PREPARE = 2
-    RETIRE = 3
-    ROLLBACK = 4
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    worker_id: str
-    role: WorkerRole
-    address: str
-    rank: int
-    state: WorkerState
-    capacity: float = 1.0
-    device: str = ""
-    last_heartbeat_unix_ms: int = 0
-    map_version: int = 0  # the map version the worker last acked
-
-
-@dataclass(frozen=True)
-class DataPlaneInfo:
-    """How the data plane is wired: every worker joins one group of world_size ranks."""
-    backend: str
-    dist_init_addr: str  # host:port of the rendezvous store
-    world_size: int
-    workers: tuple[WorkerInfo, ...] = field(default=())  # by rank, attention ranks first
-
-
-def worker_info_to_proto(info: WorkerInfo) -> placement_pb2.WorkerInfo:
-    return placement_pb2.WorkerInfo(
-        worker_id=info.worker_id, role=int(info.role), address=info.address, rank=info.rank,
-        state=int(info.state), capacity=info.capacity, device=info.device,
-        last_heartbeat_unix_ms=info.last_heartbeat_unix_ms, map_version=info.map_version)
-
-
-def worker_info_from_proto(message: placement_pb2.WorkerInfo) -> WorkerInfo:
-    return WorkerInfo(message.worker_id, WorkerRole(message.role), message.address, message.rank,
-                      WorkerState(message.state), message.capacity, message.device,
-                      message.last_heartbeat_unix_ms, message.map_version)
-
-
-def data_plane_to_proto(info: DataPlaneInfo) -> placement_pb2.DataPlaneInfo:
-    return placement_pb2.DataPlaneInfo(backend=info.backend, dist_init_addr=info.dist_init_addr,
-                                       world_size=info.world_size,
-                                       workers=[worker_info_to_proto(w) for w in info.workers])
-
-
-def data_plane_from_proto(message: placement_pb2.DataPlaneInfo) -> DataPlaneInfo:
-    return DataPlaneInfo(message.backend, message.dist_init_addr, message.world_size,
-                         tuple(worker_info_from_proto(w) for w in message.workers))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 from epserve import elastic_map
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import DataPlaneInfo, WorkerState
+from epserve.placement_types import DataPlaneInfo, WorkerState
 
 
 def live_owners(expert_map: ExpertMap, data_plane: DataPlaneInfo) -> torch.Tensor:

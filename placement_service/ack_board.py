@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from epserve.placement_client import UpdatePhase
+from epserve.placement_types import UpdatePhase
 
 Verdict = TypeVar("Verdict")
 

@@ -36,7 +36,7 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.grpc_guard import clip
-from epserve.placement_client import WorkerRole, WorkerState
+from epserve.placement_types import WorkerRole, WorkerState
 from epserve.placement_service import snapshot
 from epserve.placement_service.config import EPLB_ALGORITHMS
 from epserve.placement_service.controller import PlacementController

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import DataPlaneInfo, UpdatePhase, WorkerInfo, WorkerRole, WorkerState
+from epserve.placement_types import DataPlaneInfo, UpdatePhase, WorkerInfo, WorkerRole, WorkerState
 from epserve.placement_service.ack_board import AckBoard
 from epserve.placement_service.broadcast import Broadcaster, Subscription, SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig

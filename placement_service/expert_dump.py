@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 import grpc
 
 from epserve.grpc_security import PLAINTEXT, Security, open_channel
-from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
+from epserve.placement_types import WorkerInfo, WorkerRole, WorkerState
 from epserve.placement_service.errors import InvalidArgument, Unavailable
 
 DEFAULT_WORKER_TIMEOUT_S = 30.0

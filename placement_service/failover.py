@@ -45,7 +45,7 @@ import torch
 
 from epserve import elastic_map
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
+from epserve.placement_types import WorkerInfo, WorkerRole, WorkerState
 from epserve.placement_service.admin import AdminOps
 from epserve.placement_service.controller import PlacementController
 from epserve.placement_service.errors import PlacementError

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import UpdatePhase, WorkerState
+from epserve.placement_types import UpdatePhase, WorkerState
 from epserve.placement_service.ack_board import BoardClosed
 from epserve.placement_service.controller import PlacementController
 from epserve.placement_service.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from epserve.placement_client import WorkerInfo, WorkerRole, WorkerState
+from epserve.placement_types import WorkerInfo, WorkerRole, WorkerState
 from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 logger = logging.getLogger(__name__)

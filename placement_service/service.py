@@ -24,7 +24,7 @@ import grpc
 
 from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_to_proto
-from epserve.placement_client import data_plane_to_proto, worker_info_to_proto
+from epserve.placement_types import data_plane_to_proto, worker_info_to_proto
 from epserve.telemetry import Tracing, setup_tracing
 from epserve.placement_service.admin import AdminOps
 from epserve.placement_service.broadcast import SubscriptionClosed

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import DataPlaneInfo, UpdatePhase
+from epserve.placement_types import DataPlaneInfo, UpdatePhase
 from epserve.placement_service.errors import InvalidArgument, NotFound, Unavailable
 
 

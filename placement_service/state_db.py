@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import WorkerRole
+from epserve.placement_types import WorkerRole
 from epserve.placement_service.registry import WorkerRecord
 
 SCHEMA = """

@@ -21,7 +21,7 @@ from epserve.attention_worker.moe_executor import RemoteExperts
 from epserve.dataplane import DataPlaneTimeout, PeerLost, PendingCombine, split_by_worker
 from epserve.expert_map import ExpertMap
 from epserve.models.decoder import MoECall
-from epserve.placement_client import WorkerState
+from epserve.placement_types import WorkerState
 
 OWNERS = ("expert-0", "expert-1")
 V1 = ExpertMap(torch.tensor([[0, 1, 2, 3, 0, 1]]), 4, 1, OWNERS)

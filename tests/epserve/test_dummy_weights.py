@@ -25,7 +25,8 @@ from epserve.dummy_weights import LOAD_FORMATS, DummyReader, checkpoint_shapes, 
 from epserve.model_config import ModelConfigError, load_model_spec
 from epserve.models.expert_side import load_expert_slots
 from epserve.model_config import model_fingerprint
-from epserve.placement_client import PlacementClient, WorkerRole
+from epserve.placement_client import PlacementClient
+from epserve.placement_types import WorkerRole
 from epserve.weights import CheckpointReader
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ import torch
 
 from epserve import elastic_map
 from epserve.expert_map import ExpertMap
-from epserve.placement_client import UpdatePhase, WorkerInfo, WorkerRole, WorkerState
+from epserve.placement_types import UpdatePhase, WorkerInfo, WorkerRole, WorkerState
 from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.failover import CannotPlan, Failover, plan_change, probe_address
 from test_rebalance_fakes import FakeCluster, FakeWorker, make_service

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epserve.placement_client import UpdatePhase, WorkerRole, WorkerState
+from epserve.placement_types import UpdatePhase, WorkerRole, WorkerState
 from epserve.placement_service.admin import AdminOps
 from epserve.placement_service.broadcast import SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from epserve.placement_client import UpdatePhase
+from epserve.placement_types import UpdatePhase
 from epserve.placement_service.errors import Aborted, FailedPrecondition, Unavailable
 from epserve.placement_service.rebalancer import next_chunk
 from test_rebalance_fakes import FakeCluster, make_service, report_load, skewed_counts

@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epserve.grpc_server import wait_for_channel
-from epserve.placement_client import PlacementClient, WorkerRole
+from epserve.placement_client import PlacementClient
+from epserve.placement_types import WorkerRole
 from epserve.placement_service.__main__ import build_parser, main
 from epserve.protos import placement_pb2, placement_pb2_grpc
 

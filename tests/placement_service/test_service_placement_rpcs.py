@@ -12,7 +12,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epserve.expert_map_codec import expert_map_from_proto
-from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole
+from epserve.placement_client import PlacementClient
+from epserve.placement_types import DataPlaneInfo, UpdatePhase, WorkerRole
 from epserve.protos import placement_pb2
 
 pytestmark = pytest.mark.timeout(30)

@@ -11,7 +11,7 @@ import torch
 
 from epserve.expert_map import ExpertMap
 from epserve.model_config import model_fingerprint
-from epserve.placement_client import WorkerRole, WorkerState
+from epserve.placement_types import WorkerRole, WorkerState
 from epserve.placement_service.broadcast import Broadcaster, SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
