@@ -8,15 +8,12 @@ loop thread is fatal: it is logged and the process exits, rather than living on 
 
 from __future__ import annotations
 
-import logging
-import os
 import queue
 import threading
 
 from epserve.attention_worker.engine import DuplicateRequest, Engine, RequestRejected, StepOutput
+from epserve.process import start_daemon_thread
 from epserve.sampling import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 
 class EngineLoop:
@@ -29,16 +26,17 @@ class EngineLoop:
         self._streams_lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread = start_daemon_thread(self._run, "engine-loop")   # a crash ends the process
 
     def stop(self, timeout_s: float = 5.0) -> None:
         with self._wake:
             self._stopped = True
             self._wake.notify_all()
-        self._thread.join(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                num_generated_before: int = 0, trace_context: bytes = b"") -> queue.SimpleQueue[StepOutput]:
@@ -75,20 +73,15 @@ class EngineLoop:
             self._wake.notify_all()
 
     def _run(self) -> None:
-        try:
-            while True:
-                with self._wake:
-                    while not self._stopped and not self.engine.has_work:
-                        self._wake.wait()
-                    if self._stopped:
-                        return
-                for output in self.engine.step():
-                    with self._streams_lock:
-                        stream = (self._streams.pop(output.request_id, None) if output.finished
-                                  else self._streams.get(output.request_id))
-                    if stream is not None:
-                        stream.put(output)
-        except BaseException:
-            logger.exception("engine loop crashed; exiting")
-            logging.shutdown()
-            os._exit(1)
+        while True:
+            with self._wake:
+                while not self._stopped and not self.engine.has_work:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+            for output in self.engine.step():
+                with self._streams_lock:
+                    stream = (self._streams.pop(output.request_id, None) if output.finished
+                              else self._streams.get(output.request_id))
+                if stream is not None:
+                    stream.put(output)

@@ -16,23 +16,24 @@ from pathlib import Path
 
 from epserve.attention_worker.expert_recorder import ExpertLoadRecorder, RecorderMode
 from epserve.expert_map import ExpertMap
+from epserve.status_error import StatusCode, StatusError
 
 
-class DumpRejected(Exception):
-    """A dump that cannot be made; ``code`` is the gRPC status name."""
-    code = "INTERNAL"
+class DumpRejected(StatusError):
+    """A dump that cannot be made; ``code`` is the status it is answered with."""
+    code = StatusCode.INTERNAL
 
 
 class InvalidDumpDirectory(DumpRejected):
-    code = "INVALID_ARGUMENT"
+    code = StatusCode.INVALID_ARGUMENT
 
 
 class DumpNotRecorded(DumpRejected):
-    code = "FAILED_PRECONDITION"
+    code = StatusCode.FAILED_PRECONDITION
 
 
 class DumpWriteFailed(DumpRejected):
-    code = "FAILED_PRECONDITION"
+    code = StatusCode.FAILED_PRECONDITION
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from epserve.expert_map import ExpertMap
+from epserve.process import start_daemon_thread
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,7 @@ class HeatmapWriter:
                              "choose a writable directory") from None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="expert-heatmap", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon_thread(self._run, "expert-heatmap")
 
     def put(self, interval: HeatmapInterval) -> None:
         self._queue.put(interval)

@@ -21,6 +21,7 @@ import grpc
 from epserve.attention_worker.engine import DuplicateRequest, RequestRejected, StepOutput
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_dump import DumpRejected, dump_expert_distribution
+from epserve.grpc_server import abort_with
 from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
 from epserve.sampling import logprob_to_proto, sampling_from_proto
 
@@ -106,7 +107,7 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
         try:
             result = dump_expert_distribution(engine.recorder, request.directory, self.worker_id, engine.expert_map)
         except DumpRejected as exc:
-            context.abort(grpc.StatusCode[exc.code], str(exc))
+            abort_with(context, exc)
         logger.info("expert distribution dumped to %s (%s, %d passes, %d token records)", result.path, result.mode,
                     result.num_passes, result.num_token_records)
         return worker_pb2.DumpExpertDistributionResponse(

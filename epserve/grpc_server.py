@@ -10,6 +10,7 @@ UNKNOWN) for a handler's exception, clipped status details. ``security`` with a 
 serves TLS (mTLS with a CA; ``grpc_security.py``). ``max_message_bytes`` bounds a received
 message (RESOURCE_EXHAUSTED past it, before the handler runs); ``max_concurrent_rpcs``, when
 set, answers RPCs past it RESOURCE_EXHAUSTED instead of queueing them for a thread.
+``abort_with`` answers a ``StatusError`` (epserve/status_error.py) with the status it carries.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from epserve.grpc_guard import GuardInterceptor
 from epserve.grpc_security import PLAINTEXT, Security, open_channel
+from epserve.status_error import StatusError
 
 # Generous message limits: expert maps and load reports of big models are a few MB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -38,6 +40,11 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """GRPC_OPTIONS with received messages bounded by ``max_message_bytes``."""
     return [(key, max_message_bytes if key == "grpc.max_receive_message_length" else value)
             for key, value in GRPC_OPTIONS]
+
+
+def abort_with(context: grpc.ServicerContext, error: StatusError) -> None:
+    """End the call with the status ``error`` carries (raises, as ``context.abort`` does)."""
+    context.abort(grpc.StatusCode[error.code], error.message)
 
 
 @dataclass

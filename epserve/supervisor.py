@@ -25,6 +25,8 @@ from typing import IO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from epserve.process import start_daemon_thread
+
 # a logging ERROR/CRITICAL record, an exception's last line, argparse's "prog: error: ...", or a process's
 # own "attention_worker: --flag must be ..." line
 ERROR_LINE = re.compile(r" (ERROR|CRITICAL) |^[\w.]*(Error|Exception)(:|$)|: error: |^(epserve|attention_worker|"
@@ -40,8 +42,7 @@ class ChildLog:
         self._lines: deque[str] = deque(maxlen=NUM_KEPT_LINES)
         self._lock = threading.Lock()
         self._sink = sink
-        self._thread = threading.Thread(target=self._pump, args=(stream,), name=f"log-{name}", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon_thread(lambda: self._pump(stream), f"log-{name}")
 
     def _pump(self, stream: IO[str]) -> None:
         sink = self._sink if self._sink is not None else sys.stderr

@@ -26,7 +26,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
-from epserve.gateway.errors import ErrorCode, GatewayError, ValidationError
+from epserve.gateway.errors import GatewayError, ValidationError
+from epserve.process import start_daemon_thread
+from epserve.status_error import StatusCode
 from epserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def _start_helper(model_path: str) -> None:
             time.sleep(1.0)
         os._exit(0)
 
-    threading.Thread(target=exit_with_parent, name="exit-with-gateway", daemon=True).start()
+    start_daemon_thread(exit_with_parent, "exit-with-gateway")
 
 
 def _encode_in_helper(text: str, max_tokens: int) -> tuple[list[int] | None, int]:
@@ -96,7 +98,7 @@ class PromptTokenizer:
         self._check_bytes(text)
         with self._lock:
             if self._pending >= self._max_pending:
-                raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED,
+                raise GatewayError(StatusCode.RESOURCE_EXHAUSTED,
                                    f"{self._pending} prompts are being tokenized, the gateway's limit "
                                    "(--max-pending-prompts); retry later")
             self._pending += 1
@@ -115,11 +117,11 @@ class PromptTokenizer:
 
     def _check_bytes(self, text: str) -> None:
         if len(text) > self.max_prompt_bytes:       # at least one byte per character: no need to encode it
-            raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED, f"the prompt has {len(text)} characters, more than "
+            raise GatewayError(StatusCode.RESOURCE_EXHAUSTED, f"the prompt has {len(text)} characters, more than "
                                f"the gateway's limit of {self.max_prompt_bytes} bytes (--max-prompt-bytes)")
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > self.max_prompt_bytes:
-            raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED, f"the prompt is {size} bytes (UTF-8), more than the "
+            raise GatewayError(StatusCode.RESOURCE_EXHAUSTED, f"the prompt is {size} bytes (UTF-8), more than the "
                                f"gateway's limit of {self.max_prompt_bytes} (--max-prompt-bytes)")
 
     def _encode_elsewhere(self, text: str, timeout_s: float | None) -> tuple[list[int] | None, int]:
@@ -129,7 +131,7 @@ class PromptTokenizer:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
             future.cancel()
-            raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, "the request passed its deadline while its prompt "
+            raise GatewayError(StatusCode.DEADLINE_EXCEEDED, "the request passed its deadline while its prompt "
                                "was being tokenized") from None
         except BrokenProcessPool:
             logger.error("a tokenizer process died; starting another")
@@ -137,7 +139,7 @@ class PromptTokenizer:
                 if self._pool is pool:
                     self._pool = None
             pool.shutdown(wait=False, cancel_futures=True)
-            raise GatewayError(ErrorCode.INTERNAL, "the tokenizer process died while tokenizing this prompt") from None
+            raise GatewayError(StatusCode.INTERNAL, "the tokenizer process died while tokenizing this prompt") from None
 
     def _helper_pool(self) -> ProcessPoolExecutor:
         with self._lock:

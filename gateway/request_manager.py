@@ -37,7 +37,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from epserve.gateway.config import GatewayConfig
-from epserve.gateway.errors import ErrorCode, GatewayError, ValidationError
+from epserve.gateway.errors import GatewayError, ValidationError
+from epserve.status_error import StatusCode
 from epserve.gateway.observer import NullObserver, RequestObserver
 from epserve.gateway.output_processor import OutputProcessor
 from epserve.gateway.prompt_tokenizer import PromptTokenizer
@@ -156,14 +157,14 @@ class RequestManager:
         request = _Request(request_id, prompt_ids, params, time.monotonic() + timeout)
         with self._idle:
             if not self._accepting:
-                raise GatewayError(ErrorCode.UNAVAILABLE, "the gateway is shutting down")
+                raise GatewayError(StatusCode.UNAVAILABLE, "the gateway is shutting down")
             # A client that cancelled a stream and at once reuses its id can arrive before the
             # cancellation has reached this manager: give the old request a moment to leave.
             self._idle.wait_for(lambda: request_id not in self._requests, timeout=REUSE_GRACE_S)
             if request_id in self._requests:
-                raise GatewayError(ErrorCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running")
+                raise GatewayError(StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running")
             if len(self._requests) >= self._config.max_concurrent_requests:
-                raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED,
+                raise GatewayError(StatusCode.RESOURCE_EXHAUSTED,
                                    f"{len(self._requests)} requests are running, the gateway's limit "
                                    f"(--max-concurrent-requests); retry later")
             self._requests[request_id] = request
@@ -288,7 +289,7 @@ class RequestManager:
                 return
             remaining_s = request.deadline - time.monotonic()
             if remaining_s <= 0:
-                raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, f"request {request_id} passed its deadline")
+                raise GatewayError(StatusCode.DEADLINE_EXCEEDED, f"request {request_id} passed its deadline")
             generated = processor.completion_ids
             worker_request = WorkerRequest(
                 request.worker_request_id, tuple(request.prompt_ids + generated),
@@ -298,10 +299,10 @@ class RequestManager:
                                          + worker_request.sampling.max_new_tokens)
             if address is None:
                 if full:
-                    raise GatewayError(ErrorCode.RESOURCE_EXHAUSTED, f"every attention worker is full "
+                    raise GatewayError(StatusCode.RESOURCE_EXHAUSTED, f"every attention worker is full "
                                        f"({', '.join(full)}); retry later or lower max_new_tokens")
                 detail = f"; lost during this request: {', '.join(lost)}" if lost else ""
-                raise GatewayError(ErrorCode.UNAVAILABLE, f"no attention worker is available{detail}")
+                raise GatewayError(StatusCode.UNAVAILABLE, f"no attention worker is available{detail}")
             if lost:
                 logger.info("request %s: re-submitting to %s with %d tokens generated", request_id, address,
                             len(generated))
@@ -316,7 +317,7 @@ class RequestManager:
                 return
             except StreamCancelled:
                 if request.stop_reason is None:  # not ours after all: treat as a lost worker
-                    raise GatewayError(ErrorCode.INTERNAL, f"stream from {address} cancelled unexpectedly")
+                    raise GatewayError(StatusCode.INTERNAL, f"stream from {address} cancelled unexpectedly")
                 continue
             except WorkerLost as exc:
                 request.detach()
@@ -325,24 +326,24 @@ class RequestManager:
                 lost.append(address)
                 self._check_poison(request_id, lost, failed, exc)
                 if len(lost) > self._config.max_retries:
-                    raise GatewayError(ErrorCode.UNAVAILABLE, f"request {request_id} lost its attention worker "
+                    raise GatewayError(StatusCode.UNAVAILABLE, f"request {request_id} lost its attention worker "
                                        f"{len(lost)} times ({', '.join(lost)}); giving up") from exc
                 logger.warning("request %s: attention worker %s lost after %d tokens: %s",
                                request_id, address, len(processor.completion_ids), exc)
                 self._observer.on_retry(request_id, address)
             except WorkerTimeout as exc:
                 worker.abort_nowait(worker_request.request_id)
-                raise GatewayError(ErrorCode.DEADLINE_EXCEEDED,
+                raise GatewayError(StatusCode.DEADLINE_EXCEEDED,
                                    f"request {request_id} passed its deadline waiting on {address}") from exc
             except WorkerFailed as exc:
                 request.detach()
-                if exc.code == "RESOURCE_EXHAUSTED":
+                if exc.code == StatusCode.RESOURCE_EXHAUSTED:
                     logger.info("request %s: attention worker %s is full: %s", request_id, address, exc.message)
                     full.append(address)
                     continue
-                if exc.code == "INVALID_ARGUMENT":      # bad input is bad on every worker: no retry
-                    raise GatewayError(ErrorCode.INVALID_ARGUMENT, exc.message) from exc
-                if exc.code == "ALREADY_EXISTS" and request.worker_request_id == request_id:
+                if exc.code == StatusCode.INVALID_ARGUMENT:      # bad input is bad on every worker: no retry
+                    raise GatewayError(StatusCode.INVALID_ARGUMENT, exc.message) from exc
+                if exc.code == StatusCode.ALREADY_EXISTS and request.worker_request_id == request_id:
                     # the worker still ends the previous request of this id (a stop or cancel a moment
                     # ago): this one runs under an id of its own there
                     request.worker_request_id = f"{request_id}~{uuid.uuid4().hex[:8]}"
@@ -357,7 +358,7 @@ class RequestManager:
         cut, or failed with INTERNAL) is not sent to another one."""
         broken = list(dict.fromkeys(lost + failed))
         if len(broken) >= self._config.max_worker_failures:
-            raise GatewayError(ErrorCode.INTERNAL, f"request {request_id} failed on {len(broken)} attention workers "
+            raise GatewayError(StatusCode.INTERNAL, f"request {request_id} failed on {len(broken)} attention workers "
                                f"({', '.join(broken)}); not retried on another (--max-worker-failures): "
                                f"{str(exc)[:300]}") from exc
 

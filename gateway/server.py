@@ -27,6 +27,7 @@ from epserve.gateway.sglang_servicer import sglang_registration
 from epserve.tokenizer import Tokenizer
 from epserve.gateway.worker_pool import WorkerPool
 from epserve.model_config import load_model_spec
+from epserve.process import start_daemon_thread
 from epserve.protos import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,7 @@ class Gateway:
         self._server: GrpcServer | None = None
         self._stopping = threading.Event()
         self._stop_refresh = threading.Event()
-        self._refresh_thread = threading.Thread(target=self.pool.run_refresh_loop, args=(self._stop_refresh,),
-                                                name="gateway-refresh", daemon=True)
+        self._refresh_thread: threading.Thread | None = None
 
     def start(self) -> int:
         """Serves (health NOT_SERVING until a worker answers) after one round of discovery and
@@ -76,7 +76,8 @@ class Gateway:
                                   max_message_bytes=config.max_message_bytes,
                                   max_concurrent_rpcs=config.max_concurrent_requests + EXTRA_RPC_THREADS)
         self.pool.refresh()
-        self._refresh_thread.start()
+        self._refresh_thread = start_daemon_thread(lambda: self.pool.run_refresh_loop(self._stop_refresh),
+                                                   "gateway-refresh")
         logger.info("gateway serving %s on %s:%d (model %s, context %d tokens)", SERVICE_NAME, self.config.host,
                     self._server.port, self.spec.architecture, self.spec.max_position_embeddings)
         return self._server.port
@@ -99,7 +100,8 @@ class Gateway:
             if not self.manager.wait_idle(self.config.rpc_timeout_s + 1.0):
                 logger.warning("shutting down: %d streams did not end", self.manager.num_running)
         self._stop_refresh.set()
-        self._refresh_thread.join(timeout=self.config.rpc_timeout_s + 1.0)
+        if self._refresh_thread is not None:
+            self._refresh_thread.join(timeout=self.config.rpc_timeout_s + 1.0)
         self._server.stop(grace_s=1.0)
         self.pool.close()
         self.manager.close()

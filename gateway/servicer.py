@@ -8,12 +8,13 @@ children, and the observer adds the request's outcome to it."""
 
 from __future__ import annotations
 
-import grpc
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry import trace
 
+from epserve.grpc_server import abort_with
 from epserve.telemetry import Tracing
 
-from epserve.gateway.errors import ErrorCode, GatewayError
+from epserve.gateway.errors import GatewayError
+from epserve.status_error import StatusCode
 from epserve.gateway.request_manager import RequestManager
 from epserve.gateway.request_types import GenerateInput, GenerateOutput, SamplingRequest
 from epserve.gateway.worker_pool import WorkerPool
@@ -22,11 +23,7 @@ from epserve.protos import generation_pb2, generation_pb2_grpc
 from epserve.sampling import logprob_to_proto
 
 
-SERVER_ERRORS = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL)  # span status ERROR
-
-
-def status_code(code: ErrorCode) -> grpc.StatusCode:
-    return grpc.StatusCode[code.value]
+SERVER_ERRORS = (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.INTERNAL)  # span status ERROR
 
 
 def sampling_from_proto(proto: generation_pb2.SamplingParams) -> SamplingRequest:
@@ -82,9 +79,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except GatewayError as exc:
                 error = exc
                 if exc.code in SERVER_ERRORS:
-                    span.set_status(Status(StatusCode.ERROR, f"{exc.code.value}: {exc.message}"))
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{exc.code.value}: {exc.message}"))
         if error is not None:
-            context.abort(status_code(error.code), error.message)
+            abort_with(context, error)
 
     def Abort(self, request, context):
         return generation_pb2.AbortResponse(found=self._manager.abort(request.request_id))

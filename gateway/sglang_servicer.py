@@ -37,6 +37,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from epserve.gateway.errors import GatewayError
+from epserve.grpc_server import abort_with
 from epserve.gateway.parallel_samples import ParallelSamples
 from epserve.gateway.request_manager import RequestManager
 from epserve.sampling import TokenLogprob
@@ -83,7 +84,7 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
             samples = ParallelSamples(self._manager, sglang_request.sample_inputs(self._default_seed),
                                       timeout_s=context.time_remaining())
         except GatewayError as exc:
-            context.abort(grpc.StatusCode[exc.code.value], exc.message)
+            abort_with(context, exc)
         with self._lock:
             self._running[request.request_id] = samples
         context.add_callback(samples.cancel)
@@ -97,7 +98,7 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
                 if self._running.get(request.request_id) is samples:
                     del self._running[request.request_id]
         if error is not None:
-            context.abort(grpc.StatusCode[error.code.value], error.message)
+            abort_with(context, error)
 
     def _responses(self, request: SglangRequest, samples: ParallelSamples):
         prompt_tokens = len(request.input_ids)

@@ -30,6 +30,7 @@ from epserve.placement_service.admin import AdminOps
 from epserve.placement_service.broadcast import SubscriptionClosed
 from epserve.placement_service.controller import PlacementController
 from epserve.placement_service.eplb_loop import EplbLoop
+from epserve.grpc_server import abort_with
 from epserve.placement_service.errors import FailedPrecondition, PlacementError
 from epserve.placement_service.failover import Failover
 from epserve.placement_service.planner import RebalancePlan
@@ -51,7 +52,7 @@ def _status_errors(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except PlacementError as exc:
-            context.abort(grpc.StatusCode[exc.code], str(exc))
+            abort_with(context, exc)
     return wrapper
 
 
@@ -93,7 +94,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
         try:
             subscription = self.controller.subscribe(name)
         except PlacementError as exc:
-            context.abort(grpc.StatusCode[exc.code], str(exc))
+            abort_with(context, exc)
         context.add_callback(subscription.close)
         try:
             while True:

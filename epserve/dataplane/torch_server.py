@@ -50,6 +50,7 @@ import torch
 from epserve.dataplane.base import BatchHeader, ExpertCompute, StaleMapVersion
 from epserve.dataplane.torch_group import Link, TorchGroup, close_group
 from epserve.dataplane.torch_links import IDLE_TIMEOUT_S, LinkAcceptor
+from epserve.process import start_daemon_thread
 from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, Status,
                                           WireHeader, decode_header, encode_header, layout_of, reply_nbytes,
                                           reply_views, request_capacity, tag_for)
@@ -113,16 +114,16 @@ class TorchExpertServer:
             raise RuntimeError("serve() runs once per TorchExpertServer")
         self._started = True
         group = self.group
-        receivers = [threading.Thread(target=self._receive_from, args=(a,), daemon=True, name=f"dataplane-recv-{a}")
-                     for a in self._links]
         acceptors = []
         for a, served in self._links.items():
             acceptor = LinkAcceptor(group.dist_init_addr, a, group.rank, group.token, self.connect_timeout_s,
                                     group.device, lambda new, a=a: self._install(a, new), self._stopping)
             acceptor.next_epoch = (served.link.epoch + 1) if served is not None else 1
-            acceptors.append(threading.Thread(target=acceptor.run, daemon=True, name=f"dataplane-accept-{a}"))
-        for thread in receivers + acceptors:
-            thread.start()
+            acceptors.append(acceptor)
+        receivers = [start_daemon_thread(lambda a=a: self._receive_from(a), f"dataplane-recv-{a}")
+                     for a in self._links]
+        for acceptor in acceptors:
+            start_daemon_thread(acceptor.run, f"dataplane-accept-{acceptor.attention_rank}")
         try:
             while not self._stopping.is_set():
                 batch = self._next_batch()

@@ -12,7 +12,8 @@ import pytest
 from gateway_testlib import CONTEXT_LENGTH
 
 from epserve.gateway.config import GatewayConfig
-from epserve.gateway.errors import ErrorCode, GatewayError
+from epserve.gateway.errors import GatewayError
+from epserve.status_error import StatusCode
 from epserve.model_config import load_model_spec
 from epserve.gateway.prompt_tokenizer import PIECE_CHARS, PromptTokenizer, encode_limited
 from epserve.gateway.request_manager import MAX_REQUEST_ID_CHARS, RequestManager
@@ -94,7 +95,7 @@ def test_poison_request_stops_after_two_workers(make_manager):
     manager = make_manager(*workers)
     with pytest.raises(GatewayError) as info:
         run(manager)
-    assert info.value.code == ErrorCode.INTERNAL and "--max-worker-failures" in info.value.message
+    assert info.value.code == StatusCode.INTERNAL and "--max-worker-failures" in info.value.message
     assert sum(len(w.requests) for w in workers) == 2            # never sent to a third worker
     assert manager.num_running == 0
 
@@ -104,7 +105,7 @@ def test_lost_and_failed_workers_both_count(make_manager):
     workers = [Worker("w0", [WorkerLost("stream cut")]), Worker("w1", [WorkerFailed("INTERNAL", "boom")])]
     with pytest.raises(GatewayError) as info:
         run(make_manager(*workers))
-    assert info.value.code == ErrorCode.INTERNAL and "2 attention workers" in info.value.message
+    assert info.value.code == StatusCode.INTERNAL and "2 attention workers" in info.value.message
 
 
 def test_one_failure_is_retried_on_another_worker(make_manager):
@@ -117,7 +118,7 @@ def test_bad_input_at_the_worker_is_not_retried(make_manager):
     workers = [Worker("w0", [WorkerFailed("INVALID_ARGUMENT", "prompt_ids holds ids outside")]), Worker("w1", [])]
     with pytest.raises(GatewayError) as info:
         run(make_manager(*workers))
-    assert info.value.code == ErrorCode.INVALID_ARGUMENT and "prompt_ids" in info.value.message
+    assert info.value.code == StatusCode.INVALID_ARGUMENT and "prompt_ids" in info.value.message
     assert len(workers[1].requests) == 0
 
 
@@ -132,7 +133,7 @@ def test_a_worker_still_holding_the_id_gets_a_fresh_one(make_manager):
 def test_request_id_length_is_bounded(make_manager):
     with pytest.raises(GatewayError) as info:
         run(make_manager(Worker("w0", [])), request_id="x" * (MAX_REQUEST_ID_CHARS + 1))
-    assert info.value.code == ErrorCode.INVALID_ARGUMENT and len(info.value.message) < 200
+    assert info.value.code == StatusCode.INVALID_ARGUMENT and len(info.value.message) < 200
 
 
 def test_prompt_bytes_limit_before_tokenizing(make_manager):
@@ -140,7 +141,7 @@ def test_prompt_bytes_limit_before_tokenizing(make_manager):
     for text in ("x" * 1001, "日" * 400):           # 1001 characters; 400 characters but 1200 bytes
         with pytest.raises(GatewayError) as info:
             run(manager, text=text, token_ids=None)
-        assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED and "--max-prompt-bytes" in info.value.message
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED and "--max-prompt-bytes" in info.value.message
 
 
 def test_long_prompt_is_refused_from_a_prefix(gateway_tokenizer):
@@ -212,7 +213,7 @@ def test_pending_prompt_limit(gateway_model_dir, gateway_tokenizer):
         prompts.encode("b")
     gate.set()
     worker.join()
-    assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED and "--max-pending-prompts" in info.value.message
+    assert info.value.code == StatusCode.RESOURCE_EXHAUSTED and "--max-pending-prompts" in info.value.message
 
 
 def test_a_restarted_placement_listing_nobody_does_not_empty_the_pool(gateway_model_dir):

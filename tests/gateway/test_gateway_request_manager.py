@@ -10,7 +10,8 @@ import pytest
 from gateway_testlib import CONTEXT_LENGTH
 
 from epserve.gateway.config import GatewayConfig
-from epserve.gateway.errors import ErrorCode, GatewayError
+from epserve.gateway.errors import GatewayError
+from epserve.status_error import StatusCode
 from epserve.model_config import load_model_spec
 from epserve.gateway.request_manager import RequestManager
 from epserve.gateway.request_types import GenerateInput, SamplingRequest
@@ -145,7 +146,7 @@ def test_no_worker_left_is_unavailable(make_manager) -> None:
     manager = make_manager(ScriptedWorker("w1", [1, 2, 3, 4], fail_after=1))
     with pytest.raises(GatewayError) as info:
         collect(manager, GenerateInput("r1", token_ids=(1,), sampling=SamplingRequest(max_new_tokens=4)))
-    assert info.value.code == ErrorCode.UNAVAILABLE and "w1" in info.value.message
+    assert info.value.code == StatusCode.UNAVAILABLE and "w1" in info.value.message
     assert manager.num_running == 0
 
 
@@ -169,7 +170,7 @@ def test_duplicate_running_id_and_cancel(make_manager) -> None:
     next(stream)
     with pytest.raises(GatewayError) as info:
         manager.submit(GenerateInput("dup", token_ids=(1,)))
-    assert info.value.code == ErrorCode.ALREADY_EXISTS
+    assert info.value.code == StatusCode.ALREADY_EXISTS
     handle.cancel()                       # the client went away
     assert list(stream) == []             # nothing more is sent
     assert worker.aborts == ["dup"] and manager.num_running == 0
@@ -196,7 +197,7 @@ def test_validation_errors_name_the_field(make_manager) -> None:
     for inp, prefix in cases:
         with pytest.raises(GatewayError) as info:
             manager.submit(inp)
-        assert info.value.code == ErrorCode.INVALID_ARGUMENT and info.value.message.startswith(prefix)
+        assert info.value.code == StatusCode.INVALID_ARGUMENT and info.value.message.startswith(prefix)
     assert manager.num_running == 0
 
 
@@ -205,7 +206,7 @@ def test_shutdown_refuses_new_requests(make_manager) -> None:
     manager.stop_accepting()
     with pytest.raises(GatewayError) as info:
         manager.submit(GenerateInput("a", token_ids=(1,)))
-    assert info.value.code == ErrorCode.UNAVAILABLE
+    assert info.value.code == StatusCode.UNAVAILABLE
 
 
 def test_full_worker_is_skipped_then_resource_exhausted(make_manager) -> None:
@@ -218,7 +219,7 @@ def test_full_worker_is_skipped_then_resource_exhausted(make_manager) -> None:
                                           error=WorkerFailed("RESOURCE_EXHAUSTED", "KV cache full")))
     with pytest.raises(GatewayError) as info:
         collect(manager, GenerateInput("r2", token_ids=(1,)))
-    assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED
+    assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_worker_timeout_is_deadline_exceeded_and_aborted(make_manager) -> None:
@@ -226,7 +227,7 @@ def test_worker_timeout_is_deadline_exceeded_and_aborted(make_manager) -> None:
     manager = make_manager(worker)
     with pytest.raises(GatewayError) as info:
         collect(manager, GenerateInput("r1", token_ids=(1,), sampling=SamplingRequest(max_new_tokens=3)))
-    assert info.value.code == ErrorCode.DEADLINE_EXCEEDED and worker.aborts == ["r1"]
+    assert info.value.code == StatusCode.DEADLINE_EXCEEDED and worker.aborts == ["r1"]
     assert manager.num_running == 0
 
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from epserve.gateway.errors import ErrorCode, ValidationError
+from epserve.gateway.errors import ValidationError
+from epserve.status_error import StatusCode
 from epserve.gateway.request_types import SamplingRequest
 from epserve.sampling import SamplingParams
 from epserve.gateway.validation import Limits, effective_max_new_tokens, validate_prompt, validate_sampling
@@ -40,7 +41,7 @@ def test_bad_sampling_field_is_named(sampling: SamplingRequest, field: str) -> N
     with pytest.raises(ValidationError) as info:
         validate_sampling(sampling, LIMITS)
     assert info.value.field == field
-    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
     assert info.value.message.startswith(field + ":")
 
 
