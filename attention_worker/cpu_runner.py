@@ -36,6 +36,7 @@ class CpuStepRunner:
 
     def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:
         """The sampled token of each completing chunk, in chunk order (and its logprobs if asked)."""
+        self.executor.prepare(expert_map, self.model.device)    # device routing (torch_native on a GPU)
         groups = self._split(chunks)
         generators = [self.model.forward_steps(self._batch(group), self.attention) for group in groups]
         logits = torch.cat(run_micro_batches(generators, self.executor, expert_map))     # [B', V]

@@ -117,6 +117,21 @@ def run_mode(mode: str, model_dir: Path, args, log, env: dict | None, rows: list
                 f"(first token {row['median_first_token_ms']:.0f} ms)")
 
 
+def with_tokenizer(model_dir: Path) -> Path:
+    """The gateway needs a tokenizer.json; requests here send token ids, so the tiny model's byte-level
+    tokenizer does (ids it does not know decode to nothing)."""
+    import shutil
+    import tempfile
+
+    from epserve.tiny_model import make_tiny_model
+
+    tiny = make_tiny_model(Path(tempfile.mkdtemp(prefix="serve_deployed_tok_")) / "model", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny / name).exists():
+            shutil.copy(tiny / name, model_dir / name)
+    return model_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
@@ -140,7 +155,7 @@ def main() -> int:
     from epserve.model_config import load_model_spec
     from serve_gpu import write_model_dir                  # (bench/ is on sys.path) no CUDA context here
 
-    model_dir = args.model_path or write_model_dir(args.layers)
+    model_dir = args.model_path or with_tokenizer(write_model_dir(args.layers))
     spec = load_model_spec(model_dir)
     args.vocab = spec.vocab_size
     lines: list[str] = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from epserve.model_config import ModelSpec
 from epserve.models.decoder import AttentionBackend, DecoderSide, ForwardBatch
@@ -58,8 +59,8 @@ class Glm4MoeAttentionSide(DecoderSide):
 
     def attention_out(self, index: int, x: torch.Tensor, w: Glm4MoeLayerWeights, batch: ForwardBatch,
                       attention: AttentionBackend) -> torch.Tensor:
-        qkv = self.ops.linear(x, w.qkv_proj, w.qkv_bias)                         # [T, (H + 2 Hkv) Dh]
-        return self.ops.linear(attention.forward(index, qkv, w.q_norm, w.k_norm, batch), w.o_proj)
+        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)                                # [T, (H + 2 Hkv) Dh]
+        return F.linear(attention.forward(index, qkv, w.q_norm, w.k_norm, batch), w.o_proj)
 
     def norm_and_route(self, attn: torch.Tensor, residual: torch.Tensor, w: Glm4MoeLayerWeights):
         x, residual = self.ops.add_rms_norm(attn, residual, w.post_norm, self.spec.rms_norm_eps)

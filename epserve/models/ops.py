@@ -10,9 +10,6 @@ Legend: T tokens, N normalised width, E logical experts, K top-k.
 - ``add_norm_route(x, residual, weight, eps, router [E, D], top_k, renormalize) -> (normed, summed,
   topk_ids, topk_weights)``: a MoE layer's post-attention residual add, norm and routing together
   (one launch at decode sizes on a GPU, ``kernels/moe_router.py``).
-- ``linear(x [T, K], w [N, K], b [N] | None) -> [T, N]``: the attention projections (a GEMV that
-  streams the weights once for a few 16-bit tokens on a GPU, ``kernels/dense_gemv.py``; cuBLAS
-  otherwise; ``EPSERVE_DENSE_GEMV=0`` at start-up keeps cuBLAS for every size).
 
 ``TORCH_OPS`` composes torch operations exactly as transformers' reference computes them (the
 float64 parity path, and any device). ``triton_ops()`` uses one fused Triton kernel per
@@ -24,8 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +35,6 @@ class LayerOps:
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     route: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
     add_norm_route: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    linear: Callable[..., torch.Tensor] = F.linear
 
 
 def _torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -64,7 +58,6 @@ TORCH_OPS = LayerOps("torch", rms_norm, _torch_add_rms_norm, softmax_topk,
 
 def triton_ops() -> LayerOps:
     """The fused-kernel operations (CUDA devices; the Triton interpreter in CPU tests)."""
-    from epserve.kernels.dense_gemv import MAX_ROWS as GEMV_MAX_TOKENS, dense_gemv
     from epserve.kernels.moe_router import FUSED_MAX_TOKENS, add_norm_router_topk
     from epserve.kernels.rms_norm import add_rms_norm, rms_norm as triton_rms_norm
     from epserve.kernels.topk_softmax import softmax_topk_renorm
@@ -85,15 +78,7 @@ def triton_ops() -> LayerOps:
                                                                       renormalize)
         return normed, summed, topk_ids, topk_weights
 
-    gemv_on = os.environ.get("EPSERVE_DENSE_GEMV", "1") != "0"
-
-    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if gemv_on and x.shape[0] <= GEMV_MAX_TOKENS and x.dtype in (torch.bfloat16, torch.float16) \
-                and x.is_contiguous():
-            return dense_gemv(x, w, b)
-        return F.linear(x, w, b)
-
-    return LayerOps("triton", triton_rms_norm, add_rms_norm, route, add_norm_route, linear)
+    return LayerOps("triton", triton_rms_norm, add_rms_norm, route, add_norm_route)
 
 
 def layer_ops_for(device: torch.device | str) -> LayerOps:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from epserve.model_config import ModelSpec
 from epserve.models.decoder import AttentionBackend, DecoderSide, ForwardBatch
@@ -47,9 +48,8 @@ class Qwen3MoeAttentionSide(DecoderSide):
 
     def attention_out(self, index: int, x: torch.Tensor, w: LayerWeights, batch: ForwardBatch,
                       attention: AttentionBackend) -> torch.Tensor:
-        linear = self.ops.linear
-        attn = attention.forward(index, linear(x, w.qkv_proj), w.q_norm, w.k_norm, batch)      # [T, H Dh]
-        return linear(attn, w.o_proj)
+        attn = attention.forward(index, F.linear(x, w.qkv_proj), w.q_norm, w.k_norm, batch)    # [T, H Dh]
+        return F.linear(attn, w.o_proj)
 
     def norm_and_route(self, attn: torch.Tensor, residual: torch.Tensor, w: LayerWeights):
         spec = self.spec

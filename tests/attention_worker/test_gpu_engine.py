@@ -29,7 +29,6 @@ def gpu_engine(model_dir, dtype, load_format="auto", **limits):
 
 def prompt_logits(engine, prompts_ids) -> list[torch.Tensor]:
     """Every position's logits of a ragged batch through the engine's GPU runner (one prefill step)."""
-    from epserve.attention_worker.scheduler import ScheduledChunk
 
     for i, ids in enumerate(prompts_ids):
         engine.add_request(str(i), ids, SamplingParams(temperature=0, max_new_tokens=1))
@@ -99,21 +98,42 @@ def test_cuda_graph_replay_equals_eager(tiny_model):
     assert torch.equal(replayed, eager_logits)
 
 
-def test_bf16_follows_float32(tiny_model):
-    ids = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3], list(range(40, 77))]
-    greedy = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
-    fp32 = generate_tokens(gpu_engine(tiny_model, torch.float32), ids, greedy)
-    bf16 = generate_tokens(gpu_engine(tiny_model, torch.bfloat16), ids, greedy)
-    same = sum(a == b for x, y in zip(fp32, bf16) for a, b in zip(x, y))
-    assert same / sum(map(len, fp32)) >= 0.95
-    logits32 = prompt_logits(gpu_engine(tiny_model, torch.float32), ids)
-    logits16 = prompt_logits(gpu_engine(tiny_model, torch.bfloat16), ids)
-    for a, b in zip(logits32, logits16):
-        assert ((a - b).norm() / a.norm()).item() <= 2e-2
+def teacher_forced(reference, other) -> tuple[float, float]:
+    """Per-position logits of the same sequences: (top-1 agreement with ``reference``, worst relative error).
+    Teacher forcing keeps one early near-tie flip from changing every later position."""
+    same = sum(int((a.argmax(-1) == r.argmax(-1)).sum()) for a, r in zip(other, reference))
+    rel = max(((a.float() - r.float()).norm() / r.float().norm()).item() for a, r in zip(other, reference))
+    return same / sum(r.shape[0] for r in reference), rel
 
 
-def test_real_shape_dummy_weights_bf16_follows_float32(tmp_path):
-    """Qwen3-30B-A3B's layer shape (4 of its 48 layers), dummy weights: the kernels at real sizes."""
+def fp32_continuations(model_dir, prompts, new_tokens, load_format="auto") -> list[list[int]]:
+    greedy = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    generated = generate_tokens(gpu_engine(model_dir, torch.float32, load_format), prompts, greedy)
+    return [p + g for p, g in zip(prompts, generated)]
+
+
+def test_bf16_is_as_close_to_float32_as_transformers_bf16(tiny_model, hf):
+    """bf16 moves logits and flips near-ties whoever computes it (transformers' own bf16 greedy run
+    leaves its float32 one at 1 of 4 prompts on this model). The engine's bf16 must be as close to
+    float32 as transformers' bf16 is: top-1 per position under teacher forcing, and the logits."""
+    model, _ = hf
+    seqs = fp32_continuations(tiny_model, [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3], list(range(40, 77))], 24)
+    fp32 = prompt_logits(gpu_engine(tiny_model, torch.float32), seqs)
+    ours = prompt_logits(gpu_engine(tiny_model, torch.bfloat16), seqs)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16,
+                                                             experts_implementation="eager").cuda().eval()
+    with torch.no_grad():
+        theirs = [hf16(torch.tensor([ids], device="cuda")).logits[0] for ids in seqs]
+    ours_agree, ours_rel = teacher_forced(fp32, ours)
+    theirs_agree, theirs_rel = teacher_forced(fp32, theirs)
+    assert ours_agree >= theirs_agree - 0.03, (ours_agree, theirs_agree)
+    assert ours_rel <= 1.5 * theirs_rel, (ours_rel, theirs_rel)
+
+
+def test_real_shape_dummy_weights_bf16_kernels_as_close_as_torch(tmp_path):
+    """Qwen3-30B-A3B's layer shape (4 of its 48 layers), dummy weights: the Triton MoE kernels at real
+    sizes stay as close to float32 as the torch MoE runner in bf16 (the path that matches transformers'
+    bf16 token for token on the tiny model)."""
     config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
               "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
               "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
@@ -122,12 +142,17 @@ def test_real_shape_dummy_weights_bf16_follows_float32(tmp_path):
               "eos_token_id": 151645}
     (tmp_path / "config.json").write_text(json.dumps(config))
     g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in (1, 7, 64, 300)]
-    greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
-    fp32 = generate_tokens(gpu_engine(tmp_path, torch.float32, "dummy"), ids, greedy)
-    bf16 = generate_tokens(gpu_engine(tmp_path, torch.bfloat16, "dummy"), ids, greedy)
-    same = sum(a == b for x, y in zip(fp32, bf16) for a, b in zip(x, y))
-    assert same / sum(map(len, fp32)) >= 0.95
+    prompts = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in (1, 7, 64, 300)]
+    seqs = fp32_continuations(tmp_path, prompts, 16, "dummy")
+    fp32 = prompt_logits(gpu_engine(tmp_path, torch.float32, "dummy"), seqs)
+    triton_moe = prompt_logits(gpu_engine(tmp_path, torch.bfloat16, "dummy"), seqs)
+    torch_moe = prompt_logits(build_colocated_engine(str(tmp_path), torch.bfloat16, "cuda", "torch", limits=EngineLimits(
+        num_kv_blocks=256, kv_block_size=16, max_num_batched_tokens=512, max_num_seqs=16, num_micro_batches=1,
+        cuda_graph_max_bs=16), load_format="dummy"), seqs)
+    triton_agree, triton_rel = teacher_forced(fp32, triton_moe)
+    torch_agree, torch_rel = teacher_forced(fp32, torch_moe)
+    assert triton_agree >= torch_agree - 0.03, (triton_agree, torch_agree)
+    assert triton_rel <= 1.5 * torch_rel, (triton_rel, torch_rel)
 
 
 def test_expert_load_recorded_on_the_device_under_graphs(tiny_model):
