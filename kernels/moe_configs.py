@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from epserve.kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig, TmaGemmConfig,
                                  alignment_block)
 from epserve.kernels.moe_gemv import GemvConfig
+
+logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -88,11 +91,32 @@ def config_file_name(num_slots: int, dim: int, inter: int, device_name: str) -> 
     return f"S={num_slots},D={dim},I={inter},device={device_name.replace(' ', '_')}.json"
 
 
+# Cards of one architecture (same SM count class, shared memory, TMA): a table tuned on one is a far
+# better start on another than the generic heuristic (measured: H100 with the H200's table vs default
+# in bench/results/serve_gpu.md). Substring of the device name → the device whose tables stand in.
+SAME_ARCHITECTURE = {"H100": "NVIDIA H200", "H800": "NVIDIA H200", "H20": "NVIDIA H200", "GH200": "NVIDIA H200"}
+
+
+def stand_in_device(device_name: str) -> str | None:
+    """The device whose tuned tables serve ``device_name`` when it has none of its own."""
+    for key, other in SAME_ARCHITECTURE.items():
+        if key in device_name and other != device_name:
+            return other
+    return None
+
+
 @functools.lru_cache(maxsize=64)
 def load_config_table(num_slots: int, dim: int, inter: int, device_name: str) -> dict[int, MoEConfig] | None:
+    """The tuned table for this shape on this device, else the one tuned on a card of the same
+    architecture (logged once), else None (the heuristic ``default_config``)."""
     path = CONFIG_DIR / config_file_name(num_slots, dim, inter, device_name)
     if not path.exists():
-        return None
+        other = stand_in_device(device_name)
+        if other is None or not (CONFIG_DIR / config_file_name(num_slots, dim, inter, other)).exists():
+            return None
+        logger.info("no tuned fused-MoE table for S=%d D=%d I=%d on %s: using %s's (same architecture; "
+                    "bench/gpu/tune_moe.py tunes one)", num_slots, dim, inter, device_name, other)
+        path = CONFIG_DIR / config_file_name(num_slots, dim, inter, other)
     return {int(t): config_from_dict(e) for t, e in json.loads(path.read_text()).items()}
 
 

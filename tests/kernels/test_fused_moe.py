@@ -127,3 +127,17 @@ def test_config_round_trip():
     configs += list(_tma_configs().values())
     for config in configs:
         assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_a_card_without_tables_uses_its_architecture_siblings():
+    """An H100 has no tuned tables of its own: it gets the H200's (same architecture), not the
+    generic heuristic; a card of no known family gets the heuristic."""
+    from epserve.kernels.moe_configs import default_config, get_config, load_config_table, stand_in_device
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert stand_in_device(h100) == "NVIDIA H200" and stand_in_device("NVIDIA H200") is None
+    h200_table = load_config_table(128, 2048, 768, "NVIDIA H200")
+    assert h200_table is not None
+    assert load_config_table(128, 2048, 768, h100) == h200_table
+    assert get_config(1, 8, 128, 2048, 768, h100) == h200_table[1]
+    assert get_config(1, 8, 128, 2048, 768, "NVIDIA A100-SXM4-80GB") == default_config(1, 8, 128)
