@@ -27,6 +27,12 @@ gateway on the ports they had, so clients and workers find them again; placement
 gateway given up on ends the deployment. ``max_restarts`` 0: the first death ends it. Failures
 quote the child's own last error line (its stderr is read through ``supervisor.ChildLog``).
 
+Devices (hybrid deployments): attention workers run on ``attention_device`` and expert worker i on
+``expert_devices[i]`` (both default to ``device``), so a GPU attention worker can use GPU and CPU
+expert workers; the torch data plane then runs on gloo through host memory. Expert worker i
+registers ``expert_capacities[i]`` with placement, or without capacities measures its own
+(``--capacity auto``, expert_worker/capacity.py); ``expert_num_threads[i]`` sets its torch threads.
+
 Colocated (``moe_a2a_backend`` local): no expert workers (``num_expert_workers`` 0, placement
 ``--ep-size 0``); every attention worker holds all experts and runs them with
 ``moe_runner_backend``; readiness waits for the attention workers and the gateway only. The
@@ -37,6 +43,7 @@ go to the attention workers; None = the worker's default.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -69,7 +76,11 @@ class DeploymentConfig:
     num_expert_workers: int | None = None   # None = 1, or 0 for a colocated deployment (the only value it takes)
     num_redundant_experts: int = 0
     dtype: str = "bfloat16"
-    device: str = "cpu"
+    device: str = "cpu"                     # every worker's, unless attention_device / expert_devices say otherwise
+    attention_device: str = ""              # "" = device
+    expert_devices: list[str] | None = None         # one per expert worker; None = device for each
+    expert_capacities: list[float] | None = None    # one per expert worker; None = each measures its own (auto)
+    expert_num_threads: list[int] | None = None     # one per expert worker; None = the worker's default (1)
     load_format: str = "auto"               # every worker's --load-format; dummy = random weights
     host: str = "127.0.0.1"
     gateway_port: int = 0
@@ -121,6 +132,7 @@ class DeploymentConfig:
         if self.num_redundant_experts < 0:
             raise ValueError("--ep-num-redundant-experts must be >= 0")
         self._check_engine()
+        self._check_devices()
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"--load-format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.enable_expert_distribution_metrics and not self.metrics:
@@ -149,6 +161,44 @@ class DeploymentConfig:
         if self.extra_expert_args:
             raise ValueError(f"expert worker flags {self.extra_expert_args}: {reason}")
 
+    def _check_devices(self) -> None:
+        """Hybrid deployments: a device (and capacity, threads) per expert worker; flags named in errors."""
+        for flag, value in (("--device", self.device), ("--attention-device", self.attention_device or self.device)):
+            check_device(flag, value)
+        per_worker = (("--expert-devices", self.expert_devices), ("--expert-capacities", self.expert_capacities),
+                      ("--expert-num-threads", self.expert_num_threads))
+        for flag, values in per_worker:
+            if values is None:
+                continue
+            if self.colocated:
+                raise ValueError(f"{flag}: with --moe-a2a-backend {COLOCATED} there are no expert workers; drop the "
+                                 "flag (the attention workers run the experts on --attention-device)")
+            if len(values) != self.num_expert_workers:
+                raise ValueError(f"{flag} has {len(values)} entries, there are {self.num_expert_workers} expert "
+                                 f"workers (--expert-workers): give one per expert worker")
+        for device in self.expert_devices or ():
+            check_device("--expert-devices", device)
+        for capacity in self.expert_capacities or ():
+            if not (math.isfinite(capacity) and capacity > 0):
+                raise ValueError(f"--expert-capacities entries must be numbers > 0, got {capacity}")
+        for threads in self.expert_num_threads or ():
+            if threads < 1:
+                raise ValueError(f"--expert-num-threads entries must be >= 1, got {threads}")
+        devices = {self.attention_device or self.device, *(self.expert_devices or [self.device])}
+        if self.moe_a2a_backend == "cuda_ipc" and len({d.split(":")[0] for d in devices}) > 1:
+            raise ValueError(f"--moe-a2a-backend cuda_ipc puts every channel on one kind of device, but the "
+                             f"workers are on {sorted(devices)}: use --moe-a2a-backend torch (gloo through host "
+                             "memory) for a deployment that mixes CPU and GPU workers")
+
+    def expert_args(self, index: int) -> list[str]:
+        """Flags of expert worker ``index`` besides the common ones: its device, capacity, threads."""
+        capacity = "auto" if self.expert_capacities is None else repr(float(self.expert_capacities[index]))
+        args = ["--device", self.expert_devices[index] if self.expert_devices else self.device,
+                "--capacity", capacity, "--moe-runner-backend", self.moe_runner_backend]
+        if self.expert_num_threads:
+            args += ["--num-threads", str(self.expert_num_threads[index])]
+        return args + self.extra_expert_args
+
     def _check_engine(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
@@ -168,7 +218,7 @@ class DeploymentConfig:
 
     def attention_args(self) -> list[str]:
         """Flags every attention worker gets besides the common ones."""
-        args = ["--moe-a2a-backend", self.moe_a2a_backend,
+        args = ["--device", self.attention_device or self.device, "--moe-a2a-backend", self.moe_a2a_backend,
                 "--ep-dispatch-algorithm", self.ep_dispatch_algorithm,
                 "--expert-distribution-recorder-mode", self.expert_distribution_recorder_mode,
                 "--attention-backend", self.attention_backend]
@@ -266,11 +316,10 @@ class LocalDeployment:
             _set_flag(placement.args, "--port", str(placement.port))    # a restart binds the same port
             self.placement_port = placement.port
             address = f"{c.host}:{self.placement_port}"
-            common = ["--placement", address, "--dtype", c.dtype, "--device", c.device, "--load-format", c.load_format]
+            common = ["--placement", address, "--dtype", c.dtype, "--load-format", c.load_format]
             # Workers and gateway start in parallel: each imports torch for seconds.
             pending = [self._launch(f"expert-{i}", "epserve.expert_worker",
-                                    common + ["--worker-id", f"expert-{i}", "--moe-runner-backend",
-                                              c.moe_runner_backend] + c.extra_expert_args)
+                                    common + ["--worker-id", f"expert-{i}"] + c.expert_args(i))
                        for i in range(c.num_expert_workers)]
             pending += [self._launch(f"attention-{i}", "epserve.attention_worker",
                                      common + ["--worker-id", f"attention-{i}"] + c.attention_args())
@@ -475,6 +524,13 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def check_device(flag: str, device: str) -> None:
+    """ValueError naming ``flag`` unless ``device`` reads as a torch device: cpu, cuda or cuda:N."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ValueError(f"{flag}: {device!r} is not a device; use cpu, cuda or cuda:N")
 
 
 def _set_flag(args: list[str], flag: str, value: str) -> None:

@@ -8,7 +8,7 @@ import sys
 
 from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
 from epserve.grpc_security import add_security_arguments, security_from_args
-from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig
+from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig, parse_capacity
 
 
 
@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
     p.add_argument("--moe-runner-backend", default="auto",
                    help="expert kernels: auto|torch|triton|deep_gemm|flashinfer_cutlass (default auto)")
-    p.add_argument("--capacity", type=float, default=1.0,
-                   help="relative expert throughput, so placement can mix CPU and GPU workers (default 1)")
+    p.add_argument("--capacity", type=parse_capacity, default=1.0, metavar="FLOAT|auto",
+                   help="relative expert throughput, so placement gives slower workers fewer and colder experts "
+                        "(default 1); auto = measure it at start-up: this worker's MoE runner on --device times a "
+                        "small batch of the model's expert GEMMs and reports the rate in TFLOP/s (1.0 = 10^12 "
+                        "expert flops/s; only ratios between workers matter)")
     p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--expert-load-duty-cycle", type=float, default=DEFAULT_DUTY_CYCLE, metavar="FRACTION",
                    help="while serving, a map change loads its experts for at most this fraction of the wall "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ class ExpertWorkerConfig:
     device: str = "cpu"
     load_format: str = "auto"               # auto | safetensors | dummy (random weights, no checkpoint read)
     moe_runner_backend: str = "auto"
-    capacity: float = 1.0                   # relative expert throughput, for placement
+    capacity: float | None = 1.0            # relative expert throughput, for placement; None = measure (auto)
     rpc_timeout_s: float = 10.0
     num_threads: int = 1
     expert_load_duty_cycle: float = DEFAULT_DUTY_CYCLE    # share of wall time a live map change may spend loading
@@ -39,8 +41,8 @@ class ExpertWorkerConfig:
         if ":" not in self.placement:
             raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
         check_load_format(self.load_format)
-        if self.capacity <= 0:
-            raise ValueError(f"--capacity must be > 0, got {self.capacity}")
+        if self.capacity is not None and not (math.isfinite(self.capacity) and self.capacity > 0):
+            raise ValueError(f"--capacity must be a number > 0 or auto, got {self.capacity}")
         if not 0 < self.expert_load_duty_cycle <= 1:
             raise ValueError(f"--expert-load-duty-cycle must be in (0, 1], got {self.expert_load_duty_cycle}")
         if self.rpc_timeout_s <= 0:
@@ -49,3 +51,13 @@ class ExpertWorkerConfig:
             raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+
+def parse_capacity(text: str) -> float | None:
+    """``--capacity``: a relative speed > 0, or ``auto`` (None: measured at start-up, capacity.py)."""
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or auto, got {text!r}") from None

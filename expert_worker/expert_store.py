@@ -8,7 +8,9 @@ costs nothing); in other layers, experts already held in some slot are copied fr
 only the rest are read from the checkpoint. Several
 versions can be held at once (make-before-break: v serves while v+1 is prepared);
 ``retire_below(v)`` drops older ones. ``compute`` is the data plane's ``ExpertCompute``: it
-serves a batch routed with ``header.map_version`` or raises ``StaleMapVersion``.
+serves a batch routed with ``header.map_version`` or raises ``StaleMapVersion``; its inputs are
+moved to this worker's device and the result back to where they came from (a CUDA expert worker
+on the gloo data plane receives and replies in host memory).
 """
 
 from __future__ import annotations
@@ -105,4 +107,7 @@ class ExpertStore:
 
             raise StaleMapVersion(f"expert worker {self.worker_id} holds map versions {self.versions}, "
                                   f"not {header.map_version}")
-        return slots.compute(self.runner, header.layer, hidden.to(self.dtype), local_slot_ids, weights)
+        # the data plane delivers where its group lives (gloo: host memory), the experts compute on this device
+        out = slots.compute(self.runner, header.layer, hidden.to(self.device, self.dtype),
+                            local_slot_ids.to(self.device), weights.to(self.device))
+        return out.to(hidden.device)

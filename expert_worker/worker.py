@@ -1,6 +1,7 @@
 """The expert worker process: wiring of expert store, data plane, placement and gRPC.
 
-Start-up: serve gRPC health (NOT_SERVING) → register with placement (EXPERT role) → watch.
+Start-up: measure the capacity (``--capacity auto``, capacity.py) → serve gRPC health (NOT_SERVING)
+→ register with placement (EXPERT role, with capacity and device) → watch.
 Map updates (make-before-break, see docs/architecture.md):
 - PREPARE v / COMMIT v: make v's slots for this worker resident (only changed experts are read;
   v-1 keeps serving meanwhile), then ack (ok=False with the error if loading failed).
@@ -29,13 +30,15 @@ import time
 from epserve.dummy_weights import open_weights
 from epserve.expert_map import ExpertMap
 from epserve.grpc_server import GrpcServer, serve_grpc
-from epserve.model_config import load_model_spec
+from epserve.model_config import load_model_spec, model_fingerprint
 from epserve.moe_runner import make_moe_runner
-from epserve.placement_client import DataPlaneInfo, PlacementClient, UpdatePhase, WorkerRole, model_fingerprint
+from epserve.placement_client import PlacementClient
+from epserve.placement_types import DataPlaneInfo, UpdatePhase, WorkerRole
 from epserve.process import start_daemon_thread
 from epserve.telemetry import ExpertWorkerMetrics, Tracing, setup_tracing
 from epserve.weights import parse_dtype
 from epserve.expert_worker import elastic
+from epserve.expert_worker.capacity import measure_capacity
 from epserve.expert_worker.config import ExpertWorkerConfig
 from epserve.expert_worker.expert_store import ExpertStore
 from epserve.expert_worker.load_pacer import LoadPacer
@@ -55,15 +58,16 @@ class ExpertWorker:
         self.metrics = metrics
         self.spec = load_model_spec(config.model_path)
         weights = open_weights(config.model_path, config.load_format, self.spec)   # read again on map changes
-        self.store = ExpertStore(self.spec, weights, config.worker_id,
-                                 make_moe_runner(config.moe_runner_backend, config.device, dtype=parse_dtype(config.dtype)),
-                                 parse_dtype(config.dtype), config.device)
+        runner = make_moe_runner(config.moe_runner_backend, config.device, dtype=parse_dtype(config.dtype))
+        self.store = ExpertStore(self.spec, weights, config.worker_id, runner, parse_dtype(config.dtype), config.device)
+        self.capacity = (config.capacity if config.capacity is not None   # --capacity auto: measured once, here
+                         else measure_capacity(self.spec, runner, parse_dtype(config.dtype), config.device))
         self.server: GrpcServer = serve_grpc([], config.host, config.port, serving=False,
                                              interceptors=self.tracing.server_interceptors(),
                                              security=config.security)
         self.address = f"{config.advertise_host}:{self.server.port}"
         self.placement = PlacementClient(config.placement, config.worker_id, WorkerRole.EXPERT, self.address,
-                                         capacity=config.capacity, device=config.device,
+                                         capacity=self.capacity, device=config.device,
                                          model_fingerprint=model_fingerprint(config.model_path, config.load_format),
                                          timeout_s=config.rpc_timeout_s, security=config.security)
         self.expert_server = None

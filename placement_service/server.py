@@ -40,7 +40,7 @@ from epserve.placement_service.controller import PlacementController
 from epserve.placement_service.eplb_loop import EplbLoop
 from epserve.placement_service.errors import PlacementError
 from epserve.placement_service.failover import Failover
-from epserve.placement_service.initial_placement import initial_phy2log
+from epserve.placement_service.initial_placement import initial_load, initial_phy2log
 from epserve.placement_service.rebalancer import Rebalancer
 from epserve.placement_service.service import PlacementAdminServicer, PlacementServicer
 from epserve.placement_service.state_db import StateDB
@@ -137,7 +137,7 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
     try:
         store, dist_port = _start_store(config, db)
         dist_init_addr = f"{config.advertise_host}:{dist_port}"
-        controller = PlacementController(config, dist_init_addr, phy2log, db)
+        controller = PlacementController(config, dist_init_addr, phy2log, db, initial_load=initial_load(config))
         rebalancer = Rebalancer(controller, tracing=tracing, metrics=metrics)
         admin = AdminOps(controller, rebalancer)
         eplb = EplbLoop(admin, rebalancer)

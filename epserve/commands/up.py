@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +39,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="redundant expert slots per MoE layer; experts + R must divide by --expert-workers")
     p.add_argument("--dtype", default="bfloat16", choices=["float64", "float32", "bfloat16", "float16"],
                    help="model dtype (default bfloat16; float64 for exact parity checks)")
-    p.add_argument("--device", default="cpu", help="torch device for workers (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of every worker unless --attention-device / --expert-devices say otherwise "
+                        "(default cpu)")
+    hybrid = p.add_argument_group("hybrid devices (docs/architecture.md, \"Hybrid devices\")")
+    hybrid.add_argument("--attention-device", default="", metavar="DEVICE",
+                        help="device of the attention workers, e.g. cuda:0 (default: --device)")
+    hybrid.add_argument("--expert-devices", type=_list_of(str), default=None, metavar="D0,D1,...",
+                        help="one device per expert worker, e.g. cuda:0,cuda:0,cpu (default: --device for each); "
+                             "with CPU and GPU workers mixed the torch data plane runs on gloo through host memory")
+    hybrid.add_argument("--expert-capacities", type=_list_of(float), default=None, metavar="C0,C1,...",
+                        help="one relative speed per expert worker, e.g. 1,1,0.1: placement gives slower workers "
+                             "fewer and colder experts (default: each expert worker measures its own at start-up, "
+                             "--capacity auto: its expert GEMM rate in TFLOP/s)")
+    hybrid.add_argument("--expert-num-threads", type=_list_of(int), default=None, metavar="N0,N1,...",
+                        help="torch CPU threads of each expert worker (default 1 each)")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="where every worker's weights come from: auto (default) and safetensors read the "
                         "checkpoint; dummy draws random weights on --device from a fixed seed, the same values "
@@ -178,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
         config = DeploymentConfig(
             model_path=model_path, num_attention_workers=args.attention_workers,
             num_expert_workers=expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
-            dtype=args.dtype, device=args.device, load_format=args.load_format, host=args.host,
+            dtype=args.dtype, device=args.device, attention_device=args.attention_device,
+            expert_devices=args.expert_devices, expert_capacities=args.expert_capacities,
+            expert_num_threads=args.expert_num_threads, load_format=args.load_format, host=args.host,
             gateway_port=args.port, placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,
             init_expert_location=args.init_expert_location, state_db=state_db, auth_token_file=token_file,
@@ -240,6 +257,17 @@ def run(args: argparse.Namespace) -> int:
         up_metrics.stop()
     _remove_state_db(args.state_db, state_db)
     return code
+
+
+def _list_of(kind: type) -> Callable[[str], list]:
+    """argparse type of a comma-separated list (``cuda:0,cpu``, ``1,0.1``)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got "
+                                             f"{text!r}") from None
+    return parse
 
 
 def _token_file(args: argparse.Namespace) -> str:

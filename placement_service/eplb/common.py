@@ -143,8 +143,16 @@ def replicate_and_pack(weight: np.ndarray, num_phy: int, num_packs: int,
                        capacity: np.ndarray | None = None) -> np.ndarray:
     """DeepSeek's global step: replicate, then pack the replicas onto packs of equal size.
 
-    weight [B, E] → phy2log [B, num_phy] with slot = pack * (num_phy // num_packs) + rank.
+    weight [B, E] → phy2log [B, num_phy] with slot = pack * (num_phy // num_packs) + rank. With
+    capacities that differ, ``capacity_pack`` plans instead: slower packs get fewer and colder
+    experts, and slots that would only slow the layer down stay empty (-1).
     """
+    if capacity is not None:
+        cap = np.broadcast_to(np.asarray(capacity, dtype=_FLOAT), (weight.shape[0], num_packs))
+        if not np.all(cap == cap[:, :1]):
+            from epserve.placement_service.eplb.capacity_pack import capacity_replicate_and_pack
+
+            return capacity_replicate_and_pack(weight, num_phy, num_packs, cap)
     phy, logcnt = replicate(weight, num_phy)
     rows = np.arange(weight.shape[0])[:, None]
     item_load = weight[rows, phy] / logcnt[rows, phy]  # [B, num_phy]

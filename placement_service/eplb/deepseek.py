@@ -23,7 +23,8 @@ from epserve.placement_service.eplb.common import capacity_array, check_shapes, 
 def plan_deepseek(weight: torch.Tensor, num_replicas: int, num_workers: int, *,
                   worker_capacity: torch.Tensor | None = None,
                   live_workers: torch.Tensor | None = None) -> torch.Tensor:
-    """weight [L, E] load per logical expert → phy2log [L, P] (P = num_replicas), every slot filled."""
+    """weight [L, E] load per logical expert → phy2log [L, P] (P = num_replicas), every slot filled (with
+    capacities that differ, slots a slow worker is better without are -1)."""
     check_shapes(weight, num_replicas, num_workers)
     live = live_array(live_workers, num_workers)
     if not live.all():

@@ -79,6 +79,7 @@ def plan_deepseek_hierarchical(weight: torch.Tensor, num_replicas: int, num_grou
         row_cap = np.tile(cap.reshape(num_nodes, workers_per_node), (num_layers, 1))  # [L*N, W/N]
     local = replicate_and_pack(node_weight, slots_per_node, workers_per_node, row_cap)  # [L*N, P/N]
     node_offset = (np.arange(num_nodes) * experts_per_node)[None, :, None]
-    positions = local.reshape(num_layers, num_nodes, slots_per_node) + node_offset
-    phy2log = np.take_along_axis(expert_at, positions.reshape(num_layers, num_replicas), 1)
+    positions = (local.reshape(num_layers, num_nodes, slots_per_node) + node_offset).reshape(num_layers, num_replicas)
+    phy2log = np.take_along_axis(expert_at, np.maximum(positions, 0), 1)
+    phy2log[local.reshape(num_layers, num_replicas) < 0] = -1       # empty slots (workers of unequal capacity)
     return torch.from_numpy(phy2log)
