@@ -128,15 +128,9 @@ class AttentionWorker:
                 self.loop.wake()
 
     def _ack_commit_later(self, applied: ExpertMap) -> None:
-        """Runs on the engine thread: the ack itself goes out on its own thread, so a slow or
-        restarting placement never delays a decode step (heartbeats also carry the version)."""
-        def ack() -> None:
-            try:
-                self.placement.ack(applied.version, UpdatePhase.COMMIT)
-            except Exception as exc:  # placement down: its heartbeat view catches up on restart
-                logger.warning("COMMIT ack of map version %d failed: %s", applied.version, exc)
-
-        threading.Thread(target=ack, name=f"ack-commit-{applied.version}", daemon=True).start()
+        """Runs on the engine thread once no step uses the old map: the COMMIT ack goes out
+        without waiting for placement's answer (``ack_nowait``)."""
+        self.placement.ack_nowait(applied.version, UpdatePhase.COMMIT)
 
     def _start_engine(self, expert_map: ExpertMap, data_plane: DataPlaneInfo | None) -> None:
         """``data_plane``: placement's, for remote experts; None for this worker's own (colocated)."""

@@ -10,8 +10,11 @@ epserve/placement_types.py).
   old rank back.
 - watch thread (``watch(callback)``): runs the WatchPlacement stream and calls
   ``callback(phase, ExpertMap, DataPlaneInfo)`` for each distinct update. When the stream
-  ends or breaks it reconnects with backoff. The stream itself has no deadline (it lives as
-  long as placement); a dead placement is noticed by the heartbeat thread, which cancels it.
+  ends or breaks it reconnects with backoff; the current COMMIT placement sends again on
+  reconnecting is not handed to the callback twice, but re-acked when this worker acked it
+  before (a restarted placement learns each worker's map version from COMMIT acks only).
+  The stream itself has no deadline (it lives as long as placement); a dead placement is
+  noticed by the heartbeat thread, which cancels it.
 
 An exception escaping either thread (a bug, or a raising callback) logs and exits the
 process: a worker must not keep serving half-connected. Unary RPCs all carry ``timeout_s``.
@@ -97,8 +100,7 @@ class PlacementClient:
         self._lock = threading.Lock()
         self._registration: Registration | None = None
         self._num_registrations = 0
-        self._acked_version = 0
-        self._latest_version = 0
+        self._acked_commit = 0          # the newest map version this worker acked COMMIT of
         self._heartbeat_thread: threading.Thread | None = None
         self._watch_thread: threading.Thread | None = None
         self._watch_call: grpc.Future | None = None
@@ -112,11 +114,6 @@ class PlacementClient:
     def num_registrations(self) -> int:
         """How many times Register succeeded (> 1 after automatic re-registrations)."""
         return self._num_registrations
-
-    @property
-    def latest_version(self) -> int:
-        """The newest map version placement mentioned in a heartbeat answer."""
-        return self._latest_version
 
     # -- registration and heartbeats -------------------------------------------------------
     def register(self, deadline_s: float = 60.0) -> Registration:
@@ -168,9 +165,9 @@ class PlacementClient:
 
     def _heartbeat_loop(self) -> None:
         while not self._closed.wait(max(self._registration.heartbeat_interval_ms, 10) / 1000):
-            request = placement_pb2.HeartbeatRequest(worker_id=self.worker_id, map_version=self._acked_version)
+            request = placement_pb2.HeartbeatRequest(worker_id=self.worker_id)
             try:
-                self._latest_version = self._stub.Heartbeat(request, timeout=self.timeout_s).latest_version
+                self._stub.Heartbeat(request, timeout=self.timeout_s)
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return
@@ -221,8 +218,10 @@ class PlacementClient:
                     data_plane = data_plane_from_proto(update.data_plane)
                     key = (update.phase, update.map.version, update.map.checksum, data_plane.dist_init_addr,
                            tuple((w.worker_id, w.rank, w.address) for w in data_plane.workers))
-                    if key == last_key:
-                        continue  # the same update again after a reconnect
+                    if key == last_key:   # the same update again after a reconnect: not handled twice, but a
+                        if update.phase == UpdatePhase.COMMIT and update.map.version <= self._acked_commit:
+                            self.ack_nowait(update.map.version)   # restarted placement hears the version again
+                        continue
                     last_key = key
                     callback(UpdatePhase(update.phase), expert_map_from_proto(update.map), data_plane)
                 logger.info("placement ended the watch stream; reconnecting")
@@ -240,11 +239,31 @@ class PlacementClient:
 
     # -- one-shot RPCs ---------------------------------------------------------------------
     def ack(self, version: int, phase: UpdatePhase = UpdatePhase.COMMIT, ok: bool = True, error: str = "") -> None:
-        self._stub.AckPlacement(placement_pb2.AckPlacementRequest(
-            worker_id=self.worker_id, version=version, phase=int(phase), ok=ok, error=error),
-            timeout=self.timeout_s)
-        if ok:
-            self._acked_version = max(self._acked_version, version)
+        self._stub.AckPlacement(self._ack_request(version, phase, ok, error), timeout=self.timeout_s)
+        if phase is UpdatePhase.COMMIT and ok:
+            self._acked_commit = max(self._acked_commit, version)
+
+    def ack_nowait(self, version: int, phase: UpdatePhase = UpdatePhase.COMMIT) -> None:
+        """Send an ok ack without waiting for the answer (the engine thread's COMMIT ack: a slow or
+        restarting placement never delays a step). A failed one is logged: after a placement
+        restart the watch delivers the current map again and it is acked again."""
+        try:
+            future = self._stub.AckPlacement.future(self._ack_request(version, phase, True, ""), timeout=self.timeout_s)
+        except ValueError:          # the channel is closed: this worker is shutting down
+            return
+
+        def log_failure(done: grpc.Future) -> None:
+            error = None if done.cancelled() else done.exception()
+            if isinstance(error, grpc.RpcError):
+                logger.warning("%s ack of map version %d failed: %s", phase.name, version, error.code().name)
+
+        future.add_done_callback(log_failure)
+        if phase is UpdatePhase.COMMIT:
+            self._acked_commit = max(self._acked_commit, version)
+
+    def _ack_request(self, version: int, phase: UpdatePhase, ok: bool, error: str) -> placement_pb2.AckPlacementRequest:
+        return placement_pb2.AckPlacementRequest(worker_id=self.worker_id, version=version, phase=int(phase), ok=ok,
+                                                 error=error)
 
     def report_load(self, map_version: int, slot_token_counts: torch.Tensor, num_passes: int) -> None:
         """slot_token_counts: [L, P] tokens routed to each physical slot during the window."""
@@ -262,7 +281,7 @@ class PlacementClient:
         response = self._stub.ReportSuspicion(placement_pb2.ReportSuspicionRequest(
             worker_id=self.worker_id, suspect_rank=suspect_rank, reason=reason[:500], map_version=map_version),
             timeout=self.timeout_s)
-        return WorkerState(response.state), response.latest_version
+        return WorkerState(response.state), response.current_version
 
     def close(self) -> None:
         """Stop both threads (bounded wait) and close the channel. Idempotent."""

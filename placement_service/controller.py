@@ -9,8 +9,7 @@ rebalancer thread. Nothing here waits: waiting for acks is the rebalancer's, on 
 ``AckBoard`` (whose lock is never taken while holding ``self._lock``).
 
 Flow: Register → rank. Once all N expert workers are registered, map version 1 is built
-(the initial placement with expert workers as slot owners, in rank order; re-planned for their
-capacities when those differ, ``initial_placement.py``) and persisted.
+(the initial placement with expert workers as slot owners, in rank order) and persisted.
 Once every worker of both roles is registered the deployment is *ready*: every watcher
 gets the current map (COMMIT) with the full DataPlaneInfo, and every later version is
 fanned out through the ``Broadcaster`` (one queue per watcher). PREPARE, RETIRE and
@@ -44,7 +43,6 @@ from epserve.placement_service.ack_board import AckBoard
 from epserve.placement_service.broadcast import Broadcaster, Subscription, SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from epserve.placement_service.initial_placement import capacity_aware_phy2log
 from epserve.placement_service.registry import WorkerRegistry
 from epserve.placement_service.state import LoadStats, MapHistory, PlacementUpdate, balancedness
 from epserve.placement_service.state_db import StateDB
@@ -61,14 +59,12 @@ JSON_SETTINGS = ("last_reserved_version", "prepare_version", "operation", "eplb_
 
 class PlacementController:
     def __init__(self, config: PlacementConfig, dist_init_addr: str, initial_phy2log: torch.Tensor,
-                 db: StateDB | None = None, initial_load: torch.Tensor | None = None) -> None:
-        """initial_phy2log: [L, P], the placement of version 1 (from --init-expert-location);
-        initial_load: [L, E] to re-plan it from when the expert workers' capacities differ
-        (initial_placement.py; None: use initial_phy2log as is)."""
+                 db: StateDB | None = None) -> None:
+        """initial_phy2log: [L, P], the placement of version 1 (from --init-expert-location)."""
         model = config.model
         assert tuple(initial_phy2log.shape) == (model.num_moe_layers, config.num_physical_slots), initial_phy2log.shape
         self.config, self.dist_init_addr, self._db = config, dist_init_addr, db
-        self._initial_phy2log, self._initial_load = initial_phy2log, initial_load
+        self._initial_phy2log = initial_phy2log
         self._lock = threading.RLock()
         self._registry = WorkerRegistry(config.dp_size, config.ep_size, config.suspect_after_ms / 1000,
                                         config.heartbeat_timeout_ms / 1000, elastic=config.elastic)
@@ -93,7 +89,7 @@ class PlacementController:
                 self._registry.set_drained(worker_id, True)
             if self._maps.current is not None:
                 logger.info("resumed from %s at map version %d with %d workers", db.path,
-                            self._maps.latest_version, len(self._registry.workers()))
+                            self._maps.current_version, len(self._registry.workers()))
         with self._lock:
             self._advance()
 
@@ -126,16 +122,12 @@ class PlacementController:
         self._membership_changed()
         return rank
 
-    def heartbeat(self, worker_id: str, map_version: int) -> int:
-        """Returns the latest map version (0 while none exists)."""
+    def heartbeat(self, worker_id: str) -> None:
+        """The worker is alive (its map version comes with its COMMIT acks, ``ack``)."""
         with self._lock:
             self._check_open()
-            # A worker's acked version may be one that was prepared, then rolled back: only
-            # committed versions count as the one it routes with / serves.
-            self._registry.heartbeat(worker_id, map_version if self._maps.has(map_version) else 0)
-            latest = self._maps.latest_version
+            self._registry.heartbeat(worker_id)
         self.acks.poke()
-        return latest
 
     def ack(self, worker_id: str, version: int, phase: int, ok: bool, error: str) -> None:
         """Any version handed out so far may be acked (a prepared one is not in the history yet,
@@ -215,10 +207,10 @@ class PlacementController:
             return self._registry.get(worker_id).info()
 
     @property
-    def latest_version(self) -> int:
+    def current_version(self) -> int:
         """The newest committed map version (0 before the first map)."""
         with self._lock:
-            return self._maps.latest_version
+            return self._maps.current_version
 
     @property
     def world_size(self) -> int:
@@ -303,14 +295,14 @@ class PlacementController:
             return [r.worker_id for r in self._registry.workers()
                     if r.role == WorkerRole.ATTENTION and r.state != WorkerState.DEAD and r.map_version < version]
 
-    def publish_prepare(self, expert_map: ExpertMap, layers: tuple[int, ...]) -> None:
+    def publish_prepare(self, expert_map: ExpertMap) -> None:
         with self._lock:
             self._check_open()
             self._check_ready()
             self._save_json({"prepare_version": {"version": expert_map.version,
                                                  "phy2log": expert_map.phy2log.tolist(),
                                                  "slot_owners": list(expert_map.slot_owners)}})
-            self._preparing = self._update(UpdatePhase.PREPARE, expert_map, layers)
+            self._preparing = self._update(UpdatePhase.PREPARE, expert_map)
             self._watchers.publish(self._preparing, skip=self._is_attention)
 
     def publish_rollback(self, expert_map: ExpertMap) -> None:
@@ -321,8 +313,7 @@ class PlacementController:
             self._save_json({"prepare_version": None, "num_rollbacks": self.stat("num_rollbacks") + 1})
             self._watchers.publish(self._update(UpdatePhase.ROLLBACK, expert_map), skip=self._is_attention)
 
-    def commit(self, expert_map: ExpertMap, layers: tuple[int, ...], operation: str, base_version: int,
-               drain: tuple[str, ...] = ()) -> None:
+    def commit(self, expert_map: ExpertMap, operation: str, base_version: int, drain: tuple[str, ...] = ()) -> None:
         """Append the prepared map to the history and publish COMMIT: attention workers switch
         at their next step boundary. Drained workers afterwards: those drained before or being
         drained (``drain``), less any other worker the new map gives slots to (persisted with
@@ -343,7 +334,7 @@ class PlacementController:
             self._maps.append(expert_map)
             self._meta[expert_map.version] = (operation, base_version)
             self._preparing = None
-            self._watchers.publish(self._update(UpdatePhase.COMMIT, expert_map, layers))
+            self._watchers.publish(self._update(UpdatePhase.COMMIT, expert_map))
 
     def publish_retire(self, expert_map: ExpertMap) -> None:
         """No attention worker routes with versions older than ``expert_map`` any more."""
@@ -470,14 +461,7 @@ class PlacementController:
             return
         if self._maps.current is None and self._registry.is_complete(WorkerRole.EXPERT):
             owners = self._registry.expert_ids()[:self.config.ep_size]    # elastic: later ones come by scale-out
-            phy2log = self._initial_phy2log
-            capacity = torch.tensor([self._registry.get(w).capacity for w in owners], dtype=torch.float64)
-            if self._initial_load is not None and not bool((capacity == capacity[0]).all()):
-                phy2log = capacity_aware_phy2log(self.config, phy2log, self._initial_load, capacity)
-                logger.info("expert workers' capacities %s differ: map version 1 is %s", capacity.tolist(),
-                            "the trivial one (no faster plan)" if phy2log is self._initial_phy2log
-                            else "planned for them")
-            expert_map = self._maps.next(phy2log, self.config.model.num_experts, owners)
+            expert_map = self._maps.next(self._initial_phy2log, self.config.model.num_experts, owners)
             self._append(expert_map, "initial", 0)
             logger.info("initial expert map version %d: %d layers, %d slots over %d expert workers (%s)",
                         expert_map.version, expert_map.num_layers, expert_map.num_physical_slots,
@@ -485,7 +469,7 @@ class PlacementController:
         if not self._ready and self._maps.current is not None and self._registry.is_complete():
             self._ready = True
             logger.info("all %d workers registered; publishing map version %d", self.config.world_size,
-                        self._maps.latest_version)
+                        self._maps.current_version)
             self._watchers.publish(self._update(UpdatePhase.COMMIT, self._maps.current))
 
     def _append(self, expert_map: ExpertMap, operation: str, base_version: int) -> None:
@@ -508,8 +492,8 @@ class PlacementController:
             else:
                 self._settings[key] = value
 
-    def _update(self, phase: UpdatePhase, expert_map: ExpertMap, layers: tuple[int, ...] = ()) -> PlacementUpdate:
-        return PlacementUpdate(phase, expert_map, self.data_plane(), tuple(layers))
+    def _update(self, phase: UpdatePhase, expert_map: ExpertMap) -> PlacementUpdate:
+        return PlacementUpdate(phase, expert_map, self.data_plane())
 
 
 def _check_version(field_name: str, version: int) -> None:

@@ -19,7 +19,7 @@ each chunk is one new version n whose phy2log differs from the version before on
    returns to the version the change started from).
 4. COMMIT n: appended to the history (persisted) and pushed; attention workers switch at
    their next step boundary and ack. Expert workers serve v and n side by side meanwhile.
-5. Once every attention worker that is not DEAD acked n (or heartbeats it) — at most
+5. Once every attention worker that is not DEAD acked n — at most
    ``--eplb-commit-timeout-s`` — RETIRE n: expert workers drop older versions. If one lags,
    nothing is retired and the change stops after this chunk (result ``message`` says so):
    retiring would strand the laggard on a dropped version.
@@ -194,14 +194,14 @@ class Rebalancer:
                                 change.slot_owners or current.slot_owners)
             try:
                 with self._span("placement.prepare", to_version=new_map.version, layers=list(layers)):
-                    self._prepare(new_map, layers)
+                    self._prepare(new_map)
             except Aborted as exc:
                 done = (f"; {num_versions} earlier chunk(s) of this change stay committed (rollback returns "
                         f"to version {base_version})" if num_versions else "")
                 raise Aborted(f"{change.operation}: {exc}; version {current.version} stays in service{done}") from None
             rollback_to = base_version if change.rollback_to is None else change.rollback_to
             with self._span("placement.commit", to_version=new_map.version, layers=list(layers)):
-                controller.commit(new_map, layers, change.operation, rollback_to, change.drain)
+                controller.commit(new_map, change.operation, rollback_to, change.drain)
                 num_versions += 1
                 lagging = self._wait_switched(new_map)
             if lagging:
@@ -211,10 +211,10 @@ class Rebalancer:
                                       "expert workers" + (f"; layers {list(rest)} were not changed" if rest else ""))
             controller.publish_retire(new_map)
 
-    def _prepare(self, new_map: ExpertMap, layers: tuple[int, ...]) -> None:
+    def _prepare(self, new_map: ExpertMap) -> None:
         """PREPARE and wait for every live expert worker's ok; ROLLBACK and raise Aborted otherwise."""
         controller, version = self.controller, new_map.version
-        controller.publish_prepare(new_map, layers)
+        controller.publish_prepare(new_map)
         expected, _ = controller.waiting_for_prepare(version)
 
         def verdict() -> str | None:

@@ -43,7 +43,7 @@ class WorkerRecord:
     state: WorkerState = WorkerState.ALIVE
     last_seen_s: float = 0.0  # monotonic clock, for timeouts
     last_heartbeat_unix_ms: int = 0  # wall clock, for people
-    map_version: int = 0  # last version the worker acked or reported in a heartbeat
+    map_version: int = 0  # the newest version the worker acked COMMIT of
     drained: bool = False  # DrainWorker moved every slot off it
     heard: bool = True  # registered or heartbeated since this placement process started
 
@@ -166,10 +166,8 @@ class WorkerRegistry:
             record.state = WorkerState.DRAINING if drained else WorkerState.ALIVE
 
     # -- health ----------------------------------------------------------------------------
-    def heartbeat(self, worker_id: str, map_version: int) -> WorkerRecord:
+    def heartbeat(self, worker_id: str) -> WorkerRecord:
         record = self.get(worker_id)
-        if map_version:
-            record.map_version = map_version
         self._touch(record)
         return record
 

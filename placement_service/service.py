@@ -58,8 +58,7 @@ def _status_errors(method: Callable) -> Callable:
 
 def update_to_proto(update: PlacementUpdate) -> placement_pb2.PlacementUpdate:
     return placement_pb2.PlacementUpdate(phase=int(update.phase), map=expert_map_to_proto(update.expert_map),
-                                         data_plane=data_plane_to_proto(update.data_plane),
-                                         layers=list(update.layers))
+                                         data_plane=data_plane_to_proto(update.data_plane))
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServicer):
@@ -85,8 +84,8 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
 
     @_status_errors
     def Heartbeat(self, request: placement_pb2.HeartbeatRequest, context) -> placement_pb2.HeartbeatResponse:
-        return placement_pb2.HeartbeatResponse(
-            latest_version=self.controller.heartbeat(request.worker_id, request.map_version))
+        self.controller.heartbeat(request.worker_id)
+        return placement_pb2.HeartbeatResponse()
 
     def WatchPlacement(self, request: placement_pb2.WatchPlacementRequest,
                        context: grpc.ServicerContext) -> Iterator[placement_pb2.PlacementUpdate]:
@@ -134,7 +133,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
             raise FailedPrecondition("suspicions are for elastic EP; this placement runs --elastic-ep-backend none")
         suspect = self.failover.report_suspicion(request.worker_id, request.suspect_rank, request.reason)
         return placement_pb2.ReportSuspicionResponse(state=int(suspect.state),
-                                                     latest_version=self.controller.latest_version)
+                                                     current_version=self.controller.current_version)
 
 
 def plan_to_proto(plan: RebalancePlan, expert_map: ExpertMap) -> placement_pb2.PlanRebalanceResponse:

@@ -43,7 +43,7 @@ class MapHistory:
     @property
     def last_reserved(self) -> int:
         """The highest version number handed out so far (committed or not)."""
-        return max(self.latest_version, self._last_reserved)
+        return max(self.current_version, self._last_reserved)
 
     def reserve(self) -> int:
         """A fresh version number for a map to be prepared; it is never handed out again."""
@@ -51,26 +51,23 @@ class MapHistory:
         return self._last_reserved
 
     @property
-    def latest_version(self) -> int:
-        """0 while no map exists."""
+    def current_version(self) -> int:
+        """The newest committed version, the current map's (0 while no map exists)."""
         return max(self._maps, default=0)
 
     @property
     def current(self) -> ExpertMap | None:
-        return self._maps.get(self.latest_version)
+        return self._maps.get(self.current_version)
 
     def versions(self) -> list[int]:
         return sorted(self._maps)
-
-    def has(self, version: int) -> bool:
-        return version in self._maps
 
     def get(self, version: int) -> ExpertMap:
         """version 0 = current. Raises Unavailable before the first map, NotFound for unknown versions."""
         if not self._maps:
             raise Unavailable("no expert map yet: waiting for all expert workers to register")
         if version == 0:
-            return self._maps[self.latest_version]
+            return self._maps[self.current_version]
         if version not in self._maps:
             raise NotFound(f"map version {version} does not exist; versions: {self.versions()}")
         return self._maps[version]
@@ -80,8 +77,8 @@ class MapHistory:
         return ExpertMap(phy2log, num_logical, self.last_reserved + 1, slot_owners)
 
     def append(self, expert_map: ExpertMap) -> None:
-        assert expert_map.version > self.latest_version, (
-            f"version {expert_map.version} does not follow {self.latest_version}")
+        assert expert_map.version > self.current_version, (
+            f"version {expert_map.version} does not follow {self.current_version}")
         current = self.current
         if current is not None:
             assert expert_map.num_layers == current.num_layers, "layer count cannot change between versions"
@@ -170,4 +167,3 @@ class PlacementUpdate:
     phase: UpdatePhase
     expert_map: ExpertMap
     data_plane: DataPlaneInfo
-    layers: tuple[int, ...] = ()  # layers this update changes (empty = all)

