@@ -9,7 +9,8 @@ rebalancer thread. Nothing here waits: waiting for acks is the rebalancer's, on 
 ``AckBoard`` (whose lock is never taken while holding ``self._lock``).
 
 Flow: Register → rank. Once all N expert workers are registered, map version 1 is built
-(the initial placement with expert workers as slot owners, in rank order) and persisted.
+(the initial placement with expert workers as slot owners, in rank order; re-planned for their
+capacities when those differ, ``initial_placement.py``) and persisted.
 Once every worker of both roles is registered the deployment is *ready*: every watcher
 gets the current map (COMMIT) with the full DataPlaneInfo, and every later version is
 fanned out through the ``Broadcaster`` (one queue per watcher). PREPARE, RETIRE and
@@ -43,6 +44,7 @@ from epserve.placement_service.ack_board import AckBoard
 from epserve.placement_service.broadcast import Broadcaster, Subscription, SubscriptionClosed
 from epserve.placement_service.config import PlacementConfig
 from epserve.placement_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from epserve.placement_service.initial_placement import capacity_aware_phy2log
 from epserve.placement_service.registry import WorkerRegistry
 from epserve.placement_service.state import LoadStats, MapHistory, PlacementUpdate, balancedness
 from epserve.placement_service.state_db import StateDB
@@ -59,12 +61,14 @@ JSON_SETTINGS = ("last_reserved_version", "prepare_version", "operation", "eplb_
 
 class PlacementController:
     def __init__(self, config: PlacementConfig, dist_init_addr: str, initial_phy2log: torch.Tensor,
-                 db: StateDB | None = None) -> None:
-        """initial_phy2log: [L, P], the placement of version 1 (from --init-expert-location)."""
+                 db: StateDB | None = None, initial_load: torch.Tensor | None = None) -> None:
+        """initial_phy2log: [L, P], the placement of version 1 (from --init-expert-location);
+        initial_load: [L, E] to re-plan it from when the expert workers' capacities differ
+        (initial_placement.py; None: use initial_phy2log as is)."""
         model = config.model
         assert tuple(initial_phy2log.shape) == (model.num_moe_layers, config.num_physical_slots), initial_phy2log.shape
         self.config, self.dist_init_addr, self._db = config, dist_init_addr, db
-        self._initial_phy2log = initial_phy2log
+        self._initial_phy2log, self._initial_load = initial_phy2log, initial_load
         self._lock = threading.RLock()
         self._registry = WorkerRegistry(config.dp_size, config.ep_size, config.suspect_after_ms / 1000,
                                         config.heartbeat_timeout_ms / 1000, elastic=config.elastic)
@@ -461,7 +465,14 @@ class PlacementController:
             return
         if self._maps.current is None and self._registry.is_complete(WorkerRole.EXPERT):
             owners = self._registry.expert_ids()[:self.config.ep_size]    # elastic: later ones come by scale-out
-            expert_map = self._maps.next(self._initial_phy2log, self.config.model.num_experts, owners)
+            phy2log = self._initial_phy2log
+            capacity = torch.tensor([self._registry.get(w).capacity for w in owners], dtype=torch.float64)
+            if self._initial_load is not None and not bool((capacity == capacity[0]).all()):
+                phy2log = capacity_aware_phy2log(self.config, phy2log, self._initial_load, capacity)
+                logger.info("expert workers' capacities %s differ: map version 1 is %s", capacity.tolist(),
+                            "the trivial one (no faster plan)" if phy2log is self._initial_phy2log
+                            else "planned for them")
+            expert_map = self._maps.next(phy2log, self.config.model.num_experts, owners)
             self._append(expert_map, "initial", 0)
             logger.info("initial expert map version %d: %d layers, %d slots over %d expert workers (%s)",
                         expert_map.version, expert_map.num_layers, expert_map.num_physical_slots,
