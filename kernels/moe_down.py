@@ -28,8 +28,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from epserve.kernels.moe_align import SlotAlignment
-from epserve.kernels.moe_gate_up import (GemmConfig, PersistentSplitTmaGemmConfig, _block_slot, _grouped_pid, _grouped_tile,
-                                 _nth_tile, _split_layout, _split_tile, programs_for, slot_block, split_tiles_bound)
+from epserve.kernels.moe_tiles import (GemmConfig, PersistentSplitTmaGemmConfig, block_slot, grouped_pid, grouped_tile,
+                                       nth_tile, programs_for, slot_block, split_layout, split_tile, split_tiles_bound)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
@@ -40,9 +40,9 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
                  S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
-    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    pid_m, pid_n = grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
     m_start = pid_m * BM
-    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    slot, seg_start, seg_count = block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
     if slot < 0:
         return
     rows = m_start + tl.arange(0, BM)
@@ -159,9 +159,9 @@ def _down_tma_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc, rows_
                      S_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr, TMA_STORE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
-    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    pid_m, pid_n = grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
     m_start = pid_m * BM
-    slot, seg_start, seg_count = _block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
+    slot, seg_start, seg_count = block_slot(offsets_ptr, counts_ptr, m_start, num_slots, S_P2)
     if slot < 0:
         return
     _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
@@ -176,8 +176,8 @@ def _down_tma_split_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_desc,
     """Segments padded to BM/2: even half-blocks run a BM tile, a lone last one a BM/2 tile."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
-    pid_m, pid_n = _grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
-    slot, m_start, seg_start, seg_count, full = _split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
+    pid_m, pid_n = grouped_pid(num_pid_m, tl.cdiv(D, BN), GROUP_M)
+    slot, m_start, seg_start, seg_count, full = split_tile(offsets_ptr, counts_ptr, pid_m, num_slots,
                                                             S_P2, HALF)
     if slot < 0:
         return
@@ -198,19 +198,19 @@ def _down_tma_persistent_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_
     """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
-    starts, counts, fulls, full_ends, odd_ends = _split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
+    starts, counts, fulls, full_ends, odd_ends = split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
     num_pid_n = tl.cdiv(D, BN)
     num_full = tl.sum(fulls, axis=0)
     pid = tl.program_id(0)
     for tile in tl.range(pid, num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
-        pid_m, pid_n = _grouped_tile(tile, num_full, num_pid_n, GROUP_M)
-        slot, m_start, seg_start, seg_count = _nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
+        pid_m, pid_n = grouped_tile(tile, num_full, num_pid_n, GROUP_M)
+        slot, m_start, seg_start, seg_count = nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
         _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
                        seg_count, slot, pid_n, D, I, stride_ra, BM, BN, BK, TMA_STORE)
     # the programs that ran one tile fewer take the half tiles first
     first = (pid + NUM_PROGS - (num_full * num_pid_n) % NUM_PROGS) % NUM_PROGS
     for tile in tl.range(first, tl.max(odd_ends, axis=0) * num_pid_n, NUM_PROGS, flatten=FLATTEN):
-        slot, m_start, seg_start, seg_count = _nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2,
+        slot, m_start, seg_start, seg_count = nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2,
                                                         HALF, False)
         _down_tma_tile(a_half_desc, w_desc, out_half_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start,
                        seg_start, seg_count, slot, tile % num_pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE)

@@ -1,4 +1,4 @@
-"""The MoE runner interface and the backend registry.
+"""The MoE runner interface and what a backend is told when it is built.
 
 Legend: T tokens, D hidden size, I MoE intermediate size, S local slots, K top-k.
 
@@ -10,7 +10,8 @@ Expert weights of one layer, for the S slots an expert side holds:
 slots ``slot_ids[t, k]``; an id of -1 marks a choice served elsewhere and contributes
 nothing (no rows are computed for it).
 
-Backends (``--moe-runner-backend``), chosen once by ``make_moe_runner``:
+Backends (``--moe-runner-backend``), listed in ``registry.py`` and chosen once by its
+``make_moe_runner``:
 - ``torch``: the reference, any device and dtype.
 - ``triton``: the Triton kernels in ``kernels/`` (CUDA, or the interpreter with TRITON_INTERPRET=1).
 - ``deep_gemm``: DeepGEMM's bf16 grouped GEMMs (contiguous layout for prefill, masked for decode).
@@ -23,7 +24,6 @@ Backends (``--moe-runner-backend``), chosen once by ``make_moe_runner``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,42 +52,3 @@ class MoERunnerConfig:
     def __post_init__(self) -> None:
         if self.ep_size < 1 or self.tp_size < 1:
             raise ValueError(f"ep_size ({self.ep_size}) and tp_size ({self.tp_size}) must be >= 1")
-
-
-_BACKENDS: dict[str, Callable[[MoERunnerConfig], MoERunner]] = {}
-
-
-def register_backend(name: str, factory: Callable[[MoERunnerConfig], MoERunner]) -> None:
-    _BACKENDS[name] = factory
-
-
-def available_backends() -> list[str]:
-    _load_builtin_backends()
-    return sorted(_BACKENDS)
-
-
-def _load_builtin_backends() -> None:
-    # Importing a backend module registers it; each module imports its heavy library lazily.
-    from epserve.moe_runner import deep_gemm_runner, flashinfer_cutlass_runner, torch_runner, triton_runner  # noqa: F401
-
-
-def _auto_backend(device: torch.device, dtype: torch.dtype | None) -> str:
-    if device.type != "cuda" or dtype in (torch.float32, torch.float64):
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "triton"
-
-
-def make_moe_runner(name: str, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None,
-                    ep_size: int = 1, tp_size: int = 1, quantization: str | None = None) -> MoERunner:
-    """Build the runner named by ``--moe-runner-backend``. Unknown names fail loudly."""
-    _load_builtin_backends()
-    config = MoERunnerConfig(torch.device(device), dtype, ep_size, tp_size, quantization)
-    if name == "auto":
-        name = _auto_backend(config.device, dtype)
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown --moe-runner-backend {name!r}; choose one of {['auto', *sorted(_BACKENDS)]}")
-    return _BACKENDS[name](config)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epserve.moe_runner.base import MoERunnerConfig, register_backend
+from epserve.moe_runner.base import MoERunnerConfig
 
 DECODE_MAX_TOKENS = 256
 
@@ -142,5 +142,3 @@ def make_deep_gemm_runner(config: MoERunnerConfig) -> DeepGemmMoERunner:
     _smoke_test(deep_gemm, config.device)
     return DeepGemmMoERunner(deep_gemm)
 
-
-register_backend("deep_gemm", make_deep_gemm_runner)

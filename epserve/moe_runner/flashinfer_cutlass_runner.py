@@ -8,7 +8,7 @@ missing. The checks raise ``ValueError`` (bad flags), ``ImportError`` (no flashi
 
 from __future__ import annotations
 
-from epserve.moe_runner.base import MoERunnerConfig, register_backend
+from epserve.moe_runner.base import MoERunnerConfig
 
 FP4 = "modelopt_fp4"
 FP8 = ("fp8", "modelopt_fp8", "modelopt")
@@ -40,5 +40,3 @@ def make_flashinfer_cutlass_runner(config: MoERunnerConfig):
     raise NotImplementedError("flashinfer_cutlass runs FP4/FP8 expert weights; epserve's expert "
                               "workers hold bf16/fp16 weights, which this backend does not take")
 
-
-register_backend("flashinfer_cutlass", make_flashinfer_cutlass_runner)

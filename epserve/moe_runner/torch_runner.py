@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from epserve.moe_runner.base import register_backend
+from epserve.moe_runner.base import MoERunnerConfig
 
 
 class TorchMoERunner:
@@ -69,4 +69,5 @@ def _combine(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor
     return out
 
 
-register_backend("torch", lambda config: TorchMoERunner())
+def make_torch_runner(config: MoERunnerConfig) -> TorchMoERunner:
+    return TorchMoERunner()                   # any device and dtype: nothing to check

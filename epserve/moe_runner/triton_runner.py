@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from epserve.moe_runner.base import MoERunnerConfig, register_backend
+from epserve.moe_runner.base import MoERunnerConfig
 
 
 class TritonMoERunner:
@@ -56,5 +56,3 @@ def make_triton_runner(config: MoERunnerConfig) -> TritonMoERunner:
             raise ValueError("--moe-runner-backend triton needs CUDA, but torch.cuda.is_available() is False")
     return TritonMoERunner(config.device)
 
-
-register_backend("triton", make_triton_runner)
