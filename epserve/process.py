@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -10,6 +11,31 @@ import threading
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
+
+PR_SET_NAME = 15                         # prctl(2): the calling thread's name, /proc/self/comm
+TASK_COMM_LEN = 16                       # the kernel keeps 15 bytes of it and a NUL
+
+
+def set_process_title(name: str) -> None:
+    """Show this process in ``ps`` by role and id, e.g. ``name`` = ``expert-1``: ``/proc/self/comm``
+    (``ps -e``, ``top``, ``pgrep``) becomes ``expert-1`` (prctl PR_SET_NAME; 15 bytes at most, so
+    the name alone), and the command line (``ps -f``, ``ps aux``, ``pgrep -f``) becomes
+    ``epserve expert-1``, written over the process's own argv memory (never longer than it was).
+    Call it from the main thread before starting others (they inherit the name). Linux only:
+    elsewhere, or if /proc is unreadable, the title stays as it was."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:TASK_COMM_LEN - 1]), 0, 0, 0)
+        with open("/proc/self/stat") as f:       # fields after the ")" that ends comm start at field 3
+            fields = f.read().rsplit(")", 1)[1].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])          # fields 48 and 49
+    except (OSError, IndexError, ValueError):
+        return
+    size = arg_end - arg_start
+    title = f"epserve {name}".encode()[:size - 1]
+    ctypes.memmove(arg_start, title + b"\0" * (size - len(title)), size)
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -64,6 +90,8 @@ def run_worker_process(prog: str, service_name: str, config, metrics_class, buil
     import torch
 
     from epserve.telemetry import setup_tracing, start_metrics_server
+
+    set_process_title(config.worker_id)
 
     try:
         tracing = setup_tracing(service_name, config.otlp_endpoint,

@@ -32,6 +32,7 @@ import threading
 from collections.abc import Sequence
 
 from epserve.gateway.config import build_parser, config_from_args
+from epserve.process import set_process_title
 
 logger = logging.getLogger("epserve.gateway")
 
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from epserve.gateway.observer import NullObserver, TelemetryObserver
     from epserve.gateway.server import TRACING_SERVICE_NAME, Gateway
 
+    set_process_title("gateway")
     threading.excepthook = _die_on_thread_crash
     try:
         tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint)

@@ -28,6 +28,7 @@ from epserve.grpc_security import add_security_arguments, security_from_args
 from epserve.placement_service.config import (ELASTIC_EP_BACKENDS, EPLB_ALGORITHMS, MOE_A2A_BACKENDS,
                                               PlacementConfig)
 from epserve.placement_service.server import start_placement_server
+from epserve.process import set_process_title
 
 logger = logging.getLogger("epserve.placement_service")
 
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: stop.set())
+        set_process_title("placement")
         server = start_placement_server(config)
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)

@@ -158,3 +158,16 @@ def test_a_crashed_background_thread_takes_the_process_down():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=15)
     assert result.returncode == 1
     assert "background thread doomed crashed" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def ps_field(pid: int, field: str) -> str:
+    return subprocess.run(["ps", "-o", f"{field}=", "-p", str(pid)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_ps_shows_the_process_by_role(launch, model_dir):
+    process = launch("--model-path", str(model_dir), "--dp-size", "1", "--ep-size", "1")
+    process.wait_for_port()
+    assert ps_field(process.proc.pid, "comm") == "placement"
+    assert ps_field(process.proc.pid, "args") == "epserve placement"
+    assert process.terminate() == 0
