@@ -125,6 +125,8 @@ class ExpertWorker:
             from epserve.dataplane.torch_links import ELASTIC_FORM_TIMEOUT_S
 
             options = dict(eager=False, connect_timeout_s=ELASTIC_FORM_TIMEOUT_S)     # accept links as offered
+        if data_plane.backend == "cuda_ipc":        # expert steps replay CUDA graphs when the kernels allow it
+            options = dict(step_graphs=bool(getattr(self.store.runner, "capturable", False)))
         self.expert_server = dataplane.make_expert_server(
             data_plane.backend, rank=self.registration.rank, world_size=data_plane.world_size,
             dist_init_addr=data_plane.dist_init_addr,

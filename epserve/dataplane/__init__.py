@@ -159,7 +159,7 @@ def _join_cuda_ipc_dispatcher(*, rank: int, world_size: int, dist_init_addr: str
 
 def _cuda_ipc_server(*, rank: int, world_size: int, dist_init_addr: str, attention_ranks: Sequence[int],
                      timeout_s: float = 30.0, batch_window_s: float = 0.0,
-                     device: torch.device | str | None = None) -> ExpertServer:
+                     device: torch.device | str | None = None, step_graphs: bool = False) -> ExpertServer:
     from epserve.dataplane.cuda_ipc_join import join_expert
     from epserve.dataplane.cuda_ipc_server import CudaIpcExpertServer
 
@@ -168,7 +168,8 @@ def _cuda_ipc_server(*, rank: int, world_size: int, dist_init_addr: str, attenti
         raise ValueError(f"expert rank {rank} must be a rank of a world of {world_size}, not an attention rank "
                          f"{list(attention_ranks)}")
     links = join_expert(rank, attention_ranks, dist_init_addr, timeout_s)
-    return CudaIpcExpertServer(links, link_timeout_s=timeout_s, batch_window_s=batch_window_s, compute_device=device)
+    return CudaIpcExpertServer(links, link_timeout_s=timeout_s, batch_window_s=batch_window_s, compute_device=device,
+                               step_graphs=step_graphs)
 
 
 _UNBUILT = {

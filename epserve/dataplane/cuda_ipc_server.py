@@ -69,8 +69,12 @@ class CudaIpcExpertServer:
     """
 
     def __init__(self, links: dict[int, ExpertLink], link_timeout_s: float = 30.0, batch_window_s: float = 0.0,
-                 compute_device: torch.device | str | None = None, idle_sleep_s: float = 2e-3) -> None:
+                 compute_device: torch.device | str | None = None, idle_sleep_s: float = 2e-3,
+                 step_graphs: bool = False) -> None:
+        """``step_graphs``: replay the step path's expert side from CUDA graphs (``cuda_ipc_step.StepGraphs``;
+        the compute must be capturable: no host syncs)."""
         self.links, self.link_timeout_s, self.batch_window_s = links, link_timeout_s, batch_window_s
+        self.step_graphs = step_graphs
         self.compute_device = torch.device(compute_device) if compute_device is not None else None
         self._served = {id(ch): 0 for link in links.values() for ch in link.channels}
         self._steps_seen = {id(ch): 0 for link in links.values() for ch in link.channels}
@@ -235,7 +239,8 @@ class CudaIpcExpertServer:
             from epserve.dataplane.cuda_ipc_step import StepServer
 
             q: queue.SimpleQueue = queue.SimpleQueue()
-            step_server = StepServer(link, compute, self.link_timeout_s, self.compute_device, self._stopping)
+            step_server = StepServer(link, compute, self.link_timeout_s, self.compute_device, self._stopping,
+                                     graphs=self.step_graphs)
             thread = threading.Thread(target=self._run_steps, args=(step_server, q), daemon=True,
                                       name=f"cuda-ipc-steps-{attention_rank}")
             self._step_queues[attention_rank] = q

@@ -187,11 +187,12 @@ class StepServer:
     """The expert side of the step path for one attention rank (run by one thread of the server)."""
 
     def __init__(self, link: ExpertLink, compute: ExpertCompute, timeout_s: float,
-                 compute_device: torch.device | None, stopping: threading.Event) -> None:
+                 compute_device: torch.device | None, stopping: threading.Event, graphs: bool = False) -> None:
         self.link, self.compute, self.timeout_s = link, compute, timeout_s
         self.compute_device, self.stopping = compute_device, stopping
         self.counter = torch.zeros(1, dtype=torch.int64, device=link.device)
         self.stream = torch.cuda.Stream(link.device) if link.device.type == "cuda" else None
+        self.graphs = StepGraphs(self) if graphs and self.stream is not None and compute_device is None else None
 
     def serve_step(self, channel: Channel, seq: int) -> None:
         if self.stream is None:
@@ -212,6 +213,15 @@ class StepServer:
             status, error = Status.ERROR, f"malformed step {seq}: {n} tokens, {num_layers} layers, dtype {dtype}"
             n, num_layers = max(min(n, channel.shape.max_tokens), 0), max(min(num_layers, MAX_STEP_LAYERS), 0)
         self.counter.fill_(seq)
+        if status == Status.OK and self.graphs is not None:
+            key = (version, n, num_layers, slots_per_worker, weight_dtype)
+            try:
+                if self.graphs.run(key, channel, seq, trace):
+                    write_status(words, STEP_STATUS, status, held, error)
+                    words[STEP_STATUS_SEQ] = seq                          # last
+                    return
+            except StaleMapVersion as exc:          # known before anything was enqueued: the eager path zeroes
+                status, held, error = Status.STALE_VERSION, exc.held_versions, str(exc)
         try:
             for layer in range(num_layers):
                 deadline = time.monotonic() + self.timeout_s
@@ -262,3 +272,89 @@ class StepServer:
         if not self.link.peer.alive():
             return f"attention rank {self.link.attention_rank} exited"
         return ""
+
+
+class StepGraphs:
+    """The expert side of a step, captured in CUDA graphs (GPUs with a capturable runner).
+
+    Eagerly, every layer of a step costs the expert thread a dozen launches from Python (the flag
+    wait, the local-slot masks, the runner's kernels, the partial's copy, the signal), ~0.3–0.6 ms a
+    layer with the GIL shared: slower than the attention side's replayed layer, so the attention
+    graph waited on it. A step of a shape seen before — (map version, tokens, layers, slots per
+    worker, weight dtype) — replays one graph instead: the flag values come from the device counter
+    (``StepServer.counter``) and the waits run with a fixed spin budget, as in the attention side's
+    graphs. A shape runs eagerly the first time (Triton compiles then), is captured the second time
+    (capture launches nothing: the graph is replayed right after), and replays from then on.
+
+    Before a replay the map version is checked with a zero-row compute call (the store raises
+    StaleMapVersion for a version it no longer holds, whose weights a graph must never read): its
+    graphs are dropped. Graphs share one memory pool; at most ``MAX_GRAPHS`` are kept, the least
+    recently used dropped first; steps of more than ``MAX_TOKENS`` tokens (prefill chunks) stay eager.
+    """
+
+    MAX_TOKENS = 256
+    MAX_GRAPHS = 48
+
+    def __init__(self, server: StepServer) -> None:
+        from collections import OrderedDict
+
+        self.server = server
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+        self.seen: dict[tuple, int] = {}
+        self.captured = 0
+
+    def run(self, key: tuple, channel: Channel, seq: int, trace: bytes) -> bool:
+        """Replay (capturing first if due) the step ``key``; False: run it eagerly."""
+        version, n, num_layers, slots_per_worker, weight_dtype = key
+        if n > self.MAX_TOKENS or (channel.slot, *key) not in self.graphs and self._count(channel, key) < 2:
+            return False
+        server = self.server
+        try:
+            server._compute(BatchHeader(version, 0, channel.slot, 0, trace), channel, 0, weight_dtype,
+                            slots_per_worker)                         # raises StaleMapVersion, enqueues ~nothing
+        except StaleMapVersion:
+            for k in [k for k in self.graphs if k[1] == version]:
+                del self.graphs[k]
+            raise
+        graph_key = (channel.slot, *key)
+        graph = self.graphs.get(graph_key)
+        if graph is None:
+            graph = self._capture(channel, key, trace)
+            self.graphs[graph_key] = graph
+            while len(self.graphs) > self.MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(graph_key)
+        graph.replay()
+        observe = getattr(server.compute, "observe_replay", None)
+        if observe is not None:
+            observe(n, num_layers)
+        return True
+
+    def _count(self, channel: Channel, key: tuple) -> int:
+        count = self.seen.get((channel.slot, *key), 0) + 1
+        self.seen[(channel.slot, *key)] = count
+        if len(self.seen) > 4 * self.MAX_GRAPHS:
+            self.seen.clear()
+        return count
+
+    def _capture(self, channel: Channel, key: tuple, trace: bytes) -> torch.cuda.CUDAGraph:
+        from epserve.dataplane.cuda_ipc_flags import spin_budget
+
+        version, n, num_layers, slots_per_worker, weight_dtype = key
+        server, link = self.server, self.server.link
+        readiness = link.step_readiness
+        budget = spin_budget(server.timeout_s, link.device)
+        graph = torch.cuda.CUDAGraph()
+        started = time.perf_counter()
+        # thread_local: the worker's other threads (map loads, heartbeats) may use CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, stream=server.stream, capture_error_mode="thread_local"):
+            for layer in range(num_layers):
+                readiness.wait_step_budget(channel, Flag.STEP_IN, server.counter, layer, budget, link.attention_rank)
+                header = BatchHeader(version, layer, channel.slot, n, trace)
+                channel.partial[:n].copy_(server._compute(header, channel, n, weight_dtype, slots_per_worker))
+                readiness.signal_step(channel, Flag.STEP_OUT, server.counter, layer)
+        self.captured += 1
+        logger.info("captured the expert step of %d tokens x %d layers (map version %d, micro-batch slot %d) "
+                    "in %.0f ms", n, num_layers, version, channel.slot, (time.perf_counter() - started) * 1e3)
+        return graph

@@ -30,8 +30,10 @@ def test_step_path_on_the_cpu(tiny_model, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_step_path_on_one_gpu(tiny_model, tmp_path):
-    """1 attention + 2 expert processes on one GPU: device flags, the attention side in CUDA graphs."""
+    """1 attention + 2 expert processes on one GPU: device flags, both sides in CUDA graphs."""
     serve_and_compare(tiny_model, tmp_path, GPU_ARGS, {})
+    for name in ("expert-0.log", "expert-1.log"):
+        assert "captured the expert step" in (tmp_path / "logs" / name).read_text()
 
 
 def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str]) -> None:
