@@ -37,8 +37,8 @@ class PlacementConfig:
     model_path: str
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
-    dp_size: int = 1  # D attention workers
-    ep_size: int = 1  # N expert workers; 0 with moe_a2a_backend local (colocated)
+    dp_size: int = 1  # A attention workers
+    ep_size: int = 1  # W expert workers; 0 with moe_a2a_backend local (colocated)
     ep_num_redundant_experts: int = 0  # R
     init_expert_location: str = "trivial"  # "trivial" or a snapshot path (.json / .pt)
     moe_a2a_backend: str = "torch"
@@ -47,8 +47,8 @@ class PlacementConfig:
     heartbeat_interval_ms: int = 1000
     heartbeat_timeout_ms: int = 5000
     state_db: str | None = None  # SQLite path; None = in memory only
-    metrics_port: int | None = None  # hook for Prometheus metrics (not built yet)
-    otlp_endpoint: str = ""  # hook for OTel tracing (not built yet); accepted so launchers can pass it
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = pick); None = no metrics
+    otlp_endpoint: str = ""  # OTLP/gRPC collector for traces; "" = tracing off
     shutdown_grace_s: float = 2.0
     load_format: str = "auto"  # the workers' --load-format: dummy (random) weights have another fingerprint
     # -- EPLB and map changes (see docs/operations.md) --
@@ -199,7 +199,7 @@ class PlacementConfig:
 
     @property
     def world_size(self) -> int:
-        """D attention ranks [0, D) then N expert ranks [D, D + N)."""
+        """A attention ranks [0, A) then W expert ranks [A, A + W)."""
         return self.dp_size + self.ep_size
 
     @property

@@ -8,7 +8,7 @@ same critical section, in the order the state changes. Requests arrive on gRPC t
 rebalancer thread. Nothing here waits: waiting for acks is the rebalancer's, on the
 ``AckBoard`` (whose lock is never taken while holding ``self._lock``).
 
-Flow: Register → rank. Once all N expert workers are registered, map version 1 is built
+Flow: Register → rank. Once all W expert workers are registered, map version 1 is built
 (the initial placement with expert workers as slot owners, in rank order; re-planned for their
 capacities when those differ, ``initial_placement.py``) and persisted.
 Once every worker of both roles is registered the deployment is *ready*: every watcher

@@ -1,6 +1,6 @@
 """The worker registry: who is in the deployment, with which data-plane rank, and how alive.
 
-Ranks: attention workers get [0, D), expert workers [D, D + N), lowest free rank first (so
+Ranks: attention workers get [0, A), expert workers [A, A + W), lowest free rank first (so
 arrival order for a fresh deployment). A known worker id always gets its old rank back; a
 new id may claim ``previous_rank`` (a worker re-registering with a placement that forgot
 it) when that rank is free.

@@ -158,7 +158,7 @@ def start_placement_server(config: PlacementConfig) -> PlacementServer:
         if db is not None:
             db.close()
         raise
-    logger.info("placement service on %s:%d (D=%d attention, N=%d expert workers, %d MoE layers, "
+    logger.info("placement service on %s:%d (%d attention workers, %d expert workers, %d MoE layers, "
                 "%d experts + %d redundant, rendezvous %s, backend %s)", config.host, grpc_server.port,
                 config.dp_size, config.ep_size, config.model.num_moe_layers, config.model.num_experts,
                 config.ep_num_redundant_experts, dist_init_addr, config.moe_a2a_backend)

@@ -1,7 +1,7 @@
 """Joining the ``torch`` data plane: rendezvous store, one link per (attention, expert) pair.
 
-Legend: D attention ranks, W expert ranks. Attention workers are ranks [0, D), expert
-workers ranks [D, D+W); expert worker w is rank D+w (W grows when expert workers are added).
+Legend: A attention ranks, W expert ranks. Attention workers are ranks [0, A), expert
+workers ranks [A, A+W); expert worker w is rank A+w (W grows when expert workers are added).
 
 - The placement service hosts a ``torch.distributed.TCPStore`` server
   (``start_rendezvous_store``); every worker connects to it as a client.

@@ -1,6 +1,6 @@
 """Fake workers on the controller's own API (no gRPC, no processes) for the rebalance tests.
 
-A ``FakeCluster`` registers D attention and N expert fakes with a ``PlacementController``;
+A ``FakeCluster`` registers A attention and W expert fakes with a ``PlacementController``;
 each fake watches through ``controller.subscribe`` on its own thread and acks like the real
 workers do (expert: PREPARE → load → ack, COMMIT → ack, RETIRE → drop older, ROLLBACK → drop;
 attention: COMMIT → switch → ack). Behaviour per fake: ``prepare`` "ok" | "fail" | "silent",
