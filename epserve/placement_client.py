@@ -39,7 +39,6 @@ from epserve.expert_map import ExpertMap
 from epserve.expert_map_codec import expert_map_from_proto
 from epserve.grpc_security import PLAINTEXT, Security, open_channel
 from epserve.grpc_server import GRPC_OPTIONS
-from epserve.model_config import model_fingerprint  # noqa: F401  (workers import it from here too)
 from epserve.placement_types import DataPlaneInfo, UpdatePhase, WorkerRole, WorkerState, data_plane_from_proto
 from epserve.process import start_daemon_thread
 from epserve.protos import placement_pb2, placement_pb2_grpc
