@@ -359,24 +359,6 @@ class PlacementController:
         """A persisted counter (num_rebalances, num_rollbacks)."""
         return int(self.load_json(key, 0))
 
-    # -- new versions without the protocol (tests, failover hooks) --------------------------
-    def push_map(self, phy2log: torch.Tensor, phase: UpdatePhase = UpdatePhase.COMMIT,
-                 slot_owners: tuple[str, ...] | None = None) -> ExpertMap:
-        """Append phy2log [L, P] as the next version, persist it, and send it to every watcher
-        (once the deployment is ready). Raises ValueError for an invalid map."""
-        self.check_has_placement()
-        with self._lock:
-            self._check_open()
-            current = self._maps.current
-            if current is None:
-                raise Unavailable("no initial map yet: all expert workers must register first")
-            expert_map = self._maps.next(phy2log, current.num_logical_experts,
-                                         current.slot_owners if slot_owners is None else slot_owners)
-            self._append(expert_map, "push", current.version)
-            if self._ready:
-                self._watchers.publish(self._update(phase, expert_map))
-            return expert_map
-
     # -- health ----------------------------------------------------------------------------
     def check_health(self) -> None:
         """Called periodically by the monitor thread: SUSPECT / DEAD silent workers."""

@@ -1,7 +1,7 @@
 """Fixtures for placement service tests: a minimal model dir, in-process servers, stubs.
 
 Servers bind 127.0.0.1 on free ports; every fixture stops what it started. Helpers are
-handed out as fixtures (``wait_until``, ``free_port``, ``write_model``) because test modules
+handed out as fixtures (``wait_until``, ``free_port``, ``write_model``, ``commit_map``) because test modules
 must not import ``conftest`` (several exist under tests/).
 """
 
@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from epserve.expert_map import ExpertMap
 from epserve.grpc_server import wait_for_channel
 from epserve.model_config import model_fingerprint
 from epserve.placement_service.config import PlacementConfig
@@ -72,6 +74,22 @@ def free_port() -> Callable[[], int]:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
     return pick
+
+
+def _commit_map(controller, phy2log: torch.Tensor) -> ExpertMap:
+    """phy2log [L, P] as the next version through the rebalancer's COMMIT path (reserve a number,
+    ``commit``: persisted and pushed to every watcher), without a PREPARE round: the tests that use
+    it have no expert worker that would ack one."""
+    current = controller.current_map()
+    expert_map = ExpertMap(phy2log, current.num_logical_experts, controller.reserve_version(), current.slot_owners)
+    controller.commit(expert_map, "test", current.version)
+    return expert_map
+
+
+@pytest.fixture
+def commit_map() -> Callable[..., ExpertMap]:
+    """commit_map(controller, phy2log) → the next version, committed and pushed."""
+    return _commit_map
 
 
 def _wait_until(predicate: Callable[[], object], timeout_s: float = 5.0, interval_s: float = 0.02):

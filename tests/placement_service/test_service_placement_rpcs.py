@@ -95,7 +95,7 @@ def read_updates(call, into: queue.Queue) -> threading.Thread:
     return thread
 
 
-def test_watch_gets_map_once_all_registered_then_new_versions(start_server, connect, fingerprint):
+def test_watch_gets_map_once_all_registered_then_new_versions(start_server, connect, fingerprint, commit_map):
     server = start_server(dp_size=2, ep_size=2)
     stubs = connect(server.address)
     updates: queue.Queue = queue.Queue()
@@ -120,7 +120,7 @@ def test_watch_gets_map_once_all_registered_then_new_versions(start_server, conn
         ("attn-0", 0), ("attn-1", 1), ("expert-0", 2), ("expert-1", 3)]
 
     new_phy2log = expert_map.phy2log.flip(1)
-    server.controller.push_map(new_phy2log)
+    commit_map(server.controller, new_phy2log)
     second = updates.get(timeout=5)
     assert second.map.version == 2
     assert torch.equal(expert_map_from_proto(second.map).phy2log, new_phy2log)
@@ -136,7 +136,7 @@ def test_watch_gets_map_once_all_registered_then_new_versions(start_server, conn
     assert late.get(timeout=5) is None
 
 
-def test_get_placement_current_past_unknown_and_balancedness(start_server, connect, fingerprint):
+def test_get_placement_current_past_unknown_and_balancedness(start_server, connect, fingerprint, commit_map):
     server = start_server(dp_size=1, ep_size=2)
     stubs = connect(server.address)
     error = rpc_error(stubs.admin.GetPlacement, placement_pb2.GetPlacementRequest(version=0), timeout=5)
@@ -155,7 +155,7 @@ def test_get_placement_current_past_unknown_and_balancedness(start_server, conne
         slot_token_counts=counts.flatten().tolist(), num_passes=4), timeout=5)
     assert stubs.admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=5).balancedness == pytest.approx(2 / 3)
 
-    server.controller.push_map(torch.arange(8).roll(1).repeat(3, 1))
+    commit_map(server.controller, torch.arange(8).roll(1).repeat(3, 1))
     response = stubs.admin.GetPlacement(placement_pb2.GetPlacementRequest(version=0), timeout=5)
     assert response.map.version == 2 and list(response.versions) == [1, 2]
     assert response.balancedness == 1.0  # nothing reported under version 2
@@ -238,7 +238,7 @@ def test_health_is_serving_and_admin_changes_wait_for_a_map(start_server, connec
 
 
 def test_restart_with_state_db_resumes_version_ranks_and_clients(start_server, connect, fingerprint, tmp_path,
-                                                                  wait_until, free_port):
+                                                                  wait_until, free_port, commit_map):
     port = free_port()
     db = str(tmp_path / "placement.db")
     server = start_server(dp_size=1, ep_size=2, port=port, state_db=db)
@@ -254,7 +254,7 @@ def test_restart_with_state_db_resumes_version_ranks_and_clients(start_server, c
         phase, expert_map, data_plane = seen.get(timeout=5)
         assert phase == UpdatePhase.COMMIT and expert_map.version == 1
         assert isinstance(data_plane, DataPlaneInfo) and data_plane.world_size == 3
-        server.controller.push_map(expert_map.phy2log.flip(1))
+        commit_map(server.controller, expert_map.phy2log.flip(1))
         assert seen.get(timeout=5)[1].version == 2
         dist_init_addr = server.dist_init_addr
         server.stop()
@@ -271,7 +271,7 @@ def test_restart_with_state_db_resumes_version_ranks_and_clients(start_server, c
         assert {w: info.rank for w, info in stubs.workers().items()} == ranks
         assert {client.worker_id: client.registration.rank for client in clients} == ranks
         # The watch re-subscribed; the same version is not delivered twice.
-        restarted.controller.push_map(expert_map.phy2log)
+        commit_map(restarted.controller, expert_map.phy2log)
         phase, newest, _ = seen.get(timeout=5)
         assert newest.version == 3 and torch.equal(newest.phy2log, expert_map.phy2log)
     finally:
@@ -322,7 +322,7 @@ def test_client_register_waits_for_a_late_placement(start_server, fingerprint, f
 
 
 def test_clients_re_register_with_a_placement_that_forgot_them(start_server, connect, fingerprint, wait_until,
-                                                               free_port):
+                                                               free_port, commit_map):
     port = free_port()
     server = start_server(dp_size=1, ep_size=1, port=port)  # no --state-db: a restart forgets everything
     clients = [PlacementClient(server.address, "expert-0", WorkerRole.EXPERT, "127.0.0.1:5000",
@@ -341,7 +341,7 @@ def test_clients_re_register_with_a_placement_that_forgot_them(start_server, con
         wait_until(lambda: all(client.num_registrations == 2 for client in clients), timeout_s=10)
         stubs = connect(restarted.address)
         assert {w: info.rank for w, info in stubs.workers().items()} == {"attn-0": 0, "expert-0": 1}
-        restarted.controller.push_map(torch.arange(8).flip(0).repeat(3, 1))
+        commit_map(restarted.controller, torch.arange(8).flip(0).repeat(3, 1))
         # The watch reconnected. Version 1 comes again only if the watch resubscribed before the push:
         # this placement forgot its rendezvous port, so the data plane changed.
         after_restart = [seen.get(timeout=5)]
