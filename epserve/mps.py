@@ -18,9 +18,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
+SYSTEM_PIPE = Path("/tmp/nvidia-mps")        # where a daemon started without CUDA_MPS_PIPE_DIRECTORY listens
+MPS_MODES = ("auto", "on", "off")
 
 
 class MpsUnavailable(RuntimeError):
@@ -76,3 +80,46 @@ class UserMps:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+
+@dataclass(frozen=True)
+class MpsPlan:
+    start: bool          # start a user-space daemon for the deployment
+    warning: str = ""    # what the user should know (printed by ``epserve up``)
+
+
+def shared_gpus(devices: Sequence[str]) -> list[str]:
+    """CUDA devices that more than one process of ``devices`` (one entry per process) uses."""
+    seen: dict[str, int] = {}
+    for device in devices:
+        if device.startswith("cuda"):
+            index = device.partition(":")[2] or "0"
+            seen[f"cuda:{index}"] = seen.get(f"cuda:{index}", 0) + 1
+    return sorted(d for d, count in seen.items() if count > 1)
+
+
+def plan_mps(mode: str, backend: str, devices: Sequence[str], env: dict[str, str] | None = None) -> MpsPlan:
+    """What ``epserve up --mps MODE`` does for a deployment whose processes use ``devices``.
+
+    auto: start a daemon when the cuda_ipc data plane puts several processes on one GPU and none is
+    reachable already (CUDA_MPS_PIPE_DIRECTORY set, or a system daemon's pipe in /tmp/nvidia-mps);
+    on: start one whenever none is reachable; off: never (a warning when cuda_ipc shares a GPU).
+    ValueError when ``on`` cannot be honoured."""
+    if mode not in MPS_MODES:
+        raise ValueError(f"--mps must be one of {', '.join(MPS_MODES)}, got {mode!r}")
+    env = os.environ if env is None else env
+    shared = shared_gpus(devices) if backend == "cuda_ipc" else []
+    running = bool(env.get("CUDA_MPS_PIPE_DIRECTORY")) or (SYSTEM_PIPE / "control").exists()
+    slow = (f"the cuda_ipc processes sharing {', '.join(shared)} will time-slice the GPU: each MoE layer's "
+            "hand-off waits for a scheduler timeslice (~4 ms measured on an H100, bench/results/serve_deployed.md)")
+    if mode == "off":
+        return MpsPlan(False, f"--mps off: {slow}" if shared else "")
+    if running:
+        return MpsPlan(False)
+    if mode == "auto" and not shared:
+        return MpsPlan(False)
+    if shutil.which(CONTROL) is None:
+        if mode == "on":
+            raise ValueError(f"--mps on: {CONTROL} is not on PATH (it comes with the NVIDIA driver utilities); "
+                             "install it or use --mps off")
+        return MpsPlan(False, f"{CONTROL} not found, so no MPS daemon: {slow}")
+    return MpsPlan(True)
