@@ -8,14 +8,13 @@ Generate API, ``--new-tokens`` each (ignore_eos). Modes:
 
 - ``local``: one attention worker holding every expert (colocated; the GPU engine, CUDA graphs);
 - ``cuda_ipc``: one attention process + one expert process on the same GPU, the step path on device
-  flags, both processes under a user-space MPS daemon (``epserve/mps.py``) started for the run;
-- ``cuda_ipc_no_mps``: the same without MPS (the GPU time-slices between the two contexts).
+  flags, both processes under the user-space MPS daemon ``epserve up --mps on`` starts;
+- ``cuda_ipc_no_mps``: the same with ``--mps off`` (the GPU time-slices between the two contexts).
 
 Step time per batch: for every stream, (arrival of its last token − arrival of token ``--skip``) /
 (tokens in between), the median over streams — every stream is decoding in the same steps as the
 others there, so this is the decode step time of that batch as a user sees it. The driver itself
-never creates a CUDA context (MPS must be up before any context of the processes it serves exists);
-``--bandwidth-from serve_gpu.json`` reads the copy bandwidth measured by ``bench/serve_gpu.py``
+never creates a CUDA context; ``--bandwidth-from serve_gpu.json`` reads the copy bandwidth measured by ``bench/serve_gpu.py``
 for the roofline column.
 """
 
@@ -38,12 +37,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from epserve.gateway.client import stream_generate  # noqa: E402
-from epserve.mps import MpsUnavailable, UserMps  # noqa: E402
 from epserve_up import epserve_up  # noqa: E402
 
 MODES = {"local": ["--moe-a2a-backend", "local", "--expert-workers", "0"],
-         "cuda_ipc": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1"],
-         "cuda_ipc_no_mps": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1"]}
+         "cuda_ipc": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1", "--mps", "on"],
+         "cuda_ipc_no_mps": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1", "--mps", "off"]}
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -173,21 +171,12 @@ def main() -> int:
         f"modes {' '.join(args.modes)}")
     rows, notes = [], {}
     for mode in args.modes:
-        mps = UserMps() if mode == "cuda_ipc" else None
-        env = None
+        notes[mode] = "epserve up --mps " + ("on (its own user-space daemon)" if mode == "cuda_ipc" else "auto/off: none")
         try:
-            if mps is not None:
-                env = mps.start()
-                notes[mode] = f"user-space MPS daemon in {mps.folder}"
-            else:
-                notes[mode] = "no MPS daemon"
-            run_mode(mode, model_dir, args, log, env, rows)
-        except (MpsUnavailable, RuntimeError, AssertionError) as e:
+            run_mode(mode, model_dir, args, log, None, rows)
+        except (RuntimeError, AssertionError) as e:
             log(f"{mode}: FAILED {str(e)[:1500]}")
             notes[mode] = f"failed: {str(e)[:1500]}"
-        finally:
-            if mps is not None:
-                mps.stop()
     colocated = {r["batch"]: r for r in rows if r["mode"] == "local"}
     for row in rows:
         if row["batch"] in colocated:

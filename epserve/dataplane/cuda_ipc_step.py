@@ -57,6 +57,7 @@ from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, DTY
                                                STEP_TRACE, STEP_WEIGHT_DTYPE, AttentionState, Channel, ExpertState,
                                                Flag, Status, read_status, read_trace, write_status, write_trace)
 from epserve.dataplane.cuda_ipc_peers import PeerGone, wait_until
+from epserve.kernels.local_slots import local_slots, local_slots_reference
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class StepExchange:
     def receive(self, layer: int) -> torch.Tensor:
         """→ out [T, D]: every worker's partial of ``layer``, added in worker order. Launches only on GPUs."""
         t = self.num_tokens
-        out = torch.zeros(t, self.side.shape.hidden_size, dtype=self._acc_dtype, device=self.side.device)
+        single = len(self.channels) == 1           # one partial: the float32 sum of it alone is the partial
+        out = None if single else torch.zeros(t, self.side.shape.hidden_size, dtype=self._acc_dtype,
+                                              device=self.side.device)
         deadline = time.monotonic() + self.timeout_s
         for worker, channel in enumerate(self.channels):
             rank = self.side.expert_ranks[worker]
@@ -138,6 +141,8 @@ class StepExchange:
                 raise DataPlaneTimeout(f"expert rank {rank} did not answer layer {layer} of step {self.step} "
                                        f"(micro-batch slot {self.slot}) within {self.timeout_s}s", peer_rank=rank,
                                        layer=layer, micro_batch=self.slot)
+            if single:
+                return channel.partial[:t].clone()
             out += channel.partial[:t]
         return out.to(self.side.shape.dtype)
 
@@ -253,9 +258,10 @@ class StepServer:
         """This worker's partial [n, D] of all n rows (split_by_worker's local ids and weights)."""
         worker = self.link.worker
         slot_ids, weights = channel.slot_ids[:n], channel.weights(n, weight_dtype)                # [n, K]
-        mine = (slot_ids >= 0) & (slot_ids // slots_per_worker == worker)                          # [n, K]
-        local = torch.where(mine, slot_ids - worker * slots_per_worker, -1)
-        local_weights = torch.where(mine, weights, 0).to(weight_dtype)
+        if slot_ids.device.type == "cuda":          # one launch instead of ~8 (a node of the step's graph)
+            local, local_weights = local_slots(slot_ids, weights, worker, slots_per_worker, weight_dtype)
+        else:
+            local, local_weights = local_slots_reference(slot_ids, weights, worker, slots_per_worker, weight_dtype)
         hidden = channel.hidden[:n]
         if self.compute_device is not None:
             hidden, local, local_weights = (x.to(self.compute_device) for x in (hidden, local, local_weights))
