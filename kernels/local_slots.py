@@ -21,15 +21,15 @@ from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 BLOCK = 1024
 
 
-@triton.jit
-def _local_slots_kernel(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, worker, slots_per_worker,
+@triton.jit(do_not_specialize=["numel", "base", "slots_per_worker"])
+def _local_slots_kernel(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker,
                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """base = worker · S (scalars never specialised: a value of 1 would turn into a constexpr)."""
     pdl_wait(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     slot = tl.load(slot_ptr + offs, mask=ok, other=-1).to(tl.int64)
     weight = tl.load(weight_ptr + offs, mask=ok, other=0.0)
-    base = worker.to(tl.int64) * slots_per_worker
     mine = (slot >= base) & (slot < base + slots_per_worker)
     tl.store(local_ptr + offs, tl.where(mine, slot - base, -1), mask=ok)
     tl.store(local_weight_ptr + offs, tl.where(mine, weight, 0.0).to(local_weight_ptr.dtype.element_ty), mask=ok)
@@ -46,7 +46,7 @@ def local_slots(slot_ids: torch.Tensor, weights: torch.Tensor, worker: int, slot
     numel = slot_ids.numel()
     if numel:
         _local_slots_kernel[(triton.cdiv(numel, BLOCK),)](
-            slot_ids, weights, local, local_weights, numel, worker, slots_per_worker, BLOCK=BLOCK,
+            slot_ids, weights, local, local_weights, numel, worker * slots_per_worker, slots_per_worker, BLOCK=BLOCK,
             **launch_options(pdl_enabled(slot_ids.device)))
     return local, local_weights
 
