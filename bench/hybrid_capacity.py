@@ -136,7 +136,7 @@ def rebalance(admin, timeout_s: float = 60.0) -> placement_pb2.RebalanceResponse
             time.sleep(0.5)
 
 
-def run_mode(args: argparse.Namespace, model: Path, mode: str, capacities: list[float] | None,
+def run_mode(args: argparse.Namespace, model: Path, mode: str, capacities: list[float] | str,
              log_dir: Path) -> dict:
     devices = args.expert_devices.split(",")
     config = DeploymentConfig(
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="epserve-hybrid-"))
     model = make_model(args, workdir / "model")
-    given = [float(c) for c in args.expert_capacities.split(",")] if args.expert_capacities else None
+    given = [float(c) for c in args.expert_capacities.split(",")] if args.expert_capacities else "auto"
     load_average = os.getloadavg()[0]
     rows = []
     for round_index in range(args.rounds):
@@ -248,7 +248,8 @@ def render_markdown(result: dict) -> str:
         "# Hybrid capacity: capacity-aware vs capacity-blind placement\n",
         f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- torch {meta['torch']}, commit "
         f"{meta['git_commit']}", f"- command: `{meta['command']}`",
-        f"- deployment: {args['attention_workers']} attention worker(s) on {args['attention_device']}, expert workers on "
+        f"- deployment: {args['attention_workers']} attention worker(s) on {args['attention_device']}, "
+        f"expert workers on "
         f"{args['expert_devices']} with {args['expert_num_threads']} torch threads, "
         f"{args['ep_num_redundant_experts']} redundant slots, {args['dtype']}, torch (gloo) data plane, "
         f"load format {args['load_format']}",

@@ -30,8 +30,11 @@ quote the child's own last error line (its stderr is read through ``supervisor.C
 Devices (hybrid deployments): attention workers run on ``attention_device`` and expert worker i on
 ``expert_devices[i]`` (both default to ``device``), so a GPU attention worker can use GPU and CPU
 expert workers; the torch data plane then runs on gloo through host memory. Expert worker i
-registers ``expert_capacities[i]`` with placement, or without capacities measures its own
-(``--capacity auto``, expert_worker/capacity.py); ``expert_num_threads[i]`` sets its torch threads.
+registers ``expert_capacities[i]`` with placement; with ``expert_capacities`` "auto" (``epserve up``'s
+default) each measures its own (``--capacity auto``, expert_worker/capacity.py), with None each
+registers the worker's default, 1 (placement then keeps the trivial first map: tests rely on a
+known map, and measured figures of equal workers differ by noise); ``expert_num_threads[i]`` sets
+its torch threads.
 
 Colocated (``moe_a2a_backend`` local): no expert workers (``num_expert_workers`` 0, placement
 ``--ep-size 0``); every attention worker holds all experts and runs them with
@@ -67,6 +70,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # The attention worker's --attention-backend choices (EngineLimits also names flashinfer, not built)
 ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 COLOCATED = "local"        # the --moe-a2a-backend of a colocated deployment
+AUTO_CAPACITY = "auto"     # expert_capacities: every expert worker measures its own (--capacity auto)
 
 
 @dataclass
@@ -79,7 +83,8 @@ class DeploymentConfig:
     device: str = "cpu"                     # every worker's, unless attention_device / expert_devices say otherwise
     attention_device: str = ""              # "" = device
     expert_devices: list[str] | None = None         # one per expert worker; None = device for each
-    expert_capacities: list[float] | None = None    # one per expert worker; None = each measures its own (auto)
+    expert_capacities: list[float] | str | None = None  # one per expert worker; "auto" = each measures its own
+                                                        # (epserve up's default); None = the workers' default (1)
     expert_num_threads: list[int] | None = None     # one per expert worker; None = the worker's default (1)
     load_format: str = "auto"               # every worker's --load-format; dummy = random weights
     host: str = "127.0.0.1"
@@ -165,7 +170,8 @@ class DeploymentConfig:
         """Hybrid deployments: a device (and capacity, threads) per expert worker; flags named in errors."""
         for flag, value in (("--device", self.device), ("--attention-device", self.attention_device or self.device)):
             check_device(flag, value)
-        per_worker = (("--expert-devices", self.expert_devices), ("--expert-capacities", self.expert_capacities),
+        capacities = None if isinstance(self.expert_capacities, str) else self.expert_capacities
+        per_worker = (("--expert-devices", self.expert_devices), ("--expert-capacities", capacities),
                       ("--expert-num-threads", self.expert_num_threads))
         for flag, values in per_worker:
             if values is None:
@@ -178,7 +184,11 @@ class DeploymentConfig:
                                  f"workers (--expert-workers): give one per expert worker")
         for device in self.expert_devices or ():
             check_device("--expert-devices", device)
-        for capacity in self.expert_capacities or ():
+        if isinstance(self.expert_capacities, str):
+            if self.expert_capacities != AUTO_CAPACITY:
+                raise ValueError(f"--expert-capacities must be numbers, one per expert worker, or {AUTO_CAPACITY}; "
+                                 f"got {self.expert_capacities!r}")
+        for capacity in () if isinstance(self.expert_capacities, str) else self.expert_capacities or ():
             if not (math.isfinite(capacity) and capacity > 0):
                 raise ValueError(f"--expert-capacities entries must be numbers > 0, got {capacity}")
         for threads in self.expert_num_threads or ():
@@ -192,9 +202,12 @@ class DeploymentConfig:
 
     def expert_args(self, index: int) -> list[str]:
         """Flags of expert worker ``index`` besides the common ones: its device, capacity, threads."""
-        capacity = "auto" if self.expert_capacities is None else repr(float(self.expert_capacities[index]))
         args = ["--device", self.expert_devices[index] if self.expert_devices else self.device,
-                "--capacity", capacity, "--moe-runner-backend", self.moe_runner_backend]
+                "--moe-runner-backend", self.moe_runner_backend]
+        if self.expert_capacities == AUTO_CAPACITY:
+            args += ["--capacity", AUTO_CAPACITY]
+        elif self.expert_capacities is not None:
+            args += ["--capacity", repr(float(self.expert_capacities[index]))]
         if self.expert_num_threads:
             args += ["--num-threads", str(self.expert_num_threads[index])]
         return args + self.extra_expert_args

@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             model_path=model_path, num_attention_workers=args.attention_workers,
             num_expert_workers=expert_workers, num_redundant_experts=args.ep_num_redundant_experts,
             dtype=args.dtype, device=args.device, attention_device=args.attention_device,
-            expert_devices=args.expert_devices, expert_capacities=args.expert_capacities,
+            expert_devices=args.expert_devices, expert_capacities=args.expert_capacities or "auto",
             expert_num_threads=args.expert_num_threads, load_format=args.load_format, host=args.host,
             gateway_port=args.port, placement_port=args.placement_port, moe_a2a_backend=args.moe_a2a_backend,
             moe_runner_backend=args.moe_runner_backend, ep_dispatch_algorithm=args.ep_dispatch_algorithm,

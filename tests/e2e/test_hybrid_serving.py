@@ -101,7 +101,8 @@ def test_gpu_attention_with_a_gpu_and_a_cpu_expert_worker(tiny_model, tmp_path, 
     (on the tiny model the GPU's launch overhead can make the CPU worker the faster one)."""
     config = DeploymentConfig(model_path=str(tiny_model), num_attention_workers=1, num_expert_workers=2,
                               num_redundant_experts=2, dtype="float64", attention_device="cuda:0",
-                              expert_devices=["cuda:0", "cpu"], attention_backend="torch_native",
+                              expert_devices=["cuda:0", "cpu"], expert_capacities="auto",
+                              attention_backend="torch_native",
                               log_dir=str(tmp_path))
     with LocalDeployment(config) as deployment:
         channel, admin = _admin(f"127.0.0.1:{deployment.placement_port}")

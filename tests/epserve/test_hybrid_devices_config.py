@@ -28,12 +28,14 @@ def test_each_process_kind_gets_its_own_device():
     assert [e["--num-threads"] for e in experts] == ["1", "1", "4"]
 
 
-def test_device_is_the_default_and_capacities_are_measured_without_the_flag():
-    config = DeploymentConfig("m", num_expert_workers=2, device="cuda")
+def test_device_is_the_default_and_auto_measures_capacities():
+    config = DeploymentConfig("m", num_expert_workers=2, device="cuda", expert_capacities="auto")
     assert _pairs(config.attention_args())["--device"] == "cuda"
     for i in range(2):
         pairs = _pairs(config.expert_args(i))
         assert pairs["--device"] == "cuda" and pairs["--capacity"] == "auto" and "--num-threads" not in pairs
+    assert "--capacity" not in DeploymentConfig("m", num_expert_workers=2).expert_args(0)    # the worker's default
+    assert DeploymentConfig("m", moe_a2a_backend="local", expert_capacities="auto").num_expert_workers == 0
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -44,11 +46,13 @@ def test_device_is_the_default_and_capacities_are_measured_without_the_flag():
     (dict(num_expert_workers=2, expert_capacities=[1.0, 0.0]), "--expert-capacities entries must be numbers > 0"),
     (dict(num_expert_workers=2, expert_capacities=[1.0, float("nan")]), "--expert-capacities entries"),
     (dict(num_expert_workers=2, expert_num_threads=[1, 0]), "--expert-num-threads entries must be >= 1"),
+    (dict(num_expert_workers=2, expert_capacities="measure"), "--expert-capacities must be numbers, .* or auto"),
     (dict(num_expert_workers=1, expert_devices=["gpu0"]), "--expert-devices: 'gpu0' is not a device"),
     (dict(attention_device="cuda:x"), "--attention-device: 'cuda:x' is not a device"),
     (dict(device="cpu:1"), "--device: 'cpu:1' is not a device"),
     (dict(moe_a2a_backend="local", expert_devices=["cpu"]), "--expert-devices: with --moe-a2a-backend local"),
-    (dict(num_expert_workers=2, moe_a2a_backend="cuda_ipc", attention_device="cuda:0", expert_devices=["cuda:0", "cpu"]),
+    (dict(num_expert_workers=2, moe_a2a_backend="cuda_ipc", attention_device="cuda:0",
+          expert_devices=["cuda:0", "cpu"]),
      "--moe-a2a-backend cuda_ipc .* use --moe-a2a-backend torch"),
 ])
 def test_bad_hybrid_deployments_name_the_flag(fields, message):
