@@ -5,10 +5,8 @@
 set -u
 R=${OUT:-/tmp/callc_out}
 W=/tmp/callc_work
-mkdir -p "$R" "$W"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$W/pip.txt" 2>&1 || echo "wheel install failed"
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+mkdir -p "$R"
+source bench/gpu/device_env.sh
 DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 H200=kernels/configs/S=128,D=2048,I=768,device=NVIDIA_H200.json
 OWN="kernels/configs/S=128,D=2048,I=768,device=$DEV.json"

@@ -4,10 +4,8 @@
 set -u
 R=${OUT:-/tmp/calld_out}
 W=/tmp/calld_work
-mkdir -p "$R" "$W"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$W/pip.txt" 2>&1 || echo "wheel install failed"
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+mkdir -p "$R"
+source bench/gpu/device_env.sh
 timeout ${DEPLOYED_S:-300} python3 bench/serve_deployed.py --out-dir "$W/deployed" --log-dir "$W/deployed_logs" \
     --bandwidth-from bench/results/serve_gpu_h100.json --batches 1 32 128 --new-tokens 48 --modes ${MODES:-local cuda_ipc cuda_ipc_no_mps} \
     > "$W/deployed.txt" 2>&1; echo "deployed exit $?" >> "$W/deployed.txt"

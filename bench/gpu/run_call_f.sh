@@ -5,10 +5,8 @@
 set -u
 R=${OUT:-/tmp/callf_out}
 W=/tmp/callf_work
-mkdir -p "$R" "$W"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$W/pip.txt" 2>&1 || echo "wheel install failed"
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+mkdir -p "$R"
+source bench/gpu/device_env.sh
 # alone first: this pytest process must hold no CUDA context while epserve up's MPS daemon serves
 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 90 tests/e2e/test_step_path.py \
     > "$W/tests_step.txt" 2>&1; echo "step tests exit $?" >> "$W/tests_step.txt"

@@ -1,0 +1,7 @@
+# Sourced by the device-call scripts (bench/gpu/run_call_*.sh) with W set to their work folder:
+# installs the carried wheels (.whl: opentelemetry, grpcio, ...; missing on the device machine) into
+# /tmp/site and exports the environment every stage runs in.
+mkdir -p "$W"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$W/pip.txt" 2>&1 || echo "wheel install failed (see $W/pip.txt)"
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
