@@ -9,7 +9,9 @@ Generate API, ``--new-tokens`` each (ignore_eos). Modes:
 - ``local``: one attention worker holding every expert (colocated; the GPU engine, CUDA graphs);
 - ``cuda_ipc``: one attention process + one expert process on the same GPU, the step path on device
   flags, both processes under the user-space MPS daemon ``epserve up --mps on`` starts;
-- ``cuda_ipc_no_mps``: the same with ``--mps off`` (the GPU time-slices between the two contexts).
+- ``cuda_ipc_no_mps``: the same with ``--mps off`` (the GPU time-slices between the two contexts);
+- ``torch``: the torch data plane (NCCL between CUDA devices): with ``--up-args --attention-device cuda:0
+  --expert-devices cuda:1`` attention and experts on two GPUs (bench/gpu/run_multi_gpu.sh).
 
 Step time per batch: for every stream, (arrival of its last token − arrival of token ``--skip``) /
 (tokens in between), the median over streams — every stream is decoding in the same steps as the
@@ -41,7 +43,8 @@ from epserve_up import epserve_up  # noqa: E402
 
 MODES = {"local": ["--moe-a2a-backend", "local", "--expert-workers", "0"],
          "cuda_ipc": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1", "--mps", "on"],
-         "cuda_ipc_no_mps": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1", "--mps", "off"]}
+         "cuda_ipc_no_mps": ["--moe-a2a-backend", "cuda_ipc", "--expert-workers", "1", "--mps", "off"],
+         "torch": ["--moe-a2a-backend", "torch", "--expert-workers", "1"]}
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
