@@ -15,9 +15,11 @@ source bench/gpu/device_env.sh
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 200 \
     tests/epserve/dataplane/test_dataplane_torch_nccl_gpu.py tests/epserve/dataplane/test_dataplane_cuda_ipc_gpu.py \
     tests/e2e/test_step_path.py > "$W/tests.txt" 2>&1; echo "tests exit $?" >> "$W/tests.txt"
-timeout 420 python3 bench/serve_deployed.py --out-dir "$W/deployed" --log-dir "$W/deployed_logs" --name serve_two_gpus \
-    --batches 1 32 128 --new-tokens 48 --modes local torch cuda_ipc \
-    --up-args --attention-device cuda:0 --expert-devices cuda:1 > "$W/deployed.txt" 2>&1
+timeout 150 python3 bench/serve_deployed.py --out-dir "$W/deployed" --log-dir "$W/deployed_logs" --name serve_one_gpu \
+    --batches 1 32 128 --new-tokens 48 --modes local > "$W/deployed.txt" 2>&1
+timeout 300 python3 bench/serve_deployed.py --out-dir "$W/deployed" --log-dir "$W/deployed_logs" --name serve_two_gpus \
+    --batches 1 32 128 --new-tokens 48 --modes torch cuda_ipc \
+    --up-args --attention-device cuda:0 --expert-devices cuda:1 >> "$W/deployed.txt" 2>&1
 echo "deployed exit $?" >> "$W/deployed.txt"
 cp "$W"/deployed/*.json "$R"/ 2>/dev/null
 tar czf "$R/all.tgz" -C "$W" .
