@@ -54,10 +54,6 @@ class TritonPagedAttention:
             raise ValueError(f"{spec.architecture} uses attention sinks, which the batched GPU runner "
                              "(--attention-backend triton, the default on CUDA) does not compute yet: pass "
                              "--attention-backend torch_native")
-        if spec.rotary_dim != spec.head_dim:
-            raise ValueError(f"{spec.architecture} rotates {spec.rotary_dim} of each head's {spec.head_dim} dims "
-                             "(partial rotary), which the batched GPU runner (--attention-backend triton, the default "
-                             "on CUDA) does not compute yet: pass --attention-backend torch_native")
         if spec.sliding_window is not None:
             raise ValueError(f"{spec.architecture} attends within a sliding window of {spec.sliding_window} positions, "
                              "which the batched GPU runner (--attention-backend triton, the default on CUDA) does not "
@@ -68,7 +64,8 @@ class TritonPagedAttention:
         self.eps = spec.rms_norm_eps
         self.scale = spec.head_dim ** -0.5
         device = kv_cache.k[0].device
-        self.inv_freq = RotaryEmbedding(spec.head_dim, spec.rope_theta).inv_freq.to(device)   # [Dh/2] float32
+        # [R/2] float32: RoPE on each head's leading rotary_dim dims (all of them but with partial rotary)
+        self.inv_freq = RotaryEmbedding(spec.rotary_dim, spec.rope_theta).inv_freq.to(device)
 
     def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:

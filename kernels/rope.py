@@ -4,8 +4,9 @@ Legend: T tokens, H query heads, Hkv KV heads, Dh head dim, N cache blocks, Bs b
 
 ``q = qk_norm_rope_store(qkv [T, (H + 2 Hkv) Dh], ...)``: the fused QKV projection's q, k and v
 heads of each token are read once. q and k heads get Qwen3's per-head RMSNorm (when the weights
-are given; numerics of ``epserve.models.layers.rms_norm``) and rotate-half RoPE exactly as
-``RotaryEmbedding``: ``freqs = float32(position) * inv_freq``, cos/sin of ``cat(freqs, freqs)``
+are given; numerics of ``epserve.models.layers.rms_norm``, over the whole head) and rotate-half RoPE
+on the head's leading R dims (R = Dh, or the model's rotary_dim with partial rotary: GLM-4-MoE; the
+other Dh - R dims pass through) exactly as ``RotaryEmbedding``: ``freqs = float32(position) * inv_freq``, cos/sin of ``cat(freqs, freqs)``
 in float32 rounded to the model dtype, ``x * cos + rotate_half(x) * sin`` with each product and
 the sum rounded to the dtype as torch rounds them. The rotated q is returned ``[T, H, Dh]``; the
 rotated k and the raw v go to ``k_cache/v_cache [N, Bs, Hkv, Dh]`` at flat slot
@@ -33,21 +34,26 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope(x1, x2, w_ptr, d, ok, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Halves x1, x2 [HALF] of one head (model dtype) → rotated halves, float32 holding dtype values."""
+def _norm_rope(x1, x2, x3, w_ptr, d, ok, d3, ok3, cos, sin, eps, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+               HAS_NORM: tl.constexpr):
+    """Rotated halves x1, x2 [HALF] and the pass-through part x3 [PASS] of one head (model dtype) →
+    (rotated halves, x3), float32 holding dtype values; the norm runs over the whole head."""
     dtype: tl.constexpr = x1.dtype
+    f1, f2, f3 = x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
     if HAS_NORM:
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM + eps)
+        rstd = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0) + tl.sum(f3 * f3, axis=0)) / HEAD_DIM
+                        + eps)
         w1 = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HEAD_DIM // 2 + d, mask=ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + ROT // 2 + d, mask=ok, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + ROT + d3, mask=ok3, other=0.0).to(tl.float32)
         h1 = _round(_round(f1 * rstd, dtype) * w1, dtype)
         h2 = _round(_round(f2 * rstd, dtype) * w2, dtype)
+        f3 = _round(_round(f3 * rstd, dtype) * w3, dtype)
     else:
-        h1, h2 = x1.to(tl.float32), x2.to(tl.float32)
+        h1, h2 = f1, f2
     out1 = _round(_round(h1 * cos, dtype) - _round(h2 * sin, dtype), dtype)
     out2 = _round(_round(h2 * cos, dtype) + _round(h1 * sin, dtype), dtype)
-    return out1, out2
+    return out1, out2, f3
 
 
 @triton.jit
@@ -55,39 +61,47 @@ def _qk_norm_rope_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr,
                                k_cache_ptr, v_cache_ptr, slot_ptr, H, HKV, block_size, eps,
                                stride_qkv, stride_qo_t, stride_qo_h,
                                stride_kc_n, stride_kc_b, stride_kc_h, stride_vc_n, stride_vc_b, stride_vc_h,
-                               HEAD_DIM: tl.constexpr, HALF_P2: tl.constexpr, HAS_NORM: tl.constexpr,
-                               USE_PDL: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, ROT: tl.constexpr, HALF_P2: tl.constexpr,
+                               PASS_P2: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
-    half: tl.constexpr = HEAD_DIM // 2
+    half: tl.constexpr = ROT // 2
     d = tl.arange(0, HALF_P2)
     ok = d < half
+    d3 = ROT + tl.arange(0, PASS_P2)            # the dims RoPE leaves alone (none without partial rotary)
+    ok3 = d3 < HEAD_DIM
     head = qkv_ptr + t * stride_qkv + j * HEAD_DIM
     x1 = tl.load(head + d, mask=ok, other=0.0)
     x2 = tl.load(head + half + d, mask=ok, other=0.0)
+    x3 = tl.load(head + d3, mask=ok3, other=0.0)
     dtype: tl.constexpr = x1.dtype
     freqs = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + d, mask=ok, other=0.0)
     cos = _round(tl.cos(freqs), dtype)
     sin = _round(tl.sin(freqs), dtype)
     if j < H:
-        out1, out2 = _norm_rope(x1, x2, q_w_ptr, d, ok, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        out1, out2, out3 = _norm_rope(x1, x2, x3, q_w_ptr, d, ok, d3 - ROT, ok3, cos, sin, eps, HEAD_DIM, ROT,
+                                      HAS_NORM)
         q_row = q_out_ptr + t * stride_qo_t + j * stride_qo_h
         tl.store(q_row + d, out1.to(dtype), mask=ok)
         tl.store(q_row + half + d, out2.to(dtype), mask=ok)
+        tl.store(q_row + d3, out3.to(dtype), mask=ok3)
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
             kh = j - H
-            out1, out2 = _norm_rope(x1, x2, k_w_ptr, d, ok, cos, sin, eps, HEAD_DIM, HAS_NORM)
+            out1, out2, out3 = _norm_rope(x1, x2, x3, k_w_ptr, d, ok, d3 - ROT, ok3, cos, sin, eps, HEAD_DIM, ROT,
+                                          HAS_NORM)
             block, offset = slot // block_size, slot % block_size
             k_row = k_cache_ptr + block * stride_kc_n + offset * stride_kc_b + kh * stride_kc_h
             tl.store(k_row + d, out1.to(dtype), mask=ok)
             tl.store(k_row + half + d, out2.to(dtype), mask=ok)
+            tl.store(k_row + d3, out3.to(dtype), mask=ok3)
             v_head = head + HKV * HEAD_DIM                       # v head kh sits Hkv heads after k head kh
             v_row = v_cache_ptr + block * stride_vc_n + offset * stride_vc_b + kh * stride_vc_h
             tl.store(v_row + d, tl.load(v_head + d, mask=ok), mask=ok)
             tl.store(v_row + half + d, tl.load(v_head + half + d, mask=ok), mask=ok)
+            tl.store(v_row + d3, tl.load(v_head + d3, mask=ok3), mask=ok3)
 
 
 def _check(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor,
@@ -102,7 +116,8 @@ def _check(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, 
     assert positions.shape == (num_tokens,) and not positions.dtype.is_floating_point, "positions must be [T] integers"
     assert slot_mapping.shape == (num_tokens,) and not slot_mapping.dtype.is_floating_point, \
         "slot_mapping must be [T] integers"
-    assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32, "inv_freq must be [Dh/2] float32"
+    assert inv_freq.dtype == torch.float32 and inv_freq.dim() == 1 and 0 < 2 * inv_freq.shape[0] <= head_dim, \
+        "inv_freq must be [R/2] float32 (R = the rotated dims of a head, at most Dh)"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         assert cache.dim() == 4 and cache.shape[2:] == (num_kv_heads, head_dim), \
             f"{name} must be [N, Bs, {num_kv_heads}, {head_dim}], got {list(cache.shape)}"
@@ -120,11 +135,13 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
                        eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
-    """qkv [T, (H + 2 Hkv) Dh], positions/slot_mapping [T], inv_freq [Dh/2] float32,
+    """qkv [T, (H + 2 Hkv) Dh], positions/slot_mapping [T], inv_freq [R/2] float32 (R = 2 · its length:
+    the leading dims of each head that RoPE rotates, Dh unless the model uses partial rotary),
     k_cache/v_cache [N, Bs, Hkv, Dh] (written at the token slots) → q [T, H, Dh] (into q_out if given)."""
     _check(qkv, num_heads, num_kv_heads, head_dim, positions, inv_freq, k_cache, v_cache, slot_mapping,
            q_norm_weight, k_norm_weight)
     num_tokens = qkv.shape[0]
+    rotary_dim = 2 * inv_freq.shape[0]
     if q_out is None:
         q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     assert q_out.shape == (num_tokens, num_heads, head_dim) and q_out.dtype == qkv.dtype and q_out.stride(2) == 1, \
@@ -139,7 +156,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
         num_heads, num_kv_heads, k_cache.shape[1], eps,
         qkv.stride(0), q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=head_dim, HALF_P2=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm,
+        HEAD_DIM=head_dim, ROT=rotary_dim, HALF_P2=triton.next_power_of_2(rotary_dim // 2),
+        PASS_P2=triton.next_power_of_2(max(head_dim - rotary_dim, 1)), HAS_NORM=has_norm,
         num_warps=1 if head_dim <= 128 else 2, **launch_options(pdl_enabled(qkv.device)))
     return q_out
 
@@ -157,10 +175,12 @@ def qk_norm_rope_store_reference(qkv: torch.Tensor, num_heads: int, num_kv_heads
     v = v.reshape(num_tokens, num_kv_heads, head_dim)
     if q_norm_weight is not None:
         q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
-    rope = RotaryEmbedding(head_dim, theta=1.0)
+    rotary_dim = 2 * inv_freq.shape[0]
+    rope = RotaryEmbedding(rotary_dim, theta=1.0)
     rope.inv_freq = inv_freq                                       # the given frequencies, not theta's
     cos, sin = rope.cos_sin(positions, qkv.dtype)
-    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    q = torch.cat([rope.apply(q[..., :rotary_dim], cos, sin), q[..., rotary_dim:]], dim=-1)
+    k = torch.cat([rope.apply(k[..., :rotary_dim], cos, sin), k[..., rotary_dim:]], dim=-1)
     stored = slot_mapping >= 0
     slots = slot_mapping[stored].long()
     k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[stored].to(k_cache.dtype)

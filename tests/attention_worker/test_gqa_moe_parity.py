@@ -97,24 +97,25 @@ def test_glm_router_matches_transformers(glm_model):
     assert torch.equal(weights.gather(1, order.indices), want_weights.gather(1, want_order.indices))
 
 
-def test_mixtral_on_the_batched_gpu_runner_equals_the_host_runner(mixtral_model):
-    """Mixtral is plain GQA attention: the Triton runner (here interpreted, float32) serves it."""
+@pytest.mark.parametrize("family", ["mixtral", "glm"])
+def test_the_batched_gpu_runner_equals_the_host_runner(family, mixtral_model, glm_model):
+    """The Triton runner (here interpreted, float32) serves Mixtral's plain GQA attention and GLM-4-MoE's
+    (partial rotary: RoPE on half of each head, q/k norms, q/k/v biases; a shared expert, a dense layer)."""
+    model = mixtral_model if family == "mixtral" else glm_model
     prompts, greedy = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=6,
                                                                                   ignore_eos=True)
     options = dict(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=48, max_num_seqs=8)
-    host = build_colocated_engine(str(mixtral_model), torch.float32,
+    host = build_colocated_engine(str(model), torch.float32,
                                   limits=EngineLimits(attention_backend="torch_native", **options))
-    batched = build_colocated_engine(str(mixtral_model), torch.float32,
+    batched = build_colocated_engine(str(model), torch.float32,
                                      limits=EngineLimits(attention_backend="triton", **options))
     assert type(batched.runner).__name__ == "GpuStepRunner"
     assert generate_tokens(batched, prompts, greedy) == generate_tokens(host, prompts, greedy)
 
 
-def test_gpu_runner_refuses_what_it_does_not_compute(glm_model, mixtral_model, tmp_path):
-    """GLM's partial rotary and Mixtral's sliding window: errors that name the backend to use."""
+def test_gpu_runner_refuses_what_it_does_not_compute(mixtral_model, tmp_path):
+    """Mixtral's sliding window: an error that names the backend to use."""
     triton = EngineLimits(attention_backend="triton")
-    with pytest.raises(ValueError, match="partial rotary.*--attention-backend torch_native"):
-        build_colocated_engine(str(glm_model), torch.float32, limits=triton)
     windowed = with_config(mixtral_model, tmp_path, "windowed", sliding_window=6)
     with pytest.raises(ValueError, match="sliding window of 6 positions.*--attention-backend torch_native"):
         build_colocated_engine(str(windowed), torch.float32, limits=triton)

@@ -61,6 +61,24 @@ def test_matches_float64_reference(num_tokens, heads, kv_heads, head_dim, dtype,
     assert torch.equal(v_cache.double(), ref_v)                          # v is copied untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(32, 16), (24, 8), (64, 32)])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_partial_rotary_rotates_the_leading_dims_only(head_dim, rotary_dim, dtype, with_norm):
+    """GLM-4-MoE's partial rotary: RoPE on each head's first rotary_dim dims (inv_freq of that length),
+    the rest normed (with the norm) and stored as they are."""
+    heads, kv_heads = 4, 2
+    problem = make_problem(9, heads, kv_heads, head_dim, dtype, seed=head_dim + rotary_dim)
+    problem["inv_freq"] = RotaryEmbedding(rotary_dim, 10000.0).inv_freq
+    (q, k_cache, v_cache), (ref_q, ref_k, ref_v) = run_both(problem, heads, kv_heads, head_dim, with_norm)
+    tol = TOLERANCE[dtype]
+    assert rel_err(q, ref_q) < tol and rel_err(k_cache, ref_k) < tol
+    assert torch.equal(v_cache.double(), ref_v)
+    if not with_norm:                                  # the pass-through dims are the input, bit for bit
+        qkv = problem["qkv"].view(9, heads + 2 * kv_heads, head_dim)
+        assert torch.equal(q[..., rotary_dim:], qkv[:, :heads, rotary_dim:])
+
+
 def test_float16_rounds_like_the_layer_ops():
     """In the model dtype the kernel rounds where torch rounds (norm, cos/sin, each product, the sum)."""
     heads, kv_heads, head_dim = 6, 2, 32
