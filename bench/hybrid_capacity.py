@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                       for key in ("tokens_per_s", "itl_median_ms", "itl_p99_ms")} for mode in ("blind", "aware")}
     ratio = summary["aware"]["tokens_per_s"] / summary["blind"]["tokens_per_s"]
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(args),
-            "command": " ".join(["python", "bench/hybrid_capacity.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": shlex.join(["python", "bench/hybrid_capacity.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
             "git_commit": _git_commit(), "load_average_at_start": load_average,
             "torch": torch.__version__, "speeds_for_evaluation": speeds, "args": vars(args)}
     result = {"meta": meta, "summary": summary, "aware_over_blind_tokens_per_s": ratio, "rows": rows}
