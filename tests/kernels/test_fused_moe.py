@@ -130,14 +130,18 @@ def test_config_round_trip():
 
 
 def test_a_card_without_tables_uses_its_architecture_siblings():
-    """An H100 has no tuned tables of its own: it gets the H200's (same architecture), not the
-    generic heuristic; a card of no known family gets the heuristic."""
+    """An H800 has no tuned tables of its own: it gets the H200's (same architecture), not the
+    generic heuristic; a card with its own table (the H100 at Qwen3's shape) uses it; a card of no
+    known family gets the heuristic."""
     from epserve.kernels.moe_configs import default_config, get_config, load_config_table, stand_in_device
 
-    h100 = "NVIDIA H100 80GB HBM3"
-    assert stand_in_device(h100) == "NVIDIA H200" and stand_in_device("NVIDIA H200") is None
+    h800, h100 = "NVIDIA H800", "NVIDIA H100 80GB HBM3"
+    assert stand_in_device(h800) == "NVIDIA H200" and stand_in_device("NVIDIA H200") is None
     h200_table = load_config_table(128, 2048, 768, "NVIDIA H200")
     assert h200_table is not None
-    assert load_config_table(128, 2048, 768, h100) == h200_table
-    assert get_config(1, 8, 128, 2048, 768, h100) == h200_table[1]
+    assert load_config_table(128, 2048, 768, h800) == h200_table
+    assert get_config(1, 8, 128, 2048, 768, h800) == h200_table[1]
+    h100_table = load_config_table(128, 2048, 768, h100)
+    assert h100_table is not None and h100_table != h200_table                   # tuned on the H100 itself
+    assert load_config_table(32, 7168, 2048, h100) == load_config_table(32, 7168, 2048, "NVIDIA H200")
     assert get_config(1, 8, 128, 2048, 768, "NVIDIA A100-SXM4-80GB") == default_config(1, 8, 128)
