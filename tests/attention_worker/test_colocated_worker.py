@@ -153,3 +153,35 @@ def test_a_worker_of_the_other_kind_refuses_to_join(tiny_model, placement, worke
     with pytest.raises(RuntimeError, match=message):
         worker.start(register_deadline_s=10)
     assert not worker.ready.is_set()
+
+
+def test_a_stop_token_is_named_and_a_running_id_is_already_exists(tiny_model, placement, workers):
+    server = placement("local")
+    worker = workers(worker_config(tiny_model, server, moe_a2a_backend="local", moe_runner_backend="torch",
+                                   limits=ENGINE_LIMITS, max_context=256))
+    worker.start(register_deadline_s=10)
+    prompt = list(range(5, 17))
+    reference = build_colocated_engine(str(tiny_model), torch.float32, max_context=256)
+    greedy = generate_tokens(reference, [prompt], SamplingParams(temperature=0.0, max_new_tokens=12,
+                                                                  ignore_eos=True))[0]
+    at = next(i for i, token in enumerate(greedy) if token not in greedy[:i] and i > 0)
+    with grpc.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.AttentionWorkerStub(channel)
+        responses = list(stub.Generate(worker_pb2.WorkerGenerateRequest(
+            request_id="stop", prompt_ids=prompt, sampling=generation_pb2.SamplingParams(
+                temperature=0.0, max_new_tokens=12, ignore_eos=True, stop_token_ids=[greedy[at]])), timeout=60))
+        final = responses[-1]
+        assert [t for r in responses for t in r.token_ids] == greedy[:at + 1]
+        assert final.finish_reason == generation_pb2.FINISH_REASON_STOP and final.matched_stop_token == greedy[at]
+        assert not any(r.HasField("matched_stop_token") for r in responses[:-1])
+
+        running = stub.Generate(worker_pb2.WorkerGenerateRequest(
+            request_id="dup", prompt_ids=prompt, sampling=generation_pb2.SamplingParams(
+                temperature=0.0, max_new_tokens=200, ignore_eos=True)), timeout=60)
+        next(running)                                # "dup" is running here
+        with pytest.raises(grpc.RpcError) as again:
+            list(stub.Generate(worker_pb2.WorkerGenerateRequest(
+                request_id="dup", prompt_ids=prompt, sampling=generation_pb2.SamplingParams(max_new_tokens=2)),
+                timeout=60))
+        assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        running.cancel()
