@@ -20,6 +20,11 @@ kind of device only: CPU and CUDA generators differ, and CUDA's depend on the GP
 multiprocessor count sets the generator's launch grid), so keep a deployment's workers on one
 kind of device (mixing CPU and GPU expert workers gives a replica different values on each).
 
+FP8 block-quantized configs (``spec.quantization``): the tensors such a checkpoint stores in FP8
+(``weights.is_block_quantized``) are drawn, quantized block-wise as DeepSeek does and dequantized again
+(``quantize_fp8_blocks`` then ``dequantize_fp8_blocks``, in float32 before the cast), so they hold the
+values a real FP8 checkpoint's loader produces.
+
 Magnitudes (std 1/sqrt(fan_in), not the config's ``initializer_range``), chosen so a deep model
 stays numerically sane in bfloat16; tests/epserve/test_dummy_weights.py checks them over 48
 layers at a reduced width, which predicts the full width because fan-in scaling is width-free:
@@ -56,7 +61,7 @@ import torch
 from tqdm import tqdm
 
 from epserve.model_config import ExpertNames, ModelConfigError, ModelSpec
-from epserve.weights import CheckpointReader
+from epserve.weights import CheckpointReader, dequantize_fp8_blocks, is_block_quantized, quantize_fp8_blocks
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 LOAD_FORMAT_HELP = ("where weights come from: auto (default) and safetensors read the checkpoint's *.safetensors; "
@@ -215,7 +220,9 @@ class DummyReader:
         drawn in float32 (in place when the destination is contiguous float32), then cast."""
         shape = self.shapes[name]
         assert tuple(destination.shape) == shape, f"{name} is {shape}, destination is {tuple(destination.shape)}"
-        self._draw(name, tensor_moments(name, shape, self.spec.num_hidden_layers), destination)
+        block = self.spec.quantization.weight_block_size if self.spec.quantization is not None \
+            and is_block_quantized(name, shape) else None
+        self._draw(name, tensor_moments(name, shape, self.spec.num_hidden_layers), destination, block)
         self.tensors_read.append(name)
         return destination
 
@@ -233,7 +240,9 @@ class DummyReader:
             self.tensors_read.append(f"{name}[{row}]")
         return out
 
-    def _draw(self, seed_name: str, moments: tuple[float, float], destination: torch.Tensor) -> None:
+    def _draw(self, seed_name: str, moments: tuple[float, float], destination: torch.Tensor,
+              block: tuple[int, int] | None = None) -> None:
+        """Draw into ``destination``; with ``block``, through FP8 block quantization and back."""
         mean, std = moments
         in_place = destination.dtype == torch.float32 and destination.is_contiguous()
         buffer = destination if in_place else torch.empty(destination.shape, dtype=torch.float32,
@@ -244,7 +253,9 @@ class DummyReader:
                 generator = self._generators[buffer.device] = torch.Generator(device=buffer.device)
             generator.manual_seed(tensor_seed(seed_name, self.seed))
             buffer.normal_(mean, std, generator=generator)
-        if not in_place:
+        if block is not None:
+            destination.copy_(dequantize_fp8_blocks(*quantize_fp8_blocks(buffer, block), block))
+        elif not in_place:
             destination.copy_(buffer)
 
     def progress(self, total: int, desc: str):

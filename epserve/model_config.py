@@ -7,6 +7,11 @@ refuse the same models; errors name the field and say what to change. ``model_fi
 the one definition of "the same model" (placement refuses a worker whose fingerprint differs).
 ``check_parallel_sizes`` enforces SGLang's EP sizing rules.
 
+Quantized checkpoints: FP8 block-quantized ones as DeepSeek-V3 ships them (``quantization_config``
+with ``quant_method`` "fp8", ``fmt`` "e4m3", ``weight_block_size`` [n, k]; ``BlockQuantization``) are
+read and dequantized to the model dtype by ``epserve/weights.py``; every other ``quant_method`` is
+refused with a message naming what is supported.
+
 Families: Qwen3-MoE (GQA attention, softmax top-k), DeepSeek-V3 (multi-head latent attention,
 ``MlaSpec``; YaRN RoPE, ``RopeScaling``; sigmoid grouped top-k with a correction bias and shared
 experts, ``RoutingSpec``), DeepSeek-V2/V2-Lite (MLA with or without ``q_lora_rank``, softmax
@@ -112,6 +117,20 @@ class ExpertNames:
         return f"{p}.gate_up_proj", f"{p}.down_proj"
 
 
+@dataclass(frozen=True)
+class BlockQuantization:
+    """FP8 block quantization (DeepSeek-V3's release): each quantized Linear weight [N, K] is stored as
+    float8_e4m3fn with a float32 ``<name>_scale_inv`` [ceil(N / n), ceil(K / k)]; value = weight * scale_inv
+    of its (n, k) block. epserve dequantizes at load time (no FP8 kernels yet)."""
+
+    weight_block_size: tuple[int, int]     # (n, k): rows (output features) and columns (input features) per block
+    fmt: str = "e4m3"
+
+
+SUPPORTED_QUANTIZATION = ('FP8 block-quantized checkpoints (quant_method "fp8", fmt "e4m3", weight_block_size '
+                          '[n, k], as DeepSeek-V3 ships them; dequantized to --dtype at load time)')
+
+
 MIXTRAL_EXPERT_NAMES = ExpertNames("block_sparse_moe.experts", "w1", "w3", "w2")
 
 
@@ -152,6 +171,7 @@ class ModelSpec:
     swiglu_alpha: float | None = None        # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha g),
     swiglu_limit: float | None = None        # g = min(gate, limit); None: silu(gate) * up
     expert_names: ExpertNames = ExpertNames()
+    quantization: BlockQuantization | None = None   # FP8 block-quantized checkpoint; None = float weights
     pad_token_id: int | None = None
     fingerprint: str = ""                    # model_fingerprint of config.json and the load format
 
@@ -274,11 +294,10 @@ def load_model_spec(model_path: str | Path, load_format: str = "auto") -> ModelS
     architecture = supported[0]
     model_type = SUPPORTED_ARCHITECTURES[architecture]
     deepseek = model_type in DEEPSEEK_MODEL_TYPES
-    quantization = config.get("quantization_config")
-    if quantization:
-        raise ModelConfigError(f"{config_file}: quantized checkpoints ({quantization.get('quant_method', '?')}) are "
-                               "not supported yet; the weights would be read without their scales. Use a bf16 "
-                               "checkpoint (DeepSeek's fp8_cast_bf16.py converts FP8 block-quantized weights)")
+    quantization = block_quantization(config, config_file)
+    if quantization is not None and model_type == "gpt_oss":
+        raise ModelConfigError(f"{config_file}: FP8 block-quantized GPT-OSS checkpoints are not supported (its fused "
+                               "experts would need per-expert scales); use a bf16 checkpoint")
     # what transformers' DeepseekV2/V3Config, MixtralConfig, Glm4MoeConfig assume for missing keys
     # (model_type from the architecture when config.json lacks it)
     config = {**FAMILY_DEFAULTS.get(model_type, {}), "model_type": model_type, **config}
@@ -329,11 +348,40 @@ def load_model_spec(model_path: str | Path, load_format: str = "auto") -> ModelS
         eos_token_ids=_eos_ids(config, model_dir),
         bos_token_id=config.get("bos_token_id"),
         pad_token_id=config.get("pad_token_id"),
+        quantization=quantization,
         fingerprint=fingerprint,
     )
     spec = ModelSpec(**{**fields, **family})
     _validate(spec, config_file)
     return spec
+
+
+def block_quantization(config: dict, where: Path | str) -> BlockQuantization | None:
+    """config.json's ``quantization_config`` → ``BlockQuantization`` (None when absent); ModelConfigError
+    for any other quantization, naming what is supported."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    if method != "fp8":
+        raise ModelConfigError(f"{where}: quantized checkpoints ({method}) are not supported; "
+                               f"epserve reads {SUPPORTED_QUANTIZATION}. Use a bf16 checkpoint of this model")
+    fmt = quant.get("fmt", "e4m3")
+    block = quant.get("weight_block_size")
+    problem = None
+    if fmt != "e4m3":
+        problem = f"fmt {fmt!r} (only e4m3 is read)"
+    elif block is None:
+        problem = "no weight_block_size (per-tensor FP8 scales are not read)"
+    elif not (isinstance(block, list | tuple) and len(block) == 2
+              and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        problem = f"weight_block_size {block!r} (two positive integers expected)"
+    elif quant.get("activation_scheme", "dynamic") != "dynamic":
+        problem = f"activation_scheme {quant.get('activation_scheme')!r} (only dynamic: no activation scales)"
+    if problem:
+        raise ModelConfigError(f"{where}: FP8 checkpoint with {problem} is not supported; epserve reads "
+                               f"{SUPPORTED_QUANTIZATION}")
+    return BlockQuantization(weight_block_size=(int(block[0]), int(block[1])), fmt=fmt)
 
 
 # transformers' DeepseekV2Config / DeepseekV3Config defaults: a config.json without these keys means these
@@ -539,3 +587,21 @@ def check_parallel_sizes(spec: ModelSpec, tp_size: int, ep_size: int) -> None:
         raise ModelConfigError(
             f"moe_intermediate_size ({spec.moe_intermediate_size}) must be divisible by "
             f"--tp-size / --ep-size = {moe_tp}; choose --ep-size so that tp_size / ep_size divides it")
+    if spec.quantization is not None:
+        _check_block_divisibility(spec, tp_size, ep_size)
+
+
+def _check_block_divisibility(spec: ModelSpec, tp_size: int, ep_size: int) -> None:
+    """SGLang's rule for block-quantized MoE checkpoints: each MoE tensor-parallel rank's share of
+    ``moe_intermediate_size`` is whole blocks. SGLang checks the block's rows (weight_block_size[0]: gate/up
+    are cut along their rows); the down projection is cut along its columns, so weight_block_size[1] too."""
+    moe_tp = tp_size // ep_size
+    share = spec.moe_intermediate_size // moe_tp
+    block = spec.quantization.weight_block_size
+    for size, what in zip(block, ("rows", "columns")):
+        if share % size:
+            raise ModelConfigError(
+                f"FP8 block-quantized checkpoint (weight_block_size {list(block)}): moe_intermediate_size "
+                f"({spec.moe_intermediate_size}) / moe_tp_size ({moe_tp}) = {share} must be divisible by the "
+                f"block's {what} ({size}), where moe_tp_size = --tp-size ({tp_size}) / --ep-size ({ep_size}); "
+                "choose --tp-size and --ep-size so that it is, or use a bf16 checkpoint")

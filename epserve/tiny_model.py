@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from epserve import tokenizer_build
 from epserve.tiny_deepseek import DeepseekV2Arch, DeepseekV3Arch
+from epserve.tiny_fp8 import QUANTIZABLE_ARCHS, quantization_config, quantize_checkpoint
 from epserve.tiny_gpt_oss import GptOssArch
 from epserve.tiny_gqa_moe import Glm4MoeArch, MixtralArch
 
@@ -69,6 +70,8 @@ class TinyModelOptions:
     router_skew: float = 0.0
     max_shard_size: int | None = None  # bytes; None = one model.safetensors
     dtype: str = "float32"
+    quantization: str | None = None          # "fp8": block-quantized as DeepSeek-V3 ships (epserve/tiny_fp8.py)
+    weight_block_size: tuple[int, int] = (128, 128)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -92,6 +95,13 @@ class TinyModelOptions:
             raise ValueError(f"max_shard_size must be a positive number of bytes, got {self.max_shard_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"--quantization must be fp8 (or left out), got {self.quantization!r}")
+        if self.quantization is not None and self.arch not in QUANTIZABLE_ARCHS:
+            raise ValueError(f"--quantization {self.quantization} is built for --arch {', '.join(QUANTIZABLE_ARCHS)} "
+                             f"only (the format DeepSeek-V3 ships), not {self.arch}")
+        if len(self.weight_block_size) != 2 or min(self.weight_block_size) < 1:
+            raise ValueError(f"weight_block_size must be two positive integers, got {self.weight_block_size}")
 
 
 class TinyArch(Protocol):
@@ -265,6 +275,9 @@ def make_tiny_model(out_dir: str | os.PathLike, **options) -> Path:
     weights = {name: t.to(DTYPES[opts.dtype]) for name, t in weights.items()}
     calibration_ids = corpus_token_chunks(tokenizer, CALIBRATION_SEQ_LEN)
     ranks, target, measured = skew_routers(arch, weights, opts, calibration_ids)
+    if opts.quantization == "fp8":          # the float model's router skew carries over (routers stay float)
+        config["quantization_config"] = quantization_config(opts.weight_block_size)
+        weights = quantize_checkpoint(weights, opts.weight_block_size)
 
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {

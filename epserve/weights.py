@@ -10,6 +10,14 @@ copies straight from the mapped file into them (one copy: a live map change on a
 worker competes with serving for the same cores). ``read_rows`` reads single rows of a stored
 tensor (one expert of GPT-OSS's fused, transposed layout, which ``models/gpt_oss.py`` unpacks).
 
+FP8 block-quantized checkpoints (``ModelSpec.quantization``, DeepSeek-V3's release): a weight stored as
+float8_e4m3fn with a ``<name>_scale_inv`` [ceil(N / n), ceil(K / k)] is dequantized wherever it is
+read (``read``, ``read_experts``): weight * scale_inv per (n, k) block in float32, then cast to the
+requested dtype (as DeepSeek's ``weight_dequant`` and transformers' ``Fp8Dequantize`` compute it), on
+the destination device (the FP8 bytes travel, not the float ones). ``quantize_fp8_blocks`` is the
+inverse DeepSeek applies (scale_inv = amax / 448 per block); the tiny-model maker and the dummy
+reader use it. Which tensors a block-quantized checkpoint quantizes: ``is_block_quantized``.
+
 ``tensors_read`` counts what was read, so callers (and tests) can see that an expert
 worker given a list of slots touched only those experts.
 """
@@ -29,7 +37,56 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from epserve.model_config import ExpertNames, ModelConfigError
+from epserve.model_config import BlockQuantization, ExpertNames, ModelConfigError, block_quantization
+
+FP8_MAX = 448.0                      # largest finite float8_e4m3fn
+SCALE_SUFFIX = "_scale_inv"
+# 2-D weights a block-quantized checkpoint keeps in float (DeepSeek-V3's release, transformers' FP8 loader):
+# embeddings, the lm_head, routers; norms and biases are 1-D
+NOT_BLOCK_QUANTIZED = ("model.embed_tokens.weight", "lm_head.weight", ".mlp.gate.weight",
+                       ".block_sparse_moe.gate.weight")
+
+
+def is_block_quantized(name: str, shape: Sequence[int]) -> bool:
+    """Whether a block-quantized checkpoint stores tensor ``name`` of ``shape`` in FP8: every Linear
+    projection's weight (attention, dense MLPs, shared and routed experts), nothing else."""
+    return len(shape) == 2 and name.endswith(".weight") and not name.endswith(NOT_BLOCK_QUANTIZED) \
+        and not name.endswith("norm.weight")
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] → (float8_e4m3fn [N, K], scale_inv float32 [ceil(N / n), ceil(K / k)]) as DeepSeek
+    quantizes: per (n, k) block (the last ones partial), scale_inv = amax / 448 and weight / scale_inv
+    rounded to nearest e4m3 (an all-zero block keeps scale_inv 0 and zeros)."""
+    rows, cols = weight.shape
+    n, k = block
+    nb, kb = -(-rows // n), -(-cols // k)
+    padded = weight.new_zeros(nb * n, kb * k, dtype=torch.float32)
+    padded[:rows, :cols] = weight
+    blocks = padded.view(nb, n, kb, k)
+    scale_inv = blocks.abs().amax(dim=(1, 3)) / FP8_MAX                                  # [nb, kb]
+    divisor = torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))[:, None, :, None]
+    quantized = (blocks / divisor).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantized.view(nb * n, kb * k)[:rows, :cols].contiguous(), scale_inv
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          name: str = "weight") -> torch.Tensor:
+    """float8_e4m3fn [N, K] and scale_inv [ceil(N / n), ceil(K / k)] → float32 [N, K] (on weight's device):
+    each (n, k) block times its scale_inv."""
+    rows, cols = weight.shape
+    n, k = block
+    expected = (-(-rows // n), -(-cols // k))
+    if tuple(scale_inv.shape) != expected:
+        raise ModelConfigError(f"{name}{SCALE_SUFFIX} has shape {list(scale_inv.shape)}; a [{rows}, {cols}] weight "
+                               f"in blocks of {list(block)} needs {list(expected)}")
+    out = weight.to(torch.float32)
+    row_scales = scale_inv.to(device=out.device, dtype=torch.float32).repeat_interleave(n, dim=0)[:rows]  # [N, Kb]
+    full, rest = divmod(cols, k)
+    out[:, :full * k].unflatten(1, (full, k)).mul_(row_scales[:, :full, None])
+    if rest:
+        out[:, full * k:].mul_(row_scales[:, full:])
+    return out
 
 
 class CheckpointReader:
@@ -54,6 +111,50 @@ class CheckpointReader:
         missing = {str(f) for f in self.weight_map.values() if not f.is_file()}
         if missing:
             raise ModelConfigError(f"checkpoint shards listed in the index are missing: {sorted(missing)}")
+        config_file = self.model_dir / "config.json"
+        self.quantization: BlockQuantization | None = block_quantization(
+            json.loads(config_file.read_text()), config_file) if config_file.is_file() else None
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether ``name`` is stored in FP8 with block scales (read dequantized)."""
+        return self.quantization is not None and name + SCALE_SUFFIX in self.weight_map
+
+    def _dequantized(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """A quantized tensor, dequantized to float32 on ``device``."""
+        weight = self._open(self.weight_map[name]).get_tensor(name)
+        if weight.dtype != torch.float8_e4m3fn:
+            raise ModelConfigError(f"checkpoint {self.model_dir}: {name} has a {SCALE_SUFFIX} but is stored as "
+                                   f"{weight.dtype}, not float8_e4m3fn (the config's fmt e4m3)")
+        scale_name = name + SCALE_SUFFIX
+        scale_inv = self._open(self.weight_map[scale_name]).get_tensor(scale_name)
+        if not scale_inv.dtype.is_floating_point or scale_inv.dtype.itemsize < 2:
+            raise ModelConfigError(f"checkpoint {self.model_dir}: {scale_name} is {scale_inv.dtype}; only float "
+                                   "scales are read (not byte-coded ue8m0 ones)")
+        return dequantize_fp8_blocks(weight.to(device), scale_inv, self.quantization.weight_block_size, name)
+
+    def _converted(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """One whole tensor in ``dtype`` on ``device`` (dequantized if it is quantized)."""
+        if self.is_quantized(name):
+            return self._dequantized(name, device).to(dtype)
+        tensor = self._open(self.weight_map[name]).get_tensor(name)
+        self._check_not_float8(name, tensor)
+        return tensor.to(device=device, dtype=dtype)
+
+    def _source(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """What to copy from into a destination: a zero-copy view of ``name`` in the mapped file, or
+        its float32 dequantization on ``device`` when it is quantized."""
+        if self.is_quantized(name):
+            return self._dequantized(name, device)
+        view = self.view(name)
+        self._check_not_float8(name, view)
+        return view
+
+    def _check_not_float8(self, name: str, tensor: torch.Tensor) -> None:
+        """FP8 values mean nothing without their scales: refuse to cast them."""
+        if tensor.dtype in _FLOAT8_DTYPES:
+            raise ModelConfigError(f"checkpoint {self.model_dir}: {name} is stored as {tensor.dtype} without "
+                                   f"{name}{SCALE_SUFFIX}, or config.json has no FP8 quantization_config; "
+                                   "it cannot be read as it is")
 
     def _open(self, file: Path):
         """The shard's safetensors handle, opened once: a map change that reloads a few experts
@@ -99,9 +200,8 @@ class CheckpointReader:
         out: dict[str, torch.Tensor] = {}
         with self.progress(len(names), desc) as bar:
             for file, file_names in by_file.items():
-                handle = self._open(file)
                 for name in file_names:
-                    out[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+                    out[name] = self._converted(name, dtype, device)
                     self.tensors_read.append(name)
                     bar.update(1)
         return out
@@ -119,6 +219,9 @@ class CheckpointReader:
         if out is None:
             out = {}
         fused, down_name = names.fused(layer)
+        if self.has(fused) and self.is_quantized(fused):
+            raise ModelConfigError(f"checkpoint {self.model_dir}: FP8 fused expert tensors ({fused}) are not read; "
+                                   "use per-expert tensors or a bf16 checkpoint")
         if self.has(fused):
             if all(e in out for e in experts):                 # straight from the mapped file
                 gate_up, down = self.view(fused), self.view(down_name)
@@ -136,7 +239,7 @@ class CheckpointReader:
         per_expert = {e: names.per_expert(layer, e) for e in experts}
         if all(e in out for e in experts):                     # straight from the mapped file
             for e in experts:
-                gate, up, down = (self.view(name) for name in per_expert[e])
+                gate, up, down = (self._source(name, out[e][0].device) for name in per_expert[e])
                 w13_out, w2_out = out[e]
                 w13_out[:gate.shape[0]].copy_(gate)
                 w13_out[gate.shape[0]:].copy_(up)
@@ -155,6 +258,8 @@ class CheckpointReader:
         only those rows are read (one expert of a fused [E, ...] tensor, GPT-OSS's layout)."""
         if name not in self.weight_map:
             raise ModelConfigError(f"checkpoint {self.model_dir} lacks tensor {name}")
+        if self.is_quantized(name):
+            raise ModelConfigError(f"checkpoint {self.model_dir}: rows of the FP8 tensor {name} are not read")
         sliced = self._open(self.weight_map[name]).get_slice(name)
         out = torch.stack([sliced[row] for row in rows]).to(device=device, dtype=dtype)
         self.tensors_read.extend(f"{name}[{row}]" for row in rows)
@@ -169,8 +274,8 @@ class CheckpointReader:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
-if hasattr(torch, "float8_e4m3fn"):
-    _SAFETENSORS_DTYPES.update(F8_E4M3=torch.float8_e4m3fn, F8_E5M2=torch.float8_e5m2)
+_FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SAFETENSORS_DTYPES.update(F8_E4M3=torch.float8_e4m3fn, F8_E5M2=torch.float8_e5m2)
 
 
 def _store(destination: torch.Tensor | None, tensor: torch.Tensor, device, dtype) -> torch.Tensor:

@@ -12,6 +12,7 @@ DEFAULTS = {
     "arch": "qwen3_moe", "seed": 0, "num_layers": 2, "num_experts": 8, "top_k": 2, "hidden_size": 64,
     "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
     "vocab_size": 1024, "router_skew": 0.0, "max_shard_size": None, "dtype": "float32",
+    "quantization": None, "weight_block_size": (128, 128),
 }
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -26,6 +27,14 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
     return size
+
+
+def parse_block_size(text: str) -> tuple[int, int]:
+    """'128,128' → (128, 128)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"not a block size: {text!r} (use two positive integers: N,K)")
+    return int(parts[0]), int(parts[1])
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +76,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="split weights into model-0000i-of-0000N.safetensors files of at most this size plus "
                         "model.safetensors.index.json (bytes, or with a unit: 200KB, 5MiB); default: one file")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d["dtype"], help="stored weight dtype")
+    p.add_argument("--quantization", choices=["fp8"], default=d["quantization"],
+                   help="fp8: store every Linear projection's weight FP8 block-quantized as DeepSeek-V3 ships them "
+                        "(float8_e4m3fn + float32 <name>_scale_inv per --weight-block-size block, a "
+                        "quantization_config in config.json); --arch deepseek_v3 only")
+    p.add_argument("--weight-block-size", type=parse_block_size, default=d["weight_block_size"], metavar="N,K",
+                   help="with --quantization: rows and columns of each quantization block")
     return p
 
 
@@ -79,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, hidden_size=args.hidden_size, moe_intermediate_size=args.moe_intermediate_size,
             num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
             head_dim=args.head_dim, vocab_size=args.vocab_size, router_skew=args.router_skew,
-            max_shard_size=args.max_shard_size, dtype=args.dtype)
+            max_shard_size=args.max_shard_size, dtype=args.dtype, quantization=args.quantization,
+            weight_block_size=args.weight_block_size)
     except ValueError as exc:
         print(f"epserve make-tiny-model: error: {exc}", file=sys.stderr)
         return 2

@@ -97,7 +97,10 @@ def test_missing_keys_take_transformers_defaults(tmp_path):
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling 'linear' is not supported"),
     (dict(qk_rope_head_dim=63), "qk_rope_head_dim \\(63\\) must be even"),
     (dict(kv_lora_rank=None, architectures=["DeepseekV3ForCausalLM"]), None),
-    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}), "quantized checkpoints"),
+    (dict(quantization_config={"quant_method": "fp8"}), "FP8 checkpoint with no weight_block_size"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128]}), "weight_block_size \\[128\\]"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128],
+                               "activation_scheme": "static"}), "activation_scheme 'static'"),
 ])
 def test_bad_fields_are_named(tmp_path, changes, message):
     if message is None:                      # a missing MLA key takes transformers' default
@@ -105,6 +108,14 @@ def test_bad_fields_are_named(tmp_path, changes, message):
         return
     with pytest.raises(ModelConfigError, match=message):
         load_model_spec(write(tmp_path, **changes))
+
+
+def test_deepseek_v3s_published_fp8_config_loads(tmp_path):
+    fp8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    spec = load_model_spec(write(tmp_path, quantization_config=fp8))
+    assert spec.quantization.weight_block_size == (128, 128) and spec.quantization.fmt == "e4m3"
+    (tmp_path / "bf16").mkdir()
+    assert load_model_spec(write(tmp_path / "bf16")).quantization is None
 
 
 def test_tiny_deepseek_model_loads_in_transformers_without_missing_keys(tmp_path):
