@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests that may wait beyond --max-running-requests; more are refused with "
                         "RESOURCE_EXHAUSTED (the gateway then tries another worker) (default 256)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens a request's stream message carries at least (SGLang's flag; the last message may "
+                        "hold fewer): fewer gRPC messages per token on this worker and the gateway, at the cost of "
+                        "streaming granularity. Tokens already waiting are sent together whatever the interval "
+                        "(default 1)")
     p.add_argument("--max-message-bytes", type=int, default=16 << 20,
                    help="largest gRPC message a caller may send (default %(default)s)")
     add_security_arguments(p, token_help="the deployment's token: callers (the gateway, placement) must send it, "
@@ -140,6 +145,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Atten
         metrics_port=args.metrics_port,
         otlp_endpoint=args.otlp_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         trace_step_every=args.trace_step_every, max_queued_requests=args.max_queued_requests,
+        stream_interval=args.stream_interval,
         max_message_bytes=args.max_message_bytes, security=security_from_args(args), **kwargs)
 
 

@@ -89,6 +89,7 @@ class AttentionWorkerConfig:
     otlp_endpoint: str = ""                 # OTLP gRPC collector HOST:PORT; "" = no tracing
     trace_step_every: int = 16              # per-step spans on steps 0, N, 2N, ...; 0 = never
     max_queued_requests: int = 256          # requests waiting beyond --max-running-requests; more: RESOURCE_EXHAUSTED
+    stream_interval: int = 1                # tokens per streamed message at least (the last one may hold fewer)
     max_message_bytes: int = 16 << 20       # largest gRPC message a caller may send
     security: Security = field(default=PLAINTEXT, repr=False)   # the deployment's token + TLS
 
@@ -108,6 +109,8 @@ class AttentionWorkerConfig:
         if self.expert_distribution_recorder_mode not in ("stat", "per_pass", "per_token"):
             raise ValueError("--expert-distribution-recorder-mode must be stat, per_pass or per_token, got "
                              f"{self.expert_distribution_recorder_mode!r}")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.load_report_interval_s <= 0:
             raise ValueError(f"--load-report-interval-s must be > 0, got {self.load_report_interval_s}")
         if self.dataplane_timeout_s <= 0 or self.rpc_timeout_s <= 0:

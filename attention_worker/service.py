@@ -12,6 +12,7 @@ on its gRPC thread; the engine keeps stepping meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 from collections.abc import Callable, Iterator
@@ -32,11 +33,12 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
     when Generate adds a request so the engine can trace it under the RPC's SERVER span."""
 
     def __init__(self, worker_id: str, vocab_size: int, loop_provider: Callable[[], EngineLoop | None],
-                 trace_context: Callable[[], bytes] = lambda: b"") -> None:
+                 trace_context: Callable[[], bytes] = lambda: b"", stream_interval: int = 1) -> None:
         self.worker_id = worker_id
         self.vocab_size = vocab_size
         self._loop = loop_provider
         self._trace_context = trace_context
+        self.stream_interval = stream_interval
 
     def _ready_loop(self, context: grpc.ServicerContext) -> EngineLoop:
         loop = self._loop()
@@ -65,17 +67,36 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         context.add_callback(lambda: loop.abort(request.request_id))
         while True:
-            try:
-                output = stream.get(timeout=1.0)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
+            output = self._next_message(stream, context)
+            if output is None:
+                return
             if output.error:    # this request failed while served; the engine goes on with the others
                 context.abort(grpc.StatusCode.INTERNAL, f"the attention worker failed this request: {output.error}")
             yield self._response(output)
             if output.finished:
                 return
+
+    def _next_message(self, stream: queue.SimpleQueue[StepOutput], context: grpc.ServicerContext
+                      ) -> StepOutput | None:
+        """The engine's next outputs for one request, merged into one message: at least
+        ``stream_interval`` tokens (or the end), and whatever else is already waiting — a stream that
+        fell behind catches up in one message instead of one per token. None: the call ended."""
+        merged: StepOutput | None = None
+        while True:
+            wait = merged is None or len(merged.new_token_ids) < self.stream_interval
+            try:
+                output = stream.get(timeout=1.0) if wait else stream.get_nowait()
+            except queue.Empty:
+                if not wait:
+                    return merged
+                if not context.is_active():
+                    return None
+                continue
+            if output.error:
+                return output
+            merged = output if merged is None else merge_outputs(merged, output)
+            if merged.finished:
+                return merged
 
     @staticmethod
     def _response(output: StepOutput) -> worker_pb2.WorkerGenerateResponse:
@@ -113,3 +134,11 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
         return worker_pb2.DumpExpertDistributionResponse(
             worker_id=self.worker_id, path=result.path, mode=result.mode, num_passes=result.num_passes,
             num_token_records=result.num_token_records)
+
+
+def merge_outputs(first: StepOutput, then: StepOutput) -> StepOutput:
+    """Two consecutive outputs of one request as one: the tokens (and logprobs) of both, the rest of the later."""
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = list(first.logprobs or ()) + list(then.logprobs or ())
+    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids, logprobs=logprobs)

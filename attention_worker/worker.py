@@ -84,7 +84,7 @@ class AttentionWorker:
         if config.eplb_heatmap_collection_interval:
             self.heatmap_writer = HeatmapWriter(config.expert_distribution_dir, config.worker_id)
         service = AttentionWorkerService(config.worker_id, self.spec.vocab_size, lambda: self.loop,
-                                         self.tracing.current_trace_context)
+                                         self.tracing.current_trace_context, config.stream_interval)
         max_streams = config.limits.max_num_seqs + config.max_queued_requests    # a Generate stream holds a thread
         self.server: GrpcServer = serve_grpc(
             [(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, service, "epserve.v1.AttentionWorker")],

@@ -372,11 +372,11 @@ class RequestManager:
                 self._router.consume(request_id, len(step.token_ids))
                 self._observer.on_tokens(request_id, len(step.token_ids))
             processed = processor.add(step.token_ids)
-            if processed.matched_stop is not None:
+            if processed.matched_stop is not None:      # ids past the one completing it are not the client's
                 worker.abort_nowait(worker_request_id)
                 stream.cancel()
-                yield self._final(request, processor, processed.text, step.token_ids, FinishReason.STOP,
-                                  processed.matched_stop, step.logprobs)
+                yield self._final(request, processor, processed.text, step.token_ids[:processed.consumed],
+                                  FinishReason.STOP, processed.matched_stop, step.logprobs[:processed.consumed])
                 return
             overran = len(processor.completion_ids) >= request.params.max_new_tokens and not step.finished
             if step.finished or overran:

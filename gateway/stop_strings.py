@@ -20,6 +20,11 @@ class StopStringMatcher:
         self._held = ""
         self.matched: str | None = None
 
+    @property
+    def active(self) -> bool:
+        """Whether there is any stop string to look for."""
+        return bool(self._stops)
+
     def add(self, text: str) -> tuple[str, str | None]:
         assert self.matched is None, "add() after a stop string matched"
         if not self._stops:

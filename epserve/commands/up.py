@@ -140,6 +140,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step (default 2048)")
     engine.add_argument("--context-length", type=int, default=None, help="context limit; 0 = the model's (default)")
+    engine.add_argument("--stream-interval", type=int, default=None,
+                        help="tokens per streamed message at least, on the attention workers (default 1): fewer "
+                             "gRPC messages per token between worker, gateway and client, coarser streaming")
     p.add_argument("--otlp-endpoint", default="",
                    help="OTLP gRPC collector HOST:PORT every process sends traces to (default: "
                         "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
@@ -217,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
             expert_distribution_dir=args.expert_distribution_dir,
             extra_placement_args=_eplb_args(args),
             extra_attention_args=([] if args.load_report_interval_s is None
-                                  else ["--load-report-interval-s", str(args.load_report_interval_s)]),
+                                  else ["--load-report-interval-s", str(args.load_report_interval_s)])
+                                 + ([] if args.stream_interval is None
+                                    else ["--stream-interval", str(args.stream_interval)]),
             extra_expert_args=([] if args.expert_load_duty_cycle is None
                                else ["--expert-load-duty-cycle", str(args.expert_load_duty_cycle)]),
             extra_gateway_args=([] if args.sglang_default_seed is None
