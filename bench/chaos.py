@@ -48,7 +48,9 @@ from pathlib import Path
 
 import grpc
 
-from epserve.deployment import Child, DeploymentConfig, LocalDeployment
+from epserve.deployment import Child, LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import stream_generate
 from epserve.protos import placement_pb2, placement_pb2_grpc
 

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,9 @@ from pathlib import Path
 
 import grpc
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import build_request, generate
 from epserve.grpc_security import ensure_token_file
 from epserve.protos import generation_pb2_grpc

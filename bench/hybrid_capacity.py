@@ -47,7 +47,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.expert_map_codec import expert_map_from_proto
 from epserve.gateway.client import stream_generate
 from epserve.placement_service import eplb

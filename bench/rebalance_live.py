@@ -47,7 +47,9 @@ from pathlib import Path
 
 import grpc
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import stream_generate
 from epserve.protos import placement_pb2, placement_pb2_grpc
 

@@ -18,7 +18,7 @@ import socket
 import struct
 from pathlib import Path
 
-from epserve.deployment import DeploymentConfig
+from epserve.deployment_config import DeploymentConfig
 
 HEADER_LIMIT = 100 << 20        # a safetensors header (JSON) longer than this is not a real one
 

@@ -167,7 +167,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from epserve.deployment import DeploymentConfig, LocalDeployment
+    from epserve.deployment import LocalDeployment
+    from epserve.deployment_config import DeploymentConfig
     from epserve.mps import MpsUnavailable, UserMps, plan_mps
     from epserve.process import shutdown_event
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -28,7 +28,9 @@ import grpc
 import pytest
 import torch
 
-from epserve.deployment import Child, DeploymentConfig, LocalDeployment
+from epserve.deployment import Child, LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import stream_generate
 from epserve.protos import placement_pb2, placement_pb2_grpc
 

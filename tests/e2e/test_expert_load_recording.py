@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.model_config import load_model_spec
 from epserve.gateway.client import generate
 

@@ -18,9 +18,11 @@ import grpc
 import pytest
 from fuzz_requests import Fuzzer
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import build_request, generate, stream_generate
-from epserve.grpc_security import Security, ensure_token_file, open_channel
+from epserve.grpc_security import ensure_token_file, open_channel
 from epserve.protos import generation_pb2_grpc, placement_pb2, placement_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,9 @@ import pytest
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import generate
 from epserve.protos import generation_pb2, placement_pb2, placement_pb2_grpc
 

@@ -23,7 +23,9 @@ import grpc
 import pytest
 import torch
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import generate
 from epserve.protos import placement_pb2, placement_pb2_grpc
 

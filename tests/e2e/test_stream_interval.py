@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epserve.deployment import DeploymentConfig, LocalDeployment
+from epserve.deployment import LocalDeployment
+
+from epserve.deployment_config import DeploymentConfig
 from epserve.gateway.client import stream_generate
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from epserve.cli import main as cli_main
-from epserve.deployment import DeploymentConfig
+from epserve.deployment_config import DeploymentConfig
 
 
 def test_local_has_no_expert_workers_and_the_others_keep_theirs():

@@ -198,8 +198,8 @@ def test_a_model_directory_without_safetensors_serves(dummy_model):
 def test_open_weights_picks_the_reader_and_flags_are_checked(tiny_model, dummy_model):
     from epserve.attention_worker.config import AttentionWorkerConfig
     from epserve.cli import build_parser
-    from epserve.deployment import LOAD_FORMATS as DEPLOYMENT_LOAD_FORMATS
-    from epserve.deployment import DeploymentConfig
+    from epserve.deployment_config import LOAD_FORMATS as DEPLOYMENT_LOAD_FORMATS
+    from epserve.deployment_config import DeploymentConfig
     from epserve.expert_worker.config import ExpertWorkerConfig
 
     spec = load_model_spec(tiny_model)

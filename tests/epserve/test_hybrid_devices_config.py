@@ -10,7 +10,7 @@ import re
 import pytest
 
 from epserve.cli import main as cli_main
-from epserve.deployment import DeploymentConfig
+from epserve.deployment_config import DeploymentConfig
 
 
 def _pairs(args: list[str]) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from epserve.deployment import DeploymentConfig
+from epserve.deployment_config import DeploymentConfig
 from epserve.startup_checks import check_checkpoint, check_deployment
 from epserve.supervisor import RestartPolicy, RestartState, error_line
 
