@@ -10,7 +10,7 @@ preempted: its blocks are freed and it goes back to the front of the queue to be
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from epserve.attention_worker.kv_cache import BlockAllocator
 from epserve.attention_worker.sequence import Sequence
@@ -20,11 +20,10 @@ from epserve.attention_worker.sequence import Sequence
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int                      # tokens [seq.num_cached, seq.num_cached + num_tokens)
+    completes: bool = field(init=False)  # reaches the sequence's last token (as scheduled): a token is sampled
 
-    @property
-    def completes(self) -> bool:
-        """True when this chunk reaches the sequence's last token, so a token is sampled."""
-        return self.seq.num_cached + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:     # read several times per step by the runner and the engine
+        self.completes = self.seq.num_cached + self.num_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -83,6 +82,8 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, num_new: int) -> bool:
         need = self.allocator.blocks_needed(seq.num_cached + num_new, len(seq.block_table))
+        if need == 0:                          # most decode steps: the last block has room
+            return True
         if need > self.allocator.num_free:
             return False
         seq.block_table.extend(self.allocator.allocate(need))
