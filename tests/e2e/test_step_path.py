@@ -5,14 +5,19 @@ Greedy text equals the colocated engine's with the same attention kernels."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
+import grpc
 import pytest
 import torch
 
 from epserve.gateway.client import generate
+from epserve.protos import placement_pb2, placement_pb2_grpc
 from epserve_up import REPO_ROOT, epserve_up
 
 pytestmark = pytest.mark.slow
@@ -36,7 +41,8 @@ def test_step_path_on_one_gpu(tiny_model, tmp_path):
         assert "captured the expert step" in (tmp_path / "logs" / name).read_text()
 
 
-def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str]) -> None:
+def colocated_texts(tiny_model, model_args: list[str], extra_env: dict[str, str]) -> list[str]:
+    """What ``epserve generate`` (one process, the same attention kernels) writes for each prompt."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
     expected = []
     for prompt in PROMPTS:
@@ -45,8 +51,17 @@ def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: di
                                    capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
         assert colocated.returncode == 0, colocated.stderr
         expected.append(colocated.stdout)
-    args = ["--model-path", str(tiny_model), "--moe-a2a-backend", "cuda_ipc", "--attention-workers", "1",
+    return expected
+
+
+def split_args(tiny_model, model_args: list[str]) -> list[str]:
+    return ["--model-path", str(tiny_model), "--moe-a2a-backend", "cuda_ipc", "--attention-workers", "1",
             "--expert-workers", "2", "--ep-num-redundant-experts", "2", *model_args]
+
+
+def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str]) -> None:
+    expected = colocated_texts(tiny_model, model_args, extra_env)
+    args = split_args(tiny_model, model_args)
     os.environ.update(extra_env)                    # the deployment's processes inherit it
     with epserve_up(args, tmp_path / "logs") as endpoints:
         served = [generate(endpoints["gateway"], p, max_new_tokens=12, temperature=0.0, timeout_s=300).text
@@ -54,3 +69,54 @@ def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: di
         attention_log = (tmp_path / "logs" / "attention-0.log").read_text()
     assert served == expected
     assert "the cuda_ipc step path" in attention_log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant (Triton interpreter)")
+def test_a_live_map_change_on_the_step_path(tiny_model, tmp_path):
+    """Traffic through the step path while placement moves every expert to the other expert worker
+    (a snapshot with each layer's slots swapped between the two): steps announced under the old map
+    version are redone under the new one, and every completion equals the colocated engine's."""
+    extra_env = {"TRITON_INTERPRET": "1"}
+    expected = dict(zip(PROMPTS, colocated_texts(tiny_model, CPU_ARGS, extra_env)))
+    os.environ.update(extra_env)
+    results, errors, stop = [], [], threading.Event()
+    with epserve_up(split_args(tiny_model, CPU_ARGS), tmp_path / "logs") as endpoints:
+        def traffic() -> None:
+            while not stop.is_set():
+                for prompt in PROMPTS:
+                    try:
+                        text = generate(endpoints["gateway"], prompt, max_new_tokens=12, temperature=0.0,
+                                        timeout_s=300).text
+                    except grpc.RpcError as exc:
+                        errors.append(f"{prompt!r}: {exc.code().name} {exc.details()}")
+                        continue
+                    results.append((prompt, text))
+
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: len(results) >= 1, 300, "traffic")
+            with grpc.insecure_channel(endpoints["placement"]) as channel:
+                admin = placement_pb2_grpc.PlacementAdminStub(channel)
+                snapshot = json.loads(admin.ExportSnapshot(placement_pb2.ExportSnapshotRequest(), timeout=10).json)
+                half = len(snapshot["physical_to_logical_map"][0]) // 2
+                snapshot["physical_to_logical_map"] = [row[half:] + row[:half]
+                                                       for row in snapshot["physical_to_logical_map"]]
+                before = admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=10).map.version
+                swapped = admin.ImportSnapshot(placement_pb2.Snapshot(json=json.dumps(snapshot)), timeout=240)
+                assert swapped.version > before and swapped.experts_moved > 0
+            done_before = len(results)
+            wait_until(lambda: len(results) >= done_before + 2, 300, "traffic on the new map")
+        finally:
+            stop.set()
+            thread.join(timeout=300)
+    assert errors == []
+    wrong = [(prompt, text) for prompt, text in results if text != expected[prompt]]
+    assert wrong == [], wrong
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
