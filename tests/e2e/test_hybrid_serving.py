@@ -44,10 +44,17 @@ def _serve_and_compare(gateway: str, reference_greedy, prompts=PROMPTS, max_new_
     assert [r.text for r in results] == expected
 
 
-def _filled_slots(expert_map) -> list[int]:
-    """Non-empty slots of each expert worker, summed over layers."""
+def _filled_slots(expert_map, workers, num_attention: int = 1) -> tuple[int, int]:
+    """Non-empty slots of expert-0 (the fast one) and expert-1, summed over layers. A worker's slots
+    are those of its data-plane index (rank − attention ranks), which follows the order the workers
+    registered in, not their names."""
     per = expert_map.num_physical_slots // expert_map.num_workers
-    return [int((expert_map.phy2log[:, w * per:(w + 1) * per] >= 0).sum()) for w in range(expert_map.num_workers)]
+
+    def filled(worker_id: str) -> int:
+        w = workers[worker_id].rank - num_attention
+        return int((expert_map.phy2log[:, w * per:(w + 1) * per] >= 0).sum())
+
+    return filled("expert-0"), filled("expert-1")
 
 
 def test_cpu_workers_of_unequal_capacity_serve_transformers_tokens(tiny_model, tmp_path, reference_greedy):
@@ -60,7 +67,7 @@ def test_cpu_workers_of_unequal_capacity_serve_transformers_tokens(tiny_model, t
             workers = {w.worker_id: w for w in admin.ListWorkers(placement_pb2.ListWorkersRequest(), timeout=5).workers}
             assert (workers["expert-0"].capacity, workers["expert-1"].capacity) == pytest.approx((1.0, 0.1))
             first = expert_map_from_proto(admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=5).map)
-            fast, slow = _filled_slots(first)
+            fast, slow = _filled_slots(first, workers)
             assert slow < fast, (fast, slow)                # the slow worker holds fewer experts: empty slots
             gateway = f"127.0.0.1:{deployment.gateway_port}"
             _serve_and_compare(gateway, reference_greedy)
@@ -75,7 +82,7 @@ def test_cpu_workers_of_unequal_capacity_serve_transformers_tokens(tiny_model, t
                     time.sleep(0.3)
             current = expert_map_from_proto(admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=5).map)
             assert current.version == max(response.version, first.version)
-            fast, slow = _filled_slots(current)
+            fast, slow = _filled_slots(current, workers)
             assert slow < fast, (fast, slow)
             _serve_and_compare(gateway, reference_greedy, PROMPTS[::-1])
 
