@@ -6,12 +6,12 @@ import argparse
 import os
 import sys
 
-from epserve.attention_worker.config import (DTYPES, HEATMAP_ENV, MOE_A2A_BACKENDS, AttentionWorkerConfig,
+from epserve.attention_worker.config import (HEATMAP_ENV, MOE_A2A_BACKENDS, AttentionWorkerConfig,
                                              default_expert_distribution_dir, heatmap_interval_from_env)
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
-from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
 from epserve.grpc_security import add_security_arguments, security_from_args
+from epserve.process_flags import add_telemetry_arguments, add_worker_arguments
 
 
 
@@ -26,16 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                "passes, log a summary of the [MoE layer, expert worker] token counts of those passes and append "
                "the matrix to --expert-distribution-dir as one JSON line; 0 or unset = off. "
                "EPSERVE_WORKER_ID: default --worker-id. OTEL_EXPORTER_OTLP_ENDPOINT: default --otlp-endpoint.")
-    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
-    p.add_argument("--placement", required=True, metavar="HOST:PORT", help="placement service address")
-    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default 0)")
-    p.add_argument("--advertise-host", default="", help="host others use to reach this worker (default: --host)")
-    p.add_argument("--worker-id", default=os.environ.get("EPSERVE_WORKER_ID", ""),
-                   help="stable worker id (default: generated; env EPSERVE_WORKER_ID)")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model dtype (default bfloat16)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
+    add_worker_arguments(p, dtype_help="model dtype")
     p.add_argument("--moe-a2a-backend", default="torch", choices=MOE_A2A_BACKENDS,
                    help="local: hold every routed expert in this process and start serving right after "
                         "registering (a colocated deployment: placement runs with --moe-a2a-backend local --ep-size "
@@ -80,13 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with placement's --elastic-ep-backend: how long a MoE layer interrupted by an expert worker's "
                         "loss waits for a map that serves it (routed around, or its experts reloaded) before the "
                         "worker gives up (default 60)")
-    p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
-                        "METRICS_PORT=<port> before ATTENTION_WORKER_PORT=); default: off")
-    p.add_argument("--otlp-endpoint", default="",
-                   help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-attention-worker); "
-                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
+    add_telemetry_arguments(p, "epserve-attention-worker", "ATTENTION_WORKER_PORT")
     p.add_argument("--trace-step-every", type=int, default=16,
                    help="record per-step spans (attention.step, moe.dispatch/combine, and expert.compute on the "
                         "expert workers) on every Nth engine step; 1 = every step, 0 = never (default 16)")
@@ -102,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest gRPC message a caller may send (default %(default)s)")
     add_security_arguments(p, token_help="the deployment's token: callers (the gateway, placement) must send it, "
                                          "and this worker sends it to placement")
-    p.add_argument("--log-level", default="INFO")
     return p
 
 

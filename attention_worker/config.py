@@ -14,8 +14,8 @@ from epserve.attention_worker.expert_routing import DispatchAlgorithm
 from epserve.dataplane import BACKENDS as MOE_A2A_BACKENDS
 from epserve.dummy_weights import check_load_format
 from epserve.grpc_security import PLAINTEXT, Security
+from epserve.process_flags import DTYPE_CHOICES as DTYPES
 
-DTYPES = ("float64", "float32", "bfloat16", "float16")
 HEATMAP_ENV = ("EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL", "SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL")
 
 

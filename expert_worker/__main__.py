@@ -6,10 +6,9 @@ import argparse
 import os
 import sys
 
-from epserve.dummy_weights import LOAD_FORMAT_HELP, LOAD_FORMATS
+from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, ExpertWorkerConfig, parse_capacity
 from epserve.grpc_security import add_security_arguments, security_from_args
-from epserve.expert_worker.config import DEFAULT_DUTY_CYCLE, DTYPES, ExpertWorkerConfig, parse_capacity
-
+from epserve.process_flags import add_telemetry_arguments, add_worker_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,16 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expert-parallel worker: holds the physical expert slots the placement service assigns "
                     "it (every MoE layer), loads only those experts, and serves batches dispatched by "
                     "attention workers on the data plane through the MoE runner.")
-    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
-    p.add_argument("--placement", required=True, metavar="HOST:PORT", help="placement service address")
-    p.add_argument("--host", default="127.0.0.1", help="gRPC (health) bind address")
-    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
-    p.add_argument("--advertise-host", default="", help="host others use to reach this worker (default: --host)")
-    p.add_argument("--worker-id", default=os.environ.get("EPSERVE_WORKER_ID", ""),
-                   help="stable worker id (default: generated; env EPSERVE_WORKER_ID)")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="expert weights dtype (default bfloat16)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
+    add_worker_arguments(p, dtype_help="expert weights dtype")
     p.add_argument("--moe-runner-backend", default="auto",
                    help="expert kernels: auto|torch|triton|deep_gemm|flashinfer_cutlass (default auto)")
     p.add_argument("--capacity", type=parse_capacity, default=1.0, metavar="FLOAT|auto",
@@ -35,21 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1); auto = measure it at start-up: this worker's MoE runner on --device times a "
                         "small batch of the model's expert GEMMs and reports the rate in TFLOP/s (1.0 = 10^12 "
                         "expert flops/s; only ratios between workers matter)")
-    p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--expert-load-duty-cycle", type=float, default=DEFAULT_DUTY_CYCLE, metavar="FRACTION",
                    help="while serving, a map change loads its experts for at most this fraction of the wall "
                         "time and sleeps the rest, so loading on CPU cores does not slow decode steps in "
                         "flight; 1 = load at full speed (the first map always loads at full speed) "
                         f"(default {DEFAULT_DUTY_CYCLE})")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (printed as "
-                        "METRICS_PORT=<port> before EXPERT_WORKER_PORT=); default: off")
-    p.add_argument("--otlp-endpoint", default="",
-                   help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-expert-worker); "
-                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
+    add_telemetry_arguments(p, "epserve-expert-worker", "EXPERT_WORKER_PORT")
     add_security_arguments(p, token_help="the deployment's token: callers must send it, and this worker sends it "
                                          "to placement")
-    p.add_argument("--log-level", default="INFO")
     return p
 
 

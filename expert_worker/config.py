@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from epserve.dummy_weights import check_load_format
 from epserve.grpc_security import PLAINTEXT, Security
+from epserve.process_flags import DTYPE_CHOICES as DTYPES
 
-DTYPES = ("float64", "float32", "bfloat16", "float16")
 DEFAULT_DUTY_CYCLE = 0.25  # bench/results/rebalance_live_cpu.md: p99 ITL x1.32 at 1.0, x1.15 at 0.25
 
 

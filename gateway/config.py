@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from epserve.grpc_security import Security, add_security_arguments, read_token_file, security_from_args
+from epserve.process_flags import add_bind_arguments, add_telemetry_arguments
 
 
 def check_address(flag: str, address: str) -> str:
@@ -109,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-path", required=True, metavar="DIR",
                         help="model directory: tokenizer.json, tokenizer_config.json (add_bos_token), config.json "
                              "(max_position_embeddings = context limit, vocab_size), generation_config.json (EOS ids)")
-    parser.add_argument("--host", default=defaults["host"], help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=defaults["port"],
-                        help="port to bind; 0 picks a free one (default: %(default)s)")
+    add_bind_arguments(parser, default_port=defaults["port"])
     parser.add_argument("--placement", metavar="HOST:PORT", default=None,
                         help="placement service to discover attention workers from (PlacementAdmin.ListWorkers: "
                              "role ATTENTION, state ALIVE), re-listed every --refresh-interval-s")
@@ -160,18 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-grace-s", type=float, default=defaults["shutdown_grace_s"],
                         help="on SIGTERM/SIGINT: how long in-flight streams may run to completion before they "
                              "are aborted (finish_reason ABORT) (default: %(default)s)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
-                             "(printed as METRICS_PORT=<port> before GATEWAY_PORT=); default: off")
-    parser.add_argument("--otlp-endpoint", default="",
-                        help="OTLP gRPC collector HOST:PORT for traces (service.name epserve-gateway); "
-                             "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
+    add_telemetry_arguments(parser, "epserve-gateway", "GATEWAY_PORT")
     parser.add_argument("--sglang-default-seed", type=int, default=None, metavar="SEED",
                         help="the sampling seed of SglangScheduler requests (SMG's) that bring none; sample i of "
                              "n uses SEED + i, so equal requests get equal completions (SGLang's deterministic "
                              "inference does the same with seed 42). SMG 1.13 does not forward OpenAI's seed. "
                              "Default: a random seed per sample")
-    parser.add_argument("--log-level", default="INFO", help="stderr logging level (default: %(default)s)")
     return parser
 
 
