@@ -96,7 +96,7 @@ def measure_batch(gateway: str, batch: int, prompt_len: int, new_tokens: int, sk
             "median_first_token_ms": ttft * 1e3}
 
 
-def run_mode(mode: str, model_dir: Path, args, log, env: dict | None, rows: list[dict]) -> None:
+def run_mode(mode: str, model_dir: Path, args, log, rows: list[dict]) -> None:
     """Appends a row per batch to ``rows`` (kept if the deployment fails to stop cleanly)."""
     max_bs = max(args.batches)
     blocks = max_bs * -(-(args.prompt_len + args.new_tokens) // 16) + 64
@@ -105,7 +105,7 @@ def run_mode(mode: str, model_dir: Path, args, log, env: dict | None, rows: list
                "--attention-workers", "1", "--cuda-graph-max-bs", str(max_bs), "--max-running-requests", str(max_bs),
                "--num-kv-blocks", str(blocks), "--max-num-batched-tokens", "8192", *MODES[mode], *args.up_args]
     start = time.perf_counter()
-    with epserve_up(up_args, args.log_dir / mode, start_timeout_s=args.start_timeout_s, env=env) as endpoints:
+    with epserve_up(up_args, args.log_dir / mode, start_timeout_s=args.start_timeout_s) as endpoints:
         log(f"{mode}: deployment up in {time.perf_counter() - start:.1f} s")
         gateway = endpoints["gateway"]
         measure_batch(gateway, 1, 16, 8, 2, args.vocab, args.timeout_s)            # warm-up
@@ -176,7 +176,7 @@ def main() -> int:
     for mode in args.modes:
         notes[mode] = "epserve up --mps " + ("on (its own user-space daemon)" if mode == "cuda_ipc" else "auto/off: none")
         try:
-            run_mode(mode, model_dir, args, log, None, rows)
+            run_mode(mode, model_dir, args, log, rows)
         except (RuntimeError, AssertionError) as e:
             log(f"{mode}: FAILED {str(e)[:1500]}")
             notes[mode] = f"failed: {str(e)[:1500]}"

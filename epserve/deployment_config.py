@@ -167,15 +167,23 @@ class DeploymentConfig:
         for threads in self.expert_num_threads or ():
             if threads < 1:
                 raise ValueError(f"--expert-num-threads entries must be >= 1, got {threads}")
-        devices = {self.attention_device or self.device, *(self.expert_devices or [self.device])}
+        devices = set(self.process_devices())
         if self.moe_a2a_backend == "cuda_ipc" and len({d.split(":")[0] for d in devices}) > 1:
             raise ValueError(f"--moe-a2a-backend cuda_ipc puts every channel on one kind of device, but the "
                              f"workers are on {sorted(devices)}: use --moe-a2a-backend torch (gloo through host "
                              "memory) for a deployment that mixes CPU and GPU workers")
 
+    def process_devices(self) -> list[str]:
+        """The torch device of every worker process: the attention workers', then each expert worker's."""
+        attention = [self.attention_device or self.device] * self.num_attention_workers
+        return attention + [self.expert_device(i) for i in range(self.num_expert_workers or 0)]
+
+    def expert_device(self, index: int) -> str:
+        return self.expert_devices[index] if self.expert_devices else self.device
+
     def expert_args(self, index: int) -> list[str]:
         """Flags of expert worker ``index`` besides the common ones: its device, capacity, threads."""
-        args = ["--device", self.expert_devices[index] if self.expert_devices else self.device,
+        args = ["--device", self.expert_device(index),
                 "--moe-runner-backend", self.moe_runner_backend]
         if self.expert_capacities == AUTO_CAPACITY:
             args += ["--capacity", AUTO_CAPACITY]

@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         if args.api_token_file:
             config.extra_gateway_args += ["--api-token-file", args.api_token_file]
         check_deployment(config)
-        mps_plan = plan_mps(args.mps, args.moe_a2a_backend, _process_devices(config))
+        mps_plan = plan_mps(args.mps, args.moe_a2a_backend, config.process_devices())
     except (ValueError, ModelConfigError) as exc:
         print(f"epserve up: {exc}", file=sys.stderr)
         return 2
@@ -284,13 +284,6 @@ def run(args: argparse.Namespace) -> int:
         up_metrics.stop()
     _remove_state_db(args.state_db, state_db)
     return code
-
-
-def _process_devices(config) -> list[str]:
-    """The torch device of every worker process (attention workers, then expert workers)."""
-    attention = [config.attention_device or config.device] * config.num_attention_workers
-    experts = list(config.expert_devices or [config.device] * config.num_expert_workers)
-    return attention + experts
 
 
 def _list_of(kind: type) -> Callable[[str], list]:

@@ -308,7 +308,6 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
         self.seen: dict[tuple, int] = {}
-        self.captured = 0
 
     def run(self, key: tuple, channel: Channel, seq: int, trace: bytes) -> bool:
         """Replay (capturing first if due) the step ``key``; False: run it eagerly."""
@@ -360,7 +359,6 @@ class StepGraphs:
                 header = BatchHeader(version, layer, channel.slot, n, trace)
                 channel.partial[:n].copy_(server._compute(header, channel, n, weight_dtype, slots_per_worker))
                 readiness.signal_step(channel, Flag.STEP_OUT, server.counter, layer)
-        self.captured += 1
         logger.info("captured the expert step of %d tokens x %d layers (map version %d, micro-batch slot %d) "
                     "in %.0f ms", n, num_layers, version, channel.slot, (time.perf_counter() - started) * 1e3)
         return graph
