@@ -196,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
                 if (args.tp_size or expert_workers) != expert_workers:
                     raise ValueError(f"--tp-size {args.tp_size} > --ep-size {expert_workers}: slicing one expert "
                                      "over several expert workers is not built yet; use --tp-size equal to --ep-size")
+        if args.stream_interval is not None and args.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
         if args.expert_load_duty_cycle is not None and not 0 < args.expert_load_duty_cycle <= 1:
             raise ValueError(f"--expert-load-duty-cycle must be in (0, 1], got {args.expert_load_duty_cycle}")
         token_file = _token_file(args)

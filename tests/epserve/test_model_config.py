@@ -90,6 +90,7 @@ def test_generate_cli_reports_bad_config_with_exit_code_2(model_copy):
     (["--expert-workers", "3", "--tp-size", "4"], "--tp-size \\(4\\) must be a multiple of --ep-size \\(3\\)"),
     (["--expert-workers", "2", "--tp-size", "6"], "must be divisible by --tp-size / --ep-size = 3"),
     (["--expert-load-duty-cycle", "0"], "--expert-load-duty-cycle must be in \\(0, 1\\], got 0.0"),
+    (["--stream-interval", "0"], "--stream-interval must be >= 1, got 0"),
 ])
 def test_epserve_up_refuses_bad_ep_sizes_before_starting_anything(tiny_model, sizes, message):
     result = subprocess.run([sys.executable, "-m", "epserve", "up", "--model-path", str(tiny_model), *sizes],
