@@ -13,7 +13,8 @@ Per layer, two or three launches and no host work:
 
 Everything the kernels read about the batch is in ``GpuAttentionMetadata`` (device tensors, built
 once per step by the runner, or static buffers that a captured CUDA graph reads), so a decode step
-can be replayed from a graph with other lengths and block tables.
+can be replayed from a graph with other lengths and block tables. Models with multi-head latent
+attention use ``attention_mla_triton.py`` instead (the family picks: ``model_family.py``).
 """
 
 from __future__ import annotations
@@ -42,14 +43,11 @@ class GpuAttentionMetadata:
 
 class TritonPagedAttention:
     def __init__(self, kv_cache: PagedKVCache, spec: ModelSpec) -> None:
-        from epserve.kernels.paged_attention import paged_decode_attention
+        from epserve.kernels.paged_attention import decode_num_splits, paged_decode_attention
         from epserve.kernels.paged_prefill import paged_prefill_attention
         from epserve.kernels.rope import qk_norm_rope_store
 
-        if spec.mla is not None:
-            raise ValueError(f"{spec.architecture} uses multi-head latent attention, which the batched GPU runner "
-                             "(--attention-backend triton, the default on CUDA) does not serve yet: pass "
-                             "--attention-backend torch_native")
+        assert spec.mla is None, "multi-head latent attention runs on TritonMlaAttention (attention_mla_triton.py)"
         if spec.attention_sinks:
             raise ValueError(f"{spec.architecture} uses attention sinks, which the batched GPU runner "
                              "(--attention-backend triton, the default on CUDA) does not compute yet: pass "
@@ -59,6 +57,7 @@ class TritonPagedAttention:
                              "which the batched GPU runner (--attention-backend triton, the default on CUDA) does not "
                              "compute yet: pass --attention-backend torch_native")
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
+        self._num_splits = decode_num_splits
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.eps = spec.rms_norm_eps
@@ -66,6 +65,10 @@ class TritonPagedAttention:
         device = kv_cache.k[0].device
         # [R/2] float32: RoPE on each head's leading rotary_dim dims (all of them but with partial rotary)
         self.inv_freq = RotaryEmbedding(spec.rotary_dim, spec.rope_theta).inv_freq.to(device)
+
+    def decode_num_splits(self, batch: int, max_context: int, num_sms: int) -> int:
+        """The split count S a decode step of ``batch`` sequences runs (and is captured) with."""
+        return self._num_splits(batch, self.num_kv_heads, max_context, num_sms)
 
     def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:

@@ -33,9 +33,11 @@ import time
 
 import torch
 
-from epserve.attention_worker.attention_triton import GpuAttentionMetadata, TritonPagedAttention
+from epserve.attention_worker.attention_triton import GpuAttentionMetadata
 from epserve.attention_worker.gpu_sampling import GpuSampler
 from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.attention_worker.mla_kv_cache import MlaKVCache
+from epserve.attention_worker.model_family import model_family
 from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
 from epserve.attention_worker.sampler import SampledTokens
 from epserve.attention_worker.scheduler import ScheduledChunk
@@ -52,13 +54,12 @@ STALE_RETRY_TIMEOUT_S = 30.0
 
 
 class GpuStepRunner:
-    def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache,
+    def __init__(self, model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cache: PagedKVCache | MlaKVCache,
                  limits, max_context: int) -> None:
-        from epserve.kernels.paged_attention import decode_num_splits
-
         self.model, self.executor, self.kv_cache = model, executor, kv_cache
         self.device = model.device
-        self.attention = TritonPagedAttention(kv_cache, model.spec)
+        # the family's Triton backend: TritonPagedAttention (GQA) or TritonMlaAttention (MLA)
+        self.attention = model_family(model.spec).make_gpu_attention(kv_cache, model.spec)
         self.block_size = kv_cache.block_size
         self.max_blocks = -(-max_context // self.block_size)
         self.num_rows = limits.max_num_seqs
@@ -69,8 +70,7 @@ class GpuStepRunner:
         self.sampler = GpuSampler(self.device, self.num_rows, model.spec.vocab_size)
         num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                    if self.device.type == "cuda" else 1)
-        num_kv_heads = model.spec.num_key_value_heads
-        self.num_splits = lambda batch: decode_num_splits(batch, num_kv_heads, max_context, num_sms)
+        self.num_splits = lambda batch: self.attention.decode_num_splits(batch, max_context, num_sms)
         self.graphs = None
         if not executor.capturable and not limits.disable_cuda_graph:
             logger.info("the experts wait on the host (%s): decode steps run without CUDA graphs",

@@ -2,10 +2,11 @@
 
 A ``ModelFamily`` says how to load the attention side (``epserve/models/<family>.py``), which KV
 cache layout to allocate (GQA: ``PagedKVCache`` keys and values per KV head; MLA: ``MlaKVCache``,
-one latent + rotary key per token) and which CPU attention backend reads it. The engine and the CPU
-runner ask ``model_family(spec)`` instead of testing the family themselves; the batched GPU runner
-(Triton paged attention) serves GQA families only and refuses the others, and GQA models whose
-attention it does not compute (partial rotary, sliding windows: ``attention_triton.py``).
+one latent + rotary key per token) and which attention backends read it: on the host (the CPU
+runner) and on the device (the batched GPU runner: ``TritonPagedAttention`` for GQA, which refuses
+the attention it does not compute — sinks, sliding windows: ``attention_triton.py``; ``TritonMlaAttention``
+for MLA, ``attention_mla_triton.py``). The engine and both runners ask ``model_family(spec)`` instead of
+testing the family themselves.
 
 Families: qwen3_moe, mixtral (Qwen3's attention side without q/k norms, ``models/mixtral.py``),
 glm4_moe (``models/glm4_moe.py``) and gpt_oss (``models/gpt_oss.py``, with the attention-sink backend
@@ -31,6 +32,8 @@ class ModelFamily:
     make_kv_cache: Callable
     # (kv_cache, spec) -> the CPU attention backend the model's forward_steps takes
     make_cpu_attention: Callable
+    # (kv_cache, spec) -> the batched GPU runner's attention backend (Triton kernels, graph-capturable)
+    make_gpu_attention: Callable
 
 
 def _load_qwen3_moe(spec, reader, dtype, device, ops):
@@ -47,6 +50,11 @@ def _qwen3_moe_kv_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype
 def _qwen3_moe_attention(kv_cache, spec: ModelSpec):
     from epserve.attention_worker.attention_torch import TorchPagedAttention
     return TorchPagedAttention(kv_cache, spec)
+
+
+def _triton_attention(kv_cache, spec: ModelSpec):
+    from epserve.attention_worker.attention_triton import TritonPagedAttention
+    return TritonPagedAttention(kv_cache, spec)
 
 
 def _load_mixtral(spec, reader, dtype, device, ops):
@@ -85,13 +93,20 @@ def _mla_attention(kv_cache, spec: ModelSpec):
     return TorchMlaAttention(kv_cache, spec)
 
 
+def _triton_mla_attention(kv_cache, spec: ModelSpec):
+    from epserve.attention_worker.attention_mla_triton import TritonMlaAttention
+    return TritonMlaAttention(kv_cache, spec)
+
+
 FAMILIES = {
-    "qwen3_moe": ModelFamily("qwen3_moe", _load_qwen3_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
-    "deepseek_v3": ModelFamily("deepseek_v3", _load_deepseek, _mla_kv_cache, _mla_attention),
-    "deepseek_v2": ModelFamily("deepseek_v2", _load_deepseek, _mla_kv_cache, _mla_attention),
-    "mixtral": ModelFamily("mixtral", _load_mixtral, _qwen3_moe_kv_cache, _qwen3_moe_attention),
-    "glm4_moe": ModelFamily("glm4_moe", _load_glm4_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention),
-    "gpt_oss": ModelFamily("gpt_oss", _load_gpt_oss, _qwen3_moe_kv_cache, _sink_attention),
+    "qwen3_moe": ModelFamily("qwen3_moe", _load_qwen3_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention,
+                             _triton_attention),
+    "deepseek_v3": ModelFamily("deepseek_v3", _load_deepseek, _mla_kv_cache, _mla_attention, _triton_mla_attention),
+    "deepseek_v2": ModelFamily("deepseek_v2", _load_deepseek, _mla_kv_cache, _mla_attention, _triton_mla_attention),
+    "mixtral": ModelFamily("mixtral", _load_mixtral, _qwen3_moe_kv_cache, _qwen3_moe_attention, _triton_attention),
+    "glm4_moe": ModelFamily("glm4_moe", _load_glm4_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention,
+                            _triton_attention),
+    "gpt_oss": ModelFamily("gpt_oss", _load_gpt_oss, _qwen3_moe_kv_cache, _sink_attention, _triton_attention),
 }
 
 

@@ -78,6 +78,12 @@ class MlaRotaryEmbedding:
             self.inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, scaling)
         self.style = style
 
+    def to(self, device: torch.device | str) -> MlaRotaryEmbedding:
+        """Keep the inverse frequencies on ``device`` (``tables`` then copies nothing from the host: a
+        forward captured in a CUDA graph may not)."""
+        self.inv_freq = self.inv_freq.to(device)
+        return self
+
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """positions [T] → (cos, sin) [T, R/2] (interleave), [T, R] (rotate_half), or (freqs [T, R/2]
         complex64,) (complex)."""

@@ -221,12 +221,6 @@ def test_yarn_rotary_matches_transformers(deepseek_v3_model):
     assert scale == yarn_apply_mscale(config.rope_parameters, plain) != plain
 
 
-def test_gpu_runner_refuses_latent_attention(deepseek_model):
-    """Both versions: the batched GPU runner has no MLA path."""
-    with pytest.raises(ValueError, match="multi-head latent attention.*--attention-backend torch_native"):
-        build_colocated_engine(str(deepseek_model), torch.float32, limits=EngineLimits(attention_backend="triton"))
-
-
 def test_rotate_half_layout_matches_transformers(deepseek_v3_model, tmp_path):
     """A V3 checkpoint with rope_interleave false rotates halves, in both implementations."""
     import json
