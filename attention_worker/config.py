@@ -67,7 +67,7 @@ class AttentionWorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0                           # 0 = pick a free port
     advertise_host: str = ""                # how others reach this worker; default: host
-    worker_id: str = field(default_factory=lambda: f"attn-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    worker_id: str = ""                     # "" = generated: attn-<hostname>-<6 hex digits>
     dtype: str = "bfloat16"
     device: str = "cpu"
     load_format: str = "auto"               # auto | safetensors | dummy (random weights, no checkpoint read)
@@ -135,6 +135,8 @@ class AttentionWorkerConfig:
             raise ValueError(f"--trace-step-every must be >= 0 (0 = no per-step spans), got {self.trace_step_every}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if not self.worker_id:
+            self.worker_id = f"attn-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
     @property
     def colocated(self) -> bool:

@@ -1,14 +1,36 @@
-"""Process-level helpers shared by every epserve process's ``main()``."""
+"""The skeleton every epserve process's ``main()`` follows, and the helpers it is built from.
+
+A process ``main()`` is one call, ``run_process(name, parser, make_config, title, serve, argv)``:
+
+    parse flags                  argparse; the shared flags come from ``process_flags``
+    resolve telemetry flags      --otlp-endpoint and --log-level fall back on the environment
+    configure logging            stderr, at --log-level
+    build the config             ``make_config(args)``: the process's config dataclass, validated in
+                                 ``__post_init__``; a ValueError exits 2, its message on stderr
+    title                        ``ps`` shows ``epserve <title(config)>`` (``set_process_title``)
+    serve                        ``serve(config, stop)`` builds the process's objects, prints its
+                                 ``NAME_PORT=`` line, waits for ``stop`` (SIGTERM/SIGINT), shuts down
+                                 and returns the exit code
+
+``start_telemetry`` is the tracing + /metrics part of ``serve`` that the gateway and the workers
+share (placement builds its own inside its server); ``serve_worker`` is the whole ``serve`` of both
+worker kinds.
+"""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from epserve.process_flags import resolve_telemetry_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -81,44 +103,87 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def run_worker_process(prog: str, service_name: str, config, metrics_class, build_worker, port_key: str) -> int:
-    """The common life of a worker process after its config is built: tracing and metrics,
-    ``torch`` threads, build the worker, announce its port, join the deployment, serve until
-    SIGTERM/SIGINT, stop. ``config`` needs ``otlp_endpoint``, ``worker_id``, ``metrics_port``,
-    ``host`` and ``num_threads``; ``build_worker(config, tracing, metrics)`` returns an object
-    with ``server.port``, ``start()`` and ``stop()``. Returns the exit code."""
-    import torch
+ConfigT = TypeVar("ConfigT")
 
+
+def run_process(name: str, parser: argparse.ArgumentParser,
+                make_config: Callable[[argparse.Namespace], ConfigT], title: Callable[[ConfigT], str],
+                serve: Callable[[ConfigT, threading.Event], int], argv: Sequence[str] | None = None) -> int:
+    """Parse flags, build the config, serve until SIGTERM/SIGINT (the module docstring's skeleton).
+    ``name``: the process package's, which starts its refusals. Returns the exit code: ``serve``'s,
+    or 2 for a bad flag or configuration."""
+    args = parser.parse_args(argv)
+    resolve_telemetry_arguments(args, os.environ)
+    configure_logging(args.log_level)
+    try:
+        config = make_config(args)
+    except (ValueError, OSError) as exc:     # a bad flag, or a file the config reads
+        return refuse(name, exc)
+    set_process_title(title(config))
+    return serve(config, shutdown_event())
+
+
+def refuse(name: str, exc: Exception) -> int:
+    """Report a bad flag or configuration on stderr as ``NAME: MESSAGE`` (the line ``epserve up``
+    quotes when a child exits): exit code 2."""
+    print(f"{name}: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+@dataclass
+class Telemetry:
+    """A process's tracing and, with ``--metrics-port``, its metrics and their ``/metrics`` endpoint."""
+    tracing: Any                            # epserve.telemetry.Tracing (no-op without --otlp-endpoint)
+    metrics: Any | None                     # the process's metrics class; None without --metrics-port
+    metrics_server: Any | None = None
+
+    def stop(self) -> None:
+        """Flush traces, stop the endpoint."""
+        self.tracing.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+
+
+def start_telemetry(service_name: str, config: Any, make_metrics: Callable[[], Any],
+                    resource_attributes: dict[str, str] | None = None) -> Telemetry:
+    """Tracing to ``config.otlp_endpoint`` and, when ``config.metrics_port`` is not None, ``make_metrics()``
+    served on it from ``config.host`` (``METRICS_PORT=`` printed). ValueError for a bad endpoint."""
     from epserve.telemetry import setup_tracing, start_metrics_server
 
-    set_process_title(config.worker_id)
+    tracing = setup_tracing(service_name, config.otlp_endpoint, resource_attributes=resource_attributes)
+    telemetry = Telemetry(tracing, make_metrics() if config.metrics_port is not None else None)
+    if telemetry.metrics is not None:
+        telemetry.metrics_server = start_metrics_server(config.metrics_port, telemetry.metrics.registry, config.host)
+        announce("METRICS_PORT", telemetry.metrics_server.port)
+    return telemetry
+
+
+def serve_worker(config: Any, stop: threading.Event, *, name: str, service_name: str,
+                 make_metrics: Callable[[], Any], build_worker: Callable[[Any, Any, Any], Any],
+                 port_line: str) -> int:
+    """The ``serve`` of an attention or expert worker: telemetry, ``torch`` threads, build the worker,
+    print its port, join the deployment, serve until ``stop``, leave. ``config`` needs
+    ``otlp_endpoint``, ``worker_id``, ``metrics_port``, ``host`` and ``num_threads``;
+    ``build_worker(config, tracing, metrics)`` returns an object with ``server.port``, ``start()``
+    (join) and ``stop()``. Returns the exit code: 1 when the worker cannot join."""
+    import torch
 
     try:
-        tracing = setup_tracing(service_name, config.otlp_endpoint,
-                                resource_attributes={"service.instance.id": config.worker_id})
+        telemetry = start_telemetry(service_name, config, make_metrics, {"service.instance.id": config.worker_id})
     except ValueError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    metrics = metrics_class() if config.metrics_port is not None else None
-    metrics_server = None
-    if metrics is not None:
-        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
-        announce("METRICS_PORT", metrics_server.port)
+        return refuse(name, exc)
     torch.set_num_threads(config.num_threads)
-    stop = shutdown_event()
-    worker = build_worker(config, tracing, metrics)
-    announce(port_key, worker.server.port)
+    worker = build_worker(config, telemetry.tracing, telemetry.metrics)
+    announce(port_line, worker.server.port)
     code = 0
     try:
         worker.start()
     except Exception as exc:  # registration refused or timed out
-        logger.error("%s cannot join the deployment: %s", prog, exc)
+        logger.error("%s cannot join the deployment: %s", name, exc)
         code = 1
     else:
         stop.wait()
         logger.info("signal received; shutting down")
     worker.stop()
-    tracing.shutdown()
-    if metrics_server is not None:
-        metrics_server.stop()
+    telemetry.stop()
     return code

@@ -22,7 +22,7 @@ class ExpertWorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0                           # gRPC (health) port; 0 = pick a free one
     advertise_host: str = ""
-    worker_id: str = field(default_factory=lambda: f"expert-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    worker_id: str = ""                     # "" = generated: expert-<hostname>-<6 hex digits>
     dtype: str = "bfloat16"
     device: str = "cpu"
     load_format: str = "auto"               # auto | safetensors | dummy (random weights, no checkpoint read)
@@ -51,6 +51,8 @@ class ExpertWorkerConfig:
             raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
         if not self.advertise_host:
             self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if not self.worker_id:
+            self.worker_id = f"expert-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
 def parse_capacity(text: str) -> float | None:

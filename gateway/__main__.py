@@ -1,4 +1,5 @@
-"""``python -m epserve.gateway``: parse flags, build the Gateway, serve until SIGTERM/SIGINT, exit 0.
+"""``python -m epserve.gateway``: parse flags, build the Gateway, serve until SIGTERM/SIGINT, exit 0 (2 for bad
+flags or configuration): the process skeleton, ``epserve.process.run_process``.
 
 The epserve gateway: the public ``epserve.v1.Generation`` gRPC API in front of the attention workers.
 
@@ -26,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 
-from epserve.gateway.config import build_parser, config_from_args
-from epserve.process import set_process_title
+from epserve.gateway.config import PORT_LINE, GatewayConfig, build_parser, config_from_args
+from epserve.process import announce, refuse, run_process
 
 logger = logging.getLogger("epserve.gateway")
 
@@ -43,51 +43,35 @@ def _die_on_thread_crash(args: threading.ExceptHookArgs) -> None:
     os._exit(1)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.otlp_endpoint:
-        args.otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+def serve(config: GatewayConfig, stop: threading.Event) -> int:
     # heavy imports (grpc, tokenizers, OTel) after flag parsing
-    from epserve.telemetry import GatewayMetrics, setup_tracing, start_metrics_server
     from epserve.gateway.observer import NullObserver, TelemetryObserver
     from epserve.gateway.server import TRACING_SERVICE_NAME, Gateway
+    from epserve.process import start_telemetry
+    from epserve.telemetry import GatewayMetrics
 
-    set_process_title("gateway")
     threading.excepthook = _die_on_thread_crash
     try:
-        tracing = setup_tracing(TRACING_SERVICE_NAME, config.otlp_endpoint)
+        telemetry = start_telemetry(TRACING_SERVICE_NAME, config, GatewayMetrics)
     except ValueError as exc:
-        parser.error(str(exc))
-    metrics = GatewayMetrics() if config.metrics_port is not None else None
-    observer = TelemetryObserver(metrics) if metrics is not None or tracing.enabled else NullObserver()
+        return refuse("gateway", exc)
+    observer = (TelemetryObserver(telemetry.metrics) if telemetry.metrics is not None or telemetry.tracing.enabled
+                else NullObserver())
     try:
-        gateway = Gateway(config, observer, tracing)
+        gateway = Gateway(config, observer, telemetry.tracing)
     except ValueError as exc:
-        parser.error(str(exc))
-    metrics_server = None
-    if metrics is not None:
-        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
-        print(f"METRICS_PORT={metrics_server.port}", flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    port = gateway.start()
-    print(f"GATEWAY_PORT={port}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    logger.info("signal received: shutting down")
+        telemetry.stop()
+        return refuse("gateway", exc)
+    announce(PORT_LINE, gateway.start())
+    stop.wait()
+    logger.info("signal received; shutting down")
     gateway.shutdown()
-    tracing.shutdown()
-    if metrics_server is not None:
-        metrics_server.stop()
+    telemetry.stop()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_process("gateway", build_parser(), config_from_args, lambda config: "gateway", serve, argv)
 
 
 if __name__ == "__main__":

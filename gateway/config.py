@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from epserve.grpc_security import Security, add_security_arguments, read_token_file, security_from_args
-from epserve.process_flags import add_bind_arguments, add_telemetry_arguments
+from epserve.process_flags import add_bind_arguments, add_telemetry_arguments, config_defaults, config_kwargs
+
+PORT_LINE = "GATEWAY_PORT"
 
 
 def check_address(flag: str, address: str) -> str:
@@ -100,7 +102,7 @@ class GatewayConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = {f.name: f.default for f in fields(GatewayConfig)}
+    defaults = config_defaults(GatewayConfig)
     parser = argparse.ArgumentParser(
         prog="python -m epserve.gateway",
         description="epserve gateway: serves the public epserve.v1.Generation gRPC API (plus grpc.health.v1 "
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-path", required=True, metavar="DIR",
                         help="model directory: tokenizer.json, tokenizer_config.json (add_bos_token), config.json "
                              "(max_position_embeddings = context limit, vocab_size), generation_config.json (EOS ids)")
-    add_bind_arguments(parser, default_port=defaults["port"])
-    parser.add_argument("--placement", metavar="HOST:PORT", default=None,
+    add_bind_arguments(parser, defaults, PORT_LINE)
+    parser.add_argument("--placement", metavar="HOST:PORT", default=defaults["placement"],
                         help="placement service to discover attention workers from (PlacementAdmin.ListWorkers: "
                              "role ATTENTION, state ALIVE), re-listed every --refresh-interval-s")
     parser.add_argument("--attention-workers", metavar="HOST:PORT[,HOST:PORT...]", default="",
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokenize prompts in this many helper processes, so a long prompt never holds the "
                              "threads that stream other requests' tokens; 0 = tokenize on the request's own thread "
                              "(default: %(default)s)")
-    parser.add_argument("--api-token", default="", metavar="TOKEN",
+    parser.add_argument("--api-token", default=defaults["api_token"], metavar="TOKEN",
                         help="clients of the Generation API must send TOKEN (gRPC metadata authorization: Bearer "
                              "TOKEN); default: the API is open (health always is); prefer --api-token-file")
     parser.add_argument("--api-token-file", default="", metavar="FILE", help="read --api-token from FILE (mode 0600)")
@@ -159,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-grace-s", type=float, default=defaults["shutdown_grace_s"],
                         help="on SIGTERM/SIGINT: how long in-flight streams may run to completion before they "
                              "are aborted (finish_reason ABORT) (default: %(default)s)")
-    add_telemetry_arguments(parser, "epserve-gateway", "GATEWAY_PORT")
-    parser.add_argument("--sglang-default-seed", type=int, default=None, metavar="SEED",
+    add_telemetry_arguments(parser, defaults, "epserve-gateway", PORT_LINE)
+    parser.add_argument("--sglang-default-seed", type=int, default=defaults["sglang_default_seed"], metavar="SEED",
                         help="the sampling seed of SglangScheduler requests (SMG's) that bring none; sample i of "
                              "n uses SEED + i, so equal requests get equal completions (SGLang's deterministic "
                              "inference does the same with seed 42). SMG 1.13 does not forward OpenAI's seed. "
@@ -171,16 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The config from ``build_parser().parse_args(...)``; ValueError when a value is bad."""
     workers = tuple(a.strip() for a in args.attention_workers.split(",") if a.strip())
-    return GatewayConfig(
-        model_path=args.model_path, host=args.host, port=args.port, placement=args.placement,
-        attention_workers=workers, max_new_tokens_limit=args.max_new_tokens_limit,
-        request_timeout_s=args.request_timeout_s, rpc_timeout_s=args.rpc_timeout_s,
-        refresh_interval_s=args.refresh_interval_s, max_retries=args.max_retries,
-        max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace_s,
-        metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint, sglang_default_seed=args.sglang_default_seed,
-        max_worker_failures=args.max_worker_failures, max_pending_prompts=args.max_pending_prompts,
-        max_prompt_bytes=args.max_prompt_bytes, max_message_bytes=args.max_message_bytes,
-        tokenizer_processes=args.tokenizer_processes, api_token=_api_token(args), **_security_fields(args))
+    return GatewayConfig(**config_kwargs(GatewayConfig, args, attention_workers=workers, api_token=_api_token(args),
+                                         **_security_fields(args)))
 
 
 def _api_token(args: argparse.Namespace) -> str:

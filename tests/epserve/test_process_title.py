@@ -1,5 +1,5 @@
-"""set_process_title on real processes, read back through ps (the workers' titles: run_worker_process
-sets their id; the gateway's and placement's: their main())."""
+"""set_process_title on real processes, read back through ps (every process's main() sets it through
+epserve.process.run_process: a worker's id, ``gateway``, ``placement``)."""
 
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ def test_ep_size_0_is_for_local_only(model_dir):
     assert config.colocated and config.world_size == 3
 
 
-def test_main_names_the_flag(model_dir, caplog):
+def test_main_names_the_flag(model_dir, capsys):
     assert main(["--model-path", str(model_dir), "--moe-a2a-backend", "local"]) == 2      # --ep-size defaults to 1
-    assert "set --ep-size 0" in caplog.text
+    assert "set --ep-size 0" in capsys.readouterr().err
 
 
 def test_ready_once_attention_workers_registered_without_a_map(start_server, connect, fingerprint):

@@ -137,9 +137,10 @@ def test_process_restart_with_state_db_keeps_version_and_ranks(launch, model_dir
             client.close()
 
 
-def test_main_refuses_a_deployment_that_does_not_add_up(model_dir, caplog):
+def test_main_refuses_a_deployment_that_does_not_add_up(model_dir, capsys):
     assert main(["--model-path", str(model_dir), "--ep-size", "3"]) == 2
-    assert "--ep-num-redundant-experts" in caplog.text and "--ep-size 3" in caplog.text
+    refusal = capsys.readouterr().err
+    assert "--ep-num-redundant-experts" in refusal and "--ep-size 3" in refusal
 
 
 def test_help_explains_every_flag():
