@@ -2,9 +2,18 @@
 
 Run from the repository root on the GPU machine (epserve need not be installed):
     PYTHONPATH=. python3 bench/serve_gpu.py --out-dir bench/results [--layers 48] [--modes colocated transformers]
+    PYTHONPATH=. python3 bench/serve_gpu.py --model deepseek-v3 --out-dir bench/results [--layers 4]
 
-Model: Qwen3-30B-A3B's shape (hidden 2048, 48 layers, GQA 32q/4kv, head 128, 128 experts top-8,
-expert width 768, vocab 151936), bf16, dummy weights drawn on the device (``--load-format dummy``).
+Models (``--model``), bf16, dummy weights drawn on the device (``--load-format dummy``):
+- ``qwen3-30b-a3b`` (default): Qwen3-30B-A3B's shape (hidden 2048, 48 layers, GQA 32q/4kv, head 128,
+  128 experts top-8, expert width 768, vocab 151936);
+- ``deepseek-v3``: DeepSeek-V3's layer shape (hidden 7168, MLA with 128 heads, q_lora_rank 1536,
+  kv_lora_rank 512, rope 64, nope/value 128, YaRN factor 40; 256 routed experts top-8 in 8 groups of
+  which 4 are kept, expert width 2048, one shared expert; dense width 18432; vocab 129280) with fewer
+  layers: ``--layers`` (default 4) of which the first ``--dense-layers`` (default 1; the model has 3 of
+  61) are dense. Each MoE layer holds 21 GiB of bf16 experts: 4 layers need 69 GiB of weights (an
+  H200; ``--layers 3``, 46 GiB, on an H100). Attention runs the Triton MLA kernels (kernels/mla_attention.py).
+  Colocated mode only (the transformers row copies Qwen3's weight layout).
 
 Modes (rows of the result table, in the same run):
 - ``colocated``: epserve's engine with attention and all experts in this process
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -52,11 +62,32 @@ QWEN3_30B_A3B = {
 }
 
 
-def write_model_dir(layers: int) -> Path:
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "first_k_dense_replace": 3, "moe_layer_freq": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+    "max_position_embeddings": 163840, "rope_theta": 10000, "rope_interleave": True,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+    "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "num_nextn_predict_layers": 0,
+    "torch_dtype": "bfloat16",
+}
+# --model: (config, default --layers, its name in the record, default --name)
+MODELS = {"qwen3-30b-a3b": (QWEN3_30B_A3B, 48, "Qwen3-30B-A3B", "serve_gpu_h200"),
+          "deepseek-v3": (DEEPSEEK_V3, 4, "DeepSeek-V3", "serve_gpu_deepseek_v3_h200")}
+
+
+def write_model_dir(model: str, layers: int, dense_layers: int | None = None) -> Path:
     model_dir = Path(tempfile.mkdtemp(prefix="serve_gpu_"))
-    config = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    config = dict(MODELS[model][0], num_hidden_layers=layers)
+    if dense_layers is not None:
+        config["first_k_dense_replace"] = dense_layers
     (model_dir / "config.json").write_text(json.dumps(config, indent=1))
-    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645}))
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
     return model_dir
 
 
@@ -83,9 +114,13 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 # -- accounting -------------------------------------------------------------------------------
 def dense_bytes(spec, batch: int) -> int:
-    d, heads, kv, hd = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-    per_layer = ((heads + 2 * kv) * hd * d + d * heads * hd + spec.num_experts * d + 2 * d + 2 * hd) * 2
-    return spec.num_hidden_layers * per_layer + spec.vocab_size * d * 2 + d * 2 + batch * d * 2
+    """Every checkpoint tensor but the routed experts and the embedding (attention, norms, routers, dense
+    and shared MLPs, lm_head), bf16, plus B rows of the embedding."""
+    from epserve.dummy_weights import checkpoint_shapes
+
+    numel = sum(math.prod(shape) for name, shape in checkpoint_shapes(spec).items()
+                if ".mlp.experts." not in name and name != "model.embed_tokens.weight")
+    return numel * 2 + batch * spec.hidden_size * 2
 
 
 def expert_bytes(spec, experts_hit: int) -> int:
@@ -93,7 +128,9 @@ def expert_bytes(spec, experts_hit: int) -> int:
 
 
 def kv_bytes(spec, total_context: int) -> int:
-    return total_context * spec.num_hidden_layers * 2 * spec.num_key_value_heads * spec.head_dim * 2
+    """GQA: a key and a value per KV head; MLA: the latent and the rotary key (C + Dr values)."""
+    per_token_layer = spec.mla.cache_width if spec.mla is not None else 2 * spec.num_key_value_heads * spec.head_dim
+    return total_context * spec.num_hidden_layers * per_token_layer * 2
 
 
 # -- epserve, colocated --------------------------------------------------------------------------
@@ -275,15 +312,33 @@ def copy_dummy_weights(model, spec, reader) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
-    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 48 for qwen3-30b-a3b, "
+                                                                    "4 for deepseek-v3)")
+    parser.add_argument("--dense-layers", type=int, default=None,
+                        help="deepseek-v3: how many of the first layers are dense (first_k_dense_replace; default 1)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128, 256])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--hf-new-tokens", type=int, default=8, help="decode steps timed for transformers")
     parser.add_argument("--ttft-prompt", type=int, default=4096)
-    parser.add_argument("--modes", nargs="+", default=["colocated", "transformers"])
-    parser.add_argument("--name", default="serve_gpu_h200")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="colocated and/or transformers (default: both for qwen3-30b-a3b, colocated for deepseek-v3)")
+    parser.add_argument("--name", default=None, help="result file stem (default: serve_gpu_h200 for qwen3-30b-a3b, "
+                                                     "serve_gpu_deepseek_v3_h200 for deepseek-v3)")
     args = parser.parse_args()
+    _, default_layers, model_name, default_name = MODELS[args.model]
+    deepseek = args.model == "deepseek-v3"
+    args.layers = args.layers or default_layers
+    args.name = args.name or default_name
+    args.modes = args.modes or (["colocated"] if deepseek else ["colocated", "transformers"])
+    if deepseek and "transformers" in args.modes:
+        parser.error("--model deepseek-v3 runs --modes colocated only (the transformers row copies Qwen3's weights)")
+    if args.dense_layers is not None and not deepseek:
+        parser.error("--dense-layers applies to --model deepseek-v3 only")
+    dense_layers = (1 if args.dense_layers is None else args.dense_layers) if deepseek else None
+    if deepseek and not 0 <= dense_layers < args.layers:
+        parser.error(f"--dense-layers must be in [0, --layers) so that a MoE layer remains, got {dense_layers}")
 
     lines: list[str] = []
 
@@ -294,7 +349,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     log(f"{device}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    model_dir = write_model_dir(args.layers)
+    model_dir = write_model_dir(args.model, args.layers, dense_layers)
     rows, ttfts = [], []
     for mode in args.modes:
         run = {"colocated": run_colocated, "transformers": run_transformers}[mode]
@@ -309,7 +364,8 @@ def main() -> int:
             row["roofline_frac"] = row["roofline_ms"] / row["step_ms"]
     record = {"machine": f"{device} ({platform.node()})", "date": datetime.date.today().isoformat(),
               "command": " ".join(sys.argv), "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
-              "model": f"Qwen3-30B-A3B shape, {args.layers} layers, bf16, dummy weights", "rows": rows,
+              "model": f"{model_name} shape, {args.layers} layers"
+                       + (f" ({dense_layers} dense)" if deepseek else "") + ", bf16, dummy weights", "rows": rows,
               "ttft": ttfts, "log": lines}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=1))
