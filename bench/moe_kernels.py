@@ -4,6 +4,12 @@ Legend: T tokens, K top-k, D hidden, I intermediate, S local slots, E experts ro
 
 Run from the repo root on the GPU machine:
     PYTHONPATH=. python3 bench/moe_kernels.py --out-dir bench/results
+    PYTHONPATH=. python3 bench/moe_kernels.py --models DeepSeek-V3 --name moe_kernels_deepseek_v3_h200
+
+Shapes (``--models``; the default runs the first two): Qwen3-30B-A3B (all 128 experts local),
+DeepSeek-V3-EP8 (one EP8 shard: 32 of 256 experts local), DeepSeek-V3 (a whole MoE layer on one GPU,
+256 experts top-8, hidden 7168, expert width 2048: 21 GiB of bf16 weights, as the colocated
+``bench/serve_gpu.py --model deepseek-v3`` runs it).
 
 Accounting (the same for every backend, and as FACTS.md's anchors):
 - routing: uniform random top-K over E experts; slot s holds expert s, so on the
@@ -62,7 +68,9 @@ class Shape:
 SHAPES = {
     "Qwen3-30B-A3B": Shape("Qwen3-30B-A3B", 128, 128, 2048, 768, 8),
     "DeepSeek-V3-EP8": Shape("DeepSeek-V3-EP8", 32, 256, 7168, 2048, 8),
+    "DeepSeek-V3": Shape("DeepSeek-V3", 256, 256, 7168, 2048, 8),
 }
+DEFAULT_MODELS = ["Qwen3-30B-A3B", "DeepSeek-V3-EP8"]     # the recorded table's; DeepSeek-V3 on request
 
 
 @dataclass
@@ -379,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", default="bench/results")
     parser.add_argument("--name", default="moe_kernels_h200")
-    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     parser.add_argument("--backends", nargs="+", default=["triton", "torch", "deep_gemm"])
     args = parser.parse_args(argv)
