@@ -28,8 +28,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from epserve.kernels.moe_align import SlotAlignment
-from epserve.kernels.moe_tiles import (GemmConfig, PersistentSplitTmaGemmConfig, block_slot, grouped_pid, grouped_tile,
-                                       nth_tile, programs_for, slot_block, split_layout, split_tile, split_tiles_bound)
+from epserve.kernels.moe_tiles import (GemmConfig, PersistentSplitTmaGemmConfig, block_slot, dot_acc, grouped_pid,
+                                       grouped_tile, nth_tile, programs_for, slot_block, split_layout, split_tile,
+                                       split_tiles_bound)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
@@ -64,7 +65,7 @@ def _down_kernel(act_ptr, w_ptr, rows_ptr, topk_w_ptr, sorted_ids_ptr, offsets_p
             k_ok = offs_k < I - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = dot_acc(a, b, acc)
         a_ptrs += BK
         b_ptrs += BK
     acc = acc * scale[:, None]
@@ -143,7 +144,7 @@ def _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_pt
     for k0 in range(0, I, BK):
         a = a_desc.load([m_start, k0])                                          # [BM, BK]
         b = w_desc.load([row_w, k0])                                            # [BN, BK]
-        acc = tl.dot(a, b.T, acc)
+        acc = dot_acc(a, b.T, acc)
     acc = acc * scale[:, None]                     # padding rows: scale 0
     if TMA_STORE:
         out_desc.store([m_start, pid_n * BN], acc.to(out_desc.dtype))     # columns past D clip

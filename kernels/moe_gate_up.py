@@ -27,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from epserve.kernels.moe_align import SlotAlignment
 from epserve.kernels.moe_tiles import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig,  # noqa: F401
-                                       TmaGemmConfig, alignment_block, block_slot, grouped_pid, grouped_tile,
+                                       TmaGemmConfig, alignment_block, block_slot, dot_acc, grouped_pid, grouped_tile,
                                        nth_tile, programs_for, slot_block, split_layout, split_tile,
                                        split_tiles_bound)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
@@ -68,8 +68,8 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, offsets_ptr, counts_p
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
+        acc_g = dot_acc(a, bg, acc_g)
+        acc_u = dot_acc(a, bu, acc_u)
         a_ptrs += BK
         g_ptrs += BK
         u_ptrs += BK
@@ -126,8 +126,8 @@ def _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start,
             a = tl.load(a_ptrs, mask=real[:, None] & (offs_k < D - k0)[None, :], other=0.0)
         bg = w_desc.load([row_g, k0])                                           # [BN, BK]
         bu = w_desc.load([row_u, k0])
-        acc_g = tl.dot(a, bg.T, acc_g)
-        acc_u = tl.dot(a, bu.T, acc_u)
+        acc_g = dot_acc(a, bg.T, acc_g)
+        acc_u = dot_acc(a, bu.T, acc_u)
         a_ptrs += BK
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     if TMA_STORE:

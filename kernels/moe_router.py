@@ -64,6 +64,7 @@ def _add_norm_router_topk_kernel(delta_ptr, res_ptr, norm_w_ptr, router_ptr, x_p
                 mask=(experts[:, None] < E) & ok[None, :], other=0.0).to(tl.float32)        # [BLOCK_E, BLOCK_D]
     logits = tl.sum(w * x.to(tl.float32)[None, :], axis=1).to(dtype).to(tl.float32)        # [BLOCK_E]
     tl.store(logits_ptr + t * E + experts, logits, mask=experts < E)
+    tl.debug_barrier()                          # every thread's stores precede the release below
     done = tl.atomic_add(counter_ptr + t, 1, sem="acq_rel")
     if done == NUM_EB - 1:                      # every block of this token has stored its logits
         all_e = tl.arange(0, E_P2)

@@ -21,6 +21,16 @@ import triton.language as tl
 from epserve.kernels.moe_align import SlotAlignment
 
 
+@triton.jit
+def dot_acc(a, b, acc):
+    """acc + a @ b; float32 operands multiply exactly (no TF32: float32 is the reference path)."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int

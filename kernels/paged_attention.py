@@ -20,8 +20,14 @@ S)`` splits, computed on the device from ``context_lens``; split s of the row co
 ``[s * T // S_b, (s + 1) * T // S_b)`` of its ``T = cdiv(C_b, BLOCK_N)`` tiles. Grid (B, Hkv, S):
 programs with s >= S_b exit at once; a row with S_b = 1 is written straight to the output by its
 split 0 (no workspace round trip); a row with S_b > 1 has each split write its normalised partial
-output and log2-sum-exp to a float32 ``DecodeWorkspace``, and a merge kernel (grid (B, H /
-heads per program)) combines them, skipping rows with S_b = 1 (it computes S_b the same way).
+output and log2-sum-exp to a float32 ``DecodeWorkspace``, and the splits are merged in one of two
+ways (``DecodeConfig.merge``):
+- ``fused`` (default): each split of (b, kv head) counts itself in at a per-(b, kv head) counter
+  (an atomic with acquire-release ordering, after a barrier so that every thread's stores are
+  released); the split that arrives last merges the row's S_b partials of its G heads and resets
+  the counter, so graph replays need no memset. One launch per decode attention.
+- ``kernel``: a merge kernel (grid (B, H / heads per program)) combines them afterwards, skipping
+  rows with S_b = 1 (it computes S_b the same way). Spreads a long row's merge over more SMs.
 So one graph captured with a generous S runs short contexts nearly as fast as S = 1. With S = 1
 one kernel (grid (B, Hkv)), no merge. A row with C = 0 (graph padding) gets zeros. No host sync;
 on Hopper the kernels launch with PDL (kernels/pdl.py).
@@ -45,6 +51,8 @@ from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16               # tl.dot needs at least 16 rows
 MERGE_TILE = 4096               # float32 values per merge program tile (32 registers a thread at 4 warps)
+MERGES = ("fused", "kernel")
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,10 @@ class DecodeConfig:
     sm_split_tokens: int = 512      # tokens_per_split >= B·Hkv·this / SMs
     max_programs_per_sm: int = 3    # S <= this·SMs / (B·Hkv)
     merge_heads: int = 0            # heads per merge program (a power of 2); 0: by batch size
+    merge: str = "fused"            # how splits are merged: "fused" (the last split) or "kernel" (MERGES)
 
     def __post_init__(self) -> None:
+        assert self.merge in MERGES, f"merge={self.merge!r} must be one of {MERGES}"
         assert self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0, \
             f"block_n={self.block_n} must be a power of 2, >= 16"
         assert self.num_stages >= 1 and self.num_warps >= 1, "num_stages and num_warps must be >= 1"
@@ -86,7 +96,7 @@ class DecodeConfig:
 DECODE_SWEEP = (DecodeConfig(num_stages=2, max_programs_per_sm=5), DecodeConfig(num_stages=4, max_programs_per_sm=2),
                 DecodeConfig(block_n=32, num_stages=4, max_programs_per_sm=4), DecodeConfig(num_warps=8),
                 DecodeConfig(min_split_tokens=128), DecodeConfig(sm_split_tokens=256),
-                DecodeConfig(sm_split_tokens=1024), DecodeConfig(max_programs_per_sm=4))
+                DecodeConfig(sm_split_tokens=1024), DecodeConfig(max_programs_per_sm=4), DecodeConfig(merge="kernel"))
 
 
 @dataclass
@@ -126,6 +136,17 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     per_split = decode_tokens_per_split(batch, num_kv_heads, num_sms, config)
     most = max(1, config.max_programs_per_sm * num_sms // (batch * num_kv_heads))
     return max(1, min(triton.cdiv(max_context, per_split), most))
+
+
+def _counters(device: torch.device, rows: int) -> torch.Tensor:
+    """Per-(sequence, KV head) arrival counters of the fused merge, zero between launches (the last
+    split resets its own). Created by the first (eager) call, before any graph capture."""
+    key = (device.type, device.index)
+    if key not in _COUNTERS or _COUNTERS[key].numel() < rows:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "run paged_decode_attention once eagerly at this size before capturing it in a CUDA graph"
+        _COUNTERS[key] = torch.zeros(max(rows, 4096), dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 @functools.lru_cache(maxsize=16)
@@ -229,13 +250,48 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr,
 
 
 @triton.jit
+def _merge_group(part_ptr, lse_ptr, out_ptr, b, kv_head, row_splits, num_splits, H, stride_ob, stride_oh,
+                 G: tl.constexpr, G_2: tl.constexpr, CHUNK: tl.constexpr, DH: tl.constexpr):
+    """out[b, heads of kv_head] = Σ_s 2^(lse_s - max) · part_s / Σ_s 2^(lse_s - max) over the row's
+    S_b splits, CHUNK splits a step; volatile loads: other programs wrote them during this launch."""
+    g = tl.arange(0, G_2)
+    heads = kv_head * G + g
+    head_ok = g < G
+    base = (b * H + heads.to(tl.int64)) * num_splits                        # [G_2] row of split 0
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, DH)
+    m = tl.full([G_2], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, row_splits, CHUNK):
+        live = head_ok[:, None] & (s0 + offs_c < row_splits)[None, :]      # [G_2, CHUNK]
+        lse = tl.load(lse_ptr + base[:, None] + s0 + offs_c[None, :], mask=live, other=float("-inf"),
+                      volatile=True)
+        m = tl.maximum(m, tl.max(lse, axis=1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([G_2], dtype=tl.float32)
+    acc = tl.zeros([G_2, DH], dtype=tl.float32)
+    for s0 in range(0, row_splits, CHUNK):
+        live = head_ok[:, None] & (s0 + offs_c < row_splits)[None, :]
+        idx = base[:, None] + s0 + offs_c[None, :]
+        w = tl.exp2(tl.load(lse_ptr + idx, mask=live, other=float("-inf"), volatile=True) - m[:, None])
+        part = tl.load(part_ptr + idx[:, :, None] * DH + offs_d[None, None, :], mask=live[:, :, None],
+                       other=0.0, volatile=True)                           # [G_2, CHUNK, DH]
+        acc += tl.sum(part * w[:, :, None], axis=1)
+        total += tl.sum(w, axis=1)
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + b * stride_ob + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr, out_ptr, part_ptr, lse_ptr,
-                         qk_scale, tokens_per_split, num_splits, H,
+                         counter_ptr, qk_scale, tokens_per_split, num_splits, H,
                          stride_qb, stride_qh, stride_kn, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
                          G: tl.constexpr, G_P: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DH: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                         DH: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr,
+                         G_2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     """S > 1: grid (B, Hkv, S); split s of row b's S_b: S_b = 1 → out [B, H, Dh] directly;
-    otherwise its normalised output → part [B, H, S, Dh], log2-sum-exp → lse [B, H, S]."""
+    otherwise its normalised output → part [B, H, S, Dh], log2-sum-exp → lse [B, H, S], and with
+    FUSED_MERGE the last of the row's splits to arrive (counter [B, Hkv]) merges them into out."""
     pdl_wait(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -261,6 +317,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_len
         head_ok = tl.arange(0, G_P) < G
         tl.store(part_ptr + row[:, None] * DH + tl.arange(0, DH)[None, :], part, mask=head_ok[:, None])
         tl.store(lse_ptr + row, lse, mask=head_ok)
+        if FUSED_MERGE:
+            counter = counter_ptr + b * tl.num_programs(1) + kv_head
+            tl.debug_barrier()                          # every thread's stores precede the release
+            if tl.atomic_add(counter, 1, sem="acq_rel") == row_splits - 1:
+                _merge_group(part_ptr, lse_ptr, out_ptr, b, kv_head, row_splits, num_splits, H, stride_ob,
+                             stride_oh, G, G_2, CHUNK, DH)
+                tl.store(counter, 0)
 
 
 @triton.jit
@@ -370,9 +433,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         and lse.shape == part.shape[:3] and part.is_contiguous() and lse.is_contiguous() \
         and part.dtype == lse.dtype == torch.float32, \
         f"workspace must be float32 [>={batch}, {num_heads}, {num_splits}, {head_dim}] and [..., {num_splits}]"
+    fused = config.merge == "fused"
+    counters = _counters(q.device, batch * num_kv_heads) if fused else part
+    group_2 = triton.next_power_of_2(group)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, qk_scale, tokens_per_split, num_splits,
-        num_heads, *strides, **common)
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, counters, qk_scale, tokens_per_split,
+        num_splits, num_heads, *strides, FUSED_MERGE=fused, G_2=group_2,
+        CHUNK=max(1, min(triton.next_power_of_2(num_splits), 2 * MERGE_TILE // (group_2 * head_dim))), **common)
+    if fused:
+        return out
     heads = config.merge_heads or merge_heads(batch, num_heads, num_splits, head_dim, num_sms)
     splits_p = triton.next_power_of_2(num_splits)
     _merge_splits_kernel[(batch, triton.cdiv(num_heads, heads))](

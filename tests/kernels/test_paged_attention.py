@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from kernel_test_utils import TOLERANCE, rel_err
-from epserve.kernels.paged_attention import (DECODE_SWEEP, DecodeConfig, DecodeWorkspace, decode_num_splits,
+from epserve.kernels import paged_attention
+from epserve.kernels.paged_attention import (DECODE_SWEEP, MERGES, DecodeConfig, DecodeWorkspace, decode_num_splits,
                                              decode_tokens_per_split, merge_heads, paged_decode_attention,
                                              paged_decode_attention_reference)
 from epserve.kernels.paged_prefill import (PREFILL_SWEEP, PrefillConfig, paged_prefill_attention,
@@ -105,6 +106,24 @@ def test_decode_default_tiles_many_splits_and_a_static_workspace():
         assert rel_err(out, ref) < 1e-5 and torch.equal(out[1], torch.zeros_like(out[1])), per_split
 
 
+@pytest.mark.parametrize("merge", MERGES)
+def test_decode_merges_agree_and_the_fused_one_resets_its_counters(merge):
+    """Rows of 1..13 splits, G = 6 heads a KV head (padded to 8 in the merge), merged by the last
+    split or by the merge kernel; twice in a row, so the fused merge's counters must be back at 0."""
+    shape, dtype = (12, 2, 16, 4), torch.float32
+    contexts = [200, 1, 0, 64, 130]
+    q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, contexts, seed=21)
+    ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
+    config = DecodeConfig(block_n=16, merge=merge)
+    for _ in range(2):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 13, config=config,
+                                     tokens_per_split=16)
+        assert rel_err(out, ref) < 1e-5
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        if merge == "fused":
+            assert int(paged_attention._counters(q.device, 1).count_nonzero()) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_adaptive_splits_and_rows_of_one_split_bypass_the_workspace(dtype):
     """S = 8, 16 keys a split: contexts 1, 5, 64, 200, 0 split 1, 1, 4, 8 (13 capped), 1 ways.
@@ -137,7 +156,7 @@ def test_decode_merge_programs_of_several_heads(heads):
     shape, dtype = (6, 1, 16, 4), torch.float32
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, dtype, CONTEXTS, seed=6)
     ref = paged_decode_attention_reference(*as_double(q, k_cache, v_cache), tables, context_lens, scale)
-    config = DecodeConfig(block_n=16, merge_heads=heads)
+    config = DecodeConfig(block_n=16, merge_heads=heads, merge="kernel")
     out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, 5, config=config,
                                  tokens_per_split=16)
     assert rel_err(out, ref) < TOLERANCE[dtype]

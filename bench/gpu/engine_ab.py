@@ -1,0 +1,119 @@
+"""Variants of the colocated engine's decode step, timed back to back in one process (issue 12).
+
+Run from the repository root on the GPU machine:
+    PYTHONPATH=. python3 bench/gpu/engine_ab.py --out bench/results/engine_ab.json [--layers 48]
+
+One engine (Qwen3-30B-A3B shape, dummy weights, bf16, ``bench/serve_gpu.py``'s model) is built
+once; for each variant the knobs are set, the decode CUDA graphs are captured again, and the same
+decode run is timed at each batch size (median ``Engine.step`` while all sequences decode, as
+serve_gpu times it). The first variant runs again at the end, so the spread between its two runs
+bounds the drift. Variants:
+- ``merge_kernel``: the split-KV merge as its own kernel (``DecodeConfig.merge="kernel"``);
+- ``fused_merge``: the last split merges (the default);
+- ``fused_merge+proj_w_x``: and, at most ``PROJ_W_X_MAX_TOKENS`` tokens, the attention projections
+  computed as (W @ x.T).T (``bench/gpu/dense_gemv.py`` times the two forms alone).
+An earlier run also timed prefetching each layer's projections into L2 from a side stream
+(``bench/results/engine_ab_h100_prefetch.json``): slower, and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_gpu import prompts, write_model_dir  # noqa: E402
+
+VARIANTS = [  # name, decode merge, projections as (W @ x.T).T at few tokens
+    ("merge_kernel", "kernel", False),
+    ("fused_merge", "fused", False),
+    ("fused_merge+proj_w_x", "fused", True),
+    ("merge_kernel (again)", "kernel", False),
+]
+PROJ_W_X_MAX_TOKENS = 8
+
+
+def _linear_w_x(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w @ x.T).T if x.shape[0] <= PROJ_W_X_MAX_TOKENS else torch.nn.functional.linear(x, w)
+
+
+def apply(engine, merge: str, proj_w_x: bool) -> None:
+    from epserve.attention_worker.cuda_graphs import DecodeGraphs
+    from epserve.kernels.paged_attention import DecodeConfig, paged_decode_attention
+    from epserve.models import qwen3_moe
+
+    runner = engine.runner
+    runner.attention._decode = functools.partial(paged_decode_attention, config=DecodeConfig(merge=merge))
+    # qwen3_moe calls F.linear only for its two projections: swap its F, not torch's
+    qwen3_moe.F = types.SimpleNamespace(linear=_linear_w_x) if proj_w_x else torch.nn.functional
+    runner.graphs = DecodeGraphs(runner, runner.graphs.max_bs)
+    runner.graphs.capture(engine._expert_map)
+
+
+def time_decode(engine, batch: int, prompt_len: int, new_tokens: int) -> float:
+    from epserve.attention_worker.sampler import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    for i, ids in enumerate(prompts(batch, prompt_len, engine.model.spec.vocab_size, seed=batch)):
+        engine.add_request(f"ab{batch}-{i}-{time.monotonic_ns()}", ids, params)
+    times, decode = [], False
+    while engine.has_work:
+        t0 = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - t0
+        if decode and len(engine.scheduler.running) == batch:
+            times.append(elapsed)
+        decode = not engine.scheduler.waiting and all(s.num_generated >= 1 for s in engine.scheduler.running)
+    return statistics.median(times[2:] or times) * 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS (default: all)")
+    args = parser.parse_args()
+    from epserve.attention_worker.colocated import build_colocated_engine
+    from epserve.attention_worker.engine import EngineLimits
+
+    max_bs = max(args.batches)
+    context = args.prompt_len + args.new_tokens
+    limits = EngineLimits(num_kv_blocks=max_bs * -(-context // 16) + 64, kv_block_size=16,
+                          max_num_batched_tokens=8192, max_num_seqs=max_bs, num_micro_batches=1,
+                          cuda_graph_max_bs=max_bs)
+    engine = build_colocated_engine(str(write_model_dir(args.layers)), torch.bfloat16, "cuda", "auto", limits,
+                                    max_context=context + 16, load_format="dummy")
+    rows = []
+    variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    for name, merge, proj_w_x in variants:
+        apply(engine, merge, proj_w_x)
+        for batch in args.batches:
+            ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
+            rows.append({"variant": name, "merge": merge, "proj_w_x": proj_w_x, "batch": batch, "step_ms": ms})
+            print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
+    print(f"\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
+    print("|---|" + "---|" * len(args.batches))
+    for name, *_ in variants:
+        cells = [f"{r['step_ms']:.3f}" for r in rows if r["variant"] == name]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                                    "command": " ".join(sys.argv), "layers": args.layers, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
