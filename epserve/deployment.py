@@ -195,6 +195,11 @@ class LocalDeployment:
         reader.join(timeout_s)
         if not result:
             code = child.process.poll()
+            if code is None and not reader.is_alive():     # stdout closed: it is exiting, give it a moment
+                try:
+                    code = child.process.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    pass
             if code is not None:
                 raise RuntimeError(f"{child.describe_exit(code)} (before reporting its port)")
             line = child.error_line()
