@@ -80,7 +80,8 @@ def main() -> int:
                 err = (fn(x, weights[0]).float() - ref).abs().max().item()
                 us = time_call(fn, x, weights)
                 frac = n * k * 2 / bandwidth / (us * 1e-6)
-                rows.append({"shape": name, "tokens": m, "variant": variant, "us": us, "bw_frac": frac, "max_abs_diff": err})
+                rows.append({"shape": name, "tokens": m, "variant": variant, "us": us, "bw_frac": frac,
+                             "max_abs_diff": err})
                 print(f"{name:7s} M={m:3d} {variant:7s} {us:7.2f} us  {frac:.2f} of copy BW  (max diff {err:.3g})",
                       flush=True)
         del weights

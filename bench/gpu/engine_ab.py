@@ -104,7 +104,7 @@ def main() -> int:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
             rows.append({"variant": name, "merge": merge, "proj_w_x": proj_w_x, "batch": batch, "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
-    print(f"\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
+    print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))
     for name, *_ in variants:
         cells = [f"{r['step_ms']:.3f}" for r in rows if r["variant"] == name]
