@@ -14,7 +14,8 @@ its gathered context in one of two equivalent forms:
   is folded into the query (q_nope [n, H, Dn] → [n, H, C]) and the value half applied after the
   softmax, so attention reads the C + Dr cached values per context token directly and nothing is
   expanded per context token.
-The softmax scale carries YaRN's mscale when the config scales RoPE.
+The softmax scale carries YaRN's mscale when the config scales RoPE. A GPU uses
+``attention_mla_triton.py`` instead (the absorbed form throughout, Triton kernels).
 """
 
 from __future__ import annotations

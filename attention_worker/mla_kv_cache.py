@@ -5,7 +5,7 @@ Legend: N blocks, Bs block size (tokens), C kv_lora_rank, Dr qk_rope_head_dim.
 Where a GQA model caches a key and a value per KV head, MLA caches one vector per token and layer:
 the normed latent (C values) followed by the rotated shared key (Dr values), ``kv[layer]:
 [N, Bs, C + Dr]``. Keys and values of every head are derived from it at attention time
-(``attention_mla.py``). Block tables, slots and the allocator are the same as ``PagedKVCache``'s.
+(``attention_mla.py`` on the host, ``attention_mla_triton.py`` on a GPU). Block tables, slots and the allocator are the same as ``PagedKVCache``'s.
 """
 
 from __future__ import annotations
