@@ -4,6 +4,7 @@ runner — on the CPU under the Triton interpreter, float32."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,10 @@ from epserve.attention_worker.mla_kv_cache import MlaKVCache
 from epserve.model_config import load_model_spec
 from epserve.models.decoder import ForwardBatch
 from epserve.sampling import SamplingParams
+
+# CPU tensors through the Triton kernels: the interpreter (conftest.py sets it without CUDA); a GPU runs
+# test_gpu_deepseek.py
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 
 # as test_deepseek_parity.py: 3 layers (the first dense), 16 experts, top-4, 4 heads; C = 32, Dr = 8
 OPTIONS = dict(num_layers=3, num_experts=16, top_k=4, hidden_size=64, moe_intermediate_size=32,
