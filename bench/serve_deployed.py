@@ -156,7 +156,7 @@ def main() -> int:
     from epserve.model_config import load_model_spec
     from serve_gpu import write_model_dir                  # (bench/ is on sys.path) no CUDA context here
 
-    model_dir = args.model_path or with_tokenizer(write_model_dir(args.layers))
+    model_dir = args.model_path or with_tokenizer(write_model_dir("qwen3-30b-a3b", args.layers))
     spec = load_model_spec(model_dir)
     args.vocab = spec.vocab_size
     lines: list[str] = []

@@ -10,8 +10,9 @@ serve_gpu times it). The first variant runs again at the end, so the spread betw
 bounds the drift. Variants:
 - ``merge_kernel``: the split-KV merge as its own kernel (``DecodeConfig.merge="kernel"``);
 - ``fused_merge``: the last split merges (the default);
-- ``fused_merge+proj_w_x``: and, at most ``PROJ_W_X_MAX_TOKENS`` tokens, the attention projections
-  computed as (W @ x.T).T (``bench/gpu/dense_gemv.py`` times the two forms alone).
+- ``fused_merge+proj_w_x`` (not run by default: ``bench/gpu/dense_gemv.py`` found the two forms equal
+  at one token and (W @ x.T).T slower at two, ``bench/results/dense_gemv_h100.json``): and, at most
+  ``PROJ_W_X_MAX_TOKENS`` tokens, the attention projections computed as (W @ x.T).T.
 An earlier run also timed prefetching each layer's projections into L2 from a side stream
 (``bench/results/engine_ab_h100_prefetch.json``): slower, and removed.
 """
@@ -37,9 +38,9 @@ from serve_gpu import prompts, write_model_dir  # noqa: E402
 VARIANTS = [  # name, decode merge, projections as (W @ x.T).T at few tokens
     ("merge_kernel", "kernel", False),
     ("fused_merge", "fused", False),
-    ("fused_merge+proj_w_x", "fused", True),
     ("merge_kernel (again)", "kernel", False),
 ]
+OPTIONAL_VARIANTS = [("fused_merge+proj_w_x", "fused", True)]
 PROJ_W_X_MAX_TOKENS = 8
 
 
@@ -94,10 +95,11 @@ def main() -> int:
     limits = EngineLimits(num_kv_blocks=max_bs * -(-context // 16) + 64, kv_block_size=16,
                           max_num_batched_tokens=8192, max_num_seqs=max_bs, num_micro_batches=1,
                           cuda_graph_max_bs=max_bs)
-    engine = build_colocated_engine(str(write_model_dir(args.layers)), torch.bfloat16, "cuda", "auto", limits,
+    model_dir = write_model_dir("qwen3-30b-a3b", args.layers)
+    engine = build_colocated_engine(str(model_dir), torch.bfloat16, "cuda", "auto", limits,
                                     max_context=context + 16, load_format="dummy")
     rows = []
-    variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    variants = VARIANTS if args.variants is None else [v for v in VARIANTS + OPTIONAL_VARIANTS if v[0] in args.variants]
     for name, merge, proj_w_x in variants:
         apply(engine, merge, proj_w_x)
         for batch in args.batches:

@@ -44,7 +44,8 @@ def main() -> int:
     max_bs = max(args.batches)
     limits = EngineLimits(num_kv_blocks=max_bs * 16 + 64, kv_block_size=16, max_num_batched_tokens=8192,
                           max_num_seqs=max_bs, num_micro_batches=1, cuda_graph_max_bs=max_bs)
-    engine = build_colocated_engine(str(write_model_dir(args.layers)), torch.bfloat16, "cuda", "auto", limits,
+    model_dir = write_model_dir("qwen3-30b-a3b", args.layers)
+    engine = build_colocated_engine(str(model_dir), torch.bfloat16, "cuda", "auto", limits,
                                     max_context=4096, load_format="dummy")
     spec, graphs = engine.model.spec, engine.runner.graphs
     results = {}
