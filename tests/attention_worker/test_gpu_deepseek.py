@@ -50,11 +50,12 @@ def test_float32_ragged_logits_match_transformers(deepseek_model, hf):
 
 
 def test_float32_greedy_matches_transformers(deepseek_model, hf):
-    """Prefill (MLA prefill kernel) then decode steps replayed from CUDA graphs (MLA decode kernel)."""
+    """Prefill (MLA prefill kernel) then decode steps (MLA decode kernel), eager: float32 experts run
+    the torch MoE runner, which syncs with the host and so is not captured (bf16 graphs: below)."""
     model, tok = hf
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     engine = gpu_engine(deepseek_model, torch.float32)
-    assert engine.runner.graphs.captured
+    assert engine.runner.graphs is None
     ours = generate_tokens(engine, ids, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
     for prompt_ids, got in zip(ids, ours):
         want = model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=16, do_sample=False,
