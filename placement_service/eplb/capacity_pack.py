@@ -1,9 +1,10 @@
-"""Replicate and pack onto workers of different speeds: slower workers get fewer and colder experts.
+"""Replicate and pack: DeepSeek's greedy (``replicate_and_pack``) and, for workers of different
+speeds, a plan where slower workers get fewer and colder experts (``capacity_replicate_and_pack``).
 
 Legend: B rows (layers, or layer×node pairs), E logical experts, P physical slots (``num_phy``),
 W packs (workers), S = P // W slots per pack, R = P - E redundant slots.
 
-DeepSeek's greedy (``common.replicate_and_pack``) fills every slot and packs replicas in
+DeepSeek's greedy (``replicate``, then ``balanced_pack``) fills every slot and packs replicas in
 descending load order onto the pack that would finish each first. With unequal capacities that
 goes wrong twice: a fast pack that is nearly full leaves a hot replica to a slow one, which must
 later also take S - 1 more items because every pack ends with S; and every redundant slot holds
@@ -29,16 +30,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from epserve.placement_service.eplb.common import balanced_pack, replicate
+
 _TOL = 1e-12
 _PATIENCE = 3       # step 3 stops after this many replica counts in a row that plan no faster than the best
+
+
+def replicate_and_pack(weight: np.ndarray, num_phy: int, num_packs: int,
+                       capacity: np.ndarray | None = None) -> np.ndarray:
+    """DeepSeek's global step: replicate, then pack the replicas onto packs of equal size.
+
+    weight [B, E] → phy2log [B, num_phy] with slot = pack * (num_phy // num_packs) + rank. With
+    capacities that differ, ``capacity_replicate_and_pack`` plans instead: slower packs get fewer
+    and colder experts, and slots that would only slow the layer down stay empty (-1).
+    """
+    if capacity is not None:
+        cap = np.broadcast_to(np.asarray(capacity, dtype=np.float64), (weight.shape[0], num_packs))
+        if not np.all(cap == cap[:, :1]):
+            return capacity_replicate_and_pack(weight, num_phy, num_packs, cap)
+    phy, logcnt = replicate(weight, num_phy)
+    rows = np.arange(weight.shape[0])[:, None]
+    item_load = weight[rows, phy] / logcnt[rows, phy]  # [B, num_phy]
+    pack, rank = balanced_pack(item_load, num_packs, capacity)
+    slot = pack * (num_phy // num_packs) + rank
+    out = np.empty_like(phy)
+    np.put_along_axis(out, slot, phy, 1)
+    return out
 
 
 def capacity_replicate_and_pack(weight: np.ndarray, num_phy: int, num_packs: int,
                                 capacity: np.ndarray) -> np.ndarray:
     """weight [B, E], capacity [W] or [B, W] (not all equal) → phy2log [B, num_phy], -1 = empty slot,
     slot = pack * S + rank."""
-    from epserve.placement_service.eplb.common import balanced_pack, replicate
-
     num_rows, num_logical = weight.shape
     per_pack = num_phy // num_packs
     caps = np.broadcast_to(np.asarray(capacity, dtype=np.float64), (num_rows, num_packs))

@@ -139,30 +139,6 @@ def balanced_pack(items: np.ndarray, num_packs: int,
     return pack, rank
 
 
-def replicate_and_pack(weight: np.ndarray, num_phy: int, num_packs: int,
-                       capacity: np.ndarray | None = None) -> np.ndarray:
-    """DeepSeek's global step: replicate, then pack the replicas onto packs of equal size.
-
-    weight [B, E] → phy2log [B, num_phy] with slot = pack * (num_phy // num_packs) + rank. With
-    capacities that differ, ``capacity_pack`` plans instead: slower packs get fewer and colder
-    experts, and slots that would only slow the layer down stay empty (-1).
-    """
-    if capacity is not None:
-        cap = np.broadcast_to(np.asarray(capacity, dtype=_FLOAT), (weight.shape[0], num_packs))
-        if not np.all(cap == cap[:, :1]):
-            from epserve.placement_service.eplb.capacity_pack import capacity_replicate_and_pack
-
-            return capacity_replicate_and_pack(weight, num_phy, num_packs, cap)
-    phy, logcnt = replicate(weight, num_phy)
-    rows = np.arange(weight.shape[0])[:, None]
-    item_load = weight[rows, phy] / logcnt[rows, phy]  # [B, num_phy]
-    pack, rank = balanced_pack(item_load, num_packs, capacity)
-    slot = pack * (num_phy // num_packs) + rank
-    out = np.empty_like(phy)
-    np.put_along_axis(out, slot, phy, 1)
-    return out
-
-
 # -- metrics -------------------------------------------------------------------------------
 def replica_counts(phy2log: np.ndarray, num_logical: int) -> np.ndarray:
     """phy2log [L, P] → logcnt [L, E] (empty slots, -1, are not counted)."""

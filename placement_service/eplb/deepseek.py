@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from epserve.placement_service.eplb.common import capacity_array, check_shapes, live_array, replicate_and_pack
+from epserve.placement_service.eplb.capacity_pack import replicate_and_pack
+from epserve.placement_service.eplb.common import capacity_array, check_shapes, live_array
 
 
 def plan_deepseek(weight: torch.Tensor, num_replicas: int, num_workers: int, *,

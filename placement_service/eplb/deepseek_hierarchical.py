@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from epserve.placement_service.eplb.common import (balanced_pack, capacity_array, check_shapes, live_array,
-                                           replicate_and_pack)
+from epserve.placement_service.eplb.capacity_pack import replicate_and_pack
+from epserve.placement_service.eplb.common import balanced_pack, capacity_array, check_shapes, live_array
 
 
 def check_hierarchy(num_logical: int, num_replicas: int, num_groups: int | None, num_nodes: int,
