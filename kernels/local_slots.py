@@ -21,18 +21,26 @@ from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 BLOCK = 1024
 
 
+@triton.jit
+def local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker,
+                      BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
+    """This program's BLOCK choices; VOLATILE: read past L1 (written by another process during this launch,
+    ``epserve/dataplane/cuda_ipc_handoff.py``)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    slot = tl.load(slot_ptr + offs, mask=ok, other=-1, volatile=VOLATILE).to(tl.int64)
+    weight = tl.load(weight_ptr + offs, mask=ok, other=0.0, volatile=VOLATILE)
+    mine = (slot >= base) & (slot < base + slots_per_worker)
+    tl.store(local_ptr + offs, tl.where(mine, slot - base, -1), mask=ok)
+    tl.store(local_weight_ptr + offs, tl.where(mine, weight, 0.0).to(local_weight_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["numel", "base", "slots_per_worker"])
 def _local_slots_kernel(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker,
                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """base = worker · S (scalars never specialised: a value of 1 would turn into a constexpr)."""
     pdl_wait(USE_PDL)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    slot = tl.load(slot_ptr + offs, mask=ok, other=-1).to(tl.int64)
-    weight = tl.load(weight_ptr + offs, mask=ok, other=0.0)
-    mine = (slot >= base) & (slot < base + slots_per_worker)
-    tl.store(local_ptr + offs, tl.where(mine, slot - base, -1), mask=ok)
-    tl.store(local_weight_ptr + offs, tl.where(mine, weight, 0.0).to(local_weight_ptr.dtype.element_ty), mask=ok)
+    local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker, BLOCK, False)
 
 
 def local_slots(slot_ids: torch.Tensor, weights: torch.Tensor, worker: int, slots_per_worker: int,

@@ -53,10 +53,10 @@ def _signal_flag_kernel(flag_ptr, counter_ptr, stride, offset, USE_PDL: tl.const
     tl.atomic_xchg(flag_ptr, value, sem="release", scope="sys")
 
 
-@triton.jit(do_not_specialize=["stride", "offset", "error_code", "budget"])
-def _wait_flag_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget,
-                      USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
+@triton.jit
+def spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget):
+    """Spin on acquire loads until flag >= counter[0] * stride + offset, or raise error to error_code
+    after ``budget`` spins (also the body of the fused hand-offs, ``cuda_ipc_handoff.py``)."""
     target = tl.load(counter_ptr) * stride + offset
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
     spins = 0
@@ -65,6 +65,13 @@ def _wait_flag_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_co
         spins += 1
     if seen < target:
         tl.atomic_max(error_ptr, error_code, sem="relaxed", scope="sys")
+
+
+@triton.jit(do_not_specialize=["stride", "offset", "error_code", "budget"])
+def _wait_flag_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget,
+                      USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget)
 
 
 def _check_word(name: str, word: torch.Tensor, device: torch.device) -> None:

@@ -133,6 +133,40 @@ class FlagReadiness:
 
         wait_flag(channel.flag(flag), counter, FLAG_STEP_STRIDE, layer + 1, self.error, peer_rank + 1, budget)
 
+    # -- fused hand-offs (cuda_ipc_handoff.py): the flag operation and the copy beside it in one launch
+    @property
+    def fused(self) -> bool:
+        """Whether the step path uses the fused hand-offs (compiled kernels: CUDA devices)."""
+        return self.device.type == "cuda"
+
+    def copy_and_signal_step(self, channel: Channel, flag: Flag, counter: torch.Tensor, layer: int,
+                             segments: list[tuple[torch.Tensor, torch.Tensor]], arrivals: torch.Tensor) -> None:
+        """The copies, then ``signal_step``'s value, in one launch."""
+        from epserve.dataplane.cuda_ipc_flags import FLAG_STEP_STRIDE
+        from epserve.dataplane.cuda_ipc_handoff import copy_and_signal
+
+        copy_and_signal(segments, channel.flag(flag), counter, FLAG_STEP_STRIDE, layer + 1, arrivals)
+
+    def wait_and_copy_step(self, channel: Channel, flag: Flag, counter: torch.Tensor, layer: int, budget: int,
+                           peer_rank: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """``wait_step_budget``, then dst ← src, in one launch."""
+        from epserve.dataplane.cuda_ipc_flags import FLAG_STEP_STRIDE
+        from epserve.dataplane.cuda_ipc_handoff import wait_and_copy
+
+        wait_and_copy(channel.flag(flag), counter, FLAG_STEP_STRIDE, layer + 1, self.error, peer_rank + 1, budget,
+                      src, dst)
+
+    def wait_local_slots_step(self, channel: Channel, flag: Flag, counter: torch.Tensor, layer: int, budget: int,
+                              peer_rank: int, n: int, weight_dtype: torch.dtype, worker: int,
+                              slots_per_worker: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``wait_step_budget``, then this worker's local slots of the channel's n choices, in one launch."""
+        from epserve.dataplane.cuda_ipc_flags import FLAG_STEP_STRIDE
+        from epserve.dataplane.cuda_ipc_handoff import wait_local_slots
+
+        return wait_local_slots(channel.flag(flag), counter, FLAG_STEP_STRIDE, layer + 1, self.error, peer_rank + 1,
+                                budget, channel.slot_ids[:n], channel.weights(n, weight_dtype), worker,
+                                slots_per_worker, weight_dtype)
+
     def take_device_error(self) -> int | None:
         code = int(self.error.item())
         if not code:

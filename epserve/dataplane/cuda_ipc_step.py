@@ -29,6 +29,11 @@ Here the host talks once per step, the layers are device work:
   raises StaleMapVersion (the caller redoes the step with the new map), RemoteExpertError,
   PeerLost, or DataPlaneTimeout (a device wait that ran out of its budget).
 
+With device flags on a GPU each flag operation is fused with the copy beside it
+(``cuda_ipc_handoff.py``): ``send`` is one launch per expert (three copies, then the flag), a
+``receive`` from one expert worker is one (the wait, then the partial's copy), and a captured expert
+layer is four (the wait with the local slots, the runner's two, the partial's copy with the flag).
+
 Flags only grow and waits are ``>=``: if the attention side abandons a step midway (an error),
 its next step's first signal releases every wait the expert still has queued for the old one;
 those layers compute on the new data and signal old values, which nobody awaits, before the new
@@ -73,6 +78,8 @@ class StepExchange:
         self.counter = torch.zeros(1, dtype=torch.int64, device=side.device)       # the step number, on the device
         self.step, self.num_tokens, self.weight_dtype = 0, 0, torch.float32
         self._acc_dtype = side.shape.dtype if side.shape.dtype == torch.float64 else torch.float32
+        self.fused = getattr(side.step_readiness, "fused", False)   # device flags on a GPU: cuda_ipc_handoff.py
+        self.arrivals = torch.zeros(1, dtype=torch.int32, device=side.device)    # copy_and_signal's counter
 
     def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
                    trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32) -> None:
@@ -116,11 +123,17 @@ class StepExchange:
             raise ValueError(f"step of T={t}: need hidden [T, {self.side.shape.hidden_size}], slot_ids and weights "
                              f"[T, {self.side.shape.top_k}] {self.weight_dtype}; got {tuple(hidden.shape)}, "
                              f"{tuple(slot_ids.shape)}, {tuple(weights.shape)} {weights.dtype}")
+        readiness = self.side.step_readiness
         for channel in self.channels:
+            if self.fused:                   # one launch: the three copies, then the flag
+                readiness.copy_and_signal_step(channel, Flag.STEP_IN, self.counter, layer, [
+                    (hidden.contiguous(), channel.hidden[:t]), (slot_ids.contiguous(), channel.slot_ids[:t]),
+                    (weights.contiguous(), channel.weights(t, self.weight_dtype))], self.arrivals)
+                continue
             channel.hidden[:t].copy_(hidden)
             channel.slot_ids[:t].copy_(slot_ids)
             channel.weights(t, self.weight_dtype).copy_(weights)
-            self.side.step_readiness.signal_step(channel, Flag.STEP_IN, self.counter, layer)
+            readiness.signal_step(channel, Flag.STEP_IN, self.counter, layer)
 
     def receive(self, layer: int) -> torch.Tensor:
         """→ out [T, D]: every worker's partial of ``layer``, added in worker order. Launches only on GPUs."""
@@ -129,6 +142,15 @@ class StepExchange:
         out = None if single else torch.zeros(t, self.side.shape.hidden_size, dtype=self._acc_dtype,
                                               device=self.side.device)
         deadline = time.monotonic() + self.timeout_s
+        if single and self.fused:            # one launch: the wait, then the partial's copy
+            from epserve.dataplane.cuda_ipc_flags import spin_budget
+
+            channel, rank = self.channels[0], self.side.expert_ranks[0]
+            out = torch.empty(t, self.side.shape.hidden_size, dtype=self.side.shape.dtype, device=self.side.device)
+            self.side.step_readiness.wait_and_copy_step(channel, Flag.STEP_OUT, self.counter, layer,
+                                                        spin_budget(self.timeout_s, self.side.device), rank,
+                                                        channel.partial[:t], out)
+            return out
         for worker, channel in enumerate(self.channels):
             rank = self.side.expert_ranks[worker]
             try:
@@ -196,6 +218,7 @@ class StepServer:
         self.link, self.compute, self.timeout_s = link, compute, timeout_s
         self.compute_device, self.stopping = compute_device, stopping
         self.counter = torch.zeros(1, dtype=torch.int64, device=link.device)
+        self.arrivals = torch.zeros(1, dtype=torch.int32, device=link.device)    # copy_and_signal's counter
         self.stream = torch.cuda.Stream(link.device) if link.device.type == "cuda" else None
         self.graphs = StepGraphs(self) if graphs and self.stream is not None and compute_device is None else None
 
@@ -254,11 +277,14 @@ class StepServer:
         words[STEP_STATUS_SEQ] = seq                                  # last
 
     def _compute(self, header: BatchHeader, channel: Channel, n: int, weight_dtype: torch.dtype,
-                 slots_per_worker: int) -> torch.Tensor:
-        """This worker's partial [n, D] of all n rows (split_by_worker's local ids and weights)."""
+                 slots_per_worker: int, routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """This worker's partial [n, D] of all n rows (split_by_worker's local ids and weights; ``routed``:
+        those already computed, by the fused wait of the step's graph)."""
         worker = self.link.worker
         slot_ids, weights = channel.slot_ids[:n], channel.weights(n, weight_dtype)                # [n, K]
-        if slot_ids.device.type == "cuda":          # one launch instead of ~8 (a node of the step's graph)
+        if routed is not None:
+            local, local_weights = routed
+        elif slot_ids.device.type == "cuda":        # one launch instead of ~8 (a node of the step's graph)
             local, local_weights = local_slots(slot_ids, weights, worker, slots_per_worker, weight_dtype)
         else:
             local, local_weights = local_slots_reference(slot_ids, weights, worker, slots_per_worker, weight_dtype)
@@ -355,8 +381,16 @@ class StepGraphs:
         # thread_local: the worker's other threads (map loads, heartbeats) may use CUDA meanwhile
         with torch.cuda.graph(graph, pool=self.pool, stream=server.stream, capture_error_mode="thread_local"):
             for layer in range(num_layers):
-                readiness.wait_step_budget(channel, Flag.STEP_IN, server.counter, layer, budget, link.attention_rank)
                 header = BatchHeader(version, layer, channel.slot, n, trace)
+                if getattr(readiness, "fused", False):   # 4 launches a layer: wait+slots, the runner's 2, copy+signal
+                    routed = readiness.wait_local_slots_step(channel, Flag.STEP_IN, server.counter, layer, budget,
+                                                             link.attention_rank, n, weight_dtype, link.worker,
+                                                             slots_per_worker)
+                    out = server._compute(header, channel, n, weight_dtype, slots_per_worker, routed)
+                    readiness.copy_and_signal_step(channel, Flag.STEP_OUT, server.counter, layer,
+                                                   [(out.contiguous(), channel.partial[:n])], server.arrivals)
+                    continue
+                readiness.wait_step_budget(channel, Flag.STEP_IN, server.counter, layer, budget, link.attention_rank)
                 channel.partial[:n].copy_(server._compute(header, channel, n, weight_dtype, slots_per_worker))
                 readiness.signal_step(channel, Flag.STEP_OUT, server.counter, layer)
         logger.info("captured the expert step of %d tokens x %d layers (map version %d, micro-batch slot %d) "
