@@ -25,14 +25,13 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from epserve.dataplane.base import DataPlaneTimeout
+from epserve.dataplane.torch_links import parse_addr
 
 STORE_PREFIX = "epserve/cuda_ipc/"
 
 
 def connect_store(dist_init_addr: str, timeout_s: float) -> dist.Store:
     """A client of the rendezvous store at ``host:port``, keys under STORE_PREFIX."""
-    from epserve.dataplane.torch_group import parse_addr
-
     host, port = parse_addr(dist_init_addr)
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))

@@ -62,11 +62,11 @@ import torch
 import torch.distributed as dist
 
 from epserve.dataplane.base import DataPlaneTimeout
+from epserve.dataplane.torch_links import (Link, LinkAcceptor, StoreClient, connect, incarnation_key, new_token,
+                                          publish_incarnation)
 from epserve.dataplane.torch_wire import TAG_CLOSE_LINK
 
 logger = logging.getLogger(__name__)
-
-STORE_PREFIX = "epserve/dataplane/"
 
 
 def start_rendezvous_store(host: str, port: int = 0) -> tuple[dist.TCPStore, int]:
@@ -88,28 +88,6 @@ def start_rendezvous_store(host: str, port: int = 0) -> tuple[dist.TCPStore, int
     store = dist.TCPStore(bind_host if not wildcard else "127.0.0.1", bound, is_master=True, wait_for_workers=False,
                           master_listen_fd=sock.detach())      # the store owns the socket now
     return store, store.port
-
-
-def parse_addr(dist_init_addr: str) -> tuple[str, int]:
-    host, sep, port = dist_init_addr.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"dist_init_addr must be host:port, got {dist_init_addr!r}")
-    return host.strip("[]"), int(port)
-
-
-@dataclass(frozen=True)
-class Link:
-    """The two groups between one attention rank and one expert rank.
-
-    In both groups the attention rank is group rank 0 and the expert rank group rank 1.
-    """
-
-    attention_rank: int
-    expert_rank: int
-    request: dist.ProcessGroup    # attention → expert
-    reply: dist.ProcessGroup      # expert → attention
-    epoch: int = 0                # which formation of this pair's link (torch_links)
-    incarnation: str = ""         # the expert process's token when it was formed
 
 
 @dataclass(frozen=True)
@@ -147,19 +125,17 @@ def join_group(rank: int, world_size: int, dist_init_addr: str, timeout_s: float
     gloo on CPU, NCCL on CUDA. Raises DataPlaneTimeout when the store or a peer does not show up
     within ``timeout_s`` (every step has that deadline).
     """
-    from epserve.dataplane import torch_links
-
     if not 0 < num_attention_ranks < world_size or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size and 0 < attention ranks < world_size; got rank {rank}, "
                          f"world_size {world_size}, {num_attention_ranks} attention ranks")
     device = torch.device(device)
-    client = torch_links.StoreClient(dist_init_addr, timeout_s)
+    client = StoreClient(dist_init_addr, timeout_s)
     is_attention = rank < num_attention_ranks
-    token = "" if is_attention else torch_links.new_token()
+    token = "" if is_attention else new_token()
     links: dict[int, Link] = {}
     try:
         if not is_attention:
-            torch_links.publish_incarnation(client, rank, token)
+            publish_incarnation(client, rank, token)
         if eager:
             links = _join_eagerly(client, rank, world_size, num_attention_ranks, timeout_s, device, token)
     except (RuntimeError, TimeoutError, ConnectionError) as exc:   # DistError, DataPlaneTimeout, PeerLost
@@ -175,22 +151,19 @@ def _join_eagerly(client, rank: int, world_size: int, num_attention: int, timeou
                   token: str) -> dict[int, Link]:
     """Attention: a link to every expert rank (each waited for, within the deadline); expert: the
     first offer of every attention rank."""
-    from epserve.dataplane import torch_links
-
     deadline = time.monotonic() + timeout_s
     links = {}
     if rank < num_attention:
         for expert_rank in range(num_attention, world_size):
-            key = torch_links.incarnation_key(expert_rank)
+            key = incarnation_key(expert_rank)
             remaining = max(deadline - time.monotonic(), 0.001)
             client.call(lambda s: s.wait([key], timedelta(seconds=remaining)))
-            links[expert_rank] = torch_links.connect(client, rank, expert_rank, max(deadline - time.monotonic(),
-                                                                                   0.001), device)
+            links[expert_rank] = connect(client, rank, expert_rank, max(deadline - time.monotonic(), 0.001), device)
         return links
     never = threading.Event()
     for attention_rank in range(num_attention):
-        acceptor = torch_links.LinkAcceptor(client.address, attention_rank, rank, token, timeout_s, device,
-                                            lambda link: None, never)
+        acceptor = LinkAcceptor(client.address, attention_rank, rank, token, timeout_s, device, lambda link: None,
+                                never)
         link = acceptor.accept_one(max(deadline - time.monotonic(), 0.001))
         if link is None:
             raise DataPlaneTimeout(f"attention rank {attention_rank} did not offer a link within {timeout_s}s")

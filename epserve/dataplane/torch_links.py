@@ -2,7 +2,7 @@
 
 Legend: a an attention rank, e an expert rank.
 
-A link (``torch_group.Link``) is two 2-rank groups between one attention and one expert
+A link (``Link``) is two 2-rank groups between one attention and one expert
 process: request (a → e) and reply (e → a). Each group is a ``ProcessGroupGloo`` (NCCL on
 CUDA, never run) built directly on a fresh key prefix of placement's rendezvous store — there
 is no world group and nothing collective over all ranks — so one pair can be (re)formed at any
@@ -35,6 +35,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
@@ -42,10 +43,10 @@ import torch
 import torch.distributed as dist
 
 from epserve.dataplane.base import DataPlaneTimeout, PeerLost
-from epserve.dataplane.torch_group import STORE_PREFIX, Link, parse_addr
 
 logger = logging.getLogger(__name__)
 
+STORE_PREFIX = "epserve/dataplane/"
 ROUND_S = 1.0          # an acceptor's store wait; also how soon it notices a restarted store
 IDLE_TIMEOUT_S = 300.0  # the expert side's wait for the next request: a link idle this long is ended
 IDLE_REFRESH_S = IDLE_TIMEOUT_S / 2   # the attention side forms a fresh link before using one idle this long
@@ -53,6 +54,28 @@ IDLE_REFRESH_S = IDLE_TIMEOUT_S / 2   # the attention side forms a fresh link be
 # side starts forming a moment after the attention side offered, so its deadline ends a moment later.
 ELASTIC_FORM_TIMEOUT_S = 2.0
 T = TypeVar("T")
+
+
+def parse_addr(dist_init_addr: str) -> tuple[str, int]:
+    host, sep, port = dist_init_addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"dist_init_addr must be host:port, got {dist_init_addr!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Link:
+    """The two groups between one attention rank and one expert rank.
+
+    In both groups the attention rank is group rank 0 and the expert rank group rank 1.
+    """
+
+    attention_rank: int
+    expert_rank: int
+    request: dist.ProcessGroup    # attention → expert
+    reply: dist.ProcessGroup      # expert → attention
+    epoch: int = 0                # which formation of this pair's link (a link epoch)
+    incarnation: str = ""         # the expert process's token when it was formed
 
 
 class StoreClient:

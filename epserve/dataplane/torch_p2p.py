@@ -1,8 +1,8 @@
 """``--moe-a2a-backend torch``, attention side: point-to-point exchanges over torch.distributed.
 
 Legend: T tokens, D hidden, K top-k, W expert workers, S slots per worker, n tokens of one
-exchange. Wire format and tags: ``torch_wire``; groups and links: ``torch_group``; the expert
-side: ``torch_server``. gloo on CPU, NCCL on CUDA (written device-agnostic, tested on gloo).
+exchange. Wire format and tags: ``torch_wire``; joining: ``torch_group``; links: ``torch_links``;
+the expert side: ``torch_server``. gloo on CPU, NCCL on CUDA (written device-agnostic, tested on gloo).
 
 Flow of one ``dispatch`` (caller's thread, no other threads on this side):
   split the T tokens by worker → for each worker with n > 0: post the reply receive
@@ -60,8 +60,8 @@ import torch.distributed as dist
 from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, PeerLost, PendingCombine,
                                     RemoteExpertError, StaleMapVersion)
 from epserve.dataplane.split import CombineSum, WorkerShare, check_dispatch_inputs, split_by_worker
-from epserve.dataplane.torch_group import Link, TorchGroup, close_group
-from epserve.dataplane.torch_links import IDLE_REFRESH_S, StoreClient, connect, incarnation
+from epserve.dataplane.torch_group import TorchGroup, close_group
+from epserve.dataplane.torch_links import IDLE_REFRESH_S, Link, StoreClient, connect, incarnation
 from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, RequestLayout,
                                           Status, WireHeader, decode_header, encode_header, reply_nbytes,
                                           reply_views, request_capacity, tag_for)

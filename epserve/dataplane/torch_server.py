@@ -48,8 +48,8 @@ from datetime import timedelta
 import torch
 
 from epserve.dataplane.base import BatchHeader, ExpertCompute, StaleMapVersion
-from epserve.dataplane.torch_group import Link, TorchGroup, close_group
-from epserve.dataplane.torch_links import IDLE_TIMEOUT_S, LinkAcceptor
+from epserve.dataplane.torch_group import TorchGroup, close_group
+from epserve.dataplane.torch_links import IDLE_TIMEOUT_S, Link, LinkAcceptor
 from epserve.process import start_daemon_thread
 from epserve.dataplane.torch_wire import (FLAG_INLINE, HEADER_BYTES, TAG_HEADER, Kind, ProtocolError, Status,
                                           WireHeader, decode_header, encode_header, layout_of, reply_nbytes,

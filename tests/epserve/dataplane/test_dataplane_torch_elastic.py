@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from dataplane_worlds import from_bytes
 from elastic_worlds import attention_main, expected, expert_main
 from epserve.dataplane import BatchHeader
-from epserve.dataplane.torch_group import STORE_PREFIX, start_rendezvous_store
-from epserve.dataplane.torch_links import incarnation_key
+from epserve.dataplane.torch_group import start_rendezvous_store
+from epserve.dataplane.torch_links import STORE_PREFIX, incarnation_key
 from epserve.dataplane.torch_wire import Kind, WireHeader, decode_header, encode_header
 
 pytestmark = pytest.mark.timeout(180)
