@@ -47,6 +47,7 @@ from epserve.attention_worker.sequence import Sequence
 from epserve.attention_worker.step_guard import run_guarded
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
+from epserve.status_error import StatusCode, StatusError
 from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Tracing, setup_tracing
 
 logger = logging.getLogger(__name__)
@@ -91,12 +92,14 @@ class StepOutput:
     error: str = ""                     # the request failed while served (finish_reason ABORT): why
 
 
-class RequestRejected(ValueError):
+class RequestRejected(StatusError, ValueError):
     """The request cannot be served by this engine (too long for the KV cache, the worker full)."""
+    code = StatusCode.RESOURCE_EXHAUSTED
 
 
 class DuplicateRequest(RequestRejected):
-    """A request of this id is already running here (the service answers ALREADY_EXISTS)."""
+    """A request of this id is already running here."""
+    code = StatusCode.ALREADY_EXISTS
 
 
 class Engine:

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from epserve.attention_worker.engine import DuplicateRequest, RequestRejected, StepOutput
+from epserve.attention_worker.engine import StepOutput
 from epserve.attention_worker.engine_loop import EngineLoop
 from epserve.attention_worker.expert_dump import DumpRejected, dump_expert_distribution
 from epserve.grpc_server import abort_with
 from epserve.protos import generation_pb2, worker_pb2, worker_pb2_grpc
 from epserve.sampling import logprob_to_proto, sampling_from_proto
+from epserve.status_error import StatusError
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,8 @@ class AttentionWorkerService(worker_pb2_grpc.AttentionWorkerServicer):
             params = sampling_from_proto(request.sampling)
             stream = loop.submit(request.request_id, list(request.prompt_ids), params,
                                  request.num_generated_before, self._trace_context())
-        except DuplicateRequest as exc:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except RequestRejected as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except StatusError as exc:      # RequestRejected: RESOURCE_EXHAUSTED; DuplicateRequest: ALREADY_EXISTS
+            abort_with(context, exc)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         context.add_callback(lambda: loop.abort(request.request_id))
