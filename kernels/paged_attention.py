@@ -32,6 +32,14 @@ So one graph captured with a generous S runs short contexts nearly as fast as S 
 one kernel (grid (B, Hkv)), no merge. A row with C = 0 (graph padding) gets zeros. No host sync;
 on Hopper the kernels launch with PDL (kernels/pdl.py).
 
+Sinks and windows (GPT-OSS, windowed Mixtral), compile-time switches (``HAS_SINKS``, ``WINDOW``
+constexpr, 0 = none) so that the default path compiles to the same code as without them:
+``sinks`` [H] holds one logit per head (natural log) that joins the softmax's denominator only,
+counted once per row (after the keys with S = 1, by split 0 with S > 1: its lse includes it, so
+either merge adds it once); ``window`` W: the query at position C - 1 sees keys C - W ..= C - 1, so
+the key loop starts at max(0, C - W) (not tile-aligned; no mask needed) and a row's splits divide
+min(C, W) keys.
+
 ``tokens_per_split`` (``decode_tokens_per_split``) grows with B·Hkv: small batches split short
 contexts to use the SMs, large ones keep rows whole (measured on H200, see
 ``DecodeConfig``); ``decode_num_splits`` gives the S to capture for a longest context.
@@ -181,8 +189,8 @@ def _attend_keys(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, end, qk
                  stride_kn, stride_kt, stride_kh,
                  BS: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, G_P: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """Online softmax of q [G_P, DH] over context positions [start, end) of one sequence
-    (``start`` a multiple of BLOCK_N).
+    """Online softmax of q [G_P, DH] over context positions [start, end) of one sequence (tiles
+    from ``start``: a multiple of BLOCK_N but with a window, where it is the window's first key).
 
     Returns (acc [G_P, DH] unnormalised output, m [G_P] running max, l [G_P] running sum),
     float32, scores in log2 units. With start >= end: acc 0, m -inf, l 0."""
@@ -234,18 +242,35 @@ def _store_group_out(out_ptr, b, heads, acc, l_i, stride_ob, stride_oh, G: tl.co
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr, out_ptr, qk_scale,
+def add_sink(acc, m_i, l_i, sinks_ptr, heads, head_ok):
+    """The online softmax (acc [R, DH], m [R], l [R], log2 units) of rows reading query heads ``heads`` [R]
+    gains each head's sink logit (natural-log units, at ``sinks_ptr``) as one more term of the
+    denominator (a key whose value is zero): rescaled to max(m, sink), l += 2^(sink - max)."""
+    sink = tl.load(sinks_ptr + heads, mask=head_ok, other=0.0).to(tl.float32) * 1.4426950408889634   # LOG2E
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_new)                    # 0 where m is -inf (no key seen)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.exp2(sink - m_new)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr, out_ptr, sinks_ptr, qk_scale,
                    stride_qb, stride_qh, stride_kn, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
                    G: tl.constexpr, G_P: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DH: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """S = 1: grid (B, Hkv); the whole context, output written directly."""
+                   DH: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr,
+                   USE_PDL: tl.constexpr):
+    """S = 1: grid (B, Hkv); the whole context (its last WINDOW keys), output written directly."""
     pdl_wait(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     q, heads = _load_group_q(q_ptr, b, kv_head, stride_qb, stride_qh, G, G_P, DH)
     context = tl.load(context_lens_ptr + b)
-    acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, table_ptr + b * stride_tb, kv_head, 0, context,
+    first = 0
+    if WINDOW > 0:
+        first = tl.maximum(context - WINDOW, 0)
+    acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, table_ptr + b * stride_tb, kv_head, first, context,
                                  qk_scale, stride_kn, stride_kt, stride_kh, BS, BLOCK_N, DH, G_P, DOT_PRECISION)
+    if HAS_SINKS:
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, sinks_ptr, heads, tl.arange(0, G_P) < G)
     _store_group_out(out_ptr, b, heads, acc, l_i, stride_ob, stride_oh, G, G_P, DH)
 
 
@@ -284,28 +309,43 @@ def _merge_group(part_ptr, lse_ptr, out_ptr, b, kv_head, row_splits, num_splits,
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr, out_ptr, part_ptr, lse_ptr,
-                         counter_ptr, qk_scale, tokens_per_split, num_splits, H,
+                         counter_ptr, sinks_ptr, qk_scale, tokens_per_split, num_splits, H,
                          stride_qb, stride_qh, stride_kn, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
                          G: tl.constexpr, G_P: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
                          DH: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr,
-                         G_2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+                         G_2: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     """S > 1: grid (B, Hkv, S); split s of row b's S_b: S_b = 1 → out [B, H, Dh] directly;
     otherwise its normalised output → part [B, H, S, Dh], log2-sum-exp → lse [B, H, S], and with
-    FUSED_MERGE the last of the row's splits to arrive (counter [B, Hkv]) merges them into out."""
+    FUSED_MERGE the last of the row's splits to arrive (counter [B, Hkv]) merges them into out.
+    WINDOW > 0: the splits divide the last min(C, WINDOW) keys; HAS_SINKS: split 0 counts the sinks
+    (its lse includes them), so either merge adds them once."""
     pdl_wait(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     q, heads = _load_group_q(q_ptr, b, kv_head, stride_qb, stride_qh, G, G_P, DH)
     context = tl.load(context_lens_ptr + b)
-    row_splits = _row_splits(context, tokens_per_split, num_splits)
-    if split >= row_splits:
-        return
-    tiles = tl.cdiv(context, BLOCK_N)
-    start = split * tiles // row_splits * BLOCK_N
-    end = tl.minimum((split + 1) * tiles // row_splits * BLOCK_N, context)
+    if WINDOW > 0:
+        first = tl.maximum(context - WINDOW, 0)
+        row_splits = _row_splits(context - first, tokens_per_split, num_splits)
+        if split >= row_splits:
+            return
+        tiles = tl.cdiv(context - first, BLOCK_N)
+        start = first + split * tiles // row_splits * BLOCK_N
+        end = tl.minimum(first + (split + 1) * tiles // row_splits * BLOCK_N, context)
+    else:
+        row_splits = _row_splits(context, tokens_per_split, num_splits)
+        if split >= row_splits:
+            return
+        tiles = tl.cdiv(context, BLOCK_N)
+        start = split * tiles // row_splits * BLOCK_N
+        end = tl.minimum((split + 1) * tiles // row_splits * BLOCK_N, context)
     acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, table_ptr + b * stride_tb, kv_head, start, end,
                                  qk_scale, stride_kn, stride_kt, stride_kh, BS, BLOCK_N, DH, G_P, DOT_PRECISION)
+    if HAS_SINKS:
+        if split == 0:
+            acc, m_i, l_i = add_sink(acc, m_i, l_i, sinks_ptr, heads, tl.arange(0, G_P) < G)
     if row_splits == 1:
         _store_group_out(out_ptr, b, heads, acc, l_i, stride_ob, stride_oh, G, G_P, DH)
     else:
@@ -329,12 +369,16 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_len
 @triton.jit
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, context_lens_ptr, tokens_per_split, num_splits, H,
                          stride_ob, stride_oh, HEADS: tl.constexpr, S_P: tl.constexpr, CHUNK: tl.constexpr,
-                         DH: tl.constexpr, USE_PDL: tl.constexpr):
+                         DH: tl.constexpr, WINDOW: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B, cdiv(H, HEADS)), rows with S_b > 1 only: out = Σ_s 2^(lse_s - max) · part_s /
-    Σ_s 2^(lse_s - max) over the row's S_b splits, for HEADS heads at once."""
+    Σ_s 2^(lse_s - max) over the row's S_b splits, for HEADS heads at once (S_b of the row's last
+    min(C, WINDOW) keys with WINDOW > 0)."""
     pdl_wait(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
-    row_splits = _row_splits(tl.load(context_lens_ptr + b), tokens_per_split, num_splits)
+    if WINDOW > 0:
+        row_splits = _row_splits(tl.minimum(tl.load(context_lens_ptr + b), WINDOW), tokens_per_split, num_splits)
+    else:
+        row_splits = _row_splits(tl.load(context_lens_ptr + b), tokens_per_split, num_splits)
     if row_splits == 1:
         return                                                              # written by the split kernel
     heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
@@ -375,6 +419,18 @@ def check_paged_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1, "the head dim must be contiguous"
 
 
+def check_sinks_window(sinks: torch.Tensor | None, window: int | None, q: torch.Tensor) -> None:
+    """sinks: None or [H] float32 (or q's dtype), contiguous, on q's device; window: None or an int >= 1."""
+    if sinks is not None:
+        num_heads = q.shape[-2]
+        assert sinks.shape == (num_heads,), f"sinks must be [H={num_heads}], got {tuple(sinks.shape)}"
+        assert sinks.dtype in (torch.float32, q.dtype), \
+            f"sinks must be torch.float32 or q's dtype ({q.dtype}), got {sinks.dtype}"
+        assert sinks.is_contiguous() and sinks.device == q.device, f"sinks must be contiguous on {q.device}"
+    assert window is None or (isinstance(window, int) and window >= 1), \
+        f"window must be None (the whole context) or an int >= 1, got {window!r}"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs: exact products (no TF32); 16-bit inputs: the default."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -385,7 +441,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int, out: torch.Tensor | None = None,
                            workspace: DecodeWorkspace | None = None,
                            config: DecodeConfig = DecodeConfig(),
-                           tokens_per_split: int | None = None) -> torch.Tensor:
+                           tokens_per_split: int | None = None, sinks: torch.Tensor | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """q [B, H, Dh], caches [N, Bs, Hkv, Dh], block_tables [B, M] int32, context_lens [B] int32
     (tokens in the cache, the current one included) → out [B, H, Dh] in q's dtype.
 
@@ -393,9 +450,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     row b uses clamp(cdiv(C_b, tokens_per_split), 1, S). ``tokens_per_split`` (host int, >= 1;
     None: ``decode_tokens_per_split`` for this batch on q's device; 1 splits every row S ways);
     ``workspace`` (S > 1) is allocated here when not given: pass a preallocated one to keep
-    addresses static."""
+    addresses static. ``sinks`` [H] (float32 or q's dtype, natural-log units): each head's sink
+    logit joins its softmax's denominator (GPT-OSS). ``window`` (host int W >= 1, None: no window):
+    the query at position C - 1 sees only keys C - W ..= C - 1; rows split over min(C, W) keys."""
     check_paged_cache(q, k_cache, v_cache)
     assert q.dim() == 3, f"q must be [B, H, Dh], got {tuple(q.shape)}"
+    check_sinks_window(sinks, window, q)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32, \
@@ -412,15 +472,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     group_p = max(MIN_DOT_ROWS, triton.next_power_of_2(group))
     pdl = launch_options(pdl_enabled(q.device))
+    window = window or 0
     common = dict(G=group, G_P=group_p, BS=k_cache.shape[1], BLOCK_N=config.block_n, DH=head_dim,
-                  DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps,
-                  num_stages=config.num_stages, **pdl)
+                  DOT_PRECISION=dot_precision(q.dtype), HAS_SINKS=sinks is not None, WINDOW=window,
+                  num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     qk_scale = scale * LOG2E
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                block_tables.stride(0), out.stride(0), out.stride(1))
     if num_splits == 1:
         _decode_kernel[(batch, num_kv_heads)](
-            q, k_cache, v_cache, block_tables, context_lens, out, qk_scale, *strides, **common)
+            q, k_cache, v_cache, block_tables, context_lens, out, sinks, qk_scale, *strides, **common)
         return out
     num_sms = num_sms_of(q.device)
     if tokens_per_split is None:
@@ -437,7 +498,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     counters = _counters(q.device, batch * num_kv_heads) if fused else part
     group_2 = triton.next_power_of_2(group)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, counters, qk_scale, tokens_per_split,
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, counters, sinks, qk_scale, tokens_per_split,
         num_splits, num_heads, *strides, FUSED_MERGE=fused, G_2=group_2,
         CHUNK=max(1, min(triton.next_power_of_2(num_splits), 2 * MERGE_TILE // (group_2 * head_dim))), **common)
     if fused:
@@ -446,7 +507,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     splits_p = triton.next_power_of_2(num_splits)
     _merge_splits_kernel[(batch, triton.cdiv(num_heads, heads))](
         part, lse, out, context_lens, tokens_per_split, num_splits, num_heads, out.stride(0), out.stride(1),
-        HEADS=heads, S_P=splits_p, CHUNK=max(1, MERGE_TILE // (heads * head_dim)), DH=head_dim, num_warps=4, **pdl)
+        HEADS=heads, S_P=splits_p, CHUNK=max(1, MERGE_TILE // (heads * head_dim)), DH=head_dim, WINDOW=window,
+        num_warps=4, **pdl)
     return out
 
 
@@ -460,20 +522,31 @@ def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Te
 
 
 def attend_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """q [n, H, Dh] at ``positions`` [n], keys/values [C, Hkv, Dh]: query i sees keys 0..=positions[i]."""
+                     scale: float, sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """q [n, H, Dh] at ``positions`` [n], keys/values [C, Hkv, Dh]: query i sees keys 0..=positions[i]
+    (with a window W: positions[i] - W < key <= positions[i]); sinks [H]: one more logit per head in
+    each softmax, dropped after it (attention_worker/attention_sinks.py, transformers' GPT-OSS)."""
     group = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
     scores = torch.einsum("nhd,chd->hnc", q, keys) * scale                 # [H, n, C]
-    causal = torch.arange(keys.shape[0], device=q.device)[None, :] <= positions[:, None]
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    key_pos = torch.arange(keys.shape[0], device=q.device)[None, :]
+    visible = key_pos <= positions[:, None]                                 # [n, C]
+    if window is not None:
+        visible &= key_pos > positions[:, None] - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        column = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
     return torch.einsum("hnc,chd->nhd", probs, values)
 
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                     compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                                     compute_dtype: torch.dtype = torch.float64, sinks: torch.Tensor | None = None,
+                                     window: int | None = None) -> torch.Tensor:
     """Same contract, sequence by sequence in ``compute_dtype`` (returned in it); host syncs."""
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     for b, context in enumerate(context_lens.tolist()):
@@ -482,5 +555,5 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
         keys, values = gather_context(k_cache, v_cache, block_tables[b], context)
         positions = torch.tensor([context - 1], device=q.device)
         out[b] = attend_reference(q[b:b + 1].to(compute_dtype), keys.to(compute_dtype),
-                                  values.to(compute_dtype), positions, scale)[0]
+                                  values.to(compute_dtype), positions, scale, sinks, window)[0]
     return out

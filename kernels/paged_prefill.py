@@ -16,8 +16,11 @@ before its first position without a mask, the rest with the causal mask; tiles p
 skipped. Each tile's block-table entries are loaded a tile ahead, so the K/V loads of
 ``num_stages`` - 1 tiles overlap the MMAs. Programs with the most keys (last query blocks)
 start first. Programs past a sequence's n exit at once; n = 0 contributes nothing. Online
-softmax in float32 with exp2. No host sync; on Hopper the kernel launches with PDL
-(kernels/pdl.py). Tile configs: ``PrefillConfig`` (``PREFILL_SWEEP``: the candidates the
+softmax in float32 with exp2. With a window W (``WINDOW`` constexpr; 0: none) query position p sees
+keys p - W < k <= p: tiles start at the first row's window, masked until every row's window holds
+the whole tile; with ``sinks`` (``HAS_SINKS``) each head's sink logit joins the denominator after
+the last tile. Without either, the same code as before they existed. No host sync; on Hopper the
+kernel launches with PDL (kernels/pdl.py). Tile configs: ``PrefillConfig`` (``PREFILL_SWEEP``: the candidates the
 benchmark times).
 """
 
@@ -29,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from epserve.kernels.paged_attention import (LOG2E, MIN_DOT_ROWS, check_paged_cache, attend_reference, dot_precision,
-                                             gather_context)
+from epserve.kernels.paged_attention import (LOG2E, MIN_DOT_ROWS, add_sink, attend_reference, check_paged_cache,
+                                             check_sinks_window, dot_precision, gather_context)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 MAX_GRID_Y = 65535
@@ -76,10 +79,11 @@ def _table_tile(table_ptr, n0, kv_end, BS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos, kv_end, qk_scale,
                  stride_kn, stride_kt,
                  BS: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, CAUSAL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) (its block ids ``block``) into the online softmax of
     q [BLOCK_M, DH] at positions pos [BLOCK_M]. CAUSAL: mask keys past each row's position and
-    past kv_end; otherwise all keys of the tile are before every row's position."""
+    past kv_end (and with WINDOW > 0 keys at or before pos - WINDOW); otherwise every row sees
+    every key of the tile."""
     keys = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DH)
     row = block.to(tl.int64) * stride_kn + (keys % BS).to(tl.int64) * stride_kt + head_off
@@ -93,8 +97,14 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0
         v = tl.load(v_cache_ptr + kv_off)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale      # [BLOCK_M, BLOCK_N]
     if CAUSAL:
-        s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))      # finite: key 0 was in the first tile of every row
+        if WINDOW > 0:
+            seen = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - WINDOW)
+            s = tl.where(seen, s, float("-inf"))
+        else:
+            s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))      # finite without a window: key 0 was in every row's first tile
+    if WINDOW > 0:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key of the row's window seen yet: p, alpha 0
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -104,10 +114,11 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_ptr, context_lens_ptr, out_ptr,
-                    qk_scale, num_q_blocks,
+                    sinks_ptr, qk_scale, num_q_blocks,
                     stride_qt, stride_qh, stride_kn, stride_kt, stride_kh, stride_tb, stride_ot, stride_oh,
                     G: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BS: tl.constexpr, DH: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                    BS: tl.constexpr, DH: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
+                    WINDOW: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     q_block = num_q_blocks - 1 - tl.program_id(0)                           # most keys first
     b = tl.program_id(1)
@@ -137,17 +148,40 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # each tile's block ids are loaded a tile ahead: the K/V loads then depend on no load of their own
     # iteration and the pipeliner keeps num_stages - 1 of them in flight
-    block = _table_tile(table, 0, kv_end, BS, BLOCK_N)
-    for n0 in range(0, unmasked_end, BLOCK_N):
-        next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
-                                     kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, DOT_PRECISION)
-        block = next_block
+    if WINDOW > 0:
+        # tiles from the first row's window start; masked until every row's window holds the whole tile
+        first_tile = tl.maximum(prefix + tok0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        whole = tl.cdiv(tl.maximum(kv_end - WINDOW, 0), BLOCK_N) * BLOCK_N
+        window_end = tl.minimum(tl.maximum(whole, first_tile), unmasked_end)
+        block = _table_tile(table, first_tile, kv_end, BS, BLOCK_N)
+        for n0 in range(first_tile, window_end, BLOCK_N):
+            next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
+                                         kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, WINDOW,
+                                         DOT_PRECISION)
+            block = next_block
+        for n0 in range(window_end, unmasked_end, BLOCK_N):
+            next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
+                                         kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, WINDOW,
+                                         DOT_PRECISION)
+            block = next_block
+    else:
+        block = _table_tile(table, 0, kv_end, BS, BLOCK_N)
+        for n0 in range(0, unmasked_end, BLOCK_N):
+            next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
+                                         kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, WINDOW,
+                                         DOT_PRECISION)
+            block = next_block
     for n0 in range(unmasked_end, kv_end, BLOCK_N):
         next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
-                                     kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, DOT_PRECISION)
+                                     kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, WINDOW,
+                                     DOT_PRECISION)
         block = next_block
+    if HAS_SINKS:
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, sinks_ptr, heads, row_ok)
     out = acc / l_i[:, None]
     tl.store(out_ptr + t_off * stride_ot + h_off * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -165,12 +199,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             context_lens: torch.Tensor, max_query_len: int, scale: float,
                             out: torch.Tensor | None = None,
-                            config: PrefillConfig = PrefillConfig()) -> torch.Tensor:
+                            config: PrefillConfig = PrefillConfig(), sinks: torch.Tensor | None = None,
+                            window: int | None = None) -> torch.Tensor:
     """q [T, H, Dh], caches [N, Bs, Hkv, Dh], block_tables [B, M] int32, query_start_loc [B + 1]
     int32 (cumulative n, [0] = 0), context_lens [B] int32 (this step's tokens included) →
-    out [T, H, Dh] in q's dtype. ``max_query_len`` (host int, >= every n) sizes the grid."""
+    out [T, H, Dh] in q's dtype. ``max_query_len`` (host int, >= every n) sizes the grid.
+    ``sinks`` [H] (float32 or q's dtype, natural-log units): each head's sink logit joins its softmax's
+    denominator; ``window`` (host int W >= 1, None: none): a query at position p sees keys p - W < k <= p."""
     check_paged_cache(q, k_cache, v_cache)
     assert q.dim() == 3, f"q must be [T, H, Dh], got {tuple(q.shape)}"
+    check_sinks_window(sinks, window, q)
     num_tokens, num_heads, head_dim = q.shape
     batch = context_lens.shape[0]
     assert context_lens.dim() == 1 and context_lens.dtype == torch.int32, "context_lens must be [B] int32"
@@ -191,11 +229,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tokens = block_m // group
     num_q_blocks = triton.cdiv(max_query_len, tokens)
     _prefill_kernel[(num_q_blocks, batch, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, scale * LOG2E, num_q_blocks,
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, sinks, scale * LOG2E, num_q_blocks,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=group, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=config.block_n, BS=k_cache.shape[1], DH=head_dim,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps if block_m >= 128 else 4,
+        DOT_PRECISION=dot_precision(q.dtype), HAS_SINKS=sinks is not None, WINDOW=window or 0,
+        num_warps=config.num_warps if block_m >= 128 else 4,
         num_stages=config.num_stages, **launch_options(pdl_enabled(q.device)))
     return out
 
@@ -203,7 +242,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                       context_lens: torch.Tensor, scale: float,
-                                      compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                                      compute_dtype: torch.dtype = torch.float64, sinks: torch.Tensor | None = None,
+                                      window: int | None = None) -> torch.Tensor:
     """Same contract, sequence by sequence in ``compute_dtype`` (returned in it); host syncs."""
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     starts = query_start_loc.tolist()
@@ -214,5 +254,5 @@ def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_
         keys, values = gather_context(k_cache, v_cache, block_tables[b], context)
         positions = torch.arange(context - (end - start), context, device=q.device)
         out[start:end] = attend_reference(q[start:end].to(compute_dtype), keys.to(compute_dtype),
-                                          values.to(compute_dtype), positions, scale)
+                                          values.to(compute_dtype), positions, scale, sinks, window)
     return out

@@ -7,9 +7,9 @@ heads of each token are read once. q and k heads get Qwen3's per-head RMSNorm (w
 are given; numerics of ``epserve.models.layers.rms_norm``, over the whole head) and rotate-half RoPE
 on the head's leading R dims (R = Dh, or the model's rotary_dim with partial rotary: GLM-4-MoE; the
 other Dh - R dims pass through) exactly as ``RotaryEmbedding``: ``freqs = float32(position) * inv_freq``, cos/sin of ``cat(freqs, freqs)``
-in float32 rounded to the model dtype, ``x * cos + rotate_half(x) * sin`` with each product and
-the sum rounded to the dtype as torch rounds them. The rotated q is returned ``[T, H, Dh]``; the
-rotated k and the raw v go to ``k_cache/v_cache [N, Bs, Hkv, Dh]`` at flat slot
+in float32 (times YaRN's ``attention_factor`` when it is not 1: GPT-OSS, as ``models/rope_scaling.py``)
+rounded to the model dtype, ``x * cos + rotate_half(x) * sin`` with each product and the sum
+rounded to the dtype as torch rounds them. The rotated q is returned ``[T, H, Dh]``; the rotated k and the raw v go to ``k_cache/v_cache [N, Bs, Hkv, Dh]`` at flat slot
 ``slot_mapping[t]`` (block ``slot // Bs``, offset ``slot % Bs``); a slot < 0 marks a padding
 token, for which nothing is stored.
 
@@ -62,7 +62,8 @@ def _qk_norm_rope_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr,
                                stride_qkv, stride_qo_t, stride_qo_h,
                                stride_kc_n, stride_kc_b, stride_kc_h, stride_vc_n, stride_vc_b, stride_vc_h,
                                HEAD_DIM: tl.constexpr, ROT: tl.constexpr, HALF_P2: tl.constexpr,
-                               PASS_P2: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr):
+                               PASS_P2: tl.constexpr, HAS_NORM: tl.constexpr, ATTENTION_FACTOR: tl.constexpr,
+                               USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
@@ -77,8 +78,12 @@ def _qk_norm_rope_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr,
     x3 = tl.load(head + d3, mask=ok3, other=0.0)
     dtype: tl.constexpr = x1.dtype
     freqs = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + d, mask=ok, other=0.0)
-    cos = _round(tl.cos(freqs), dtype)
-    sin = _round(tl.sin(freqs), dtype)
+    if ATTENTION_FACTOR != 1.0:                 # YaRN: cos/sin scaled in float32 before the rounding
+        cos = _round(tl.cos(freqs) * ATTENTION_FACTOR, dtype)
+        sin = _round(tl.sin(freqs) * ATTENTION_FACTOR, dtype)
+    else:
+        cos = _round(tl.cos(freqs), dtype)
+        sin = _round(tl.sin(freqs), dtype)
     if j < H:
         out1, out2, out3 = _norm_rope(x1, x2, x3, q_w_ptr, d, ok, d3 - ROT, ok3, cos, sin, eps, HEAD_DIM, ROT,
                                       HAS_NORM)
@@ -134,10 +139,12 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
                        positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                       eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
+                       eps: float = 1e-6, q_out: torch.Tensor | None = None,
+                       attention_factor: float = 1.0) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) Dh], positions/slot_mapping [T], inv_freq [R/2] float32 (R = 2 · its length:
     the leading dims of each head that RoPE rotates, Dh unless the model uses partial rotary),
-    k_cache/v_cache [N, Bs, Hkv, Dh] (written at the token slots) → q [T, H, Dh] (into q_out if given)."""
+    k_cache/v_cache [N, Bs, Hkv, Dh] (written at the token slots) → q [T, H, Dh] (into q_out if given).
+    ``attention_factor``: YaRN's scale of cos and sin (host float; 1: none)."""
     _check(qkv, num_heads, num_kv_heads, head_dim, positions, inv_freq, k_cache, v_cache, slot_mapping,
            q_norm_weight, k_norm_weight)
     num_tokens = qkv.shape[0]
@@ -158,6 +165,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, hea
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEAD_DIM=head_dim, ROT=rotary_dim, HALF_P2=triton.next_power_of_2(rotary_dim // 2),
         PASS_P2=triton.next_power_of_2(max(head_dim - rotary_dim, 1)), HAS_NORM=has_norm,
+        ATTENTION_FACTOR=float(attention_factor),
         num_warps=1 if head_dim <= 128 else 2, **launch_options(pdl_enabled(qkv.device)))
     return q_out
 
@@ -166,7 +174,8 @@ def qk_norm_rope_store_reference(qkv: torch.Tensor, num_heads: int, num_kv_heads
                                  positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                                  v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                                  q_norm_weight: torch.Tensor | None = None,
-                                 k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                                 k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                                 attention_factor: float = 1.0) -> torch.Tensor:
     """The layer ops composed (as attention_torch.py): returns q [T, H, Dh], writes the caches in place."""
     num_tokens = qkv.shape[0]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
@@ -178,7 +187,12 @@ def qk_norm_rope_store_reference(qkv: torch.Tensor, num_heads: int, num_kv_heads
     rotary_dim = 2 * inv_freq.shape[0]
     rope = RotaryEmbedding(rotary_dim, theta=1.0)
     rope.inv_freq = inv_freq                                       # the given frequencies, not theta's
-    cos, sin = rope.cos_sin(positions, qkv.dtype)
+    if attention_factor == 1.0:
+        cos, sin = rope.cos_sin(positions, qkv.dtype)
+    else:
+        freqs = positions.float()[:, None] * inv_freq.to(positions.device)            # [T, R/2]
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = ((f * attention_factor).to(qkv.dtype) for f in (freqs.cos(), freqs.sin()))
     q = torch.cat([rope.apply(q[..., :rotary_dim], cos, sin), q[..., rotary_dim:]], dim=-1)
     k = torch.cat([rope.apply(k[..., :rotary_dim], cos, sin), k[..., rotary_dim:]], dim=-1)
     stored = slot_mapping >= 0

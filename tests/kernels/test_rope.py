@@ -113,6 +113,35 @@ def test_padding_slots_store_nothing_and_blocks_past_the_first_are_written():
     assert rel_err(q, ref_q) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_yarn_attention_factor_rotates_as_the_gpt_oss_backend(dtype):
+    """GPT-OSS: YaRN frequencies and cos/sin scaled by the attention factor, no q/k norm; the same
+    rotation as the CPU sink backend's (``MlaRotaryEmbedding``, rotate-half) and as the reference."""
+    from epserve.model_config import RopeScaling
+    from epserve.models.rope_scaling import MlaRotaryEmbedding
+    heads, kv_heads, head_dim = 4, 2, 32
+    scaling = RopeScaling(factor=32.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                          truncate=False)
+    rope = MlaRotaryEmbedding(head_dim, 150000.0, scaling, "rotate_half")
+    assert rope.attention_factor != 1.0
+    problem = make_problem(9, heads, kv_heads, head_dim, dtype, seed=5)
+    problem.update(inv_freq=rope.inv_freq, q_norm_weight=None, k_norm_weight=None)
+    k_cache, v_cache = problem.pop("k_cache").clone(), problem.pop("v_cache").clone()
+    q = qk_norm_rope_store(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, k_cache=k_cache,
+                           v_cache=v_cache, attention_factor=rope.attention_factor, **problem)
+    tables = rope.tables(problem["positions"], dtype)
+    want_q = rope.apply(problem["qkv"][:, :heads * head_dim].view(9, heads, head_dim), tables)
+    want_k = rope.apply(problem["qkv"][:, heads * head_dim:(heads + kv_heads) * head_dim].view(9, kv_heads, head_dim),
+                        tables)
+    stored = problem["slot_mapping"] >= 0
+    got_k = k_cache.view(-1, kv_heads, head_dim)[problem["slot_mapping"][stored]]
+    assert rel_err(q, want_q) < TOLERANCE[dtype] and rel_err(got_k, want_k[stored]) < TOLERANCE[dtype]
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_q = qk_norm_rope_store_reference(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, k_cache=ref_k,
+                                         v_cache=ref_v, attention_factor=rope.attention_factor, **problem)
+    assert rel_err(q, ref_q) < TOLERANCE[dtype] and rel_err(ref_q, want_q) < TOLERANCE[dtype]
+
+
 def test_rotation_is_the_identity_at_position_zero_and_q_out_is_used():
     heads, kv_heads, head_dim = 2, 1, 16
     problem = make_problem(3, heads, kv_heads, head_dim, torch.float32, seed=9)
