@@ -298,7 +298,7 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: tor
         _merge_splits_kernel[(batch, triton.cdiv(num_heads, heads))](
             part, lse, out, context_lens, tokens_per_split, num_splits, num_heads, out.stride(0), out.stride(1),
             HEADS=heads, S_P=triton.next_power_of_2(num_splits), CHUNK=max(1, MERGE_TILE // (heads * latent_dim)),
-            DH=latent_dim, num_warps=4, **pdl)
+            DH=latent_dim, WINDOW=0, num_warps=4, **pdl)
     return out
 
 
