@@ -22,11 +22,11 @@ BLOCK = 1024
 
 
 @triton.jit
-def local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker,
+def local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker, block,
                       BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
-    """This program's BLOCK choices; VOLATILE: read past L1 (written by another process during this launch,
-    ``epserve/dataplane/cuda_ipc_handoff.py``)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """Choices [block · BLOCK, (block + 1) · BLOCK); VOLATILE: read past L1 (written by another process during
+    this launch, ``epserve/dataplane/cuda_ipc_handoff.py``)."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     slot = tl.load(slot_ptr + offs, mask=ok, other=-1, volatile=VOLATILE).to(tl.int64)
     weight = tl.load(weight_ptr + offs, mask=ok, other=0.0, volatile=VOLATILE)
@@ -40,7 +40,8 @@ def _local_slots_kernel(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel
                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """base = worker · S (scalars never specialised: a value of 1 would turn into a constexpr)."""
     pdl_wait(USE_PDL)
-    local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker, BLOCK, False)
+    local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker,
+                      tl.program_id(0), BLOCK, False)
 
 
 def local_slots(slot_ids: torch.Tensor, weights: torch.Tensor, worker: int, slots_per_worker: int,

@@ -13,8 +13,10 @@ fold the flag operations of ``cuda_ipc_flags.py`` into the copies next to them:
   replays need no memset). The attention side's ``send`` (hidden, slot ids, weights) and the
   expert side's partial.
 - ``wait_and_copy``: every program spins on the flag (``spin_until``: acquire, system scope, a
-  budget), then copies its BLOCK, reading past L1 (the data was written by the peer during this
-  launch). The attention side's ``receive`` from one expert worker.
+  budget), then copies every G-th BLOCK, reading past L1 (the data was written by the peer during
+  this launch). G is at most ``MAX_WAITING_PROGRAMS``: spinning programs occupy warp slots, and a
+  prefill-sized grid of them (thousands) would fill every SM while the peer needs them to compute
+  what they await. The attention side's ``receive`` from one expert worker.
 - ``wait_local_slots``: the spin, then ``kernels/local_slots.py``'s transform of the choices. The
   expert side's first launch of a layer.
 A wait that runs out of budget raises ``error`` as ``wait_flag`` does and goes on (the host checks
@@ -33,11 +35,18 @@ from epserve.kernels.local_slots import BLOCK as SLOT_BLOCK, local_slots_block
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 BLOCK = 2048
+MAX_WAITING_PROGRAMS = 8    # programs that spin: a spinning program holds its SM's warp slots, which the peer
+                            # process (under MPS, on the same GPU) needs to produce what is awaited
+
+
+def waiting_programs(numel: int, block: int) -> int:
+    """Programs of a launch that waits: one per block up to ``MAX_WAITING_PROGRAMS`` (then they stride)."""
+    return max(1, min(triton.cdiv(numel, block), MAX_WAITING_PROGRAMS))
 
 
 @triton.jit
-def _copy_block(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _copy_block(src_ptr, dst_ptr, n, block, BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
+    offs = block * BLOCK + tl.arange(0, BLOCK)                          # < 2^31 elements (asserted)
     ok = offs < n
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=ok, volatile=VOLATILE).to(dst_ptr.dtype.element_ty),
              mask=ok)
@@ -47,9 +56,10 @@ def _copy_block(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, VOLATILE: tl.constexpr
 def _copy_signal_kernel(src0, dst0, n0, src1, dst1, n1, src2, dst2, n2, flag_ptr, counter_ptr, stride, offset,
                         arrivals_ptr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
-    _copy_block(src0, dst0, n0, BLOCK, False)
-    _copy_block(src1, dst1, n1, BLOCK, False)
-    _copy_block(src2, dst2, n2, BLOCK, False)
+    block = tl.program_id(0)
+    _copy_block(src0, dst0, n0, block, BLOCK, False)
+    _copy_block(src1, dst1, n1, block, BLOCK, False)
+    _copy_block(src2, dst2, n2, block, BLOCK, False)
     tl.debug_barrier()                                  # every thread's stores precede the release below
     if tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
         tl.store(arrivals_ptr, 0)
@@ -62,7 +72,8 @@ def _wait_copy_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_co
     pdl_wait(USE_PDL)
     spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget)
     tl.debug_barrier()
-    _copy_block(src_ptr, dst_ptr, n, BLOCK, True)
+    for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
+        _copy_block(src_ptr, dst_ptr, n, block, BLOCK, True)
 
 
 @triton.jit(do_not_specialize=["stride", "offset", "error_code", "budget", "numel", "base", "slots_per_worker"])
@@ -72,7 +83,9 @@ def _wait_local_slots_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, e
     pdl_wait(USE_PDL)
     spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget)
     tl.debug_barrier()
-    local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker, BLOCK, True)
+    for block in range(tl.program_id(0), tl.cdiv(numel, BLOCK), tl.num_programs(0)):
+        local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker, block,
+                          BLOCK, True)
 
 
 def _launch(kernel, grid, *args, device: torch.device, **meta) -> None:
@@ -104,6 +117,7 @@ def copy_and_signal(segments: list[tuple[torch.Tensor, torch.Tensor]], flag: tor
     while len(args) < 9:
         args += [flag, flag, 0]                                          # an empty segment
     most = max(src.numel() for src, _ in segments)
+    assert most < 2**31, "segments of fewer than 2^31 elements"
     _launch(_copy_signal_kernel, (max(1, triton.cdiv(most, BLOCK)),), *args, flag, counter, stride, offset, arrivals,
             device=flag.device, BLOCK=BLOCK)
 
@@ -114,8 +128,8 @@ def wait_and_copy(flag: torch.Tensor, counter: torch.Tensor, stride: int, offset
     error_code) and go on), then dst ← src (contiguous, same shape)."""
     _check_words(flag, counter, error)
     assert src.shape == dst.shape and src.is_contiguous() and dst.is_contiguous() and src.device == flag.device
-    assert error_code > 0 and budget >= 0
-    _launch(_wait_copy_kernel, (max(1, triton.cdiv(src.numel(), BLOCK)),), flag, counter, stride, offset, error,
+    assert error_code > 0 and budget >= 0 and src.numel() < 2**31
+    _launch(_wait_copy_kernel, (waiting_programs(src.numel(), BLOCK),), flag, counter, stride, offset, error,
             error_code, budget, src, dst, src.numel(), device=flag.device, BLOCK=BLOCK)
 
 
@@ -129,7 +143,7 @@ def wait_local_slots(flag: torch.Tensor, counter: torch.Tensor, stride: int, off
         and weights.is_contiguous(), "slot_ids and weights: contiguous [n, K]"
     local = torch.empty(slot_ids.shape, dtype=torch.int64, device=slot_ids.device)
     local_weights = torch.empty(slot_ids.shape, dtype=out_dtype, device=slot_ids.device)
-    _launch(_wait_local_slots_kernel, (max(1, triton.cdiv(slot_ids.numel(), SLOT_BLOCK)),), flag, counter, stride,
+    _launch(_wait_local_slots_kernel, (waiting_programs(slot_ids.numel(), SLOT_BLOCK),), flag, counter, stride,
             offset, error, error_code, budget, slot_ids, weights, local, local_weights, slot_ids.numel(),
             worker * slots_per_worker, slots_per_worker, device=flag.device, BLOCK=SLOT_BLOCK)
     return local, local_weights

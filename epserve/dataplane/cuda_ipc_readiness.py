@@ -89,6 +89,9 @@ class PollReadiness:
         return None
 
 
+FUSED_ENV = "EPSERVE_CUDA_IPC_FUSED"
+
+
 class FlagReadiness:
     """Device flags in the channel's data memory, set and awaited by Triton kernels on the stream."""
 
@@ -136,8 +139,9 @@ class FlagReadiness:
     # -- fused hand-offs (cuda_ipc_handoff.py): the flag operation and the copy beside it in one launch
     @property
     def fused(self) -> bool:
-        """Whether the step path uses the fused hand-offs (compiled kernels: CUDA devices)."""
-        return self.device.type == "cuda"
+        """Whether the step path uses the fused hand-offs: compiled kernels (CUDA devices), unless
+        EPSERVE_CUDA_IPC_FUSED=0 (the separate flag and copy launches, as on the CPU)."""
+        return self.device.type == "cuda" and os.environ.get(FUSED_ENV, "1") != "0"
 
     def copy_and_signal_step(self, channel: Channel, flag: Flag, counter: torch.Tensor, layer: int,
                              segments: list[tuple[torch.Tensor, torch.Tensor]], arrivals: torch.Tensor) -> None:

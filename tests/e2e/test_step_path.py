@@ -34,11 +34,13 @@ def test_step_path_on_the_cpu(tiny_model, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_step_path_on_one_gpu(tiny_model, tmp_path):
-    """1 attention + 2 expert processes on one GPU: device flags, both sides in CUDA graphs."""
-    serve_and_compare(tiny_model, tmp_path, GPU_ARGS, {})
-    for name in ("expert-0.log", "expert-1.log"):
-        assert "captured the expert step" in (tmp_path / "logs" / name).read_text()
+@pytest.mark.parametrize("experts", [1, 2])
+def test_step_path_on_one_gpu(tiny_model, tmp_path, experts):
+    """1 attention + 1 or 2 expert processes on one GPU: device flags, both sides in CUDA graphs, the
+    fused hand-offs (with one expert worker the attention side's receive is one too)."""
+    serve_and_compare(tiny_model, tmp_path, GPU_ARGS, {}, experts)
+    for worker in range(experts):
+        assert "captured the expert step" in (tmp_path / "logs" / f"expert-{worker}.log").read_text()
 
 
 def colocated_texts(tiny_model, model_args: list[str], extra_env: dict[str, str]) -> list[str]:
@@ -54,14 +56,15 @@ def colocated_texts(tiny_model, model_args: list[str], extra_env: dict[str, str]
     return expected
 
 
-def split_args(tiny_model, model_args: list[str]) -> list[str]:
+def split_args(tiny_model, model_args: list[str], experts: int = 2) -> list[str]:
     return ["--model-path", str(tiny_model), "--moe-a2a-backend", "cuda_ipc", "--attention-workers", "1",
-            "--expert-workers", "2", "--ep-num-redundant-experts", "2", *model_args]
+            "--expert-workers", str(experts), "--ep-num-redundant-experts", str(2 * (experts - 1)), *model_args]
 
 
-def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str]) -> None:
+def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str],
+                      experts: int = 2) -> None:
     expected = colocated_texts(tiny_model, model_args, extra_env)
-    args = split_args(tiny_model, model_args)
+    args = split_args(tiny_model, model_args, experts)
     os.environ.update(extra_env)                    # the deployment's processes inherit it
     with epserve_up(args, tmp_path / "logs") as endpoints:
         served = [generate(endpoints["gateway"], p, max_new_tokens=12, temperature=0.0, timeout_s=300).text

@@ -5,10 +5,12 @@ out of budget reports its error code and still copies."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from epserve.dataplane.cuda_ipc_flags import FLAG_STEP_STRIDE
-from epserve.dataplane.cuda_ipc_handoff import BLOCK, copy_and_signal, wait_and_copy, wait_local_slots
+from epserve.dataplane.cuda_ipc_handoff import (BLOCK, MAX_WAITING_PROGRAMS, copy_and_signal, wait_and_copy,
+                                                wait_local_slots, waiting_programs)
 from epserve.kernels.local_slots import local_slots_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,10 +56,21 @@ def test_wait_and_copy_with_the_flag_set_and_when_the_budget_runs_out():
     assert int(error) == 7 and torch.equal(dst, src)
 
 
-def test_wait_local_slots_equals_the_reference():
+def test_a_wait_larger_than_its_programs_strides_over_every_block():
+    """A prefill-sized wait runs MAX_WAITING_PROGRAMS spinning programs, each copying every G-th block."""
+    src = torch.randn(MAX_WAITING_PROGRAMS * 3 + 1, BLOCK, device=DEVICE)
+    dst = torch.zeros_like(src)
+    flag, counter, error = words(5, 1, 0)
+    assert waiting_programs(src.numel(), BLOCK) == MAX_WAITING_PROGRAMS
+    wait_and_copy(flag, counter, 4, 1, error, 7, 10, src, dst)
+    assert torch.equal(dst, src) and int(error) == 0
+
+
+@pytest.mark.parametrize("tokens", [5, 1000])
+def test_wait_local_slots_equals_the_reference(tokens):
     g = torch.Generator(device=DEVICE).manual_seed(1)
-    slots = torch.randint(-1, 12, (5, 3), generator=g, device=DEVICE)
-    weights = torch.rand(5, 3, generator=g, device=DEVICE)
+    slots = torch.randint(-1, 12, (tokens, 13), generator=g, device=DEVICE)   # 1000 x 13: 13 blocks, 8 programs
+    weights = torch.rand(tokens, 13, generator=g, device=DEVICE)
     flag, counter, error = words(9, 1, 0)
     local, local_weights = wait_local_slots(flag, counter, 8, 1, error, 3, 10, slots, weights, 1, 4, torch.float32)
     want_local, want_weights = local_slots_reference(slots, weights, 1, 4, torch.float32)
