@@ -9,8 +9,8 @@ cast to the model dtype, as transformers' ``GptOssRotaryEmbedding``), stores the
 the ``PagedKVCache`` (the GQA layout every GQA family uses), then per sequence computes the
 attention as transformers' eager GPT-OSS attention does: logits q·k·Dh^-½ over the causal context
 (within ``spec.attention_window(layer)`` positions), each head's sink logit appended as one more
-column, the max subtracted, softmax, the sink column dropped, weights times values. Sinks have no
-Triton path: ``attention_triton.py`` refuses GPT-OSS.
+column, the max subtracted, softmax, the sink column dropped, weights times values. The batched GPU
+runner's backend is ``attention_sinks_triton.py``.
 """
 
 from __future__ import annotations

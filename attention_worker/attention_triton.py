@@ -10,6 +10,9 @@ Per layer, two or three launches and no host work:
    (kernels/paged_attention.py, split-KV with ``num_splits`` chosen once per batch size);
    any other step: ``paged_prefill_attention`` (kernels/paged_prefill.py, causal, variable
    query lengths, context read from the cache).
+Both within the layer's sliding window when the model has one (``spec.attention_window``: windowed
+Mixtral, GPT-OSS's sliding layers). GPT-OSS (attention sinks, YaRN) runs on the subclass in
+``attention_sinks_triton.py``, which passes its sinks through ``attend``.
 
 Everything the kernels read about the batch is in ``GpuAttentionMetadata`` (device tensors, built
 once per step by the runner, or static buffers that a captured CUDA graph reads), so a decode step
@@ -48,40 +51,40 @@ class TritonPagedAttention:
         from epserve.kernels.rope import qk_norm_rope_store
 
         assert spec.mla is None, "multi-head latent attention runs on TritonMlaAttention (attention_mla_triton.py)"
-        if spec.attention_sinks:
-            raise ValueError(f"{spec.architecture} uses attention sinks, which the batched GPU runner "
-                             "(--attention-backend triton, the default on CUDA) does not compute yet: pass "
-                             "--attention-backend torch_native")
-        if spec.sliding_window is not None:
-            raise ValueError(f"{spec.architecture} attends within a sliding window of {spec.sliding_window} positions, "
-                             "which the batched GPU runner (--attention-backend triton, the default on CUDA) does not "
-                             "compute yet: pass --attention-backend torch_native")
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
         self._num_splits = decode_num_splits
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.eps = spec.rms_norm_eps
         self.scale = spec.head_dim ** -0.5
+        self.windows = [spec.attention_window(layer) for layer in range(spec.num_hidden_layers)]  # None: all keys
         device = kv_cache.k[0].device
         # [R/2] float32: RoPE on each head's leading rotary_dim dims (all of them but with partial rotary)
         self.inv_freq = RotaryEmbedding(spec.rotary_dim, spec.rope_theta).inv_freq.to(device)
+        self.attention_factor = 1.0                     # YaRN's cos/sin scale (attention_sinks_triton.py)
 
     def decode_num_splits(self, batch: int, max_context: int, num_sms: int) -> int:
         """The split count S a decode step of ``batch`` sequences runs (and is captured) with."""
         return self._num_splits(batch, self.num_kv_heads, max_context, num_sms)
 
-    def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
+    def forward(self, layer: int, qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                 batch: ForwardBatch) -> torch.Tensor:
-        """qkv [T, (H + 2 Hkv) Dh] → [T, H Dh]."""
+        """qkv [T, (H + 2 Hkv) Dh], q_norm/k_norm [Dh] (None: no q/k norm) → [T, H Dh]."""
+        return self.attend(layer, qkv, batch, q_norm=q_norm, k_norm=k_norm)
+
+    def attend(self, layer: int, qkv: torch.Tensor, batch: ForwardBatch, q_norm: torch.Tensor | None = None,
+               k_norm: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """qkv [T, (H + 2 Hkv) Dh], sinks [H] (None: no attention sinks) → [T, H Dh]."""
         meta: GpuAttentionMetadata = batch.device
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
         q = self._rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim, batch.positions, self.inv_freq,
                              k_cache, v_cache, batch.slot_mapping, q_norm_weight=q_norm, k_norm_weight=k_norm,
-                             eps=self.eps)                                                  # [T, H, Dh]
+                             eps=self.eps, attention_factor=self.attention_factor)         # [T, H, Dh]
+        window = self.windows[layer]
         if meta.decode:
             out = self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
-                               meta.num_splits)
+                               meta.num_splits, sinks=sinks, window=window)
         else:
             out = self._prefill(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
-                                meta.max_query_len, self.scale)
+                                meta.max_query_len, self.scale, sinks=sinks, window=window)
         return out.view(qkv.shape[0], self.num_heads * self.head_dim)

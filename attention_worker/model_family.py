@@ -3,14 +3,14 @@
 A ``ModelFamily`` says how to load the attention side (``epserve/models/<family>.py``), which KV
 cache layout to allocate (GQA: ``PagedKVCache`` keys and values per KV head; MLA: ``MlaKVCache``,
 one latent + rotary key per token) and which attention backends read it: on the host (the CPU
-runner) and on the device (the batched GPU runner: ``TritonPagedAttention`` for GQA, which refuses
-the attention it does not compute — sinks, sliding windows: ``attention_triton.py``; ``TritonMlaAttention``
-for MLA, ``attention_mla_triton.py``). The engine and both runners ask ``model_family(spec)`` instead of
+runner) and on the device (the batched GPU runner: ``TritonPagedAttention`` for GQA, sliding windows
+included, ``attention_triton.py``; ``TritonSinkAttention`` for GPT-OSS's sinks and YaRN,
+``attention_sinks_triton.py``; ``TritonMlaAttention`` for MLA, ``attention_mla_triton.py``). The engine and both runners ask ``model_family(spec)`` instead of
 testing the family themselves.
 
 Families: qwen3_moe, mixtral (Qwen3's attention side without q/k norms, ``models/mixtral.py``),
-glm4_moe (``models/glm4_moe.py``) and gpt_oss (``models/gpt_oss.py``, with the attention-sink backend
-``attention_sinks.py``) on the GQA cache; deepseek_v3, deepseek_v2 on the MLA cache.
+glm4_moe (``models/glm4_moe.py``) and gpt_oss (``models/gpt_oss.py``, with the attention-sink backends
+``attention_sinks.py`` and ``attention_sinks_triton.py``) on the GQA cache; deepseek_v3, deepseek_v2 on the MLA cache.
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ def _sink_attention(kv_cache, spec: ModelSpec):
     return TorchSinkAttention(kv_cache, spec)
 
 
+def _triton_sink_attention(kv_cache, spec: ModelSpec):
+    from epserve.attention_worker.attention_sinks_triton import TritonSinkAttention
+    return TritonSinkAttention(kv_cache, spec)
+
+
 def _load_deepseek(spec, reader, dtype, device, ops):
     from epserve.models.deepseek_v3 import load_attention_side
     return load_attention_side(spec, reader, dtype, device, ops)
@@ -106,7 +111,7 @@ FAMILIES = {
     "mixtral": ModelFamily("mixtral", _load_mixtral, _qwen3_moe_kv_cache, _qwen3_moe_attention, _triton_attention),
     "glm4_moe": ModelFamily("glm4_moe", _load_glm4_moe, _qwen3_moe_kv_cache, _qwen3_moe_attention,
                             _triton_attention),
-    "gpt_oss": ModelFamily("gpt_oss", _load_gpt_oss, _qwen3_moe_kv_cache, _sink_attention, _triton_attention),
+    "gpt_oss": ModelFamily("gpt_oss", _load_gpt_oss, _qwen3_moe_kv_cache, _sink_attention, _triton_sink_attention),
 }
 
 

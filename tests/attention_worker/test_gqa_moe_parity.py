@@ -113,9 +113,16 @@ def test_the_batched_gpu_runner_equals_the_host_runner(family, mixtral_model, gl
     assert generate_tokens(batched, prompts, greedy) == generate_tokens(host, prompts, greedy)
 
 
-def test_gpu_runner_refuses_what_it_does_not_compute(mixtral_model, tmp_path):
-    """Mixtral's sliding window: an error that names the backend to use."""
-    triton = EngineLimits(attention_backend="triton")
+def test_the_batched_gpu_runner_equals_the_host_runner_within_a_sliding_window(mixtral_model, tmp_path):
+    """Mixtral with a 6-position window on the Triton runner (interpreted, float32): prompts longer than
+    the window, prefilled in chunks of at most 10 tokens, then decode steps past it."""
     windowed = with_config(mixtral_model, tmp_path, "windowed", sliding_window=6)
-    with pytest.raises(ValueError, match="sliding window of 6 positions.*--attention-backend torch_native"):
-        build_colocated_engine(str(windowed), torch.float32, limits=triton)
+    prompts, greedy = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=6,
+                                                                                  ignore_eos=True)
+    options = dict(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=10, max_num_seqs=8)
+    host = build_colocated_engine(str(windowed), torch.float32,
+                                  limits=EngineLimits(attention_backend="torch_native", **options))
+    batched = build_colocated_engine(str(windowed), torch.float32,
+                                     limits=EngineLimits(attention_backend="triton", **options))
+    assert batched.runner.attention.windows == [6] * load_model_spec(windowed).num_hidden_layers
+    assert generate_tokens(batched, prompts, greedy) == generate_tokens(host, prompts, greedy)
