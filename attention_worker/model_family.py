@@ -5,8 +5,8 @@ cache layout to allocate (GQA: ``PagedKVCache`` keys and values per KV head; MLA
 one latent + rotary key per token) and which attention backends read it: on the host (the CPU
 runner) and on the device (the batched GPU runner: ``TritonPagedAttention`` for GQA, sliding windows
 included, ``attention_triton.py``; ``TritonSinkAttention`` for GPT-OSS's sinks and YaRN,
-``attention_sinks_triton.py``; ``TritonMlaAttention`` for MLA, ``attention_mla_triton.py``). The engine and both runners ask ``model_family(spec)`` instead of
-testing the family themselves.
+``attention_sinks_triton.py``; ``TritonMlaAttention`` for MLA, ``attention_mla_triton.py``). The
+engine and both runners ask ``model_family(spec)`` instead of testing the family themselves.
 
 Families: qwen3_moe, mixtral (Qwen3's attention side without q/k norms, ``models/mixtral.py``),
 glm4_moe (``models/glm4_moe.py``) and gpt_oss (``models/gpt_oss.py``, with the attention-sink backends
