@@ -1,0 +1,81 @@
+"""GPT-OSS on the batched GPU runner (skipped without CUDA): attention sinks, the 8-position window of the
+even layers and YaRN through the Triton backend (attention_sinks_triton.py), parity with transformers as the
+Qwen3 GPU tests check it. GPT-OSS's experts run on the torch MoE runner only, which syncs with the host, so
+decode steps run eager (no CUDA graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
+from epserve.attention_worker.engine import EngineLimits
+from epserve.sampling import SamplingParams
+from family_parity import OPTIONS
+from test_gpu_engine import PROMPTS, prompt_logits
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_model(tiny_model_factory):
+    return tiny_model_factory(seed=0, arch="gpt_oss", **OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def hf(gpt_oss_model):
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt_oss_model, dtype=torch.float32,
+                                                              experts_implementation="eager").cuda().eval()
+    return model, transformers.AutoTokenizer.from_pretrained(gpt_oss_model)
+
+
+def gpu_engine(model_dir, dtype, **limits):
+    options = dict(num_kv_blocks=256, kv_block_size=16, max_num_batched_tokens=512, max_num_seqs=16,
+                   num_micro_batches=1, cuda_graph_max_bs=16)
+    options.update(limits)
+    return build_colocated_engine(str(model_dir), dtype, "cuda", moe_runner_backend="torch",
+                                  limits=EngineLimits(**options))
+
+
+def test_the_runner_uses_the_sink_kernels(gpt_oss_model):
+    engine = gpu_engine(gpt_oss_model, torch.bfloat16)
+    assert type(engine.runner).__name__ == "GpuStepRunner"
+    assert type(engine.runner.attention).__name__ == "TritonSinkAttention"
+    assert engine.runner.attention.windows == [8, None, 8]
+    assert engine.runner.graphs is None                      # the torch MoE runner is not capturable
+    assert engine.kv_cache.k[0].device.type == "cuda"
+
+
+def test_float32_ragged_logits_match_transformers(gpt_oss_model, hf):
+    model, tok = hf
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ours = prompt_logits(gpu_engine(gpt_oss_model, torch.float32), ids)
+    for prompt_ids, got in zip(ids, ours):
+        with torch.no_grad():
+            want = model(torch.tensor([prompt_ids], device="cuda")).logits[0].float()
+        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert rel <= 1e-4, f"relative error {rel:.3e}"
+
+
+@pytest.mark.parametrize("budget", [512, 8])
+def test_float32_greedy_matches_transformers(gpt_oss_model, hf, budget):
+    """Prefill whole or in chunks of 8 tokens, then 16 decode steps (split-KV with sinks, past the window)."""
+    model, tok = hf
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    engine = gpu_engine(gpt_oss_model, torch.float32, max_num_batched_tokens=budget)
+    ours = generate_tokens(engine, ids, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
+    for prompt_ids, got in zip(ids, ours):
+        want = model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=16, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+        assert got == want
+
+
+def test_bf16_logits_near_float32(gpt_oss_model, hf):
+    _, tok = hf
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    bf16 = prompt_logits(gpu_engine(gpt_oss_model, torch.bfloat16), ids)
+    fp32 = prompt_logits(gpu_engine(gpt_oss_model, torch.float32), ids)
+    for got, want in zip(bf16, fp32):
+        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert rel <= 5e-2, f"relative error {rel:.3e}"
