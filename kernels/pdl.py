@@ -60,6 +60,22 @@ def disabled():
 
 
 @triton.jit
+def pdl_wait_only(USE_PDL: tl.constexpr):
+    """Wait for the previous kernel without letting the next one be launched yet: for kernels that
+    spin on a flag set by another process (epserve/dataplane), so that the next kernel's programs do
+    not sit on SMs, holding their resources, while the peer needs them. Call
+    ``pdl_launch_dependents`` once the wait is over."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_launch_dependents(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def pdl_wait(USE_PDL: tl.constexpr):
     """Wait for the previous kernel in the stream, then let the next one be launched.
 

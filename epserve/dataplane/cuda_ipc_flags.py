@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_launch_dependents, pdl_wait, pdl_wait_only
 
 FLAG_STEP_STRIDE = 1 << 16     # flag values of step s: s * stride + layer + 1 (layers < 65535)
 SPINS_PER_SECOND = 1_000_000   # estimate for the budget: ~1 µs per system-scope atomic round trip
@@ -70,8 +70,9 @@ def spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, bud
 @triton.jit(do_not_specialize=["stride", "offset", "error_code", "budget"])
 def _wait_flag_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget,
                       USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
+    pdl_wait_only(USE_PDL)
     spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget)
+    pdl_launch_dependents(USE_PDL)                      # not while spinning: see kernels/pdl.py
 
 
 def _check_word(name: str, word: torch.Tensor, device: torch.device) -> None:

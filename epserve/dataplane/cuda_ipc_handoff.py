@@ -19,7 +19,9 @@ fold the flag operations of ``cuda_ipc_flags.py`` into the copies next to them:
   what they await. The attention side's ``receive`` from one expert worker.
 - ``wait_local_slots``: the spin, then ``kernels/local_slots.py``'s transform of the choices. The
   expert side's first launch of a layer.
-A wait that runs out of budget raises ``error`` as ``wait_flag`` does and goes on (the host checks
+A waiting kernel lets the next kernel of its stream be launched (PDL) only once its wait is
+over: parked programs of a GEMM would otherwise hold the SMs' shared memory while the peer process
+needs it to produce what is awaited. A wait that runs out of budget raises ``error`` as ``wait_flag`` does and goes on (the host checks
 after the step). On CPU tensors the Triton interpreter runs them (tests; a flag that is not yet set
 then spins the interpreter until the budget runs out).
 """
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from epserve.dataplane.cuda_ipc_flags import _INTERPRETER_LOCK, spin_until
 from epserve.kernels.local_slots import BLOCK as SLOT_BLOCK, local_slots_block
-from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
+from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_launch_dependents, pdl_wait, pdl_wait_only
 
 BLOCK = 2048
 MAX_WAITING_PROGRAMS = 8    # programs that spin: a spinning program holds its SM's warp slots, which the peer
@@ -69,8 +71,9 @@ def _copy_signal_kernel(src0, dst0, n0, src1, dst1, n1, src2, dst2, n2, flag_ptr
 @triton.jit(do_not_specialize=["stride", "offset", "error_code", "budget", "n"])
 def _wait_copy_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget, src_ptr, dst_ptr, n,
                       BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
+    pdl_wait_only(USE_PDL)
     spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget)
+    pdl_launch_dependents(USE_PDL)                      # not while spinning: see kernels/pdl.py
     tl.debug_barrier()
     for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
         _copy_block(src_ptr, dst_ptr, n, block, BLOCK, True)
@@ -80,8 +83,9 @@ def _wait_copy_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_co
 def _wait_local_slots_kernel(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget, slot_ptr,
                              weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker,
                              BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
+    pdl_wait_only(USE_PDL)
     spin_until(flag_ptr, counter_ptr, stride, offset, error_ptr, error_code, budget)
+    pdl_launch_dependents(USE_PDL)
     tl.debug_barrier()
     for block in range(tl.program_id(0), tl.cdiv(numel, BLOCK), tl.num_programs(0)):
         local_slots_block(slot_ptr, weight_ptr, local_ptr, local_weight_ptr, numel, base, slots_per_worker, block,
