@@ -21,9 +21,10 @@ fold the flag operations of ``cuda_ipc_flags.py`` into the copies next to them:
   expert side's first launch of a layer.
 A waiting kernel lets the next kernel of its stream be launched (PDL) only once its wait is
 over: parked programs of a GEMM would otherwise hold the SMs' shared memory while the peer process
-needs it to produce what is awaited. A wait that runs out of budget raises ``error`` as ``wait_flag`` does and goes on (the host checks
-after the step). On CPU tensors the Triton interpreter runs them (tests; a flag that is not yet set
-then spins the interpreter until the budget runs out).
+needs it to produce what is awaited. A wait that runs out of budget raises ``error`` as
+``wait_flag`` does and goes on (the host checks after the step). On CPU tensors the Triton
+interpreter runs them (tests; a flag that is not yet set then spins the interpreter until the
+budget runs out).
 """
 
 from __future__ import annotations
