@@ -6,7 +6,7 @@
 # (PYTHONFAULTHANDLER: their Python stacks land in their logs). Results under $OUT.
 set -u
 R=${OUT:-/tmp/calll_out}
-W=/tmp/calll_work
+W=$R        # straight under $OUT: what ran comes back even if the call is cut short
 mkdir -p "$R"
 source bench/gpu/device_env.sh
 export PYTHONFAULTHANDLER=1
@@ -26,8 +26,7 @@ if kill -0 $PID 2>/dev/null; then
     kill $PID; sleep 2; pkill -9 -f serve_deployed; pkill -9 -f "epserve "
 fi
 wait $PID 2>/dev/null; echo "deployed exit $?" >> "$W/deployed.txt"
-cp "$W"/deployed/*.json "$R"/ 2>/dev/null
-tar czf "$R/all_l.tgz" -C "$W" .
+tar czf "$R/logs_l.tgz" -C "$W" deployed_logs deployed pip.txt 2>/dev/null; rm -rf "$W/deployed_logs" "$W/pip.txt"
 cat "$W/gpu.txt"
 grep -E "passed|failed|FAILED|Error|exit" "$W/tests_step.txt" "$W/tests_gpt_oss.txt" | tail -16
 grep -v "^RESULT" "$W/deployed.txt" | tail -14
