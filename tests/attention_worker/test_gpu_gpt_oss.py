@@ -16,6 +16,16 @@ from test_gpu_engine import PROMPTS, prompt_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 transformers = pytest.importorskip("transformers")
+# Compiled on a GPU the Triton sink backend's logits are 0.1–0.3 off transformers' (exact under the
+# interpreter): the engine refuses it there unless EPSERVE_GPT_OSS_TRITON=1 (model_family.py). These tests
+# run it anyway and are expected to fail until the cause is found; strict: a pass says it is fixed.
+KNOWN_GPU_MISMATCH = pytest.mark.xfail(strict=True, reason="GPT-OSS's Triton backend differs on a GPU "
+                                                            "(bench/gpu/diag_gpt_oss.py); cause not found yet")
+
+
+@pytest.fixture(autouse=True)
+def _allow_the_triton_sink_backend(monkeypatch):
+    monkeypatch.setenv("EPSERVE_GPT_OSS_TRITON", "1")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +57,7 @@ def test_the_runner_uses_the_sink_kernels(gpt_oss_model):
     assert engine.kv_cache.k[0].device.type == "cuda"
 
 
+@KNOWN_GPU_MISMATCH
 def test_float32_ragged_logits_match_transformers(gpt_oss_model, hf):
     model, tok = hf
     ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -58,6 +69,7 @@ def test_float32_ragged_logits_match_transformers(gpt_oss_model, hf):
         assert rel <= 1e-4, f"relative error {rel:.3e}"
 
 
+@KNOWN_GPU_MISMATCH
 @pytest.mark.parametrize("budget", [512, 8])
 def test_float32_greedy_matches_transformers(gpt_oss_model, hf, budget):
     """Prefill whole or in chunks of 8 tokens, then 16 decode steps (split-KV with sinks, past the window)."""
@@ -71,6 +83,7 @@ def test_float32_greedy_matches_transformers(gpt_oss_model, hf, budget):
         assert got == want
 
 
+@KNOWN_GPU_MISMATCH
 def test_bf16_logits_near_float32(gpt_oss_model, hf):
     _, tok = hf
     ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -79,3 +92,9 @@ def test_bf16_logits_near_float32(gpt_oss_model, hf):
     for got, want in zip(bf16, fp32):
         rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
         assert rel <= 5e-2, f"relative error {rel:.3e}"
+
+
+def test_refused_on_a_gpu_without_the_opt_in(gpt_oss_model, monkeypatch):
+    monkeypatch.delenv("EPSERVE_GPT_OSS_TRITON")
+    with pytest.raises(ValueError, match="--attention-backend torch_native"):
+        gpu_engine(gpt_oss_model, torch.bfloat16)
