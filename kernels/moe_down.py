@@ -29,8 +29,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from epserve.kernels.moe_align import SlotAlignment
 from epserve.kernels.moe_tiles import (GemmConfig, PersistentSplitTmaGemmConfig, block_slot, dot_acc, grouped_pid,
-                                       grouped_tile, nth_tile, programs_for, slot_block, split_layout, split_tile,
-                                       split_tiles_bound)
+                                       persistent_full_tile, persistent_half_tile, persistent_half_tiles,
+                                       persistent_layout, programs_for, slot_block, split_tile, split_tiles_bound)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
@@ -199,22 +199,18 @@ def _down_tma_persistent_kernel(a_desc, a_half_desc, w_desc, out_desc, out_half_
     """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
-    starts, counts, fulls, full_ends, odd_ends = split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
+    layout, num_full = persistent_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
     num_pid_n = tl.cdiv(D, BN)
-    num_full = tl.sum(fulls, axis=0)
-    pid = tl.program_id(0)
-    for tile in tl.range(pid, num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
-        pid_m, pid_n = grouped_tile(tile, num_full, num_pid_n, GROUP_M)
-        slot, m_start, seg_start, seg_count = nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
+    for tile in tl.range(tl.program_id(0), num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        slot, m_start, seg_start, seg_count, pid_n = persistent_full_tile(tile, layout, num_full, num_pid_n, S_P2,
+                                                                          HALF, GROUP_M)
         _down_tma_tile(a_desc, w_desc, out_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start, seg_start,
                        seg_count, slot, pid_n, D, I, stride_ra, BM, BN, BK, TMA_STORE)
-    # the programs that ran one tile fewer take the half tiles first
-    first = (pid + NUM_PROGS - (num_full * num_pid_n) % NUM_PROGS) % NUM_PROGS
-    for tile in tl.range(first, tl.max(odd_ends, axis=0) * num_pid_n, NUM_PROGS, flatten=FLATTEN):
-        slot, m_start, seg_start, seg_count = nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2,
-                                                        HALF, False)
+    first, num_half = persistent_half_tiles(layout, num_full, num_pid_n, NUM_PROGS)
+    for tile in tl.range(first, num_half, NUM_PROGS, flatten=FLATTEN):
+        slot, m_start, seg_start, seg_count, pid_n = persistent_half_tile(tile, layout, num_pid_n, S_P2, HALF)
         _down_tma_tile(a_half_desc, w_desc, out_half_desc, rows_ptr, topk_w_ptr, sorted_ids_ptr, m_start,
-                       seg_start, seg_count, slot, tile % num_pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE)
+                       seg_start, seg_count, slot, pid_n, D, I, stride_ra, HALF, BN, BK, TMA_STORE)
 
 
 def _launch_down_tma(kernel, rows_per_pid: int, act, w2, weights, align, config,

@@ -27,9 +27,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from epserve.kernels.moe_align import SlotAlignment
 from epserve.kernels.moe_tiles import (GemmConfig, PersistentSplitTmaGemmConfig, SplitTmaGemmConfig,  # noqa: F401
-                                       TmaGemmConfig, alignment_block, block_slot, dot_acc, grouped_pid, grouped_tile,
-                                       nth_tile, programs_for, slot_block, split_layout, split_tile,
-                                       split_tiles_bound)
+                                       TmaGemmConfig, alignment_block, block_slot, dot_acc, grouped_pid,
+                                       persistent_full_tile, persistent_half_tile, persistent_half_tiles,
+                                       persistent_layout, programs_for, slot_block, split_tile, split_tiles_bound)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 
@@ -186,23 +186,18 @@ def _gate_up_tma_persistent_kernel(x_ptr, w_desc, act_ptr, act_desc, act_half_de
     """The split tiles, NUM_PROGS programs each looping over them (``num_pid_m`` unused)."""
     HALF: tl.constexpr = BM // 2
     pdl_wait(USE_PDL)
-    starts, counts, fulls, full_ends, odd_ends = split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
+    layout, num_full = persistent_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
     num_pid_n = tl.cdiv(I, BN)
-    num_full = tl.sum(fulls, axis=0)
-    pid = tl.program_id(0)
-    for tile in tl.range(pid, num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
-        pid_m, pid_n = grouped_tile(tile, num_full, num_pid_n, GROUP_M)
-        slot, m_start, seg_start, seg_count = nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
+    for tile in tl.range(tl.program_id(0), num_full * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        slot, m_start, seg_start, seg_count, pid_n = persistent_full_tile(tile, layout, num_full, num_pid_n, S_P2,
+                                                                          HALF, GROUP_M)
         _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_desc, sorted_ids_ptr, m_start, seg_start, seg_count,
                           slot, pid_n, top_k, D, I, stride_xt, stride_ap, BM, BN, BK, EVEN_K, TMA_STORE)
-    # the programs that ran one tile fewer take the half tiles first
-    first = (pid + NUM_PROGS - (num_full * num_pid_n) % NUM_PROGS) % NUM_PROGS
-    for tile in tl.range(first, tl.max(odd_ends, axis=0) * num_pid_n, NUM_PROGS, flatten=FLATTEN):
-        slot, m_start, seg_start, seg_count = nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2,
-                                                        HALF, False)
+    first, num_half = persistent_half_tiles(layout, num_full, num_pid_n, NUM_PROGS)
+    for tile in tl.range(first, num_half, NUM_PROGS, flatten=FLATTEN):
+        slot, m_start, seg_start, seg_count, pid_n = persistent_half_tile(tile, layout, num_pid_n, S_P2, HALF)
         _gate_up_tma_tile(x_ptr, w_desc, act_ptr, act_half_desc, sorted_ids_ptr, m_start, seg_start, seg_count,
-                          slot, tile % num_pid_n, top_k, D, I, stride_xt, stride_ap, HALF, BN, BK, EVEN_K,
-                          TMA_STORE)
+                          slot, pid_n, top_k, D, I, stride_xt, stride_ap, HALF, BN, BK, EVEN_K, TMA_STORE)
 
 
 def _launch_gate_up_tma(kernel, rows_per_pid: int, hidden, w13, align, top_k, config,

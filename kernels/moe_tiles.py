@@ -153,6 +153,41 @@ def nth_tile(pid_m, tile_ends, starts, counts, fulls, S_P2: tl.constexpr, HALF: 
 
 
 @triton.jit
+def persistent_layout(offsets_ptr, counts_ptr, num_slots, S_P2: tl.constexpr, HALF: tl.constexpr):
+    """``split_layout`` and its number of full-height row tiles, for persistent programs: (layout, num_full)."""
+    layout = split_layout(offsets_ptr, counts_ptr, num_slots, S_P2, HALF)
+    return layout, tl.sum(layout[2], axis=0)
+
+
+@triton.jit
+def persistent_full_tile(tile, layout, num_full, num_pid_n, S_P2: tl.constexpr, HALF: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    """A persistent program's tile-th full-height tile (grouped) → (slot, m_start, seg_start, seg_count, pid_n)."""
+    starts, counts, fulls, full_ends, _ = layout
+    pid_m, pid_n = grouped_tile(tile, num_full, num_pid_n, GROUP_M)
+    slot, m_start, seg_start, seg_count = nth_tile(pid_m, full_ends, starts, counts, fulls, S_P2, HALF, True)
+    return slot, m_start, seg_start, seg_count, pid_n
+
+
+@triton.jit
+def persistent_half_tiles(layout, num_full, num_pid_n, NUM_PROGS: tl.constexpr):
+    """(this program's first half-height tile, the number of them): the programs that ran one full tile
+    fewer take the half tiles first."""
+    pid = tl.program_id(0)
+    first = (pid + NUM_PROGS - (num_full * num_pid_n) % NUM_PROGS) % NUM_PROGS
+    return first, tl.max(layout[4], axis=0) * num_pid_n
+
+
+@triton.jit
+def persistent_half_tile(tile, layout, num_pid_n, S_P2: tl.constexpr, HALF: tl.constexpr):
+    """The tile-th half-height tile → (slot, m_start, seg_start, seg_count, pid_n)."""
+    starts, counts, fulls, _, odd_ends = layout
+    slot, m_start, seg_start, seg_count = nth_tile(tile // num_pid_n, odd_ends, starts, counts, fulls, S_P2, HALF,
+                                                    False)
+    return slot, m_start, seg_start, seg_count, tile % num_pid_n
+
+
+@triton.jit
 def grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
 
