@@ -8,8 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from epserve.attention_worker.attention_sinks import TorchSinkAttention
+from epserve.attention_worker.attention_sinks_triton import TritonSinkAttention
+from epserve.attention_worker.attention_triton import GpuAttentionMetadata
 from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
 from epserve.attention_worker.engine import EngineLimits
+from epserve.attention_worker.kv_cache import PagedKVCache
+from epserve.model_config import load_model_spec
+from epserve.models.decoder import ForwardBatch
 from epserve.sampling import SamplingParams
 from family_parity import OPTIONS
 from test_gpu_engine import PROMPTS, prompt_logits
@@ -55,6 +61,37 @@ def test_the_runner_uses_the_sink_kernels(gpt_oss_model):
     assert engine.runner.attention.windows == [8, None, 8]
     assert engine.runner.graphs is None                      # the torch MoE runner is not capturable
     assert engine.kv_cache.k[0].device.type == "cuda"
+
+
+def test_backend_equals_the_cpu_backend_on_the_gpu(gpt_oss_model):
+    """Where the engine's logits part (diagnosis): the Triton sink backend compiled on the GPU against the CPU
+    backend's torch ops on the same GPU tensors, for the prefill the parity tests run (four fresh prompts of
+    18, 8, 19, 13 tokens, 16-token blocks) in a windowed and a full layer, float32."""
+    spec = load_model_spec(gpt_oss_model)
+    heads, kv_heads, head_dim, block = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim, 16
+    caches = [PagedKVCache(2, 16, block, kv_heads, head_dim, torch.float32, "cuda") for _ in range(2)]
+    gpu, cpu = TritonSinkAttention(caches[0], spec), TorchSinkAttention(caches[1], spec)
+    lens, tables = [18, 8, 19, 13], [[3, 7], [0], [5, 9], [12]]
+    positions = [p for n in lens for p in range(n)]
+    slots = [t[p // block] * block + p % block for t, n in zip(tables, lens) for p in range(n)]
+    meta = GpuAttentionMetadata(
+        block_tables=torch.tensor([t + [0] * (2 - len(t)) for t in tables], dtype=torch.int32, device="cuda"),
+        context_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        query_start_loc=torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32),
+        max_query_len=max(lens), decode=False)
+    batch = ForwardBatch(torch.zeros(len(positions), dtype=torch.long, device="cuda"),
+                         torch.tensor(positions, device="cuda"), lens, lens, tables,
+                         torch.tensor(slots, device="cuda"), device=meta)
+    g = torch.Generator().manual_seed(0)
+    sinks = (torch.randn(heads, generator=g) * 2).cuda()
+    for layer in (0, 1):
+        qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * head_dim, generator=g).cuda()
+        got, want = gpu.forward(layer, qkv, sinks, batch), cpu.forward(layer, qkv, sinks, batch)
+        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        torch.testing.assert_close(caches[0].v[layer], caches[1].v[layer], rtol=0, atol=0, msg=f"v, layer {layer}")
+        torch.testing.assert_close(caches[0].k[layer], caches[1].k[layer], rtol=1e-5, atol=1e-5,
+                                   msg=f"k, layer {layer}")
+        assert rel < 1e-5, f"layer {layer}: relative error {rel:.3e}"
 
 
 @KNOWN_GPU_MISMATCH

@@ -139,6 +139,24 @@ def test_prefill_default_tiles_long_runs(window):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("window", [8, None])
+def test_prefill_float32_default_tiles_at_the_tiny_gpt_oss_shape(window):
+    """What the GPU engine launches for the tiny GPT-OSS's prompt logits (bench/gpu/diag_gpt_oss.py): float32,
+    the default tiles (64 rows of 32 tokens x 2 heads, 64-key tiles), H=4, Hkv=2, Dh=16, 16-token blocks,
+    four fresh prompts, sinks, the even layers' window of 8 and the odd layers' none."""
+    q_lens = [18, 8, 19, 13]
+    q, k_cache, v_cache, tables, starts, context_lens, scale = prefill_case((4, 2, 16, 16), torch.float32, q_lens,
+                                                                            q_lens, seed=17)
+    sinks = make_sinks(4, seed=6)
+    ref = paged_prefill_attention_reference(*as_double(q, k_cache, v_cache), tables, starts, context_lens, scale,
+                                            sinks=sinks, window=window)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, starts, context_lens, max(q_lens), scale,
+                                  sinks=sinks, window=window)
+    assert rel_err(out, ref) < 1e-5
+    firsts = starts[:-1].long()                                           # each prompt's position 0
+    assert rel_err(out[firsts], ref[firsts]) < 1e-5
+
+
 def test_prefill_rows_of_q_len_1_equal_decode():
     shape, contexts, sinks = (6, 2, 16, 4), [1, 5, 17, 33, 70], make_sinks(6, seed=5)
     q, k_cache, v_cache, tables, context_lens, scale = decode_case(shape, torch.float32, contexts, seed=2)
