@@ -2,7 +2,8 @@
 logits of the GPU engine (Triton sink attention), transformers on the CPU and transformers on the GPU;
 pairwise relative errors (worst prompt), and where along the prompt the GPU engine first parts.
 
-Run on the GPU machine: ``PYTHONPATH=.:tests:tests/attention_worker python3 bench/gpu/diag_gpt_oss.py``
+Run on the GPU machine (the engine refuses GPT-OSS on the Triton GPU backend without the opt-in):
+``EPSERVE_GPT_OSS_TRITON=1 PYTHONPATH=.:tests:tests/attention_worker python3 bench/gpu/diag_gpt_oss.py``
 """
 
 from __future__ import annotations
