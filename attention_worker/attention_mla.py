@@ -29,6 +29,17 @@ from epserve.models.decoder import ForwardBatch
 from epserve.models.rope_scaling import MlaRotaryEmbedding, mla_softmax_scale
 
 
+def rotate_query_and_key(rope: MlaRotaryEmbedding, nope_dim: int, rope_dim: int, q: torch.Tensor,
+                         k_rope: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, Dn + Dr], k_rope [T, Dr] → (q_nope [T, H, Dn], q_rope [T, H, Dr], k_rope [T, Dr]), the rotary
+    parts turned at ``batch.positions`` (cos/sin tables built once per forward, in ``batch.backend_state``)."""
+    if "mla_rope" not in batch.backend_state:
+        batch.backend_state["mla_rope"] = rope.tables(batch.positions, q.dtype)
+    tables = batch.backend_state["mla_rope"]
+    q_nope, q_rope = q.split([nope_dim, rope_dim], dim=-1)
+    return q_nope, rope.apply(q_rope, tables), rope.apply(k_rope.unsqueeze(1), tables).squeeze(1)
+
+
 class TorchMlaAttention:
     def __init__(self, kv_cache: MlaKVCache, spec: ModelSpec, absorbed_max_new_tokens: int = 1) -> None:
         """``absorbed_max_new_tokens``: sequences with at most this many new tokens use the absorbed
@@ -47,12 +58,7 @@ class TorchMlaAttention:
                 kv_b_proj: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, H, Dn + Dr], latent [T, C], k_rope [T, Dr], kv_b_proj [H (Dn + Dv), C] → [T, H Dv]."""
         num_tokens, heads = q.shape[0], self.num_heads
-        if "mla_rope" not in batch.backend_state:             # once per forward, not per layer
-            batch.backend_state["mla_rope"] = self.rope.tables(batch.positions, q.dtype)
-        tables = batch.backend_state["mla_rope"]
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = self.rope.apply(q_rope, tables)                                        # [T, H, Dr]
-        k_rope = self.rope.apply(k_rope.unsqueeze(1), tables).squeeze(1)               # [T, Dr]
+        q_nope, q_rope, k_rope = rotate_query_and_key(self.rope, self.nope_dim, self.rope_dim, q, k_rope, batch)
         pool = self.kv_cache.kv[layer]                                                   # [N, Bs, C + Dr]
         pool.view(-1, pool.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_rope], dim=-1)
         w_kv = kv_b_proj.view(heads, self.nope_dim + self.v_dim, self.latent_dim)       # [H, Dn + Dv, C]

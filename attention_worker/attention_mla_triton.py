@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from epserve.attention_worker.attention_mla import rotate_query_and_key
 from epserve.attention_worker.attention_triton import GpuAttentionMetadata
 from epserve.attention_worker.mla_kv_cache import MlaKVCache
 from epserve.model_config import ModelSpec
@@ -64,12 +65,7 @@ class TritonMlaAttention:
         """q [T, H, Dn + Dr], latent [T, C], k_rope [T, Dr], kv_b_proj [H (Dn + Dv), C] → [T, H Dv]."""
         meta: GpuAttentionMetadata = batch.device
         num_tokens, heads, latent_dim = q.shape[0], self.num_heads, self.latent_dim
-        if "mla_rope" not in batch.backend_state:             # once per forward, not per layer
-            batch.backend_state["mla_rope"] = self.rope.tables(batch.positions, q.dtype)
-        tables = batch.backend_state["mla_rope"]
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = self.rope.apply(q_rope, tables)                                        # [T, H, Dr]
-        k_rope = self.rope.apply(k_rope.unsqueeze(1), tables).squeeze(1)               # [T, Dr]
+        q_nope, q_rope, k_rope = rotate_query_and_key(self.rope, self.nope_dim, self.rope_dim, q, k_rope, batch)
         cache = self.kv_cache.kv[layer]                                                  # [N, Bs, C + Dr]
         self._store(latent, k_rope, cache, batch.slot_mapping)
         w_uk, w_uv = kv_b_proj.view(heads, self.nope_dim + self.v_dim, latent_dim).split(

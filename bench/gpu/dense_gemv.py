@@ -15,10 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_gpu import copy_bandwidth  # noqa: E402
 
 SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096)}
 LAYERS = 48
@@ -29,20 +35,6 @@ def variants(m: int):
     if m == 1:
         out["mv"] = lambda x, w: torch.mv(w, x[0])[None]
     return out
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 def time_call(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
