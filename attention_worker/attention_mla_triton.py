@@ -36,8 +36,8 @@ from epserve.models.rope_scaling import MlaRotaryEmbedding, mla_softmax_scale
 
 class TritonMlaAttention:
     def __init__(self, kv_cache: MlaKVCache, spec: ModelSpec) -> None:
-        from epserve.kernels.mla_attention import (mla_decode_attention, mla_decode_num_splits, mla_prefill_attention,
-                                                   mla_store_latent)
+        from epserve.kernels.mla_attention import mla_decode_attention, mla_decode_num_splits, mla_prefill_attention
+        from epserve.kernels.mla_store import mla_store_latent
 
         mla = spec.mla
         assert mla is not None, "TritonMlaAttention needs a model with multi-head latent attention"

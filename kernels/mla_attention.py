@@ -28,8 +28,7 @@ ahead, as in kernels/paged_attention.py.
   (cdiv(max n, TOKENS), B, cdiv(H, HEADS)); a program packs TOKENS query tokens × HEADS heads into
   BLOCK_M rows (row r: token r // HEADS, head r % HEADS). New token i of sequence b sits at position
   ``L - n + i`` and sees cache positions ``0 ..= L - n + i`` (the new rows are already stored).
-- ``mla_store_latent``: the step's latents and rotated keys into the cache at ``slot_mapping``
-  (-1: a padding row, nothing stored).
+The step's latents and rotated keys go into the cache first (``kernels/mla_store.py``).
 
 No host syncs: lengths and tables are device tensors, shapes and S are host ints, so each launch
 can be captured in a CUDA graph; on Hopper the kernels launch with PDL (kernels/pdl.py). Each
@@ -423,51 +422,3 @@ def mla_prefill_attention_reference(q: torch.Tensor, cache: torch.Tensor, block_
         positions = torch.arange(context - (end - start), context, device=q.device)
         out[start:end] = attend_latents_reference(q[start:end].to(compute_dtype), rows, positions, latent_dim, scale)
     return out
-
-
-# ---- the cache store ----------------------------------------------------------------------------
-
-@triton.jit
-def _store_latent_kernel(latent_ptr, rope_ptr, cache_ptr, slot_ptr, stride_lt, stride_rt,
-                         C: tl.constexpr, C_P: tl.constexpr, DR: tl.constexpr, DR_P: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    """grid (T,): cache row ``slot_mapping[t]`` = latent[t] ++ k_rope[t]; slot -1 stores nothing."""
-    pdl_wait(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    row = cache_ptr + slot * (C + DR)
-    offs_c = tl.arange(0, C_P)
-    offs_r = tl.arange(0, DR_P)
-    tl.store(row + offs_c, tl.load(latent_ptr + t * stride_lt + offs_c, mask=offs_c < C), mask=offs_c < C)
-    tl.store(row + C + offs_r, tl.load(rope_ptr + t * stride_rt + offs_r, mask=offs_r < DR), mask=offs_r < DR)
-
-
-def mla_store_latent(latent: torch.Tensor, k_rope: torch.Tensor, cache: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> None:
-    """latent [T, C], k_rope [T, Dr] (rotated) → cache [N, Bs, C + Dr] (contiguous) rows at
-    ``slot_mapping`` [T] (flat slot ``block * Bs + offset``; -1: skipped)."""
-    num_tokens, latent_dim = latent.shape
-    rope_dim = k_rope.shape[1]
-    assert k_rope.shape[0] == num_tokens and slot_mapping.shape == (num_tokens,), \
-        f"latent [T, C], k_rope [T, Dr], slot_mapping [T] disagree: {tuple(latent.shape)}, {tuple(k_rope.shape)}, " \
-        f"{tuple(slot_mapping.shape)}"
-    assert cache.is_contiguous() and cache.shape[2] == latent_dim + rope_dim, \
-        f"cache must be contiguous [N, Bs, C + Dr = {latent_dim + rope_dim}], got {tuple(cache.shape)}"
-    assert latent.dtype == k_rope.dtype == cache.dtype, \
-        f"latent, k_rope, cache dtypes differ: {latent.dtype}, {k_rope.dtype}, {cache.dtype}"
-    assert latent.stride(1) == 1 and k_rope.stride(1) == 1, "latent and k_rope rows must be contiguous"
-    if num_tokens == 0:
-        return
-    _store_latent_kernel[(num_tokens,)](
-        latent, k_rope, cache, slot_mapping, latent.stride(0), k_rope.stride(0),
-        C=latent_dim, C_P=triton.next_power_of_2(latent_dim), DR=rope_dim, DR_P=triton.next_power_of_2(rope_dim),
-        num_warps=4, **launch_options(pdl_enabled(latent.device)))
-
-
-def mla_store_latent_reference(latent: torch.Tensor, k_rope: torch.Tensor, cache: torch.Tensor,
-                               slot_mapping: torch.Tensor) -> None:
-    """Same contract in torch; host syncs."""
-    keep = slot_mapping >= 0
-    cache.view(-1, cache.shape[2])[slot_mapping[keep]] = torch.cat([latent, k_rope], dim=-1)[keep]

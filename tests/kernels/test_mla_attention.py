@@ -15,8 +15,8 @@ from kernel_test_utils import TOLERANCE, rel_err
 from epserve.kernels.paged_attention import DecodeWorkspace
 from epserve.kernels.mla_attention import (MlaDecodeConfig, MlaPrefillConfig, mla_decode_attention,
                                            mla_decode_attention_reference, mla_decode_num_splits,
-                                           mla_prefill_attention, mla_prefill_attention_reference,
-                                           mla_store_latent, mla_store_latent_reference)
+                                           mla_prefill_attention, mla_prefill_attention_reference)
+from epserve.kernels.mla_store import mla_store_latent, mla_store_latent_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (H, C, Dr, Bs): H under one 16-head block, over one (a partial second block); Dr 8 (padded to 16), 24 (to 32)
