@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +10,8 @@ from pathlib import Path
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
 from epserve.dataplane import BACKENDS as MOE_A2A_BACKENDS
-from epserve.dummy_weights import check_load_format
 from epserve.grpc_security import PLAINTEXT, Security
-from epserve.process_flags import DTYPE_CHOICES as DTYPES
+from epserve.process_flags import check_worker_config
 
 HEATMAP_ENV = ("EPSERVE_EPLB_HEATMAP_COLLECTION_INTERVAL", "SGLANG_EPLB_HEATMAP_COLLECTION_INTERVAL")
 
@@ -94,11 +91,7 @@ class AttentionWorkerConfig:
     security: Security = field(default=PLAINTEXT, repr=False)   # the deployment's token + TLS
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if ":" not in self.placement:
-            raise ValueError(f"--placement must be HOST:PORT, got {self.placement!r}")
-        check_load_format(self.load_format)
+        check_worker_config(self, "attn")
         if self.moe_a2a_backend not in MOE_A2A_BACKENDS:
             raise ValueError(f"--moe-a2a-backend must be one of {MOE_A2A_BACKENDS}, got {self.moe_a2a_backend!r}")
         try:
@@ -118,8 +111,6 @@ class AttentionWorkerConfig:
         if self.elastic_ep_recovery_timeout_s <= 0:
             raise ValueError(f"--elastic-ep-recovery-timeout-s must be > 0, got {self.elastic_ep_recovery_timeout_s}")
         check_engine_limits(self.limits, self.max_context)
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {self.metrics_port}")
         if self.enable_expert_distribution_metrics and self.metrics_port is None:
             raise ValueError("--enable-expert-distribution-metrics adds series to /metrics, which is off: add "
                              "--metrics-port N (0 = a free port)")
@@ -133,10 +124,6 @@ class AttentionWorkerConfig:
             raise ValueError(f"--max-message-bytes must be >= 1 MiB, got {self.max_message_bytes}")
         if self.trace_step_every < 0:
             raise ValueError(f"--trace-step-every must be >= 0 (0 = no per-step spans), got {self.trace_step_every}")
-        if not self.advertise_host:
-            self.advertise_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        if not self.worker_id:
-            self.worker_id = f"attn-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
     @property
     def colocated(self) -> bool:

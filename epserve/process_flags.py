@@ -3,7 +3,8 @@
 - ``add_bind_arguments``: ``--host``, ``--port`` (the process's gRPC server);
 - ``add_worker_arguments``: what an attention or expert worker needs to join a deployment
   (``--placement``, ``--advertise-host``, ``--worker-id``) and to load its weights (``--dtype``,
-  ``--device``, ``--load-format``, ``--num-threads``);
+  ``--device``, ``--load-format``, ``--num-threads``), and ``check_worker_config``, what a worker
+  config checks of them;
 - ``add_telemetry_arguments``: ``--metrics-port``, ``--otlp-endpoint``, ``--log-level``.
 
 A flag's default is its config field's default (``config_defaults``), never written twice, and
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import uuid
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from typing import Any
@@ -61,6 +64,25 @@ def add_worker_arguments(p: argparse.ArgumentParser, defaults: Mapping[str, Any]
     p.add_argument("--load-format", default=defaults["load_format"], choices=LOAD_FORMATS, help=LOAD_FORMAT_HELP)
     p.add_argument("--num-threads", type=int, default=defaults["num_threads"],
                    help="torch CPU threads (default %(default)s)")
+
+
+def check_worker_config(config: Any, id_prefix: str) -> None:
+    """What a worker config's ``__post_init__`` checks of the flags above, and the defaults it fills: an
+    empty ``advertise_host`` becomes the bind host (loopback for a wildcard bind), an empty ``worker_id``
+    ``<id_prefix>-<hostname>-<6 hex>``."""
+    from epserve.dummy_weights import check_load_format
+
+    if config.dtype not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype must be one of {DTYPE_CHOICES}, got {config.dtype!r}")
+    if ":" not in config.placement:
+        raise ValueError(f"--placement must be HOST:PORT, got {config.placement!r}")
+    check_load_format(config.load_format)
+    if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must be in 0..65535 (0 = a free port), got {config.metrics_port}")
+    if not config.advertise_host:
+        config.advertise_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    if not config.worker_id:
+        config.worker_id = f"{id_prefix}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
 def add_telemetry_arguments(p: argparse.ArgumentParser, defaults: Mapping[str, Any], service_name: str,
