@@ -113,6 +113,20 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0
 
 
 @triton.jit
+def _attend_range(acc, m_i, l_i, block, start, end, q, k_cache_ptr, v_cache_ptr, table, head_off, pos, kv_end,
+                  qk_scale, stride_kn, stride_kt, BS: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key tiles [start, end) (``block``: the first one's block ids) → the online softmax state and the
+    block ids of the tile at ``end``, each tile's ids loaded a tile ahead."""
+    for n0 in range(start, end, BLOCK_N):
+        next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos, kv_end,
+                                     qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, CAUSAL, WINDOW, DOT_PRECISION)
+        block = next_block
+    return acc, m_i, l_i, block
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_ptr, context_lens_ptr, out_ptr,
                     sinks_ptr, qk_scale, num_q_blocks,
                     stride_qt, stride_qh, stride_kn, stride_kt, stride_kh, stride_tb, stride_ot, stride_oh,
@@ -154,32 +168,18 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_ptr,
         whole = tl.cdiv(tl.maximum(kv_end - WINDOW, 0), BLOCK_N) * BLOCK_N
         window_end = tl.minimum(tl.maximum(whole, first_tile), unmasked_end)
         block = _table_tile(table, first_tile, kv_end, BS, BLOCK_N)
-        for n0 in range(first_tile, window_end, BLOCK_N):
-            next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
-                                         kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, WINDOW,
-                                         DOT_PRECISION)
-            block = next_block
-        for n0 in range(window_end, unmasked_end, BLOCK_N):
-            next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
-                                         kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, WINDOW,
-                                         DOT_PRECISION)
-            block = next_block
+        acc, m_i, l_i, block = _attend_range(acc, m_i, l_i, block, first_tile, window_end, q, k_cache_ptr, v_cache_ptr,
+                                             table, head_off, pos, kv_end, qk_scale, stride_kn, stride_kt, BS,
+                                             BLOCK_N, DH, True, WINDOW, DOT_PRECISION)
     else:
+        window_end = 0
         block = _table_tile(table, 0, kv_end, BS, BLOCK_N)
-        for n0 in range(0, unmasked_end, BLOCK_N):
-            next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
-                                         kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, False, WINDOW,
-                                         DOT_PRECISION)
-            block = next_block
-    for n0 in range(unmasked_end, kv_end, BLOCK_N):
-        next_block = _table_tile(table, n0 + BLOCK_N, kv_end, BS, BLOCK_N)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block, head_off, n0, pos,
-                                     kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N, DH, True, WINDOW,
-                                     DOT_PRECISION)
-        block = next_block
+    acc, m_i, l_i, block = _attend_range(acc, m_i, l_i, block, window_end, unmasked_end, q, k_cache_ptr, v_cache_ptr,
+                                         table, head_off, pos, kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N,
+                                         DH, False, WINDOW, DOT_PRECISION)
+    acc, m_i, l_i, block = _attend_range(acc, m_i, l_i, block, unmasked_end, kv_end, q, k_cache_ptr, v_cache_ptr,
+                                         table, head_off, pos, kv_end, qk_scale, stride_kn, stride_kt, BS, BLOCK_N,
+                                         DH, True, WINDOW, DOT_PRECISION)
     if HAS_SINKS:
         acc, m_i, l_i = add_sink(acc, m_i, l_i, sinks_ptr, heads, row_ok)
     out = acc / l_i[:, None]
