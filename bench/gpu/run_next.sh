@@ -13,6 +13,7 @@ export PYTHONPATH=$PYTHONPATH:$PWD/tests:$PWD/tests/attention_worker
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$W/gpu.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels/test_rope.py \
     tests/kernels/test_paged_attention_sinks.py tests/attention_worker/test_gpu_gpt_oss.py \
+    tests/attention_worker/test_gpu_gqa_families.py \
     > "$W/gpt_oss_tests.txt" 2>&1; echo "exit $?" >> "$W/gpt_oss_tests.txt"
 EPSERVE_GPT_OSS_TRITON=1 timeout 60 python3 bench/gpu/diag_gpt_oss.py > "$W/diag_pdl.txt" 2>&1
 EPSERVE_GPT_OSS_TRITON=1 EPSERVE_MOE_PDL=0 timeout 60 python3 bench/gpu/diag_gpt_oss.py > "$W/diag_no_pdl.txt" 2>&1
