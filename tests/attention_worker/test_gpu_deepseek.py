@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epserve.attention_worker.colocated import generate_tokens
-from epserve.sampling import SamplingParams
-from test_gpu_engine import PROMPTS, gpu_engine, prompt_logits
+from test_gpu_engine import (assert_graph_replay_equals_eager, assert_greedy_matches, assert_prompt_logits_match,
+                             gpu_engine, transformers_reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 transformers = pytest.importorskip("transformers")
@@ -26,9 +25,7 @@ def deepseek_model(tiny_model_factory, request):
 
 @pytest.fixture(scope="module")
 def hf(deepseek_model):
-    model = transformers.AutoModelForCausalLM.from_pretrained(deepseek_model, dtype=torch.float32,
-                                                              experts_implementation="eager").cuda().eval()
-    return model, transformers.AutoTokenizer.from_pretrained(deepseek_model)
+    return transformers_reference(deepseek_model)
 
 
 def test_the_runner_uses_the_mla_kernels_and_graphs(deepseek_model):
@@ -39,46 +36,16 @@ def test_the_runner_uses_the_mla_kernels_and_graphs(deepseek_model):
 
 
 def test_float32_ragged_logits_match_transformers(deepseek_model, hf):
-    model, tok = hf
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    ours = prompt_logits(gpu_engine(deepseek_model, torch.float32), ids)
-    for prompt_ids, got in zip(ids, ours):
-        with torch.no_grad():
-            want = model(torch.tensor([prompt_ids], device="cuda")).logits[0].float()
-        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
-        assert rel <= 1e-4, f"relative error {rel:.3e}"
+    assert_prompt_logits_match(gpu_engine(deepseek_model, torch.float32), hf)
 
 
 def test_float32_greedy_matches_transformers(deepseek_model, hf):
     """Prefill (MLA prefill kernel) then decode steps (MLA decode kernel), eager: float32 experts run
     the torch MoE runner, which syncs with the host and so is not captured (bf16 graphs: below)."""
-    model, tok = hf
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
     engine = gpu_engine(deepseek_model, torch.float32)
     assert engine.runner.graphs is None
-    ours = generate_tokens(engine, ids, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
-    for prompt_ids, got in zip(ids, ours):
-        want = model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=16, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
-        assert got == want
+    assert_greedy_matches(engine, hf)
 
 
 def test_cuda_graph_replay_equals_eager(deepseek_model):
-    """4 sequences (a bucket size, so the eager step and the graph pick the same kernels)."""
-    prompts = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3], list(range(40, 77))]
-    greedy = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
-    graphed = gpu_engine(deepseek_model, torch.bfloat16)
-    eager = gpu_engine(deepseek_model, torch.bfloat16, disable_cuda_graph=True)
-    assert eager.runner.graphs is None
-    assert generate_tokens(graphed, prompts, greedy) == generate_tokens(eager, prompts, greedy)
-    for i, ids in enumerate(prompts):
-        graphed.add_request(str(i), ids, SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))
-    graphed.step()                                                      # prefill
-    graphed._apply_inbox()
-    chunks = graphed.scheduler.schedule()
-    assert all(c.num_tokens == 1 for c in chunks) and len(chunks) == 4
-    runner = graphed.runner
-    runner._apply_block_table_updates(runner._block_table_updates(chunks))
-    replayed = runner.graphs.replay(chunks, graphed.expert_map).clone()
-    eager_logits = runner.forward(runner.eager_batch(chunks, decode=True), graphed.expert_map)
-    assert torch.equal(replayed, eager_logits)
+    assert_graph_replay_equals_eager(deepseek_model)

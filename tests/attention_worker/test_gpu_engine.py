@@ -46,42 +46,57 @@ def prompt_logits(engine, prompts_ids) -> list[torch.Tensor]:
     return list(logits.split([len(ids) for ids in prompts_ids]))
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+def transformers_reference(model_dir):
+    """(transformers' float32 model on the GPU with its eager experts, the tokenizer): what every GPU parity
+    test of a family compares the engine with."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                               experts_implementation="eager").cuda().eval()
-    return model, transformers.AutoTokenizer.from_pretrained(tiny_model)
+    return model, transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
-def test_float32_ragged_logits_match_transformers(tiny_model, hf):
+def assert_prompt_logits_match(engine, hf, tolerance: float = 1e-4) -> None:
+    """Every position's logits of PROMPTS (one ragged prefill) within ``tolerance`` (relative) of transformers'."""
     model, tok = hf
     ids = [tok(p)["input_ids"] for p in PROMPTS]
-    ours = prompt_logits(gpu_engine(tiny_model, torch.float32), ids)
-    for prompt_ids, got in zip(ids, ours):
+    for prompt_ids, got in zip(ids, prompt_logits(engine, ids)):
         with torch.no_grad():
             want = model(torch.tensor([prompt_ids], device="cuda")).logits[0].float()
         rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
-        assert rel <= 1e-4, f"relative error {rel:.3e}"
+        assert rel <= tolerance, f"relative error {rel:.3e}"
 
 
-def test_float32_greedy_matches_transformers(tiny_model, hf):
+def assert_greedy_matches(engine, hf, new_tokens: int = 16) -> None:
+    """Greedy continuations of PROMPTS equal to transformers' ``generate``."""
     model, tok = hf
     ids = [tok(p)["input_ids"] for p in PROMPTS]
-    ours = generate_tokens(gpu_engine(tiny_model, torch.float32), ids,
-                           SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
+    ours = generate_tokens(engine, ids, SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True))
     for prompt_ids, got in zip(ids, ours):
-        want = model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=16, do_sample=False,
+        want = model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=new_tokens, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
         assert got == want
 
 
-def test_cuda_graph_replay_equals_eager(tiny_model):
-    """4 sequences (a bucket size, so the eager step and the graph pick the same kernels)."""
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    return transformers_reference(tiny_model)
+
+
+def test_float32_ragged_logits_match_transformers(tiny_model, hf):
+    assert_prompt_logits_match(gpu_engine(tiny_model, torch.float32), hf)
+
+
+def test_float32_greedy_matches_transformers(tiny_model, hf):
+    assert_greedy_matches(gpu_engine(tiny_model, torch.float32), hf)
+
+
+def assert_graph_replay_equals_eager(model_dir) -> None:
+    """bf16, 4 sequences (a bucket size, so the eager step and the graph pick the same kernels): the same
+    greedy tokens with and without CUDA graphs, and one decode step's logits bit for bit."""
     prompts = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3], list(range(40, 77))]
     greedy = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
-    graphed = gpu_engine(tiny_model, torch.bfloat16)
+    graphed = gpu_engine(model_dir, torch.bfloat16)
     assert graphed.runner.graphs is not None and graphed.runner.graphs.captured
-    eager = gpu_engine(tiny_model, torch.bfloat16, disable_cuda_graph=True)
+    eager = gpu_engine(model_dir, torch.bfloat16, disable_cuda_graph=True)
     assert eager.runner.graphs is None
     assert generate_tokens(graphed, prompts, greedy) == generate_tokens(eager, prompts, greedy)
     # the same decode step both ways, logits bit for bit
@@ -96,6 +111,10 @@ def test_cuda_graph_replay_equals_eager(tiny_model):
     replayed = runner.graphs.replay(chunks, graphed.expert_map).clone()
     eager_logits = runner.forward(runner.eager_batch(chunks, decode=True), graphed.expert_map)
     assert torch.equal(replayed, eager_logits)
+
+
+def test_cuda_graph_replay_equals_eager(tiny_model):
+    assert_graph_replay_equals_eager(tiny_model)
 
 
 def teacher_forced(reference, other) -> tuple[float, float]:

@@ -11,14 +11,14 @@ import torch
 from epserve.attention_worker.attention_sinks import TorchSinkAttention
 from epserve.attention_worker.attention_sinks_triton import TritonSinkAttention
 from epserve.attention_worker.attention_triton import GpuAttentionMetadata
-from epserve.attention_worker.colocated import build_colocated_engine, generate_tokens
+from epserve.attention_worker.colocated import build_colocated_engine
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.kv_cache import PagedKVCache
 from epserve.model_config import load_model_spec
 from epserve.models.decoder import ForwardBatch
-from epserve.sampling import SamplingParams
 from family_parity import OPTIONS
-from test_gpu_engine import PROMPTS, prompt_logits
+from test_gpu_engine import (PROMPTS, assert_greedy_matches, assert_prompt_logits_match, prompt_logits,
+                             transformers_reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 transformers = pytest.importorskip("transformers")
@@ -41,9 +41,7 @@ def gpt_oss_model(tiny_model_factory):
 
 @pytest.fixture(scope="module")
 def hf(gpt_oss_model):
-    model = transformers.AutoModelForCausalLM.from_pretrained(gpt_oss_model, dtype=torch.float32,
-                                                              experts_implementation="eager").cuda().eval()
-    return model, transformers.AutoTokenizer.from_pretrained(gpt_oss_model)
+    return transformers_reference(gpt_oss_model)
 
 
 def gpu_engine(model_dir, dtype, **limits):
@@ -96,28 +94,14 @@ def test_backend_equals_the_cpu_backend_on_the_gpu(gpt_oss_model):
 
 @KNOWN_GPU_MISMATCH
 def test_float32_ragged_logits_match_transformers(gpt_oss_model, hf):
-    model, tok = hf
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    ours = prompt_logits(gpu_engine(gpt_oss_model, torch.float32), ids)
-    for prompt_ids, got in zip(ids, ours):
-        with torch.no_grad():
-            want = model(torch.tensor([prompt_ids], device="cuda")).logits[0].float()
-        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
-        assert rel <= 1e-4, f"relative error {rel:.3e}"
+    assert_prompt_logits_match(gpu_engine(gpt_oss_model, torch.float32), hf)
 
 
 @KNOWN_GPU_MISMATCH
 @pytest.mark.parametrize("budget", [512, 8])
 def test_float32_greedy_matches_transformers(gpt_oss_model, hf, budget):
     """Prefill whole or in chunks of 8 tokens, then 16 decode steps (split-KV with sinks, past the window)."""
-    model, tok = hf
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
-    engine = gpu_engine(gpt_oss_model, torch.float32, max_num_batched_tokens=budget)
-    ours = generate_tokens(engine, ids, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
-    for prompt_ids, got in zip(ids, ours):
-        want = model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=16, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
-        assert got == want
+    assert_greedy_matches(gpu_engine(gpt_oss_model, torch.float32, max_num_batched_tokens=budget), hf)
 
 
 @KNOWN_GPU_MISMATCH
