@@ -10,11 +10,9 @@ serve_gpu times it). The first variant runs again at the end, so the spread betw
 bounds the drift. Variants:
 - ``merge_kernel``: the split-KV merge as its own kernel (``DecodeConfig.merge="kernel"``);
 - ``fused_merge``: the last split merges (the default);
-- ``fused_merge+proj_w_x`` (not run by default: ``bench/gpu/dense_gemv.py`` found the two forms equal
-  at one token and (W @ x.T).T slower at two, ``bench/results/dense_gemv_h100.json``): and, at most
-  ``PROJ_W_X_MAX_TOKENS`` tokens, the attention projections computed as (W @ x.T).T.
 An earlier run also timed prefetching each layer's projections into L2 from a side stream
-(``bench/results/engine_ab_h100_prefetch.json``): slower, and removed.
+(``bench/results/engine_ab_h100_prefetch.json``): slower, and removed. Other forms of the attention
+projections were timed alone (``bench/gpu/dense_gemv.py``): no faster than ``F.linear``.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -35,28 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_gpu import prompts, write_model_dir  # noqa: E402
 
-VARIANTS = [  # name, decode merge, projections as (W @ x.T).T at few tokens
-    ("merge_kernel", "kernel", False),
-    ("fused_merge", "fused", False),
-    ("merge_kernel (again)", "kernel", False),
+VARIANTS = [  # name, decode merge
+    ("merge_kernel", "kernel"),
+    ("fused_merge", "fused"),
+    ("merge_kernel (again)", "kernel"),
 ]
-OPTIONAL_VARIANTS = [("fused_merge+proj_w_x", "fused", True)]
-PROJ_W_X_MAX_TOKENS = 8
 
 
-def _linear_w_x(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (w @ x.T).T if x.shape[0] <= PROJ_W_X_MAX_TOKENS else torch.nn.functional.linear(x, w)
-
-
-def apply(engine, merge: str, proj_w_x: bool) -> None:
+def apply(engine, merge: str) -> None:
     from epserve.attention_worker.cuda_graphs import DecodeGraphs
     from epserve.kernels.paged_attention import DecodeConfig, paged_decode_attention
-    from epserve.models import qwen3_moe
 
     runner = engine.runner
     runner.attention._decode = functools.partial(paged_decode_attention, config=DecodeConfig(merge=merge))
-    # qwen3_moe calls F.linear only for its two projections: swap its F, not torch's
-    qwen3_moe.F = types.SimpleNamespace(linear=_linear_w_x) if proj_w_x else torch.nn.functional
     runner.graphs = DecodeGraphs(runner, runner.graphs.max_bs)
     runner.graphs.capture(engine._expert_map)
 
@@ -99,12 +87,12 @@ def main() -> int:
     engine = build_colocated_engine(str(model_dir), torch.bfloat16, "cuda", "auto", limits,
                                     max_context=context + 16, load_format="dummy")
     rows = []
-    variants = VARIANTS if args.variants is None else [v for v in VARIANTS + OPTIONAL_VARIANTS if v[0] in args.variants]
-    for name, merge, proj_w_x in variants:
-        apply(engine, merge, proj_w_x)
+    variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    for name, merge in variants:
+        apply(engine, merge)
         for batch in args.batches:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
-            rows.append({"variant": name, "merge": merge, "proj_w_x": proj_w_x, "batch": batch, "step_ms": ms})
+            rows.append({"variant": name, "merge": merge, "batch": batch, "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
     print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))
