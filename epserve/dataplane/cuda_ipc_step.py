@@ -55,6 +55,7 @@ import torch
 
 from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, ExpertCompute, PeerLost, RemoteExpertError,
                                     StaleMapVersion)
+from epserve.dataplane.cuda_ipc_flags import spin_budget
 from epserve.dataplane.cuda_ipc_join import AttentionSide, ExpertLink
 from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, DTYPES, EXPERT_STATE,
                                                STEP_DTYPE, STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS,
@@ -79,6 +80,7 @@ class StepExchange:
         self.step, self.num_tokens, self.weight_dtype = 0, 0, torch.float32
         self._acc_dtype = side.shape.dtype if side.shape.dtype == torch.float64 else torch.float32
         self.fused = getattr(side.step_readiness, "fused", False)   # device flags on a GPU: cuda_ipc_handoff.py
+        self._spin_budget = spin_budget(timeout_s, side.device)     # a fused receive's wait: the whole timeout
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=side.device)    # copy_and_signal's counter
 
     def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
@@ -139,18 +141,15 @@ class StepExchange:
         """→ out [T, D]: every worker's partial of ``layer``, added in worker order. Launches only on GPUs."""
         t = self.num_tokens
         single = len(self.channels) == 1           # one partial: the float32 sum of it alone is the partial
+        if single and self.fused:                  # one launch: the wait, then the partial's copy
+            out = torch.empty(t, self.side.shape.hidden_size, dtype=self.side.shape.dtype, device=self.side.device)
+            self.side.step_readiness.wait_and_copy_step(self.channels[0], Flag.STEP_OUT, self.counter, layer,
+                                                        self._spin_budget, self.side.expert_ranks[0],
+                                                        self.channels[0].partial[:t], out)
+            return out
         out = None if single else torch.zeros(t, self.side.shape.hidden_size, dtype=self._acc_dtype,
                                               device=self.side.device)
         deadline = time.monotonic() + self.timeout_s
-        if single and self.fused:            # one launch: the wait, then the partial's copy
-            from epserve.dataplane.cuda_ipc_flags import spin_budget
-
-            channel, rank = self.channels[0], self.side.expert_ranks[0]
-            out = torch.empty(t, self.side.shape.hidden_size, dtype=self.side.shape.dtype, device=self.side.device)
-            self.side.step_readiness.wait_and_copy_step(channel, Flag.STEP_OUT, self.counter, layer,
-                                                        spin_budget(self.timeout_s, self.side.device), rank,
-                                                        channel.partial[:t], out)
-            return out
         for worker, channel in enumerate(self.channels):
             rank = self.side.expert_ranks[worker]
             try:
@@ -370,8 +369,6 @@ class StepGraphs:
         return count
 
     def _capture(self, channel: Channel, key: tuple, trace: bytes) -> torch.cuda.CUDAGraph:
-        from epserve.dataplane.cuda_ipc_flags import spin_budget
-
         version, n, num_layers, slots_per_worker, weight_dtype = key
         server, link = self.server, self.server.link
         readiness = link.step_readiness
