@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from epserve.kernels.paged_attention import (LOG2E, MERGE_TILE, MIN_DOT_ROWS, DecodeConfig, DecodeWorkspace,
-                                             _merge_splits_kernel, _row_splits, decode_num_splits,
+                                             _merge_splits_kernel, _row_splits, check_decode_batch, decode_num_splits,
                                              decode_tokens_per_split, dot_precision, merge_heads, num_sms_of)
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
@@ -257,12 +257,7 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: tor
     latent_dim, rope_dim = check_latent_cache(q, cache, latent_dim)
     assert q.dim() == 3, f"q must be [B, H, C + Dr], got {tuple(q.shape)}"
     batch, num_heads, _ = q.shape
-    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32, \
-        f"block_tables must be [B={batch}, M] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
-    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
-    assert context_lens.shape == (batch,) and context_lens.dtype == torch.int32, \
-        f"context_lens must be [B={batch}] int32, got {tuple(context_lens.shape)} {context_lens.dtype}"
-    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    check_decode_batch(block_tables, context_lens, batch, num_splits)
     if out is None:
         out = q.new_empty(batch, num_heads, latent_dim)
     assert out.shape == (batch, num_heads, latent_dim) and out.dtype == q.dtype and out.stride(-1) == 1, \

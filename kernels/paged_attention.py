@@ -431,6 +431,16 @@ def check_sinks_window(sinks: torch.Tensor | None, window: int | None, q: torch.
         f"window must be None (the whole context) or an int >= 1, got {window!r}"
 
 
+def check_decode_batch(block_tables: torch.Tensor, context_lens: torch.Tensor, batch: int, num_splits: int) -> None:
+    """A decode call's batch: block_tables [B, M] int32 with contiguous rows, context_lens [B] int32, S >= 1."""
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32, \
+        f"block_tables must be [B={batch}, M] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    assert context_lens.shape == (batch,) and context_lens.dtype == torch.int32, \
+        f"context_lens must be [B={batch}] int32, got {tuple(context_lens.shape)} {context_lens.dtype}"
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs: exact products (no TF32); 16-bit inputs: the default."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -458,12 +468,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     check_sinks_window(sinks, window, q)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.dtype == torch.int32, \
-        f"block_tables must be [B={batch}, M] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
-    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
-    assert context_lens.shape == (batch,) and context_lens.dtype == torch.int32, \
-        f"context_lens must be [B={batch}] int32, got {tuple(context_lens.shape)} {context_lens.dtype}"
-    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    check_decode_batch(block_tables, context_lens, batch, num_splits)
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
