@@ -57,6 +57,23 @@ def _norm_rope(x1, x2, x3, w_ptr, d, ok, d3, ok3, cos, sin, eps, HEAD_DIM: tl.co
 
 
 @triton.jit
+def _store_head(row_ptr, x1, x2, x3, d, ok, d3, ok3, half, dtype: tl.constexpr):
+    """A head's rotated halves x1, x2 and pass-through part x3 stored in the model dtype at row_ptr."""
+    tl.store(row_ptr + d, x1.to(dtype), mask=ok)
+    tl.store(row_ptr + half + d, x2.to(dtype), mask=ok)
+    tl.store(row_ptr + d3, x3.to(dtype), mask=ok3)
+
+
+@triton.jit
+def _cos_sin(pos_ptr, inv_freq_ptr, d, ok, dtype: tl.constexpr, ATTENTION_FACTOR: tl.constexpr):
+    """cos and sin [HALF_P2] of one token's position, float32 holding dtype values."""
+    freqs = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + d, mask=ok, other=0.0)
+    if ATTENTION_FACTOR != 1.0:                 # YaRN: cos/sin scaled in float32 before the rounding
+        return _round(tl.cos(freqs) * ATTENTION_FACTOR, dtype), _round(tl.sin(freqs) * ATTENTION_FACTOR, dtype)
+    return _round(tl.cos(freqs), dtype), _round(tl.sin(freqs), dtype)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, q_out_ptr,
                                k_cache_ptr, v_cache_ptr, slot_ptr, H, HKV, block_size, eps,
                                stride_qkv, stride_qo_t, stride_qo_h,
@@ -77,20 +94,11 @@ def _qk_norm_rope_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr,
     x2 = tl.load(head + half + d, mask=ok, other=0.0)
     x3 = tl.load(head + d3, mask=ok3, other=0.0)
     dtype: tl.constexpr = x1.dtype
-    freqs = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + d, mask=ok, other=0.0)
-    if ATTENTION_FACTOR != 1.0:                 # YaRN: cos/sin scaled in float32 before the rounding
-        cos = _round(tl.cos(freqs) * ATTENTION_FACTOR, dtype)
-        sin = _round(tl.sin(freqs) * ATTENTION_FACTOR, dtype)
-    else:
-        cos = _round(tl.cos(freqs), dtype)
-        sin = _round(tl.sin(freqs), dtype)
+    cos, sin = _cos_sin(pos_ptr + t, inv_freq_ptr, d, ok, dtype, ATTENTION_FACTOR)
     if j < H:
         out1, out2, out3 = _norm_rope(x1, x2, x3, q_w_ptr, d, ok, d3 - ROT, ok3, cos, sin, eps, HEAD_DIM, ROT,
                                       HAS_NORM)
-        q_row = q_out_ptr + t * stride_qo_t + j * stride_qo_h
-        tl.store(q_row + d, out1.to(dtype), mask=ok)
-        tl.store(q_row + half + d, out2.to(dtype), mask=ok)
-        tl.store(q_row + d3, out3.to(dtype), mask=ok3)
+        _store_head(q_out_ptr + t * stride_qo_t + j * stride_qo_h, out1, out2, out3, d, ok, d3, ok3, half, dtype)
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
@@ -99,14 +107,11 @@ def _qk_norm_rope_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr,
                                           HAS_NORM)
             block, offset = slot // block_size, slot % block_size
             k_row = k_cache_ptr + block * stride_kc_n + offset * stride_kc_b + kh * stride_kc_h
-            tl.store(k_row + d, out1.to(dtype), mask=ok)
-            tl.store(k_row + half + d, out2.to(dtype), mask=ok)
-            tl.store(k_row + d3, out3.to(dtype), mask=ok3)
+            _store_head(k_row, out1, out2, out3, d, ok, d3, ok3, half, dtype)
             v_head = head + HKV * HEAD_DIM                       # v head kh sits Hkv heads after k head kh
             v_row = v_cache_ptr + block * stride_vc_n + offset * stride_vc_b + kh * stride_vc_h
-            tl.store(v_row + d, tl.load(v_head + d, mask=ok), mask=ok)
-            tl.store(v_row + half + d, tl.load(v_head + half + d, mask=ok), mask=ok)
-            tl.store(v_row + d3, tl.load(v_head + d3, mask=ok3), mask=ok3)
+            _store_head(v_row, tl.load(v_head + d, mask=ok), tl.load(v_head + half + d, mask=ok),
+                        tl.load(v_head + d3, mask=ok3), d, ok, d3, ok3, half, dtype)
 
 
 def _check(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor,
