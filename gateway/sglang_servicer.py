@@ -104,6 +104,8 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
         prompt_tokens = len(request.input_ids)
         stops = request.sampling.stop
         progress = [_Sample() for _ in range(request.n)]
+        finished: dict[int, sglang_pb2.GenerateResponse] = {}
+        next_index = 0          # without streaming, samples end in index order (a client may number by order)
         for index, output in samples.outputs():
             sample = progress[index]
             sample.token_ids.extend(output.token_ids)
@@ -115,9 +117,16 @@ class SglangSchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
             if output.finished:
                 assert output.finish_reason is not None
                 output_ids, logprobs = ((), ()) if request.stream else (sample.token_ids, sample.logprobs)
-                yield complete_response(request.request_id, index, output_ids, logprobs, output.finish_reason,
-                                        output.matched_stop, output.matched_stop_token, stops, prompt_tokens,
-                                        completion_tokens)
+                complete = complete_response(request.request_id, index, output_ids, logprobs, output.finish_reason,
+                                             output.matched_stop, output.matched_stop_token, stops, prompt_tokens,
+                                             completion_tokens)
+                if request.stream:
+                    yield complete
+                    continue
+                finished[index] = complete
+                while next_index in finished:
+                    yield finished.pop(next_index)
+                    next_index += 1
 
     def Abort(self, request, context):
         with self._lock:
