@@ -5,7 +5,9 @@ Dh head dim.
 
 Per layer, two or three launches and no host work:
 1. ``qk_norm_rope_store`` (kernels/rope.py): per-head q/k RMSNorm, RoPE, and the new keys/values
-   written into the cache at ``slot_mapping`` (-1: a padding row, nothing stored);
+   written into the cache at ``slot_mapping`` (-1: a padding row, nothing stored); at decode sizes
+   (``attend_from_residual``, which the Qwen3/Mixtral family calls) the layer's residual add, input norm
+   and QKV projection run in the same launch (kernels/norm_qkv_rope.py);
 2. a decode step (every sequence has one new token): ``paged_decode_attention``
    (kernels/paged_attention.py, split-KV with ``num_splits`` chosen once per batch size);
    any other step: ``paged_prefill_attention`` (kernels/paged_prefill.py, causal, variable
@@ -22,6 +24,7 @@ attention use ``attention_mla_triton.py`` instead (the family picks: ``model_fam
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +51,15 @@ class TritonPagedAttention:
     def __init__(self, kv_cache: PagedKVCache, spec: ModelSpec) -> None:
         from epserve.kernels.paged_attention import decode_num_splits, paged_decode_attention
         from epserve.kernels.paged_prefill import paged_prefill_attention
+        from epserve.kernels.norm_qkv_rope import MAX_TOKENS, add_norm_qkv_rope_store
         from epserve.kernels.rope import qk_norm_rope_store
 
         assert spec.mla is None, "multi-head latent attention runs on TritonMlaAttention (attention_mla_triton.py)"
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
         self._num_splits = decode_num_splits
+        self._norm_qkv_rope, self._fused_max_tokens = add_norm_qkv_rope_store, MAX_TOKENS
+        # the one-launch attention input at decode sizes (attend_from_residual); EPSERVE_FUSED_QKV=0: off
+        self.fused_input = os.environ.get("EPSERVE_FUSED_QKV", "1") != "0"
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.eps = spec.rms_norm_eps
@@ -72,14 +79,38 @@ class TritonPagedAttention:
         """qkv [T, (H + 2 Hkv) Dh], q_norm/k_norm [Dh] (None: no q/k norm) → [T, H Dh]."""
         return self.attend(layer, qkv, batch, q_norm=q_norm, k_norm=k_norm)
 
+    def attend_from_residual(self, layer: int, delta: torch.Tensor | None, residual: torch.Tensor,
+                             input_norm: torch.Tensor, qkv_weight: torch.Tensor, q_norm: torch.Tensor | None,
+                             k_norm: torch.Tensor | None, batch: ForwardBatch
+                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A layer from the residual stream at decode sizes: delta/residual [T, D] (delta None at the first
+        layer), input_norm [D], qkv_weight [(H + 2 Hkv) Dh, D] → (attention [T, H Dh], the new residual
+        [T, D]), the norm, projection, q/k norm, RoPE and cache store in one launch
+        (``kernels/norm_qkv_rope.py``); None where that does not apply (more tokens, or turned off) and the
+        caller composes the steps."""
+        if not self.fused_input or residual.shape[0] > self._fused_max_tokens:
+            return None
+        k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        q, summed = self._norm_qkv_rope(delta, residual, input_norm, qkv_weight, self.num_heads, self.num_kv_heads,
+                                        self.head_dim, batch.positions, self.inv_freq, k_cache, v_cache,
+                                        batch.slot_mapping, q_norm_weight=q_norm, k_norm_weight=k_norm,
+                                        eps=self.eps, attention_factor=self.attention_factor)   # [T, H, Dh]
+        return self._attend_stored(layer, q, batch), summed
+
     def attend(self, layer: int, qkv: torch.Tensor, batch: ForwardBatch, q_norm: torch.Tensor | None = None,
                k_norm: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """qkv [T, (H + 2 Hkv) Dh], sinks [H] (None: no attention sinks) → [T, H Dh]."""
-        meta: GpuAttentionMetadata = batch.device
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
         q = self._rope_store(qkv, self.num_heads, self.num_kv_heads, self.head_dim, batch.positions, self.inv_freq,
                              k_cache, v_cache, batch.slot_mapping, q_norm_weight=q_norm, k_norm_weight=k_norm,
                              eps=self.eps, attention_factor=self.attention_factor)         # [T, H, Dh]
+        return self._attend_stored(layer, q, batch, sinks)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, H, Dh] (normed, rotated; this step's keys and values already in the cache) → [T, H Dh]."""
+        meta: GpuAttentionMetadata = batch.device
+        k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
         window = self.windows[layer]
         if meta.decode:
             out = self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
@@ -87,4 +118,4 @@ class TritonPagedAttention:
         else:
             out = self._prefill(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
                                 meta.max_query_len, self.scale, sinks=sinks, window=window)
-        return out.view(qkv.shape[0], self.num_heads * self.head_dim)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -8,9 +8,11 @@ once; for each variant the knobs are set, the decode CUDA graphs are captured ag
 decode run is timed at each batch size (median ``Engine.step`` while all sequences decode, as
 serve_gpu times it). The first variant runs again at the end, so the spread between its two runs
 bounds the drift. Variants:
-- ``merge_kernel``: the split-KV merge as its own kernel (``DecodeConfig.merge="kernel"``);
-- ``fused_merge``: the last split merges (the default);
-An earlier run also timed prefetching each layer's projections into L2 from a side stream
+- ``unfused_input``: residual add + norm, the QKV GEMM (cuBLAS), q/k norm + RoPE + store: three launches;
+- ``fused_input ...``: the three in one launch (``kernels/norm_qkv_rope.py``, the default at ≤ 8 tokens)
+  at several tile shapes (block_n, block_k, warps).
+The split-KV merge by the last split (``DecodeConfig.merge="fused"``) was timed against a merge kernel in
+an earlier run (``bench/results/engine_ab_h100_prefetch.json``) and is the default. That run also timed prefetching each layer's projections into L2 from a side stream
 (``bench/results/engine_ab_h100_prefetch.json``): slower, and removed. Other forms of the attention
 projections were timed alone (``bench/gpu/dense_gemv.py``): no faster than ``F.linear``.
 """
@@ -32,19 +34,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_gpu import prompts, write_model_dir  # noqa: E402
 
-VARIANTS = [  # name, decode merge
-    ("merge_kernel", "kernel"),
-    ("fused_merge", "fused"),
-    ("merge_kernel (again)", "kernel"),
+VARIANTS = [  # name, decode merge, the one-launch attention input (kernels/norm_qkv_rope.py): None = off
+    ("unfused_input", "fused", None),
+    ("fused_input", "fused", "8,1024,4"),
+    ("fused_input bn16", "fused", "16,512,4"),
+    ("fused_input bn4", "fused", "4,2048,4"),
+    ("fused_input bk512", "fused", "8,512,4"),
+    ("unfused_input (again)", "fused", None),
 ]
 
 
-def apply(engine, merge: str) -> None:
+def apply(engine, merge: str, fused_input: str | None) -> None:
     from epserve.attention_worker.cuda_graphs import DecodeGraphs
+    from epserve.kernels.norm_qkv_rope import NormQkvConfig, add_norm_qkv_rope_store
     from epserve.kernels.paged_attention import DecodeConfig, paged_decode_attention
 
     runner = engine.runner
     runner.attention._decode = functools.partial(paged_decode_attention, config=DecodeConfig(merge=merge))
+    runner.attention.fused_input = fused_input is not None
+    if fused_input is not None:
+        block_n, block_k, warps = (int(v) for v in fused_input.split(","))
+        runner.attention._norm_qkv_rope = functools.partial(
+            add_norm_qkv_rope_store, config=NormQkvConfig(block_n=block_n, block_k=block_k, num_warps=warps))
     runner.graphs = DecodeGraphs(runner, runner.graphs.max_bs)
     runner.graphs.capture(engine._expert_map)
 
@@ -88,11 +99,11 @@ def main() -> int:
                                     max_context=context + 16, load_format="dummy")
     rows = []
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
-    for name, merge in variants:
-        apply(engine, merge)
+    for name, merge, fused_input in variants:
+        apply(engine, merge, fused_input)
         for batch in args.batches:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
-            rows.append({"variant": name, "merge": merge, "batch": batch, "step_ms": ms})
+            rows.append({"variant": name, "merge": merge, "fused_input": fused_input, "batch": batch, "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
     print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))

@@ -5,7 +5,7 @@ dim, K top-k, V vocab.
 
 ``DecoderSide.forward_steps`` is the loop all families run (Qwen3-MoE/Mixtral, DeepSeek-V2/V3,
 GLM-4-MoE): embedding → per layer (residual add +) RMSNorm → the family's attention (its own
-projections and backend, ``attention_out``) → post-attention norm → a dense SwiGLU MLP, or routing
+projections and backend, ``attention_out``; a family may fuse the norm in: ``attention_block``) → post-attention norm → a dense SwiGLU MLP, or routing
 (``norm_and_route``) and a ``MoECall`` yielded to whoever runs the experts (plus the shared experts
 where the layer has them) → final norm → logits. The residual adds are fused into the next norm
 (``LayerOps.add_rms_norm``). A family subclasses it and supplies the two hooks; layer weights need
@@ -97,6 +97,18 @@ class DecoderSide:
         """Layer ``index``'s attention block on the normed x [T, D] → [T, D] (after its output projection)."""
         raise NotImplementedError
 
+    def attention_block(self, index: int, delta: torch.Tensor | None, residual: torch.Tensor, w,
+                        batch: ForwardBatch, attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index`` from the residual stream: (residual add +) input norm + ``attention_out`` →
+        (attention block output [T, D], the new residual [T, D]). ``delta`` [T, D]: what the previous
+        layer adds to ``residual`` (None at the first layer)."""
+        eps = self.spec.rms_norm_eps
+        if delta is None:
+            x = self.ops.rms_norm(residual, w.input_norm, eps)
+        else:
+            x, residual = self.ops.add_rms_norm(delta, residual, w.input_norm, eps)
+        return self.attention_out(index, x, w, batch, attention), residual
+
     def norm_and_route(self, attn: torch.Tensor, residual: torch.Tensor, w
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A MoE layer's residual add + post-attention norm + routing → (x [T, D], residual [T, D],
@@ -110,11 +122,7 @@ class DecoderSide:
         residual = F.embedding(batch.input_ids, self.embed)                      # [T, D]
         delta = None                     # what the next norm adds to the residual stream
         for index, w in enumerate(self.layers):
-            if delta is None:
-                x = ops.rms_norm(residual, w.input_norm, eps)
-            else:
-                x, residual = ops.add_rms_norm(delta, residual, w.input_norm, eps)
-            attn = self.attention_out(index, x, w, batch, attention)             # [T, D]
+            attn, residual = self.attention_block(index, delta, residual, w, batch, attention)   # [T, D] each
             if w.router is None:
                 x, residual = ops.add_rms_norm(attn, residual, w.post_norm, eps)
                 delta = swiglu(x, w.dense_mlp)

@@ -46,6 +46,18 @@ class Qwen3MoeAttentionSide(DecoderSide):
     """Qwen3-MoE (and Mixtral): one fused QKV projection, q/k norms in the attention backend, the
     post-attention norm and the softmax top-k routing fused (``LayerOps.add_norm_route``)."""
 
+    def attention_block(self, index: int, delta: torch.Tensor | None, residual: torch.Tensor, w: LayerWeights,
+                        batch: ForwardBatch, attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GPU backend takes the residual stream itself at decode sizes (norm, QKV projection, q/k norm,
+        RoPE and the cache store in one launch: ``attend_from_residual``); otherwise the composition."""
+        fused = getattr(attention, "attend_from_residual", None)
+        out = None if fused is None else fused(index, delta, residual, w.input_norm, w.qkv_proj, w.q_norm,
+                                               w.k_norm, batch)
+        if out is None:
+            return super().attention_block(index, delta, residual, w, batch, attention)
+        attn, residual = out                                                              # [T, H Dh], [T, D]
+        return F.linear(attn, w.o_proj), residual
+
     def attention_out(self, index: int, x: torch.Tensor, w: LayerWeights, batch: ForwardBatch,
                       attention: AttentionBackend) -> torch.Tensor:
         attn = attention.forward(index, F.linear(x, w.qkv_proj), w.q_norm, w.k_norm, batch)    # [T, H Dh]
