@@ -14,7 +14,8 @@ over local choices, so the weighting and the combine are fused and deterministic
 kernels, named by ``GemvConfig.down_variant``: ``all_choices`` streams BN rows of all K
 experts at once (most bytes in flight when most choices are local: Qwen3, 9 us vs 13 on an
 H200); ``per_choice`` walks the choices and skips -1 ones (an EP shard, where 7 of 8 are
-elsewhere: 11 us vs 35). Two launches, no host sync, graph capturable.
+elsewhere: 11 us vs 35). ``down_ahead`` has ``all_choices`` load its weights a tile ahead, the first
+before its PDL wait (they depend on nothing gate_up writes). Two launches, no host sync, graph capturable.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class GemvConfig:
     down_block_k: int = 0       # 0: same as block_k
     down_num_warps: int = 0     # 0: same as num_warps
     down_variant: str = "all_choices"   # which down kernel: "all_choices" or "per_choice"
+    down_ahead: bool = False            # all_choices: weight tiles loaded a step ahead, the first before the PDL wait
 
     def __post_init__(self) -> None:
         assert self.down_variant in DOWN_VARIANTS, f"down_variant must be one of {DOWN_VARIANTS}"
@@ -82,9 +84,16 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, act_ptr, slot_ids_ptr, top_k, D, I,
 @triton.jit(do_not_specialize=["top_k"])
 def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr, top_k, D, I,
                               stride_aa, stride_ws, stride_wn, stride_ot,
-                              K_P2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
-    """Rows r = (k, n) of all K choices at once: K times the bytes in flight of a per-k loop."""
-    pdl_wait(USE_PDL)
+                              K_P2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, AHEAD: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    """Rows r = (k, n) of all K choices at once: K times the bytes in flight of a per-k loop.
+
+    AHEAD: the first weight tile is loaded before the PDL wait and each later one a step ahead. Only
+    ``act`` comes from the kernel before (gate_up); slot ids and weights come from the one before that,
+    which has finished before this kernel can be launched (gate_up's programs let it launch only after
+    their own wait), so they and the expert rows they select can be read before the wait."""
+    if not AHEAD:
+        pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, K_P2 * BN)
@@ -99,11 +108,22 @@ def _down_combine_gemv_kernel(act_ptr, w_ptr, out_ptr, slot_ids_ptr, topk_w_ptr,
     a_rows = act_ptr + a * stride_aa
     offs_k = tl.arange(0, BK)
     acc = tl.zeros([K_P2 * BN, BK], dtype=tl.float32)
-    for i0 in range(0, I, BK):
-        m = row_ok[:, None] & (offs_k < I - i0)[None, :]
-        wv = tl.load(w_rows[:, None] + i0 + offs_k[None, :], mask=m, other=0.0)
-        av = tl.load(a_rows[:, None] + i0 + offs_k[None, :], mask=m, other=0.0)
-        acc += wv.to(tl.float32) * av.to(tl.float32)
+    if AHEAD:
+        w_tile = tl.load(w_rows[:, None] + offs_k[None, :], mask=row_ok[:, None] & (offs_k < I)[None, :], other=0.0)
+        pdl_wait(USE_PDL)
+        for i_next in range(BK, I + BK, BK):
+            w_next = tl.load(w_rows[:, None] + i_next + offs_k[None, :],
+                             mask=row_ok[:, None] & (offs_k < I - i_next)[None, :], other=0.0)
+            m = row_ok[:, None] & (offs_k < I - (i_next - BK))[None, :]
+            av = tl.load(a_rows[:, None] + (i_next - BK) + offs_k[None, :], mask=m, other=0.0)
+            acc += w_tile.to(tl.float32) * av.to(tl.float32)
+            w_tile = w_next
+    else:
+        for i0 in range(0, I, BK):
+            m = row_ok[:, None] & (offs_k < I - i0)[None, :]
+            wv = tl.load(w_rows[:, None] + i0 + offs_k[None, :], mask=m, other=0.0)
+            av = tl.load(a_rows[:, None] + i0 + offs_k[None, :], mask=m, other=0.0)
+            acc += wv.to(tl.float32) * av.to(tl.float32)
     part = tl.sum(acc, axis=1) * wk                                           # [K_P2 * BN]
     out = tl.sum(tl.reshape(part, [K_P2, BN]), axis=0)                        # fixed order over k
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -189,7 +209,7 @@ def down_combine_gemv(act: torch.Tensor, w2: torch.Tensor, slot_ids: torch.Tenso
         _down_combine_gemv_per_choice_kernel[grid](*args, BN=bn, BK=bk, num_warps=warps, **pdl)
     else:
         _down_combine_gemv_kernel[grid](*args, K_P2=triton.next_power_of_2(top_k), BN=bn, BK=bk,
-                                        num_warps=warps, **pdl)
+                                        AHEAD=config.down_ahead, num_warps=warps, **pdl)
     return out
 
 

@@ -12,7 +12,9 @@ themselves. ``add_norm_qkv_rope_store`` runs them as one grid (T, N / BN):
    residual stream) and its RMSNorm scale (D elements, cheap to redo per program); program 0 of the token
    stores ``summed``;
 2. the program's BN rows of the projection against the normed row, float32 accumulation, the result
-   rounded to the model dtype (what a GEMM writes) into a scratch ``qkv`` row;
+   rounded to the model dtype (what a GEMM writes) into a scratch ``qkv`` row. The first weight tile is
+   loaded before the PDL wait (weights depend on no kernel), so it streams while the previous layer's
+   last kernel finishes; each later tile is loaded a step ahead;
 3. the last of a head's Dh / BN programs to finish (a per-(token, head) counter, atomic with
    acquire-release ordering, that resets itself: graph replays need no memset) reads the head back and
    finishes it as ``kernels/rope.py`` does: a q head gets its norm and RoPE and goes to ``q_out``; a k head
@@ -79,10 +81,14 @@ def _add_norm_qkv_rope_kernel(delta_ptr, res_ptr, norm_w_ptr, w_ptr, res_out_ptr
                               BK: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
                               HALF_P2: tl.constexpr, PASS_P2: tl.constexpr, HAS_QK_NORM: tl.constexpr,
                               ATTENTION_FACTOR: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     dtype: tl.constexpr = res_out_ptr.dtype.element_ty
+    rows = nb * BN + tl.arange(0, BN)           # N is a multiple of BN: no row mask
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    offs_k = tl.arange(0, BK)
+    w_tile = tl.load(w_rows + offs_k[None, :], mask=(offs_k < D)[None, :], other=0.0)   # weights: before the wait
+    pdl_wait(USE_PDL)
     delta_row = delta_ptr + t * stride_dt
     res_row = res_ptr + t * stride_rt
     # 1. the residual add and the norm's scale
@@ -92,19 +98,17 @@ def _add_norm_qkv_rope_kernel(delta_ptr, res_ptr, norm_w_ptr, w_ptr, res_out_ptr
     rstd = tl.rsqrt(tl.sum(s32 * s32, axis=0) / D + eps)
     if nb == 0:
         tl.store(res_out_ptr + t * stride_ot + offs, s32.to(dtype), mask=ok)
-    # 2. BN rows of the projection against the normed row (N is a multiple of BN: no row mask)
-    rows = nb * BN + tl.arange(0, BN)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    offs_k = tl.arange(0, BK)
+    # 2. BN rows of the projection against the normed row, the next weight tile loaded a step ahead
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        kk = k0 + offs_k
+    for k_next in range(BK, D + BK, BK):
+        w_next = tl.load(w_rows + (k_next + offs_k)[None, :], mask=(k_next + offs_k < D)[None, :], other=0.0)
+        kk = k_next - BK + offs_k
         k_ok = kk < D
-        wv = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0.0)
         s = _summed(delta_row, res_row, kk, k_ok, HAS_DELTA, dtype).to(tl.float32)
         nw = tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         x = ((s * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
-        acc += wv.to(tl.float32) * x[None, :]
+        acc += w_tile.to(tl.float32) * x[None, :]
+        w_tile = w_next
     qkv_row = qkv_ptr + t * stride_qkv
     tl.store(qkv_row + rows, tl.sum(acc, axis=1).to(dtype))
     # 3. the head's last program: q/k norm, RoPE, the cache store

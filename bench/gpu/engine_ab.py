@@ -10,16 +10,19 @@ serve_gpu times it). The first variant runs again at the end, so the spread betw
 bounds the drift. Variants:
 - ``unfused_input``: residual add + norm, the QKV GEMM (cuBLAS), q/k norm + RoPE + store: three launches;
 - ``fused_input ...``: the three in one launch (``kernels/norm_qkv_rope.py``, the default at ≤ 8 tokens)
-  at several tile shapes (block_n, block_k, warps).
+  at several tile shapes (block_n, block_k, warps);
+- ``fused + down_ahead ...``: and the MoE down GEMV loading its weights before its PDL wait
+  (``GemvConfig.down_ahead``) at several tiles.
 The split-KV merge by the last split (``DecodeConfig.merge="fused"``) was timed against a merge kernel in
-an earlier run (``bench/results/engine_ab_h100_prefetch.json``) and is the default. That run also timed prefetching each layer's projections into L2 from a side stream
-(``bench/results/engine_ab_h100_prefetch.json``): slower, and removed. Other forms of the attention
+an earlier run (``bench/results/engine_ab_h100_prefetch.json``) and is the default. That run also timed
+prefetching each layer's projections into L2 from a side stream: slower, and removed. Other forms of the attention
 projections were timed alone (``bench/gpu/dense_gemv.py``): no faster than ``F.linear``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -34,28 +37,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_gpu import prompts, write_model_dir  # noqa: E402
 
-VARIANTS = [  # name, decode merge, the one-launch attention input (kernels/norm_qkv_rope.py): None = off
-    ("unfused_input", "fused", None),
-    ("fused_input", "fused", "8,1024,4"),
-    ("fused_input bn16", "fused", "16,512,4"),
-    ("fused_input bn4", "fused", "4,2048,4"),
-    ("fused_input bk512", "fused", "8,512,4"),
-    ("unfused_input (again)", "fused", None),
+# name, the one-launch attention input (kernels/norm_qkv_rope.py: "block_n,block_k,warps"; None = off),
+# the MoE down GEMV with its weights loaded ahead ("down_block_n,down_block_k,down_warps"; None = the table's)
+VARIANTS = [
+    ("unfused_input", None, None),
+    ("fused_input", "8,1024,4", None),
+    ("fused_input bk512", "8,512,4", None),
+    ("fused_input bn16", "16,512,4", None),
+    ("fused_input bn4", "4,2048,4", None),
+    ("fused + down_ahead", "8,1024,4", "2,128,8"),
+    ("fused + down_ahead bk1024", "8,1024,4", "2,1024,8"),
+    ("fused + down_ahead bn4 bk256", "8,1024,4", "4,256,8"),
+    ("unfused_input (again)", None, None),
 ]
 
 
-def apply(engine, merge: str, fused_input: str | None) -> None:
+def _ints(spec: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in spec.split(","))
+
+
+def apply(engine, fused_input: str | None, down_ahead: str | None) -> None:
     from epserve.attention_worker.cuda_graphs import DecodeGraphs
+    from epserve.kernels.moe_configs import get_config
+    from epserve.kernels.moe_gemv import GemvConfig
     from epserve.kernels.norm_qkv_rope import NormQkvConfig, add_norm_qkv_rope_store
-    from epserve.kernels.paged_attention import DecodeConfig, paged_decode_attention
 
     runner = engine.runner
-    runner.attention._decode = functools.partial(paged_decode_attention, config=DecodeConfig(merge=merge))
     runner.attention.fused_input = fused_input is not None
     if fused_input is not None:
-        block_n, block_k, warps = (int(v) for v in fused_input.split(","))
+        block_n, block_k, warps = _ints(fused_input)
         runner.attention._norm_qkv_rope = functools.partial(
             add_norm_qkv_rope_store, config=NormQkvConfig(block_n=block_n, block_k=block_k, num_warps=warps))
+
+    def moe_config(*args):
+        config = get_config(*args)
+        if down_ahead is None or not isinstance(config, GemvConfig):
+            return config
+        block_n, block_k, warps = _ints(down_ahead)
+        return dataclasses.replace(config, down_variant="all_choices", down_ahead=True, down_block_n=block_n,
+                                   down_block_k=block_k, down_num_warps=warps)
+
+    runner.executor.runner._get_config = moe_config
     runner.graphs = DecodeGraphs(runner, runner.graphs.max_bs)
     runner.graphs.capture(engine._expert_map)
 
@@ -99,11 +121,12 @@ def main() -> int:
                                     max_context=context + 16, load_format="dummy")
     rows = []
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
-    for name, merge, fused_input in variants:
-        apply(engine, merge, fused_input)
+    for name, fused_input, down_ahead in variants:
+        apply(engine, fused_input, down_ahead)
         for batch in args.batches:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
-            rows.append({"variant": name, "merge": merge, "fused_input": fused_input, "batch": batch, "step_ms": ms})
+            rows.append({"variant": name, "fused_input": fused_input, "down_ahead": down_ahead, "batch": batch,
+                         "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
     print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))

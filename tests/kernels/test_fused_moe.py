@@ -20,6 +20,7 @@ S, D, I, K = 9, 45, 27, 4          # odd sizes; slots 7 and 8 are never hit
 ALIGNED = AlignedConfig(GemmConfig(16, 32, 32, group_m=2), GemmConfig(16, 32, 16, group_m=1))
 GEMV = GemvConfig(block_n=16, block_k=32, down_block_n=32, down_block_k=16)
 GEMV_PER_CHOICE = GemvConfig(block_n=16, block_k=32, down_block_n=16, down_block_k=16, down_variant="per_choice")
+GEMV_AHEAD = GemvConfig(block_n=16, block_k=32, down_block_n=8, down_block_k=16, down_ahead=True)
 
 
 def problem(num_tokens, dtype, seed=0):
@@ -35,7 +36,7 @@ def test_fused_moe_aligned(num_tokens, dtype):
     assert rel_err(out, fused_moe_reference(hidden, slot_ids, weights, w13, w2)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("config", [GEMV, GEMV_PER_CHOICE], ids=["all_choices", "per_choice"])
+@pytest.mark.parametrize("config", [GEMV, GEMV_PER_CHOICE, GEMV_AHEAD], ids=["all_choices", "per_choice", "ahead"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [1, 3, 17])
 def test_fused_moe_gemv(num_tokens, dtype, config):
