@@ -8,9 +8,9 @@ GLM-4-MoE): embedding → per layer (residual add +) RMSNorm → the family's at
 projections and backend, ``attention_out``; a family may fuse the norm in: ``attention_block``) →
 post-attention norm → a dense SwiGLU MLP, or routing (``norm_and_route``) and a ``MoECall`` yielded to
 whoever runs the experts (plus the shared experts where the layer has them) → final norm → logits. The
-residual adds are fused into the next norm (``LayerOps.add_rms_norm``). A family subclasses it and supplies the two hooks; layer weights need
-``input_norm``, ``post_norm``, ``router`` (None for a dense layer), ``dense_mlp`` and optionally
-``shared_mlp``.
+residual adds are fused into the next norm (``LayerOps.add_rms_norm``). A family subclasses it and
+supplies the two hooks; layer weights need ``input_norm``, ``post_norm``, ``router`` (None for a dense
+layer), ``dense_mlp`` and optionally ``shared_mlp``.
 """
 
 from __future__ import annotations
