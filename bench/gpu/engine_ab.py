@@ -46,7 +46,7 @@ VARIANTS = [
     ("fused_input bn16", "16,512,4", None),
     ("fused_input bn4", "4,2048,4", None),
     ("fused + down_ahead", "8,1024,4", "2,128,8"),
-    ("fused + down_ahead bk1024", "8,1024,4", "2,1024,8"),
+    ("fused + down_ahead bk512", "8,1024,4", "2,512,8"),
     ("fused + down_ahead bn4 bk256", "8,1024,4", "4,256,8"),
     ("unfused_input (again)", None, None),
 ]
