@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from epserve.kernels.counters import zeroed_counters
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 SINGLE_PROGRAM_MAX_ASSIGNMENTS = 512
@@ -64,18 +65,10 @@ def padded_capacity(num_assignments: int, num_slots: int, block_m: int) -> int:
 # L2 slices; spread out, the slots' counters are served in parallel.
 COUNTER_STRIDE = 64
 
-_COUNTERS: dict[tuple[str, int | None, int, int], torch.Tensor] = {}
-
-
 def _counters(device: torch.device, num_slots: int, stride: int = COUNTER_STRIDE) -> torch.Tensor:
-    """[(S + 1) * stride] int32 zeros (per-slot counts, then the done ticket, ``stride`` apart),
-    kept for the process: the count kernel zeroes them again when it finishes. Never freed, so a
-    CUDA graph that captured them stays valid."""
-    key = (device.type, device.index, num_slots, stride)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        counters = _COUNTERS[key] = torch.zeros((num_slots + 1) * stride, dtype=torch.int32, device=device)
-    return counters
+    """[(S + 1) * stride] int32 zeros (per-slot counts, then the done ticket, ``stride`` apart); the count
+    kernel zeroes them again when it finishes (``kernels/counters.py``: per device and stream, kept)."""
+    return zeroed_counters("moe_align", device, (num_slots + 1) * stride)
 
 
 @triton.jit(do_not_specialize=["num_assignments"])

@@ -22,20 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
+from epserve.kernels.counters import zeroed_counters
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 from epserve.kernels.topk_softmax import top_k_exp
 
 FUSED_MAX_TOKENS = 32
 TILE_ELEMENTS = 8192        # a program's router tile [BLOCK_E, D], held in registers
-_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _counters(device: torch.device, num_tokens: int) -> torch.Tensor:
     """Per-token completion counters, zero between launches (the last program resets its own)."""
-    key = (device.type, device.index)
-    if key not in _COUNTERS or _COUNTERS[key].numel() < num_tokens:
-        _COUNTERS[key] = torch.zeros(max(num_tokens, FUSED_MAX_TOKENS), dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    return zeroed_counters("moe_router", device, max(num_tokens, FUSED_MAX_TOKENS))
 
 
 @triton.jit

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from epserve.kernels.counters import zeroed_counters
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 from epserve.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
 from epserve.kernels.rope import _cos_sin, _norm_rope, _store_head, qk_norm_rope_store_reference
 
 MAX_TOKENS = 8              # past a few tokens the weights re-read per token dominate: callers fall back
-_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,7 @@ DEFAULT_CONFIG = NormQkvConfig()
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
     """Per-(token, head) arrival counters, zero between launches (the last program resets its own)."""
-    key = (device.type, device.index)
-    if key not in _COUNTERS or _COUNTERS[key].numel() < size:
-        _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    return zeroed_counters("norm_qkv_rope", device, size)
 
 
 @triton.jit

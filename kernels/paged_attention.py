@@ -54,13 +54,13 @@ import torch
 import triton
 import triton.language as tl
 
+from epserve.kernels.counters import zeroed_counters
 from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16               # tl.dot needs at least 16 rows
 MERGE_TILE = 4096               # float32 values per merge program tile (32 registers a thread at 4 warps)
 MERGES = ("fused", "kernel")
-_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 def _counters(device: torch.device, rows: int) -> torch.Tensor:
     """Per-(sequence, KV head) arrival counters of the fused merge, zero between launches (the last
     split resets its own). Created by the first (eager) call, before any graph capture."""
-    key = (device.type, device.index)
-    if key not in _COUNTERS or _COUNTERS[key].numel() < rows:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "run paged_decode_attention once eagerly at this size before capturing it in a CUDA graph"
-        _COUNTERS[key] = torch.zeros(max(rows, 4096), dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    return zeroed_counters("paged_decode_merge", device, max(rows, 4096))
 
 
 @functools.lru_cache(maxsize=16)

@@ -81,7 +81,7 @@ class CudaIpcExpertServer:
         self._open = dict(links)              # attention rank → link, while that rank may send
         self._stopping = threading.Event()
         self._backoff = Backoff(spin_s=200e-6, max_sleep_s=idle_sleep_s)
-        self._step_queues: dict[int, queue.SimpleQueue] = {}
+        self._step_queues: dict[tuple[int, int], queue.SimpleQueue] = {}     # (attention rank, slot) → its thread
         self._step_threads: list[threading.Thread] = []
         self._step_crash: list[BaseException] = []
         self._started = False
@@ -225,28 +225,33 @@ class CudaIpcExpertServer:
 
     # -- the step path ------------------------------------------------------------------
     def _start_steps(self, compute: ExpertCompute) -> None:
-        """Hand each new step announcement to its attention rank's step thread."""
+        """Hand each new step announcement to the step thread of its (attention rank, micro-batch slot)."""
         for a, link in self._open.items():
             for channel in link.channels:
                 seq = int(channel.words[STEP_SEQ])
                 if seq > self._steps_seen[id(channel)]:
                     self._steps_seen[id(channel)] = seq
-                    self._step_queue(a, link, compute).put((channel, seq))
+                    self._step_queue(a, channel.slot, link, compute).put((channel, seq))
                     self._backoff.reset()
 
-    def _step_queue(self, attention_rank: int, link: ExpertLink, compute: ExpertCompute) -> queue.SimpleQueue:
-        if attention_rank not in self._step_queues:
+    def _step_queue(self, attention_rank: int, slot: int, link: ExpertLink, compute: ExpertCompute
+                    ) -> queue.SimpleQueue:
+        """A thread, a stream and flag counters per slot: with two micro-batches in flight the attention
+        rank interleaves the slots' layers (sends slot 1's layer l before it awaits slot 0's), so one
+        slot's step must not queue behind the other's."""
+        key = (attention_rank, slot)
+        if key not in self._step_queues:
             from epserve.dataplane.cuda_ipc_step import StepServer
 
             q: queue.SimpleQueue = queue.SimpleQueue()
             step_server = StepServer(link, compute, self.link_timeout_s, self.compute_device, self._stopping,
                                      graphs=self.step_graphs)
             thread = threading.Thread(target=self._run_steps, args=(step_server, q), daemon=True,
-                                      name=f"cuda-ipc-steps-{attention_rank}")
-            self._step_queues[attention_rank] = q
+                                      name=f"cuda-ipc-steps-{attention_rank}.{slot}")
+            self._step_queues[key] = q
             self._step_threads.append(thread)
             thread.start()
-        return self._step_queues[attention_rank]
+        return self._step_queues[key]
 
     def _run_steps(self, step_server, q: queue.SimpleQueue) -> None:
         try:
