@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running-requests", type=int, default=EngineLimits.max_num_seqs,
                    help="sequences in flight at most")
     p.add_argument("--num-micro-batches", type=int, default=EngineLimits.num_micro_batches, choices=[1, 2],
-                   help="2 overlaps one micro-batch's expert exchange with the other's attention (default %(default)s)")
+                   help="2 overlaps one micro-batch's expert exchange with the other's attention (SGLang's two-batch "
+                        "overlap). Default: 2 on the CPU runner; 1 on the GPU step path (cuda_ipc), where on one GPU "
+                        "two halves of a decode step read most experts' weights twice")
     p.add_argument("--context-length", type=int, default=defaults["max_context"], help="context limit; 0 = the model's")
     add_gpu_engine_arguments(p)
     p.add_argument("--ep-dispatch-algorithm", default=defaults["ep_dispatch_algorithm"],

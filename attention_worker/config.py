@@ -51,7 +51,7 @@ def check_engine_limits(limits: EngineLimits, max_context: int) -> None:
         raise ValueError(f"--max-num-batched-tokens must be >= 1, got {limits.max_num_batched_tokens}")
     if limits.max_num_seqs < 1:
         raise ValueError(f"--max-running-requests must be >= 1, got {limits.max_num_seqs}")
-    if limits.num_micro_batches not in (1, 2):
+    if limits.num_micro_batches not in (None, 1, 2):
         raise ValueError(f"--num-micro-batches must be 1 or 2, got {limits.num_micro_batches}")
     if max_context < 0:
         raise ValueError(f"--context-length must be >= 0 (0 = the model's), got {max_context}")

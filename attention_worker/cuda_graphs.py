@@ -14,7 +14,8 @@ padding row), replays, and returns the first B rows of the logits. Every graph w
 into one buffer ``[max_bs, V]`` allocated outside the graphs' pool, so the pool holds one
 bucket's intermediates at a time rather than every bucket's outputs.
 
-Captured once, at start-up: a new expert map reaches the graphs through the router's device
+With two micro-batches (the cuda_ipc step path, ``--num-micro-batches 2``) a bucket's graph holds the two
+halves' layers interleaved (``GpuStepRunner.forward``). Captured once, at start-up: a new expert map reaches the graphs through the router's device
 buffers (updated in place), a sequence's new blocks through ``block_table_pool``.
 """
 
@@ -83,16 +84,17 @@ class DecodeGraphs:
             self._pad(bucket)
             stream.wait_stream(torch.cuda.current_stream())
             executor = self.runner.executor
+            sizes = self.runner.micro_batch_sizes(bucket, splittable=True)
             with torch.cuda.stream(stream):               # compile and autotune outside the capture
                 for _ in range(2):
-                    executor.begin_step(bucket, expert_map)
-                    self.runner.forward(self._batch(bucket), expert_map)
+                    executor.begin_step(sizes, expert_map)
+                    self.runner.forward(self._batch(bucket), expert_map, sizes)
                     executor.finish_step()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            executor.expect_step(bucket)
+            executor.expect_step(sizes)
             with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.logits[:bucket].copy_(self.runner.forward(self._batch(bucket), expert_map))
+                self.logits[:bucket].copy_(self.runner.forward(self._batch(bucket), expert_map, sizes))
             self.graphs[bucket] = graph
         torch.cuda.synchronize(self.runner.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.buckets),
@@ -120,6 +122,6 @@ class DecodeGraphs:
         rows[num_seqs:] = self.runner.num_rows
         context[num_seqs:] = 0
         self.inputs[:NUM_FIELDS * bucket].copy_(self._host[:NUM_FIELDS * bucket], non_blocking=True)
-        self.runner.executor.begin_step(bucket, expert_map)
+        self.runner.executor.begin_step(self.runner.micro_batch_sizes(bucket, splittable=True), expert_map)
         self.graphs[bucket].replay()
         return self.logits[:num_seqs]

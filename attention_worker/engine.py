@@ -64,7 +64,7 @@ class EngineLimits:
     kv_block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
-    num_micro_batches: int = 2
+    num_micro_batches: int | None = None   # None: 2 on the CPU runner, 1 on the GPU step path
     cuda_graph_max_bs: int = 256         # GPU: decode steps of up to this many sequences replay a graph
     disable_cuda_graph: bool = False     # GPU: run every step eagerly
     attention_backend: str = "auto"      # auto: triton on CUDA, torch_native elsewhere
@@ -338,4 +338,4 @@ def make_step_runner(model: Qwen3MoeAttentionSide, executor: MoEExecutor, kv_cac
         from epserve.attention_worker.gpu_runner import GpuStepRunner
         return GpuStepRunner(model, executor, kv_cache, limits, max_context)
     from epserve.attention_worker.cpu_runner import CpuStepRunner
-    return CpuStepRunner(model, executor, kv_cache, limits.num_micro_batches)
+    return CpuStepRunner(model, executor, kv_cache, limits.num_micro_batches or 2)

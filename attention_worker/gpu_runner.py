@@ -72,6 +72,7 @@ class GpuStepRunner:
                    if self.device.type == "cuda" else 1)
         self.num_splits = lambda batch: self.attention.decode_num_splits(batch, max_context, num_sms)
         self.graphs = None
+        self._split_logged = False
         if not executor.capturable and not limits.disable_cuda_graph:
             logger.info("the experts wait on the host (%s): decode steps run without CUDA graphs",
                         type(getattr(executor, "dispatcher", getattr(executor, "runner", executor))).__name__)
@@ -95,8 +96,9 @@ class GpuStepRunner:
                 logits = self.graphs.replay(chunks, expert_map)                       # [B, V]
             else:
                 batch = self.eager_batch(chunks, decode)
-                self.executor.begin_step(batch.num_tokens, expert_map)
-                logits = self.forward(batch, expert_map)                              # [B', V]
+                sizes = self.micro_batch_sizes(batch.num_tokens, decode and all(c.completes for c in chunks))
+                self.executor.begin_step(sizes, expert_map)
+                logits = self.forward(batch, expert_map, sizes)                       # [B', V]
             try:
                 self.executor.finish_step()
                 break
@@ -112,9 +114,29 @@ class GpuStepRunner:
         if self.graphs is not None and not self.graphs.captured:
             self.graphs.capture(expert_map)
 
-    def forward(self, batch: ForwardBatch, expert_map: ExpertMap) -> torch.Tensor:
-        """One micro-batch through the model and the in-process or remote experts → logits."""
-        return run_micro_batches([self.model.forward_steps(batch, self.attention)], self.executor, expert_map)[0]
+    def micro_batch_sizes(self, num_tokens: int, splittable: bool) -> list[int]:
+        """The tokens of each micro-batch a step runs as: two halves of a decode step whose rows all sample
+        when the executor overlaps two (``step_micro_batches``), else one."""
+        if splittable and self.executor.step_micro_batches == 2 and num_tokens >= 2:
+            first = (num_tokens + 1) // 2
+            return [first, num_tokens - first]
+        return [num_tokens]
+
+    def forward(self, batch: ForwardBatch, expert_map: ExpertMap, sizes: list[int] | None = None) -> torch.Tensor:
+        """The step through the model and the in-process or remote experts → logits; ``sizes`` (two
+        entries): a decode step as two micro-batches interleaved layer by layer (``run_micro_batches``),
+        logits in row order."""
+        if sizes is None or len(sizes) == 1:
+            return run_micro_batches([self.model.forward_steps(batch, self.attention)], self.executor,
+                                     expert_map)[0]
+        if not self._split_logged:
+            self._split_logged = True
+            logger.info("two micro-batches in flight: a decode step of %d sequences runs as halves of %s",
+                        batch.num_tokens, sizes)
+        halves = split_decode_batch(batch, sizes[0], self.num_splits)
+        logits = run_micro_batches([self.model.forward_steps(half, self.attention) for half in halves],
+                                   self.executor, expert_map)
+        return torch.cat(logits)
 
     def release(self, seq: Sequence) -> None:
         if seq.row is not None:
@@ -193,3 +215,24 @@ class GpuStepRunner:
             decode=decode, num_splits=self.num_splits(num_seqs) if decode else 1)
         return ForwardBatch(ids_t, positions_t, [c.num_tokens for c in chunks], context,
                             [], slots_t, logits_rows=logits_rows_t, device=meta)
+
+
+def split_decode_batch(batch: ForwardBatch, first: int, num_splits) -> tuple[ForwardBatch, ForwardBatch]:
+    """A decode step (one token per sequence, every row sampled) as two micro-batches: rows [0, first)
+    and [first, B), views of the step's device tensors (nothing copied: a graph captures it as it is).
+    ``num_splits(b)``: the split-KV count a decode of b sequences runs with."""
+    meta: GpuAttentionMetadata = batch.device
+    assert meta.decode and 0 < first < batch.num_tokens, "two micro-batches split decode steps of 2+ rows"
+    assert batch.logits_rows is None or batch.logits_rows.numel() == batch.num_tokens, "every row must sample"
+    halves = []
+    for rows in (slice(0, first), slice(first, batch.num_tokens)):
+        size = rows.stop - rows.start
+        half_meta = GpuAttentionMetadata(block_tables=meta.block_tables[rows], context_lens=meta.context_lens[rows],
+                                         query_start_loc=None, max_query_len=1, decode=True,
+                                         num_splits=num_splits(size))
+        halves.append(ForwardBatch(batch.input_ids[rows], batch.positions[rows], batch.seq_lens[rows],
+                                   batch.context_lens[rows], batch.block_tables[rows], batch.slot_mapping[rows],
+                                   logits_rows=None,
+                                   padding_rows=None if batch.padding_rows is None else batch.padding_rows[rows],
+                                   device=half_meta))
+    return halves[0], halves[1]

@@ -46,10 +46,13 @@ class MoEExecutor(Protocol):
     # Step hooks of the GPU runner (no-ops unless the exchange is announced per step, as the
     # cuda_ipc step path is: attention_worker/step_experts.py). ``begin_step`` before a step's
     # launches or graph replay, ``finish_step`` after them (raises what the expert side reported),
-    # ``expect_step`` before capturing a graph of ``num_tokens`` rows.
-    def begin_step(self, num_tokens: int, expert_map: ExpertMap) -> None: ...
+    # ``expect_step`` before capturing a graph. ``sizes``: the tokens of each micro-batch of the step;
+    # ``step_micro_batches``: how many the GPU runner splits a decode step into.
+    step_micro_batches: int
 
-    def expect_step(self, num_tokens: int) -> None: ...
+    def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None: ...
+
+    def expect_step(self, sizes: list[int]) -> None: ...
 
     def finish_step(self) -> None: ...
 
@@ -72,12 +75,15 @@ def route(router: ExpertRouter, call: MoECall, expert_map: ExpertMap) -> torch.T
 
 
 class NoStepHooks:
-    """The step hooks of an executor whose exchange needs no per-step announcement."""
+    """The step hooks of an executor whose exchange needs no per-step announcement; the GPU runner runs
+    its steps as one micro-batch (experts in process gain nothing from two)."""
 
-    def begin_step(self, num_tokens: int, expert_map: ExpertMap) -> None:
+    step_micro_batches = 1
+
+    def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None:
         pass
 
-    def expect_step(self, num_tokens: int) -> None:
+    def expect_step(self, sizes: list[int]) -> None:
         pass
 
     def finish_step(self) -> None:

@@ -7,9 +7,9 @@ The per-message path (``RemoteExperts`` + ``CudaIpcDispatcher``) splits tokens b
 for partials on the host at every layer, so a forward pass through it cannot be captured. Here the
 host speaks once per step and every layer's hand-off is a launch (``cuda_ipc_step.StepExchange``):
 
-- ``begin_step(T, map)`` — host, before the step's launches or its graph replay: the step (T, map
-  version, L, S) is announced to every expert worker, which enqueues all L layers' wait → compute
-  → signal on its own stream;
+- ``begin_step([T0, T1], map)`` — host, before the step's launches or its graph replay: the step (its
+  micro-batches' tokens, map version, L, S) is announced to every expert worker, which enqueues all L
+  layers' wait → compute → signal on a stream of each micro-batch's slot;
 - ``dispatch`` per MoE layer: route (device), then copy all T rows into every expert's channel and
   signal (``send``); ``combine``: wait for each worker's partial on the device and add them in
   worker order (``receive``) — both only launch work, so the GPU runner captures them in its graphs;
@@ -18,7 +18,12 @@ host speaks once per step and every layer's hand-off is a launch (``cuda_ipc_ste
   runner redo the whole step once the worker catches up; the step's KV writes are the same values
   again, so redoing is safe.
 
-``expect_step(T)`` is ``begin_step`` without the announcement, for capturing a graph (nothing runs).
+``expect_step(sizes)`` is ``begin_step`` without the announcement, for capturing a graph (nothing runs).
+
+Two micro-batches (``--num-micro-batches 2``): the GPU runner splits a decode step's sequences in two
+halves and interleaves them layer by layer (``run_micro_batches``): half B's attention runs while the
+expert workers compute half A's experts, each half through its own channel slot. On one GPU the halves
+read most experts' weights twice at batch 32 and up, so the default is one.
 On a CPU device (tests) the same calls run through host shared memory and wait on the host.
 """
 
@@ -36,32 +41,59 @@ WEIGHT_DTYPE = torch.float32       # the GPU routing kernels give float32 top-k 
 
 class StepExperts:
     def __init__(self, dispatcher, router: ExpertRouter, num_moe_layers: int, timeout_s: float,
-                 record_load: LoadSink | None = None) -> None:
-        """``dispatcher``: a ``CudaIpcDispatcher`` (``make_dispatcher("cuda_ipc", ...)``)."""
+                 record_load: LoadSink | None = None, num_micro_batches: int = 1) -> None:
+        """``dispatcher``: a ``CudaIpcDispatcher`` (``make_dispatcher("cuda_ipc", ...)``) with at least
+        ``num_micro_batches`` channel slots; micro-batch i goes through slot i."""
         self.dispatcher, self.router, self.record_load = dispatcher, router, record_load
         self.num_moe_layers = num_moe_layers
-        self.exchange = dispatcher.step_exchange(0, timeout_s)      # the GPU runner runs one micro-batch
+        if not 1 <= num_micro_batches <= dispatcher.side.num_slots:
+            raise ValueError(f"{num_micro_batches} micro-batches on cuda_ipc channels of "
+                             f"{dispatcher.side.num_slots} slots")
+        self.step_micro_batches = num_micro_batches     # how many the GPU runner splits a decode step into
+        self.exchanges = [dispatcher.step_exchange(slot, timeout_s) for slot in range(num_micro_batches)]
+        self._active = 1                                # exchanges the current step uses
         self.capturable = dispatcher.side.device.type == "cuda"    # device flags; host waits on a CPU
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
         self.router.prepare(expert_map, device)
 
-    def begin_step(self, num_tokens: int, expert_map: ExpertMap) -> None:
-        self.exchange.begin_step(num_tokens, expert_map.version, self.num_moe_layers, expert_map.slots_per_worker,
-                                 weight_dtype=WEIGHT_DTYPE)
+    def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None:
+        """``sizes``: the tokens of each micro-batch of the step (one entry: one micro-batch)."""
+        self._active = self._check(sizes)
+        for exchange, num_tokens in zip(self.exchanges, sizes):
+            exchange.begin_step(num_tokens, expert_map.version, self.num_moe_layers, expert_map.slots_per_worker,
+                                weight_dtype=WEIGHT_DTYPE)
 
-    def expect_step(self, num_tokens: int) -> None:
-        self.exchange.expect_step(num_tokens, WEIGHT_DTYPE)
+    def expect_step(self, sizes: list[int]) -> None:
+        self._active = self._check(sizes)
+        for exchange, num_tokens in zip(self.exchanges, sizes):
+            exchange.expect_step(num_tokens, WEIGHT_DTYPE)
 
     def finish_step(self) -> None:
-        self.exchange.finish_step()
+        """Every micro-batch's expert status; the first failure raises, the others ride along as notes."""
+        errors: list[Exception] = []
+        for exchange in self.exchanges[:self._active]:
+            try:
+                exchange.finish_step()
+            except Exception as exc:  # noqa: BLE001 - all slots are checked, then the first error raised
+                errors.append(exc)
+        if errors:
+            for other in errors[1:]:
+                errors[0].add_note(f"also: {type(other).__name__}: {other}")
+            raise errors[0]
 
-    def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> int:
+    def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> tuple[int, int]:
         physical = route(self.router, call, expert_map)                                 # [T, K]
         if self.record_load is not None:
             self.record_load(call.moe_layer, physical)
-        self.exchange.send(call.moe_layer, call.hidden, physical, call.topk_weights.to(WEIGHT_DTYPE))
-        return call.moe_layer
+        self.exchanges[micro_batch].send(call.moe_layer, call.hidden, physical, call.topk_weights.to(WEIGHT_DTYPE))
+        return micro_batch, call.moe_layer
 
-    def combine(self, layer: int) -> torch.Tensor:
-        return self.exchange.receive(layer)                                             # [T, D]
+    def combine(self, handle: tuple[int, int]) -> torch.Tensor:
+        micro_batch, layer = handle
+        return self.exchanges[micro_batch].receive(layer)                               # [T, D]
+
+    def _check(self, sizes: list[int]) -> int:
+        if not 1 <= len(sizes) <= len(self.exchanges):
+            raise ValueError(f"a step of {len(sizes)} micro-batches; this exchange has {len(self.exchanges)}")
+        return len(sizes)

@@ -171,7 +171,7 @@ class AttentionWorker:
             limits = config.limits
             options = dict(device=config.device, max_tokens=max(limits.max_num_batched_tokens, limits.max_num_seqs),
                            hidden_size=self.spec.hidden_size, top_k=self.spec.num_experts_per_tok,
-                           dtype=parse_dtype(config.dtype), num_micro_batches=limits.num_micro_batches)
+                           dtype=parse_dtype(config.dtype), num_micro_batches=limits.num_micro_batches or 2)
         elastic = self.registration.elastic_ep_backend != "none"
         if elastic and data_plane.backend == "torch":      # links formed on use, and again after failures
             from epserve.dataplane.torch_links import ELASTIC_FORM_TIMEOUT_S
@@ -186,7 +186,7 @@ class AttentionWorker:
             # the batched runner announces each step once and captures the per-layer hand-offs
             logger.info("expert exchange: the cuda_ipc step path (one announcement per step)")
             return StepExperts(self._dispatcher, router, self.spec.num_moe_layers, config.dataplane_timeout_s,
-                               record_load=self.recorder.record)
+                               record_load=self.recorder.record, num_micro_batches=config.limits.num_micro_batches or 1)
         recovery = None
         if elastic:
             reconnect = getattr(self._dispatcher, "reconnect", None)    # the torch data plane re-forms links

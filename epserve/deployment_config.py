@@ -82,6 +82,7 @@ class DeploymentConfig:
     num_kv_blocks: int | None = None
     max_num_batched_tokens: int | None = None
     context_length: int | None = None       # 0 = the model's
+    num_micro_batches: int | None = None    # 1 | 2; None: the worker's (2 on the CPU runner, 1 on the GPU step path)
     extra_placement_args: list[str] = field(default_factory=list)
     extra_attention_args: list[str] = field(default_factory=list)
     extra_expert_args: list[str] = field(default_factory=list)
@@ -224,7 +225,8 @@ class DeploymentConfig:
                             ("--max-running-requests", self.max_running_requests),
                             ("--num-kv-blocks", self.num_kv_blocks),
                             ("--max-num-batched-tokens", self.max_num_batched_tokens),
-                            ("--context-length", self.context_length)):
+                            ("--context-length", self.context_length),
+                            ("--num-micro-batches", self.num_micro_batches)):
             if value is not None:
                 args += [flag, str(value)]
         if self.enable_expert_distribution_metrics:

@@ -140,6 +140,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step (default 2048)")
     engine.add_argument("--context-length", type=int, default=None, help="context limit; 0 = the model's (default)")
+    engine.add_argument("--num-micro-batches", type=int, default=None, choices=[1, 2],
+                        help="2 = two micro-batches in flight: one's attention overlaps the other's expert exchange "
+                             "(SGLang's two-batch overlap). Default: 2 on the CPU runner, 1 on the GPU step path "
+                             "(on one GPU two halves read most experts' weights twice)")
     engine.add_argument("--stream-interval", type=int, default=None,
                         help="tokens per streamed message at least, on the attention workers (default 1): fewer "
                              "gRPC messages per token between worker, gateway and client, coarser streaming")
@@ -218,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
             max_running_requests=args.max_running_requests, num_kv_blocks=args.num_kv_blocks,
             max_num_batched_tokens=args.max_num_batched_tokens, context_length=args.context_length,
+            num_micro_batches=args.num_micro_batches,
             enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,
             expert_distribution_recorder_mode=args.expert_distribution_recorder_mode,
             expert_distribution_dir=args.expert_distribution_dir,

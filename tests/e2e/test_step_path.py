@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -32,13 +33,21 @@ def test_step_path_on_the_cpu(tiny_model, tmp_path):
     serve_and_compare(tiny_model, tmp_path, CPU_ARGS, {"TRITON_INTERPRET": "1"})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant (Triton interpreter)")
+def test_two_micro_batches_on_the_step_path_on_the_cpu(tiny_model, tmp_path):
+    """--num-micro-batches 2: the prompts decode together, each step as two halves interleaved layer by
+    layer through two channel slots (one expert thread each); the text is the colocated engine's."""
+    serve_and_compare(tiny_model, tmp_path, CPU_ARGS, {"TRITON_INTERPRET": "1"}, micro_batches=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("experts", [1, 2])
-def test_step_path_on_one_gpu(tiny_model, tmp_path, experts):
+@pytest.mark.parametrize("experts,micro_batches", [(1, 1), (2, 1), (2, 2)])
+def test_step_path_on_one_gpu(tiny_model, tmp_path, experts, micro_batches):
     """1 attention + 1 or 2 expert processes on one GPU: device flags, both sides in CUDA graphs, the
-    fused hand-offs (with one expert worker the attention side's receive is one too)."""
-    serve_and_compare(tiny_model, tmp_path, GPU_ARGS, {}, experts)
+    fused hand-offs (with one expert worker the attention side's receive is one too); with two
+    micro-batches each slot's steps on a stream of its own on the expert side."""
+    serve_and_compare(tiny_model, tmp_path, GPU_ARGS, {}, experts, micro_batches)
     for worker in range(experts):
         assert "captured the expert step" in (tmp_path / "logs" / f"expert-{worker}.log").read_text()
 
@@ -62,16 +71,26 @@ def split_args(tiny_model, model_args: list[str], experts: int = 2) -> list[str]
 
 
 def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str],
-                      experts: int = 2) -> None:
+                      experts: int = 2, micro_batches: int = 1) -> None:
+    """One request at a time with one micro-batch; with two, the prompts at once (decode steps of two
+    sequences, split in halves)."""
     expected = colocated_texts(tiny_model, model_args, extra_env)
-    args = split_args(tiny_model, model_args, experts)
+    args = split_args(tiny_model, model_args, experts) + ["--num-micro-batches", str(micro_batches)]
     os.environ.update(extra_env)                    # the deployment's processes inherit it
     with epserve_up(args, tmp_path / "logs") as endpoints:
-        served = [generate(endpoints["gateway"], p, max_new_tokens=12, temperature=0.0, timeout_s=300).text
-                  for p in PROMPTS]
+        def serve(prompt: str) -> str:
+            return generate(endpoints["gateway"], prompt, max_new_tokens=12, temperature=0.0, timeout_s=300).text
+
+        if micro_batches == 1:
+            served = [serve(p) for p in PROMPTS]
+        else:
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                served = list(pool.map(serve, PROMPTS))
         attention_log = (tmp_path / "logs" / "attention-0.log").read_text()
     assert served == expected
     assert "the cuda_ipc step path" in attention_log
+    if micro_batches == 2:
+        assert "two micro-batches in flight" in attention_log
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant (Triton interpreter)")
