@@ -15,8 +15,9 @@ into one buffer ``[max_bs, V]`` allocated outside the graphs' pool, so the pool 
 bucket's intermediates at a time rather than every bucket's outputs.
 
 With two micro-batches (the cuda_ipc step path, ``--num-micro-batches 2``) a bucket's graph holds the two
-halves' layers interleaved (``GpuStepRunner.forward``). Captured once, at start-up: a new expert map reaches the graphs through the router's device
-buffers (updated in place), a sequence's new blocks through ``block_table_pool``.
+halves' layers interleaved (``GpuStepRunner.forward``). Captured once, at start-up: a new expert map
+reaches the graphs through the router's device buffers (updated in place), a sequence's new blocks
+through ``block_table_pool``.
 """
 
 from __future__ import annotations
