@@ -6,7 +6,8 @@ At a few tokens, a MoE layer's routing is three small launches (add + norm, the 
 GEMV, top-k), each mostly launch latency. ``add_norm_router_topk`` does all three: grid (T, EB);
 every program adds the token's residual and normalises it (D elements, cheap to redo), program 0
 of the token writes the normalised row and the new residual, and each program computes the router
-logits of its BLOCK_E experts. The last program of a token to finish (a per-token counter, atomic
+logits of its BLOCK_E experts, whose router rows it loads before its PDL wait (they depend on no kernel,
+so they stream while the kernel before still runs). The last program of a token to finish (a per-token counter, atomic
 with acquire-release ordering; it resets itself, so graph replays need no memset) reads the E
 logits and picks the top K. Numerics follow the torch composition: the sum rounded to the model
 dtype, variance in float32, ``weight * h.to(dtype)``, logits rounded to the model dtype (as a
@@ -42,12 +43,15 @@ def _add_norm_router_topk_kernel(delta_ptr, res_ptr, norm_w_ptr, router_ptr, x_p
                                  BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, E_P2: tl.constexpr,
                                  K_P2: tl.constexpr, NUM_EB: tl.constexpr, RENORMALIZE: tl.constexpr,
                                  USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
+    experts = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    w = tl.load(router_ptr + experts[:, None].to(tl.int64) * stride_we + offs[None, :],
+                mask=(experts[:, None] < E) & ok[None, :], other=0.0)            # [BLOCK_E, BLOCK_D], before the wait
+    pdl_wait(USE_PDL)
     summed = (tl.load(delta_ptr + t * stride_dt + offs, mask=ok, other=0.0).to(tl.float32)
               + tl.load(res_ptr + t * stride_rt + offs, mask=ok, other=0.0).to(tl.float32)).to(dtype)
     s32 = summed.to(tl.float32)
@@ -56,10 +60,7 @@ def _add_norm_router_topk_kernel(delta_ptr, res_ptr, norm_w_ptr, router_ptr, x_p
     if eb == 0:
         tl.store(x_ptr + t * stride_xt + offs, x, mask=ok)
         tl.store(res_out_ptr + t * stride_ot + offs, summed, mask=ok)
-    experts = eb * BLOCK_E + tl.arange(0, BLOCK_E)
-    w = tl.load(router_ptr + experts[:, None].to(tl.int64) * stride_we + offs[None, :],
-                mask=(experts[:, None] < E) & ok[None, :], other=0.0).to(tl.float32)        # [BLOCK_E, BLOCK_D]
-    logits = tl.sum(w * x.to(tl.float32)[None, :], axis=1).to(dtype).to(tl.float32)        # [BLOCK_E]
+    logits = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1).to(dtype).to(tl.float32)   # [BLOCK_E]
     tl.store(logits_ptr + t * E + experts, logits, mask=experts < E)
     tl.debug_barrier()                          # every thread's stores precede the release below
     done = tl.atomic_add(counter_ptr + t, 1, sem="acq_rel")

@@ -12,7 +12,9 @@ bounds the drift. Variants:
 - ``fused_input ...``: the three in one launch (``kernels/norm_qkv_rope.py``, the default at ≤ 8 tokens)
   at several tile shapes (block_n, block_k, warps);
 - ``fused + down_ahead ...``: and the MoE down GEMV loading its weights before its PDL wait
-  (``GemvConfig.down_ahead``) at several tiles.
+  (``GemvConfig.down_ahead``) at several tiles;
+- ``... o_proj prefetched``: o_proj as ``kernels/dense_gemv.py``'s GEMV, weights loaded before its wait
+  (the default at decode sizes) instead of cuBLAS.
 The split-KV merge by the last split (``DecodeConfig.merge="fused"``) was timed against a merge kernel in
 an earlier run (``bench/results/engine_ab_h100_prefetch.json``) and is the default. That run also timed
 prefetching each layer's projections into L2 from a side stream: slower, and removed. Other forms of the attention
@@ -38,17 +40,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_gpu import prompts, write_model_dir  # noqa: E402
 
 # name, the one-launch attention input (kernels/norm_qkv_rope.py: "block_n,block_k,warps"; None = off),
-# the MoE down GEMV with its weights loaded ahead ("down_block_n,down_block_k,down_warps"; None = the table's)
+# the MoE down GEMV with its weights loaded ahead ("down_block_n,down_block_k,down_warps"; None = the table's),
+# o_proj at decode sizes: "prefetched" (kernels/dense_gemv.py, the default) or "cublas" (F.linear)
 VARIANTS = [
-    ("unfused_input", None, None),
-    ("fused_input", "8,1024,4", None),
-    ("fused_input bk512", "8,512,4", None),
-    ("fused_input bn16", "16,512,4", None),
-    ("fused_input bn4", "4,2048,4", None),
-    ("fused + down_ahead", "8,1024,4", "2,128,8"),
-    ("fused + down_ahead bk512", "8,1024,4", "2,512,8"),
-    ("fused + down_ahead bn4 bk256", "8,1024,4", "4,256,8"),
-    ("unfused_input (again)", None, None),
+    ("unfused_input", None, None, "cublas"),
+    ("fused_input", "8,1024,4", None, "cublas"),
+    ("fused_input bk512", "8,512,4", None, "cublas"),
+    ("fused_input bn16", "16,512,4", None, "cublas"),
+    ("fused_input bn4", "4,2048,4", None, "cublas"),
+    ("fused + o_proj prefetched", "8,1024,4", None, "prefetched"),
+    ("fused + down_ahead", "8,1024,4", "2,128,8", "cublas"),
+    ("fused + down_ahead bk512", "8,1024,4", "2,512,8", "cublas"),
+    ("fused + down_ahead bn4 bk256", "8,1024,4", "4,256,8", "cublas"),
+    ("all: fused + prefetched + down_ahead", "8,1024,4", "2,128,8", "prefetched"),
+    ("unfused_input (again)", None, None, "cublas"),
 ]
 
 
@@ -56,11 +61,14 @@ def _ints(spec: str) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(","))
 
 
-def apply(engine, fused_input: str | None, down_ahead: str | None) -> None:
+def apply(engine, fused_input: str | None, down_ahead: str | None, o_proj: str) -> None:
+    import torch.nn.functional as F
+
     from epserve.attention_worker.cuda_graphs import DecodeGraphs
     from epserve.kernels.moe_configs import get_config
     from epserve.kernels.moe_gemv import GemvConfig
     from epserve.kernels.norm_qkv_rope import NormQkvConfig, add_norm_qkv_rope_store
+    from epserve.models.ops import triton_ops
 
     runner = engine.runner
     runner.attention.fused_input = fused_input is not None
@@ -68,6 +76,8 @@ def apply(engine, fused_input: str | None, down_ahead: str | None) -> None:
         block_n, block_k, warps = _ints(fused_input)
         runner.attention._norm_qkv_rope = functools.partial(
             add_norm_qkv_rope_store, config=NormQkvConfig(block_n=block_n, block_k=block_k, num_warps=warps))
+    ops = triton_ops()
+    engine.model.ops = ops if o_proj == "prefetched" else dataclasses.replace(ops, linear=F.linear)
 
     def moe_config(*args):
         config = get_config(*args)
@@ -121,12 +131,12 @@ def main() -> int:
                                     max_context=context + 16, load_format="dummy")
     rows = []
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
-    for name, fused_input, down_ahead in variants:
-        apply(engine, fused_input, down_ahead)
+    for name, fused_input, down_ahead, o_proj in variants:
+        apply(engine, fused_input, down_ahead, o_proj)
         for batch in args.batches:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
-            rows.append({"variant": name, "fused_input": fused_input, "down_ahead": down_ahead, "batch": batch,
-                         "step_ms": ms})
+            rows.append({"variant": name, "fused_input": fused_input, "down_ahead": down_ahead, "o_proj": o_proj,
+                         "batch": batch, "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
     print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))

@@ -10,6 +10,8 @@ Legend: T tokens, N normalised width, E logical experts, K top-k.
 - ``add_norm_route(x, residual, weight, eps, router [E, D], top_k, renormalize) -> (normed, summed,
   topk_ids, topk_weights)``: a MoE layer's post-attention residual add, norm and routing together
   (one launch at decode sizes on a GPU, ``kernels/moe_router.py``).
+- ``linear(x [T, K], weight [N, K]) -> [T, N]``: a projection; at decode sizes on a GPU one kernel that
+  loads its weights before it waits for x (``kernels/dense_gemv.py``).
 
 ``TORCH_OPS`` composes torch operations exactly as transformers' reference computes them (the
 float64 parity path, and any device). ``triton_ops()`` uses one fused Triton kernel per
@@ -35,6 +37,7 @@ class LayerOps:
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     route: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
     add_norm_route: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
 
 
 def _torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -58,6 +61,7 @@ TORCH_OPS = LayerOps("torch", rms_norm, _torch_add_rms_norm, softmax_topk,
 
 def triton_ops() -> LayerOps:
     """The fused-kernel operations (CUDA devices; the Triton interpreter in CPU tests)."""
+    from epserve.kernels.dense_gemv import fits, linear_prefetched
     from epserve.kernels.moe_router import FUSED_MAX_TOKENS, add_norm_router_topk
     from epserve.kernels.rms_norm import add_rms_norm, rms_norm as triton_rms_norm
     from epserve.kernels.topk_softmax import softmax_topk_renorm
@@ -70,6 +74,11 @@ def triton_ops() -> LayerOps:
 
     composed = _composed_add_norm_route(add_rms_norm, route)
 
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == weight.dtype and x.stride(-1) == 1 and fits(x.shape[0], weight):
+            return linear_prefetched(x, weight)
+        return F.linear(x, weight)
+
     def add_norm_route(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        router: torch.Tensor, top_k: int, renormalize: bool):
         if x.shape[0] > FUSED_MAX_TOKENS:      # past decode sizes the GEMM library does the router better
@@ -78,7 +87,7 @@ def triton_ops() -> LayerOps:
                                                                       renormalize)
         return normed, summed, topk_ids, topk_weights
 
-    return LayerOps("triton", triton_rms_norm, add_rms_norm, route, add_norm_route)
+    return LayerOps("triton", triton_rms_norm, add_rms_norm, route, add_norm_route, linear)
 
 
 def layer_ops_for(device: torch.device | str) -> LayerOps:

@@ -56,12 +56,12 @@ class Qwen3MoeAttentionSide(DecoderSide):
         if out is None:
             return super().attention_block(index, delta, residual, w, batch, attention)
         attn, residual = out                                                              # [T, H Dh], [T, D]
-        return F.linear(attn, w.o_proj), residual
+        return self.ops.linear(attn, w.o_proj), residual
 
     def attention_out(self, index: int, x: torch.Tensor, w: LayerWeights, batch: ForwardBatch,
                       attention: AttentionBackend) -> torch.Tensor:
         attn = attention.forward(index, F.linear(x, w.qkv_proj), w.q_norm, w.k_norm, batch)    # [T, H Dh]
-        return F.linear(attn, w.o_proj)
+        return self.ops.linear(attn, w.o_proj)
 
     def norm_and_route(self, attn: torch.Tensor, residual: torch.Tensor, w: LayerWeights):
         spec = self.spec
