@@ -105,12 +105,16 @@ class PeerProcess:
 
 
 class Backoff:
-    """Spin ``spin_s`` after ``reset``, then sleep 10 µs, 20 µs, ... up to ``max_sleep_s`` per ``pause``."""
+    """Spin ``spin_s`` after ``reset``, then sleep 10 µs, 20 µs, ... up to ``max_sleep_s`` per ``pause``.
+
+    ``yield_gil``: each ``pause`` of the spin releases the GIL (``time.sleep(0)``) so the process's other
+    threads run at once — a poller that spins long (``spin_s`` in milliseconds) must not hold them up to
+    the interpreter's switch interval (5 ms)."""
 
     FIRST_SLEEP_S = 10e-6
 
-    def __init__(self, spin_s: float = 50e-6, max_sleep_s: float = 1e-3) -> None:
-        self.spin_s, self.max_sleep_s = spin_s, max_sleep_s
+    def __init__(self, spin_s: float = 50e-6, max_sleep_s: float = 1e-3, yield_gil: bool = False) -> None:
+        self.spin_s, self.max_sleep_s, self.yield_gil = spin_s, max_sleep_s, yield_gil
         self.reset()
 
     def reset(self) -> None:
@@ -120,6 +124,8 @@ class Backoff:
     def pause(self) -> None:
         if self._sleep_s == 0.0:
             if time.perf_counter() < self._spin_until:
+                if self.yield_gil:
+                    time.sleep(0)
                 return
             self._sleep_s = self.FIRST_SLEEP_S
         time.sleep(self._sleep_s)

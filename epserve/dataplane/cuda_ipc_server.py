@@ -62,6 +62,9 @@ class _Request:
         return (self.header.layer, self.header.map_version, self.dtype, self.weight_dtype)
 
 
+BUSY_POLL_S = 0.05          # GPU: how long the server polls without sleeping after the last step or request
+
+
 class CudaIpcExpertServer:
     """The expert side of the cuda_ipc data plane, for one expert rank and its links (by attention rank).
 
@@ -80,7 +83,12 @@ class CudaIpcExpertServer:
         self._steps_seen = {id(ch): 0 for link in links.values() for ch in link.channels}
         self._open = dict(links)              # attention rank → link, while that rank may send
         self._stopping = threading.Event()
-        self._backoff = Backoff(spin_s=200e-6, max_sleep_s=idle_sleep_s)
+        # On a GPU the poll's latency is on every step's critical path (the attention side's first layer
+        # waits for the expert side's graph, replayed once the announcement is seen): while steps or
+        # requests keep coming, keep polling, the GIL yielded each time, and sleep only after BUSY_POLL_S
+        # without any. On the CPU (tests, a few cores shared by every process) spin briefly.
+        on_gpu = any(link.device.type == "cuda" for link in links.values())
+        self._backoff = Backoff(spin_s=BUSY_POLL_S if on_gpu else 200e-6, max_sleep_s=idle_sleep_s, yield_gil=True)
         self._step_queues: dict[tuple[int, int], queue.SimpleQueue] = {}     # (attention rank, slot) → its thread
         self._step_threads: list[threading.Thread] = []
         self._step_crash: list[BaseException] = []
