@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$W/gpu.txt"
 timeout 130 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels/test_norm_qkv_rope.py \
     tests/kernels/test_dense_gemv.py tests/attention_worker/test_gpu_engine.py > "$W/tests.txt" 2>&1; echo "exit $?" >> "$W/tests.txt"
 timeout 120 python3 bench/gpu/engine_ab.py --batches 1 2 4 8 --new-tokens 64 --out "$W/engine_ab.json" \
-    --variants unfused_input fused_input "fused + o_proj prefetched" "fused + down_ahead" \
+    --variants unfused_input fused_input "fused_input bk512" "fused + o_proj prefetched" "fused + down_ahead" \
     "all: fused + prefetched + down_ahead" "unfused_input (again)" > "$W/engine_ab.txt" 2>&1
 echo "exit $?" >> "$W/engine_ab.txt"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 70 tests/e2e/test_step_path.py \
