@@ -51,13 +51,13 @@ class TritonPagedAttention:
     def __init__(self, kv_cache: PagedKVCache, spec: ModelSpec) -> None:
         from epserve.kernels.paged_attention import decode_num_splits, paged_decode_attention
         from epserve.kernels.paged_prefill import paged_prefill_attention
-        from epserve.kernels.norm_qkv_rope import MAX_TOKENS, add_norm_qkv_rope_store
+        from epserve.kernels.norm_qkv_rope import add_norm_qkv_rope_store, fits
         from epserve.kernels.rope import qk_norm_rope_store
 
         assert spec.mla is None, "multi-head latent attention runs on TritonMlaAttention (attention_mla_triton.py)"
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
         self._num_splits = decode_num_splits
-        self._norm_qkv_rope, self._fused_max_tokens = add_norm_qkv_rope_store, MAX_TOKENS
+        self._norm_qkv_rope, self._fused_fits = add_norm_qkv_rope_store, fits
         # the one-launch attention input at decode sizes (attend_from_residual); EPSERVE_FUSED_QKV=0: off
         self.fused_input = os.environ.get("EPSERVE_FUSED_QKV", "1") != "0"
         self.kv_cache = kv_cache
@@ -88,9 +88,9 @@ class TritonPagedAttention:
         [T, D]), the norm, projection, q/k norm, RoPE and cache store in one launch
         (``kernels/norm_qkv_rope.py``); None where that does not apply (more tokens, or turned off) and the
         caller composes the steps."""
-        if not self.fused_input or residual.shape[0] > self._fused_max_tokens:
-            return None
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        if not self.fused_input or not self._fused_fits(residual, qkv_weight, k_cache, self.head_dim):
+            return None
         q, summed = self._norm_qkv_rope(delta, residual, input_norm, qkv_weight, self.num_heads, self.num_kv_heads,
                                         self.head_dim, batch.positions, self.inv_freq, k_cache, v_cache,
                                         batch.slot_mapping, q_norm_weight=q_norm, k_norm_weight=k_norm,

@@ -54,6 +54,18 @@ class NormQkvConfig:
 DEFAULT_CONFIG = NormQkvConfig()
 
 
+MAX_HIDDEN = 16384          # each program holds a token's residual row in registers
+
+
+def fits(residual: torch.Tensor, qkv_weight: torch.Tensor, k_cache: torch.Tensor, head_dim: int,
+         config: NormQkvConfig = DEFAULT_CONFIG) -> bool:
+    """Whether ``add_norm_qkv_rope_store`` serves this step (callers compose the three steps otherwise):
+    a few tokens, a hidden size whose row fits in registers, heads of whole tiles, one dtype."""
+    return (0 < residual.shape[0] <= MAX_TOKENS and residual.shape[1] <= MAX_HIDDEN
+            and head_dim % config.block_n == 0 and residual.stride(1) == 1 and qkv_weight.stride(1) == 1
+            and qkv_weight.dtype == residual.dtype == k_cache.dtype)
+
+
 def _counters(device: torch.device, size: int) -> torch.Tensor:
     """Per-(token, head) arrival counters, zero between launches (the last program resets its own)."""
     return zeroed_counters("norm_qkv_rope", device, size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from epserve.kernels.norm_qkv_rope import (MAX_TOKENS, NormQkvConfig, add_norm_qkv_rope_store,
-                                           add_norm_qkv_rope_store_reference)
+                                           add_norm_qkv_rope_store_reference, fits)
 from epserve.models.layers import RotaryEmbedding
 from kernel_test_utils import TOLERANCE, rel_err
 
@@ -128,6 +128,15 @@ def test_padding_rows_store_nothing_and_counters_reset_between_launches():
     assert torch.equal(flat_k[~written], before_k.view(12, -1)[~written])
     assert torch.equal(flat_v[~written], before_v.view(12, -1)[~written])
     assert not torch.equal(flat_k[written], before_k.view(12, -1)[written])
+
+
+def test_fits_says_which_steps_callers_must_compose():
+    p = make_problem(2, 2, 1, 16, 32, torch.float32)
+    assert fits(p["residual"], p["qkv_weight"], p["k_cache"], 16)
+    assert not fits(p["residual"], p["qkv_weight"], p["k_cache"], 12)                # heads of partial tiles
+    assert not fits(p["residual"], p["qkv_weight"].half(), p["k_cache"], 16)         # two dtypes
+    many = make_problem(MAX_TOKENS + 1, 2, 1, 16, 32, torch.float32)
+    assert not fits(many["residual"], many["qkv_weight"], many["k_cache"], 16)
 
 
 def test_rejects_what_it_cannot_compute():
