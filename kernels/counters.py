@@ -6,7 +6,9 @@ need no memset. Two such kernels running at once on one buffer would count each 
 expert side runs two micro-batches' steps on two streams, so buffers are per stream as well as per device
 (a CUDA graph uses those of the stream it was captured on). Buffers live as long as the process: a graph
 that captured one stays valid; a buffer too small is replaced by a larger one and the old one is kept.
-Allocate outside graph capture (the warm-up run before a capture does).
+A buffer first needed during a capture (``torch.cuda.graph`` captures on a stream of its own) comes from
+the graph's memory pool, kept alive here, and its zeroing becomes the graph's first node: harmless, the
+counters are zero at every launch anyway.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ def zeroed_counters(owner: str, device: torch.device, numel: int) -> torch.Tenso
     key = (owner, device.type, device.index, stream)
     buffer = _BUFFERS.get(key)
     if buffer is None or buffer.numel() < numel:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            f"{owner}: run the kernel once eagerly at this size on this stream before capturing it in a CUDA graph"
         if buffer is not None:
             _RETIRED.append(buffer)
         buffer = _BUFFERS[key] = torch.zeros(numel, dtype=torch.int32, device=device)
