@@ -41,13 +41,16 @@ from epserve.kernels.pdl import enabled as pdl_enabled, launch_options, pdl_wait
 from epserve.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
 from epserve.kernels.rope import _cos_sin, _norm_rope, _store_head, qk_norm_rope_store_reference
 
-MAX_TOKENS = 8              # past a few tokens the weights re-read per token dominate: callers fall back
+MAX_TOKENS = 8              # what the kernel computes
+# what callers use it for: on an H100 (bench/results/engine_ab_h100_fused.json) it is 2.3% faster than the
+# three launches at one token and 1.6-11% slower at 2-8 (every token's programs stream the weights again)
+FUSED_MAX_TOKENS = 1
 
 
 @dataclass(frozen=True)
 class NormQkvConfig:
     block_n: int = 8        # rows per program; divides Dh
-    block_k: int = 1024     # columns per step of the GEMV loop
+    block_k: int = 512      # columns per step of the GEMV loop (1024: 3.445 ms a step against 3.360, H100)
     num_warps: int = 4
 
 
@@ -59,9 +62,9 @@ MAX_HIDDEN = 16384          # each program holds a token's residual row in regis
 
 def fits(residual: torch.Tensor, qkv_weight: torch.Tensor, k_cache: torch.Tensor, head_dim: int,
          config: NormQkvConfig = DEFAULT_CONFIG) -> bool:
-    """Whether ``add_norm_qkv_rope_store`` serves this step (callers compose the three steps otherwise):
-    a few tokens, a hidden size whose row fits in registers, heads of whole tiles, one dtype."""
-    return (0 < residual.shape[0] <= MAX_TOKENS and residual.shape[1] <= MAX_HIDDEN
+    """Whether ``add_norm_qkv_rope_store`` serves this step faster than the three steps composed (callers
+    compose them otherwise): one token, a hidden row that fits in registers, heads of whole tiles, one dtype."""
+    return (0 < residual.shape[0] <= FUSED_MAX_TOKENS and residual.shape[1] <= MAX_HIDDEN
             and head_dim % config.block_n == 0 and residual.stride(1) == 1 and qkv_weight.stride(1) == 1
             and qkv_weight.dtype == residual.dtype == k_cache.dtype)
 

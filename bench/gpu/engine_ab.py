@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_gpu import prompts, write_model_dir  # noqa: E402
 
 # name, the one-launch attention input (kernels/norm_qkv_rope.py: "block_n,block_k,warps"; None = off),
-# the MoE down GEMV with its weights loaded ahead ("down_block_n,down_block_k,down_warps"; None = the table's),
+# the MoE down GEMV with its weights loaded ahead ("down_block_n,down_block_k,down_warps"; None = the table's;
+# "off": the table's without it),
 # o_proj at decode sizes: "prefetched" (kernels/dense_gemv.py, the default) or "cublas" (F.linear)
 VARIANTS = [
     ("unfused_input", None, None, "cublas"),
@@ -54,6 +55,11 @@ VARIANTS = [
     ("fused + down_ahead bn4 bk256", "8,1024,4", "4,256,8", "cublas"),
     ("all: fused + prefetched + down_ahead", "8,1024,4", "2,128,8", "prefetched"),
     ("unfused_input (again)", None, None, "cublas"),
+    # after call Q: the defaults (fused input 8x512 at one token, o_proj prefetched at <= 2, the tables' down_ahead)
+    # against the step as it was before this session
+    ("before: three launches, cuBLAS o_proj, no down_ahead", None, "off", "cublas"),
+    ("defaults", "8,512,4", None, "prefetched"),
+    ("before (again)", None, "off", "cublas"),
 ]
 
 
@@ -83,6 +89,8 @@ def apply(engine, fused_input: str | None, down_ahead: str | None, o_proj: str) 
         config = get_config(*args)
         if down_ahead is None or not isinstance(config, GemvConfig):
             return config
+        if down_ahead == "off":
+            return dataclasses.replace(config, down_ahead=False)
         block_n, block_k, warps = _ints(down_ahead)
         return dataclasses.replace(config, down_variant="all_choices", down_ahead=True, down_block_n=block_n,
                                    down_block_k=block_k, down_num_warps=warps)

@@ -29,6 +29,25 @@ def test_batched_runner_greedy_equals_host_runner(tiny_model):
     assert generate_tokens(batched, PROMPTS, GREEDY) == want
 
 
+def test_one_sequence_decodes_through_the_fused_attention_input(tiny_model, monkeypatch):
+    """A lone sequence's decode steps take the one-launch attention input (``attend_from_residual``:
+    residual add, norm, QKV, q/k norm, RoPE, cache store); its greedy tokens are the host runner's."""
+    from epserve.attention_worker.attention_triton import TritonPagedAttention
+
+    used = []
+    fused = TritonPagedAttention.attend_from_residual
+
+    def recorded(self, *args):
+        out = fused(self, *args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(TritonPagedAttention, "attend_from_residual", recorded)
+    want = generate_tokens(engine(tiny_model, "torch_native"), PROMPTS[:1], GREEDY)
+    assert generate_tokens(engine(tiny_model, "triton"), PROMPTS[:1], GREEDY) == want
+    assert any(used) and not all(used)              # decode steps fused, the prompt's step composed
+
+
 def test_batched_runner_survives_preemption_and_reuses_rows(tiny_model):
     """A KV cache too small for every sequence at once: sequences are preempted and recomputed with
     new blocks; their device block-table rows must follow. Rows are all free at the end."""

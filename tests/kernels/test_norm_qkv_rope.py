@@ -131,12 +131,12 @@ def test_padding_rows_store_nothing_and_counters_reset_between_launches():
 
 
 def test_fits_says_which_steps_callers_must_compose():
-    p = make_problem(2, 2, 1, 16, 32, torch.float32)
+    p = make_problem(1, 2, 1, 16, 32, torch.float32)
     assert fits(p["residual"], p["qkv_weight"], p["k_cache"], 16)
     assert not fits(p["residual"], p["qkv_weight"], p["k_cache"], 12)                # heads of partial tiles
     assert not fits(p["residual"], p["qkv_weight"].half(), p["k_cache"], 16)         # two dtypes
-    many = make_problem(MAX_TOKENS + 1, 2, 1, 16, 32, torch.float32)
-    assert not fits(many["residual"], many["qkv_weight"], many["k_cache"], 16)
+    two = make_problem(2, 2, 1, 16, 32, torch.float32)           # computed right, but slower than composed
+    assert not fits(two["residual"], two["qkv_weight"], two["k_cache"], 16)
 
 
 def test_rejects_what_it_cannot_compute():
