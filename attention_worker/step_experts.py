@@ -22,8 +22,9 @@ host speaks once per step and every layer's hand-off is a launch (``cuda_ipc_ste
 
 Two micro-batches (``--num-micro-batches 2``): the GPU runner splits a decode step's sequences in two
 halves and interleaves them layer by layer (``run_micro_batches``): half B's attention runs while the
-expert workers compute half A's experts, each half through its own channel slot. On one GPU the halves
-read most experts' weights twice at batch 32 and up, so the default is one.
+expert workers compute half A's experts, each half through its own channel slot. It runs through host
+memory (CPU devices); on a GPU it is refused (``GPU_TWO_MICRO_BATCHES``): an expert worker's graph
+capture of one slot deadlocked with the other slot's kernels in flight. The default is one.
 On a CPU device (tests) the same calls run through host shared memory and wait on the host.
 """
 
@@ -37,6 +38,10 @@ from epserve.expert_map import ExpertMap
 from epserve.models.decoder import MoECall
 
 WEIGHT_DTYPE = torch.float32       # the GPU routing kernels give float32 top-k weights
+GPU_TWO_MICRO_BATCHES = (
+    "--num-micro-batches 2 is not supported on the GPU cuda_ipc step path yet; use 1 (the default). An expert "
+    "worker captures one slot's CUDA graph while the other slot's kernels wait on this attention worker, and the "
+    "capture waits for them: a 48-layer deployment hung at start-up on an H100. Two micro-batches run on the CPU.")
 
 
 class StepExperts:
@@ -49,6 +54,8 @@ class StepExperts:
         if not 1 <= num_micro_batches <= dispatcher.side.num_slots:
             raise ValueError(f"{num_micro_batches} micro-batches on cuda_ipc channels of "
                              f"{dispatcher.side.num_slots} slots")
+        if num_micro_batches > 1 and dispatcher.side.device.type == "cuda":
+            raise ValueError(GPU_TWO_MICRO_BATCHES)
         self.step_micro_batches = num_micro_batches     # how many the GPU runner splits a decode step into
         self.exchanges = [dispatcher.step_exchange(slot, timeout_s) for slot in range(num_micro_batches)]
         self._active = 1                                # exchanges the current step uses
