@@ -14,7 +14,7 @@ timeout 45 python3 -m pytest -q -p no:cacheprovider --timeout 40 tests/kernels/t
 timeout 75 python3 bench/gpu/engine_ab.py --batches 1 2 --new-tokens 64 --out "$W/engine_ab.json" \
     --variants "before: three launches, cuBLAS o_proj, no down_ahead" defaults "before (again)" \
     > "$W/engine_ab.txt" 2>&1; echo "exit $?" >> "$W/engine_ab.txt"
-OUT=/tmp/s_serve BUDGET=150 STAGES=serve SERVE_ARGS="--modes colocated --batches 1 32 128 --name serve_gpu_h100_fused" \
+[ "${SERVE:-1}" = 1 ] && OUT=/tmp/s_serve BUDGET=150 STAGES=serve SERVE_ARGS="--modes colocated --batches 1 32 128 --name serve_gpu_h100_fused" \
     bash bench/gpu/run_engine.sh > /tmp/s_serve.log 2>&1
 cp /tmp/s_serve/serve_gpu_*.json /tmp/s_serve/serve_gpu_*.md "$W"/ 2>/dev/null
 grep -v "drawing\|loading" /tmp/s_serve/serve.txt > "$W/serve.txt" 2>/dev/null
