@@ -25,6 +25,7 @@ halves and interleaves them layer by layer (``run_micro_batches``): half B's att
 expert workers compute half A's experts, each half through its own channel slot. It runs through host
 memory (CPU devices); on a GPU it is refused (``GPU_TWO_MICRO_BATCHES``): an expert worker's graph
 capture of one slot deadlocked with the other slot's kernels in flight. The default is one.
+
 On a CPU device (tests) the same calls run through host shared memory and wait on the host.
 """
 
