@@ -42,12 +42,16 @@ def fake_logprobs(sampling, token: int, position: int) -> list[generation_pb2.To
                                         top_logprobs=[-(position + 1 + k) / 10 for k in range(n)])]
 
 
+SLOW_FACTOR = 5
+
+
 class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
     def __init__(self, worker_id: str, script: list[int], token_delay_s: float, eos_id: int,
-                 events_path: str) -> None:
+                 events_path: str, slow_seed: int | None = None) -> None:
         self.worker_id = worker_id
         self.script = script
         self.token_delay_s = token_delay_s
+        self.slow_seed = slow_seed          # requests with this seed take SLOW_FACTOR times longer a token
         self.eos_id = eos_id
         self._events_path = events_path
         self._lock = threading.Lock()
@@ -77,9 +81,11 @@ class ScriptedWorker(worker_pb2_grpc.AttentionWorkerServicer):
         context.add_callback(on_done)
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else {self.eos_id})
         start = request.num_generated_before
+        slow = self.slow_seed is not None and sampling.HasField("seed") and sampling.seed == self.slow_seed
+        delay_s = self.token_delay_s * (SLOW_FACTOR if slow else 1)
         try:
             for i in range(max_new):
-                if state.stop.wait(self.token_delay_s):
+                if state.stop.wait(delay_s):
                     if state.aborted_by_rpc:
                         yield worker_pb2.WorkerGenerateResponse(
                             finished=True, finish_reason=generation_pb2.FINISH_REASON_ABORT)
@@ -125,11 +131,13 @@ def main() -> None:
     parser.add_argument("--token-delay-s", type=float, default=0.01)
     parser.add_argument("--eos-id", type=int, default=-1)
     parser.add_argument("--events", required=True)
+    parser.add_argument("--slow-seed", type=int, default=None,
+                        help=f"requests with this seed stream {SLOW_FACTOR}x slower (samples finishing out of order)")
     parser.add_argument("--serving-after-s", type=float, default=0.0,
                         help="health NOT_SERVING for this long after start (a worker waiting for its map)")
     args = parser.parse_args()
     worker = ScriptedWorker(args.worker_id, [int(t) for t in args.script_ids.split(",")], args.token_delay_s,
-                            args.eos_id, args.events)
+                            args.eos_id, args.events, args.slow_seed)
     server = serve_grpc([(worker_pb2_grpc.add_AttentionWorkerServicer_to_server, worker,
                           "epserve.v1.AttentionWorker")], "127.0.0.1", args.port,
                         serving=args.serving_after_s <= 0)

@@ -22,13 +22,14 @@ from epserve.protos import sglang_scheduler_pb2 as pb, sglang_scheduler_pb2_grpc
 
 SCRIPT = [40, 41, 42, 43, 44, 45]
 DEFAULT_SEED = 100
+SLOW_SEED = 1000            # the fake worker streams requests of this seed slower
 PROMPT = [5, 6, 7]
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, gateway_model_dir):
     tmp = tmp_path_factory.mktemp("sglang")
-    worker = FakeWorker(tmp, "w0", SCRIPT, 0.02, -1)
+    worker = FakeWorker(tmp, "w0", SCRIPT, 0.02, -1, "--slow-seed", str(SLOW_SEED))
     gateway = GatewayProcess(tmp, gateway_model_dir, [worker.address], "--sglang-default-seed", str(DEFAULT_SEED))
     try:
         client.wait_until_serving(gateway.address, 15)
@@ -97,6 +98,23 @@ def test_n_samples_run_with_consecutive_seeds(stub, deployment):
     assert all(list(c.output_ids) == SCRIPT[:4] for c in completes)
     assert all(list(c.output_logprobs.token_logprobs) == pytest.approx([-0.1, -0.2, -0.3, -0.4]) for c in completes)
     assert [worker.events(f"many/{i}")[0]["seed"] for i in range(3)] == [7, 8, 9]
+
+
+def test_non_streamed_samples_complete_in_index_order(stub, deployment):
+    """Sample 0 (seed SLOW_SEED) finishes after sample 1; without streaming the completions still come in
+    index order (SMG numbers an OpenAI response's choices by arrival)."""
+    _, worker = deployment
+    custom = Struct()
+    custom.update({"seed": SLOW_SEED})
+    req = request("ordered", n=2)
+    req.sampling_params.custom_params.CopyFrom(custom)
+    completes = [r.complete for r in stub.Generate(req, timeout=30)]
+    assert [c.index for c in completes] == [0, 1]
+    assert [worker.events(f"ordered/{i}")[0]["seed"] for i in range(2)] == [SLOW_SEED, SLOW_SEED + 1]
+    worker.wait_for(lambda e: e["event"] == "finished" and e["request_id"] == "ordered/0")
+    done = [e["request_id"] for e in worker.events() if e["event"] == "finished"
+            and e["request_id"].startswith("ordered/")]
+    assert done == ["ordered/1", "ordered/0"]                  # the worker did end sample 1 first
 
 
 def test_abort_ends_every_sample_with_finish_reason_abort(stub, deployment):
