@@ -5,7 +5,7 @@ Dh head dim.
 
 Per layer, two or three launches and no host work:
 1. ``qk_norm_rope_store`` (kernels/rope.py): per-head q/k RMSNorm, RoPE, and the new keys/values
-   written into the cache at ``slot_mapping`` (-1: a padding row, nothing stored); at decode sizes
+   written into the cache at ``slot_mapping`` (-1: a padding row, nothing stored); at one token
    (``attend_from_residual``, which the Qwen3/Mixtral family calls) the layer's residual add, input norm
    and QKV projection run in the same launch (kernels/norm_qkv_rope.py);
 2. a decode step (every sequence has one new token): ``paged_decode_attention``
@@ -58,7 +58,7 @@ class TritonPagedAttention:
         self._rope_store, self._decode, self._prefill = qk_norm_rope_store, paged_decode_attention, paged_prefill_attention
         self._num_splits = decode_num_splits
         self._norm_qkv_rope, self._fused_fits = add_norm_qkv_rope_store, fits
-        # the one-launch attention input at decode sizes (attend_from_residual); EPSERVE_FUSED_QKV=0: off
+        # the one-launch attention input at one token (attend_from_residual); EPSERVE_FUSED_QKV=0: off
         self.fused_input = os.environ.get("EPSERVE_FUSED_QKV", "1") != "0"
         self.kv_cache = kv_cache
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
@@ -83,7 +83,7 @@ class TritonPagedAttention:
                              input_norm: torch.Tensor, qkv_weight: torch.Tensor, q_norm: torch.Tensor | None,
                              k_norm: torch.Tensor | None, batch: ForwardBatch
                              ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A layer from the residual stream at decode sizes: delta/residual [T, D] (delta None at the first
+        """A layer from the residual stream at one token: delta/residual [T, D] (delta None at the first
         layer), input_norm [D], qkv_weight [(H + 2 Hkv) Dh, D] → (attention [T, H Dh], the new residual
         [T, D]), the norm, projection, q/k norm, RoPE and cache store in one launch
         (``kernels/norm_qkv_rope.py``); None where that does not apply (more tokens, or turned off) and the

@@ -14,8 +14,9 @@ padding row), replays, and returns the first B rows of the logits. Every graph w
 into one buffer ``[max_bs, V]`` allocated outside the graphs' pool, so the pool holds one
 bucket's intermediates at a time rather than every bucket's outputs.
 
-With two micro-batches (the cuda_ipc step path, ``--num-micro-batches 2``) a bucket's graph holds the two
-halves' layers interleaved (``GpuStepRunner.forward``). Captured once, at start-up: a new expert map
+With two micro-batches (the cuda_ipc step path, ``--num-micro-batches 2``) a bucket's graph would hold the
+two halves' layers interleaved (``GpuStepRunner.forward``); GPU step paths refuse two for now
+(``step_experts.GPU_TWO_MICRO_BATCHES``), so today every graph holds one. Captured once, at start-up: a new expert map
 reaches the graphs through the router's device buffers (updated in place), a sequence's new blocks
 through ``block_table_pool``.
 """

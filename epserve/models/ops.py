@@ -10,7 +10,7 @@ Legend: T tokens, N normalised width, E logical experts, K top-k.
 - ``add_norm_route(x, residual, weight, eps, router [E, D], top_k, renormalize) -> (normed, summed,
   topk_ids, topk_weights)``: a MoE layer's post-attention residual add, norm and routing together
   (one launch at decode sizes on a GPU, ``kernels/moe_router.py``).
-- ``linear(x [T, K], weight [N, K]) -> [T, N]``: a projection; at decode sizes on a GPU one kernel that
+- ``linear(x [T, K], weight [N, K]) -> [T, N]``: a projection; at one or two tokens on a GPU one kernel that
   loads its weights before it waits for x (``kernels/dense_gemv.py``).
 
 ``TORCH_OPS`` composes torch operations exactly as transformers' reference computes them (the
