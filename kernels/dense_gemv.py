@@ -54,11 +54,15 @@ def _linear_prefetched_kernel(x_ptr, w_ptr, out_ptr, T, N, K, stride_xt, stride_
         tl.store(out_ptr + t * stride_ot + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+def _tile_fits(k: int, config: LinearConfig) -> bool:
+    """A program's [block_n, K] weight tile fits in its registers."""
+    return config.block_n * triton.next_power_of_2(k) <= TILE_ELEMENTS_PER_WARP * config.num_warps
+
+
 def fits(num_tokens: int, weight: torch.Tensor, config: LinearConfig = DEFAULT_CONFIG) -> bool:
     """Whether ``linear_prefetched`` beats the GEMM library here (one or two tokens, a tile that fits in
     registers)."""
-    return 0 < num_tokens <= FAST_MAX_TOKENS and config.block_n * triton.next_power_of_2(weight.shape[1]) \
-        <= TILE_ELEMENTS_PER_WARP * config.num_warps
+    return 0 < num_tokens <= FAST_MAX_TOKENS and _tile_fits(weight.shape[1], config)
 
 
 def linear_prefetched(x: torch.Tensor, weight: torch.Tensor, config: LinearConfig = DEFAULT_CONFIG) -> torch.Tensor:
@@ -67,10 +71,9 @@ def linear_prefetched(x: torch.Tensor, weight: torch.Tensor, config: LinearConfi
     n = weight.shape[0]
     assert weight.shape == (n, k) and x.dtype == weight.dtype, f"x [T, {k}] and weight [N, {k}] of one dtype"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
-    assert 0 < num_tokens <= MAX_TOKENS and config.block_n * triton.next_power_of_2(k) \
-        <= TILE_ELEMENTS_PER_WARP * config.num_warps, (f"{num_tokens} tokens x K={k}: linear_prefetched takes 1 to "
-                                                       f"{MAX_TOKENS} tokens and block_n x K <= "
-                                                       f"{TILE_ELEMENTS_PER_WARP} x warps")
+    assert 0 < num_tokens <= MAX_TOKENS and _tile_fits(k, config), (
+        f"{num_tokens} tokens x K={k}: linear_prefetched takes 1 to {MAX_TOKENS} tokens and block_n x K <= "
+        f"{TILE_ELEMENTS_PER_WARP} x warps")
     out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
     _linear_prefetched_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, out, num_tokens, n, k, x.stride(0), weight.stride(0), out.stride(0),

@@ -107,50 +107,12 @@ for n in [
     "stride_vc_h",
 ]:
     sig[n] = "i32"
-for has_delta in (True, False):
-    print(
-        "norm_qkv",
-        has_delta,
-        comp(
-            Q,
-            sig,
-            dict(
-                HAS_DELTA=has_delta,
-                BLOCK_D=2048,
-                BN=8,
-                BK=1024,
-                HEAD_DIM=128,
-                ROT=128,
-                HALF_P2=64,
-                PASS_P2=1,
-                HAS_QK_NORM=True,
-                ATTENTION_FACTOR=1.0,
-                USE_PDL=True,
-            ),
-            4,
-        ),
-    )
-print(
-    "norm_qkv no qk norm",
-    comp(
-        Q,
-        sig,
-        dict(
-            HAS_DELTA=True,
-            BLOCK_D=4096,
-            BN=8,
-            BK=1024,
-            HEAD_DIM=128,
-            ROT=128,
-            HALF_P2=64,
-            PASS_P2=1,
-            HAS_QK_NORM=False,
-            ATTENTION_FACTOR=1.0,
-            USE_PDL=True,
-        ),
-        4,
-    ),
-)
+# Qwen3-30B-A3B's shape; the variants: the default 8x512 tile, 8x1024, the first layer (no delta), no q/k norm
+QKV_BASE = dict(HAS_DELTA=True, BLOCK_D=2048, BN=8, BK=512, HEAD_DIM=128, ROT=128, HALF_P2=64, PASS_P2=1,
+                HAS_QK_NORM=True, ATTENTION_FACTOR=1.0, USE_PDL=True)
+for name, change in [("8x512", {}), ("8x1024", dict(BK=1024)), ("first layer", dict(HAS_DELTA=False)),
+                     ("no qk norm, D=4096", dict(HAS_QK_NORM=False, BLOCK_D=4096))]:
+    print("norm_qkv", name, comp(Q, sig, dict(QKV_BASE, **change), 4))
 from epserve.kernels.dense_gemv import _linear_prefetched_kernel as L
 
 sig = {

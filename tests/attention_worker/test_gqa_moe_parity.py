@@ -102,27 +102,30 @@ def test_the_batched_gpu_runner_equals_the_host_runner(family, mixtral_model, gl
     """The Triton runner (here interpreted, float32) serves Mixtral's plain GQA attention and GLM-4-MoE's
     (partial rotary: RoPE on half of each head, q/k norms, q/k/v biases; a shared expert, a dense layer)."""
     model = mixtral_model if family == "mixtral" else glm_model
-    prompts, greedy = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=6,
-                                                                                  ignore_eos=True)
-    options = dict(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=48, max_num_seqs=8)
-    host = build_colocated_engine(str(model), torch.float32,
-                                  limits=EngineLimits(attention_backend="torch_native", **options))
-    batched = build_colocated_engine(str(model), torch.float32,
-                                     limits=EngineLimits(attention_backend="triton", **options))
+    host, batched = host_and_batched_engines(model, max_num_batched_tokens=48)
     assert type(batched.runner).__name__ == "GpuStepRunner"
-    assert generate_tokens(batched, prompts, greedy) == generate_tokens(host, prompts, greedy)
+    assert generate_tokens(batched, RUNNER_PROMPTS, RUNNER_GREEDY) == generate_tokens(host, RUNNER_PROMPTS,
+                                                                                      RUNNER_GREEDY)
+
+
+RUNNER_PROMPTS = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3]]
+RUNNER_GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+
+
+def host_and_batched_engines(model, max_num_batched_tokens: int):
+    """The same model on the host runner and on the Triton runner (interpreted here), float32."""
+    options = dict(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=max_num_batched_tokens,
+                   max_num_seqs=8)
+    return tuple(build_colocated_engine(str(model), torch.float32,
+                                        limits=EngineLimits(attention_backend=backend, **options))
+                 for backend in ("torch_native", "triton"))
 
 
 def test_the_batched_gpu_runner_equals_the_host_runner_within_a_sliding_window(mixtral_model, tmp_path):
     """Mixtral with a 6-position window on the Triton runner (interpreted, float32): prompts longer than
     the window, prefilled in chunks of at most 10 tokens, then decode steps past it."""
     windowed = with_config(mixtral_model, tmp_path, "windowed", sliding_window=6)
-    prompts, greedy = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=6,
-                                                                                  ignore_eos=True)
-    options = dict(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=10, max_num_seqs=8)
-    host = build_colocated_engine(str(windowed), torch.float32,
-                                  limits=EngineLimits(attention_backend="torch_native", **options))
-    batched = build_colocated_engine(str(windowed), torch.float32,
-                                     limits=EngineLimits(attention_backend="triton", **options))
+    host, batched = host_and_batched_engines(windowed, max_num_batched_tokens=10)
     assert batched.runner.attention.windows == [6] * load_model_spec(windowed).num_hidden_layers
-    assert generate_tokens(batched, prompts, greedy) == generate_tokens(host, prompts, greedy)
+    assert generate_tokens(batched, RUNNER_PROMPTS, RUNNER_GREEDY) == generate_tokens(host, RUNNER_PROMPTS,
+                                                                                      RUNNER_GREEDY)
