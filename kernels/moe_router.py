@@ -6,10 +6,10 @@ At a few tokens, a MoE layer's routing is three small launches (add + norm, the 
 GEMV, top-k), each mostly launch latency. ``add_norm_router_topk`` does all three: grid (T, EB);
 every program adds the token's residual and normalises it (D elements, cheap to redo), program 0
 of the token writes the normalised row and the new residual, and each program computes the router
-logits of its BLOCK_E experts, whose router rows it loads before its PDL wait (they depend on no kernel,
-so they stream while the kernel before still runs). The last program of a token to finish (a per-token counter, atomic
-with acquire-release ordering; it resets itself, so graph replays need no memset) reads the E
-logits and picks the top K. Numerics follow the torch composition: the sum rounded to the model
+logits of its BLOCK_E experts, whose router rows it loads before its PDL wait (they depend on no
+kernel, so they stream while the kernel before still runs). The last program of a token to finish (a
+per-token counter, atomic with acquire-release ordering; it resets itself, so graph replays need no
+memset) reads the E logits and picks the top K. Numerics follow the torch composition: the sum rounded to the model
 dtype, variance in float32, ``weight * h.to(dtype)``, logits rounded to the model dtype (as a
 bf16 GEMM writes them), softmax in float32; ties go to the lower expert id.
 

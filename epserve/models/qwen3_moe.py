@@ -48,7 +48,7 @@ class Qwen3MoeAttentionSide(DecoderSide):
 
     def attention_block(self, index: int, delta: torch.Tensor | None, residual: torch.Tensor, w: LayerWeights,
                         batch: ForwardBatch, attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
-        """The GPU backend takes the residual stream itself at decode sizes (norm, QKV projection, q/k norm,
+        """The GPU backend takes the residual stream itself at one token (norm, QKV projection, q/k norm,
         RoPE and the cache store in one launch: ``attend_from_residual``); otherwise the composition."""
         fused = getattr(attention, "attend_from_residual", None)
         out = None if fused is None else fused(index, delta, residual, w.input_norm, w.qkv_proj, w.q_norm,
