@@ -16,6 +16,7 @@ from epserve.attention_worker.config import (HEATMAP_ENV, MOE_A2A_BACKENDS, Atte
                                              default_expert_distribution_dir, heatmap_interval_from_env)
 from epserve.attention_worker.engine import EngineLimits
 from epserve.attention_worker.expert_routing import DispatchAlgorithm
+from epserve.attention_worker.step_experts import GPU_TWO_MICRO_BATCHES_ENV
 from epserve.grpc_security import add_security_arguments, security_from_args
 from epserve.process import run_process
 from epserve.process_flags import add_telemetry_arguments, add_worker_arguments, config_defaults, config_kwargs
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"environment: {HEATMAP_ENV[0]}=N (or SGLang's {HEATMAP_ENV[1]} when it is unset): every N forward "
                "passes, log a summary of the [MoE layer, expert worker] token counts of those passes and append "
                "the matrix to --expert-distribution-dir as one JSON line; 0 or unset = off. "
+               f"{GPU_TWO_MICRO_BATCHES_ENV}=1: allow --num-micro-batches 2 on the GPU cuda_ipc step path (refused "
+               "otherwise: not yet proven there). "
                "EPSERVE_WORKER_ID: default --worker-id. OTEL_EXPORTER_OTLP_ENDPOINT: default --otlp-endpoint.")
     add_worker_arguments(p, defaults, dtype_help="model dtype", port_line=PORT_LINE)
     p.add_argument("--moe-a2a-backend", default=defaults["moe_a2a_backend"], choices=MOE_A2A_BACKENDS,
@@ -118,6 +121,8 @@ def add_gpu_engine_arguments(p: argparse.ArgumentParser) -> None:
                         f"CUDA graph; larger ones run eagerly (default {EngineLimits.cuda_graph_max_bs})")
     p.add_argument("--disable-cuda-graph", action="store_true",
                    help="with the triton backend, run every step eagerly (no graph capture at start-up)")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="with the triton backend and experts in this process, never launch a decode step before the step before it has finished (by default the next step is queued while the host reads the last one's tokens)")
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AttentionWorkerConfig:
@@ -129,8 +134,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> At
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_running_requests, num_micro_batches=args.num_micro_batches,
                             cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
+                            disable_overlap_schedule=args.disable_overlap_schedule,
                             attention_backend=args.attention_backend),
         max_context=args.context_length, eplb_heatmap_collection_interval=heatmap_interval_from_env(environ),
+        gpu_two_micro_batches=environ.get(GPU_TWO_MICRO_BATCHES_ENV) == "1",
         security=security_from_args(args)))
     if config.eplb_heatmap_collection_interval:
         from epserve.attention_worker.expert_heatmap import HeatmapWriter

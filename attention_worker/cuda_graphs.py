@@ -50,7 +50,10 @@ class DecodeGraphs:
         self.max_bs = max_bs
         self.buckets = batch_size_buckets(max_bs)
         self.inputs = torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64, device=runner.device)
-        self._host = torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64).pin_memory()
+        # Two pinned staging buffers, used in turn: the engine may launch a step before the one before it has
+        # finished, and a buffer is written again only once the step that last copied from it has finished.
+        self._hosts = [torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._num_replays = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits = torch.empty(max_bs, runner.model.spec.vocab_size, dtype=torch.float32, device=runner.device)
 
@@ -107,7 +110,9 @@ class DecodeGraphs:
         ``finish_step`` is the caller's)."""
         num_seqs = len(chunks)
         bucket = next(b for b in self.buckets if b >= num_seqs)
-        host = self._host[:NUM_FIELDS * bucket].view(NUM_FIELDS, bucket)
+        staging = self._hosts[self._num_replays % 2][:NUM_FIELDS * bucket]
+        self._num_replays += 1
+        host = staging.view(NUM_FIELDS, bucket)
         ids, positions, slots, rows, context = host.numpy()
         block_size = self.runner.block_size
         for i, chunk in enumerate(chunks):
@@ -123,7 +128,8 @@ class DecodeGraphs:
         slots[num_seqs:] = -1
         rows[num_seqs:] = self.runner.num_rows
         context[num_seqs:] = 0
-        self.inputs[:NUM_FIELDS * bucket].copy_(self._host[:NUM_FIELDS * bucket], non_blocking=True)
+        self.inputs[:NUM_FIELDS * bucket].copy_(staging, non_blocking=True)
+        self.runner.resolve_placeholders(self.inputs[:num_seqs], ids[:num_seqs].tolist())
         self.runner.executor.begin_step(self.runner.micro_batch_sizes(bucket, splittable=True), expert_map)
         self.graphs[bucket].replay()
         return self.logits[:num_seqs]

@@ -12,6 +12,14 @@ ping-pong, host sampling; ``gpu_runner.py``: device metadata, CUDA graphs for de
 batched GPU sampling, one device-to-host copy) → emit ``StepOutput``s and free finished
 sequences' KV blocks.
 
+The overlap schedule (SGLang's; ``--disable-overlap-schedule`` turns it off): with the GPU runner and
+experts in this process, a step is launched (queued on the device, its tokens on their way to the
+host) and, when the next step is a plain continuation of it (every running sequence decoding, nobody
+to admit), that next step is launched too before the first one's tokens are read: its input tokens
+are read on the device (placeholders in ``token_ids``, ``_launch_ahead``). The host's work between
+steps then runs while the device computes. At most one step is in flight when ``step()`` returns;
+``has_work`` stays true until it has finished.
+
 Telemetry (both optional, off by default): a sampled step (``StepSampler``) runs inside an
 ``attention.step`` span linked to the traced requests it serves (a child of the first), whose
 context the executor puts in the data-plane header; a traced request gets ``queue``,
@@ -31,7 +39,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,11 +53,14 @@ from epserve.attention_worker.request_spans import record_request_spans
 from epserve.sampling import FinishReason, SamplingParams, TokenLogprob
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
 from epserve.attention_worker.sequence import Sequence
-from epserve.attention_worker.step_guard import run_guarded
+from epserve.attention_worker.step_guard import GuardedStep, collect, describe, run_guarded
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 from epserve.status_error import StatusCode, StatusError
 from epserve.telemetry import NO_SPAN, AttentionWorkerMetrics, StepSampler, Tracing, setup_tracing
+
+if TYPE_CHECKING:
+    from epserve.attention_worker.gpu_runner import PendingTokens
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +79,7 @@ class EngineLimits:
     num_micro_batches: int | None = None   # None: 2 on the CPU runner, 1 on the GPU step path
     cuda_graph_max_bs: int = 256         # GPU: decode steps of up to this many sequences replay a graph
     disable_cuda_graph: bool = False     # GPU: run every step eagerly
+    disable_overlap_schedule: bool = False   # GPU: never launch a step before the one before it has finished
     attention_backend: str = "auto"      # auto: triton on CUDA, torch_native elsewhere
 
     def __post_init__(self) -> None:
@@ -77,6 +90,18 @@ class EngineLimits:
                              "on CUDA) or torch_native")
         if self.cuda_graph_max_bs < 0:
             raise ValueError(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
+
+
+@dataclass
+class LaunchedStep:
+    """A step started and not finished yet: its tokens may still be on the device."""
+
+    chunks: list[ScheduledChunk]
+    completes: list[bool]               # per chunk, as scheduled: it samples a token
+    start: float                        # time.perf_counter() at launch
+    pending: PendingTokens | None = None    # queued on the device (GpuStepRunner.launch)
+    guarded: GuardedStep | None = None      # or run to the end under the step guard
+    placeholders: dict[int, int] = field(default_factory=dict)  # chunk → index of its token's placeholder
 
 
 @dataclass
@@ -124,6 +149,12 @@ class Engine:
             limits = dataclasses.replace(limits, disable_cuda_graph=True)
         self.limits = limits
         self.runner = make_step_runner(model, executor, self.kv_cache, limits, max_context)
+        # the overlap schedule (``_launch_ahead``): a runner that can queue a step without waiting for it
+        self.overlap = (hasattr(self.runner, "launch") and getattr(executor, "overlappable", False)
+                        and not limits.disable_overlap_schedule)
+        self._launched: LaunchedStep | None = None        # started, not finished (at most one)
+        self.num_steps_ahead = 0                           # steps launched before the one before them finished
+        self._last_finish = 0.0                            # time.perf_counter() when the last step finished
         self.runner.warmup(expert_map)
         if recorder is not None:
             recorder.discard_device_counts()        # the warm-up passes routed padding, not requests
@@ -183,7 +214,7 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return (self.scheduler.num_unfinished > 0 or not self._inbox.empty()
-                or self._pending_map is not None)
+                or self._pending_map is not None or self._launched is not None)
 
     def load(self) -> dict[str, int]:
         outstanding = 0
@@ -196,52 +227,150 @@ class Engine:
 
     # -- engine thread -----------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Finish one step (and start the next one first, where the overlap schedule can): the outputs of
+        the requests it served, and of those aborted since."""
         outputs = self._apply_inbox()
         if self._pending_map is not None:
+            outputs += self._finish_launched()          # no launched step may still use the old map
             (self._expert_map, on_applied), self._pending_map = self._pending_map, None
             if self.recorder is not None:
                 self.recorder.switch_map(self._expert_map.version, self._expert_map.num_physical_slots)
             if on_applied is not None:
                 on_applied(self._expert_map)
-        chunks = self.scheduler.schedule()
-        if not chunks:
-            return outputs
-        start = time.perf_counter()
-        traced = self.tracing.enabled
-        if traced:
+        if self._launched is None:
+            chunks = self.scheduler.schedule()
+            if not chunks:
+                return outputs
+            self._launched = self._launch(chunks)
+        current = self._launched
+        self._launched = self._launch_ahead(current)
+        return outputs + self._finish(current)
+
+    def _launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep:
+        """Start a scheduled step: queued on the device (the overlap schedule's runners), or run to the end."""
+        launched = LaunchedStep(chunks, [chunk.completes for chunk in chunks], time.perf_counter())
+        span = NO_SPAN
+        if self.tracing.enabled:
             now_ns = time.time_ns()
             for chunk in chunks:
                 if chunk.seq.trace_context and not chunk.seq.scheduled_ns:
                     chunk.seq.scheduled_ns = now_ns
-        with self._step_span(chunks) if traced else NO_SPAN:
-            completes = [chunk.completes for chunk in chunks]
-            guarded = run_guarded(self.runner, chunks, self._expert_map)   # a failing request fails alone
-            for i, (chunk, complete) in enumerate(zip(chunks, completes)):
-                seq = chunk.seq
-                if i in guarded.errors:
-                    outputs.append(self._fail(seq, guarded.errors[i]))
-                    continue
+            span = self._step_span(chunks)
+        if self.overlap and span is NO_SPAN:
+            try:
+                launched.pending = self.runner.launch(chunks, self._expert_map)
+                return launched
+            except AssertionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - run again under the guard, which finds the request to fail
+                logger.warning("launching a step of %d sequence(s) failed (%s); running it under the step guard",
+                               len(chunks), describe(exc))
+        with span:
+            launched.guarded = run_guarded(self.runner, chunks, self._expert_map)   # a failing request fails alone
+        return launched
+
+    def _launch_ahead(self, current: LaunchedStep) -> LaunchedStep | None:
+        """The overlap schedule (SGLang's): the next decode step, queued on the device before ``current``'s
+        tokens reach the host, so the host's work between steps (the token copy's wait, outputs, scheduling,
+        the next launch) hides behind the device's. Each sequence's token from ``current`` is a placeholder
+        ``-(j + 1)`` in its ``token_ids`` (j: its index among current's sampled tokens) that the runner reads
+        on the device and ``_finish`` replaces; its chunk counts as cached already.
+
+        Only when the step after ``current`` would be exactly this anyway: every running sequence decodes
+        in ``current`` and none waiting could be admitted, nothing is queued for the engine (requests,
+        aborts, a map), no one asks for logprobs, the step is not traced, and the KV cache has the blocks
+        without preempting anyone. A sequence that surely finishes with ``current``'s token (its length
+        limit) is left out; one that stops on a stop token or EOS has its step-ahead token dropped."""
+        if current.pending is None or not self._inbox.empty() or self._pending_map is not None:
+            return None
+        scheduler = self.scheduler
+        if scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
+            return None
+        if not all(current.completes) or not {id(s) for s in scheduler.running} <= {id(c.seq) for c in current.chunks}:
+            return None
+        if self.tracing.enabled and self.step_sampler.sample(self.num_steps + 1):
+            return None
+        ahead = [i for i, chunk in enumerate(current.chunks) if not chunk.seq.finished
+                 and chunk.seq.num_generated + 1 < chunk.seq.params.max_new_tokens
+                 and chunk.seq.num_tokens + 1 < self.max_context]
+        if not ahead or any(chunk.seq.params.return_logprob for chunk in current.chunks):
+            return None
+        allocator = self.kv_cache.allocator
+        need = [allocator.blocks_needed(current.chunks[i].seq.num_tokens + 1, len(current.chunks[i].seq.block_table))
+                for i in ahead]
+        if sum(need) > allocator.num_free:
+            return None
+        chunks = []
+        for i, blocks in zip(ahead, need):
+            seq = current.chunks[i].seq
+            seq.num_cached = seq.num_tokens
+            current.placeholders[i] = seq.num_tokens
+            seq.token_ids.append(-(i + 1))             # every chunk of current samples: i is its token's index
+            seq.block_table.extend(allocator.allocate(blocks))
+            chunks.append(ScheduledChunk(seq, 1))
+        launched = LaunchedStep(chunks, [True] * len(chunks), time.perf_counter())
+        try:
+            launched.pending = self.runner.launch(chunks, self._expert_map, previous=current.pending)
+        except AssertionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - these sequences are scheduled again once current has finished
+            logger.warning("launching a step ahead failed (%s); it runs once the step before it has finished",
+                           describe(exc))
+            return None
+        self.num_steps_ahead += 1
+        return launched
+
+    def _finish(self, launched: LaunchedStep) -> list[StepOutput]:
+        """Wait for a launched step's tokens; advance its sequences, emit their outputs, retire the finished."""
+        outputs: list[StepOutput] = []
+        chunks, guarded = launched.chunks, launched.guarded
+        if guarded is None:
+            try:
+                guarded = collect(chunks, launched.pending.result())
+            except AssertionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the device failed the step: every request in it fails
+                logger.error("step of %d sequence(s) failed: %s", len(chunks), describe(exc), exc_info=exc)
+                guarded = GuardedStep(errors={i: describe(exc) for i in range(len(chunks))})
+        for i, (chunk, complete) in enumerate(zip(chunks, launched.completes)):
+            seq = chunk.seq
+            if seq.finished:
+                continue                    # aborted or failed while this step ran: its token is dropped
+            if i in guarded.errors:
+                outputs.append(self._fail(seq, guarded.errors[i]))
+                continue
+            placeholder = launched.placeholders.get(i)
+            if placeholder is None:
                 seq.num_cached += chunk.num_tokens
-                if not complete:
-                    continue
-                token, token_logprobs = guarded.tokens[i], guarded.logprobs.get(i)
+            if not complete:
+                continue
+            token, token_logprobs = guarded.tokens[i], guarded.logprobs.get(i)
+            if placeholder is None:
                 seq.token_ids.append(token)
-                seq.num_generated += 1
-                if seq.trace_context and not seq.first_token_ns:
-                    seq.first_token_ns = time.time_ns()
-                self._check_finished(seq, token)
-                outputs.append(self._output(seq, [token], [token_logprobs] if token_logprobs is not None else None))
-                if seq.finished:
-                    self._retire(seq)
+            else:
+                seq.token_ids[placeholder] = token
+            seq.num_generated += 1
+            if seq.trace_context and not seq.first_token_ns:
+                seq.first_token_ns = time.time_ns()
+            self._check_finished(seq, token)
+            outputs.append(self._output(seq, [token], [token_logprobs] if token_logprobs is not None else None))
+            if seq.finished:
+                self._retire(seq)
         pass_counts = None
         if self.recorder is not None:
             pass_counts = self.recorder.end_pass(self._expert_map.version, self._expert_map.num_physical_slots)
         if self.heatmap is not None and pass_counts is not None:
             self.heatmap.add_pass(pass_counts, self._expert_map)
-        if self.metrics is not None:
-            self._record_step(chunks, pass_counts, time.perf_counter() - start)
+        now = time.perf_counter()
+        if self.metrics is not None:        # a step launched ahead is timed from the previous step's end
+            self._record_step(chunks, pass_counts, now - max(launched.start, self._last_finish))
+        self._last_finish = now
         self.num_steps += 1
         return outputs
+
+    def _finish_launched(self) -> list[StepOutput]:
+        launched, self._launched = self._launched, None
+        return self._finish(launched) if launched is not None else []
 
     def _step_span(self, chunks: list[ScheduledChunk]):
         if not self.step_sampler.sample(self.num_steps):

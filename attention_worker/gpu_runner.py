@@ -73,6 +73,7 @@ class GpuStepRunner:
         self.num_splits = lambda batch: self.attention.decode_num_splits(batch, max_context, num_sms)
         self.graphs = None
         self._split_logged = False
+        self._previous: PendingTokens | None = None     # set while ``launch`` runs
         if not executor.capturable and not limits.disable_cuda_graph:
             logger.info("the experts wait on the host (%s): decode steps run without CUDA graphs",
                         type(getattr(executor, "dispatcher", getattr(executor, "runner", executor))).__name__)
@@ -83,6 +84,21 @@ class GpuStepRunner:
     # -- the step ------------------------------------------------------------------------
     def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:
         """The sampled token of each completing chunk, in chunk order (and its logprobs if asked)."""
+        return self.launch(chunks, expert_map).result()
+
+    def launch(self, chunks: list[ScheduledChunk], expert_map: ExpertMap,
+               previous: PendingTokens | None = None) -> PendingTokens:
+        """``run`` without waiting for the tokens: the step's kernels are queued on the device and its tokens
+        start on their way to the host. ``previous``: the step launched just before this one, whose tokens
+        the host may not have yet; a token id ``-(j + 1)`` in a sequence's ``token_ids`` (a placeholder the
+        engine appended when it launched this step ahead) stands for ``previous.device[j]``."""
+        self._previous = previous
+        try:
+            return self._launch(chunks, expert_map)
+        finally:
+            self._previous = None
+
+    def _launch(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> PendingTokens:
         self.executor.prepare(expert_map, self.device)
         for chunk in chunks:
             if chunk.seq.row is None:
@@ -107,7 +123,7 @@ class GpuStepRunner:
                     raise
                 time.sleep(STALE_RETRY_S)
         completing = [chunk.seq for chunk in chunks if chunk.completes]
-        return self.sampler.sample(logits, completing)
+        return PendingTokens(*self.sampler.sample_on_device(logits, completing))
 
     def warmup(self, expert_map: ExpertMap) -> None:
         """Capture the decode graphs (start-up: seconds, so no request waits for it)."""
@@ -181,6 +197,20 @@ class GpuStepRunner:
         half = len(packed) // 2
         self.block_table_pool.view(-1)[device[:half]] = device[half:].to(torch.int32)
 
+    def resolve_placeholders(self, ids: torch.Tensor, host_ids) -> None:
+        """ids [T] int64 on the device, ``host_ids`` the values it was copied from: each placeholder
+        ``-(j + 1)`` among them becomes token j of the step launched before this one (``launch``)."""
+        dst = [i for i, token in enumerate(host_ids) if token < 0]
+        if not dst:
+            return
+        assert self._previous is not None, "a placeholder token id, and no step launched before to read it from"
+        src = [-int(host_ids[i]) - 1 for i in dst]
+        if dst == src and dst[-1] == len(dst) - 1:      # the usual case: the same sequences in the same order
+            ids[:len(dst)].copy_(self._previous.device[:len(dst)])
+            return
+        index = self.to_device(dst + src, torch.int64)
+        ids[index[:len(dst)]] = self._previous.device[index[len(dst):]]
+
     def to_device(self, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
         """One host-to-device copy (from pinned memory on a GPU, so it does not stall the host)."""
         host = torch.tensor(values, dtype=dtype)
@@ -209,12 +239,36 @@ class GpuStepRunner:
         packed = self.to_device(ids + positions + slots + rows + context + starts + logits_rows, torch.int64)
         fields = packed.split([num_tokens] * 3 + [num_seqs, num_seqs, num_seqs + 1, len(logits_rows)])
         ids_t, positions_t, slots_t, rows_t, context_t, starts_t, logits_rows_t = fields
+        self.resolve_placeholders(ids_t, ids)
         meta = GpuAttentionMetadata(
             block_tables=self.block_table_pool[rows_t], context_lens=context_t.to(torch.int32),
             query_start_loc=starts_t.to(torch.int32), max_query_len=max(c.num_tokens for c in chunks),
             decode=decode, num_splits=self.num_splits(num_seqs) if decode else 1)
         return ForwardBatch(ids_t, positions_t, [c.num_tokens for c in chunks], context,
                             [], slots_t, logits_rows=logits_rows_t, device=meta)
+
+
+class PendingTokens:
+    """A launched step's sampled tokens: ``device [B']`` on the device (what the next step's placeholders
+    read), and a copy on its way to pinned host memory that ``result()`` waits for (once).
+    ``sampled``: the finished result, when sampling already waited for it (logprobs)."""
+
+    def __init__(self, device_tokens: torch.Tensor, sampled: SampledTokens | None = None) -> None:
+        self.device = device_tokens
+        self._sampled = sampled
+        self._host, self._event = device_tokens, None
+        if sampled is None and device_tokens.is_cuda:
+            self._host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
+            self._host.copy_(device_tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampledTokens:
+        if self._sampled is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._sampled = SampledTokens(self._host.tolist())
+        return self._sampled
 
 
 def split_decode_batch(batch: ForwardBatch, first: int, num_splits) -> tuple[ForwardBatch, ForwardBatch]:

@@ -49,15 +49,20 @@ class GpuSampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         """logits [B', V] float32 (row i belongs to seqs[i]) → one token id per sequence (and the
         logprobs of those that asked)."""
+        tokens, sampled = self.sample_on_device(logits, seqs)
+        return sampled if sampled is not None else SampledTokens(tokens.tolist())
+
+    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, SampledTokens | None]:
+        """logits [B', V] float32 → (tokens [B'] int64 on the device, None), with nothing waited for; when a
+        sequence asked for logprobs, the second item is the finished result (its one copy to the host waits
+        for the step). Each token is drawn at position ``seq.num_tokens`` of its sequence."""
         if not seqs:
-            return SampledTokens([])
+            return torch.zeros(0, dtype=torch.int64, device=logits.device), SampledTokens([])
         params = [seq.params for seq in seqs]
         asking = [i for i, p in enumerate(params) if p.return_logprob]
         if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
             tokens = torch.argmax(logits, dim=-1)
-            if asking:
-                return self._with_logprobs(logits, tokens, seqs, asking)
-            return SampledTokens(tokens.tolist())
+            return tokens, self._with_logprobs(logits, tokens, seqs, asking) if asking else None
         floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
                                [p.min_p for p in params], [p.repetition_penalty for p in params]],
                               dtype=torch.float32)
@@ -77,7 +82,7 @@ class GpuSampler:
         sampled = self._with_logprobs(logits, tokens, seqs, asking) if asking else None
         if penalised:
             self.seen[rows, tokens] = True      # after the logprobs: they see the tokens before this one
-        return sampled if sampled is not None else SampledTokens(tokens.tolist())
+        return tokens, sampled
 
     def _with_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
                        asking: list[int]) -> SampledTokens:

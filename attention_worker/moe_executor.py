@@ -38,6 +38,10 @@ class MoEExecutor(Protocol):
     # Whether dispatch/combine only launch device work (no host sync), so a forward pass through
     # them can be captured in a CUDA graph.
     capturable: bool
+    # Whether the engine may launch a step before the step before it has finished (the overlap schedule,
+    # engine.py): only experts in this process, where a step is device work queued in order and nothing
+    # is announced to, or waited for from, another process between steps.
+    overlappable: bool
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
         """Host, once per step before the forward pass: what routing on ``device`` needs."""
@@ -91,6 +95,8 @@ class NoStepHooks:
 
 
 class InProcessExperts(NoStepHooks):
+    overlappable = True
+
     def __init__(self, slots: ExpertSlots, runner: MoERunner, router: ExpertRouter,
                  record_load: LoadSink | None = None) -> None:
         self.slots, self.runner, self.router, self.record_load = slots, runner, router, record_load
@@ -124,6 +130,8 @@ class RemoteExperts(NoStepHooks):
     ``recovery`` (elastic EP, ``elastic.py``): a layer whose exchange fails with ``PeerLost`` or
     ``DataPlaneTimeout`` is redone — under a newer map, or on a new link — instead of raising;
     every dispatch is a new attempt (``BatchHeader.attempt``)."""
+
+    overlappable = False        # the expert workers' replies are waited for within the step (combine)
 
     def __init__(self, dispatcher, router: ExpertRouter, timeout_s: float, record_load: LoadSink | None = None,
                  tracing: Tracing | None = None, on_timeout: Callable[[int | None], None] | None = None,

@@ -55,7 +55,7 @@ def is_data_plane_error(exc: BaseException) -> bool:
 def run_guarded(runner, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> GuardedStep:
     """Never raises ``Exception``: a chunk either has its result or an error."""
     try:
-        return _by_index(chunks, range(len(chunks)), runner.run(chunks, expert_map))
+        return collect(chunks, runner.run(chunks, expert_map))
     except AssertionError:      # an engine invariant broke: that is a bug, not a request's fault
         raise
     except Exception as exc:  # noqa: BLE001 - sorted out below, chunk by chunk
@@ -82,6 +82,11 @@ def run_guarded(runner, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> 
             if 0 in alone.logprobs:
                 result.logprobs[i] = alone.logprobs[0]
     return result
+
+
+def collect(chunks: list[ScheduledChunk], sampled) -> GuardedStep:
+    """What a runner returned for all of ``chunks``, as the guard's result (no errors)."""
+    return _by_index(chunks, range(len(chunks)), sampled)
 
 
 def _by_index(chunks: list[ScheduledChunk], indices, sampled) -> GuardedStep:

@@ -19,7 +19,8 @@ Modes (rows of the result table, in the same run):
 - ``colocated``: epserve's engine with attention and all experts in this process
   (``--moe-a2a-backend local``): Triton paged attention, decode steps replayed from CUDA graphs,
   GPU sampling. Measured through ``Engine.step`` — scheduler, metadata, sampling and the host
-  copy of the tokens included — as a server runs it.
+  copy of the tokens included — as a server runs it, with the overlap schedule (the next decode step
+  queued before the host reads the last one's tokens); ``--overlap-ab`` times each batch without it too.
 - ``transformers``: ``AutoModelForCausalLM.generate`` (greedy) with the same weights copied in.
 
 Per batch size B (prompt ``--prompt-len`` random tokens each, greedy, EOS ignored):
@@ -135,7 +136,8 @@ def kv_bytes(spec, total_context: int) -> int:
 
 # -- epserve, colocated --------------------------------------------------------------------------
 def run_colocated(model_dir: Path, batches: list[int], prompt_len: int, new_tokens: int, ttft_prompt: int,
-                  bandwidth: float, log) -> tuple[list[dict], dict]:
+                  bandwidth: float, log, overlap_ab: bool = False) -> tuple[list[dict], dict]:
+    """``overlap_ab``: each batch also without the overlap schedule (``engine.overlap`` off), right after."""
     from epserve.attention_worker.colocated import build_colocated_engine
     from epserve.attention_worker.engine import EngineLimits
     from epserve.attention_worker.sampler import SamplingParams
@@ -153,10 +155,12 @@ def run_colocated(model_dir: Path, batches: list[int], prompt_len: int, new_toke
     log(f"colocated engine ready in {setup_s:.1f} s (dummy weights + CUDA graph capture)")
     spec = engine.model.spec
     rows = []
-    for batch in batches:
+    overlap = engine.overlap
+    for batch, overlap_schedule in [(b, o) for b in batches for o in ([True, False] if overlap_ab else [True])]:
+        engine.overlap = overlap and overlap_schedule
         params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
         for i, ids in enumerate(prompts(batch, prompt_len, spec.vocab_size, seed=batch)):
-            engine.add_request(f"b{batch}-{i}", ids, params)
+            engine.add_request(f"b{batch}-{i}-{overlap_schedule}", ids, params)
         step_times, decode = [], False
         while engine.has_work:
             t0 = time.perf_counter()
@@ -169,11 +173,13 @@ def run_colocated(model_dir: Path, batches: list[int], prompt_len: int, new_toke
         step = statistics.median(step_times[2:] or step_times)
         mean_context = prompt_len + new_tokens / 2
         need = dense_bytes(spec, batch) + expert_bytes(spec, hit) + kv_bytes(spec, int(batch * mean_context))
-        rows.append({"mode": "colocated", "batch": batch, "step_ms": step * 1e3, "tok_per_s": batch / step,
-                     "roofline_frac": need / bandwidth / step, "roofline_ms": need / bandwidth * 1e3,
-                     "bytes_per_step": need, "experts_hit": hit, "decode_steps_timed": len(step_times)})
-        log(f"colocated B={batch}: {step * 1e3:.2f} ms/step, {batch / step:.0f} tok/s, "
-            f"{need / bandwidth / step:.2f} of roofline ({hit} experts hit)")
+        rows.append({"mode": "colocated", "overlap_schedule": engine.overlap, "batch": batch, "step_ms": step * 1e3,
+                     "tok_per_s": batch / step, "roofline_frac": need / bandwidth / step,
+                     "roofline_ms": need / bandwidth * 1e3, "bytes_per_step": need, "experts_hit": hit,
+                     "decode_steps_timed": len(step_times)})
+        log(f"colocated B={batch}{'' if engine.overlap else ' (no overlap schedule)'}: {step * 1e3:.2f} ms/step, "
+            f"{batch / step:.0f} tok/s, {need / bandwidth / step:.2f} of roofline ({hit} experts hit)")
+    engine.overlap = overlap
     ttft = []
     for i in range(3):
         engine.add_request(f"ttft-{i}", prompts(1, ttft_prompt, spec.vocab_size, seed=1000 + i)[0],
@@ -324,6 +330,8 @@ def main() -> int:
     parser.add_argument("--ttft-prompt", type=int, default=4096)
     parser.add_argument("--modes", nargs="+", default=None,
                         help="colocated and/or transformers (default: both for qwen3-30b-a3b, colocated for deepseek-v3)")
+    parser.add_argument("--overlap-ab", action="store_true",
+                        help="colocated: time each batch also without the overlap schedule (rows overlap_schedule false)")
     parser.add_argument("--name", default=None, help="result file stem (default: serve_gpu_h200 for qwen3-30b-a3b, "
                                                      "serve_gpu_deepseek_v3_h200 for deepseek-v3)")
     args = parser.parse_args()
@@ -354,10 +362,12 @@ def main() -> int:
     for mode in args.modes:
         run = {"colocated": run_colocated, "transformers": run_transformers}[mode]
         new_tokens = args.hf_new_tokens if mode == "transformers" else args.new_tokens
-        mode_rows, ttft = run(model_dir, args.batches, args.prompt_len, new_tokens, args.ttft_prompt, bandwidth, log)
+        extra = {"overlap_ab": args.overlap_ab} if mode == "colocated" else {}
+        mode_rows, ttft = run(model_dir, args.batches, args.prompt_len, new_tokens, args.ttft_prompt, bandwidth, log,
+                              **extra)
         rows += mode_rows
         ttfts.append(ttft)
-    measured = {r["batch"]: r for r in rows if r["mode"] == "colocated"}
+    measured = {r["batch"]: r for r in rows if r["mode"] == "colocated" and r["overlap_schedule"]}
     for row in rows:        # the same weights and prompts route the same: use the measured expert hits
         if row["mode"] == "transformers" and row["batch"] in measured:
             row["roofline_ms"] = measured[row["batch"]]["roofline_ms"]
@@ -371,7 +381,8 @@ def main() -> int:
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=1))
     table = ["| mode | batch | ms/step | tok/s | roofline ms | fraction of roofline |", "|---|---|---|---|---|---|"]
     for row in rows:
-        table.append(f"| {row['mode']} | {row['batch']} | {row['step_ms']:.2f} | {row['tok_per_s']:.0f} | "
+        mode = row["mode"] + ("" if row.get("overlap_schedule", True) else ", no overlap schedule")
+        table.append(f"| {mode} | {row['batch']} | {row['step_ms']:.2f} | {row['tok_per_s']:.0f} | "
                      f"{row.get('roofline_ms', float('nan')):.2f} | {row['roofline_frac']:.2f} |")
     table += ["", "| mode | prompt | TTFT ms |", "|---|---|---|"]
     table += [f"| {t['mode']} | {t['prompt']} | {t['ttft_ms']:.1f} |" for t in ttfts]

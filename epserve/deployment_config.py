@@ -25,8 +25,8 @@ its torch threads.
 Colocated (``moe_a2a_backend`` local): no expert workers (``num_expert_workers`` 0, placement
 ``--ep-size 0``); every attention worker holds all experts and runs them with
 ``moe_runner_backend``; readiness waits for the attention workers and the gateway only. The
-engine flags (``attention_backend``, ``cuda_graph_max_bs``, ``disable_cuda_graph`` and the sizes)
-go to the attention workers; None = the worker's default.
+engine flags (``attention_backend``, ``cuda_graph_max_bs``, ``disable_cuda_graph``,
+``disable_overlap_schedule`` and the sizes) go to the attention workers; None = the worker's default.
 
 """
 
@@ -78,6 +78,7 @@ class DeploymentConfig:
     attention_backend: str = "auto"         # auto | triton | torch_native
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
     max_running_requests: int | None = None
     num_kv_blocks: int | None = None
     max_num_batched_tokens: int | None = None
@@ -221,6 +222,8 @@ class DeploymentConfig:
             args += ["--moe-runner-backend", self.moe_runner_backend]
         if self.disable_cuda_graph:
             args.append("--disable-cuda-graph")
+        if self.disable_overlap_schedule:
+            args.append("--disable-overlap-schedule")
         for flag, value in (("--cuda-graph-max-bs", self.cuda_graph_max_bs),
                             ("--max-running-requests", self.max_running_requests),
                             ("--num-kv-blocks", self.num_kv_blocks),

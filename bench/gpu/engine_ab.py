@@ -59,6 +59,7 @@ VARIANTS = [
     # against the step as it was before this session
     ("before: three launches, cuBLAS o_proj, no down_ahead", None, "off", "cublas"),
     ("defaults", "8,512,4", None, "prefetched"),
+    ("defaults + down_ahead", "8,512,4", "2,128,8", "prefetched"),
     ("before (again)", None, "off", "cublas"),
 ]
 
@@ -125,6 +126,8 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS (default: all)")
+    parser.add_argument("--overlap", choices=["on", "off", "both"], default="on",
+                        help="the engine's overlap schedule in each variant (both: each variant twice)")
     args = parser.parse_args()
     from epserve.attention_worker.colocated import build_colocated_engine
     from epserve.attention_worker.engine import EngineLimits
@@ -138,13 +141,17 @@ def main() -> int:
     engine = build_colocated_engine(str(model_dir), torch.bfloat16, "cuda", "auto", limits,
                                     max_context=context + 16, load_format="dummy")
     rows = []
-    variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
-    for name, fused_input, down_ahead, o_proj in variants:
+    chosen = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    overlaps = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
+    variants = [(name + ("" if overlap else ", no overlap schedule"), overlap, *knobs)
+                for name, *knobs in chosen for overlap in overlaps]
+    for name, overlap, fused_input, down_ahead, o_proj in variants:
         apply(engine, fused_input, down_ahead, o_proj)
+        engine.overlap = overlap
         for batch in args.batches:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
-            rows.append({"variant": name, "fused_input": fused_input, "down_ahead": down_ahead, "o_proj": o_proj,
-                         "batch": batch, "step_ms": ms})
+            rows.append({"variant": name, "overlap_schedule": overlap, "fused_input": fused_input,
+                         "down_ahead": down_ahead, "o_proj": o_proj, "batch": batch, "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
     print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))

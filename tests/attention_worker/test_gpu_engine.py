@@ -117,6 +117,19 @@ def test_cuda_graph_replay_equals_eager(tiny_model):
     assert_graph_replay_equals_eager(tiny_model)
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True),
+                                    SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=7,
+                                                   max_new_tokens=24, ignore_eos=True)], ids=["greedy", "seeded"])
+def test_the_overlap_schedule_changes_no_token(tiny_model, params):
+    """Decode steps launched ahead (their input tokens read on the device, graphs replayed while the host
+    reads the step before) give the tokens of steps run one at a time."""
+    prompts = [[5, 17, 300, 42, 7], [9] * 23, [1, 2, 3], list(range(40, 77))]
+    overlapped = gpu_engine(tiny_model, torch.bfloat16)
+    one_at_a_time = gpu_engine(tiny_model, torch.bfloat16, disable_overlap_schedule=True)
+    assert generate_tokens(overlapped, prompts, params) == generate_tokens(one_at_a_time, prompts, params)
+    assert overlapped.num_steps_ahead >= 20 and one_at_a_time.num_steps_ahead == 0
+
+
 def teacher_forced(reference, other) -> tuple[float, float]:
     """Per-position logits of the same sequences: (top-1 agreement with ``reference``, worst relative error).
     Teacher forcing keeps one early near-tie flip from changing every later position."""

@@ -41,7 +41,7 @@ def test_bad_deployments_name_the_flag(fields, message):
 def test_attention_workers_get_the_backend_and_engine_flags():
     colocated = DeploymentConfig("m", moe_a2a_backend="local", moe_runner_backend="triton",
                                  attention_backend="triton", cuda_graph_max_bs=64, disable_cuda_graph=True,
-                                 max_running_requests=8, num_kv_blocks=1024, max_num_batched_tokens=4096,
+                                 disable_overlap_schedule=True, max_running_requests=8, num_kv_blocks=1024, max_num_batched_tokens=4096,
                                  context_length=0)
     args = colocated.attention_args()
     pairs = dict(zip(args, args[1:]))
@@ -49,11 +49,12 @@ def test_attention_workers_get_the_backend_and_engine_flags():
     assert pairs["--attention-backend"] == "triton" and pairs["--cuda-graph-max-bs"] == "64"
     assert (pairs["--max-running-requests"], pairs["--num-kv-blocks"], pairs["--max-num-batched-tokens"],
             pairs["--context-length"]) == ("8", "1024", "4096", "0")
-    assert "--disable-cuda-graph" in args
+    assert "--disable-cuda-graph" in args and "--disable-overlap-schedule" in args
     plain = DeploymentConfig("m").attention_args()          # defaults: the worker's own
     assert plain[plain.index("--moe-a2a-backend") + 1] == "torch" and "--moe-runner-backend" not in plain
     assert plain[plain.index("--attention-backend") + 1] == "auto"
-    assert not {"--cuda-graph-max-bs", "--disable-cuda-graph", "--num-kv-blocks", "--context-length"} & set(plain)
+    assert not {"--cuda-graph-max-bs", "--disable-cuda-graph", "--disable-overlap-schedule", "--num-kv-blocks",
+                "--context-length"} & set(plain)
 
 
 @pytest.mark.parametrize("flags,message", [
