@@ -149,9 +149,10 @@ class Engine:
             limits = dataclasses.replace(limits, disable_cuda_graph=True)
         self.limits = limits
         self.runner = make_step_runner(model, executor, self.kv_cache, limits, max_context)
-        # the overlap schedule (``_launch_ahead``): a runner that can queue a step without waiting for it
+        # the overlap schedule (``_launch_ahead``): a runner that can queue a step without waiting for it, and
+        # no expert-load record that must count each pass apart (a step's count would hold the next one's)
         self.overlap = (hasattr(self.runner, "launch") and getattr(executor, "overlappable", False)
-                        and not limits.disable_overlap_schedule)
+                        and not limits.disable_overlap_schedule and (recorder is None or not recorder.exact_passes))
         self._launched: LaunchedStep | None = None        # started, not finished (at most one)
         self.num_steps_ahead = 0                           # steps launched before the one before them finished
         self._last_finish = 0.0                            # time.perf_counter() when the last step finished

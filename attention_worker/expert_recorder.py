@@ -18,7 +18,11 @@ choice routed nowhere) is not counted.
 
 On a GPU, ``record`` adds into a device-side ``[L, P]`` count (no host sync, so it runs inside
 CUDA graphs); ``end_pass`` — on the engine thread, after the step's tokens reached the host —
-folds it into the host counts once per step. ``per_token`` needs every token's slots on the host,
+folds it into the host counts once per step. Where passes need not be exact (``stat`` without
+``track_passes``: ``exact_passes`` false) the fold does not wait: the count's copy to the host is
+queued behind the step the engine launched ahead (its overlap schedule) and added to the window at
+the next fold (or ``take_window``), by when that step has finished. Where they must be exact, the
+engine launches no step ahead, since a step's count would otherwise hold the next step's too. ``per_token`` needs every token's slots on the host,
 which a graph cannot provide: the GPU engine runs without CUDA graphs in that mode.
 """
 
@@ -53,6 +57,12 @@ class ExpertLoadRecorder:
         self._current_pass: torch.Tensor | None = None
         self._num_passes_undumped = 0
         self._device_counts: torch.Tensor | None = None   # [L, P + 1] on the GPU (column P: the -1s)
+        self._in_transit: tuple[torch.Tensor, torch.cuda.Event] | None = None   # [L, P] pinned, its copy's event
+
+    @property
+    def exact_passes(self) -> bool:
+        """Whether each pass's counts must be that pass's alone (per-pass records or metrics, per-token)."""
+        return self._track_passes or self.mode is not RecorderMode.STAT
 
     def _reset(self, num_layers: int, num_slots: int, map_version: int = 0) -> None:
         self.window = torch.zeros(num_layers, num_slots, dtype=torch.int64)
@@ -79,37 +89,66 @@ class ExpertLoadRecorder:
                                                   torch.ones_like(flat))
 
     def _fold_device_counts(self) -> None:
-        """Engine thread, between steps: the device counts join the host ones, then restart at 0."""
+        """Engine thread, between steps: the device counts join the host ones, then restart at 0 (without
+        waiting for the device unless ``exact_passes``)."""
         if self._device_counts is None:
             return
-        counts = self._device_counts[:, :-1].cpu()                                   # [L, P]
+        self._fold_in_transit()
+        counts = self._device_counts[:, :-1]                                         # [L, P]
+        if self.exact_passes or not counts.is_cuda:
+            with self._lock:
+                self._add_layers(counts.cpu())
+        else:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            with self._lock:
+                self._in_transit = (host, event)
         self._device_counts.zero_()
+
+    def _fold_in_transit(self) -> None:
+        """Any thread: the count copied at the last fold joins the window it was counted in (waiting for
+        its copy: by then at most the step launched ahead of that fold)."""
+        with self._lock:
+            if self._in_transit is not None:
+                (host, event), self._in_transit = self._in_transit, None
+                event.synchronize()
+                self._add_layers(host)
+
+    def _add_layers(self, counts: torch.Tensor) -> None:
+        """counts [L, P]; the caller holds the lock."""
         for layer in counts.nonzero()[:, 0].unique().tolist():
-            self._add(layer, counts[layer], None)
+            self._add_locked(layer, counts[layer], None)
 
     def discard_device_counts(self) -> None:
         """Forget what was recorded on the device and not folded yet (warm-up passes)."""
+        self._in_transit = None
         if self._device_counts is not None:
             self._device_counts.zero_()
 
     def _add(self, moe_layer: int, counts: torch.Tensor, physical: torch.Tensor | None) -> None:
         with self._lock:
-            self.window[moe_layer] += counts
-            if self._track_passes:
-                if self._pass_counts is None or self._pass_counts.shape[1] != counts.shape[0]:
-                    self._pass_counts = torch.zeros(self.window.shape[0], counts.shape[0], dtype=torch.int64)
-                self._pass_counts[moe_layer] += counts
-            if self.mode is RecorderMode.PER_PASS:
-                if self._current_pass is None:
-                    self._current_pass = torch.zeros_like(self.window)
-                self._current_pass[moe_layer] += counts
-            elif self.mode is RecorderMode.PER_TOKEN and physical is not None:
-                self._tokens.append((moe_layer, physical.cpu().clone()))
-                self._token_versions.append(self.map_version)
+            self._add_locked(moe_layer, counts, physical)
+
+    def _add_locked(self, moe_layer: int, counts: torch.Tensor, physical: torch.Tensor | None) -> None:
+        self.window[moe_layer] += counts
+        if self._track_passes:
+            if self._pass_counts is None or self._pass_counts.shape[1] != counts.shape[0]:
+                self._pass_counts = torch.zeros(self.window.shape[0], counts.shape[0], dtype=torch.int64)
+            self._pass_counts[moe_layer] += counts
+        if self.mode is RecorderMode.PER_PASS:
+            if self._current_pass is None:
+                self._current_pass = torch.zeros_like(self.window)
+            self._current_pass[moe_layer] += counts
+        elif self.mode is RecorderMode.PER_TOKEN and physical is not None:
+            self._tokens.append((moe_layer, physical.cpu().clone()))
+            self._token_versions.append(self.map_version)
 
     def switch_map(self, map_version: int, num_slots: int) -> None:
         """The engine switched maps at a step boundary: counts of another map (or another slot
         count) never share a window."""
+        self._fold_in_transit()                 # the last steps under the old map (the engine drained them)
         with self._lock:
             if map_version != self.map_version or num_slots != self.window.shape[1]:
                 self._reset(self.window.shape[0], num_slots, map_version)
@@ -135,6 +174,7 @@ class ExpertLoadRecorder:
 
     def take_window(self) -> tuple[torch.Tensor, int, int]:
         """(counts [L, P], passes, map version) of the window; starts a new window."""
+        self._fold_in_transit()
         with self._lock:
             window, passes, version = self.window, self.num_passes, self.map_version
             self._reset(*window.shape, version)

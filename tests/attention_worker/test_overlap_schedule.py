@@ -179,3 +179,26 @@ def test_a_request_failing_in_a_step_launched_ahead_fails_alone(tiny_model):
     assert engine.num_steps_ahead > 0
     engine.runner = failing.runner
     assert_all_freed(engine)
+
+
+def test_expert_load_windows_count_every_token_once_while_steps_run_ahead(tiny_model):
+    """A ``stat`` recorder (every attention worker has one) keeps the overlap schedule: its window counts
+    each real token's choices once. Records that must be exact per pass turn the schedule off."""
+    from epserve.attention_worker.expert_recorder import RecorderMode
+
+    limits = EngineLimits(num_kv_blocks=64, kv_block_size=4, max_num_batched_tokens=48, max_num_seqs=8,
+                          attention_backend="triton")
+    engine = build_colocated_engine(str(tiny_model), torch.float32, "cpu", limits=limits,
+                                    recorder_mode=RecorderMode.STAT)
+    assert engine.overlap
+    prompts = {k: PROMPTS[k] for k in ("a", "c")}
+    params = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    run(engine, prompts, params)
+    assert engine.num_steps_ahead > 0
+    window, _, _ = engine.recorder.take_window()
+    spec = engine.model.spec
+    tokens = sum(len(p) for p in prompts.values()) + len(prompts) * (params.max_new_tokens - 1)
+    assert window.sum().item() == tokens * spec.num_experts_per_tok * spec.num_moe_layers
+    per_pass = build_colocated_engine(str(tiny_model), torch.float32, "cpu", limits=limits,
+                                      recorder_mode=RecorderMode.PER_PASS)
+    assert not per_pass.overlap
