@@ -22,8 +22,9 @@ folds it into the host counts once per step. Where passes need not be exact (``s
 ``track_passes``: ``exact_passes`` false) the fold does not wait: the count's copy to the host is
 queued behind the step the engine launched ahead (its overlap schedule) and added to the window at
 the next fold (or ``take_window``), by when that step has finished. Where they must be exact, the
-engine launches no step ahead, since a step's count would otherwise hold the next step's too. ``per_token`` needs every token's slots on the host,
-which a graph cannot provide: the GPU engine runs without CUDA graphs in that mode.
+engine launches no step ahead, since a step's count would otherwise hold the next step's too.
+``per_token`` needs every token's slots on the host, which a graph cannot provide: the GPU engine runs
+without CUDA graphs in that mode.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ Modes (rows of the result table, in the same run):
   copy of the tokens included — as a server runs it, with the overlap schedule (the next decode step
   queued before the host reads the last one's tokens); ``--overlap-ab`` times each batch without it too.
 - ``transformers``: ``AutoModelForCausalLM.generate`` (greedy) with the same weights copied in.
+- ``cuda_ipc``: one attention process + one expert process on this GPU (``epserve up --moe-a2a-backend
+  cuda_ipc --mps on``: the step path on device flags, both under a user-space MPS daemon), measured
+  through the gateway against the colocated deployment (``--moe-a2a-backend local``) the same way
+  (``bench/serve_deployed.py``: every stream's decode step, median over streams; ``--deployed-new-tokens``
+  each). Its row carries ``vs_colocated_deployed`` (tokens/s ratio, like for like) and the colocated
+  deployment's step; its roofline is the ``colocated`` row's bytes of that batch. Runs after the
+  in-process modes, in processes of its own.
 
 Per batch size B (prompt ``--prompt-len`` random tokens each, greedy, EOS ignored):
 - ``step_ms``: median decode step (colocated: every step of the run once all prompts are in;
@@ -196,6 +203,34 @@ def run_colocated(model_dir: Path, batches: list[int], prompt_len: int, new_toke
     return rows, ttft_row
 
 
+# -- split: attention and expert processes on one GPU --------------------------------------------
+def run_cuda_ipc(model_dir: Path, batches: list[int], prompt_len: int, new_tokens: int, log) -> list[dict]:
+    """The ``cuda_ipc`` rows: the split deployment and the colocated one through their gateways."""
+    import serve_deployed                                  # bench/ is on sys.path
+
+    from epserve.model_config import load_model_spec
+
+    args = argparse.Namespace(batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, skip=8, model_path=None,
+                              device="cuda", dtype="bfloat16", up_args=[], start_timeout_s=240.0, timeout_s=180.0,
+                              log_dir=Path(tempfile.mkdtemp(prefix="serve_gpu_deployed_")),
+                              vocab=load_model_spec(model_dir).vocab_size)
+    serve_deployed.with_tokenizer(model_dir)
+    deployed: list[dict] = []
+    for mode in ("local", "cuda_ipc"):
+        serve_deployed.run_mode(mode, model_dir, args, log, deployed)
+    local = {r["batch"]: r for r in deployed if r["mode"] == "local"}
+    rows = []
+    for r in deployed:
+        if r["mode"] == "cuda_ipc":
+            rows.append({"mode": "cuda_ipc", "batch": r["batch"], "step_ms": r["step_ms"], "tok_per_s": r["tok_per_s"],
+                         "vs_colocated_deployed": r["tok_per_s"] / local[r["batch"]]["tok_per_s"],
+                         "colocated_deployed_step_ms": local[r["batch"]]["step_ms"], "measured": "through the gateway",
+                         "logs": str(args.log_dir)})
+            log(f"cuda_ipc B={r['batch']}: {r['step_ms']:.2f} ms/step, {rows[-1]['vs_colocated_deployed']:.2f} x the "
+                f"colocated deployment's tokens/s ({local[r['batch']]['step_ms']:.2f} ms/step)")
+    return rows
+
+
 def experts_hit_per_step(engine, batch: int, prompt_len: int, spec) -> int:
     """Distinct experts one decode step of ``batch`` sequences routes to, summed over layers:
     one eager step of fresh sequences with the executor's dispatch observed."""
@@ -329,9 +364,12 @@ def main() -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=8, help="decode steps timed for transformers")
     parser.add_argument("--ttft-prompt", type=int, default=4096)
     parser.add_argument("--modes", nargs="+", default=None,
-                        help="colocated and/or transformers (default: both for qwen3-30b-a3b, colocated for deepseek-v3)")
+                        help="colocated, transformers and/or cuda_ipc (default: colocated and transformers for "
+                             "qwen3-30b-a3b, colocated for deepseek-v3)")
+    parser.add_argument("--deployed-new-tokens", type=int, default=64, help="cuda_ipc: new tokens per stream")
     parser.add_argument("--overlap-ab", action="store_true",
-                        help="colocated: time each batch also without the overlap schedule (rows overlap_schedule false)")
+                        help="colocated: time each batch also without the overlap schedule "
+                             "(rows with overlap_schedule false)")
     parser.add_argument("--name", default=None, help="result file stem (default: serve_gpu_h200 for qwen3-30b-a3b, "
                                                      "serve_gpu_deepseek_v3_h200 for deepseek-v3)")
     args = parser.parse_args()
@@ -340,8 +378,10 @@ def main() -> int:
     args.layers = args.layers or default_layers
     args.name = args.name or default_name
     args.modes = args.modes or (["colocated"] if deepseek else ["colocated", "transformers"])
-    if deepseek and "transformers" in args.modes:
+    if deepseek and set(args.modes) - {"colocated"}:
         parser.error("--model deepseek-v3 runs --modes colocated only (the transformers row copies Qwen3's weights)")
+    if set(args.modes) - {"colocated", "transformers", "cuda_ipc"}:
+        parser.error(f"--modes: colocated, transformers, cuda_ipc; got {' '.join(args.modes)}")
     if args.dense_layers is not None and not deepseek:
         parser.error("--dense-layers applies to --model deepseek-v3 only")
     dense_layers = (1 if args.dense_layers is None else args.dense_layers) if deepseek else None
@@ -360,6 +400,8 @@ def main() -> int:
     model_dir = write_model_dir(args.model, args.layers, dense_layers)
     rows, ttfts = [], []
     for mode in args.modes:
+        if mode == "cuda_ipc":
+            continue                                    # after the in-process modes, in processes of its own
         run = {"colocated": run_colocated, "transformers": run_transformers}[mode]
         new_tokens = args.hf_new_tokens if mode == "transformers" else args.new_tokens
         extra = {"overlap_ab": args.overlap_ab} if mode == "colocated" else {}
@@ -367,9 +409,12 @@ def main() -> int:
                               **extra)
         rows += mode_rows
         ttfts.append(ttft)
+    if "cuda_ipc" in args.modes:
+        torch.cuda.empty_cache()
+        rows += run_cuda_ipc(model_dir, args.batches, args.prompt_len, args.deployed_new_tokens, log)
     measured = {r["batch"]: r for r in rows if r["mode"] == "colocated" and r["overlap_schedule"]}
     for row in rows:        # the same weights and prompts route the same: use the measured expert hits
-        if row["mode"] == "transformers" and row["batch"] in measured:
+        if row["mode"] in ("transformers", "cuda_ipc") and row["batch"] in measured:
             row["roofline_ms"] = measured[row["batch"]]["roofline_ms"]
             row["roofline_frac"] = row["roofline_ms"] / row["step_ms"]
     record = {"machine": f"{device} ({platform.node()})", "date": datetime.date.today().isoformat(),
@@ -382,8 +427,10 @@ def main() -> int:
     table = ["| mode | batch | ms/step | tok/s | roofline ms | fraction of roofline |", "|---|---|---|---|---|---|"]
     for row in rows:
         mode = row["mode"] + ("" if row.get("overlap_schedule", True) else ", no overlap schedule")
+        if "vs_colocated_deployed" in row:
+            mode += f" ({row['vs_colocated_deployed']:.2f} × colocated, both through the gateway)"
         table.append(f"| {mode} | {row['batch']} | {row['step_ms']:.2f} | {row['tok_per_s']:.0f} | "
-                     f"{row.get('roofline_ms', float('nan')):.2f} | {row['roofline_frac']:.2f} |")
+                     f"{row.get('roofline_ms', float('nan')):.2f} | {row.get('roofline_frac', float('nan')):.2f} |")
     table += ["", "| mode | prompt | TTFT ms |", "|---|---|---|"]
     table += [f"| {t['mode']} | {t['prompt']} | {t['ttft_ms']:.1f} |" for t in ttfts]
     print("\n".join(table))
