@@ -77,6 +77,7 @@ class AttentionWorkerConfig:
     enable_expert_distribution_metrics: bool = False    # per-expert-worker load series on /metrics
     expert_distribution_dir: str = field(default_factory=default_expert_distribution_dir)  # heatmap files
     eplb_heatmap_collection_interval: int = 0           # heatmap every N passes; 0 = off (from the env)
+    gpu_two_micro_batches: bool = False     # EPSERVE_GPU_TWO_MICRO_BATCHES=1: try 2 on the GPU step path (env)
     load_report_interval_s: float = 2.0     # how often expert load goes to placement
     dataplane_timeout_s: float = 30.0
     elastic_ep_recovery_timeout_s: float = 60.0   # elastic EP: how long an interrupted MoE layer waits for a map

@@ -8,8 +8,8 @@ for partials on the host at every layer, so a forward pass through it cannot be 
 host speaks once per step and every layer's hand-off is a launch (``cuda_ipc_step.StepExchange``):
 
 - ``begin_step([T0, T1], map)`` — host, before the step's launches or its graph replay: the step (its
-  micro-batches' tokens, map version, L, S) is announced to every expert worker, which enqueues all L
-  layers' wait → compute → signal on a stream of each micro-batch's slot;
+  micro-batches' tokens, map version, L, S, and its number as their group) is announced to every expert
+  worker, which enqueues all L layers' wait → compute → signal on a stream of each micro-batch's slot;
 - ``dispatch`` per MoE layer: route (device), then copy all T rows into every expert's channel and
   signal (``send``); ``combine``: wait for each worker's partial on the device and add them in
   worker order (``receive``) — both only launch work, so the GPU runner captures them in its graphs;
@@ -24,7 +24,10 @@ Two micro-batches (``--num-micro-batches 2``): the GPU runner splits a decode st
 halves and interleaves them layer by layer (``run_micro_batches``): half B's attention runs while the
 expert workers compute half A's experts, each half through its own channel slot. It runs through host
 memory (CPU devices); on a GPU it is refused (``GPU_TWO_MICRO_BATCHES``): an expert worker's graph
-capture of one slot deadlocked with the other slot's kernels in flight. The default is one.
+capture of one slot deadlocked with the other slot's kernels in flight. The expert side now keeps
+captures apart from steps in flight (``dataplane/cuda_ipc_gate.py``, the halves of a step announced as
+one group), not yet proven on a GPU: ``EPSERVE_GPU_TWO_MICRO_BATCHES=1`` (the attention worker's
+``gpu_two_micro_batches``) lifts the refusal to try it. The default is one.
 
 On a CPU device (tests) the same calls run through host shared memory and wait on the host.
 """
@@ -39,27 +42,32 @@ from epserve.expert_map import ExpertMap
 from epserve.models.decoder import MoECall
 
 WEIGHT_DTYPE = torch.float32       # the GPU routing kernels give float32 top-k weights
+GPU_TWO_MICRO_BATCHES_ENV = "EPSERVE_GPU_TWO_MICRO_BATCHES"
 GPU_TWO_MICRO_BATCHES = (
     "--num-micro-batches 2 is not supported on the GPU cuda_ipc step path yet; use 1 (the default). An expert "
-    "worker captures one slot's CUDA graph while the other slot's kernels wait on this attention worker, and the "
-    "capture waits for them: a 48-layer deployment hung at start-up on an H100. Two micro-batches run on the CPU.")
+    "worker captured one slot's CUDA graph while the other slot's kernels waited on this attention worker, and the "
+    "capture waited for them: a 48-layer deployment hung at start-up on an H100. Two micro-batches run on the CPU. "
+    f"The expert side's fix (cuda_ipc_gate.py) is not yet proven on a GPU: {GPU_TWO_MICRO_BATCHES_ENV}=1 tries it.")
 
 
 class StepExperts:
     def __init__(self, dispatcher, router: ExpertRouter, num_moe_layers: int, timeout_s: float,
-                 record_load: LoadSink | None = None, num_micro_batches: int = 1) -> None:
+                 record_load: LoadSink | None = None, num_micro_batches: int = 1,
+                 gpu_two_micro_batches: bool = False) -> None:
         """``dispatcher``: a ``CudaIpcDispatcher`` (``make_dispatcher("cuda_ipc", ...)``) with at least
-        ``num_micro_batches`` channel slots; micro-batch i goes through slot i."""
+        ``num_micro_batches`` channel slots; micro-batch i goes through slot i. ``gpu_two_micro_batches``:
+        allow two on a GPU (``EPSERVE_GPU_TWO_MICRO_BATCHES=1``; refused otherwise, not yet proven there)."""
         self.dispatcher, self.router, self.record_load = dispatcher, router, record_load
         self.num_moe_layers = num_moe_layers
         if not 1 <= num_micro_batches <= dispatcher.side.num_slots:
             raise ValueError(f"{num_micro_batches} micro-batches on cuda_ipc channels of "
                              f"{dispatcher.side.num_slots} slots")
-        if num_micro_batches > 1 and dispatcher.side.device.type == "cuda":
+        if num_micro_batches > 1 and dispatcher.side.device.type == "cuda" and not gpu_two_micro_batches:
             raise ValueError(GPU_TWO_MICRO_BATCHES)
         self.step_micro_batches = num_micro_batches     # how many the GPU runner splits a decode step into
         self.exchanges = [dispatcher.step_exchange(slot, timeout_s) for slot in range(num_micro_batches)]
         self._active = 1                                # exchanges the current step uses
+        self.num_steps = 0                              # steps announced: each one's number is its group
         self.capturable = dispatcher.side.device.type == "cuda"    # device flags; host waits on a CPU
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
@@ -68,9 +76,10 @@ class StepExperts:
     def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None:
         """``sizes``: the tokens of each micro-batch of the step (one entry: one micro-batch)."""
         self._active = self._check(sizes)
+        self.num_steps += 1
         for exchange, num_tokens in zip(self.exchanges, sizes):
             exchange.begin_step(num_tokens, expert_map.version, self.num_moe_layers, expert_map.slots_per_worker,
-                                weight_dtype=WEIGHT_DTYPE)
+                                weight_dtype=WEIGHT_DTYPE, group=self.num_steps, group_size=len(sizes))
 
     def expect_step(self, sizes: list[int]) -> None:
         self._active = self._check(sizes)

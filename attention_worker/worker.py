@@ -186,7 +186,8 @@ class AttentionWorker:
             # the batched runner announces each step once and captures the per-layer hand-offs
             logger.info("expert exchange: the cuda_ipc step path (one announcement per step)")
             return StepExperts(self._dispatcher, router, self.spec.num_moe_layers, config.dataplane_timeout_s,
-                               record_load=self.recorder.record, num_micro_batches=config.limits.num_micro_batches or 1)
+                               record_load=self.recorder.record, num_micro_batches=config.limits.num_micro_batches or 1,
+                               gpu_two_micro_batches=config.gpu_two_micro_batches)
         recovery = None
         if elastic:
             reconnect = getattr(self._dispatcher, "reconnect", None)    # the torch data plane re-forms links

@@ -14,7 +14,9 @@ micro-batch slot m (c = w * M + m in a's segment, w = e's worker index). Its mem
     written last, equal to the REQ_SEQ it answers; a waits for ``RSP_SEQ == its seq``, so a
     late reply (an earlier seq) or a repeated one is never taken for the current one.
   - step announcement (a writes once per step, the graph-capturable path, ``cuda_ipc_step``):
-    STEP_SEQ | bucket size T, map version, number of MoE layers, slots per worker, trace.
+    STEP_SEQ | bucket size T, map version, number of MoE layers, slots per worker, trace, and the
+    group: the attention step's number (0: none) and how many slots it announced together (the
+    micro-batches of one step; the expert side starts them together, ``cuda_ipc_gate``).
   - step status (e writes): STEP_STATUS_SEQ | status, held versions, error text.
   - lifecycle: ATTENTION_STATE (closed), EXPERT_STATE (serving, stopped).
 - data (``ChannelShape.data_bytes``, 256-byte aligned sections): hidden [Tmax, D] | local slot
@@ -53,14 +55,16 @@ REQ_TRACE = 8                                   # trace length, then _TRACE_WORD
 RSP_SEQ, RSP_STATUS = 32, 33                    # status block: status, held count, held, error length, error
 # step announcement (attention → expert)
 STEP_SEQ, STEP_NUM_TOKENS, STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_SLOTS_PER_WORKER = range(96, 101)
-STEP_DTYPE, STEP_WEIGHT_DTYPE = 101, 102
+STEP_DTYPE, STEP_WEIGHT_DTYPE, STEP_GROUP = 101, 102, 103
 STEP_TRACE = 104
+STEP_GROUP_SIZE = 120
 # step status (expert → attention)
 STEP_STATUS_SEQ, STEP_STATUS = 128, 129
 # lifecycle
 ATTENTION_STATE, EXPERT_STATE = 192, 193
 _STATUS_BLOCK_WORDS = 3 + MAX_HELD_VERSIONS + _ERROR_WORDS
-assert RSP_STATUS + _STATUS_BLOCK_WORDS <= STEP_SEQ and STEP_TRACE + 1 + _TRACE_WORDS <= STEP_STATUS_SEQ
+assert RSP_STATUS + _STATUS_BLOCK_WORDS <= STEP_SEQ and STEP_TRACE + 1 + _TRACE_WORDS <= STEP_GROUP_SIZE
+assert STEP_GROUP_SIZE < STEP_STATUS_SEQ
 assert STEP_STATUS + _STATUS_BLOCK_WORDS <= ATTENTION_STATE < CTRL_WORDS
 
 DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}

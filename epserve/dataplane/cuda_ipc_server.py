@@ -3,8 +3,10 @@
 Legend: n tokens of one request, N tokens of a batch, D hidden, K top-k, M micro-batch slots.
 
 Threads: the thread that calls ``serve`` does everything for per-message requests; one
-thread per attention rank serves that rank's steps on the CUDA-graph path (``cuda_ipc_step``,
-started on the rank's first step announcement, blocking on a queue otherwise). No thread
+thread per attention rank and micro-batch slot serves that slot's steps on the CUDA-graph path
+(``cuda_ipc_step``, started on the slot's first step announcement, blocking on a queue otherwise);
+they share one ``StepGate`` (``cuda_ipc_gate``): the slots of one attention step start together, and
+a slot captures a graph only while no other slot's step is in flight on the device. No thread
 spins: ``serve`` polls the sequence numbers of every open channel with ``Backoff`` (idle: one
 pass per ``idle_sleep_s``, default 2 ms, a fraction of a percent of a core).
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from epserve.dataplane.base import BatchHeader, ExpertCompute, StaleMapVersion
+from epserve.dataplane.cuda_ipc_gate import StepGate
 from epserve.dataplane.cuda_ipc_join import ExpertLink
 from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPES, EXPERT_STATE, REQ_DTYPE,
                                                REQ_LAYER, REQ_MAP_VERSION, REQ_MICRO_BATCH, REQ_NUM_TOKENS, REQ_SEQ,
@@ -90,6 +93,7 @@ class CudaIpcExpertServer:
         on_gpu = any(link.device.type == "cuda" for link in links.values())
         self._backoff = Backoff(spin_s=BUSY_POLL_S if on_gpu else 200e-6, max_sleep_s=idle_sleep_s, yield_gil=True)
         self._step_queues: dict[tuple[int, int], queue.SimpleQueue] = {}     # (attention rank, slot) → its thread
+        self._step_gate = StepGate(self._stopping)                            # shared by the step threads
         self._step_threads: list[threading.Thread] = []
         self._step_crash: list[BaseException] = []
         self._started = False
@@ -246,14 +250,14 @@ class CudaIpcExpertServer:
                     ) -> queue.SimpleQueue:
         """A thread, a stream and flag counters per slot: with two micro-batches in flight the attention
         rank interleaves the slots' layers (sends slot 1's layer l before it awaits slot 0's), so one
-        slot's step must not queue behind the other's."""
+        slot's step must not queue behind the other's. The threads meet at the server's ``StepGate``."""
         key = (attention_rank, slot)
         if key not in self._step_queues:
             from epserve.dataplane.cuda_ipc_step import StepServer
 
             q: queue.SimpleQueue = queue.SimpleQueue()
             step_server = StepServer(link, compute, self.link_timeout_s, self.compute_device, self._stopping,
-                                     graphs=self.step_graphs)
+                                     graphs=self.step_graphs, gate=self._step_gate)
             thread = threading.Thread(target=self._run_steps, args=(step_server, q), daemon=True,
                                       name=f"cuda-ipc-steps-{attention_rank}.{slot}")
             self._step_queues[key] = q

@@ -9,15 +9,18 @@ Here the host talks once per step, the layers are device work:
 
 - attention, host, once per step: ``begin_step(T, map_version, L, S)`` bumps the step number,
   writes it to a device counter (one small fill on the stream, before the graph replay) and
-  announces (T, version, L, S, dtypes, trace) in every channel's host-shared step header,
-  STEP_SEQ last.
+  announces (T, version, L, S, dtypes, trace, group) in every channel's host-shared step header,
+  STEP_SEQ last. The group: the attention step's number and how many micro-batch slots it announced
+  (``StepExperts`` numbers them; 0: a step of its own).
 - attention, device, per layer (what the graph captures): ``send(layer, hidden, slot_ids,
   weights)``: copy all T rows — physical slot ids, not split — into each expert's input
   region of this slot, then ``signal_step(STEP_IN)``; ``receive(layer)``: ``wait_step(STEP_OUT)``
   per worker, then the partials added in worker order in float32 (float64 for float64), the same
   sum as ``CombineSum``. Flag values are ``step * FLAG_STEP_STRIDE + layer + 1`` computed on the
   device from the counter, so every replay signals and awaits new values.
-- expert (``StepServer``, one thread per attention rank): on an announcement, for each layer:
+- expert (``StepServer``, one thread per attention rank and slot): the slots' threads pass a
+  ``StepGate`` (``cuda_ipc_gate``) before each step: a group's slots start together, and a graph is
+  captured only while no slot has device work in flight. Then, for each layer:
   ``wait_step(STEP_IN)`` → local slot ids (slot − w·S where the owner is w, else -1, weights 0
   there: ``split_by_worker``'s rule on all T rows) → ``compute`` → copy the partial →
   ``signal_step(STEP_OUT)``; then the step status (OK, STALE_VERSION with the held versions,
@@ -47,6 +50,7 @@ host and ``receive`` waits on the host — the CPU tests drive the protocol that
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -56,18 +60,21 @@ import torch
 from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, ExpertCompute, PeerLost, RemoteExpertError,
                                     StaleMapVersion)
 from epserve.dataplane.cuda_ipc_flags import spin_budget
+from epserve.dataplane.cuda_ipc_gate import StepGate
 from epserve.dataplane.cuda_ipc_join import AttentionSide, ExpertLink
-from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, DTYPES, EXPERT_STATE,
-                                               STEP_DTYPE, STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS,
-                                               STEP_SEQ, STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ,
-                                               STEP_TRACE, STEP_WEIGHT_DTYPE, AttentionState, Channel, ExpertState,
-                                               Flag, Status, read_status, read_trace, write_status, write_trace)
+from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, DTYPES, EXPERT_STATE, STEP_DTYPE,
+                                               STEP_GROUP, STEP_GROUP_SIZE, STEP_MAP_VERSION, STEP_NUM_LAYERS,
+                                               STEP_NUM_TOKENS, STEP_SEQ, STEP_SLOTS_PER_WORKER, STEP_STATUS,
+                                               STEP_STATUS_SEQ, STEP_TRACE, STEP_WEIGHT_DTYPE, AttentionState,
+                                               Channel, ExpertState, Flag, Status, read_status, read_trace,
+                                               write_status, write_trace)
 from epserve.dataplane.cuda_ipc_peers import PeerGone, wait_until
 from epserve.kernels.local_slots import local_slots, local_slots_reference
 
 logger = logging.getLogger(__name__)
 
 MAX_STEP_LAYERS = (1 << 16) - 2     # layer + 1 must stay below FLAG_STEP_STRIDE
+CAPTURE_WAIT_S = 1.0                # the longest a capture waits for a quiet device (then the step runs eagerly)
 
 
 class StepExchange:
@@ -84,13 +91,18 @@ class StepExchange:
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=side.device)    # copy_and_signal's counter
 
     def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
-                   trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32) -> None:
-        """Host, before the step's launches (or its graph replay): announce it to every expert rank."""
+                   trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32, group: int = 0,
+                   group_size: int = 1) -> None:
+        """Host, before the step's launches (or its graph replay): announce it to every expert rank.
+        ``group``: the attention step's number (> 0) when ``group_size`` slots are announced together
+        for it (the expert side starts them together); 0: this slot's step alone."""
         if not 0 < num_tokens <= self.side.shape.max_tokens:
             raise ValueError(f"a step of {num_tokens} tokens; the cuda_ipc channels hold 1 to "
                              f"{self.side.shape.max_tokens} (the attention worker's --max-num-batched-tokens)")
         if not 0 < num_layers <= MAX_STEP_LAYERS or slots_per_worker < 1 or weight_dtype not in DTYPE_CODES:
             raise ValueError(f"bad step: {num_layers} layers, {slots_per_worker} slots per worker, {weight_dtype}")
+        if group < 0 or not 1 <= group_size <= self.side.num_slots:
+            raise ValueError(f"bad step group {group} of {group_size} slots ({self.side.num_slots} per channel row)")
         for worker in range(len(self.channels)):
             reason = self._gone(worker)
             if reason:
@@ -106,6 +118,7 @@ class StepExchange:
             words[STEP_SLOTS_PER_WORKER] = slots_per_worker
             words[STEP_DTYPE], words[STEP_WEIGHT_DTYPE] = DTYPE_CODES[self.side.shape.dtype], DTYPE_CODES[weight_dtype]
             write_trace(words, STEP_TRACE, trace_context)
+            words[STEP_GROUP], words[STEP_GROUP_SIZE] = group, group_size
             words[STEP_SEQ] = self.step                          # last
         self._map_version = map_version
 
@@ -210,15 +223,19 @@ class StepExchange:
 
 
 class StepServer:
-    """The expert side of the step path for one attention rank (run by one thread of the server)."""
+    """The expert side of the step path for one attention rank and micro-batch slot (run by one thread
+    of the server). ``gate``: shared by the server's step threads (None: one of its own)."""
 
     def __init__(self, link: ExpertLink, compute: ExpertCompute, timeout_s: float,
-                 compute_device: torch.device | None, stopping: threading.Event, graphs: bool = False) -> None:
+                 compute_device: torch.device | None, stopping: threading.Event, graphs: bool = False,
+                 gate: StepGate | None = None) -> None:
         self.link, self.compute, self.timeout_s = link, compute, timeout_s
         self.compute_device, self.stopping = compute_device, stopping
+        self.gate = gate if gate is not None else StepGate(stopping)
         self.counter = torch.zeros(1, dtype=torch.int64, device=link.device)
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=link.device)    # copy_and_signal's counter
         self.stream = torch.cuda.Stream(link.device) if link.device.type == "cuda" else None
+        self.done = torch.cuda.Event() if self.stream is not None else None     # recorded after each step
         self.graphs = StepGraphs(self) if graphs and self.stream is not None and compute_device is None else None
 
     def serve_step(self, channel: Channel, seq: int) -> None:
@@ -229,6 +246,7 @@ class StepServer:
             self._serve_step(channel, seq)
 
     def _serve_step(self, channel: Channel, seq: int) -> None:
+        """Plan (replay, capture or eagerly), pass the gate (``cuda_ipc_gate``), enqueue the step."""
         words, link = channel.words, self.link
         n, version, num_layers = int(words[STEP_NUM_TOKENS]), int(words[STEP_MAP_VERSION]), int(words[STEP_NUM_LAYERS])
         slots_per_worker = int(words[STEP_SLOTS_PER_WORKER])
@@ -239,16 +257,46 @@ class StepServer:
                 or not 0 < num_layers <= MAX_STEP_LAYERS or slots_per_worker < 1:
             status, error = Status.ERROR, f"malformed step {seq}: {n} tokens, {num_layers} layers, dtype {dtype}"
             n, num_layers = max(min(n, channel.shape.max_tokens), 0), max(min(num_layers, MAX_STEP_LAYERS), 0)
-        self.counter.fill_(seq)
+        key, plan = (version, n, num_layers, slots_per_worker, weight_dtype), Plan.EAGER
         if status == Status.OK and self.graphs is not None:
-            key = (version, n, num_layers, slots_per_worker, weight_dtype)
+            plan = self.graphs.plan(key, channel)
             try:
-                if self.graphs.run(key, channel, seq, trace):
-                    write_status(words, STEP_STATUS, status, held, error)
-                    words[STEP_STATUS_SEQ] = seq                          # last
-                    return
+                if plan is not Plan.EAGER:
+                    self.graphs.check_version(key, channel, trace)
             except StaleMapVersion as exc:          # known before anything was enqueued: the eager path zeroes
-                status, held, error = Status.STALE_VERSION, exc.held_versions, str(exc)
+                status, held, error, plan = Status.STALE_VERSION, exc.held_versions, str(exc), Plan.EAGER
+        member, now = (link.attention_rank, channel.slot), time.monotonic()
+        group, group_size = int(words[STEP_GROUP]), int(words[STEP_GROUP_SIZE])
+        if not 1 <= group_size <= len(link.channels):       # a slot count this link cannot have: alone
+            group, group_size = 0, 1
+        captures = self.gate.arrive(member, group, group_size, plan is Plan.CAPTURE,
+                                    now + min(self.timeout_s, CAPTURE_WAIT_S))
+        deadline = now + self.timeout_s
+        try:
+            try:
+                if captures:
+                    self.graphs.capture(key, channel, trace)
+            finally:
+                self.gate.start(member, deadline)       # ends the capture; returns once the step may start
+            self.counter.fill_(seq)
+            if plan is Plan.REPLAY or captures:
+                self.graphs.replay(key, channel)
+                write_status(words, STEP_STATUS, status, held, error)
+                words[STEP_STATUS_SEQ] = seq                              # last
+                return
+            self._run_eagerly(channel, seq, key, trace, (status, held, error))
+        finally:
+            if self.done is not None:
+                self.done.record(self.stream)
+            self.gate.finish(member, self.done.query if self.done is not None else None)
+
+    def _run_eagerly(self, channel: Channel, seq: int, key: tuple, trace: bytes,
+                     outcome: tuple[Status, tuple[int, ...], str]) -> None:
+        """Every layer launched from here (on host memory: run, waiting on the host); ``outcome``: the
+        status so far (not OK: zero partials, so the attention side's waits still complete)."""
+        words, link = channel.words, self.link
+        version, n, num_layers, slots_per_worker, weight_dtype = key
+        status, held, error = outcome
         try:
             for layer in range(num_layers):
                 deadline = time.monotonic() + self.timeout_s
@@ -305,6 +353,14 @@ class StepServer:
         return ""
 
 
+class Plan(enum.Enum):
+    """How the expert side runs one step."""
+
+    EAGER = "eager"           # every layer launched from the step thread
+    CAPTURE = "capture"       # captured now (if the gate lets it), then replayed
+    REPLAY = "replay"         # a graph captured before
+
+
 class StepGraphs:
     """The expert side of a step, captured in CUDA graphs (GPUs with a capturable runner).
 
@@ -315,7 +371,9 @@ class StepGraphs:
     worker, weight dtype) — replays one graph instead: the flag values come from the device counter
     (``StepServer.counter``) and the waits run with a fixed spin budget, as in the attention side's
     graphs. A shape runs eagerly the first time (Triton compiles then), is captured the second time
-    (capture launches nothing: the graph is replayed right after), and replays from then on.
+    (capture launches nothing: the graph is replayed right after), and replays from then on. The
+    capture waits for the server's ``StepGate`` (no other slot's step in flight meanwhile); a capture
+    the gate turns down runs that step eagerly, and the shape is captured the next time it comes.
 
     Before a replay the map version is checked with a zero-row compute call (the store raises
     StaleMapVersion for a version it no longer holds, whose weights a graph must never read): its
@@ -334,32 +392,38 @@ class StepGraphs:
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
         self.seen: dict[tuple, int] = {}
 
-    def run(self, key: tuple, channel: Channel, seq: int, trace: bytes) -> bool:
-        """Replay (capturing first if due) the step ``key``; False: run it eagerly."""
-        version, n, num_layers, slots_per_worker, weight_dtype = key
-        if n > self.MAX_TOKENS or (channel.slot, *key) not in self.graphs and self._count(channel, key) < 2:
-            return False
-        server = self.server
+    def plan(self, key: tuple, channel: Channel) -> Plan:
+        """What to do with this step of ``key`` (counts the shape: once per step)."""
+        if key[1] > self.MAX_TOKENS:
+            return Plan.EAGER
+        if (channel.slot, *key) in self.graphs:
+            return Plan.REPLAY
+        return Plan.CAPTURE if self._count(channel, key) >= 2 else Plan.EAGER
+
+    def check_version(self, key: tuple, channel: Channel, trace: bytes) -> None:
+        """Raise StaleMapVersion (dropping its graphs) if the compute no longer holds ``key``'s map version."""
+        version, _, _, slots_per_worker, weight_dtype = key
         try:
-            server._compute(BatchHeader(version, 0, channel.slot, 0, trace), channel, 0, weight_dtype,
-                            slots_per_worker)                         # raises StaleMapVersion, enqueues ~nothing
+            self.server._compute(BatchHeader(version, 0, channel.slot, 0, trace), channel, 0, weight_dtype,
+                                 slots_per_worker)                    # raises StaleMapVersion, enqueues ~nothing
         except StaleMapVersion:
             for k in [k for k in self.graphs if k[1] == version]:
                 del self.graphs[k]
             raise
+
+    def capture(self, key: tuple, channel: Channel, trace: bytes) -> None:
+        """Capture the step ``key`` (launches nothing); the least recently used graph beyond MAX_GRAPHS goes."""
+        self.graphs[(channel.slot, *key)] = self._capture(channel, key, trace)
+        while len(self.graphs) > self.MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+
+    def replay(self, key: tuple, channel: Channel) -> None:
         graph_key = (channel.slot, *key)
-        graph = self.graphs.get(graph_key)
-        if graph is None:
-            graph = self._capture(channel, key, trace)
-            self.graphs[graph_key] = graph
-            while len(self.graphs) > self.MAX_GRAPHS:
-                self.graphs.popitem(last=False)
         self.graphs.move_to_end(graph_key)
-        graph.replay()
-        observe = getattr(server.compute, "observe_replay", None)
+        self.graphs[graph_key].replay()
+        observe = getattr(self.server.compute, "observe_replay", None)
         if observe is not None:
-            observe(n, num_layers)
-        return True
+            observe(key[1], key[2])
 
     def _count(self, channel: Channel, key: tuple) -> int:
         count = self.seen.get((channel.slot, *key), 0) + 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -53,10 +54,13 @@ def test_step_path_on_one_gpu(tiny_model, tmp_path, experts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_two_micro_batches_are_refused_on_the_gpu_step_path(tiny_model, tmp_path):
+def test_two_micro_batches_are_refused_on_the_gpu_step_path(tiny_model, tmp_path, monkeypatch):
     """On a GPU two micro-batches deadlocked an expert worker's graph capture (48 layers, H100): the
-    attention worker refuses them at start-up with the reason, instead of hanging."""
-    from epserve.attention_worker.step_experts import GPU_TWO_MICRO_BATCHES
+    attention worker refuses them at start-up with the reason, instead of hanging (unless
+    EPSERVE_GPU_TWO_MICRO_BATCHES=1)."""
+    from epserve.attention_worker.step_experts import GPU_TWO_MICRO_BATCHES, GPU_TWO_MICRO_BATCHES_ENV
+
+    monkeypatch.delenv(GPU_TWO_MICRO_BATCHES_ENV, raising=False)
 
     args = split_args(tiny_model, GPU_ARGS) + ["--num-micro-batches", "2"]
     up = subprocess.run([sys.executable, "-m", "epserve", "up", "--port", "0", "--no-auth-token", *args,
@@ -64,6 +68,29 @@ def test_two_micro_batches_are_refused_on_the_gpu_step_path(tiny_model, tmp_path
                         capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert up.returncode != 0
     assert GPU_TWO_MICRO_BATCHES.split(";")[0] in (tmp_path / "logs" / "attention-0.log").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("experts", [1, 2])
+def test_two_micro_batches_on_the_gpu_step_path(tiny_model_factory, tmp_path, monkeypatch, experts):
+    """EPSERVE_GPU_TWO_MICRO_BATCHES=1 lifts the refusal: each expert worker's step threads pass a
+    StepGate (dataplane/cuda_ipc_gate.py), so one slot's graph capture never overlaps the other slot's
+    steps in flight — what hung a 48-layer deployment at start-up. A 48-layer tiny model, the prompts
+    decoding together in halves: the deployment serves them, every expert worker captured both slots'
+    steps, and the text is the colocated engine's."""
+    from epserve.attention_worker.step_experts import GPU_TWO_MICRO_BATCHES_ENV
+
+    model = tiny_model_factory(num_layers=48)
+    expected = colocated_texts(model, GPU_ARGS, {})
+    monkeypatch.setenv(GPU_TWO_MICRO_BATCHES_ENV, "1")
+    served = serve_split(model, tmp_path, GPU_ARGS, {}, experts, micro_batches=2)
+    for worker in range(experts):
+        log = (tmp_path / "logs" / f"expert-{worker}.log").read_text()
+        captured = set(re.findall(r"captured the expert step of \d+ tokens x 48 layers \(map version \d+, "
+                                  r"micro-batch slot (\d)\)", log))
+        assert captured == {"0", "1"}, (worker, captured)
+    assert served == expected
 
 
 def colocated_texts(tiny_model, model_args: list[str], extra_env: dict[str, str]) -> list[str]:
@@ -86,9 +113,14 @@ def split_args(tiny_model, model_args: list[str], experts: int = 2) -> list[str]
 
 def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str],
                       experts: int = 2, micro_batches: int = 1) -> None:
-    """One request at a time with one micro-batch; with two, the prompts at once (decode steps of two
-    sequences, split in halves)."""
     expected = colocated_texts(tiny_model, model_args, extra_env)
+    assert serve_split(tiny_model, tmp_path, model_args, extra_env, experts, micro_batches) == expected
+
+
+def serve_split(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str], experts: int = 2,
+                micro_batches: int = 1) -> list[str]:
+    """The split deployment's text for each prompt: one request at a time with one micro-batch; with two,
+    the prompts at once (decode steps of two sequences, split in halves)."""
     args = split_args(tiny_model, model_args, experts) + ["--num-micro-batches", str(micro_batches)]
     os.environ.update(extra_env)                    # the deployment's processes inherit it
     with epserve_up(args, tmp_path / "logs") as endpoints:
@@ -101,10 +133,10 @@ def serve_and_compare(tiny_model, tmp_path, model_args: list[str], extra_env: di
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
                 served = list(pool.map(serve, PROMPTS))
         attention_log = (tmp_path / "logs" / "attention-0.log").read_text()
-    assert served == expected
     assert "the cuda_ipc step path" in attention_log
     if micro_batches == 2:
         assert "two micro-batches in flight" in attention_log
+    return served
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant (Triton interpreter)")

@@ -150,8 +150,14 @@ def step_batch(rank: int, step: int, layer: int) -> tuple[torch.Tensor, torch.Te
     return make_batch(batch_seed(rank, 200 + 10 * step + layer), STEP_TOKENS)
 
 
+def pair_batch(rank: int, micro_batch: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return make_batch(batch_seed(rank, 300 + 10 * micro_batch + layer), STEP_TOKENS - micro_batch)
+
+
 def run_steps(rank: int, dispatcher) -> dict:
-    """Two steps of STEP_LAYERS layers on micro-batch 1 through the step path, then a stale one."""
+    """Two steps of STEP_LAYERS layers on micro-batch 1 through the step path, then a stale one, an
+    abandoned one, another; then a step of two micro-batches (slots 0 and 1 announced as one group,
+    their layers interleaved as ``run_micro_batches`` does)."""
     from epserve.dataplane import StaleMapVersion
 
     exchange = dispatcher.step_exchange(micro_batch=1, timeout_s=20)
@@ -183,7 +189,21 @@ def run_steps(rank: int, dispatcher) -> dict:
         exchange.send(layer, *step_batch(rank, 4, layer))
         outs.append(exchange.receive(layer).clone())
     exchange.finish_step()
-    return {"outs": outs, "stale": stale}
+    pair = [dispatcher.step_exchange(micro_batch=0, timeout_s=20), exchange]
+    for m, ex in enumerate(pair):
+        ex.begin_step(STEP_TOKENS - m, map_version=1, num_layers=STEP_LAYERS, slots_per_worker=SLOTS_PER_WORKER,
+                      weight_dtype=torch.float64, group=1, group_size=2)
+    pair_outs: list[list[torch.Tensor]] = [[], []]
+    for m, ex in enumerate(pair):
+        ex.send(0, *pair_batch(rank, m, 0))
+    for layer in range(STEP_LAYERS):
+        for m, ex in enumerate(pair):
+            pair_outs[m].append(ex.receive(layer).clone())
+            if layer + 1 < STEP_LAYERS:
+                ex.send(layer + 1, *pair_batch(rank, m, layer + 1))
+    for ex in pair:
+        ex.finish_step()
+    return {"outs": outs, "stale": stale, "pair": pair_outs}
 
 
 def expert_main(rank: int, port: int, results, control) -> None:
@@ -359,6 +379,21 @@ def test_step_path_equals_local_reports_stale_versions_and_survives_an_abandoned
             assert torch.equal(got, want), (rank, step, layer)
         requested, held, peer = steps["stale"]
         assert requested == 7 and held == HELD_VERSIONS and peer in (NUM_ATTENTION, NUM_ATTENTION + 1)
+
+
+def test_a_step_of_two_micro_batches_announced_as_one_group_equals_local(world) -> None:
+    """Slots 0 and 1 in one step (the expert side's step threads start them together, ``cuda_ipc_gate``),
+    their layers interleaved: each micro-batch's partials are the local backend's."""
+    attention, _, _, _ = world
+    for rank in range(NUM_ATTENTION):
+        for m, outs in enumerate(attention[rank]["steps"]["pair"]):
+            assert len(outs) == STEP_LAYERS
+            for layer, got in enumerate(outs):
+                hidden, slot_ids, weights = pair_batch(rank, m, layer)
+                local = make_dispatcher("local", experts=EXPERTS)
+                want = local.combine(local.dispatch(BatchHeader(1, layer, m, STEP_TOKENS - m), hidden, slot_ids,
+                                                    weights, SLOTS_PER_WORKER), 1.0)
+                assert torch.equal(got, want), (rank, m, layer)
 
 
 def test_idle_deployment_does_not_spin(world) -> None:
