@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Device call U (fifth session): the split deployment on one GPU (issue 13). serve_gpu.py --modes cuda_ipc: the
+# colocated deployment (now with the overlap schedule) and the cuda_ipc one (MPS) through their gateways; then
+# the two-micro-batch capture gate's GPU tests (EPSERVE_GPU_TWO_MICRO_BATCHES=1). Results straight under $OUT.
+set -u
+W=${OUT:-/tmp/u_out}
+source bench/gpu/device_env.sh
+timeout 330 python3 bench/serve_gpu.py --out-dir "$W" --modes cuda_ipc --batches 1 32 128 --name serve_gpu_cuda_ipc \
+    > "$W/serve.txt" 2>&1; echo "exit $?" >> "$W/serve.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 180 ${U_TESTS:-tests/e2e/test_step_path.py} \
+    > "$W/tests.txt" 2>&1; echo "exit $?" >> "$W/tests.txt"
+cat "$W/gpu.txt"; grep -v "drawing\|loading" "$W/serve.txt" | tail -14; grep -E "passed|failed|exit|Error" "$W/tests.txt" | tail -8
