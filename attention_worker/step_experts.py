@@ -51,6 +51,8 @@ GPU_TWO_MICRO_BATCHES = (
 
 
 class StepExperts:
+    overlappable = False        # each step is announced to the expert workers and its status read back (finish_step)
+
     def __init__(self, dispatcher, router: ExpertRouter, num_moe_layers: int, timeout_s: float,
                  record_load: LoadSink | None = None, num_micro_batches: int = 1,
                  gpu_two_micro_batches: bool = False) -> None:
