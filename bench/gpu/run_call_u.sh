@@ -5,8 +5,8 @@
 set -u
 W=${OUT:-/tmp/u_out}
 source bench/gpu/device_env.sh
-timeout 330 python3 bench/serve_gpu.py --out-dir "$W" --modes cuda_ipc --batches 1 32 128 --name serve_gpu_cuda_ipc \
+timeout 300 python3 bench/serve_gpu.py --out-dir "$W" --modes cuda_ipc --batches 1 32 128 --name serve_gpu_cuda_ipc \
     > "$W/serve.txt" 2>&1; echo "exit $?" >> "$W/serve.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 180 ${U_TESTS:-tests/e2e/test_step_path.py} \
+timeout 260 python3 -m pytest -q -p no:cacheprovider --timeout 240 ${U_TESTS:-tests/e2e/test_step_path.py} \
     > "$W/tests.txt" 2>&1; echo "exit $?" >> "$W/tests.txt"
 cat "$W/gpu.txt"; grep -v "drawing\|loading" "$W/serve.txt" | tail -14; grep -E "passed|failed|exit|Error" "$W/tests.txt" | tail -8
