@@ -18,7 +18,11 @@ block-table updates) into one pinned buffer and copy it to the device once → a
 most ``cuda_graph_max_bs`` sequences replays the captured graph of the smallest batch-size bucket
 that fits (``cuda_graphs.DecodeGraphs``); any other step (prefill chunks, mixed, larger) runs the
 same forward eagerly → ``GpuSampler`` samples every completing sequence at once → one
-device-to-host copy of the token ids. An exchange announced per step (the cuda_ipc step path,
+device-to-host copy of the token ids. ``launch`` returns once all of that is queued (``PendingTokens``:
+the tokens on the device, and their copy on its way); ``run`` also waits for the copy. The engine's
+overlap schedule launches the next decode step before the copy has arrived: a placeholder token id
+``-(j + 1)`` then stands for token j of the step launched before (``resolve_placeholders``, on the
+device). An exchange announced per step (the cuda_ipc step path,
 ``step_experts.py``) gets ``begin_step`` before the launches and ``finish_step`` after them; a map
 version an expert worker does not hold yet makes the step run again.
 
