@@ -114,7 +114,7 @@ class StepGate:
             if self._capturer == member:
                 self._capturer = None
                 self._cond.notify_all()
-            if entry.admitted:      # late: only a running capture holds it back
+            if entry.admitted:      # by a group-mate (or it is late): only a running capture holds it back
                 self._wait(lambda: self._capturer is None, deadline, STOP_POLL_S)
                 self._admitted.add(member)
                 self._forget(entry)
@@ -122,8 +122,9 @@ class StepGate:
             ready = self._wait(lambda: entry.admitted or self._admissible(entry), deadline, STOP_POLL_S)
             if not entry.admitted:
                 if not ready:
-                    logger.warning("attention rank %d: a step of %d/%d micro-batch slots started after the "
-                                   "deadline, without the others", member[0], len(entry.arrived), entry.size)
+                    logger.warning("attention rank %d: a step's micro-batch slots (%d of %d arrived) started at "
+                                   "the deadline, not held back any longer", member[0], len(entry.arrived),
+                                   entry.size)
                 entry.admitted = True
                 self._admitted |= entry.arrived
                 self._cond.notify_all()
