@@ -153,6 +153,11 @@ class Engine:
         # no expert-load record that must count each pass apart (a step's count would hold the next one's)
         self.overlap = (hasattr(self.runner, "launch") and getattr(executor, "overlappable", False)
                         and not limits.disable_overlap_schedule and (recorder is None or not recorder.exact_passes))
+        if hasattr(self.runner, "launch"):
+            why_not = ("--disable-overlap-schedule" if limits.disable_overlap_schedule
+                       else "the experts are in other processes" if not getattr(executor, "overlappable", False)
+                       else "the expert-load record counts each pass apart" if not self.overlap else "")
+            logger.info("overlap schedule: %s", f"off ({why_not})" if why_not else "on")
         self._launched: LaunchedStep | None = None        # started, not finished (at most one)
         self.num_steps_ahead = 0                           # steps launched before the one before them finished
         self._last_finish = 0.0                            # time.perf_counter() when the last step finished
