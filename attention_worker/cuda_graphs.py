@@ -23,6 +23,8 @@ through ``block_table_pool``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 
@@ -36,6 +38,21 @@ from epserve.models.decoder import ForwardBatch
 logger = logging.getLogger(__name__)
 
 NUM_FIELDS = 5      # ids, positions, slots, rows, context
+
+
+@contextlib.contextmanager
+def no_garbage_collection():
+    """No cyclic garbage collected inside a capture: freeing an object there (an engine that was dropped,
+    a pinned buffer a copy used) can record an event on another stream and invalidate the capture
+    (``cudaErrorStreamCaptureInvalidated``; seen on an H100 when a test built engines back to back).
+    ``torch.cuda.graph`` collects before it begins."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def batch_size_buckets(max_bs: int) -> list[int]:
@@ -98,7 +115,8 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             executor.expect_step(sizes)
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            with no_garbage_collection(), torch.cuda.graph(graph, pool=pool, stream=stream,
+                                                           capture_error_mode="thread_local"):
                 self.logits[:bucket].copy_(self.runner.forward(self._batch(bucket), expert_map, sizes))
             self.graphs[bucket] = graph
         torch.cuda.synchronize(self.runner.device)
