@@ -44,8 +44,9 @@ NUM_FIELDS = 5      # ids, positions, slots, rows, context
 def no_garbage_collection():
     """No cyclic garbage collected inside a capture: freeing an object there (an engine that was dropped,
     a pinned buffer a copy used) can record an event on another stream and invalidate the capture
-    (``cudaErrorStreamCaptureInvalidated``; seen on an H100 when a test built engines back to back).
-    ``torch.cuda.graph`` collects before it begins."""
+    (``cudaErrorStreamCaptureInvalidated``). A capture was invalidated so on an H100 when a test built
+    engines back to back (the same test alone passed); that this was the cause is our reading, not
+    proven. ``torch.cuda.graph`` collects before it begins."""
     enabled = gc.isenabled()
     gc.disable()
     try:
