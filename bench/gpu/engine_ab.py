@@ -68,7 +68,8 @@ def _ints(spec: str) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(","))
 
 
-def apply(engine, fused_input: str | None, down_ahead: str | None, o_proj: str) -> None:
+def apply(engine, fused_input: str | None, down_ahead: str | None, o_proj: str, gate_up: str | None = None) -> None:
+    """``gate_up``: the one-token MoE gate_up GEMV's tile "block_n,block_k,warps" (None: the table's)."""
     import torch.nn.functional as F
 
     from epserve.attention_worker.cuda_graphs import DecodeGraphs
@@ -88,6 +89,9 @@ def apply(engine, fused_input: str | None, down_ahead: str | None, o_proj: str) 
 
     def moe_config(*args):
         config = get_config(*args)
+        if isinstance(config, GemvConfig) and gate_up is not None:
+            block_n, block_k, warps = _ints(gate_up)
+            config = dataclasses.replace(config, block_n=block_n, block_k=block_k, num_warps=warps)
         if down_ahead is None or not isinstance(config, GemvConfig):
             return config
         if down_ahead == "off":
@@ -126,6 +130,8 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS (default: all)")
+    parser.add_argument("--gate-up-tiles", nargs="*", default=[],
+                        help='more variants: the defaults with the one-token gate_up GEMV tile "block_n,block_k,warps"')
     parser.add_argument("--overlap", choices=["on", "off", "both"], default="on",
                         help="the engine's overlap schedule in each variant (both: each variant twice)")
     args = parser.parse_args()
@@ -141,17 +147,19 @@ def main() -> int:
     engine = build_colocated_engine(str(model_dir), torch.bfloat16, "cuda", "auto", limits,
                                     max_context=context + 16, load_format="dummy")
     rows = []
-    chosen = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    chosen = [(*v, None) for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    chosen += [(f"defaults, gate_up {tile}", "8,512,4", None, "prefetched", tile) for tile in args.gate_up_tiles]
     overlaps = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
     variants = [(name + ("" if overlap else ", no overlap schedule"), overlap, *knobs)
                 for name, *knobs in chosen for overlap in overlaps]
-    for name, overlap, fused_input, down_ahead, o_proj in variants:
-        apply(engine, fused_input, down_ahead, o_proj)
+    for name, overlap, fused_input, down_ahead, o_proj, gate_up in variants:
+        apply(engine, fused_input, down_ahead, o_proj, gate_up)
         engine.overlap = overlap
         for batch in args.batches:
             ms = time_decode(engine, batch, args.prompt_len, args.new_tokens)
             rows.append({"variant": name, "overlap_schedule": overlap, "fused_input": fused_input,
-                         "down_ahead": down_ahead, "o_proj": o_proj, "batch": batch, "step_ms": ms})
+                         "down_ahead": down_ahead, "o_proj": o_proj, "gate_up": gate_up, "batch": batch,
+                         "step_ms": ms})
             print(f"{name:28s} B={batch:4d} {ms:7.3f} ms/step", flush=True)
     print("\n| variant | " + " | ".join(f"B={b} ms" for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))
