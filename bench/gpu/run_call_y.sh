@@ -7,7 +7,7 @@ W=${OUT:-/tmp/y_out}
 source bench/gpu/device_env.sh
 timeout 130 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/attention_worker/test_gpu_engine.py \
     ${Y_TESTS:-} > "$W/tests.txt" 2>&1; echo "exit $?" >> "$W/tests.txt"
-timeout 170 python3 bench/gpu/engine_ab.py --batches 1 2 --new-tokens 64 --out "$W/engine_ab.json" \
-    --variants defaults --gate-up-tiles 4,1024,4 4,2048,4 8,2048,8 16,512,4 8,512,4 16,1024,8 8,1024,4 \
+timeout ${AB_S:-120} python3 bench/gpu/engine_ab.py --batches 1 2 --new-tokens 64 --out "$W/engine_ab.json" \
+    --variants defaults --gate-up-tiles 4,1024,4 8,2048,8 16,512,4 8,1024,4 \
     > "$W/engine_ab.txt" 2>&1; echo "exit $?" >> "$W/engine_ab.txt"
 cat "$W/gpu.txt"; grep -E "passed|failed|exit|^FAILED" "$W/tests.txt" | tail -5; tail -12 "$W/engine_ab.txt"

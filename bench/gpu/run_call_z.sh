@@ -5,9 +5,9 @@ set -u
 W=${OUT:-/tmp/z_out}
 source bench/gpu/device_env.sh
 if grep -q H200 "$W/gpu.txt"; then
-    timeout 230 python3 bench/serve_gpu.py --out-dir "$W" --modes colocated --batches 1 32 128 256 \
+    timeout 170 python3 bench/serve_gpu.py --out-dir "$W" --modes colocated --batches 1 32 128 256 \
         --name serve_gpu_h200_overlap > "$W/serve.txt" 2>&1; echo "exit $?" >> "$W/serve.txt"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider --timeout 110 tests/attention_worker/test_gpu_engine.py \
+    timeout 90 python3 -m pytest -q -p no:cacheprovider --timeout 80 tests/attention_worker/test_gpu_engine.py \
         > "$W/tests.txt" 2>&1; echo "exit $?" >> "$W/tests.txt"
     cat "$W/gpu.txt"; grep -v "drawing\|loading" "$W/serve.txt" | tail -12; grep -E "passed|failed|exit|^FAILED" "$W/tests.txt" | tail -4
 else
