@@ -15,6 +15,9 @@ bounds the drift. Variants:
   (``GemvConfig.down_ahead``) at several tiles;
 - ``... o_proj prefetched``: o_proj as ``kernels/dense_gemv.py``'s GEMV, weights loaded before its wait
   (the default at decode sizes) instead of cuBLAS.
+``--overlap on|off|both`` runs each variant with the engine's overlap schedule, without it, or both;
+``--gate-up-tiles`` adds the defaults with other tiles of the one-token gate_up GEMV (the tables' were tuned
+on the kernel alone).
 The split-KV merge by the last split (``DecodeConfig.merge="fused"``) was timed against a merge kernel in
 an earlier run (``bench/results/engine_ab_h100_prefetch.json``) and is the default. That run also timed
 prefetching each layer's projections into L2 from a side stream: slower, and removed. Other forms of the attention
