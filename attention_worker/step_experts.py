@@ -23,11 +23,13 @@ host speaks once per step and every layer's hand-off is a launch (``cuda_ipc_ste
 Two micro-batches (``--num-micro-batches 2``): the GPU runner splits a decode step's sequences in two
 halves and interleaves them layer by layer (``run_micro_batches``): half B's attention runs while the
 expert workers compute half A's experts, each half through its own channel slot. It runs through host
-memory (CPU devices); on a GPU it is refused (``GPU_TWO_MICRO_BATCHES``): an expert worker's graph
-capture of one slot deadlocked with the other slot's kernels in flight. The expert side now keeps
-captures apart from steps in flight (``dataplane/cuda_ipc_gate.py``, the halves of a step announced as
-one group), not yet proven on a GPU: ``EPSERVE_GPU_TWO_MICRO_BATCHES=1`` (the attention worker's
-``gpu_two_micro_batches``) lifts the refusal to try it. The default is one.
+memory (CPU devices); on a GPU it is refused (``GPU_TWO_MICRO_BATCHES``): an H100 hung at start-up,
+first in an expert worker's graph capture of one slot with the other slot's kernels in flight, then in
+the first two-slot step (eager) when each slot had an expert thread of its own. The expert side now
+takes a step's halves (announced as one group) in one thread per attention rank, enqueued in this
+rank's order (``dataplane/cuda_ipc_step_server.py``), not yet proven on a GPU:
+``EPSERVE_GPU_TWO_MICRO_BATCHES=1`` (the attention worker's ``gpu_two_micro_batches``) lifts the refusal
+to try it. The default is one.
 
 On a CPU device (tests) the same calls run through host shared memory and wait on the host.
 """
@@ -44,10 +46,11 @@ from epserve.models.decoder import MoECall
 WEIGHT_DTYPE = torch.float32       # the GPU routing kernels give float32 top-k weights
 GPU_TWO_MICRO_BATCHES_ENV = "EPSERVE_GPU_TWO_MICRO_BATCHES"
 GPU_TWO_MICRO_BATCHES = (
-    "--num-micro-batches 2 is not supported on the GPU cuda_ipc step path yet; use 1 (the default). An expert "
-    "worker captured one slot's CUDA graph while the other slot's kernels waited on this attention worker, and the "
-    "capture waited for them: a 48-layer deployment hung at start-up on an H100. Two micro-batches run on the CPU. "
-    f"The expert side's fix (cuda_ipc_gate.py) is not yet proven on a GPU: {GPU_TWO_MICRO_BATCHES_ENV}=1 tries it.")
+    "--num-micro-batches 2 is not supported on the GPU cuda_ipc step path yet; use 1 (the default). Expert "
+    "workers hung at start-up on an H100 while one slot's kernels waited on this attention worker and the other "
+    "slot's expert thread waited for the device (a graph capture, then a first eager step). Two micro-batches run on "
+    "the CPU. The expert side's fix (one thread per attention rank, cuda_ipc_step_server.py) is not yet proven on a "
+    f"GPU: {GPU_TWO_MICRO_BATCHES_ENV}=1 tries it.")
 
 
 class StepExperts:

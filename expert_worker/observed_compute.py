@@ -54,7 +54,7 @@ class ObservedCompute:
         return out
 
     def observe_replay(self, num_tokens: int, num_layers: int) -> None:
-        """A step replayed from a CUDA graph (``cuda_ipc_step.StepGraphs``): its ``num_layers`` compute
+        """A step replayed from a CUDA graph (``cuda_ipc_step_server.StepGraphs``): its ``num_layers`` compute
         calls ran on the device without passing through ``__call__`` (no duration, no span)."""
         if self._metrics is not None:
             self._metrics.batches.inc(num_layers)

@@ -10,7 +10,8 @@ buffers shared by CUDA IPC handle on GPUs (one GPU, or GPUs of one host with pee
 Files: ``cuda_ipc_layout`` (a channel's words and regions), ``cuda_ipc_memory`` (shared
 segments, IPC events), ``cuda_ipc_peers`` (rendezvous, liveness, polling), ``cuda_ipc_join``,
 ``cuda_ipc_readiness`` (poll / device flags / IPC events), ``cuda_ipc_flags`` (the Triton flag
-kernels), ``cuda_ipc_server`` (the expert side), ``cuda_ipc_step`` (the CUDA-graph path).
+kernels), ``cuda_ipc_server`` (the expert side), ``cuda_ipc_step`` (the CUDA-graph path; its expert
+side ``cuda_ipc_step_server``, whose threads pass ``cuda_ipc_gate``).
 
 Flow of one ``dispatch`` (caller's thread; this side has no threads): split the T tokens by
 worker (``split_by_worker``, as every backend) → for each worker with n > 0, in the channel

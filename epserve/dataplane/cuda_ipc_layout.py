@@ -16,7 +16,7 @@ micro-batch slot m (c = w * M + m in a's segment, w = e's worker index). Its mem
   - step announcement (a writes once per step, the graph-capturable path, ``cuda_ipc_step``):
     STEP_SEQ | bucket size T, map version, number of MoE layers, slots per worker, trace, and the
     group: the attention step's number (0: none) and how many slots it announced together (the
-    micro-batches of one step; the expert side starts them together, ``cuda_ipc_gate``).
+    micro-batches of one step; the expert side serves them whole, ``cuda_ipc_step_server``).
   - step status (e writes): STEP_STATUS_SEQ | status, held versions, error text.
   - lifecycle: ATTENTION_STATE (closed), EXPERT_STATE (serving, stopped).
 - data (``ChannelShape.data_bytes``, 256-byte aligned sections): hidden [Tmax, D] | local slot

@@ -3,12 +3,13 @@
 Legend: n tokens of one request, N tokens of a batch, D hidden, K top-k, M micro-batch slots.
 
 Threads: the thread that calls ``serve`` does everything for per-message requests; one
-thread per attention rank and micro-batch slot serves that slot's steps on the CUDA-graph path
-(``cuda_ipc_step``, started on the slot's first step announcement, blocking on a queue otherwise);
-they share one ``StepGate`` (``cuda_ipc_gate``): the slots of one attention step start together, and
-a slot captures a graph only while no other slot's step is in flight on the device. No thread
-spins: ``serve`` polls the sequence numbers of every open channel with ``Backoff`` (idle: one
-pass per ``idle_sleep_s``, default 2 ms, a fraction of a percent of a core).
+thread per attention rank serves that rank's steps on the CUDA-graph path (``cuda_ipc_step_server``,
+started on the rank's first step announcement, blocking on a queue otherwise): every micro-batch slot
+of a step, enqueued in the rank's order (a slot's thread of its own could wait on the host while the
+other slot's kernels waited on it). The threads share one ``StepGate`` (``cuda_ipc_gate``): a graph is
+captured only while no step is in flight on the device. No thread spins: ``serve`` polls the sequence
+numbers of every open channel with ``Backoff`` (idle: one pass per ``idle_sleep_s``, default 2 ms, a
+fraction of a percent of a core).
 
 One pass of ``serve``: for each channel whose REQ_SEQ is past the last one served, read the
 header and views of its input (``readiness.before_read`` first); group the requests by (layer,
@@ -77,8 +78,8 @@ class CudaIpcExpertServer:
     def __init__(self, links: dict[int, ExpertLink], link_timeout_s: float = 30.0, batch_window_s: float = 0.0,
                  compute_device: torch.device | str | None = None, idle_sleep_s: float = 2e-3,
                  step_graphs: bool = False) -> None:
-        """``step_graphs``: replay the step path's expert side from CUDA graphs (``cuda_ipc_step.StepGraphs``;
-        the compute must be capturable: no host syncs)."""
+        """``step_graphs``: replay the step path's expert side from CUDA graphs
+        (``cuda_ipc_step_server.StepGraphs``; the compute must be capturable: no host syncs)."""
         self.links, self.link_timeout_s, self.batch_window_s = links, link_timeout_s, batch_window_s
         self.step_graphs = step_graphs
         self.compute_device = torch.device(compute_device) if compute_device is not None else None
@@ -92,7 +93,7 @@ class CudaIpcExpertServer:
         # without any. On the CPU (tests, a few cores shared by every process) spin briefly.
         on_gpu = any(link.device.type == "cuda" for link in links.values())
         self._backoff = Backoff(spin_s=BUSY_POLL_S if on_gpu else 200e-6, max_sleep_s=idle_sleep_s, yield_gil=True)
-        self._step_queues: dict[tuple[int, int], queue.SimpleQueue] = {}     # (attention rank, slot) → its thread
+        self._step_queues: dict[int, queue.SimpleQueue] = {}                 # attention rank → its step thread
         self._step_gate = StepGate(self._stopping)                            # shared by the step threads
         self._step_threads: list[threading.Thread] = []
         self._step_crash: list[BaseException] = []
@@ -237,37 +238,33 @@ class CudaIpcExpertServer:
 
     # -- the step path ------------------------------------------------------------------
     def _start_steps(self, compute: ExpertCompute) -> None:
-        """Hand each new step announcement to the step thread of its (attention rank, micro-batch slot)."""
+        """Hand each new step announcement (channel, STEP_SEQ) to the step thread of its attention rank."""
         for a, link in self._open.items():
             for channel in link.channels:
                 seq = int(channel.words[STEP_SEQ])
                 if seq > self._steps_seen[id(channel)]:
                     self._steps_seen[id(channel)] = seq
-                    self._step_queue(a, channel.slot, link, compute).put((channel, seq))
+                    self._step_queue(a, link, compute).put((channel, seq))
                     self._backoff.reset()
 
-    def _step_queue(self, attention_rank: int, slot: int, link: ExpertLink, compute: ExpertCompute
-                    ) -> queue.SimpleQueue:
-        """A thread, a stream and flag counters per slot: with two micro-batches in flight the attention
-        rank interleaves the slots' layers (sends slot 1's layer l before it awaits slot 0's), so one
-        slot's step must not queue behind the other's. The threads meet at the server's ``StepGate``."""
-        key = (attention_rank, slot)
-        if key not in self._step_queues:
-            from epserve.dataplane.cuda_ipc_step import StepServer
+    def _step_queue(self, attention_rank: int, link: ExpertLink, compute: ExpertCompute) -> queue.SimpleQueue:
+        """A thread per attention rank, with a stream and flag counters per micro-batch slot (one slot's
+        kernels must not queue behind the other's: the rank interleaves them layer by layer)."""
+        if attention_rank not in self._step_queues:
+            from epserve.dataplane.cuda_ipc_step_server import StepServer
 
             q: queue.SimpleQueue = queue.SimpleQueue()
             step_server = StepServer(link, compute, self.link_timeout_s, self.compute_device, self._stopping,
                                      graphs=self.step_graphs, gate=self._step_gate)
             thread = threading.Thread(target=self._run_steps, args=(step_server, q), daemon=True,
-                                      name=f"cuda-ipc-steps-{attention_rank}.{slot}")
-            self._step_queues[key] = q
+                                      name=f"cuda-ipc-steps-{attention_rank}")
+            self._step_queues[attention_rank] = q
             self._step_threads.append(thread)
             thread.start()
-        return self._step_queues[key]
+        return self._step_queues[attention_rank]
 
     def _run_steps(self, step_server, q: queue.SimpleQueue) -> None:
         try:
-            while (item := q.get()) is not None:
-                step_server.serve_step(*item)
+            step_server.run(q)
         except BaseException as exc:  # serve() raises it: a half-alive server is worse than a dead one
             self._step_crash.append(exc)

@@ -1,4 +1,5 @@
-"""The ``cuda_ipc`` step path: per-layer hand-offs that are device launches only (CUDA-graph capturable).
+"""The ``cuda_ipc`` step path: per-layer hand-offs that are device launches only (CUDA-graph capturable);
+the attention side (the expert side: ``cuda_ipc_step_server``).
 
 Legend: T tokens of the step (the graph's bucket size), D hidden, K top-k, L MoE layers of a
 step, W expert workers, S slots per worker.
@@ -18,16 +19,14 @@ Here the host talks once per step, the layers are device work:
   per worker, then the partials added in worker order in float32 (float64 for float64), the same
   sum as ``CombineSum``. Flag values are ``step * FLAG_STEP_STRIDE + layer + 1`` computed on the
   device from the counter, so every replay signals and awaits new values.
-- expert (``StepServer``, one thread per attention rank and slot): the slots' threads pass a
-  ``StepGate`` (``cuda_ipc_gate``) before each step: a group's slots start together, and a graph is
-  captured only while no slot has device work in flight. Then, for each layer:
-  ``wait_step(STEP_IN)`` → local slot ids (slot − w·S where the owner is w, else -1, weights 0
-  there: ``split_by_worker``'s rule on all T rows) → ``compute`` → copy the partial →
-  ``signal_step(STEP_OUT)``; then the step status (OK, STALE_VERSION with the held versions,
-  ERROR), STEP_STATUS_SEQ last. With device flags all L layers are enqueued at once on this
-  rank's own stream (the compute must not sync with the host, or the thread waits with it);
-  a stale map version is known when ``compute`` is called for layer 0, before anything runs:
-  the remaining layers get zero partials so the attention's graph still completes.
+- expert (``cuda_ipc_step_server.StepServer``, one thread per attention rank): a step's slots,
+  as a group, for each layer: ``wait_step(STEP_IN)`` → local slot ids (slot − w·S where the owner is
+  w, else -1, weights 0 there: ``split_by_worker``'s rule on all T rows) → ``compute`` → copy the
+  partial → ``signal_step(STEP_OUT)``; then the step status (OK, STALE_VERSION with the held
+  versions, ERROR), STEP_STATUS_SEQ last. With device flags every layer of every slot is enqueued
+  at once, each slot on its own stream, the slots' layers in the attention rank's order (the compute
+  must not sync with the host, or the thread waits with it); replayed from CUDA graphs once a shape
+  was seen twice.
 - attention, host, after the step (when it reads the sampled tokens anyway): ``finish_step()``
   raises StaleMapVersion (the caller redoes the step with the new map), RemoteExpertError,
   PeerLost, or DataPlaneTimeout (a device wait that ran out of its budget).
@@ -50,31 +49,21 @@ host and ``receive`` waits on the host — the CPU tests drive the protocol that
 
 from __future__ import annotations
 
-import enum
-import logging
-import threading
 import time
 
 import torch
 
-from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, ExpertCompute, PeerLost, RemoteExpertError,
-                                    StaleMapVersion)
+from epserve.dataplane.base import DataPlaneTimeout, PeerLost, RemoteExpertError, StaleMapVersion
 from epserve.dataplane.cuda_ipc_flags import spin_budget
-from epserve.dataplane.cuda_ipc_gate import StepGate
-from epserve.dataplane.cuda_ipc_join import AttentionSide, ExpertLink
-from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, DTYPES, EXPERT_STATE, STEP_DTYPE,
-                                               STEP_GROUP, STEP_GROUP_SIZE, STEP_MAP_VERSION, STEP_NUM_LAYERS,
-                                               STEP_NUM_TOKENS, STEP_SEQ, STEP_SLOTS_PER_WORKER, STEP_STATUS,
-                                               STEP_STATUS_SEQ, STEP_TRACE, STEP_WEIGHT_DTYPE, AttentionState,
-                                               Channel, ExpertState, Flag, Status, read_status, read_trace,
-                                               write_status, write_trace)
+from epserve.dataplane.cuda_ipc_join import AttentionSide
+from epserve.dataplane.cuda_ipc_layout import (DTYPE_CODES, EXPERT_STATE, STEP_DTYPE, STEP_GROUP, STEP_GROUP_SIZE,
+                                               STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS, STEP_SEQ,
+                                               STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ, STEP_TRACE,
+                                               STEP_WEIGHT_DTYPE, ExpertState, Flag, Status, read_status,
+                                               write_trace)
 from epserve.dataplane.cuda_ipc_peers import PeerGone, wait_until
-from epserve.kernels.local_slots import local_slots, local_slots_reference
-
-logger = logging.getLogger(__name__)
 
 MAX_STEP_LAYERS = (1 << 16) - 2     # layer + 1 must stay below FLAG_STEP_STRIDE
-CAPTURE_WAIT_S = 1.0                # the longest a capture waits for a quiet device (then the step runs eagerly)
 
 
 class StepExchange:
@@ -221,239 +210,3 @@ class StepExchange:
             return f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
         return ""
 
-
-class StepServer:
-    """The expert side of the step path for one attention rank and micro-batch slot (run by one thread
-    of the server). ``gate``: shared by the server's step threads (None: one of its own)."""
-
-    def __init__(self, link: ExpertLink, compute: ExpertCompute, timeout_s: float,
-                 compute_device: torch.device | None, stopping: threading.Event, graphs: bool = False,
-                 gate: StepGate | None = None) -> None:
-        self.link, self.compute, self.timeout_s = link, compute, timeout_s
-        self.compute_device, self.stopping = compute_device, stopping
-        self.gate = gate if gate is not None else StepGate(stopping)
-        self.counter = torch.zeros(1, dtype=torch.int64, device=link.device)
-        self.arrivals = torch.zeros(1, dtype=torch.int32, device=link.device)    # copy_and_signal's counter
-        self.stream = torch.cuda.Stream(link.device) if link.device.type == "cuda" else None
-        self.done = torch.cuda.Event() if self.stream is not None else None     # recorded after each step
-        self.graphs = StepGraphs(self) if graphs and self.stream is not None and compute_device is None else None
-
-    def serve_step(self, channel: Channel, seq: int) -> None:
-        if self.stream is None:
-            self._serve_step(channel, seq)
-            return
-        with torch.cuda.stream(self.stream):
-            self._serve_step(channel, seq)
-
-    def _serve_step(self, channel: Channel, seq: int) -> None:
-        """Plan (replay, capture or eagerly), pass the gate (``cuda_ipc_gate``), enqueue the step."""
-        words, link = channel.words, self.link
-        n, version, num_layers = int(words[STEP_NUM_TOKENS]), int(words[STEP_MAP_VERSION]), int(words[STEP_NUM_LAYERS])
-        slots_per_worker = int(words[STEP_SLOTS_PER_WORKER])
-        dtype, weight_dtype = DTYPES.get(int(words[STEP_DTYPE])), DTYPES.get(int(words[STEP_WEIGHT_DTYPE]))
-        trace = read_trace(words, STEP_TRACE)
-        status, held, error = Status.OK, (), ""
-        if not 0 < n <= channel.shape.max_tokens or dtype != channel.shape.dtype or weight_dtype is None \
-                or not 0 < num_layers <= MAX_STEP_LAYERS or slots_per_worker < 1:
-            status, error = Status.ERROR, f"malformed step {seq}: {n} tokens, {num_layers} layers, dtype {dtype}"
-            n, num_layers = max(min(n, channel.shape.max_tokens), 0), max(min(num_layers, MAX_STEP_LAYERS), 0)
-        key, plan = (version, n, num_layers, slots_per_worker, weight_dtype), Plan.EAGER
-        if status == Status.OK and self.graphs is not None:
-            plan = self.graphs.plan(key, channel)
-            try:
-                if plan is not Plan.EAGER:
-                    self.graphs.check_version(key, channel, trace)
-            except StaleMapVersion as exc:          # known before anything was enqueued: the eager path zeroes
-                status, held, error, plan = Status.STALE_VERSION, exc.held_versions, str(exc), Plan.EAGER
-        member, now = (link.attention_rank, channel.slot), time.monotonic()
-        group, group_size = int(words[STEP_GROUP]), int(words[STEP_GROUP_SIZE])
-        if not 1 <= group_size <= len(link.channels):       # a slot count this link cannot have: alone
-            group, group_size = 0, 1
-        captures = self.gate.arrive(member, group, group_size, plan is Plan.CAPTURE,
-                                    now + min(self.timeout_s, CAPTURE_WAIT_S))
-        deadline = now + self.timeout_s
-        try:
-            try:
-                if captures:
-                    self.graphs.capture(key, channel, trace)
-            finally:
-                self.gate.start(member, deadline)       # ends the capture; returns once the step may start
-            self.counter.fill_(seq)
-            if plan is Plan.REPLAY or captures:
-                self.graphs.replay(key, channel)
-                write_status(words, STEP_STATUS, status, held, error)
-                words[STEP_STATUS_SEQ] = seq                              # last
-                return
-            self._run_eagerly(channel, seq, key, trace, (status, held, error))
-        finally:
-            if self.done is not None:
-                self.done.record(self.stream)
-            self.gate.finish(member, self.done.query if self.done is not None else None)
-
-    def _run_eagerly(self, channel: Channel, seq: int, key: tuple, trace: bytes,
-                     outcome: tuple[Status, tuple[int, ...], str]) -> None:
-        """Every layer launched from here (on host memory: run, waiting on the host); ``outcome``: the
-        status so far (not OK: zero partials, so the attention side's waits still complete)."""
-        words, link = channel.words, self.link
-        version, n, num_layers, slots_per_worker, weight_dtype = key
-        status, held, error = outcome
-        try:
-            for layer in range(num_layers):
-                deadline = time.monotonic() + self.timeout_s
-                if not link.step_readiness.wait_step(channel, Flag.STEP_IN, self.counter, layer, deadline,
-                                                lambda: self._gone(channel), link.attention_rank):
-                    logger.warning("attention rank %d did not send layer %d of step %d within %.1fs; step dropped",
-                                   link.attention_rank, layer, seq, self.timeout_s)
-                    return
-                if status == Status.OK:
-                    try:
-                        header = BatchHeader(version, layer, channel.slot, n, trace)
-                        channel.partial[:n].copy_(self._compute(header, channel, n, weight_dtype, slots_per_worker))
-                    except StaleMapVersion as exc:
-                        status, held, error = Status.STALE_VERSION, exc.held_versions, str(exc)
-                    except Exception as exc:  # the compute's failure goes back to the attention rank
-                        logger.exception("expert compute failed for step %d layer %d", seq, layer)
-                        status, error = Status.ERROR, f"{type(exc).__name__}: {exc}"
-                if status != Status.OK:
-                    channel.partial[:n].zero_()
-                link.step_readiness.signal_step(channel, Flag.STEP_OUT, self.counter, layer)
-        except PeerGone as exc:
-            logger.info("step %d of attention rank %d abandoned: %s", seq, link.attention_rank, exc)
-            return
-        write_status(words, STEP_STATUS, status, held, error)
-        words[STEP_STATUS_SEQ] = seq                                  # last
-
-    def _compute(self, header: BatchHeader, channel: Channel, n: int, weight_dtype: torch.dtype,
-                 slots_per_worker: int, routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """This worker's partial [n, D] of all n rows (split_by_worker's local ids and weights; ``routed``:
-        those already computed, by the fused wait of the step's graph)."""
-        worker = self.link.worker
-        slot_ids, weights = channel.slot_ids[:n], channel.weights(n, weight_dtype)                # [n, K]
-        if routed is not None:
-            local, local_weights = routed
-        elif slot_ids.device.type == "cuda":        # one launch instead of ~8 (a node of the step's graph)
-            local, local_weights = local_slots(slot_ids, weights, worker, slots_per_worker, weight_dtype)
-        else:
-            local, local_weights = local_slots_reference(slot_ids, weights, worker, slots_per_worker, weight_dtype)
-        hidden = channel.hidden[:n]
-        if self.compute_device is not None:
-            hidden, local, local_weights = (x.to(self.compute_device) for x in (hidden, local, local_weights))
-        out = self.compute(header, hidden, local, local_weights)
-        if out.shape != hidden.shape:
-            raise ValueError(f"ExpertCompute returned {tuple(out.shape)} for {tuple(hidden.shape)} tokens")
-        return out
-
-    def _gone(self, channel: Channel) -> str:
-        if self.stopping.is_set():
-            return "the expert server is stopping"
-        if int(channel.words[ATTENTION_STATE]) == AttentionState.CLOSED:
-            return f"attention rank {self.link.attention_rank} closed its channels"
-        if not self.link.peer.alive():
-            return f"attention rank {self.link.attention_rank} exited"
-        return ""
-
-
-class Plan(enum.Enum):
-    """How the expert side runs one step."""
-
-    EAGER = "eager"           # every layer launched from the step thread
-    CAPTURE = "capture"       # captured now (if the gate lets it), then replayed
-    REPLAY = "replay"         # a graph captured before
-
-
-class StepGraphs:
-    """The expert side of a step, captured in CUDA graphs (GPUs with a capturable runner).
-
-    Eagerly, every layer of a step costs the expert thread a dozen launches from Python (the flag
-    wait, the local-slot masks, the runner's kernels, the partial's copy, the signal), ~0.3–0.6 ms a
-    layer with the GIL shared: slower than the attention side's replayed layer, so the attention
-    graph waited on it. A step of a shape seen before — (map version, tokens, layers, slots per
-    worker, weight dtype) — replays one graph instead: the flag values come from the device counter
-    (``StepServer.counter``) and the waits run with a fixed spin budget, as in the attention side's
-    graphs. A shape runs eagerly the first time (Triton compiles then), is captured the second time
-    (capture launches nothing: the graph is replayed right after), and replays from then on. The
-    capture waits for the server's ``StepGate`` (no other slot's step in flight meanwhile); a capture
-    the gate turns down runs that step eagerly, and the shape is captured the next time it comes.
-
-    Before a replay the map version is checked with a zero-row compute call (the store raises
-    StaleMapVersion for a version it no longer holds, whose weights a graph must never read): its
-    graphs are dropped. Graphs share one memory pool; at most ``MAX_GRAPHS`` are kept, the least
-    recently used dropped first; steps of more than ``MAX_TOKENS`` tokens (prefill chunks) stay eager.
-    """
-
-    MAX_TOKENS = 256
-    MAX_GRAPHS = 48
-
-    def __init__(self, server: StepServer) -> None:
-        from collections import OrderedDict
-
-        self.server = server
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
-        self.seen: dict[tuple, int] = {}
-
-    def plan(self, key: tuple, channel: Channel) -> Plan:
-        """What to do with this step of ``key`` (counts the shape: once per step)."""
-        if key[1] > self.MAX_TOKENS:
-            return Plan.EAGER
-        if (channel.slot, *key) in self.graphs:
-            return Plan.REPLAY
-        return Plan.CAPTURE if self._count(channel, key) >= 2 else Plan.EAGER
-
-    def check_version(self, key: tuple, channel: Channel, trace: bytes) -> None:
-        """Raise StaleMapVersion (dropping its graphs) if the compute no longer holds ``key``'s map version."""
-        version, _, _, slots_per_worker, weight_dtype = key
-        try:
-            self.server._compute(BatchHeader(version, 0, channel.slot, 0, trace), channel, 0, weight_dtype,
-                                 slots_per_worker)                    # raises StaleMapVersion, enqueues ~nothing
-        except StaleMapVersion:
-            for k in [k for k in self.graphs if k[1] == version]:
-                del self.graphs[k]
-            raise
-
-    def capture(self, key: tuple, channel: Channel, trace: bytes) -> None:
-        """Capture the step ``key`` (launches nothing); the least recently used graph beyond MAX_GRAPHS goes."""
-        self.graphs[(channel.slot, *key)] = self._capture(channel, key, trace)
-        while len(self.graphs) > self.MAX_GRAPHS:
-            self.graphs.popitem(last=False)
-
-    def replay(self, key: tuple, channel: Channel) -> None:
-        graph_key = (channel.slot, *key)
-        self.graphs.move_to_end(graph_key)
-        self.graphs[graph_key].replay()
-        observe = getattr(self.server.compute, "observe_replay", None)
-        if observe is not None:
-            observe(key[1], key[2])
-
-    def _count(self, channel: Channel, key: tuple) -> int:
-        count = self.seen.get((channel.slot, *key), 0) + 1
-        self.seen[(channel.slot, *key)] = count
-        if len(self.seen) > 4 * self.MAX_GRAPHS:
-            self.seen.clear()
-        return count
-
-    def _capture(self, channel: Channel, key: tuple, trace: bytes) -> torch.cuda.CUDAGraph:
-        version, n, num_layers, slots_per_worker, weight_dtype = key
-        server, link = self.server, self.server.link
-        readiness = link.step_readiness
-        budget = spin_budget(server.timeout_s, link.device)
-        graph = torch.cuda.CUDAGraph()
-        started = time.perf_counter()
-        # thread_local: the worker's other threads (map loads, heartbeats) may use CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, stream=server.stream, capture_error_mode="thread_local"):
-            for layer in range(num_layers):
-                header = BatchHeader(version, layer, channel.slot, n, trace)
-                if getattr(readiness, "fused", False):   # 4 launches a layer: wait+slots, the runner's 2, copy+signal
-                    routed = readiness.wait_local_slots_step(channel, Flag.STEP_IN, server.counter, layer, budget,
-                                                             link.attention_rank, n, weight_dtype, link.worker,
-                                                             slots_per_worker)
-                    out = server._compute(header, channel, n, weight_dtype, slots_per_worker, routed)
-                    readiness.copy_and_signal_step(channel, Flag.STEP_OUT, server.counter, layer,
-                                                   [(out.contiguous(), channel.partial[:n])], server.arrivals)
-                    continue
-                readiness.wait_step_budget(channel, Flag.STEP_IN, server.counter, layer, budget, link.attention_rank)
-                channel.partial[:n].copy_(server._compute(header, channel, n, weight_dtype, slots_per_worker))
-                readiness.signal_step(channel, Flag.STEP_OUT, server.counter, layer)
-        logger.info("captured the expert step of %d tokens x %d layers (map version %d, micro-batch slot %d) "
-                    "in %.0f ms", n, num_layers, version, channel.slot, (time.perf_counter() - started) * 1e3)
-        return graph

@@ -74,11 +74,12 @@ def test_two_micro_batches_are_refused_on_the_gpu_step_path(tiny_model, tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts", [1, 2])
 def test_two_micro_batches_on_the_gpu_step_path(tiny_model_factory, tmp_path, monkeypatch, experts):
-    """EPSERVE_GPU_TWO_MICRO_BATCHES=1 lifts the refusal: each expert worker's step threads pass a
-    StepGate (dataplane/cuda_ipc_gate.py), so one slot's graph capture never overlaps the other slot's
-    steps in flight — what hung a 48-layer deployment at start-up. A 48-layer tiny model, the prompts
-    decoding together in halves: the deployment serves them, every expert worker captured both slots'
-    steps, and the text is the colocated engine's."""
+    """EPSERVE_GPU_TWO_MICRO_BATCHES=1 lifts the refusal: each expert worker serves an attention rank's
+    step — both halves — from one thread, enqueued in the rank's order (dataplane/cuda_ipc_step_server.py),
+    so nothing it waits for on the host depends on a launch it has not made (a graph capture, then a first
+    eager step, hung a 48-layer deployment at start-up when each slot had a thread of its own). A 48-layer
+    tiny model, the prompts decoding together in halves: the deployment serves them, every expert worker
+    captured both slots' steps, and the text is the colocated engine's."""
     from epserve.attention_worker.step_experts import GPU_TWO_MICRO_BATCHES_ENV
 
     model = tiny_model_factory(num_layers=48)

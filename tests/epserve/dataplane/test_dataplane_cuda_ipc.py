@@ -382,8 +382,8 @@ def test_step_path_equals_local_reports_stale_versions_and_survives_an_abandoned
 
 
 def test_a_step_of_two_micro_batches_announced_as_one_group_equals_local(world) -> None:
-    """Slots 0 and 1 in one step (the expert side's step threads start them together, ``cuda_ipc_gate``),
-    their layers interleaved: each micro-batch's partials are the local backend's."""
+    """Slots 0 and 1 in one step (the expert side's step thread serves them as one group,
+    ``cuda_ipc_step_server``), their layers interleaved: each micro-batch's partials are the local backend's."""
     attention, _, _, _ = world
     for rank in range(NUM_ATTENTION):
         for m, outs in enumerate(attention[rank]["steps"]["pair"]):
