@@ -122,7 +122,9 @@ def add_gpu_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-cuda-graph", action="store_true",
                    help="with the triton backend, run every step eagerly (no graph capture at start-up)")
     p.add_argument("--disable-overlap-schedule", action="store_true",
-                   help="with the triton backend and experts in this process, never launch a decode step before the step before it has finished (by default the next step is queued while the host reads the last one's tokens)")
+                   help="with the triton backend and experts in this process, never launch a decode step before "
+                        "the step before it has finished (by default the next step is queued while the host reads "
+                        "the last one's tokens)")
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AttentionWorkerConfig:

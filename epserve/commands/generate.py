@@ -59,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--disable-cuda-graph", action="store_true",
                         help="with the triton backend, run every step eagerly (no graph capture at start-up)")
     engine.add_argument("--disable-overlap-schedule", action="store_true",
-                        help="with the triton backend and experts in this process, never launch a decode step before the step before it has finished (by default the next step is queued while the host reads the last one's tokens)")
+                        help="with the triton backend and experts in this process, never launch a decode step before "
+                             "the step before it has finished (by default the next step is queued while the host reads "
+                             "the last one's tokens)")
     engine.add_argument("--max-running-requests", type=int, default=64, help="sequences in flight at most (default 64)")
     engine.add_argument("--num-kv-blocks", type=int, default=512,
                         help="KV cache blocks (default 512); a prompt plus --max-new-tokens must fit")
@@ -89,7 +91,8 @@ def engine_limits(args: argparse.Namespace):
     limits = EngineLimits(num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_num_seqs=args.max_running_requests, cuda_graph_max_bs=args.cuda_graph_max_bs,
                           disable_cuda_graph=args.disable_cuda_graph,
-                          disable_overlap_schedule=args.disable_overlap_schedule, attention_backend=args.attention_backend)
+                          disable_overlap_schedule=args.disable_overlap_schedule,
+                          attention_backend=args.attention_backend)
     check_engine_limits(limits, args.context_length)
     return limits
 

@@ -134,7 +134,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--disable-cuda-graph", action="store_true",
                         help="with the triton backend, run every step eagerly (no graph capture)")
     engine.add_argument("--disable-overlap-schedule", action="store_true",
-                        help="with the triton backend and experts in this process, never launch a decode step before the step before it has finished (by default the next step is queued while the host reads the last one's tokens)")
+                        help="with the triton backend and experts in this process, never launch a decode step before "
+                             "the step before it has finished (by default the next step is queued while the host reads "
+                             "the last one's tokens)")
     engine.add_argument("--max-running-requests", type=int, default=None,
                         help="sequences in flight per attention worker (default 64)")
     engine.add_argument("--num-kv-blocks", type=int, default=None,
@@ -222,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
             otlp_endpoint=args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             metrics=args.metrics, log_dir=args.log_dir, attention_backend=args.attention_backend,
             cuda_graph_max_bs=args.cuda_graph_max_bs, disable_cuda_graph=args.disable_cuda_graph,
-            disable_overlap_schedule=args.disable_overlap_schedule, max_running_requests=args.max_running_requests, num_kv_blocks=args.num_kv_blocks,
+            disable_overlap_schedule=args.disable_overlap_schedule, max_running_requests=args.max_running_requests,
+            num_kv_blocks=args.num_kv_blocks,
             max_num_batched_tokens=args.max_num_batched_tokens, context_length=args.context_length,
             num_micro_batches=args.num_micro_batches,
             enable_expert_distribution_metrics=args.enable_expert_distribution_metrics,

@@ -1,6 +1,7 @@
 """The attention worker of a colocated deployment (``--moe-a2a-backend local``) and the engine flags
 (``--attention-backend``, ``--cuda-graph-max-bs``, ``--disable-cuda-graph``, ``--disable-overlap-schedule``,
-sizes) of the attention worker and ``epserve generate``: each reaches ``EngineLimits``, bad values are refused naming the flag."""
+sizes) of the attention worker and ``epserve generate``: each reaches ``EngineLimits``, bad values are refused
+naming the flag."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 
 WORKER = ["--model-path", "m", "--placement", "h:1"]
 ENGINE_FLAGS = ["--attention-backend", "torch_native", "--cuda-graph-max-bs", "8", "--disable-cuda-graph",
-                "--disable-overlap-schedule", "--max-running-requests", "5", "--num-kv-blocks", "40", "--max-num-batched-tokens", "96",
-                "--context-length", "128"]
+                "--disable-overlap-schedule", "--max-running-requests", "5", "--num-kv-blocks", "40",
+                "--max-num-batched-tokens", "96", "--context-length", "128"]
 ENGINE_LIMITS = EngineLimits(num_kv_blocks=40, max_num_batched_tokens=96, max_num_seqs=5, cuda_graph_max_bs=8,
                              disable_cuda_graph=True, disable_overlap_schedule=True, attention_backend="torch_native")
 

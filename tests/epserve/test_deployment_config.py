@@ -41,8 +41,8 @@ def test_bad_deployments_name_the_flag(fields, message):
 def test_attention_workers_get_the_backend_and_engine_flags():
     colocated = DeploymentConfig("m", moe_a2a_backend="local", moe_runner_backend="triton",
                                  attention_backend="triton", cuda_graph_max_bs=64, disable_cuda_graph=True,
-                                 disable_overlap_schedule=True, max_running_requests=8, num_kv_blocks=1024, max_num_batched_tokens=4096,
-                                 context_length=0)
+                                 disable_overlap_schedule=True, max_running_requests=8, num_kv_blocks=1024,
+                                 max_num_batched_tokens=4096, context_length=0)
     args = colocated.attention_args()
     pairs = dict(zip(args, args[1:]))
     assert pairs["--moe-a2a-backend"] == "local" and pairs["--moe-runner-backend"] == "triton"
