@@ -13,12 +13,14 @@ batched GPU sampling, one device-to-host copy) → emit ``StepOutput``s and free
 sequences' KV blocks.
 
 The overlap schedule (SGLang's; ``--disable-overlap-schedule`` turns it off): with the GPU runner and
-experts in this process, a step is launched (queued on the device, its tokens on their way to the
-host) and, when the next step is a plain continuation of it (every running sequence decoding, nobody
-to admit), that next step is launched too before the first one's tokens are read: its input tokens
-are read on the device (placeholders in ``token_ids``, ``_launch_ahead``). The host's work between
-steps then runs while the device computes. At most one step is in flight when ``step()`` returns;
-``has_work`` stays true until it has finished.
+experts in this process or on the cuda_ipc step path (``executor.overlappable``), a step is launched
+(queued on the device, its tokens on their way to the host) and, when the next step is a plain
+continuation of it (every running sequence decoding, nobody to admit), that next step is launched too
+before the first one's tokens are read: its input tokens are read on the device (placeholders in
+``token_ids``, ``_launch_ahead``). The host's work between steps then runs while the device computes.
+At most one step is in flight when ``step()`` returns; ``has_work`` stays true until it has finished.
+A step whose expert workers turn out not to hold its map version (read with its tokens on the step
+path) runs again, and the step launched ahead of it is undone (``_redo``).
 
 Telemetry (both optional, off by default): a sampled step (``StepSampler``) runs inside an
 ``attention.step`` span linked to the traced requests it serves (a child of the first), whose
@@ -54,6 +56,7 @@ from epserve.sampling import FinishReason, SamplingParams, TokenLogprob
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
 from epserve.attention_worker.sequence import Sequence
 from epserve.attention_worker.step_guard import GuardedStep, collect, describe, run_guarded
+from epserve.dataplane.base import StaleMapVersion
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 from epserve.status_error import StatusCode, StatusError
@@ -102,6 +105,8 @@ class LaunchedStep:
     pending: PendingTokens | None = None    # queued on the device (GpuStepRunner.launch)
     guarded: GuardedStep | None = None      # or run to the end under the step guard
     placeholders: dict[int, int] = field(default_factory=dict)  # chunk → index of its token's placeholder
+    # launched ahead: per sequence, (its chunk's index in the step before, num_cached before, blocks it got)
+    undo: list[tuple[Sequence, int, int, list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -155,7 +160,8 @@ class Engine:
                         and not limits.disable_overlap_schedule and (recorder is None or not recorder.exact_passes))
         if hasattr(self.runner, "launch"):
             why_not = ("--disable-overlap-schedule" if limits.disable_overlap_schedule
-                       else "the experts are in other processes" if not getattr(executor, "overlappable", False)
+                       else "the expert workers answer each layer on the host" if not getattr(executor, "overlappable",
+                                                                                               False)
                        else "the expert-load record counts each pass apart" if not self.overlap else "")
             logger.info("overlap schedule: %s", f"off ({why_not})" if why_not else "on")
         self._launched: LaunchedStep | None = None        # started, not finished (at most one)
@@ -306,15 +312,16 @@ class Engine:
                 for i in ahead]
         if sum(need) > allocator.num_free:
             return None
-        chunks = []
+        chunks, undo = [], []
         for i, blocks in zip(ahead, need):
             seq = current.chunks[i].seq
+            undo.append((seq, i, seq.num_cached, allocator.allocate(blocks)))
             seq.num_cached = seq.num_tokens
             current.placeholders[i] = seq.num_tokens
             seq.token_ids.append(-(i + 1))             # every chunk of current samples: i is its token's index
-            seq.block_table.extend(allocator.allocate(blocks))
+            seq.block_table.extend(undo[-1][3])
             chunks.append(ScheduledChunk(seq, 1))
-        launched = LaunchedStep(chunks, [True] * len(chunks), time.perf_counter())
+        launched = LaunchedStep(chunks, [True] * len(chunks), time.perf_counter(), undo=undo)
         try:
             launched.pending = self.runner.launch(chunks, self._expert_map, previous=current.pending)
         except AssertionError:
@@ -335,6 +342,8 @@ class Engine:
                 guarded = collect(chunks, launched.pending.result())
             except AssertionError:
                 raise
+            except StaleMapVersion as exc:
+                guarded = self._redo(launched, exc)
             except Exception as exc:  # noqa: BLE001 - the device failed the step: every request in it fails
                 logger.error("step of %d sequence(s) failed: %s", len(chunks), describe(exc), exc_info=exc)
                 guarded = GuardedStep(errors={i: describe(exc) for i in range(len(chunks))})
@@ -373,6 +382,36 @@ class Engine:
         self._last_finish = now
         self.num_steps += 1
         return outputs
+
+    def _redo(self, launched: LaunchedStep, stale: StaleMapVersion) -> GuardedStep:
+        """A step launched without waiting for its expert workers' status (the overlap schedule) that one of
+        them could not serve: it does not hold the step's map version yet (loading it, or restarted). The
+        step's tokens are not valid, so the step launched ahead of it, which read them, is waited out and
+        undone (its placeholders, cached counts and new KV blocks), and this step runs again under the step
+        guard; the runner repeats it until the workers hold the map (``GpuStepRunner.run``)."""
+        ahead, self._launched = self._launched, None
+        logger.warning("a step of %d sequence(s) ran before an expert worker held its map (%s); running it again%s",
+                       len(launched.chunks), stale, " (and dropping the step launched ahead of it)" if ahead else "")
+        if ahead is not None:
+            try:
+                if ahead.pending is not None:
+                    ahead.pending.result()          # its expert status is read too (the channels keep two)
+            except Exception:  # noqa: BLE001 - its results are dropped whatever they are
+                pass
+            self.num_steps_ahead -= 1
+            allocator = self.kv_cache.allocator
+            for seq, index, num_cached, blocks in ahead.undo:
+                launched.placeholders.pop(index, None)
+                if seq.finished:                    # retired (aborted) meanwhile: its blocks went with it
+                    continue
+                assert seq.token_ids[-1] < 0, "the step launched ahead left no placeholder to undo"
+                seq.token_ids.pop()
+                seq.num_cached = num_cached
+                if blocks:
+                    del seq.block_table[-len(blocks):]
+                    allocator.free(blocks)
+        self.runner.forget_sampled(launched.chunks)
+        return run_guarded(self.runner, launched.chunks, self._expert_map)
 
     def _finish_launched(self) -> list[StepOutput]:
         launched, self._launched = self._launched, None

@@ -23,8 +23,9 @@ the tokens on the device, and their copy on its way); ``run`` also waits for the
 overlap schedule launches the next decode step before the copy has arrived: a placeholder token id
 ``-(j + 1)`` then stands for token j of the step launched before (``resolve_placeholders``, on the
 device). An exchange announced per step (the cuda_ipc step path,
-``step_experts.py``) gets ``begin_step`` before the launches and ``finish_step`` after them; a map
-version an expert worker does not hold yet makes the step run again.
+``step_experts.py``) gets ``begin_step`` before the launches and ``end_step`` after them, whose check
+``PendingTokens.result`` runs once the tokens are on the host; a map version an expert worker does
+not hold yet makes ``run`` launch the step again (the engine's overlap schedule: ``Engine._redo``).
 
 On a CPU device (tests, with the Triton interpreter) the same code runs without pinned memory or
 graphs.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -87,8 +89,24 @@ class GpuStepRunner:
 
     # -- the step ------------------------------------------------------------------------
     def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:
-        """The sampled token of each completing chunk, in chunk order (and its logprobs if asked)."""
-        return self.launch(chunks, expert_map).result()
+        """The sampled token of each completing chunk, in chunk order (and its logprobs if asked). A step an
+        expert worker could not serve yet (``StaleMapVersion``: it is still loading this map) runs again."""
+        deadline = time.monotonic() + STALE_RETRY_TIMEOUT_S
+        while True:
+            try:
+                return self.launch(chunks, expert_map).result()
+            except StaleMapVersion:
+                if time.monotonic() + STALE_RETRY_S > deadline:
+                    raise
+                time.sleep(STALE_RETRY_S)
+                self.forget_sampled(chunks)
+
+    def forget_sampled(self, chunks: list[ScheduledChunk]) -> None:
+        """Before a step runs again: the sampler's record of the tokens these sequences have seen is rebuilt
+        from their ``token_ids`` (the dropped run marked its tokens)."""
+        for chunk in chunks:
+            if chunk.seq.row is not None:
+                self.sampler.admit(chunk.seq)
 
     def launch(self, chunks: list[ScheduledChunk], expert_map: ExpertMap,
                previous: PendingTokens | None = None) -> PendingTokens:
@@ -110,24 +128,16 @@ class GpuStepRunner:
         self._apply_block_table_updates(self._block_table_updates(chunks))
         decode = all(chunk.num_tokens == 1 for chunk in chunks)
         graphed = decode and self.graphs is not None and self.graphs.captured and len(chunks) <= self.graphs.max_bs
-        deadline = time.monotonic() + STALE_RETRY_TIMEOUT_S
-        while True:
-            if graphed:
-                logits = self.graphs.replay(chunks, expert_map)                       # [B, V]
-            else:
-                batch = self.eager_batch(chunks, decode)
-                sizes = self.micro_batch_sizes(batch.num_tokens, decode and all(c.completes for c in chunks))
-                self.executor.begin_step(sizes, expert_map)
-                logits = self.forward(batch, expert_map, sizes)                       # [B', V]
-            try:
-                self.executor.finish_step()
-                break
-            except StaleMapVersion:     # an expert worker is still loading this map: redo the step
-                if time.monotonic() + STALE_RETRY_S > deadline:
-                    raise
-                time.sleep(STALE_RETRY_S)
+        if graphed:
+            logits = self.graphs.replay(chunks, expert_map)                           # [B, V]
+        else:
+            batch = self.eager_batch(chunks, decode)
+            sizes = self.micro_batch_sizes(batch.num_tokens, decode and all(c.completes for c in chunks))
+            self.executor.begin_step(sizes, expert_map)
+            logits = self.forward(batch, expert_map, sizes)                           # [B', V]
+        check = self.executor.end_step()
         completing = [chunk.seq for chunk in chunks if chunk.completes]
-        return PendingTokens(*self.sampler.sample_on_device(logits, completing))
+        return PendingTokens(*self.sampler.sample_on_device(logits, completing), check=check)
 
     def warmup(self, expert_map: ExpertMap) -> None:
         """Capture the decode graphs (start-up: seconds, so no request waits for it)."""
@@ -255,11 +265,14 @@ class GpuStepRunner:
 class PendingTokens:
     """A launched step's sampled tokens: ``device [B']`` on the device (what the next step's placeholders
     read), and a copy on its way to pinned host memory that ``result()`` waits for (once).
-    ``sampled``: the finished result, when sampling already waited for it (logprobs)."""
+    ``sampled``: the finished result, when sampling already waited for it (logprobs). ``check``: the
+    executor's check of the step (``end_step``), run by ``result()`` once the tokens are there; it raises
+    what the expert side reported (``StaleMapVersion``: the step must run again)."""
 
-    def __init__(self, device_tokens: torch.Tensor, sampled: SampledTokens | None = None) -> None:
+    def __init__(self, device_tokens: torch.Tensor, sampled: SampledTokens | None = None,
+                 check: Callable[[], None] | None = None) -> None:
         self.device = device_tokens
-        self._sampled = sampled
+        self._sampled, self._check = sampled, check
         self._host, self._event = device_tokens, None
         if sampled is None and device_tokens.is_cuda:
             self._host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
@@ -272,6 +285,9 @@ class PendingTokens:
             if self._event is not None:
                 self._event.synchronize()
             self._sampled = SampledTokens(self._host.tolist())
+        if self._check is not None:
+            check, self._check = self._check, None
+            check()
         return self._sampled
 
 

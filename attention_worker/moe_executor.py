@@ -39,8 +39,9 @@ class MoEExecutor(Protocol):
     # them can be captured in a CUDA graph.
     capturable: bool
     # Whether the engine may launch a step before the step before it has finished (the overlap schedule,
-    # engine.py): only experts in this process, where a step is device work queued in order and nothing
-    # is announced to, or waited for from, another process between steps.
+    # engine.py): experts in this process, where a step is device work queued in order, or the cuda_ipc
+    # step path, whose status is read after the step's tokens (``end_step``); not experts answered within
+    # the step on the host (``RemoteExperts``).
     overlappable: bool
 
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
@@ -49,7 +50,8 @@ class MoEExecutor(Protocol):
 
     # Step hooks of the GPU runner (no-ops unless the exchange is announced per step, as the
     # cuda_ipc step path is: attention_worker/step_experts.py). ``begin_step`` before a step's
-    # launches or graph replay, ``finish_step`` after them (raises what the expert side reported),
+    # launches or graph replay, ``end_step`` after them (→ the check to call once the step's tokens are
+    # on the host: it raises what the expert side reported; ``finish_step``: that check at once),
     # ``expect_step`` before capturing a graph. ``sizes``: the tokens of each micro-batch of the step;
     # ``step_micro_batches``: how many the GPU runner splits a decode step into.
     step_micro_batches: int
@@ -57,6 +59,8 @@ class MoEExecutor(Protocol):
     def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None: ...
 
     def expect_step(self, sizes: list[int]) -> None: ...
+
+    def end_step(self) -> Callable[[], None]: ...
 
     def finish_step(self) -> None: ...
 
@@ -90,8 +94,15 @@ class NoStepHooks:
     def expect_step(self, sizes: list[int]) -> None:
         pass
 
+    def end_step(self) -> Callable[[], None]:
+        return _nothing_to_check
+
     def finish_step(self) -> None:
         pass
+
+
+def _nothing_to_check() -> None:
+    pass
 
 
 class InProcessExperts(NoStepHooks):

@@ -13,10 +13,15 @@ host speaks once per step and every layer's hand-off is a launch (``cuda_ipc_ste
 - ``dispatch`` per MoE layer: route (device), then copy all T rows into every expert's channel and
   signal (``send``); ``combine``: wait for each worker's partial on the device and add them in
   worker order (``receive``) — both only launch work, so the GPU runner captures them in its graphs;
-- ``finish_step()`` — host, after the launches: the expert side's status for the step. A map version
-  an expert worker does not hold yet (``StaleMapVersion``: a race with its own map update) makes the
-  runner redo the whole step once the worker catches up; the step's KV writes are the same values
-  again, so redoing is safe.
+- ``end_step()`` — host, after the launches: → the step's check, called once its tokens reached the
+  host (``PendingTokens.result``): the expert side's status for the step, and the device error word,
+  copied behind the step's launches (no sync). A map version an expert worker does not hold yet
+  (``StaleMapVersion``: a race with its own map update) makes the runner redo the whole step once the
+  worker catches up; the step's KV writes are the same values again, so redoing is safe. Statuses
+  are read after the tokens, and the channels keep the last two steps' announcements and statuses,
+  so the engine's overlap schedule launches step N + 1 before step N's check (``overlappable``); a
+  stale step N then also drops the step launched ahead of it (``Engine._redo``).
+  ``finish_step()`` is ``end_step()()``.
 
 ``expect_step(sizes)`` is ``begin_step`` without the announcement, for capturing a graph (nothing runs).
 
@@ -36,6 +41,8 @@ On a CPU device (tests) the same calls run through host shared memory and wait o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from epserve.attention_worker.expert_routing import ExpertRouter
@@ -54,7 +61,7 @@ GPU_TWO_MICRO_BATCHES = (
 
 
 class StepExperts:
-    overlappable = False        # each step is announced to the expert workers and its status read back (finish_step)
+    overlappable = True         # a step's status is read after its tokens; the channels keep two steps' headers
 
     def __init__(self, dispatcher, router: ExpertRouter, num_moe_layers: int, timeout_s: float,
                  record_load: LoadSink | None = None, num_micro_batches: int = 1,
@@ -71,7 +78,7 @@ class StepExperts:
             raise ValueError(GPU_TWO_MICRO_BATCHES)
         self.step_micro_batches = num_micro_batches     # how many the GPU runner splits a decode step into
         self.exchanges = [dispatcher.step_exchange(slot, timeout_s) for slot in range(num_micro_batches)]
-        self._active = 1                                # exchanges the current step uses
+        self._announced: list[int] = []                 # the current step's number in each exchange it uses
         self.num_steps = 0                              # steps announced: each one's number is its group
         self.capturable = dispatcher.side.device.type == "cuda"    # device flags; host waits on a CPU
 
@@ -80,29 +87,42 @@ class StepExperts:
 
     def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None:
         """``sizes``: the tokens of each micro-batch of the step (one entry: one micro-batch)."""
-        self._active = self._check(sizes)
+        self._check(sizes)
         self.num_steps += 1
-        for exchange, num_tokens in zip(self.exchanges, sizes):
+        self._announced = [
             exchange.begin_step(num_tokens, expert_map.version, self.num_moe_layers, expert_map.slots_per_worker,
                                 weight_dtype=WEIGHT_DTYPE, group=self.num_steps, group_size=len(sizes))
+            for exchange, num_tokens in zip(self.exchanges, sizes)]
 
     def expect_step(self, sizes: list[int]) -> None:
-        self._active = self._check(sizes)
+        self._check(sizes)
         for exchange, num_tokens in zip(self.exchanges, sizes):
             exchange.expect_step(num_tokens, WEIGHT_DTYPE)
 
+    def end_step(self) -> Callable[[], None]:
+        """Host, after the step's launches: → its check (call it once the step's tokens are on the host; it
+        raises the first micro-batch's failure, the others ride along as notes). Queues a copy of the
+        device error word behind the launches; nothing waits here."""
+        readiness = self.dispatcher.side.step_readiness
+        announced, snapshot = list(zip(self.exchanges, self._announced)), readiness.snapshot_error()
+
+        def check() -> None:
+            late = readiness.error_from_snapshot(snapshot)
+            errors: list[Exception] = []
+            for i, (exchange, step) in enumerate(announced):
+                try:
+                    exchange.finish_step(step, device_error=late if i == 0 else None)
+                except Exception as exc:  # noqa: BLE001 - all slots are checked, then the first error raised
+                    errors.append(exc)
+            if errors:
+                for other in errors[1:]:
+                    errors[0].add_note(f"also: {type(other).__name__}: {other}")
+                raise errors[0]
+        return check
+
     def finish_step(self) -> None:
-        """Every micro-batch's expert status; the first failure raises, the others ride along as notes."""
-        errors: list[Exception] = []
-        for exchange in self.exchanges[:self._active]:
-            try:
-                exchange.finish_step()
-            except Exception as exc:  # noqa: BLE001 - all slots are checked, then the first error raised
-                errors.append(exc)
-        if errors:
-            for other in errors[1:]:
-                errors[0].add_note(f"also: {type(other).__name__}: {other}")
-            raise errors[0]
+        """The step's check, now (syncs: its tokens need not be on the host)."""
+        self.end_step()()
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> tuple[int, int]:
         physical = route(self.router, call, expert_map)                                 # [T, K]
@@ -115,7 +135,6 @@ class StepExperts:
         micro_batch, layer = handle
         return self.exchanges[micro_batch].receive(layer)                               # [T, D]
 
-    def _check(self, sizes: list[int]) -> int:
+    def _check(self, sizes: list[int]) -> None:
         if not 1 <= len(sizes) <= len(self.exchanges):
             raise ValueError(f"a step of {len(sizes)} micro-batches; this exchange has {len(self.exchanges)}")
-        return len(sizes)

@@ -103,7 +103,7 @@ def attention_role(args) -> None:
     store.wait(["expert_ready"])
     host.unlink()
     compile_kernels(device)
-    words, layers = channel.words, args.layers
+    words, header, layers = channel.words, channel.step_header(0), args.layers
     counter = torch.zeros(1, dtype=torch.int64, device=device)
     error = torch.zeros(1, dtype=torch.int64, device=device)
     budget = spin_budget(DEADLINE_S / 2, device)
@@ -134,8 +134,8 @@ def attention_role(args) -> None:
             torch.cuda.synchronize()
             start = time.perf_counter()
             counter.fill_(step)
-            words[STEP_NUM_TOKENS] = t
-            words[STEP_SEQ] = step
+            header[STEP_NUM_TOKENS] = t          # one header entry: this bench's own protocol, no ring
+            header[STEP_SEQ] = step
             graph.replay()
             torch.cuda.synchronize()
             if r >= 2:
@@ -208,15 +208,15 @@ def expert_role(args) -> None:
                 signal_flag(channel.flag(Flag.STEP_OUT), counter, FLAG_STEP_STRIDE, layer + 1)
         graphs[t] = capture(expert_layers)
     store.set("expert_ready", "1")
-    words, stream = channel.words, torch.cuda.current_stream()
-    last_step, last_seq = int(words[STEP_SEQ]), int(words[REQ_SEQ])
+    words, header, stream = channel.words, channel.step_header(0), torch.cuda.current_stream()
+    last_step, last_seq = int(header[STEP_SEQ]), int(words[REQ_SEQ])
     deadline = time.monotonic() + 10 * DEADLINE_S
     while int(words[ATTENTION_STATE]) != AttentionState.CLOSED and time.monotonic() < deadline:
-        step, seq = int(words[STEP_SEQ]), int(words[REQ_SEQ])
+        step, seq = int(header[STEP_SEQ]), int(words[REQ_SEQ])
         if step != last_step:
             last_step = step
             counter.fill_(step)
-            graphs[int(words[STEP_NUM_TOKENS])].replay()
+            graphs[int(header[STEP_NUM_TOKENS])].replay()
         if seq != last_seq:
             last_seq, t = seq, int(words[REQ_NUM_TOKENS])
             spin_until(request.query, "the attention's request event")

@@ -13,11 +13,13 @@ micro-batch slot m (c = w * M + m in a's segment, w = e's worker index). Its mem
   - reply header (e writes, a reads): RSP_SEQ | status, held versions, error text. RSP_SEQ is
     written last, equal to the REQ_SEQ it answers; a waits for ``RSP_SEQ == its seq``, so a
     late reply (an earlier seq) or a repeated one is never taken for the current one.
-  - step announcement (a writes once per step, the graph-capturable path, ``cuda_ipc_step``):
-    STEP_SEQ | bucket size T, map version, number of MoE layers, slots per worker, trace, and the
-    group: the attention step's number (0: none) and how many slots it announced together (the
-    micro-batches of one step; the expert side serves them whole, ``cuda_ipc_step_server``).
-  - step status (e writes): STEP_STATUS_SEQ | status, held versions, error text.
+  - step announcements (a writes once per step, the graph-capturable path, ``cuda_ipc_step``), a
+    ring of STEP_RING, step s in entry s % STEP_RING: STEP_SEQ | bucket size T, map version, number
+    of MoE layers, slots per worker, trace, and the group: the attention step's number (0: none) and
+    how many slots it announced together (the micro-batches of one step; the expert side serves them
+    whole, ``cuda_ipc_step_server``). The ring lets step s + 1 be announced before step s's status is
+    read (the attention worker's overlap schedule); step s + 2 waits for step s's status.
+  - step statuses (e writes), the same ring: STEP_STATUS_SEQ | status, held versions, error text.
   - lifecycle: ATTENTION_STATE (closed), EXPERT_STATE (serving, stopped).
 - data (``ChannelShape.data_bytes``, 256-byte aligned sections): hidden [Tmax, D] | local slot
   ids [Tmax, K] int64 | weights [Tmax, K] in 8-byte cells (any float dtype up to 8 bytes,
@@ -39,7 +41,7 @@ import torch
 
 from epserve.dataplane.base import MAX_TRACE_CONTEXT_BYTES
 
-CTRL_WORDS = 256
+CTRL_WORDS = 512
 CTRL_BYTES = CTRL_WORDS * 8
 MAX_HELD_VERSIONS = 8
 MAX_ERROR_BYTES = 256
@@ -53,19 +55,25 @@ REQ_SEQ, REQ_MAP_VERSION, REQ_LAYER, REQ_MICRO_BATCH, REQ_NUM_TOKENS, REQ_DTYPE,
 REQ_TRACE = 8                                   # trace length, then _TRACE_WORDS words
 # reply header (expert → attention): seq, then a status block
 RSP_SEQ, RSP_STATUS = 32, 33                    # status block: status, held count, held, error length, error
-# step announcement (attention → expert)
-STEP_SEQ, STEP_NUM_TOKENS, STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_SLOTS_PER_WORKER = range(96, 101)
-STEP_DTYPE, STEP_WEIGHT_DTYPE, STEP_GROUP = 101, 102, 103
-STEP_TRACE = 104
-STEP_GROUP_SIZE = 120
-# step status (expert → attention)
-STEP_STATUS_SEQ, STEP_STATUS = 128, 129
-# lifecycle
-ATTENTION_STATE, EXPERT_STATE = 192, 193
 _STATUS_BLOCK_WORDS = 3 + MAX_HELD_VERSIONS + _ERROR_WORDS
-assert RSP_STATUS + _STATUS_BLOCK_WORDS <= STEP_SEQ and STEP_TRACE + 1 + _TRACE_WORDS <= STEP_GROUP_SIZE
-assert STEP_GROUP_SIZE < STEP_STATUS_SEQ
-assert STEP_STATUS + _STATUS_BLOCK_WORDS <= ATTENTION_STATE < CTRL_WORDS
+# The step path's rings: STEP_RING step announcements (attention → expert) and as many step statuses
+# (expert → attention); step s uses entry s % STEP_RING of each (``Channel.step_header``/``step_status``),
+# so the attention side may announce step s + 1 before it reads step s's status (the overlap schedule).
+STEP_RING = 2
+# words of one announcement, from its start
+STEP_SEQ, STEP_NUM_TOKENS, STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_SLOTS_PER_WORKER = range(5)
+STEP_DTYPE, STEP_WEIGHT_DTYPE, STEP_GROUP, STEP_GROUP_SIZE = range(5, 9)
+STEP_TRACE = 9                                  # trace length, then _TRACE_WORDS words
+STEP_HEADER_WORDS = STEP_TRACE + 1 + _TRACE_WORDS
+# words of one step status, from its start
+STEP_STATUS_SEQ, STEP_STATUS = 0, 1
+STEP_STATUS_WORDS = STEP_STATUS + _STATUS_BLOCK_WORDS
+STEP_HEADERS_AT = 96
+STEP_STATUSES_AT = STEP_HEADERS_AT + STEP_RING * STEP_HEADER_WORDS
+# lifecycle
+ATTENTION_STATE, EXPERT_STATE = 480, 481
+assert RSP_STATUS + _STATUS_BLOCK_WORDS <= STEP_HEADERS_AT
+assert STEP_STATUSES_AT + STEP_RING * STEP_STATUS_WORDS <= ATTENTION_STATE < EXPERT_STATE < CTRL_WORDS
 
 DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -166,6 +174,16 @@ class Channel:
         """The weight section as [n, K] of ``dtype`` (itemsize <= 8)."""
         k = self.shape.top_k
         return self._weights[:num_tokens * k * dtype.itemsize].view(dtype).view(num_tokens, k)
+
+    def step_header(self, step: int) -> np.ndarray:
+        """The announcement words of step ``step`` (its ring entry; STEP_SEQ, STEP_NUM_TOKENS... index it)."""
+        at = STEP_HEADERS_AT + step % STEP_RING * STEP_HEADER_WORDS
+        return self.words[at:at + STEP_HEADER_WORDS]
+
+    def step_status(self, step: int) -> np.ndarray:
+        """The status words of step ``step`` (its ring entry; STEP_STATUS_SEQ, STEP_STATUS index it)."""
+        at = STEP_STATUSES_AT + step % STEP_RING * STEP_STATUS_WORDS
+        return self.words[at:at + STEP_STATUS_WORDS]
 
     def flag(self, which: Flag) -> torch.Tensor:
         """int64 [1] view of one device flag."""

@@ -55,6 +55,15 @@ class Readiness(Protocol):
         """The peer rank whose device wait ran out of budget since the last call (syncs), or None."""
         ...
 
+    def snapshot_error(self) -> torch.Tensor | None:
+        """A copy of the error word queued on the current stream (behind a step's launches: nothing waits),
+        for ``error_from_snapshot`` once the stream got past it; None where no device wait can run out."""
+        ...
+
+    def error_from_snapshot(self, snapshot: torch.Tensor | None) -> int | None:
+        """``take_device_error`` from a snapshot the stream has passed (no sync)."""
+        ...
+
 
 def step_value(counter: int, layer: int) -> int:
     from epserve.dataplane.cuda_ipc_flags import FLAG_STEP_STRIDE
@@ -86,6 +95,12 @@ class PollReadiness:
         return wait_until(lambda: int(word[0]) >= target, deadline, gone, self.backoff)
 
     def take_device_error(self) -> int | None:
+        return None
+
+    def snapshot_error(self) -> torch.Tensor | None:
+        return None
+
+    def error_from_snapshot(self, snapshot: torch.Tensor | None) -> int | None:
         return None
 
 
@@ -178,6 +193,19 @@ class FlagReadiness:
         self.error.zero_()
         return code - 1
 
+    def snapshot_error(self) -> torch.Tensor | None:
+        pinned = self.error.device.type == "cuda"
+        snapshot = torch.empty(1, dtype=torch.int64, pin_memory=pinned)
+        snapshot.copy_(self.error, non_blocking=pinned)
+        return snapshot
+
+    def error_from_snapshot(self, snapshot: torch.Tensor | None) -> int | None:
+        code = 0 if snapshot is None else int(snapshot[0])
+        if not code:
+            return None
+        self.error.zero_()          # queued behind what is in flight: a later step's snapshot may see this one
+        return code - 1
+
 
 class EventReadiness:
     """Interprocess CUDA events, one per channel and direction (``channel.events[flag]``); host waits."""
@@ -204,6 +232,12 @@ class EventReadiness:
         raise NotImplementedError("the step path runs on device flags (make_step_readiness)")
 
     def take_device_error(self) -> int | None:
+        return None
+
+    def snapshot_error(self) -> torch.Tensor | None:
+        return None
+
+    def error_from_snapshot(self, snapshot: torch.Tensor | None) -> int | None:
         return None
 
 

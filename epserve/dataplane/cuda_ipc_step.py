@@ -8,10 +8,13 @@ Why a second path: ``CudaIpcDispatcher.dispatch`` splits tokens by worker on the
 (``split_by_worker`` needs a sync) and ``combine`` waits on the host; neither fits in a graph.
 Here the host talks once per step, the layers are device work:
 
-- attention, host, once per step: ``begin_step(T, map_version, L, S)`` bumps the step number,
+- attention, host, once per step: ``begin_step(T, map_version, L, S)`` bumps the step number s,
   writes it to a device counter (one small fill on the stream, before the graph replay) and
   announces (T, version, L, S, dtypes, trace, group) in every channel's host-shared step header,
-  STEP_SEQ last. The group: the attention step's number and how many micro-batch slots it announced
+  STEP_SEQ last. Headers and statuses are rings of two (``Channel.step_header(s)``): step s + 1 may
+  be announced before step s's status is read (the engine's overlap schedule launches the next
+  decode step first); announcing step s + 2 first waits until the expert side has written step s's
+  status (so it has read step s's header; at once in practice). The group: the attention step's number and how many micro-batch slots it announced
   (``StepExperts`` numbers them; 0: a step of its own).
 - attention, device, per layer (what the graph captures): ``send(layer, hidden, slot_ids,
   weights)``: copy all T rows — physical slot ids, not split — into each expert's input
@@ -27,9 +30,10 @@ Here the host talks once per step, the layers are device work:
   at once, each slot on its own stream, the slots' layers in the attention rank's order (the compute
   must not sync with the host, or the thread waits with it); replayed from CUDA graphs once a shape
   was seen twice.
-- attention, host, after the step (when it reads the sampled tokens anyway): ``finish_step()``
+- attention, host, after the step (when it reads the sampled tokens anyway): ``finish_step(s)``
   raises StaleMapVersion (the caller redoes the step with the new map), RemoteExpertError,
-  PeerLost, or DataPlaneTimeout (a device wait that ran out of its budget).
+  PeerLost, or DataPlaneTimeout (a device wait that ran out of its budget: ``device_error``, read
+  from a copy the caller queued behind the step, else here with a sync).
 
 With device flags on a GPU each flag operation is fused with the copy beside it
 (``cuda_ipc_handoff.py``): ``send`` is one launch per expert (three copies, then the flag), a
@@ -57,10 +61,10 @@ from epserve.dataplane.base import DataPlaneTimeout, PeerLost, RemoteExpertError
 from epserve.dataplane.cuda_ipc_flags import spin_budget
 from epserve.dataplane.cuda_ipc_join import AttentionSide
 from epserve.dataplane.cuda_ipc_layout import (DTYPE_CODES, EXPERT_STATE, STEP_DTYPE, STEP_GROUP, STEP_GROUP_SIZE,
-                                               STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS, STEP_SEQ,
-                                               STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ, STEP_TRACE,
-                                               STEP_WEIGHT_DTYPE, ExpertState, Flag, Status, read_status,
-                                               write_trace)
+                                               STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS, STEP_RING,
+                                               STEP_SEQ, STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ,
+                                               STEP_TRACE, STEP_WEIGHT_DTYPE, ExpertState, Flag, Status,
+                                               read_status, write_trace)
 from epserve.dataplane.cuda_ipc_peers import PeerGone, wait_until
 
 MAX_STEP_LAYERS = (1 << 16) - 2     # layer + 1 must stay below FLAG_STEP_STRIDE
@@ -78,13 +82,15 @@ class StepExchange:
         self.fused = getattr(side.step_readiness, "fused", False)   # device flags on a GPU: cuda_ipc_handoff.py
         self._spin_budget = spin_budget(timeout_s, side.device)     # a fused receive's wait: the whole timeout
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=side.device)    # copy_and_signal's counter
+        self._map_versions = [0] * STEP_RING                        # each ring entry's step's map version
 
     def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
                    trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32, group: int = 0,
-                   group_size: int = 1) -> None:
-        """Host, before the step's launches (or its graph replay): announce it to every expert rank.
-        ``group``: the attention step's number (> 0) when ``group_size`` slots are announced together
-        for it (the expert side starts them together); 0: this slot's step alone."""
+                   group_size: int = 1) -> int:
+        """Host, before the step's launches (or its graph replay): announce it to every expert rank (→ its
+        step number, for ``finish_step``). ``group``: the attention step's number (> 0) when ``group_size``
+        slots are announced together for it (the expert side starts them together); 0: this slot's step
+        alone."""
         if not 0 < num_tokens <= self.side.shape.max_tokens:
             raise ValueError(f"a step of {num_tokens} tokens; the cuda_ipc channels hold 1 to "
                              f"{self.side.shape.max_tokens} (the attention worker's --max-num-batched-tokens)")
@@ -97,19 +103,39 @@ class StepExchange:
             if reason:
                 rank = self.side.expert_ranks[worker]
                 raise PeerLost(f"expert rank {rank} is unreachable ({reason}); step not announced", peer_rank=rank)
-        self.step += 1
+        step = self.step + 1
+        if step > STEP_RING:
+            self._await_ring_entry(step)
+        self.step = step
         self.num_tokens, self.weight_dtype = num_tokens, weight_dtype
-        self.counter.fill_(self.step)
+        self.counter.fill_(step)
         for channel in self.channels:
-            words = channel.words
+            words = channel.step_header(step)
             words[STEP_NUM_TOKENS], words[STEP_MAP_VERSION] = num_tokens, map_version
             words[STEP_NUM_LAYERS] = num_layers
             words[STEP_SLOTS_PER_WORKER] = slots_per_worker
             words[STEP_DTYPE], words[STEP_WEIGHT_DTYPE] = DTYPE_CODES[self.side.shape.dtype], DTYPE_CODES[weight_dtype]
             write_trace(words, STEP_TRACE, trace_context)
             words[STEP_GROUP], words[STEP_GROUP_SIZE] = group, group_size
-            words[STEP_SEQ] = self.step                          # last
-        self._map_version = map_version
+            words[STEP_SEQ] = step                               # last
+        self._map_versions[step % STEP_RING] = map_version
+        return step
+
+    def _await_ring_entry(self, step: int) -> None:
+        """Before announcing ``step`` in the entry step - STEP_RING used: wait until every expert rank wrote
+        that step's status (it read that header; a step that was never finished is dropped here)."""
+        old, deadline = step - STEP_RING, time.monotonic() + self.timeout_s
+        for worker, channel in enumerate(self.channels):
+            status = channel.step_status(old)
+            try:
+                done = wait_until(lambda: int(status[STEP_STATUS_SEQ]) >= old, deadline, lambda: self._gone(worker))
+            except PeerGone as exc:
+                rank = self.side.expert_ranks[worker]
+                raise PeerLost(f"expert rank {rank} lost before step {step}: {exc}", peer_rank=rank) from None
+            if not done:
+                rank = self.side.expert_ranks[worker]
+                raise DataPlaneTimeout(f"expert rank {rank} has not finished step {old} within {self.timeout_s}s; "
+                                       f"step {step} not announced", peer_rank=rank, micro_batch=self.slot)
 
     def expect_step(self, num_tokens: int, weight_dtype: torch.dtype = torch.float32) -> None:
         """Host: the shapes of the next ``send``/``receive`` calls, announcing nothing — for capturing
@@ -169,34 +195,42 @@ class StepExchange:
             out += channel.partial[:t]
         return out.to(self.side.shape.dtype)
 
-    def finish_step(self) -> None:
-        """Host, after the step ran: raise what went wrong on the expert side, if anything (syncs on GPUs)."""
+    def finish_step(self, step: int | None = None, device_error: int | None | bool = True) -> None:
+        """Host, after step ``step`` (default: the last announced) ran: raise what went wrong on the expert
+        side, if anything. ``device_error``: the expert rank whose device wait ran out of budget in the step,
+        read by the caller from a copy queued behind it (``Readiness.snapshot_error``; None: none); True:
+        read it here (syncs on GPUs)."""
+        step = self.step if step is None else step
+        if not 0 < step <= self.step or self.step - step >= STEP_RING:
+            raise ValueError(f"step {step}: this exchange announced up to {self.step}, and keeps the status of the "
+                             f"last {STEP_RING}")
         deadline = time.monotonic() + self.timeout_s
         errors: list[Exception] = []
         for worker, channel in enumerate(self.channels):
-            rank, words = self.side.expert_ranks[worker], channel.words
+            rank, words = self.side.expert_ranks[worker], channel.step_status(step)
             try:
-                done = wait_until(lambda: int(words[STEP_STATUS_SEQ]) == self.step, deadline,
+                done = wait_until(lambda: int(words[STEP_STATUS_SEQ]) == step, deadline,
                                   lambda: self._gone(worker))
             except PeerGone as exc:
-                errors.append(PeerLost(f"expert rank {rank} lost during step {self.step}: {exc}", peer_rank=rank))
+                errors.append(PeerLost(f"expert rank {rank} lost during step {step}: {exc}", peer_rank=rank))
                 continue
             if not done:
-                errors.append(DataPlaneTimeout(f"expert rank {rank} did not finish step {self.step} within "
+                errors.append(DataPlaneTimeout(f"expert rank {rank} did not finish step {step} within "
                                                f"{self.timeout_s}s", peer_rank=rank, micro_batch=self.slot))
                 continue
             status, held, error = read_status(words, STEP_STATUS)
+            version = self._map_versions[step % STEP_RING]
             if status == Status.STALE_VERSION:
-                errors.append(StaleMapVersion(f"expert rank {rank} does not hold map version {self._map_version} "
-                                              f"(step {self.step}): {error}", requested=self._map_version,
+                errors.append(StaleMapVersion(f"expert rank {rank} does not hold map version {version} "
+                                              f"(step {step}): {error}", requested=version,
                                               held_versions=held, peer_rank=rank))
             elif status == Status.ERROR:
-                errors.append(RemoteExpertError(f"expert rank {rank} failed step {self.step}: {error}",
+                errors.append(RemoteExpertError(f"expert rank {rank} failed step {step}: {error}",
                                                 peer_rank=rank))
-        late = self.side.step_readiness.take_device_error()
+        late = self.side.step_readiness.take_device_error() if device_error is True else device_error
         if late is not None:
             errors.append(DataPlaneTimeout(f"a device-side wait for expert rank {late} ran out of budget in step "
-                                           f"{self.step}: its results are not valid", peer_rank=late))
+                                           f"{step}: its results are not valid", peer_rank=late))
         if errors:
             for other in errors[1:]:
                 errors[0].add_note(f"also: {type(other).__name__}: {other}")

@@ -52,7 +52,7 @@ from epserve.dataplane.cuda_ipc_flags import spin_budget
 from epserve.dataplane.cuda_ipc_gate import StepGate
 from epserve.dataplane.cuda_ipc_join import ExpertLink
 from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPES, STEP_DTYPE, STEP_GROUP, STEP_GROUP_SIZE,
-                                               STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS,
+                                               STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS, STEP_SEQ,
                                                STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ, STEP_TRACE,
                                                STEP_WEIGHT_DTYPE, AttentionState, Channel, Flag, Status, read_trace,
                                                write_status)
@@ -159,7 +159,7 @@ class StepServer:
                  ) -> tuple[list[tuple[Channel, int]] | None, tuple[Channel, int] | None]:
         """``first`` and the other slots of its group, as they come (→ the group, and an announcement
         that came instead of a partner; None: the server stops)."""
-        number, size = self._group_of(first[0])
+        number, size = self._group_of(*first)
         if number == self._last_group:          # a slot of a group that went ahead without it: alone
             number, size = 0, 1
         self._last_group = number or self._last_group
@@ -171,26 +171,30 @@ class StepServer:
                 item = ()
             if item is None:
                 return None, None
-            if not item or self._group_of(item[0])[0] != number or item[0].slot in {ch.slot for ch, _ in group}:
+            if not item or self._group_of(*item)[0] != number or item[0].slot in {ch.slot for ch, _ in group}:
                 logger.warning("attention rank %d: step group %d has %d of its %d micro-batch slots; serving "
                                "those", self.link.attention_rank, number, len(group), size)
                 return group, item or None
             group.append(item)
         return group, None
 
-    def _group_of(self, channel: Channel) -> tuple[int, int]:
-        """(group number, slots) of the channel's announcement; (0, 1): a step of its own."""
-        number, size = int(channel.words[STEP_GROUP]), int(channel.words[STEP_GROUP_SIZE])
+    def _group_of(self, channel: Channel, seq: int) -> tuple[int, int]:
+        """(group number, slots) of the channel's announcement of step ``seq``; (0, 1): a step of its own."""
+        words = channel.step_header(seq)
+        number, size = int(words[STEP_GROUP]), int(words[STEP_GROUP_SIZE])
         return (number, size) if number > 0 and 1 < size <= len(self.link.channels) else (0, 1)
 
     def _read(self, channel: Channel, seq: int) -> SlotStep:
-        words = channel.words
+        words = channel.step_header(seq)
         n, version, num_layers = int(words[STEP_NUM_TOKENS]), int(words[STEP_MAP_VERSION]), int(words[STEP_NUM_LAYERS])
         slots_per_worker = int(words[STEP_SLOTS_PER_WORKER])
         dtype, weight_dtype = DTYPES.get(int(words[STEP_DTYPE])), DTYPES.get(int(words[STEP_WEIGHT_DTYPE]))
         trace = read_trace(words, STEP_TRACE)
         status, held, error = Status.OK, (), ""
-        if not 0 < n <= channel.shape.max_tokens or dtype != channel.shape.dtype or weight_dtype is None \
+        if int(words[STEP_SEQ]) != seq:         # the attention rank went on without this step's status
+            status, error = Status.ERROR, f"step {seq}'s announcement was replaced by step {int(words[STEP_SEQ])}'s"
+            n, num_layers = 0, 0
+        elif not 0 < n <= channel.shape.max_tokens or dtype != channel.shape.dtype or weight_dtype is None \
                 or not 0 < num_layers <= MAX_STEP_LAYERS or slots_per_worker < 1:
             status, error = Status.ERROR, f"malformed step {seq}: {n} tokens, {num_layers} layers, dtype {dtype}"
             n, num_layers = max(min(n, channel.shape.max_tokens), 0), max(min(num_layers, MAX_STEP_LAYERS), 0)
@@ -214,8 +218,9 @@ class StepServer:
             with self._on(step.channel):
                 self.graphs.replay(step.key, step.channel)
         for step in steps:
-            write_status(step.channel.words, STEP_STATUS, *step.outcome)
-            step.channel.words[STEP_STATUS_SEQ] = step.seq                  # last
+            status = step.channel.step_status(step.seq)
+            write_status(status, STEP_STATUS, *step.outcome)
+            status[STEP_STATUS_SEQ] = step.seq                              # last
 
     def _run_eagerly(self, steps: list[SlotStep]) -> None:
         """Every slot's layers launched from here (on host memory: run, waiting on the host), interleaved:
@@ -260,8 +265,9 @@ class StepServer:
                 logger.info("step %d of attention rank %d abandoned: %s", seq, link.attention_rank, exc)
                 return
             yield layer
-        write_status(channel.words, STEP_STATUS, status, held, error)
-        channel.words[STEP_STATUS_SEQ] = seq                                  # last
+        words = channel.step_status(seq)
+        write_status(words, STEP_STATUS, status, held, error)
+        words[STEP_STATUS_SEQ] = seq                                          # last
 
     # -- helpers -----------------------------------------------------------------------------
     def _on(self, channel: Channel):

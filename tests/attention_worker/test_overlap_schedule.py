@@ -202,3 +202,59 @@ def test_expert_load_windows_count_every_token_once_while_steps_run_ahead(tiny_m
     per_pass = build_colocated_engine(str(tiny_model), torch.float32, "cpu", limits=limits,
                                       recorder_mode=RecorderMode.PER_PASS)
     assert not per_pass.overlap
+
+
+class StaleExpertSide:
+    """Stands in for an expert worker that does not hold the step's map version yet, at the given launches
+    (counted from 1, every launch of the runner's): what it returns then — zero partials — makes that
+    step's logits garbage (here: every row's mass on token ``garbage``, sampled and, with a repetition
+    penalty, marked seen), and the step's check (``end_step``) raises StaleMapVersion, as
+    ``StepExperts`` does after reading the worker's status."""
+
+    def __init__(self, runner, stale: set[int], garbage: int) -> None:
+        from epserve.dataplane.base import StaleMapVersion
+
+        self.stale, self.launches, self.garbage = stale, 0, garbage
+        end_step, sample = runner.executor.end_step, runner.sampler.sample_on_device
+
+        def stale_end_step():
+            self.launches += 1
+            if self.launches not in self.stale:
+                return end_step()
+            launch = self.launches
+
+            def check() -> None:
+                raise StaleMapVersion(f"launch {launch}: expert rank 1 does not hold map version 1",
+                                      requested=1, held_versions=(0,), peer_rank=1)
+            return check
+
+        def garbage_sample(logits, seqs):
+            if self.launches in self.stale:
+                logits = torch.full_like(logits, -30.0)
+                logits[:, self.garbage] = 30.0
+            return sample(logits, seqs)
+
+        runner.executor.end_step, runner.sampler.sample_on_device = stale_end_step, garbage_sample
+
+
+def test_a_stale_step_runs_again_and_the_step_launched_ahead_of_it_is_undone(tiny_model, monkeypatch):
+    """Launch 3 is stale: the step launched ahead of it (launch 4) read its garbage tokens, so it is waited
+    out and undone (placeholder, cached count, KV blocks), and step 3 runs again — stale once more (launch
+    5), so the runner repeats it (launch 6). Seeded sampling with a repetition penalty draws the tokens of
+    a run without any of this: the garbage tokens marked seen are forgotten (the garbage is a token the
+    run samples last, which a penalty for having seen it would change)."""
+    from epserve.kernels import sampling
+
+    monkeypatch.setattr(sampling, "GATHER", 32)
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=3.0, seed=99,
+                            max_new_tokens=5, ignore_eos=True)
+    prompts = {k: PROMPTS[k] for k in ("a", "c")}
+    want, _ = run(make_engine(tiny_model, overlap=False), prompts, params)
+    engine = make_engine(tiny_model)
+    side = StaleExpertSide(engine.runner, stale={3, 5}, garbage=want["a"][-1])
+    got, finals = run(engine, prompts, params)
+    assert got == want
+    assert all(f.finish_reason == FinishReason.LENGTH for f in finals.values())
+    assert side.launches >= 7 and engine.num_steps_ahead > 0
+    assert not any(t < 0 for tokens in got.values() for t in tokens)
+    assert_all_freed(engine)

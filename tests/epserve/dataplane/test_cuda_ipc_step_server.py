@@ -189,7 +189,7 @@ def test_a_first_kernel_load_in_a_two_slot_step_does_not_deadlock(at):
     finally:
         server.stop()
         serving.join(30)
-    assert [int(ch.words[STEP_STATUS_SEQ]) for ch in channels] == [2, 2]
+    assert [int(ch.step_status(2)[STEP_STATUS_SEQ]) for ch in channels] == [2, 2]
     assert expert_device.late == [] and attention_device.late == []
     assert took < BUDGET_S, f"two steps took {took:.1f}s: a device wait waited out its budget"
     assert sorted(compute.calls) == sorted((slot, layer) for slot in (0, 1) for layer in range(NUM_LAYERS)
@@ -213,7 +213,8 @@ def test_a_group_is_served_whole_in_whatever_order_its_slots_come():
     thread.start()
 
     def announce(slot: int, seq: int, group: int, size: int) -> None:
-        channels[slot].words[STEP_GROUP], channels[slot].words[STEP_GROUP_SIZE] = group, size
+        header = channels[slot].step_header(seq)
+        header[STEP_GROUP], header[STEP_GROUP_SIZE] = group, size
         items.put((channels[slot], seq))
 
     def served_after(count: int) -> float:

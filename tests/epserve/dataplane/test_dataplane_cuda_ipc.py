@@ -203,7 +203,20 @@ def run_steps(rank: int, dispatcher) -> dict:
                 ex.send(layer + 1, *pair_batch(rank, m, layer + 1))
     for ex in pair:
         ex.finish_step()
-    return {"outs": outs, "stale": stale, "pair": pair_outs}
+    # the overlap schedule: each step announced before the status of the one before it is read (a ring of two)
+    ring_outs, ring_steps = [], []
+    for step, version in ((5, 1), (6, 7), (7, 1)):
+        ring_steps.append(exchange.begin_step(STEP_TOKENS, map_version=version, num_layers=STEP_LAYERS,
+                                              slots_per_worker=SLOTS_PER_WORKER, weight_dtype=torch.float64))
+        for layer in range(STEP_LAYERS):
+            exchange.send(layer, *step_batch(rank, step, layer))
+            ring_outs.append(exchange.receive(layer).clone())
+        if step == 6:
+            ring = {"first": failure(lambda: exchange.finish_step(ring_steps[0]))}
+    ring["second"] = failure(lambda: exchange.finish_step(ring_steps[1]))
+    ring["too_old"] = failure(lambda: exchange.finish_step(ring_steps[0]))
+    ring["third"] = failure(lambda: exchange.finish_step(ring_steps[2]))
+    return {"outs": outs, "stale": stale, "pair": pair_outs, "ring": ring, "ring_outs": ring_outs}
 
 
 def expert_main(rank: int, port: int, results, control) -> None:
@@ -394,6 +407,28 @@ def test_a_step_of_two_micro_batches_announced_as_one_group_equals_local(world) 
                 want = local.combine(local.dispatch(BatchHeader(1, layer, m, STEP_TOKENS - m), hidden, slot_ids,
                                                     weights, SLOTS_PER_WORKER), 1.0)
                 assert torch.equal(got, want), (rank, m, layer)
+
+
+def test_the_step_path_keeps_two_steps_so_the_next_is_announced_before_a_status_is_read(world) -> None:
+    """Steps 5, 6 (a map version the experts do not hold) and 7 on one slot, each announced and run before
+    the status of the one before it is read: each status is its own step's, a status two steps old is gone,
+    and the served steps' partials are the local backend's."""
+    attention, _, _, _ = world
+    for rank in range(NUM_ATTENTION):
+        steps = attention[rank]["steps"]
+        ring = steps["ring"]
+        assert ring["first"] is None and ring["third"] is None, ring
+        assert ring["second"][0] == "StaleMapVersion" and "map version 7" in ring["second"][1], ring
+        assert ring["too_old"][0] == "ValueError", ring
+        for i, got in enumerate(steps["ring_outs"]):
+            step, layer = divmod(i, STEP_LAYERS)
+            if step == 1:
+                continue                                          # the stale step: zeros
+            hidden, slot_ids, weights = step_batch(rank, 5 + step, layer)
+            local = make_dispatcher("local", experts=EXPERTS)
+            want = local.combine(local.dispatch(BatchHeader(1, layer, 1, STEP_TOKENS), hidden, slot_ids, weights,
+                                                SLOTS_PER_WORKER), 1.0)
+            assert torch.equal(got, want), (rank, step, layer)
 
 
 def test_idle_deployment_does_not_spin(world) -> None:
