@@ -121,8 +121,12 @@ class StepExperts:
         return check
 
     def finish_step(self) -> None:
-        """The step's check, now (syncs: its tokens need not be on the host)."""
-        self.end_step()()
+        """The step's check, now (waits for the step's launches on the current stream: its tokens need not
+        be on the host)."""
+        check, device = self.end_step(), self.dispatcher.side.device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()       # the error word's copy has landed
+        check()
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> tuple[int, int]:
         physical = route(self.router, call, expert_map)                                 # [T, K]

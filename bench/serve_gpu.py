@@ -204,8 +204,10 @@ def run_colocated(model_dir: Path, batches: list[int], prompt_len: int, new_toke
 
 
 # -- split: attention and expert processes on one GPU --------------------------------------------
-def run_cuda_ipc(model_dir: Path, batches: list[int], prompt_len: int, new_tokens: int, log) -> list[dict]:
-    """The ``cuda_ipc`` rows: the split deployment and the colocated one through their gateways."""
+def run_cuda_ipc(model_dir: Path, batches: list[int], prompt_len: int, new_tokens: int, log,
+                 overlap_ab: bool = False) -> list[dict]:
+    """The ``cuda_ipc`` rows: the split deployment and the colocated one through their gateways; ``overlap_ab``:
+    the split one again with ``--disable-overlap-schedule`` (rows with overlap_schedule false)."""
     import serve_deployed                                  # bench/ is on sys.path
 
     from epserve.model_config import load_model_spec
@@ -218,16 +220,27 @@ def run_cuda_ipc(model_dir: Path, batches: list[int], prompt_len: int, new_token
     deployed: list[dict] = []
     for mode in ("local", "cuda_ipc"):
         serve_deployed.run_mode(mode, model_dir, args, log, deployed)
+    for r in deployed:
+        r["overlap_schedule"] = True
+    if overlap_ab:
+        before = len(deployed)
+        serve_deployed.run_mode("cuda_ipc", model_dir, argparse.Namespace(**{
+            **vars(args), "up_args": ["--disable-overlap-schedule"], "log_dir": args.log_dir / "no_overlap"}),
+            log, deployed)
+        for r in deployed[before:]:
+            r["overlap_schedule"] = False
     local = {r["batch"]: r for r in deployed if r["mode"] == "local"}
     rows = []
     for r in deployed:
         if r["mode"] == "cuda_ipc":
-            rows.append({"mode": "cuda_ipc", "batch": r["batch"], "step_ms": r["step_ms"], "tok_per_s": r["tok_per_s"],
+            rows.append({"mode": "cuda_ipc", "overlap_schedule": r["overlap_schedule"], "batch": r["batch"],
+                         "step_ms": r["step_ms"], "tok_per_s": r["tok_per_s"],
                          "vs_colocated_deployed": r["tok_per_s"] / local[r["batch"]]["tok_per_s"],
                          "colocated_deployed_step_ms": local[r["batch"]]["step_ms"], "measured": "through the gateway",
                          "logs": str(args.log_dir)})
-            log(f"cuda_ipc B={r['batch']}: {r['step_ms']:.2f} ms/step, {rows[-1]['vs_colocated_deployed']:.2f} x the "
-                f"colocated deployment's tokens/s ({local[r['batch']]['step_ms']:.2f} ms/step)")
+            log(f"cuda_ipc B={r['batch']}{'' if r['overlap_schedule'] else ' (no overlap schedule)'}: "
+                f"{r['step_ms']:.2f} ms/step, {rows[-1]['vs_colocated_deployed']:.2f} x the colocated deployment's "
+                f"tokens/s ({local[r['batch']]['step_ms']:.2f} ms/step)")
     return rows
 
 
@@ -368,8 +381,8 @@ def main() -> int:
                              "qwen3-30b-a3b, colocated for deepseek-v3)")
     parser.add_argument("--deployed-new-tokens", type=int, default=64, help="cuda_ipc: new tokens per stream")
     parser.add_argument("--overlap-ab", action="store_true",
-                        help="colocated: time each batch also without the overlap schedule "
-                             "(rows with overlap_schedule false)")
+                        help="colocated and cuda_ipc: time each batch also without the overlap schedule "
+                             "(rows with overlap_schedule false; cuda_ipc: a second split deployment)")
     parser.add_argument("--name", default=None, help="result file stem (default: serve_gpu_h200 for qwen3-30b-a3b, "
                                                      "serve_gpu_deepseek_v3_h200 for deepseek-v3)")
     args = parser.parse_args()
@@ -411,7 +424,8 @@ def main() -> int:
         ttfts.append(ttft)
     if "cuda_ipc" in args.modes:
         torch.cuda.empty_cache()
-        rows += run_cuda_ipc(model_dir, args.batches, args.prompt_len, args.deployed_new_tokens, log)
+        rows += run_cuda_ipc(model_dir, args.batches, args.prompt_len, args.deployed_new_tokens, log,
+                             overlap_ab=args.overlap_ab)
     measured = {r["batch"]: r for r in rows if r["mode"] == "colocated" and r["overlap_schedule"]}
     for row in rows:        # the same weights and prompts route the same: use the measured expert hits
         if row["mode"] in ("transformers", "cuda_ipc") and row["batch"] in measured:

@@ -196,6 +196,55 @@ def test_a_first_kernel_load_in_a_two_slot_step_does_not_deadlock(at):
                                            for _ in (1, 2))
 
 
+def test_each_step_is_enqueued_before_the_last_ones_status_is_read():
+    """The attention worker's overlap schedule on the model GPU: the attention rank announces step N + 1 and
+    enqueues all its layers before it reads step N's status (the expert's idle poll finds steps 1 and 2
+    announced at once; its first compute call waits for its device). Every step is served, in order, each
+    status read is its own step's, and no device wait runs out of budget."""
+    channels = make_channels()
+    expert_device, attention_device = Device("expert", 2), Device("attention", 1)
+    link = ExpertLink(attention_rank=0, worker=0, shape=SHAPE, device=torch.device("cpu"),
+                      readiness=PollReadiness(),
+                      step_readiness=DeviceFlags(expert_device, lambda ch: expert_device.streams[ch.slot]),
+                      channels=channels, peer=Peer())
+    side = AttentionSide(rank=0, expert_ranks=[1], shape=SHAPE, num_slots=2, device=torch.device("cpu"),
+                         readiness=PollReadiness(),
+                         step_readiness=DeviceFlags(attention_device, lambda ch: attention_device.streams[0]),
+                         channels=[channels], peers=[Peer()])
+    server = CudaIpcExpertServer({0: link}, link_timeout_s=20, idle_sleep_s=0.2)   # an idle poll sleeps long
+    compute = FirstLoadCompute(expert_device, None)
+    serving = threading.Thread(target=server.serve, args=(compute,), daemon=True)
+    serving.start()
+    exchange = StepExchange(side, 0, timeout_s=20)
+    sizes = [4, 8, 3, 8, 1, 5]
+    time.sleep(0.5)                 # the poll is idle: it will find steps 1 and 2 announced at once
+
+    def enqueue(n: int) -> int:
+        step = exchange.begin_step(n, map_version=1, num_layers=NUM_LAYERS, slots_per_worker=SLOTS_PER_WORKER)
+        for layer in range(NUM_LAYERS):
+            exchange.send(layer, *batch(n))
+            exchange.receive(layer)
+        return step
+
+    try:
+        started = time.monotonic()
+        previous = enqueue(sizes[0])
+        for n in sizes[1:]:
+            current = enqueue(n)
+            exchange.finish_step(previous, device_error=None)
+            previous = current
+        exchange.finish_step(previous, device_error=None)
+        attention_device.synchronize()
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+        serving.join(30)
+    assert previous == len(sizes)
+    assert expert_device.late == [] and attention_device.late == []
+    assert took < BUDGET_S, f"{len(sizes)} steps took {took:.1f}s: a device wait waited out its budget"
+    assert compute.calls == [(0, layer) for _ in sizes for layer in range(NUM_LAYERS)]
+
+
 def test_a_group_is_served_whole_in_whatever_order_its_slots_come():
     """Slot 1's announcement may be seen first; a step of one slot is served at once; a group whose
     partner does not come is served without it at the deadline, and the partner alone when it comes."""
