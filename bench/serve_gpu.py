@@ -306,8 +306,8 @@ def run_transformers(model_dir: Path, batches: list[int], prompt_len: int, new_t
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0)
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: F821 - del'd later
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)
             torch.cuda.synchronize()
             return time.perf_counter() - t0
 
@@ -324,7 +324,8 @@ def run_transformers(model_dir: Path, batches: list[int], prompt_len: int, new_t
         step = (full - first) / new_tokens
         # expert hits as if routing were uniform; main() replaces this with the colocated run's count
         hit = spec.num_moe_layers * spec.num_experts * (1 - (1 - spec.num_experts_per_tok / spec.num_experts) ** batch)
-        need = dense_bytes(spec, batch) + expert_bytes(spec, int(hit)) + kv_bytes(spec, int(batch * (prompt_len + new_tokens / 2)))
+        need = (dense_bytes(spec, batch) + expert_bytes(spec, int(hit))
+                + kv_bytes(spec, int(batch * (prompt_len + new_tokens / 2))))
         rows.append({"mode": "transformers", "batch": batch, "step_ms": step * 1e3, "tok_per_s": batch / step,
                      "roofline_frac": need / bandwidth / step, "roofline_ms": need / bandwidth * 1e3,
                      "new_tokens_timed": new_tokens})

@@ -39,9 +39,9 @@ from epserve.dataplane.cuda_ipc_gate import StepGate
 from epserve.dataplane.cuda_ipc_join import ExpertLink
 from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPES, EXPERT_STATE, REQ_DTYPE,
                                                REQ_LAYER, REQ_MAP_VERSION, REQ_MICRO_BATCH, REQ_NUM_TOKENS, REQ_SEQ,
-                                               REQ_TRACE, REQ_WEIGHT_DTYPE, RSP_SEQ, RSP_STATUS, STEP_RING, STEP_SEQ,
-                                               AttentionState, Channel, ExpertState, Flag, Status, read_trace,
-                                               write_status)
+                                               REQ_TRACE, REQ_WEIGHT_DTYPE, RSP_SEQ, RSP_STATUS, STEP_GROUP,
+                                               STEP_RING, STEP_SEQ, AttentionState, Channel, ExpertState, Flag,
+                                               Status, read_trace, write_status)
 from epserve.dataplane.cuda_ipc_peers import Backoff
 
 logger = logging.getLogger(__name__)
@@ -239,18 +239,22 @@ class CudaIpcExpertServer:
     # -- the step path ------------------------------------------------------------------
     def _start_steps(self, compute: ExpertCompute) -> None:
         """Hand each new step announcement (channel, STEP_SEQ) to the step thread of its attention rank, in
-        step order (the ring may hold two not yet seen: the attention rank announces the next step before it
-        reads the last one's status)."""
+        the rank's step order: a channel's ring may hold two not seen yet (the rank announces its next step
+        before it reads the last one's status), and a step's micro-batch slots must reach the thread together
+        (its group number, STEP_GROUP, orders them; ``StepServer`` serves a group whole)."""
         for a, link in self._open.items():
+            fresh: list[tuple[int, int, int, Channel]] = []          # (group, slot, seq, channel)
             for channel in link.channels:
                 seen = self._steps_seen[id(channel)]
-                fresh = sorted(seq for seq in (int(channel.step_header(seen + 1 + i)[STEP_SEQ])
-                                               for i in range(STEP_RING)) if seq > seen)
-                for seq in fresh:
-                    self._step_queue(a, link, compute).put((channel, seq))
-                    self._backoff.reset()
-                if fresh:
-                    self._steps_seen[id(channel)] = fresh[-1]
+                for i in range(STEP_RING):
+                    header = channel.step_header(seen + 1 + i)
+                    seq = int(header[STEP_SEQ])
+                    if seq > seen:
+                        fresh.append((int(header[STEP_GROUP]), channel.slot, seq, channel))
+            for _, _, seq, channel in sorted(fresh, key=lambda item: item[:3]):
+                self._steps_seen[id(channel)] = max(self._steps_seen[id(channel)], seq)
+                self._step_queue(a, link, compute).put((channel, seq))
+                self._backoff.reset()
 
     def _step_queue(self, attention_rank: int, link: ExpertLink, compute: ExpertCompute) -> queue.SimpleQueue:
         """A thread per attention rank, with a stream and flag counters per micro-batch slot (one slot's

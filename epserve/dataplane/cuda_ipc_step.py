@@ -14,8 +14,8 @@ Here the host talks once per step, the layers are device work:
   STEP_SEQ last. Headers and statuses are rings of two (``Channel.step_header(s)``): step s + 1 may
   be announced before step s's status is read (the engine's overlap schedule launches the next
   decode step first); announcing step s + 2 first waits until the expert side has written step s's
-  status (so it has read step s's header; at once in practice). The group: the attention step's number and how many micro-batch slots it announced
-  (``StepExperts`` numbers them; 0: a step of its own).
+  status (so it has read step s's header; at once in practice). The group: the attention step's number
+  and how many micro-batch slots it announced (``StepExperts`` numbers them; 0: a step of its own).
 - attention, device, per layer (what the graph captures): ``send(layer, hidden, slot_ids,
   weights)``: copy all T rows — physical slot ids, not split — into each expert's input
   region of this slot, then ``signal_step(STEP_IN)``; ``receive(layer)``: ``wait_step(STEP_OUT)``

@@ -138,12 +138,12 @@ def batch(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.rand(rows, SHAPE.top_k, dtype=torch.float32))
 
 
-def two_micro_batches(exchanges: list[StepExchange], step: int) -> None:
-    """One attention step of two slots in ``run_micro_batches``' order (every launch on one stream)."""
+def two_micro_batches(exchanges: list[StepExchange], step: int, finish: bool = True) -> list[int]:
+    """One attention step of two slots in ``run_micro_batches``' order (every launch on one stream); → each
+    slot's step number. ``finish``: read the statuses (else the caller does, later)."""
     rows = [SHAPE.max_tokens // 2, SHAPE.max_tokens // 2]
-    for exchange, n in zip(exchanges, rows):
-        exchange.begin_step(n, map_version=1, num_layers=NUM_LAYERS, slots_per_worker=SLOTS_PER_WORKER,
-                            group=step, group_size=2)
+    steps = [exchange.begin_step(n, map_version=1, num_layers=NUM_LAYERS, slots_per_worker=SLOTS_PER_WORKER,
+                                 group=step, group_size=2) for exchange, n in zip(exchanges, rows)]
     for exchange, n in zip(exchanges, rows):
         exchange.send(0, *batch(n))
     for layer in range(NUM_LAYERS):
@@ -151,8 +151,9 @@ def two_micro_batches(exchanges: list[StepExchange], step: int) -> None:
             exchange.receive(layer)
             if layer + 1 < NUM_LAYERS:
                 exchange.send(layer + 1, *batch(n))
-    for exchange in exchanges:
+    for exchange in exchanges if finish else ():
         exchange.finish_step()
+    return steps
 
 
 @pytest.mark.parametrize("at", [None, (0, 0), (1, 0), (0, 3), (1, 2)], ids=lambda at: f"at{at}")
@@ -243,6 +244,44 @@ def test_each_step_is_enqueued_before_the_last_ones_status_is_read():
     assert expert_device.late == [] and attention_device.late == []
     assert took < BUDGET_S, f"{len(sizes)} steps took {took:.1f}s: a device wait waited out its budget"
     assert compute.calls == [(0, layer) for _ in sizes for layer in range(NUM_LAYERS)]
+
+
+def test_two_slot_steps_announced_together_reach_the_step_thread_as_groups():
+    """The overlap schedule with two micro-batches: steps 1 and 2 (each two slots, one group) are announced
+    before the expert's idle poll wakes up, so it finds four announcements at once. Handed on per channel
+    (slot 0's steps 1 and 2, then slot 1's), slot 0's step 1 would be served without its partner, and a
+    compute call waiting for the device at slot 0's layer 2 would wait on the attention stream, which waits
+    behind slot 1's first result, not yet enqueued: device waits run out of budget. In step order, each
+    step's slots are served together and both steps complete."""
+    channels = make_channels()
+    expert_device, attention_device = Device("expert", 2), Device("attention", 1)
+    link = ExpertLink(attention_rank=0, worker=0, shape=SHAPE, device=torch.device("cpu"),
+                      readiness=PollReadiness(),
+                      step_readiness=DeviceFlags(expert_device, lambda ch: expert_device.streams[ch.slot]),
+                      channels=channels, peer=Peer())
+    side = AttentionSide(rank=0, expert_ranks=[1], shape=SHAPE, num_slots=2, device=torch.device("cpu"),
+                         readiness=PollReadiness(),
+                         step_readiness=DeviceFlags(attention_device, lambda ch: attention_device.streams[0]),
+                         channels=[channels], peers=[Peer()])
+    server = CudaIpcExpertServer({0: link}, link_timeout_s=20, idle_sleep_s=0.2)
+    compute = FirstLoadCompute(expert_device, (0, 2))
+    serving = threading.Thread(target=server.serve, args=(compute,), daemon=True)
+    serving.start()
+    exchanges = [StepExchange(side, slot, timeout_s=20) for slot in (0, 1)]
+    time.sleep(0.5)
+    try:
+        started = time.monotonic()
+        announced = [two_micro_batches(exchanges, step, finish=False) for step in (1, 2)]
+        for steps in announced:
+            for exchange, step in zip(exchanges, steps):
+                exchange.finish_step(step, device_error=None)
+        attention_device.synchronize()
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+        serving.join(30)
+    assert expert_device.late == [] and attention_device.late == []
+    assert took < BUDGET_S, f"two steps took {took:.1f}s: a device wait waited out its budget"
 
 
 def test_a_group_is_served_whole_in_whatever_order_its_slots_come():
