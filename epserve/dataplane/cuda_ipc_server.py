@@ -6,7 +6,9 @@ Threads: the thread that calls ``serve`` does everything for per-message request
 thread per attention rank serves that rank's steps on the CUDA-graph path (``cuda_ipc_step_server``,
 started on the rank's first step announcement, blocking on a queue otherwise): every micro-batch slot
 of a step, enqueued in the rank's order (a slot's thread of its own could wait on the host while the
-other slot's kernels waited on it). The threads share one ``StepGate`` (``cuda_ipc_gate``): a graph is
+other slot's kernels waited on it). ``serve`` hands that thread each announcement it has not seen yet
+(each channel's ring holds two), in the rank's step order across its channels (``_start_steps``). The
+threads share one ``StepGate`` (``cuda_ipc_gate``): a graph is
 captured only while no step is in flight on the device. No thread spins: ``serve`` polls the sequence
 numbers of every open channel with ``Backoff`` (idle: one pass per ``idle_sleep_s``, default 2 ms, a
 fraction of a percent of a core).

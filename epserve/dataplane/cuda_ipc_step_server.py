@@ -15,7 +15,8 @@ announced together (STEP_GROUP, STEP_GROUP_SIZE) — and serves each group whole
    0's layer l + 1... (``run_micro_batches``: the rank sends slot 0's layer l + 1 after it received slot
    0's layer l and slot 1's layer l - 1). Each slot's kernels go to a stream of its own, so one slot's
    waits never hold the other's kernels back;
-4. write each slot's step status, STEP_STATUS_SEQ last.
+4. write each slot's step status in the step's ring entry (``Channel.step_status``), STEP_STATUS_SEQ last
+   (on a GPU right after the enqueue: the attention rank reads it with the step's tokens).
 
 Why one thread for all of a rank's slots: on a GPU the host only enqueues a step (device flag waits,
 the compute, the partial's copy and signal), and the attention rank's launches share one stream, so a
