@@ -133,6 +133,38 @@ def make_channels() -> list[Channel]:
                     torch.zeros(SHAPE.data_bytes, dtype=torch.uint8)) for slot in (0, 1)]
 
 
+class ModelWorld:
+    """One attention rank (its two slots' launches on one model stream) and the real expert server serving
+    it (a model stream per slot), over host channels; the server runs ``FirstLoadCompute(at)``."""
+
+    def __init__(self, at, idle_sleep_s: float = 2e-3) -> None:
+        self.channels = make_channels()
+        self.expert, self.attention = Device("expert", 2), Device("attention", 1)
+        link = ExpertLink(attention_rank=0, worker=0, shape=SHAPE, device=torch.device("cpu"),
+                          readiness=PollReadiness(),
+                          step_readiness=DeviceFlags(self.expert, lambda ch: self.expert.streams[ch.slot]),
+                          channels=self.channels, peer=Peer())
+        self.side = AttentionSide(rank=0, expert_ranks=[1], shape=SHAPE, num_slots=2, device=torch.device("cpu"),
+                                  readiness=PollReadiness(),
+                                  step_readiness=DeviceFlags(self.attention, lambda ch: self.attention.streams[0]),
+                                  channels=[self.channels], peers=[Peer()])
+        self.server = CudaIpcExpertServer({0: link}, link_timeout_s=20, idle_sleep_s=idle_sleep_s)
+        self.compute = FirstLoadCompute(self.expert, at)
+        self.serving = threading.Thread(target=self.server.serve, args=(self.compute,), daemon=True)
+        self.serving.start()
+
+    def timed(self, drive) -> float:
+        """Run ``drive()`` (the attention rank's part) and wait for its stream; → seconds. Stops the server."""
+        try:
+            started = time.monotonic()
+            drive()
+            self.attention.synchronize()
+            return time.monotonic() - started
+        finally:
+            self.server.stop()
+            self.serving.join(30)
+
+
 def batch(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.randn(rows, SHAPE.hidden_size), torch.randint(0, SLOTS_PER_WORKER, (rows, SHAPE.top_k)),
             torch.rand(rows, SHAPE.top_k, dtype=torch.float32))
@@ -167,33 +199,13 @@ def test_a_first_kernel_load_in_a_two_slot_step_does_not_deadlock(at):
     slot). Both slots' layers enqueued in the attention's order from one thread: whatever the host waits for
     is already enqueued, and so are its dependencies."""
     torch.manual_seed(0)
-    channels = make_channels()
-    expert_device, attention_device = Device("expert", 2), Device("attention", 1)
-    link = ExpertLink(attention_rank=0, worker=0, shape=SHAPE, device=torch.device("cpu"),
-                      readiness=PollReadiness(),
-                      step_readiness=DeviceFlags(expert_device, lambda ch: expert_device.streams[ch.slot]),
-                      channels=channels, peer=Peer())
-    side = AttentionSide(rank=0, expert_ranks=[1], shape=SHAPE, num_slots=2, device=torch.device("cpu"),
-                         readiness=PollReadiness(),
-                         step_readiness=DeviceFlags(attention_device, lambda ch: attention_device.streams[0]),
-                         channels=[channels], peers=[Peer()])
-    server = CudaIpcExpertServer({0: link}, link_timeout_s=20)
-    compute = FirstLoadCompute(expert_device, at)
-    serving = threading.Thread(target=server.serve, args=(compute,), daemon=True)
-    serving.start()
-    exchanges = [StepExchange(side, slot, timeout_s=20) for slot in (0, 1)]
-    try:
-        started = time.monotonic()
-        for step in (1, 2):
-            two_micro_batches(exchanges, step)
-        took = time.monotonic() - started
-    finally:
-        server.stop()
-        serving.join(30)
-    assert [int(ch.step_status(2)[STEP_STATUS_SEQ]) for ch in channels] == [2, 2]
-    assert expert_device.late == [] and attention_device.late == []
+    world = ModelWorld(at)
+    exchanges = [StepExchange(world.side, slot, timeout_s=20) for slot in (0, 1)]
+    took = world.timed(lambda: [two_micro_batches(exchanges, step) for step in (1, 2)])
+    assert [int(ch.step_status(2)[STEP_STATUS_SEQ]) for ch in world.channels] == [2, 2]
+    assert world.expert.late == [] and world.attention.late == []
     assert took < BUDGET_S, f"two steps took {took:.1f}s: a device wait waited out its budget"
-    assert sorted(compute.calls) == sorted((slot, layer) for slot in (0, 1) for layer in range(NUM_LAYERS)
+    assert sorted(world.compute.calls) == sorted((slot, layer) for slot in (0, 1) for layer in range(NUM_LAYERS)
                                            for _ in (1, 2))
 
 
@@ -202,21 +214,8 @@ def test_each_step_is_enqueued_before_the_last_ones_status_is_read():
     enqueues all its layers before it reads step N's status (the expert's idle poll finds steps 1 and 2
     announced at once; its first compute call waits for its device). Every step is served, in order, each
     status read is its own step's, and no device wait runs out of budget."""
-    channels = make_channels()
-    expert_device, attention_device = Device("expert", 2), Device("attention", 1)
-    link = ExpertLink(attention_rank=0, worker=0, shape=SHAPE, device=torch.device("cpu"),
-                      readiness=PollReadiness(),
-                      step_readiness=DeviceFlags(expert_device, lambda ch: expert_device.streams[ch.slot]),
-                      channels=channels, peer=Peer())
-    side = AttentionSide(rank=0, expert_ranks=[1], shape=SHAPE, num_slots=2, device=torch.device("cpu"),
-                         readiness=PollReadiness(),
-                         step_readiness=DeviceFlags(attention_device, lambda ch: attention_device.streams[0]),
-                         channels=[channels], peers=[Peer()])
-    server = CudaIpcExpertServer({0: link}, link_timeout_s=20, idle_sleep_s=0.2)   # an idle poll sleeps long
-    compute = FirstLoadCompute(expert_device, None)
-    serving = threading.Thread(target=server.serve, args=(compute,), daemon=True)
-    serving.start()
-    exchange = StepExchange(side, 0, timeout_s=20)
+    world = ModelWorld(None, idle_sleep_s=0.2)           # an idle poll sleeps long
+    exchange = StepExchange(world.side, 0, timeout_s=20)
     sizes = [4, 8, 3, 8, 1, 5]
     time.sleep(0.5)                 # the poll is idle: it will find steps 1 and 2 announced at once
 
@@ -227,23 +226,19 @@ def test_each_step_is_enqueued_before_the_last_ones_status_is_read():
             exchange.receive(layer)
         return step
 
-    try:
-        started = time.monotonic()
+    def drive() -> None:
         previous = enqueue(sizes[0])
         for n in sizes[1:]:
             current = enqueue(n)
             exchange.finish_step(previous, device_error=None)
             previous = current
         exchange.finish_step(previous, device_error=None)
-        attention_device.synchronize()
-        took = time.monotonic() - started
-    finally:
-        server.stop()
-        serving.join(30)
-    assert previous == len(sizes)
-    assert expert_device.late == [] and attention_device.late == []
+        assert previous == len(sizes)
+
+    took = world.timed(drive)
+    assert world.expert.late == [] and world.attention.late == []
     assert took < BUDGET_S, f"{len(sizes)} steps took {took:.1f}s: a device wait waited out its budget"
-    assert compute.calls == [(0, layer) for _ in sizes for layer in range(NUM_LAYERS)]
+    assert world.compute.calls == [(0, layer) for _ in sizes for layer in range(NUM_LAYERS)]
 
 
 def test_two_slot_steps_announced_together_reach_the_step_thread_as_groups():
@@ -253,34 +248,18 @@ def test_two_slot_steps_announced_together_reach_the_step_thread_as_groups():
     compute call waiting for the device at slot 0's layer 2 would wait on the attention stream, which waits
     behind slot 1's first result, not yet enqueued: device waits run out of budget. In step order, each
     step's slots are served together and both steps complete."""
-    channels = make_channels()
-    expert_device, attention_device = Device("expert", 2), Device("attention", 1)
-    link = ExpertLink(attention_rank=0, worker=0, shape=SHAPE, device=torch.device("cpu"),
-                      readiness=PollReadiness(),
-                      step_readiness=DeviceFlags(expert_device, lambda ch: expert_device.streams[ch.slot]),
-                      channels=channels, peer=Peer())
-    side = AttentionSide(rank=0, expert_ranks=[1], shape=SHAPE, num_slots=2, device=torch.device("cpu"),
-                         readiness=PollReadiness(),
-                         step_readiness=DeviceFlags(attention_device, lambda ch: attention_device.streams[0]),
-                         channels=[channels], peers=[Peer()])
-    server = CudaIpcExpertServer({0: link}, link_timeout_s=20, idle_sleep_s=0.2)
-    compute = FirstLoadCompute(expert_device, (0, 2))
-    serving = threading.Thread(target=server.serve, args=(compute,), daemon=True)
-    serving.start()
-    exchanges = [StepExchange(side, slot, timeout_s=20) for slot in (0, 1)]
+    world = ModelWorld((0, 2), idle_sleep_s=0.2)
+    exchanges = [StepExchange(world.side, slot, timeout_s=20) for slot in (0, 1)]
     time.sleep(0.5)
-    try:
-        started = time.monotonic()
+
+    def drive() -> None:
         announced = [two_micro_batches(exchanges, step, finish=False) for step in (1, 2)]
         for steps in announced:
             for exchange, step in zip(exchanges, steps):
                 exchange.finish_step(step, device_error=None)
-        attention_device.synchronize()
-        took = time.monotonic() - started
-    finally:
-        server.stop()
-        serving.join(30)
-    assert expert_device.late == [] and attention_device.late == []
+
+    took = world.timed(drive)
+    assert world.expert.late == [] and world.attention.late == []
     assert took < BUDGET_S, f"two steps took {took:.1f}s: a device wait waited out its budget"
 
 
