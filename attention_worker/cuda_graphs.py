@@ -73,6 +73,7 @@ class DecodeGraphs:
         self._hosts = [torch.zeros(NUM_FIELDS * max_bs, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._num_replays = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.workers: tuple[int, ...] | None = None        # the expert workers the graphs exchange with (step path)
         self.logits = torch.empty(max_bs, runner.model.spec.vocab_size, dtype=torch.float32, device=runner.device)
 
     @property
@@ -101,6 +102,7 @@ class DecodeGraphs:
         """Warm up and capture every bucket (largest first, so smaller ones reuse its memory)."""
         start = time.perf_counter()
         self.runner.executor.prepare(expert_map, self.runner.device)
+        self.workers = self.runner.executor.step_workers(expert_map)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
         for bucket in reversed(self.buckets):

@@ -1,4 +1,5 @@
-"""Elastic EP on the attention side: redo an interrupted MoE layer instead of failing the step.
+"""Elastic EP on the attention side: redo an interrupted MoE layer (``RemoteExperts``) or step (the cuda_ipc
+step path, ``StepExperts.recover``) instead of failing the step.
 
 Threads: placement's watch thread ``publish``es every committed map to the ``MapBoard``; the
 engine thread reads it and waits on it inside ``ElasticRecovery.recover``.
@@ -98,8 +99,8 @@ class ElasticRecovery:
                 try:
                     self.reconnect(peer)
                     self.num_recoveries += 1
-                    logger.info("redoing the layer under map version %d: rank %d is alive, its link formed anew",
-                                failed.version, peer)
+                    logger.info("redoing the failed exchange under map version %d: rank %d is alive, its link "
+                                "formed anew", failed.version, peer)
                     return failed
                 except PeerLost as exc:
                     reason = f"PeerLost: {exc}"
@@ -121,5 +122,5 @@ class ElasticRecovery:
         if self._adopted is None or newest.version > self._adopted.version:
             self._adopted = newest
             self.on_adopt(newest)
-        logger.info("redoing the layer under map version %d (was %d)", newest.version, failed.version)
+        logger.info("redoing the failed exchange under map version %d (was %d)", newest.version, failed.version)
         return newest

@@ -56,7 +56,7 @@ from epserve.sampling import FinishReason, SamplingParams, TokenLogprob
 from epserve.attention_worker.scheduler import ScheduledChunk, Scheduler
 from epserve.attention_worker.sequence import Sequence
 from epserve.attention_worker.step_guard import GuardedStep, collect, describe, run_guarded
-from epserve.dataplane.base import StaleMapVersion
+from epserve.dataplane.base import DataPlaneTimeout, PeerLost, StaleMapVersion
 from epserve.expert_map import ExpertMap
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
 from epserve.status_error import StatusCode, StatusError
@@ -342,11 +342,12 @@ class Engine:
                 guarded = collect(chunks, launched.pending.result())
             except AssertionError:
                 raise
-            except StaleMapVersion as exc:
-                guarded = self._redo(launched, exc)
-            except Exception as exc:  # noqa: BLE001 - the device failed the step: every request in it fails
-                logger.error("step of %d sequence(s) failed: %s", len(chunks), describe(exc), exc_info=exc)
-                guarded = GuardedStep(errors={i: describe(exc) for i in range(len(chunks))})
+            except Exception as exc:  # noqa: BLE001 - redone, or the device failed the step: its requests fail
+                if self._redoable(exc):
+                    guarded = self._redo(launched, exc)
+                else:
+                    logger.error("step of %d sequence(s) failed: %s", len(chunks), describe(exc), exc_info=exc)
+                    guarded = GuardedStep(errors={i: describe(exc) for i in range(len(chunks))})
         for i, (chunk, complete) in enumerate(zip(chunks, launched.completes)):
             seq = chunk.seq
             if seq.finished:
@@ -383,15 +384,24 @@ class Engine:
         self.num_steps += 1
         return outputs
 
-    def _redo(self, launched: LaunchedStep, stale: StaleMapVersion) -> GuardedStep:
+    def _redoable(self, exc: Exception) -> bool:
+        """A launched step's failure that running it again can cure: an expert worker that does not hold the
+        step's map yet, or (elastic EP, ``executor.recover``) one that was lost or late."""
+        if isinstance(exc, StaleMapVersion):
+            return True
+        return isinstance(exc, (PeerLost, DataPlaneTimeout)) and getattr(self.executor, "recovery", None) is not None
+
+    def _redo(self, launched: LaunchedStep, failure: Exception) -> GuardedStep:
         """A step launched without waiting for its expert workers' status (the overlap schedule) that one of
-        them could not serve: it does not hold the step's map version yet (loading it, or restarted). The
-        step's tokens are not valid, so the step launched ahead of it, which read them, is waited out and
-        undone (its placeholders, cached counts and new KV blocks), and this step runs again under the step
-        guard; the runner repeats it until the workers hold the map (``GpuStepRunner.run``)."""
+        them could not serve: it does not hold the step's map version yet (loading it, or restarted), or it
+        was lost (elastic EP). The step's tokens are not valid, so the step launched ahead of it, which read
+        them, is waited out and undone (its placeholders, cached counts and new KV blocks), and this step
+        runs again under the step guard; the runner repeats it until the workers hold the map, or under the
+        map placement re-placed a lost worker's experts with (``GpuStepRunner.run``)."""
         ahead, self._launched = self._launched, None
-        logger.warning("a step of %d sequence(s) ran before an expert worker held its map (%s); running it again%s",
-                       len(launched.chunks), stale, " (and dropping the step launched ahead of it)" if ahead else "")
+        logger.warning("a step of %d sequence(s) failed on the expert side (%s); running it again%s",
+                       len(launched.chunks), describe(failure),
+                       " (and dropping the step launched ahead of it)" if ahead else "")
         if ahead is not None:
             try:
                 if ahead.pending is not None:

@@ -48,7 +48,7 @@ from epserve.attention_worker.moe_executor import MoEExecutor, run_micro_batches
 from epserve.attention_worker.sampler import SampledTokens
 from epserve.attention_worker.scheduler import ScheduledChunk
 from epserve.attention_worker.sequence import Sequence
-from epserve.dataplane.base import StaleMapVersion
+from epserve.dataplane.base import DataPlaneTimeout, PeerLost, StaleMapVersion
 from epserve.expert_map import ExpertMap
 from epserve.models.decoder import ForwardBatch
 from epserve.models.qwen3_moe import Qwen3MoeAttentionSide
@@ -90,7 +90,9 @@ class GpuStepRunner:
     # -- the step ------------------------------------------------------------------------
     def run(self, chunks: list[ScheduledChunk], expert_map: ExpertMap) -> SampledTokens:
         """The sampled token of each completing chunk, in chunk order (and its logprobs if asked). A step an
-        expert worker could not serve yet (``StaleMapVersion``: it is still loading this map) runs again."""
+        expert worker could not serve yet (``StaleMapVersion``: it is still loading this map) runs again, and
+        so does one that lost an expert worker when the executor recovers (elastic EP: under the map placement
+        re-placed the lost worker's experts with; ``executor.recover`` raises when nothing does)."""
         deadline = time.monotonic() + STALE_RETRY_TIMEOUT_S
         while True:
             try:
@@ -99,7 +101,9 @@ class GpuStepRunner:
                 if time.monotonic() + STALE_RETRY_S > deadline:
                     raise
                 time.sleep(STALE_RETRY_S)
-                self.forget_sampled(chunks)
+            except (PeerLost, DataPlaneTimeout) as exc:     # elastic EP: the map placement re-placed experts with
+                expert_map = self.executor.recover(exc, expert_map)              # raises exc if none recovers it
+            self.forget_sampled(chunks)
 
     def forget_sampled(self, chunks: list[ScheduledChunk]) -> None:
         """Before a step runs again: the sampler's record of the tokens these sequences have seen is rebuilt
@@ -128,6 +132,8 @@ class GpuStepRunner:
         self._apply_block_table_updates(self._block_table_updates(chunks))
         decode = all(chunk.num_tokens == 1 for chunk in chunks)
         graphed = decode and self.graphs is not None and self.graphs.captured and len(chunks) <= self.graphs.max_bs
+        if graphed and self.graphs.workers != self.executor.step_workers(expert_map):
+            self._capture_again(expert_map)
         if graphed:
             logits = self.graphs.replay(chunks, expert_map)                           # [B, V]
         else:
@@ -138,6 +144,21 @@ class GpuStepRunner:
         check = self.executor.end_step()
         completing = [chunk.seq for chunk in chunks if chunk.completes]
         return PendingTokens(*self.sampler.sample_on_device(logits, completing), check=check)
+
+    def _capture_again(self, expert_map: ExpertMap) -> None:
+        """The decode graphs hold the expert workers they were captured with: after elastic EP left a lost one
+        out, capture them again (seconds; the step waits). Never with a step in flight (its check would
+        read statuses the capture's warm-up steps replaced): a step launched ahead fails to launch instead."""
+        from epserve.attention_worker.cuda_graphs import DecodeGraphs
+
+        workers = self.executor.step_workers(expert_map)
+        if self._previous is not None:
+            raise RuntimeError(f"the step's expert workers changed ({self.graphs.workers} -> {workers}) while a "
+                               f"step was in flight: not launched ahead")
+        logger.warning("the expert workers of a step changed (%s -> %s): capturing the decode graphs again",
+                       self.graphs.workers, workers)
+        self.graphs = DecodeGraphs(self, self.graphs.max_bs)
+        self.graphs.capture(expert_map)
 
     def warmup(self, expert_map: ExpertMap) -> None:
         """Capture the decode graphs (start-up: seconds, so no request waits for it)."""

@@ -64,6 +64,13 @@ class MoEExecutor(Protocol):
 
     def finish_step(self) -> None: ...
 
+    # Elastic EP on the step path: the expert workers a step under a map goes to (None: not announced per
+    # step; a decode graph holds that set, so it is captured again when the set changes), and the map to
+    # redo a step with after an expert worker was lost or late (raises the error when none recovers it).
+    def step_workers(self, expert_map: ExpertMap) -> tuple[int, ...] | None: ...
+
+    def recover(self, error: Exception, expert_map: ExpertMap) -> ExpertMap: ...
+
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> object: ...
 
     def combine(self, handle: object) -> torch.Tensor: ...
@@ -99,6 +106,12 @@ class NoStepHooks:
 
     def finish_step(self) -> None:
         pass
+
+    def step_workers(self, expert_map: ExpertMap) -> tuple[int, ...] | None:
+        return None
+
+    def recover(self, error: Exception, expert_map: ExpertMap) -> ExpertMap:
+        raise error
 
 
 def _nothing_to_check() -> None:

@@ -42,13 +42,18 @@ On a CPU device (tests) the same calls run through host shared memory and wait o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from epserve.attention_worker.expert_routing import ExpertRouter
 from epserve.attention_worker.moe_executor import LoadSink, route
+from epserve.dataplane.base import DataPlaneTimeout, PeerLost
 from epserve.expert_map import ExpertMap
 from epserve.models.decoder import MoECall
+
+if TYPE_CHECKING:
+    from epserve.attention_worker.elastic import ElasticRecovery
 
 WEIGHT_DTYPE = torch.float32       # the GPU routing kernels give float32 top-k weights
 GPU_TWO_MICRO_BATCHES_ENV = "EPSERVE_GPU_TWO_MICRO_BATCHES"
@@ -65,11 +70,13 @@ class StepExperts:
 
     def __init__(self, dispatcher, router: ExpertRouter, num_moe_layers: int, timeout_s: float,
                  record_load: LoadSink | None = None, num_micro_batches: int = 1,
-                 gpu_two_micro_batches: bool = False) -> None:
+                 gpu_two_micro_batches: bool = False, recovery: ElasticRecovery | None = None) -> None:
         """``dispatcher``: a ``CudaIpcDispatcher`` (``make_dispatcher("cuda_ipc", ...)``) with at least
         ``num_micro_batches`` channel slots; micro-batch i goes through slot i. ``gpu_two_micro_batches``:
-        allow two on a GPU (``EPSERVE_GPU_TWO_MICRO_BATCHES=1``; refused otherwise, not yet proven there)."""
-        self.dispatcher, self.router, self.record_load = dispatcher, router, record_load
+        allow two on a GPU (``EPSERVE_GPU_TWO_MICRO_BATCHES=1``; refused otherwise, not yet proven there).
+        ``recovery`` (elastic EP): ``recover`` gives the map to redo a step with after an expert worker was
+        lost or late."""
+        self.dispatcher, self.router, self.record_load, self.recovery = dispatcher, router, record_load, recovery
         self.num_moe_layers = num_moe_layers
         if not 1 <= num_micro_batches <= dispatcher.side.num_slots:
             raise ValueError(f"{num_micro_batches} micro-batches on cuda_ipc channels of "
@@ -79,25 +86,55 @@ class StepExperts:
         self.step_micro_batches = num_micro_batches     # how many the GPU runner splits a decode step into
         self.exchanges = [dispatcher.step_exchange(slot, timeout_s) for slot in range(num_micro_batches)]
         self._announced: list[int] = []                 # the current step's number in each exchange it uses
+        self._workers: tuple[int, ...] | None = None    # the last step's expert workers (a capture's too)
+        self._workers_of: tuple[int, tuple[int, ...]] | None = None     # (map version, its workers)
         self.num_steps = 0                              # steps announced: each one's number is its group
         self.capturable = dispatcher.side.device.type == "cuda"    # device flags; host waits on a CPU
 
+    def effective(self, expert_map: ExpertMap) -> ExpertMap:
+        """The map steps route with: ``expert_map``, or a newer one the recovery adopted since."""
+        return expert_map if self.recovery is None else self.recovery.effective(expert_map)
+
+    def step_workers(self, expert_map: ExpertMap) -> tuple[int, ...]:
+        """The expert workers a step under ``expert_map`` goes to: those with a filled slot. A worker that
+        died, once elastic EP moved its experts away (placement's re-placed map empties its slots), gets
+        nothing sent and nothing awaited; so a decode graph captured with it must be captured again."""
+        expert_map = self.effective(expert_map)
+        if self._workers_of is None or self._workers_of[0] != expert_map.version:
+            num_layers, num_slots = expert_map.phy2log.shape
+            filled = (expert_map.phy2log >= 0).view(num_layers, num_slots // expert_map.slots_per_worker, -1)
+            workers = tuple(int(w) for w in filled.any(dim=2).any(dim=0).nonzero().flatten())
+            self._workers_of = (expert_map.version, workers)
+        return self._workers_of[1]
+
+    def recover(self, error: Exception, expert_map: ExpertMap) -> ExpertMap:
+        """A step under ``expert_map`` failed with ``error`` (``PeerLost``, ``DataPlaneTimeout``): → the map to
+        redo it with (elastic EP: placement re-places a lost worker's experts; ``ElasticRecovery.recover``
+        waits for that map); raises ``error`` without recovery or when no map came in time."""
+        if self.recovery is None or not isinstance(error, (PeerLost, DataPlaneTimeout)):
+            raise error
+        return self.recovery.recover(self.effective(expert_map), error)
+
     def prepare(self, expert_map: ExpertMap, device: torch.device) -> None:
-        self.router.prepare(expert_map, device)
+        self.router.prepare(self.effective(expert_map), device)
 
     def begin_step(self, sizes: list[int], expert_map: ExpertMap) -> None:
         """``sizes``: the tokens of each micro-batch of the step (one entry: one micro-batch)."""
         self._check(sizes)
+        expert_map = self.effective(expert_map)
+        self._workers = self.step_workers(expert_map)
         self.num_steps += 1
         self._announced = [
             exchange.begin_step(num_tokens, expert_map.version, self.num_moe_layers, expert_map.slots_per_worker,
-                                weight_dtype=WEIGHT_DTYPE, group=self.num_steps, group_size=len(sizes))
+                                weight_dtype=WEIGHT_DTYPE, group=self.num_steps, group_size=len(sizes),
+                                workers=self._workers)
             for exchange, num_tokens in zip(self.exchanges, sizes)]
 
     def expect_step(self, sizes: list[int]) -> None:
+        """Before capturing: the shapes of the step, to the workers of the last ``begin_step``."""
         self._check(sizes)
         for exchange, num_tokens in zip(self.exchanges, sizes):
-            exchange.expect_step(num_tokens, WEIGHT_DTYPE)
+            exchange.expect_step(num_tokens, WEIGHT_DTYPE, self._workers)
 
     def end_step(self) -> Callable[[], None]:
         """Host, after the step's launches: → its check (call it once the step's tokens are on the host; it
@@ -129,7 +166,7 @@ class StepExperts:
         check()
 
     def dispatch(self, call: MoECall, expert_map: ExpertMap, micro_batch: int) -> tuple[int, int]:
-        physical = route(self.router, call, expert_map)                                 # [T, K]
+        physical = route(self.router, call, self.effective(expert_map))                # [T, K]
         if self.record_load is not None:
             self.record_load(call.moe_layer, physical)
         self.exchanges[micro_batch].send(call.moe_layer, call.hidden, physical, call.topk_weights.to(WEIGHT_DTYPE))

@@ -182,17 +182,18 @@ class AttentionWorker:
             dist_init_addr=data_plane.dist_init_addr, expert_ranks=_expert_ranks(data_plane),
             timeout_s=config.dataplane_timeout_s, **options)
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
-        if data_plane.backend == "cuda_ipc" and resolved_attention_backend(config.limits, config.device) == "triton":
-            # the batched runner announces each step once and captures the per-layer hand-offs
-            logger.info("expert exchange: the cuda_ipc step path (one announcement per step)")
-            return StepExperts(self._dispatcher, router, self.spec.num_moe_layers, config.dataplane_timeout_s,
-                               record_load=self.recorder.record, num_micro_batches=config.limits.num_micro_batches or 1,
-                               gpu_two_micro_batches=config.gpu_two_micro_batches)
         recovery = None
         if elastic:
             reconnect = getattr(self._dispatcher, "reconnect", None)    # the torch data plane re-forms links
             recovery = ElasticRecovery(self.board, self._report_suspicion, reconnect, self._ack_commit_later,
                                        config.elastic_ep_recovery_timeout_s)
+        if data_plane.backend == "cuda_ipc" and resolved_attention_backend(config.limits, config.device) == "triton":
+            # the batched runner announces each step once and captures the per-layer hand-offs; with elastic EP a
+            # step that lost an expert worker is redone under the map placement re-places its experts with
+            logger.info("expert exchange: the cuda_ipc step path (one announcement per step)")
+            return StepExperts(self._dispatcher, router, self.spec.num_moe_layers, config.dataplane_timeout_s,
+                               record_load=self.recorder.record, num_micro_batches=config.limits.num_micro_batches or 1,
+                               gpu_two_micro_batches=config.gpu_two_micro_batches, recovery=recovery)
         return RemoteExperts(self._dispatcher, router, config.dataplane_timeout_s, record_load=self.recorder.record,
                              tracing=self.tracing, on_timeout=self._timeout_counter(data_plane), recovery=recovery)
 

@@ -83,14 +83,20 @@ class StepExchange:
         self._spin_budget = spin_budget(timeout_s, side.device)     # a fused receive's wait: the whole timeout
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=side.device)    # copy_and_signal's counter
         self._map_versions = [0] * STEP_RING                        # each ring entry's step's map version
+        everyone = tuple(range(len(self.channels)))
+        self.workers = everyone                                     # the current step's expert workers
+        self._entry_workers = [everyone] * STEP_RING                # each ring entry's step's workers
+        self._announced = [[0] * STEP_RING for _ in self.channels]  # per worker, per entry: the last step there
 
     def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
                    trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32, group: int = 0,
-                   group_size: int = 1) -> int:
-        """Host, before the step's launches (or its graph replay): announce it to every expert rank (→ its
+                   group_size: int = 1, workers: tuple[int, ...] | None = None) -> int:
+        """Host, before the step's launches (or its graph replay): announce it to the expert ranks (→ its
         step number, for ``finish_step``). ``group``: the attention step's number (> 0) when ``group_size``
         slots are announced together for it (the expert side starts them together); 0: this slot's step
-        alone."""
+        alone. ``workers``: the expert workers (indexes) the step goes to, ascending; None: all. A worker
+        whose slots the map leaves empty (one that died, after elastic EP re-placed its experts) is left
+        out: nothing is sent to it or awaited from it."""
         if not 0 < num_tokens <= self.side.shape.max_tokens:
             raise ValueError(f"a step of {num_tokens} tokens; the cuda_ipc channels hold 1 to "
                              f"{self.side.shape.max_tokens} (the attention worker's --max-num-batched-tokens)")
@@ -98,19 +104,20 @@ class StepExchange:
             raise ValueError(f"bad step: {num_layers} layers, {slots_per_worker} slots per worker, {weight_dtype}")
         if group < 0 or not 1 <= group_size <= self.side.num_slots:
             raise ValueError(f"bad step group {group} of {group_size} slots ({self.side.num_slots} per channel row)")
-        for worker in range(len(self.channels)):
+        workers = self._check_workers(workers)
+        for worker in workers:
             reason = self._gone(worker)
             if reason:
                 rank = self.side.expert_ranks[worker]
                 raise PeerLost(f"expert rank {rank} is unreachable ({reason}); step not announced", peer_rank=rank)
         step = self.step + 1
-        if step > STEP_RING:
-            self._await_ring_entry(step)
-        self.step = step
+        self._await_ring_entry(step, workers)
+        self.step, self.workers = step, workers
         self.num_tokens, self.weight_dtype = num_tokens, weight_dtype
         self.counter.fill_(step)
-        for channel in self.channels:
-            words = channel.step_header(step)
+        for worker in workers:
+            self._announced[worker][step % STEP_RING] = step
+            words = self.channels[worker].step_header(step)
             words[STEP_NUM_TOKENS], words[STEP_MAP_VERSION] = num_tokens, map_version
             words[STEP_NUM_LAYERS] = num_layers
             words[STEP_SLOTS_PER_WORKER] = slots_per_worker
@@ -119,13 +126,27 @@ class StepExchange:
             words[STEP_GROUP], words[STEP_GROUP_SIZE] = group, group_size
             words[STEP_SEQ] = step                               # last
         self._map_versions[step % STEP_RING] = map_version
+        self._entry_workers[step % STEP_RING] = workers
         return step
 
-    def _await_ring_entry(self, step: int) -> None:
-        """Before announcing ``step`` in the entry step - STEP_RING used: wait until every expert rank wrote
-        that step's status (it read that header; a step that was never finished is dropped here)."""
-        old, deadline = step - STEP_RING, time.monotonic() + self.timeout_s
-        for worker, channel in enumerate(self.channels):
+    def _check_workers(self, workers: tuple[int, ...] | None) -> tuple[int, ...]:
+        if workers is None:
+            return tuple(range(len(self.channels)))
+        workers = tuple(workers)
+        if not workers or list(workers) != sorted(set(workers)) or not 0 <= workers[0] <= workers[-1] < len(
+                self.channels):
+            raise ValueError(f"a step's expert workers must be distinct ascending indexes below "
+                             f"{len(self.channels)}; got {workers}")
+        return workers
+
+    def _await_ring_entry(self, step: int, workers: tuple[int, ...]) -> None:
+        """Before announcing ``step`` in a ring entry: wait until each of its expert ranks wrote the status of
+        the step announced to it there before (it read that header; a step never finished is dropped here)."""
+        deadline = time.monotonic() + self.timeout_s
+        for worker in workers:
+            old, channel = self._announced[worker][step % STEP_RING], self.channels[worker]
+            if not old:
+                continue
             status = channel.step_status(old)
             try:
                 done = wait_until(lambda: int(status[STEP_STATUS_SEQ]) >= old, deadline, lambda: self._gone(worker))
@@ -137,13 +158,15 @@ class StepExchange:
                 raise DataPlaneTimeout(f"expert rank {rank} has not finished step {old} within {self.timeout_s}s; "
                                        f"step {step} not announced", peer_rank=rank, micro_batch=self.slot)
 
-    def expect_step(self, num_tokens: int, weight_dtype: torch.dtype = torch.float32) -> None:
-        """Host: the shapes of the next ``send``/``receive`` calls, announcing nothing — for capturing
-        them in a CUDA graph (nothing runs then; each replay is preceded by a ``begin_step``)."""
+    def expect_step(self, num_tokens: int, weight_dtype: torch.dtype = torch.float32,
+                    workers: tuple[int, ...] | None = None) -> None:
+        """Host: the shapes and expert workers of the next ``send``/``receive`` calls, announcing nothing —
+        for capturing them in a CUDA graph (nothing runs then; each replay is preceded by a ``begin_step``
+        with the same workers)."""
         if not 0 < num_tokens <= self.side.shape.max_tokens or weight_dtype not in DTYPE_CODES:
             raise ValueError(f"a step of {num_tokens} tokens ({weight_dtype}); the channels hold 1 to "
                              f"{self.side.shape.max_tokens}")
-        self.num_tokens, self.weight_dtype = num_tokens, weight_dtype
+        self.num_tokens, self.weight_dtype, self.workers = num_tokens, weight_dtype, self._check_workers(workers)
 
     def send(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
         """hidden [T, D], slot_ids [T, K] physical (-1 = none), weights [T, K]: launches only."""
@@ -154,7 +177,7 @@ class StepExchange:
                              f"[T, {self.side.shape.top_k}] {self.weight_dtype}; got {tuple(hidden.shape)}, "
                              f"{tuple(slot_ids.shape)}, {tuple(weights.shape)} {weights.dtype}")
         readiness = self.side.step_readiness
-        for channel in self.channels:
+        for channel in (self.channels[worker] for worker in self.workers):
             if self.fused:                   # one launch: the three copies, then the flag
                 readiness.copy_and_signal_step(channel, Flag.STEP_IN, self.counter, layer, [
                     (hidden.contiguous(), channel.hidden[:t]), (slot_ids.contiguous(), channel.slot_ids[:t]),
@@ -167,19 +190,20 @@ class StepExchange:
 
     def receive(self, layer: int) -> torch.Tensor:
         """→ out [T, D]: every worker's partial of ``layer``, added in worker order. Launches only on GPUs."""
-        t = self.num_tokens
-        single = len(self.channels) == 1           # one partial: the float32 sum of it alone is the partial
+        t, workers = self.num_tokens, self.workers
+        single = len(workers) == 1                 # one partial: the float32 sum of it alone is the partial
         if single and self.fused:                  # one launch: the wait, then the partial's copy
+            only = self.channels[workers[0]]
             out = torch.empty(t, self.side.shape.hidden_size, dtype=self.side.shape.dtype, device=self.side.device)
-            self.side.step_readiness.wait_and_copy_step(self.channels[0], Flag.STEP_OUT, self.counter, layer,
-                                                        self._spin_budget, self.side.expert_ranks[0],
-                                                        self.channels[0].partial[:t], out)
+            self.side.step_readiness.wait_and_copy_step(only, Flag.STEP_OUT, self.counter, layer,
+                                                        self._spin_budget, self.side.expert_ranks[workers[0]],
+                                                        only.partial[:t], out)
             return out
         out = None if single else torch.zeros(t, self.side.shape.hidden_size, dtype=self._acc_dtype,
                                               device=self.side.device)
         deadline = time.monotonic() + self.timeout_s
-        for worker, channel in enumerate(self.channels):
-            rank = self.side.expert_ranks[worker]
+        for worker in workers:
+            channel, rank = self.channels[worker], self.side.expert_ranks[worker]
             try:
                 ready = self.side.step_readiness.wait_step(channel, Flag.STEP_OUT, self.counter, layer, deadline,
                                                       lambda: self._gone(worker), rank)
@@ -206,8 +230,8 @@ class StepExchange:
                              f"last {STEP_RING}")
         deadline = time.monotonic() + self.timeout_s
         errors: list[Exception] = []
-        for worker, channel in enumerate(self.channels):
-            rank, words = self.side.expert_ranks[worker], channel.step_status(step)
+        for worker in self._entry_workers[step % STEP_RING]:
+            rank, words = self.side.expert_ranks[worker], self.channels[worker].step_status(step)
             try:
                 done = wait_until(lambda: int(words[STEP_STATUS_SEQ]) == step, deadline,
                                   lambda: self._gone(worker))

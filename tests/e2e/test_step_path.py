@@ -189,3 +189,59 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant (Triton interpreter)")
+def test_an_expert_worker_lost_on_the_step_path(tiny_model, tmp_path, monkeypatch):
+    """Elastic EP on the step path: kill -9 one of three expert workers while four greedy streams decode.
+    Placement re-places its experts on the survivors; the attention worker redoes the failed step under that
+    map, the lost worker left out of every step from then on, and every completion equals the colocated
+    engine's, none failed."""
+    import signal
+    import socket
+
+    from epserve.deployment import LocalDeployment
+    from epserve.deployment_config import DeploymentConfig
+    from epserve.gateway.client import stream_generate
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    expected = dict(zip(PROMPTS, colocated_texts(tiny_model, CPU_ARGS, {"TRITON_INTERPRET": "1"})))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        placement_port = sock.getsockname()[1]
+    config = DeploymentConfig(
+        model_path=str(tiny_model), num_attention_workers=1, num_expert_workers=3, num_redundant_experts=4,
+        dtype="float32", moe_a2a_backend="cuda_ipc", attention_backend="triton", placement_port=placement_port,
+        state_db=str(tmp_path / "placement.db"), log_dir=str(tmp_path / "logs"),
+        extra_placement_args=["--elastic-ep-backend", "placement"])
+    prompts = PROMPTS * 2
+    texts: dict[int, str] = {}
+    errors: list[str] = []
+    arrivals = [0] * len(prompts)
+
+    def stream(index: int, gateway: str) -> None:
+        parts = []
+        try:
+            for response in stream_generate(gateway, prompts[index], max_new_tokens=12, temperature=0.0,
+                                            timeout_s=300):
+                parts.append(response.text)
+                arrivals[index] += len(response.token_ids)
+            texts[index] = "".join(parts)
+        except grpc.RpcError as exc:
+            errors.append(f"stream {index}: {exc.code().name} {exc.details()}")
+
+    with LocalDeployment(config) as deployment:
+        gateway = f"127.0.0.1:{deployment.gateway_port}"
+        threads = [threading.Thread(target=stream, args=(i, gateway), daemon=True) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: min(arrivals) >= 2 or not any(t.is_alive() for t in threads), 300, "the streams")
+        victim = next(c for c in deployment.children if c.name == "expert-1").process
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        for thread in threads:
+            thread.join(timeout=300)
+        attention_log = (tmp_path / "logs" / "attention-0.log").read_text()
+    assert errors == []
+    assert {i: texts.get(i) for i in range(len(prompts))} == {i: expected[p] for i, p in enumerate(prompts)}
+    assert "redoing the failed exchange under map version" in attention_log     # the recovery adopted a new map

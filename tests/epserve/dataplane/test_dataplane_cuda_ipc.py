@@ -216,7 +216,23 @@ def run_steps(rank: int, dispatcher) -> dict:
     ring["second"] = failure(lambda: exchange.finish_step(ring_steps[1]))
     ring["too_old"] = failure(lambda: exchange.finish_step(ring_steps[0]))
     ring["third"] = failure(lambda: exchange.finish_step(ring_steps[2]))
-    return {"outs": outs, "stale": stale, "pair": pair_outs, "ring": ring, "ring_outs": ring_outs}
+    # a step to expert worker 0 alone (what a map that empties worker 1's slots gives), twice, then to both
+    subset_outs = []
+    for step, workers in ((8, (0,)), (9, (0,)), (10, None)):
+        exchange.begin_step(STEP_TOKENS, map_version=1, num_layers=STEP_LAYERS, slots_per_worker=SLOTS_PER_WORKER,
+                            weight_dtype=torch.float64, workers=workers)
+        for layer in range(STEP_LAYERS):
+            exchange.send(layer, *subset_batch(rank, step, layer))
+            subset_outs.append(exchange.receive(layer).clone())
+        exchange.finish_step()
+    return {"outs": outs, "stale": stale, "pair": pair_outs, "ring": ring, "ring_outs": ring_outs,
+            "subset_outs": subset_outs}
+
+
+def subset_batch(rank: int, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 8 and 9 route only to worker 0's slots; step 10 anywhere."""
+    return make_batch(batch_seed(rank, 400 + 10 * step + layer), STEP_TOKENS,
+                      pattern="only0" if step < 10 else "random")
 
 
 def expert_main(rank: int, port: int, results, control) -> None:
@@ -425,6 +441,22 @@ def test_the_step_path_keeps_two_steps_so_the_next_is_announced_before_a_status_
             if step == 1:
                 continue                                          # the stale step: zeros
             hidden, slot_ids, weights = step_batch(rank, 5 + step, layer)
+            local = make_dispatcher("local", experts=EXPERTS)
+            want = local.combine(local.dispatch(BatchHeader(1, layer, 1, STEP_TOKENS), hidden, slot_ids, weights,
+                                                SLOTS_PER_WORKER), 1.0)
+            assert torch.equal(got, want), (rank, step, layer)
+
+
+def test_a_step_goes_to_the_expert_workers_it_names_and_the_others_catch_up(world) -> None:
+    """Two steps to worker 0 alone (its tokens route nowhere else), then one to both: worker 1 skipped two
+    step numbers and its ring entries still hold older steps; every partial is the local backend's."""
+    attention, _, _, _ = world
+    for rank in range(NUM_ATTENTION):
+        outs = attention[rank]["steps"]["subset_outs"]
+        assert len(outs) == 3 * STEP_LAYERS
+        for i, got in enumerate(outs):
+            step, layer = 8 + i // STEP_LAYERS, i % STEP_LAYERS
+            hidden, slot_ids, weights = subset_batch(rank, step, layer)
             local = make_dispatcher("local", experts=EXPERTS)
             want = local.combine(local.dispatch(BatchHeader(1, layer, 1, STEP_TOKENS), hidden, slot_ids, weights,
                                                 SLOTS_PER_WORKER), 1.0)
