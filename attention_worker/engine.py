@@ -159,9 +159,9 @@ class Engine:
         self.overlap = (hasattr(self.runner, "launch") and getattr(executor, "overlappable", False)
                         and not limits.disable_overlap_schedule and (recorder is None or not recorder.exact_passes))
         if hasattr(self.runner, "launch"):
+            overlappable = getattr(executor, "overlappable", False)
             why_not = ("--disable-overlap-schedule" if limits.disable_overlap_schedule
-                       else "the expert workers answer each layer on the host" if not getattr(executor, "overlappable",
-                                                                                               False)
+                       else "the expert workers answer each layer on the host" if not overlappable
                        else "the expert-load record counts each pass apart" if not self.overlap else "")
             logger.info("overlap schedule: %s", f"off ({why_not})" if why_not else "on")
         self._launched: LaunchedStep | None = None        # started, not finished (at most one)
@@ -420,8 +420,13 @@ class Engine:
                 if blocks:
                     del seq.block_table[-len(blocks):]
                     allocator.free(blocks)
-        self.runner.forget_sampled(launched.chunks)
-        return run_guarded(self.runner, launched.chunks, self._expert_map)
+        keep = [i for i, chunk in enumerate(launched.chunks) if not chunk.seq.finished]   # aborted: blocks freed
+        chunks = [launched.chunks[i] for i in keep]
+        self.runner.forget_sampled(chunks)
+        redone = run_guarded(self.runner, chunks, self._expert_map) if chunks else GuardedStep()
+        return GuardedStep(tokens={keep[j]: t for j, t in redone.tokens.items()},
+                           logprobs={keep[j]: lp for j, lp in redone.logprobs.items()},
+                           errors={keep[j]: e for j, e in redone.errors.items()})
 
     def _finish_launched(self) -> list[StepOutput]:
         launched, self._launched = self._launched, None

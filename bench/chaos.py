@@ -237,6 +237,12 @@ def main() -> None:
     parser.add_argument("--expert-workers", type=int, default=4)
     parser.add_argument("--redundant-experts", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--moe-a2a-backend", default="torch", choices=("torch", "cuda_ipc"),
+                        help="the data plane (cuda_ipc on the CPU: host shared memory; a restarted or added cuda_ipc "
+                             "expert worker cannot be reached, so schedule only kills and drains with it)")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="triton with cuda_ipc: the step path GPUs run (on the CPU under TRITON_INTERPRET=1, "
+                             "which this sets)")
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="SECONDS:ACTION:PROCESS,...")
     parser.add_argument("--window-s", type=float, default=10.0, help="waits ending this long after a fault count")
     parser.add_argument("--settle-s", type=float, default=10.0, help="chaos phase goes on this long after the last")
@@ -252,8 +258,10 @@ def main() -> None:
     config = DeploymentConfig(
         model_path=str(model), num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers,
         num_redundant_experts=args.redundant_experts, dtype=args.dtype, placement_port=free_port(),
-        state_db=str(work / "placement.db"), log_dir=str(work / "logs"),
-        extra_placement_args=["--elastic-ep-backend", "placement"])
+        state_db=str(work / "placement.db"), log_dir=str(work / "logs"), moe_a2a_backend=args.moe_a2a_backend,
+        attention_backend=args.attention_backend, extra_placement_args=["--elastic-ep-backend", "placement"])
+    if args.attention_backend == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"          # the deployment's processes inherit it
     prompts = [f"Stream {i}: the {w} said" for i, w in enumerate(WORDS * 2)]
     load_average = os.getloadavg()[0]
     with LocalDeployment(config) as deployment:

@@ -258,3 +258,18 @@ def test_a_stale_step_runs_again_and_the_step_launched_ahead_of_it_is_undone(tin
     assert side.launches >= 7 and engine.num_steps_ahead > 0
     assert not any(t < 0 for tokens in got.values() for t in tokens)
     assert_all_freed(engine)
+
+
+def test_a_request_aborted_while_its_stale_step_ran_is_not_run_again(tiny_model, caplog):
+    """Launch 3 is stale and request c is aborted before its tokens are read (its blocks freed, its row given
+    back): the step runs again without c — no step of a retired sequence, no request run alone to find
+    a culprit — and a's tokens are a run's without faults."""
+    prompts = {k: PROMPTS[k] for k in ("a", "c")}
+    want, _ = run(make_engine(tiny_model, overlap=False), {"a": PROMPTS["a"]})
+    engine = make_engine(tiny_model)
+    StaleExpertSide(engine.runner, stale={3}, garbage=want["a"][-1])
+    got, finals = run(engine, prompts, events={2: ("abort", "c")})
+    assert got["a"] == want["a"]
+    assert finals["c"].finish_reason == FinishReason.ABORT
+    assert "running each alone" not in caplog.text and "failed on the expert side" in caplog.text
+    assert_all_freed(engine)
