@@ -60,8 +60,11 @@ class HostSegment:
     def open(cls, description: dict) -> HostSegment:
         path, nbytes = Path(description["path"]), int(description["nbytes"])
         if not path.exists():
-            raise FileNotFoundError(f"shared segment {path} is gone: the cuda_ipc data plane needs every worker on "
-                                    "one host, seeing the same /dev/shm (containers: --ipc=host)")
+            raise FileNotFoundError(f"shared segment {path} is gone. Its attention worker removes the name once "
+                                    "every expert worker of the deployment has joined, so an expert worker restarted "
+                                    "or added later cannot join a running cuda_ipc deployment (restart the "
+                                    "deployment, or use --moe-a2a-backend torch); at start-up, every worker must be "
+                                    "on one host and see the same /dev/shm (containers: --ipc=host)")
         return cls(path, nbytes, owner=False)
 
     def describe(self) -> dict:

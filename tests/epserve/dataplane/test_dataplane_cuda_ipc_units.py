@@ -173,3 +173,15 @@ def test_backoff_spins_then_sleeps_up_to_its_cap() -> None:
     start = time.perf_counter()
     backoff.pause()
     assert 1.5e-3 <= time.perf_counter() - start < 20e-3
+
+
+def test_a_segment_whose_name_is_gone_says_why_a_late_expert_worker_cannot_join():
+    """An attention worker removes its segment's name once every expert worker joined: an expert worker
+    restarted later fails its join with a message that says so (not only the container hint)."""
+    from epserve.dataplane.cuda_ipc_memory import HostSegment
+
+    segment = HostSegment.create(4096, "test")
+    description = segment.describe()
+    segment.unlink()
+    with pytest.raises(FileNotFoundError, match="restarted or added later cannot join a running cuda_ipc"):
+        HostSegment.open(description)
