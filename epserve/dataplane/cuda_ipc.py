@@ -145,15 +145,27 @@ class CudaIpcDispatcher:
                            f"{header.micro_batch} not sent", peer_rank=rank)
 
     def _gone(self, worker: int, slot: int) -> str:
-        """Why expert ``worker`` cannot answer any more, or ""."""
+        """Why expert ``worker`` cannot answer any more, or "" (a restarted process that joined again is taken:
+        ``AttentionSide.readmit``)."""
+        rank = self.side.expert_ranks[worker]
+        if not self.side.peers[worker].alive():
+            if not self.side.readmit(worker):
+                return self._lost.get(worker) or f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
+            self._lost.pop(worker, None)
         if worker in self._lost:
             return self._lost[worker]
-        rank = self.side.expert_ranks[worker]
         if int(self.side.channels[worker][slot].words[EXPERT_STATE]) == ExpertState.STOPPED:
             return f"expert rank {rank} stopped serving"
-        if not self.side.peers[worker].alive():
-            return f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
         return ""
+
+    def reconnect(self, peer_rank: int) -> None:
+        """Elastic EP: expert ``peer_rank`` is alive by placement's probe: its channels are fixed, so there is
+        nothing to form again unless it is a restarted process, taken once it joined. Raises PeerLost while
+        it cannot answer."""
+        worker = self.side.expert_ranks.index(peer_rank)
+        reason = self._gone(worker, 0)
+        if reason:
+            raise PeerLost(f"expert rank {peer_rank} cannot answer yet: {reason}", peer_rank=peer_rank)
 
     def _send(self, link: _Link, header: BatchHeader, hidden: torch.Tensor, share: WorkerShare) -> _Exchange:
         channel, n = link.channel, share.num_tokens
@@ -269,3 +281,4 @@ class CudaIpcDispatcher:
                 channel.words[ATTENTION_STATE] = AttentionState.CLOSED
         for peer in self.side.peers:
             peer.close()
+        self.side.close()

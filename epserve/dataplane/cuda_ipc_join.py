@@ -10,17 +10,22 @@ Attention rank a (``join_attention``), the only side that allocates:
 2. publishes ``attention/a``: its process, the channel shape, M, the expert ranks, the
    readiness kind and the memory descriptions (``cuda_ipc_memory``);
 3. waits for every expert's ``expert/e`` (its process, watched for liveness from then on) and
-   ``opened/e/a`` (e mapped a's memory, or the error that stopped it), then unlinks the file.
+   ``opened/e/a`` (e mapped a's memory, or the error that stopped it); the file keeps its name until
+   the attention rank closes (an expert rank restarted later maps it again).
 Expert rank e (``join_expert``): publishes ``expert/e``, then for each a waits for
 ``attention/a``, maps it, publishes ``opened/e/a``.
 
 Every wait shares the join deadline (``timeout_s``) and fails with DataPlaneTimeout naming the
-missing rank. A rank joins once: keys are not versioned, so a restarted worker needs a
-restarted deployment (as with the torch backend).
+missing rank. An expert rank whose process was restarted joins again the same way: it publishes
+``expert/e`` and ``opened/e/a`` anew (with its process), and the attention rank, finding its old peer
+gone, takes the new one (``AttentionSide.readmit``); the attention rank keeps its control segment's
+name until it closes for that (``cuda_ipc_memory.sweep_stale_segments`` removes those of killed
+ones). A restarted attention rank needs a restarted deployment.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from epserve.dataplane.base import BackendUnavailable
-from epserve.dataplane.cuda_ipc_layout import CTRL_BYTES, Channel, ChannelShape, Flag
+from epserve.dataplane.cuda_ipc_layout import CTRL_BYTES, EXPERT_STATE, Channel, ChannelShape, ExpertState, Flag
 from epserve.dataplane.cuda_ipc_memory import CudaSegment, HostSegment, IpcEvents
 from epserve.dataplane.cuda_ipc_peers import PeerProcess, connect_store, fetch, process_identity, publish
 from epserve.dataplane.cuda_ipc_readiness import Readiness, check_readiness, make_readiness, make_step_readiness
@@ -51,6 +56,51 @@ class AttentionSide:
     channels: list[list[Channel]]
     peers: list[PeerProcess]
     keep_alive: list = field(default_factory=list)   # segments and events the channels view
+    store: object = None                              # the rendezvous store (an expert rank joining again)
+    epochs: list[int] = field(default_factory=list)  # per worker: how many times a new process took it over
+
+    def __post_init__(self) -> None:
+        self.epochs = self.epochs or [0] * len(self.expert_ranks)
+
+    def readmit(self, worker: int) -> bool:
+        """Expert ``worker``'s process is gone: → True when a new process took its rank and mapped this
+        rank's channels again (``join_expert`` of a restarted expert worker; its ``opened`` key names it),
+        which then becomes the peer (``epochs[worker]`` counts up: ring bookkeeping starts over)."""
+        rank = self.expert_ranks[worker]
+        key = f"opened/{rank}/{self.rank}"
+        try:
+            if self.store is None or not self.store.check([key]):
+                return False
+            opened = json.loads(self.store.get(key).decode("utf-8"))
+        except Exception:  # noqa: BLE001 - the store unreachable: nobody can join now
+            return False
+        identity = opened.get("process")
+        old = self.peers[worker]
+        if not opened.get("ok") or not identity or (int(identity["pid"]), int(identity["start_time"])) == (
+                old.pid, old.start_time):
+            return False
+        try:
+            peer = PeerProcess(identity, rank)
+        except ValueError:                          # that one is gone too
+            return False
+        if not peer.alive():
+            peer.close()
+            return False
+        old.close()
+        self.peers[worker] = peer
+        self.epochs[worker] += 1
+        for channel in self.channels[worker]:       # the old process's last word; the new one says SERVING
+            if int(channel.words[EXPERT_STATE]) == ExpertState.STOPPED:
+                channel.words[EXPERT_STATE] = ExpertState.JOINING
+        logger.info("expert rank %d joined again (pid %d): attention rank %d serves it from its next step",
+                    rank, peer.pid, self.rank)
+        return True
+
+    def close(self) -> None:
+        """Remove the control segment's name (mappings stay valid)."""
+        for segment in self.keep_alive:
+            if isinstance(segment, HostSegment):
+                segment.unlink()
 
 
 @dataclass
@@ -98,6 +148,7 @@ def join_attention(rank: int, expert_ranks: Sequence[int], dist_init_addr: str, 
     ctrl_bytes, data_bytes = num_channels * CTRL_BYTES, num_channels * shape.data_bytes
     on_host = device.type != "cuda"
     host = HostSegment.create(ctrl_bytes + (data_bytes if on_host else 0), f"a{rank}")
+    joined = False
     try:
         gpu = None if on_host else CudaSegment.create(data_bytes, device)
         events = IpcEvents.create(2 * num_channels, device) if kind == "events" else None
@@ -119,13 +170,15 @@ def join_attention(rank: int, expert_ranks: Sequence[int], dist_init_addr: str, 
             if not opened["ok"]:
                 raise BackendUnavailable(f"expert rank {e} could not map attention rank {rank}'s cuda_ipc channels: "
                                          f"{opened['error']}")
+        joined = True
     finally:
-        host.unlink()
+        if not joined:      # else kept until close(): a restarted expert rank maps it again
+            host.unlink()
     logger.info("attention rank %d joined the cuda_ipc data plane: %d expert ranks x %d slots, %s memory, "
                 "readiness %s, %d tokens max", rank, len(expert_ranks), num_slots, device, kind, shape.max_tokens)
     messages = make_readiness(kind, device)
     return AttentionSide(rank, list(expert_ranks), shape, num_slots, device, messages,
-                         make_step_readiness(messages, device), channels, peers, [host, gpu, events])
+                         make_step_readiness(messages, device), channels, peers, [host, gpu, events], store)
 
 
 def join_expert(rank: int, attention_ranks: Sequence[int], dist_init_addr: str,
@@ -143,7 +196,7 @@ def join_expert(rank: int, attention_ranks: Sequence[int], dist_init_addr: str,
             publish(store, f"opened/{rank}/{a}", {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
             raise BackendUnavailable(f"expert rank {rank} cannot map attention rank {a}'s cuda_ipc channels: "
                                      f"{exc}") from exc
-        publish(store, f"opened/{rank}/{a}", {"ok": True})
+        publish(store, f"opened/{rank}/{a}", {"ok": True, "process": process_identity()})
     logger.info("expert rank %d joined the cuda_ipc data plane with attention ranks %s", rank, list(attention_ranks))
     return links
 
@@ -164,6 +217,8 @@ def _open_link(rank: int, attention_rank: int, desc: dict) -> ExpertLink:
     events = IpcEvents.open(desc["events"]) if desc["events"] is not None else None
     channels = _carve(attention_rank, worker, num_slots, shape, host.tensor[:ctrl_bytes], data,
                       events.events if events is not None else None)
+    for channel in channels:
+        channel.mark_joined()           # before ``opened`` is published: the attention rank sends after it
     messages = make_readiness(desc["readiness"], device)
     return ExpertLink(attention_rank, worker, shape, device, messages, make_step_readiness(messages, device), channels,
                       peer, [host, gpu, events])

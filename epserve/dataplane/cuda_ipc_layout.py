@@ -169,6 +169,14 @@ class Channel:
         flags_at = 2 * hb + 2 * cb
         self._flags = data[flags_at:flags_at + len(Flag) * FLAG_STRIDE_BYTES].view(torch.int64)
         self.events: dict[Flag, object] = {}       # readiness 'events': Flag.REQUEST/REPLY → torch.cuda.Event
+        # expert side: the last request and step announced before this process mapped the channel (a restarted
+        # expert worker serves only what comes after: ``cuda_ipc_join.join_expert``)
+        self.joined_at: tuple[int, int] = (0, 0)
+
+    def mark_joined(self) -> None:
+        """Expert side, at the join: what is already in the channel is not for this process."""
+        last_step = max(int(self.step_header(i)[STEP_SEQ]) for i in range(STEP_RING))
+        self.joined_at = (int(self.words[REQ_SEQ]), last_step)
 
     def weights(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """The weight section as [n, K] of ``dtype`` (itemsize <= 8)."""

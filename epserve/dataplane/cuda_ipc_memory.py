@@ -38,6 +38,36 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"))
 
 
+def _pid_namespace() -> int:
+    """This process's PID namespace (containers sharing /dev/shm may not share it)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def sweep_stale_segments(directory: Path) -> None:
+    """Remove segment files whose creator process is gone. An attention worker keeps its segment's name
+    while it runs (an expert worker restarted later maps it again) and removes it when it closes; one that
+    was killed leaves it behind, and the next one to create a segment on this host removes it. Only files
+    made in this PID namespace are judged (a pid means nothing in another)."""
+    namespace = str(_pid_namespace())
+    for path in directory.glob(f"epserve-ipc-*-{namespace}-*-*"):
+        parts = path.name.split("-")
+        try:
+            pid = int(parts[-2])
+        except (ValueError, IndexError):
+            continue
+        if parts[-3] != namespace:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:                 # another user's live process
+            pass
+
+
 class HostSegment:
     """uint8 [nbytes] in a shared file. ``create`` on one side, ``open(describe())`` on the other."""
 
@@ -48,7 +78,8 @@ class HostSegment:
     @classmethod
     def create(cls, nbytes: int, tag: str) -> HostSegment:
         directory = SHM_DIR if SHM_DIR.is_dir() else Path(tempfile.gettempdir())
-        path = directory / f"epserve-ipc-{tag}-{uuid.uuid4().hex[:12]}"
+        sweep_stale_segments(directory)
+        path = directory / f"epserve-ipc-{tag}-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, nbytes)
@@ -60,11 +91,11 @@ class HostSegment:
     def open(cls, description: dict) -> HostSegment:
         path, nbytes = Path(description["path"]), int(description["nbytes"])
         if not path.exists():
-            raise FileNotFoundError(f"shared segment {path} is gone. Its attention worker removes the name once "
-                                    "every expert worker of the deployment has joined, so an expert worker restarted "
-                                    "or added later cannot join a running cuda_ipc deployment (restart the "
-                                    "deployment, or use --moe-a2a-backend torch); at start-up, every worker must be "
-                                    "on one host and see the same /dev/shm (containers: --ipc=host)")
+            raise FileNotFoundError(f"shared segment {path} is gone: the attention worker that made it has "
+                                    "stopped (a restarted attention worker needs a restarted cuda_ipc deployment), "
+                                    "or this process does not see its /dev/shm: every worker of a cuda_ipc "
+                                    "deployment must be on one host and see the same /dev/shm (containers: "
+                                    "--ipc=host)")
         return cls(path, nbytes, owner=False)
 
     def describe(self) -> dict:

@@ -85,8 +85,8 @@ class CudaIpcExpertServer:
         self.links, self.link_timeout_s, self.batch_window_s = links, link_timeout_s, batch_window_s
         self.step_graphs = step_graphs
         self.compute_device = torch.device(compute_device) if compute_device is not None else None
-        self._served = {id(ch): 0 for link in links.values() for ch in link.channels}
-        self._steps_seen = {id(ch): 0 for link in links.values() for ch in link.channels}
+        self._served = {id(ch): ch.joined_at[0] for link in links.values() for ch in link.channels}
+        self._steps_seen = {id(ch): ch.joined_at[1] for link in links.values() for ch in link.channels}
         self._open = dict(links)              # attention rank → link, while that rank may send
         self._stopping = threading.Event()
         # On a GPU the poll's latency is on every step's critical path (the attention side's first layer

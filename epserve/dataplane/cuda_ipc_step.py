@@ -87,6 +87,7 @@ class StepExchange:
         self.workers = everyone                                     # the current step's expert workers
         self._entry_workers = [everyone] * STEP_RING                # each ring entry's step's workers
         self._announced = [[0] * STEP_RING for _ in self.channels]  # per worker, per entry: the last step there
+        self._epochs = list(side.epochs)                            # per worker: the process the above is about
 
     def begin_step(self, num_tokens: int, map_version: int, num_layers: int, slots_per_worker: int,
                    trace_context: bytes = b"", weight_dtype: torch.dtype = torch.float32, group: int = 0,
@@ -261,10 +262,15 @@ class StepExchange:
             raise errors[0]
 
     def _gone(self, worker: int) -> str:
+        """Why expert ``worker`` cannot answer, or "". A restarted process that joined again is taken
+        (``AttentionSide.readmit``): the ring entries its predecessor never answered are forgotten."""
         rank, channel = self.side.expert_ranks[worker], self.channels[worker]
+        if not self.side.peers[worker].alive() and not self.side.readmit(worker):
+            return f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
+        if self._epochs[worker] != self.side.epochs[worker]:
+            self._epochs[worker] = self.side.epochs[worker]
+            self._announced[worker] = [0] * STEP_RING
         if int(channel.words[EXPERT_STATE]) == ExpertState.STOPPED:
             return f"expert rank {rank} stopped serving"
-        if not self.side.peers[worker].alive():
-            return f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
         return ""
 

@@ -192,17 +192,21 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant (Triton interpreter)")
-def test_an_expert_worker_lost_on_the_step_path(tiny_model, tmp_path, monkeypatch):
-    """Elastic EP on the step path: kill -9 one of three expert workers while four greedy streams decode.
-    Placement re-places its experts on the survivors; the attention worker redoes the failed step under that
-    map, the lost worker left out of every step from then on, and every completion equals the colocated
-    engine's, none failed."""
+def test_an_expert_worker_lost_and_restarted_on_the_step_path(tiny_model, tmp_path, monkeypatch):
+    """Elastic EP on the step path. Wave 1: kill -9 one of three expert workers while four greedy streams
+    decode; placement re-places its experts on the survivors, the attention worker redoes the failed step
+    under that map and leaves the lost worker out of every step from then on. Then the worker is started
+    again (its own command): it maps the attention worker's channels again, placement gives it experts, and
+    the attention worker takes the new process. Wave 2 runs with it serving. Every completion of both waves
+    equals the colocated engine's, none failed."""
     import signal
     import socket
+    import subprocess
 
-    from epserve.deployment import LocalDeployment
+    from epserve.deployment import Child, LocalDeployment
     from epserve.deployment_config import DeploymentConfig
     from epserve.gateway.client import stream_generate
+    from epserve.protos import placement_pb2, placement_pb2_grpc
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     expected = dict(zip(PROMPTS, colocated_texts(tiny_model, CPU_ARGS, {"TRITON_INTERPRET": "1"})))
@@ -215,33 +219,65 @@ def test_an_expert_worker_lost_on_the_step_path(tiny_model, tmp_path, monkeypatc
         state_db=str(tmp_path / "placement.db"), log_dir=str(tmp_path / "logs"),
         extra_placement_args=["--elastic-ep-backend", "placement"])
     prompts = PROMPTS * 2
-    texts: dict[int, str] = {}
-    errors: list[str] = []
-    arrivals = [0] * len(prompts)
 
-    def stream(index: int, gateway: str) -> None:
-        parts = []
-        try:
-            for response in stream_generate(gateway, prompts[index], max_new_tokens=12, temperature=0.0,
-                                            timeout_s=300):
-                parts.append(response.text)
-                arrivals[index] += len(response.token_ids)
-            texts[index] = "".join(parts)
-        except grpc.RpcError as exc:
-            errors.append(f"stream {index}: {exc.code().name} {exc.details()}")
+    def wave(gateway: str, fault=None) -> tuple[dict[int, str], list[str]]:
+        texts: dict[int, str] = {}
+        errors: list[str] = []
+        arrivals = [0] * len(prompts)
 
-    with LocalDeployment(config) as deployment:
-        gateway = f"127.0.0.1:{deployment.gateway_port}"
-        threads = [threading.Thread(target=stream, args=(i, gateway), daemon=True) for i in range(len(prompts))]
+        def stream(index: int) -> None:
+            parts = []
+            try:
+                for response in stream_generate(gateway, prompts[index], max_new_tokens=12, temperature=0.0,
+                                                timeout_s=300):
+                    parts.append(response.text)
+                    arrivals[index] += len(response.token_ids)
+                texts[index] = "".join(parts)
+            except grpc.RpcError as exc:
+                errors.append(f"stream {index}: {exc.code().name} {exc.details()}")
+
+        threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(prompts))]
         for thread in threads:
             thread.start()
-        wait_until(lambda: min(arrivals) >= 2 or not any(t.is_alive() for t in threads), 300, "the streams")
-        victim = next(c for c in deployment.children if c.name == "expert-1").process
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=10)
+        if fault is not None:
+            wait_until(lambda: min(arrivals) >= 2 or not any(t.is_alive() for t in threads), 300, "the streams")
+            fault()
         for thread in threads:
             thread.join(timeout=300)
+        return texts, errors
+
+    want = {i: expected[p] for i, p in enumerate(prompts)}
+    with LocalDeployment(config) as deployment:
+        gateway = f"127.0.0.1:{deployment.gateway_port}"
+        victim = next(c for c in deployment.children if c.name == "expert-1").process
+        command = list(victim.args)
+
+        def kill() -> None:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+
+        texts, errors = wave(gateway, kill)
+        assert errors == [] and texts == want
+
+        log = open(tmp_path / "logs" / "expert-1-restarted.log", "ab")
+        restarted = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        deployment.children.append(Child("expert-1", restarted))
+        threading.Thread(target=lambda: [None for _ in restarted.stdout], daemon=True).start()
+        with grpc.insecure_channel(f"127.0.0.1:{placement_port}") as channel:
+            admin = placement_pb2_grpc.PlacementAdminStub(channel)
+
+            def holds_experts() -> bool:
+                view = admin.GetPlacement(placement_pb2.GetPlacementRequest(), timeout=10).map
+                owners, per = list(view.slot_owners), view.num_physical_slots // len(view.slot_owners)
+                start = owners.index("expert-1") * per
+                return any(view.phy2log[layer * view.num_physical_slots + start + j] >= 0
+                           for layer in range(view.num_layers) for j in range(per))
+
+            wait_until(holds_experts, 120, "the restarted expert worker to hold experts")
+        texts, errors = wave(gateway)
+        assert restarted.poll() is None, "the restarted expert worker exited"
         attention_log = (tmp_path / "logs" / "attention-0.log").read_text()
-    assert errors == []
-    assert {i: texts.get(i) for i in range(len(prompts))} == {i: expected[p] for i, p in enumerate(prompts)}
+    assert errors == [] and texts == want
     assert "redoing the failed exchange under map version" in attention_log     # the recovery adopted a new map
+    assert "joined again" in attention_log                                       # and took the new process
+

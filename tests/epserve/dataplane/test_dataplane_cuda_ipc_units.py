@@ -175,13 +175,31 @@ def test_backoff_spins_then_sleeps_up_to_its_cap() -> None:
     assert 1.5e-3 <= time.perf_counter() - start < 20e-3
 
 
-def test_a_segment_whose_name_is_gone_says_why_a_late_expert_worker_cannot_join():
-    """An attention worker removes its segment's name once every expert worker joined: an expert worker
-    restarted later fails its join with a message that says so (not only the container hint)."""
+def test_a_segment_whose_name_is_gone_says_why():
+    """A segment's name goes when its attention worker stops: an expert worker joining then is told so (not
+    only the container hint)."""
     from epserve.dataplane.cuda_ipc_memory import HostSegment
 
     segment = HostSegment.create(4096, "test")
     description = segment.describe()
     segment.unlink()
-    with pytest.raises(FileNotFoundError, match="restarted or added later cannot join a running cuda_ipc"):
+    with pytest.raises(FileNotFoundError, match="the attention worker that made it has stopped"):
         HostSegment.open(description)
+
+
+def test_segments_of_dead_creators_are_swept_and_live_ones_kept(tmp_path):
+    """A killed attention worker's segment name is removed by the next creator in its PID namespace; a live
+    creator's, another namespace's and a foreign file are kept."""
+    from epserve.dataplane.cuda_ipc_memory import _pid_namespace, sweep_stale_segments
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    namespace = _pid_namespace()
+    names = {"dead": f"epserve-ipc-a0-{namespace}-{dead.pid}-0123456789ab",
+             "live": f"epserve-ipc-a0-{namespace}-{os.getpid()}-0123456789ab",
+             "other namespace": f"epserve-ipc-a0-{namespace + 1}-{dead.pid}-0123456789ab",
+             "old name": "epserve-ipc-a0-0123456789ab", "foreign": "something-else"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    sweep_stale_segments(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")
