@@ -199,6 +199,23 @@ def test_an_expert_worker_lost_and_restarted_on_the_step_path(tiny_model, tmp_pa
     again (its own command): it maps the attention worker's channels again, placement gives it experts, and
     the attention worker takes the new process. Wave 2 runs with it serving. Every completion of both waves
     equals the colocated engine's, none failed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lose_and_restart_an_expert_worker(tiny_model, tmp_path, CPU_ARGS, {"TRITON_INTERPRET": "1"},
+                                      dict(dtype="float32", attention_backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_expert_worker_lost_and_restarted_on_one_gpu(tiny_model, tmp_path):
+    """The same on one GPU: device flags, both sides in CUDA graphs (the attention worker's decode graphs are
+    captured again when the lost worker is left out and when the restarted one comes back), the restarted
+    process opening the attention worker's GPU memory from its IPC handle."""
+    lose_and_restart_an_expert_worker(tiny_model, tmp_path, GPU_ARGS, {}, dict(dtype="bfloat16", device="cuda"))
+    assert "capturing the decode graphs again" in (tmp_path / "logs" / "attention-0.log").read_text()
+
+
+def lose_and_restart_an_expert_worker(tiny_model, tmp_path, model_args: list[str], extra_env: dict[str, str],
+                                      deployment_options: dict) -> None:
     import signal
     import socket
     import subprocess
@@ -208,16 +225,15 @@ def test_an_expert_worker_lost_and_restarted_on_the_step_path(tiny_model, tmp_pa
     from epserve.gateway.client import stream_generate
     from epserve.protos import placement_pb2, placement_pb2_grpc
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    expected = dict(zip(PROMPTS, colocated_texts(tiny_model, CPU_ARGS, {"TRITON_INTERPRET": "1"})))
+    expected = dict(zip(PROMPTS, colocated_texts(tiny_model, model_args, extra_env)))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         placement_port = sock.getsockname()[1]
     config = DeploymentConfig(
         model_path=str(tiny_model), num_attention_workers=1, num_expert_workers=3, num_redundant_experts=4,
-        dtype="float32", moe_a2a_backend="cuda_ipc", attention_backend="triton", placement_port=placement_port,
-        state_db=str(tmp_path / "placement.db"), log_dir=str(tmp_path / "logs"),
-        extra_placement_args=["--elastic-ep-backend", "placement"])
+        moe_a2a_backend="cuda_ipc", placement_port=placement_port, state_db=str(tmp_path / "placement.db"),
+        log_dir=str(tmp_path / "logs"), extra_placement_args=["--elastic-ep-backend", "placement"],
+        **deployment_options)
     prompts = PROMPTS * 2
 
     def wave(gateway: str, fault=None) -> tuple[dict[int, str], list[str]]:
