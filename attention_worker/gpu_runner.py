@@ -132,8 +132,9 @@ class GpuStepRunner:
         self._apply_block_table_updates(self._block_table_updates(chunks))
         decode = all(chunk.num_tokens == 1 for chunk in chunks)
         graphed = decode and self.graphs is not None and self.graphs.captured and len(chunks) <= self.graphs.max_bs
-        if graphed and self.graphs.workers != self.executor.step_workers(expert_map):
-            self._capture_again(expert_map)
+        workers = self.executor.step_workers(expert_map)
+        if graphed and self.graphs.workers != workers:
+            self._capture_again(expert_map, workers)
         if graphed:
             logits = self.graphs.replay(chunks, expert_map)                           # [B, V]
         else:
@@ -145,13 +146,12 @@ class GpuStepRunner:
         completing = [chunk.seq for chunk in chunks if chunk.completes]
         return PendingTokens(*self.sampler.sample_on_device(logits, completing), check=check)
 
-    def _capture_again(self, expert_map: ExpertMap) -> None:
+    def _capture_again(self, expert_map: ExpertMap, workers: tuple[int, ...] | None) -> None:
         """The decode graphs hold the expert workers they were captured with: after elastic EP left a lost one
         out, capture them again (seconds; the step waits). Never with a step in flight (its check would
         read statuses the capture's warm-up steps replaced): a step launched ahead fails to launch instead."""
         from epserve.attention_worker.cuda_graphs import DecodeGraphs
 
-        workers = self.executor.step_workers(expert_map)
         if self._previous is not None:
             raise RuntimeError(f"the step's expert workers changed ({self.graphs.workers} -> {workers}) while a "
                                f"step was in flight: not launched ahead")

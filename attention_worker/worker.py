@@ -184,7 +184,8 @@ class AttentionWorker:
         router = ExpertRouter(DispatchAlgorithm(config.ep_dispatch_algorithm), rank)
         recovery = None
         if elastic:
-            reconnect = getattr(self._dispatcher, "reconnect", None)    # the torch data plane re-forms links
+            # torch re-forms a link; cuda_ipc takes a restarted expert process once it mapped the channels again
+            reconnect = getattr(self._dispatcher, "reconnect", None)
             recovery = ElasticRecovery(self.board, self._report_suspicion, reconnect, self._ack_commit_later,
                                        config.elastic_ep_recovery_timeout_s)
         if data_plane.backend == "cuda_ipc" and resolved_attention_backend(config.limits, config.device) == "triton":

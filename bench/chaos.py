@@ -238,8 +238,8 @@ def main() -> None:
     parser.add_argument("--redundant-experts", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--moe-a2a-backend", default="torch", choices=("torch", "cuda_ipc"),
-                        help="the data plane (cuda_ipc on the CPU: host shared memory; a restarted or added cuda_ipc "
-                             "expert worker cannot be reached, so schedule only kills and drains with it)")
+                        help="the data plane (cuda_ipc on the CPU: host shared memory; an added cuda_ipc expert "
+                             "worker cannot be reached, so schedule no 'add' with it)")
     parser.add_argument("--attention-backend", default="auto",
                         help="triton with cuda_ipc: the step path GPUs run (on the CPU under TRITON_INTERPRET=1, "
                              "which this sets)")

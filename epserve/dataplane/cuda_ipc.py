@@ -49,10 +49,10 @@ import torch
 from epserve.dataplane.base import (BatchHeader, DataPlaneTimeout, PeerLost, PendingCombine, RemoteExpertError,
                                     StaleMapVersion)
 from epserve.dataplane.cuda_ipc_join import AttentionSide
-from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, EXPERT_STATE, REQ_DTYPE, REQ_LAYER,
+from epserve.dataplane.cuda_ipc_layout import (ATTENTION_STATE, DTYPE_CODES, REQ_DTYPE, REQ_LAYER,
                                                REQ_MAP_VERSION, REQ_MICRO_BATCH, REQ_NUM_TOKENS, REQ_SEQ, REQ_TRACE,
                                                REQ_WEIGHT_DTYPE, RSP_SEQ, RSP_STATUS, AttentionState, Channel,
-                                               ExpertState, Flag, Status, read_status, write_trace)
+                                               Flag, Status, read_status, write_trace)
 from epserve.dataplane.cuda_ipc_peers import Backoff, PeerGone, wait_until
 from epserve.dataplane.split import CombineSum, WorkerShare, check_dispatch_inputs, split_by_worker
 
@@ -146,17 +146,12 @@ class CudaIpcDispatcher:
 
     def _gone(self, worker: int, slot: int) -> str:
         """Why expert ``worker`` cannot answer any more, or "" (a restarted process that joined again is taken:
-        ``AttentionSide.readmit``)."""
-        rank = self.side.expert_ranks[worker]
-        if not self.side.peers[worker].alive():
-            if not self.side.readmit(worker):
-                return self._lost.get(worker) or f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
+        ``AttentionSide.readmit``, and what was lost with the old one is forgotten)."""
+        epoch = self.side.epochs[worker]
+        reason = self.side.unreachable(worker, slot)
+        if self.side.epochs[worker] != epoch:
             self._lost.pop(worker, None)
-        if worker in self._lost:
-            return self._lost[worker]
-        if int(self.side.channels[worker][slot].words[EXPERT_STATE]) == ExpertState.STOPPED:
-            return f"expert rank {rank} stopped serving"
-        return ""
+        return self._lost.get(worker) or reason
 
     def reconnect(self, peer_rank: int) -> None:
         """Elastic EP: expert ``peer_rank`` is alive by placement's probe: its channels are fixed, so there is

@@ -62,6 +62,16 @@ class AttentionSide:
     def __post_init__(self) -> None:
         self.epochs = self.epochs or [0] * len(self.expert_ranks)
 
+    def unreachable(self, worker: int, slot: int) -> str:
+        """Why expert ``worker`` cannot answer on its channel ``slot``, or "". A gone process whose rank a
+        restarted one took is replaced first (``readmit``)."""
+        rank = self.expert_ranks[worker]
+        if not self.peers[worker].alive() and not self.readmit(worker):
+            return f"expert rank {rank} (pid {self.peers[worker].pid}) exited"
+        if int(self.channels[worker][slot].words[EXPERT_STATE]) == ExpertState.STOPPED:
+            return f"expert rank {rank} stopped serving"
+        return ""
+
     def readmit(self, worker: int) -> bool:
         """Expert ``worker``'s process is gone: → True when a new process took its rank and mapped this
         rank's channels again (``join_expert`` of a restarted expert worker; its ``opened`` key names it),

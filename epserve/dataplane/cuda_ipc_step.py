@@ -60,10 +60,10 @@ import torch
 from epserve.dataplane.base import DataPlaneTimeout, PeerLost, RemoteExpertError, StaleMapVersion
 from epserve.dataplane.cuda_ipc_flags import spin_budget
 from epserve.dataplane.cuda_ipc_join import AttentionSide
-from epserve.dataplane.cuda_ipc_layout import (DTYPE_CODES, EXPERT_STATE, STEP_DTYPE, STEP_GROUP, STEP_GROUP_SIZE,
+from epserve.dataplane.cuda_ipc_layout import (DTYPE_CODES, STEP_DTYPE, STEP_GROUP, STEP_GROUP_SIZE,
                                                STEP_MAP_VERSION, STEP_NUM_LAYERS, STEP_NUM_TOKENS, STEP_RING,
                                                STEP_SEQ, STEP_SLOTS_PER_WORKER, STEP_STATUS, STEP_STATUS_SEQ,
-                                               STEP_TRACE, STEP_WEIGHT_DTYPE, ExpertState, Flag, Status,
+                                               STEP_TRACE, STEP_WEIGHT_DTYPE, Flag, Status,
                                                read_status, write_trace)
 from epserve.dataplane.cuda_ipc_peers import PeerGone, wait_until
 
@@ -134,8 +134,8 @@ class StepExchange:
         if workers is None:
             return tuple(range(len(self.channels)))
         workers = tuple(workers)
-        if not workers or list(workers) != sorted(set(workers)) or not 0 <= workers[0] <= workers[-1] < len(
-                self.channels):
+        ascending = list(workers) == sorted(set(workers))
+        if not workers or not ascending or workers[0] < 0 or workers[-1] >= len(self.channels):
             raise ValueError(f"a step's expert workers must be distinct ascending indexes below "
                              f"{len(self.channels)}; got {workers}")
         return workers
@@ -264,13 +264,9 @@ class StepExchange:
     def _gone(self, worker: int) -> str:
         """Why expert ``worker`` cannot answer, or "". A restarted process that joined again is taken
         (``AttentionSide.readmit``): the ring entries its predecessor never answered are forgotten."""
-        rank, channel = self.side.expert_ranks[worker], self.channels[worker]
-        if not self.side.peers[worker].alive() and not self.side.readmit(worker):
-            return f"expert rank {rank} (pid {self.side.peers[worker].pid}) exited"
+        reason = self.side.unreachable(worker, self.slot)
         if self._epochs[worker] != self.side.epochs[worker]:
             self._epochs[worker] = self.side.epochs[worker]
             self._announced[worker] = [0] * STEP_RING
-        if int(channel.words[EXPERT_STATE]) == ExpertState.STOPPED:
-            return f"expert rank {rank} stopped serving"
-        return ""
+        return reason
 
